@@ -1,0 +1,3 @@
+from kdcache.cli.main import main
+
+main()

@@ -1,0 +1,53 @@
+"""What every data source hands the cache writer: indexed, fingerprinted examples and a collate function.
+
+Row i of a split is the i-th example of its source file (or the i-th image in sorted path order); the
+writer stores `index` and `fingerprint` beside each row so a reader can prove which input a logit row
+belongs to. Loaders do no model work beyond tokenisation; `prepare` turns a batch into model input on a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+
+Modality = Literal["text", "image", "features"]
+TaskKind = Literal["classification", "regression"]
+
+#: Label stored for rows whose split has no labels (e.g. GLUE test files).
+MISSING_CLASS = -1
+
+
+@dataclass
+class Batch:
+    """A collated minibatch; `inputs` is a dict of tensors (text) or one tensor (images: uint8 NCHW)."""
+
+    inputs: dict[str, torch.Tensor] | torch.Tensor
+    labels: torch.Tensor  # int64 (MISSING_CLASS where unknown) or float32 (NaN where unknown)
+    index: torch.Tensor  # int64, row position in the source split
+    fingerprint: np.ndarray  # uint64, one per row
+
+
+@dataclass
+class SplitData:
+    """One split of one dataset, ready for batched teacher inference."""
+
+    task: str
+    split: str
+    source: str  # the file or folder actually read (absolute path)
+    modality: Modality
+    kind: TaskKind
+    label_names: list[str] | None  # None for regression
+    dataset: torch.utils.data.Dataset  # item i -> dict(inputs=..., label=..., index=i, fingerprint=int)
+    collate: Callable[[list[dict[str, Any]]], Batch]
+    prepare: Callable[[Batch, torch.device], Any]  # Batch -> what the model is called with
+    preprocess: dict[str, Any] = field(default_factory=dict)  # JSON-able: tokenizer, max_length, normalisation
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.label_names or [])

@@ -1,0 +1,58 @@
+"""What a cache holds, in one dict: what `kdcache info` prints and `--json` emits for scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdcache.reader import TeacherCache, read_cache_attrs
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def describe_cache(path: str | Path) -> dict[str, Any]:
+    """Summarise a cache, complete or not: an interrupted cache must still be inspectable."""
+    path = Path(path)
+    attrs = read_cache_attrs(path, allow_incomplete=True)
+    import zarr
+
+    split_names = sorted(zarr.open_group(store=str(path), mode="r").group_keys())
+    splits = []
+    for name in split_names:
+        cache = TeacherCache(path, name, allow_incomplete=True)
+        raw = cache.logits.nbytes
+        stored = _disk_bytes(path / name / "logits")
+        splits.append({
+            "name": name,
+            "rows": len(cache),
+            "logits_shape": list(cache.logits.shape),
+            "logits_dtype": str(cache.logits.dtype),
+            "labels_dtype": str(cache.labels.dtype),
+            "chunk_rows": cache.logits.chunks[0],
+            "complete": cache.split_attrs.get("complete") is True,
+            "source": (cache.split_attrs.get("dataset") or {}).get("source"),
+            "digest": (cache.split_attrs.get("dataset") or {}).get("digest"),
+            "logits_bytes_raw": raw,
+            "logits_bytes_stored": stored,
+            "compression_ratio": round(raw / stored, 2) if stored else None,
+            "bytes_per_sample": round(stored / len(cache), 2) if len(cache) else None,
+        })
+    return {
+        "path": str(path),
+        "format": attrs.get("format"),
+        "format_version": attrs.get("format_version"),
+        "complete": attrs.get("complete") is True,
+        "created": attrs.get("created"),
+        "completed": attrs.get("completed"),
+        "teacher": attrs.get("teacher"),
+        "task": attrs.get("task"),
+        "storage": attrs.get("storage"),
+        "inference": attrs.get("inference"),
+        "software": attrs.get("software"),
+        "command": attrs.get("command"),
+        "throughput": attrs.get("throughput"),
+        "size_on_disk": _disk_bytes(path),
+        "splits": splits,
+    }

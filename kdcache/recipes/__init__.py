@@ -1,0 +1,1 @@
+"""End-to-end jobs, one file each, composed from kdcache's components (data, teachers, writer, ...)."""

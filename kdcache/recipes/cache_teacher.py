@@ -1,0 +1,226 @@
+"""Recipe: run a teacher once over a dataset and store what it said about every sample.
+
+    kdcache cache-teacher --teacher models/bert-sst2 --data ../shared/data/glue/SST-2 --task sst2 \
+        --split train --split validation --out sst2.kdcache
+
+Features, and the flags that control them:
+- teachers: Hugging Face folder, kdcache model folder, or architecture name + `--weights` state dict;
+- data: GLUE presets, `text` with column flags, CIFAR pickles, image folders (or their zip), bundled digits;
+- inference in eval mode under `torch.inference_mode`, batched (`--batch-size`), on `--device auto`,
+  optionally under bf16/fp16 autocast (`--precision`);
+- storage: logits as float16 or float32 (`--dtype`), codec and chunk size (`--codec`, `--chunk-rows`),
+  written on a background thread so the teacher never waits on the disk;
+- safety: everything is validated (data, teacher width, a first forward pass) before the first byte is
+  written; `complete: true` is the last write; an existing path is refused unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache import format as fmt
+from kdcache.data import DataOptions, SplitData, load_split, modality_of
+from kdcache.errors import KDCacheError
+from kdcache.fingerprint import DIGEST_ALGORITHM, FINGERPRINT_ALGORITHM
+from kdcache.progress import progress_bar
+from kdcache.runtime import autocast, command_line, resolve_device, software_versions
+from kdcache.teachers import Teacher, load_teacher
+from kdcache.writer import BackgroundWriter, CacheWriter, utc_now
+
+
+@dataclass
+class CacheTeacherConfig:
+    """Everything `cache-teacher` needs; the CLI fills it from flags, scripts build it directly."""
+
+    teacher: str
+    task: str
+    out: Path
+    data: str | None = None
+    splits: tuple[str, ...] = ("train",)
+    weights: str | None = None
+    tokenizer: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "float16"
+    precision: str = "fp32"
+    overwrite: bool = False
+    codec: str = fmt.DEFAULT_CODEC
+    chunk_rows: int | None = None
+    workers: int | None = None
+    data_options: DataOptions = field(default_factory=DataOptions)
+    progress: bool = True
+    command: str | None = None
+
+
+def _check_splits(teacher: Teacher, splits: list[SplitData], width: int) -> None:
+    """The teacher's output width must match the label set, and every split must share one label set."""
+    first = splits[0]
+    for split in splits:
+        if len(split) == 0:
+            raise KDCacheError(f"{split.source}: split {split.split!r} has no rows")
+        if (split.kind, split.label_names) != (first.kind, first.label_names):
+            raise KDCacheError(f"{split.source}: split {split.split!r} has other labels than split {first.split!r}")
+    if first.kind == "regression" and width != 1:
+        raise KDCacheError(f"teacher {teacher.spec} has {width} outputs but task {first.task} is a regression (needs 1)")
+    if first.kind == "classification" and width != first.num_labels:
+        raise KDCacheError(
+            f"teacher {teacher.spec} has {width} outputs but {first.source} has {first.num_labels} labels "
+            f"({', '.join(first.label_names or [])})"
+        )
+
+
+def _check_labels(split: SplitData, labels: torch.Tensor, index: torch.Tensor, width: int) -> None:
+    if split.kind != "classification":
+        return
+    bad = (labels >= width) | (labels < -1)
+    if bad.any():
+        row = int(torch.nonzero(bad)[0])
+        raise KDCacheError(
+            f"{split.source}: row {int(index[row])} has label {int(labels[row])}, outside the teacher's {width} outputs"
+        )
+
+
+def _tokenizer_zip(tokenizer: Any) -> tuple[bytes, list[str]]:
+    """The tokenizer's saved files as a deterministic zip, so a cache can re-derive text fingerprints alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        names = sorted(p.name for p in Path(tmp).iterdir() if p.is_file())
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name in names:
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                archive.writestr(info, (Path(tmp) / name).read_bytes(), zipfile.ZIP_DEFLATED)
+    return buffer.getvalue(), names
+
+
+def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device) -> torch.utils.data.DataLoader:
+    workers = cfg.workers
+    if workers is None:  # images decode in workers; tokenised text and digits are already in memory
+        workers = min(8, os.cpu_count() or 1) if split.modality == "image" and device.type == "cuda" else 0
+    return torch.utils.data.DataLoader(
+        split.dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+        collate_fn=split.collate, pin_memory=device.type == "cuda",
+    )
+
+
+def cache_teacher(cfg: CacheTeacherConfig) -> Path:
+    """Run the recipe; returns the cache path. Raises KDCacheError on any bad input, before writing if it can."""
+    if cfg.batch_size < 1:
+        raise KDCacheError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.dtype not in fmt.LOGIT_DTYPES:
+        _bad("--dtype", cfg.dtype, fmt.LOGIT_DTYPES)
+    if cfg.codec not in fmt.CODECS:
+        _bad("--codec", cfg.codec, tuple(fmt.CODECS))
+    if not cfg.splits:
+        raise KDCacheError("no --split given")
+    device = resolve_device(cfg.device)
+    modality = modality_of(cfg.task)
+
+    # 1. Teacher and data, checked against each other before anything is written.
+    is_folder = Path(cfg.teacher).is_dir()
+    teacher = load_teacher(cfg.teacher, tokenizer=cfg.tokenizer) if is_folder else None
+    tokenizer = teacher.tokenizer if teacher else _standalone_tokenizer(cfg.tokenizer)
+    splits = [load_split(cfg.task, cfg.data, s, tokenizer=tokenizer, options=cfg.data_options) for s in cfg.splits]
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, weights=cfg.weights, num_outputs=splits[0].num_labels, tokenizer=cfg.tokenizer)
+    teacher.model.to(device)
+    width = _probe_width(teacher, splits[0], device, cfg.precision)
+    teacher.num_outputs = width
+    if teacher.label_names is None and splits[0].kind == "classification":
+        teacher.label_names = splits[0].label_names
+    _check_splits(teacher, splits, width)
+
+    # 2. The cache header: who the teacher is, what the task is, how it is stored, by what software.
+    itemsize = np.dtype(cfg.dtype).itemsize
+    chunk_rows = cfg.chunk_rows or fmt.default_chunk_rows(width, itemsize)
+    attrs = {
+        "teacher": teacher.describe(),
+        "task": {"name": cfg.task, "kind": splits[0].kind, "modality": modality, "label_names": splits[0].label_names},
+        "storage": {"logits_dtype": cfg.dtype, "codec": cfg.codec, "checksum": "crc32c", "chunk_rows": chunk_rows},
+        "inference": {"device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size},
+        "fingerprint_algorithm": FINGERPRINT_ALGORITHM,
+        "digest_algorithm": DIGEST_ALGORITHM,
+        "software": software_versions(),
+        "command": cfg.command or command_line(),
+        "created": utc_now(),
+    }
+    writer = CacheWriter(cfg.out, attrs, overwrite=cfg.overwrite)
+    if modality == "text" and tokenizer is not None:
+        blob, files = _tokenizer_zip(tokenizer)
+        writer.add_blob("tokenizer", blob, {"format": "zip of save_pretrained files", "files": files,
+                                            "class": type(tokenizer).__name__})
+
+    # 3. One pass per split: the teacher computes, the background writer stores.
+    throughput = {}
+    with progress_bar(cfg.progress) as bar:
+        for split in splits:
+            sink = writer.add_split(split.split, rows=len(split), num_outputs=width, kind=split.kind,
+                                    dtype=cfg.dtype, codec=cfg.codec, chunk_rows=chunk_rows)
+            task_id = bar.add_task(f"{split.split}", total=len(split), rate="")
+            start, done = time.perf_counter(), 0
+            with BackgroundWriter(sink.write) as background, torch.inference_mode():
+                for batch in _loader(split, cfg, device):
+                    _check_labels(split, batch.labels, batch.index, width)
+                    with autocast(device, cfg.precision):
+                        logits = teacher(split.prepare(batch, device))
+                    background.put(logits.float(), batch.labels, batch.index, batch.fingerprint)
+                    done += len(batch.index)
+                    bar.update(task_id, advance=len(batch.index),
+                               rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} rows/s")
+            seconds = time.perf_counter() - start
+            digest = sink.close(_dataset_attrs(split))
+            throughput[split.split] = {"rows": len(split), "seconds": round(seconds, 3),
+                                       "rows_per_second": round(len(split) / max(seconds, 1e-9), 1), "digest": digest}
+    writer.finalize({"throughput": throughput})
+    return Path(cfg.out)
+
+
+def _bad(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    raise KDCacheError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+
+
+def _standalone_tokenizer(name: str | None) -> Any:
+    if name is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise KDCacheError(f"{name}: cannot load the tokenizer ({exc})".splitlines()[0]) from exc
+
+
+def _probe_width(teacher: Teacher, split: SplitData, device: torch.device, precision: str) -> int:
+    """One forward pass on two rows: proves the teacher runs on this data and measures its output width."""
+    batch = split.collate([split.dataset[i] for i in range(min(2, len(split)))]) if len(split) else None
+    if batch is None:
+        raise KDCacheError(f"{split.source}: split {split.split!r} has no rows")
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            logits = teacher(split.prepare(batch, device))
+    except KDCacheError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any model error on this input is a user-facing mismatch
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KDCacheError(f"teacher {teacher.spec} cannot run on {split.source}: {message}") from exc
+    if logits.ndim != 2:
+        raise KDCacheError(f"teacher {teacher.spec} returned shape {tuple(logits.shape)}; expected [batch, outputs]")
+    return int(logits.shape[1])
+
+
+def _dataset_attrs(split: SplitData) -> dict[str, Any]:
+    return {"task": split.task, "source": split.source, "split": split.split, "n": len(split),
+            "modality": split.modality, "label_names": split.label_names, "preprocess": split.preprocess}
+
+
+__all__ = ["CacheTeacherConfig", "cache_teacher"]

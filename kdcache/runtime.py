@@ -1,0 +1,64 @@
+"""Device, precision and provenance helpers shared by every recipe."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from kdcache.errors import KDCacheError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` means CUDA when present, else CPU; an unavailable device is a clear error, not a crash."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise KDCacheError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KDCacheError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for inference or training; fp32 means none."""
+    if precision not in PRECISIONS:
+        raise KDCacheError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def software_versions() -> dict[str, Any]:
+    """Versions recorded in every cache, so a surprising result can be traced to its software."""
+    from kdcache import __version__
+
+    return {
+        "kdcache": __version__,
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "torchvision": _version("torchvision"),
+        "zarr": _version("zarr"),
+        "numcodecs": _version("numcodecs"),
+        "python": platform.python_version(),
+    }
+
+
+def command_line() -> str:
+    return " ".join(["kdcache" if i == 0 else a for i, a in enumerate(sys.argv)])

@@ -1,0 +1,271 @@
+"""Writes a cache: arrays in whole chunks, checksummed, with `complete: true` set only at the very end.
+
+Rows arrive in order, batch by batch; the writer buffers them into chunk-sized blocks so every store write
+is one whole chunk. A crash therefore leaves whole chunks and `complete: false`, never a cache that looks
+finished. `BackgroundWriter` runs the storage side on a thread so a GPU teacher never waits for the disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import queue
+import shutil
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+
+from kdcache import format as fmt
+from kdcache.errors import KDCacheError
+
+_ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero label chunk must still exist on disk
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_root_attrs(path: Path) -> dict[str, Any] | None:
+    """The root attributes of a Zarr v3 group at `path`, or None if it is not one (cheap: one JSON file)."""
+    meta = Path(path) / "zarr.json"
+    try:
+        return json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_destination(path: Path, overwrite: bool) -> None:
+    """Refuse an existing path unless asked; even then, never delete something that is not a cache."""
+    if not path.exists():
+        return
+    attrs = read_root_attrs(path)
+    is_cache = attrs is not None and attrs.get("format") == fmt.FORMAT_NAME
+    if not overwrite:
+        if is_cache and not attrs.get("complete"):
+            raise KDCacheError(f"{path}: holds an incomplete cache (an interrupted run); pass --overwrite to start again")
+        raise KDCacheError(f"{path}: already exists; pass --overwrite to replace it")
+    if path.is_file() or (not is_cache and any(path.iterdir())):
+        raise KDCacheError(f"{path}: refusing to overwrite: it exists and is not a kdcache cache")
+    shutil.rmtree(path)
+
+
+def _storage_error(path: Path, what: str, exc: OSError) -> KDCacheError:
+    if exc.errno == errno.ENOSPC:
+        problem = "disk full"
+    else:
+        problem = exc.strerror or str(exc)
+    return KDCacheError(f"{path}: {problem} while writing {what}; the cache is left incomplete and will not be used")
+
+
+class SplitWriter:
+    """Appends rows of one split in order and writes them a whole chunk at a time."""
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        path: Path,
+        name: str,
+        *,
+        rows: int,
+        num_outputs: int,
+        kind: str,
+        dtype: str,
+        codec: str,
+        chunk_rows: int,
+    ) -> None:
+        self.path, self.name, self.rows, self.chunk_rows = path, name, rows, chunk_rows
+        self.dtype = fmt.logits_dtype(dtype)
+        self.group = group.create_group(name, attributes={"split": name, "rows": rows, "complete": False})
+        specs = {
+            "logits": ((rows, num_outputs), self.dtype, fmt.LOGITS_FILL),
+            "labels": ((rows,), np.dtype(fmt.LABEL_DTYPE[kind]), None),
+            "index": ((rows,), np.dtype(fmt.INDEX_DTYPE), None),
+            "fingerprint": ((rows,), np.dtype(fmt.FINGERPRINT_DTYPE), None),
+        }
+        self.arrays: dict[str, zarr.Array] = {}
+        self._buffers: dict[str, np.ndarray] = {}
+        for key, (shape, dtype_, fill) in specs.items():
+            self.arrays[key] = self.group.create_array(
+                key,
+                shape=shape,
+                chunks=(chunk_rows, *shape[1:]),
+                dtype=dtype_,
+                compressors=fmt.compressors(codec if key == "logits" else fmt.DEFAULT_CODEC, dtype_.itemsize),
+                fill_value=fill,
+                config=_ARRAY_CONFIG,
+            )
+            self._buffers[key] = np.empty((chunk_rows, *shape[1:]), dtype=dtype_)
+        self._filled = 0  # rows in the buffer
+        self._flushed = 0  # rows already on disk
+        self._digest = hashlib.sha256()
+
+    @property
+    def rows_written(self) -> int:
+        return self._flushed + self._filled
+
+    def write(self, logits: np.ndarray, labels: np.ndarray, index: np.ndarray, fingerprint: np.ndarray) -> None:
+        """Append a batch of rows (logits as computed, float32); checks them before anything reaches disk."""
+        logits = np.asarray(logits, dtype=np.float32)
+        self._check_finite(logits, index)
+        with np.errstate(over="ignore"):  # overflow is detected just below, with a better message
+            stored = logits.astype(self.dtype)
+        if not np.isfinite(stored).all():
+            row = int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
+            raise KDCacheError(
+                f"split {self.name!r}, row {self.rows_written + row}: teacher logit {np.abs(logits[row]).max():.4g} "
+                f"exceeds the float16 range; rerun with --dtype float32"
+            )
+        if self.rows_written + len(stored) > self.rows:
+            raise KDCacheError(f"split {self.name!r}: more rows than the {self.rows} announced")
+        columns = {"logits": stored, "labels": labels, "index": index, "fingerprint": fingerprint}
+        done = 0
+        while done < len(stored):
+            take = min(self.chunk_rows - self._filled, len(stored) - done)
+            for key, values in columns.items():
+                self._buffers[key][self._filled : self._filled + take] = values[done : done + take]
+            self._filled += take
+            done += take
+            if self._filled == self.chunk_rows:
+                self._flush()
+
+    def _check_finite(self, logits: np.ndarray, index: np.ndarray) -> None:
+        bad = ~np.isfinite(logits).all(axis=1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise KDCacheError(
+                f"split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
+                f"teacher output contains NaN or Inf"
+            )
+
+    def _flush(self) -> None:
+        if not self._filled:
+            return
+        start, stop = self._flushed, self._flushed + self._filled
+        try:
+            for key, array in self.arrays.items():
+                array[start:stop] = self._buffers[key][: self._filled]
+        except OSError as exc:
+            raise _storage_error(self.path, f"split {self.name!r} rows {start}:{stop}", exc) from exc
+        self._digest.update(np.ascontiguousarray(self._buffers["fingerprint"][: self._filled], dtype="<u8").tobytes())
+        self._flushed, self._filled = stop, 0
+
+    def close(self, dataset: dict[str, Any]) -> str:
+        """Write the last partial chunk and the split's attributes; returns the dataset digest."""
+        self._flush()
+        if self._flushed != self.rows:
+            raise KDCacheError(f"split {self.name!r}: wrote {self._flushed} rows but the dataset has {self.rows}")
+        digest = self._digest.hexdigest()
+        try:
+            self.group.attrs.update({"dataset": {**dataset, "digest": digest}, "complete": True})
+        except OSError as exc:
+            raise _storage_error(self.path, f"split {self.name!r} attributes", exc) from exc
+        return digest
+
+
+class CacheWriter:
+    """Creates a cache at `path` and marks it complete only after every split is closed."""
+
+    def __init__(self, path: str | Path, attrs: dict[str, Any], *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        _prepare_destination(self.path, overwrite)
+        header = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "complete": False}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.root = zarr.open_group(store=str(self.path), mode="w-", attributes={**header, **attrs, "splits": []})
+        except OSError as exc:
+            raise _storage_error(self.path, "the cache header", exc) from exc
+        self.splits: list[str] = []
+
+    def add_split(self, name: str, **kwargs: Any) -> SplitWriter:
+        """Create the arrays of one split (see SplitWriter for the keyword arguments)."""
+        if name in self.splits:
+            raise KDCacheError(f"{self.path}: split {name!r} given twice")
+        self.splits.append(name)
+        try:
+            return SplitWriter(self.root, self.path, name, **kwargs)
+        except OSError as exc:
+            raise _storage_error(self.path, f"split {name!r}", exc) from exc
+
+    def add_blob(self, name: str, data: bytes, attrs: dict[str, Any]) -> None:
+        """Store a small opaque file (e.g. the teacher's tokenizer as a zip) as a checksummed uint8 array."""
+        payload = np.frombuffer(data, dtype=np.uint8)
+        try:
+            self.root.create_array(
+                name,
+                data=payload,
+                chunks=(max(1, len(payload)),),
+                compressors=fmt.compressors("zstd3", 1),
+                attributes=attrs,
+                config=_ARRAY_CONFIG,
+            )
+        except OSError as exc:
+            raise _storage_error(self.path, name, exc) from exc
+
+    def finalize(self, attrs: dict[str, Any] | None = None) -> None:
+        """Set `complete: true`, the last write of a cache: before it, no reader will use the cache."""
+        try:
+            self.root.attrs.update({**(attrs or {}), "splits": self.splits, "completed": utc_now(), "complete": True})
+        except OSError as exc:
+            raise _storage_error(self.path, "the final attributes", exc) from exc
+
+
+class BackgroundWriter:
+    """Runs `sink(*arrays)` on a thread, converting tensors to numpy there, so compute never waits on disk.
+
+    Tensors may still live on the GPU: the `.cpu()` copy (and its synchronisation) happens on the writer
+    thread. An error on the thread is re-raised in the caller at the next `put` or at `close`.
+    """
+
+    _STOP = object()
+
+    def __init__(self, sink: Callable[..., None], max_pending: int = 8) -> None:
+        self._sink = sink
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                self._sink(*(_to_numpy(a) for a in item))
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+                self._error = exc
+
+    def put(self, *arrays: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(arrays)
+
+    def close(self) -> None:
+        """Wait for every pending write; re-raise the first error."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # stop the thread quietly; the original exception propagates
+            self._queue.put(self._STOP)
+            self._thread.join()
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -1,0 +1,63 @@
+"""Shared fixtures: where the real data lives, and a tiny tokenizer built from a vocabulary the test writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """Real public data shipped beside the checkout (../shared/data), or $KDCACHE_DATA."""
+    return Path(os.environ.get("KDCACHE_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.fail(f"real test data not found at {path}: set KDCACHE_DATA or put ../shared beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def glue_dir(shared_data: Path) -> Path:
+    return shared_data / "glue"
+
+
+@pytest.fixture(scope="session")
+def cifar10_zip(shared_data: Path) -> Path:
+    return shared_data / "cifar10-jpg" / "cifar10-jpg-d7d0561.zip"
+
+
+_WORDS = (
+    "the a an of and to in is it that this was for on with as but not no film movie story good bad great "
+    "best worst funny boring love hate one all more most very too its his her he she they we you i be have "
+    "has had are were been being do does did can could would should will may might must than then there "
+    "their what which who whom how why when where so if or by from at about into over after before under"
+).split()
+
+
+def make_tiny_tokenizer(directory: Path):
+    """A real BERT WordPiece tokenizer over ~150 words and single characters: small, offline, deterministic."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'\"-:;()&$%/")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _WORDS + chars + ["##" + c for c in chars]
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    try:  # transformers >= 5 builds the WordPiece model from a vocabulary mapping
+        tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab_file.read_text().split())})
+    except TypeError:  # transformers 4.x reads the vocabulary file
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer.save_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
