@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -24,7 +23,7 @@ from kdcache.errors import KDCacheError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation from an offline teacher cache.")
 _state = {"debug": False}
-_out = Console()
+_out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def _version(value: bool) -> None:
@@ -150,17 +149,9 @@ def demo_cmd(
 
 
 def main() -> None:
-    """Console-script entry point: one-line errors and exit code 1 unless --debug."""
+    """Console-script entry point: usage errors exit 2 (Typer's own), bad input one line and exit 1."""
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # usage errors: click's own message, exit 2
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
+        app()  # standalone mode: Typer reports usage errors itself and exits
     except KeyboardInterrupt:
         print("error: interrupted; any cache being written is left incomplete and will not be used", file=sys.stderr)
         sys.exit(130)
@@ -170,8 +161,9 @@ def main() -> None:
         if isinstance(exc, KDCacheError):
             print(f"error: {exc}", file=sys.stderr)
         else:
-            print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                  f"(internal error; rerun with --debug for the traceback)", file=sys.stderr)
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            print(f"error: {type(exc).__name__}: {detail} (internal error; rerun with --debug for the traceback)",
+                  file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,0 +1,42 @@
+"""Tiny teachers for tests, importable as `teachers_for_tests:NAME` (the tests folder is on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def make_tiny_bert(directory: Path, tokenizer, *, num_labels: int = 2, seed: int = 0) -> Path:
+    """A 2-layer BERT built from a config (no download), saved with its tokenizer as a HF folder."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256, num_labels=num_labels)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+class NaNOnBrightRows(nn.Module):
+    """Linear on flattened input, but NaN for rows whose mean input exceeds a threshold: a broken teacher."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 64) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        out = self.linear(x)
+        return torch.where((x.mean(1) > 0.3)[:, None], torch.full_like(out, float("nan")), out)
+
+
+def nan_teacher(num_classes: int = 10) -> nn.Module:
+    return NaNOnBrightRows(num_classes)
+
+
+def linear_digits(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
