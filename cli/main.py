@@ -10,6 +10,7 @@ Errors print one line (`error: ...`) and exit 1; `kdcache --debug ...` shows the
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -148,8 +149,20 @@ def demo_cmd(
     _print_info(run_demo(workdir, epochs=epochs, console=_out))
 
 
+def _quiet_libraries() -> None:
+    """Hugging Face draws its own progress bars on stderr; ours is the only one a user should see."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # already imported (in-process callers): switch the bars off directly
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+
+
 def main() -> None:
     """Console-script entry point: usage errors exit 2 (Typer's own), bad input one line and exit 1."""
+    _quiet_libraries()
     try:
         app()  # standalone mode: Typer reports usage errors itself and exits
     except KeyboardInterrupt:

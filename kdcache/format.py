@@ -30,13 +30,14 @@ CODECS: dict[str, Any] = {
     "zstd1": lambda itemsize: [ZstdCodec(level=1)],
     "zstd3": lambda itemsize: [ZstdCodec(level=3)],
     "gzip5": lambda itemsize: [GzipCodec(level=5)],
+    "blosc-zstd3-shuffle": lambda itemsize: [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize)],
     "blosc-zstd5-shuffle": lambda itemsize: [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=itemsize)],
     "blosc-zstd5-bitshuffle": lambda itemsize: [
         BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=itemsize)
     ],
     "blosc-lz4-shuffle": lambda itemsize: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize)],
 }
-DEFAULT_CODEC = "blosc-zstd5-shuffle"
+DEFAULT_CODEC = "blosc-zstd3-shuffle"  # benchmarks/results/codecs.md
 
 #: Aim for about this much raw logit data per chunk: large enough to compress well and read fast,
 #: small enough that a crash loses little and a resume recomputes little.

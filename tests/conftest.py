@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Hugging Face's own progress bars would land in the stderr that CLI tests read; users get ours only.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
