@@ -1,0 +1,193 @@
+"""Distillation losses: pure functions of logits and labels, one per method (see docs/methods.md).
+
+Shapes, for a batch of B samples and a task with C outputs (C = 1 for regression):
+
+- `student_logits`: (B, C) float, the student's outputs, carrying the graph to back-propagate through;
+- `teacher_logits`: (B, C) float (a float16 cache is fine), the cached teacher's outputs for the same rows;
+  they are a fixed target: every loss detaches them;
+- `labels`: (B,) int64 class ids with -1 = no label (classification), or float with NaN = no label
+  (regression, e.g. STS-B).
+
+Every loss returns a scalar tensor computed in at least float32 (float16 caches and autocast outputs are
+upcast first, so a squared norm of large logits cannot overflow), connected to `student_logits` even where
+its value is a constant 0, so `loss.backward()` always works.
+
+Rows without a label still count for the teacher terms: the teacher has an opinion on every row. The label
+terms average over the labelled rows only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdcache.errors import KDCacheError
+
+KINDS = ("classification", "regression")
+REDUCTIONS = ("sample", "batch", "element")
+
+
+# --- checks and shared pieces -------------------------------------------------------------------------
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise KDCacheError(f"unknown task kind {kind!r}: expected one of {', '.join(KINDS)}")
+
+
+def _check_unit(name: str, value: float) -> float:
+    value = float(value)
+    if not (0.0 <= value <= 1.0):
+        raise KDCacheError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _as_float(logits: torch.Tensor) -> torch.Tensor:
+    """Upcast float16/bfloat16 to float32 (float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if student_logits.shape != teacher_logits.shape:
+        raise KDCacheError(
+            f"student outputs {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ in shape: is the cache from a teacher of another task?")
+    if student_logits.dim() != 2:
+        raise KDCacheError(f"logits must be (batch, outputs), got shape {tuple(student_logits.shape)}")
+    z_s = _as_float(student_logits)
+    return z_s, teacher_logits.detach().to(z_s.dtype)
+
+
+def _squared_distance(z_s: torch.Tensor, z_t: torch.Tensor, phi: float) -> torch.Tensor:
+    """(B,) ||z_S - phi z_T||_2^2 per sample, summed over the C outputs."""
+    return (z_s - phi * z_t).pow(2).sum(dim=-1)
+
+
+# --- losses -----------------------------------------------------------------------------------------
+
+def ce(student_logits: torch.Tensor, labels: torch.Tensor, *, kind: str = "classification") -> torch.Tensor:
+    """Hard-label loss, averaged over the labelled rows (0 when none is labelled).
+
+    classification: CE = (1/|L|) sum_{b in L} -log softmax(z_S[b])[y_b],   L = {b : y_b != -1}
+    regression:     MSE = (1/|L|) sum_{b in L} (z_S[b] - y_b)^2,           L = {b : y_b is not NaN}
+
+    Args:
+        student_logits: (B, C) for classification; (B, 1) or (B,) for regression (squeezed to (B,)).
+        labels: (B,) int64 class ids, -1 = missing (classification); float targets, NaN = missing (regression).
+        kind: "classification" or "regression".
+    """
+    _check_kind(kind)
+    z_s = _as_float(student_logits)
+    if kind == "classification":
+        present = labels != -1
+        total = F.cross_entropy(z_s[present], labels[present].long(), reduction="sum")
+    else:
+        prediction = z_s.squeeze(-1)
+        target = labels.to(prediction.dtype)
+        present = ~torch.isnan(target)
+        total = (prediction[present] - target[present]).pow(2).sum()
+    # A sum over no rows is 0 and still in the graph; dividing by max(count, 1) on the device avoids a host sync.
+    return total / present.sum().clamp(min=1).to(total.dtype)
+
+
+def vanilla_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                    temperature: float, alpha: float, kind: str = "classification") -> torch.Tensor:
+    """Hinton et al. (2015), Eq. 1 of the Continuation-KD paper, with the usual T^2 gradient scaling.
+
+    classification: L = alpha * CE(z_S, y) + (1 - alpha) * T^2 * KL(softmax(z_T / T) || softmax(z_S / T))
+        KL(p || q) = (1/B) sum_b sum_c p[b,c] (log p[b,c] - log q[b,c])   ("batchmean": over all B rows)
+    regression:     L = alpha * MSE(z_S, y) + (1 - alpha) * (1/B) sum_b (z_S[b] - z_T[b])^2
+        A single real output has no distribution to soften, so the KL term becomes the MSE between student
+        and teacher outputs; `temperature` is then unused (no T^2 factor either: it only compensates for the
+        1/T^2 that softening puts on the KL gradient).
+
+    Args:
+        student_logits: (B, C); (B, 1) for regression.
+        teacher_logits: (B, C), same shape as `student_logits`.
+        labels: (B,) as in `ce`.
+        temperature: T > 0, the softening temperature.
+        alpha: weight of the hard-label term, in [0, 1] (alpha = 1: plain `ce`; alpha = 0: teacher only).
+        kind: "classification" or "regression".
+    """
+    _check_kind(kind)
+    alpha = _check_unit("alpha", alpha)
+    temperature = float(temperature)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise KDCacheError(f"temperature must be a positive number, got {temperature}")
+    z_s, z_t = _student_teacher(student_logits, teacher_logits)
+    if alpha == 1.0:
+        return ce(student_logits, labels, kind=kind)
+    if kind == "classification":
+        log_q = F.log_softmax(z_s / temperature, dim=-1)
+        log_p = F.log_softmax(z_t / temperature, dim=-1)
+        soft = temperature ** 2 * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    else:
+        soft = (z_s - z_t).pow(2).sum(dim=-1).mean()
+    if alpha == 0.0:
+        return soft
+    return alpha * ce(student_logits, labels, kind=kind) + (1.0 - alpha) * soft
+
+
+def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                         phi: float, psi: float, margin: float, reduction: str = "sample",
+                         kind: str = "classification") -> torch.Tensor:
+    """Continuation-KD (Jafari et al., 2022), Eqs. 3-4: a hinge on the distance to the annealed teacher.
+
+    L = psi * CE(z_S, y) + (1 - psi) * L_CNT, with d_b = ||z_S[b] - phi z_T[b]||_2^2 = sum_c (z_S - phi z_T)[b,c]^2
+    and, by `reduction`:
+        "sample"  (default): L_CNT = (1/B) sum_b max(0, d_b - m phi)       hinge per sample (Eq. 4 per example)
+        "batch":             L_CNT = max(0, (1/B) sum_b d_b - m phi)       one hinge on the batch mean
+        "element":           L_CNT = (1/B) sum_b max(0, d_b / C - m phi)   per-output MSE, hinge per sample
+    For regression CE is the MSE to the labels; L_CNT is unchanged (it already regresses outputs, C = 1).
+
+    psi = 0 computes no label term at all (a batch of unlabelled rows is fine); psi = 1 computes no teacher
+    term (L = CE). Either way the result stays connected to `student_logits`.
+
+    Args:
+        student_logits: (B, C); (B, 1) for regression.
+        teacher_logits: (B, C), same shape.
+        labels: (B,) as in `ce`.
+        phi: phi(T_i) = 1 - (T_i - 1) / T_max in [0, 1] (`kdcache.schedules.phi`); scales teacher and margin.
+        psi: psi(i) in [0, 1] (`kdcache.schedules.psi`), the weight of the hard-label term.
+        margin: m >= 0, the hinge margin before annealing by phi.
+        reduction: "sample", "batch" or "element" (see above).
+        kind: "classification" or "regression".
+    """
+    _check_kind(kind)
+    if reduction not in REDUCTIONS:
+        raise KDCacheError(f"unknown reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
+    phi = _check_unit("phi", phi)
+    psi = _check_unit("psi", psi)
+    margin = float(margin)
+    if not (margin >= 0 and math.isfinite(margin)):
+        raise KDCacheError(f"margin must be a non-negative number, got {margin}")
+    z_s, z_t = _student_teacher(student_logits, teacher_logits)
+    if psi == 1.0:
+        return ce(student_logits, labels, kind=kind)
+    distance = _squared_distance(z_s, z_t, phi)
+    if reduction == "sample":
+        hinge = torch.clamp(distance - margin * phi, min=0).mean()
+    elif reduction == "batch":
+        hinge = torch.clamp(distance.mean() - margin * phi, min=0)
+    else:
+        hinge = torch.clamp(distance / z_s.shape[-1] - margin * phi, min=0).mean()
+    if psi == 0.0:
+        return hinge
+    return psi * ce(student_logits, labels, kind=kind) + (1.0 - psi) * hinge
+
+
+def annealing_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, phi: float) -> torch.Tensor:
+    """Annealing-KD (Jafari et al., 2021) stage 1, Eq. 2: regress the student onto the annealed teacher.
+
+    L = (1/B) sum_b ||z_S[b] - phi z_T[b]||_2^2, the squared norm summed over the C outputs; no label term.
+    Stage 2 is plain `ce` on the hard labels.
+
+    Args:
+        student_logits: (B, C).
+        teacher_logits: (B, C), same shape.
+        phi: phi(T_i) = 1 - (T_i - 1) / T_max in [0, 1] (`kdcache.schedules.phi`).
+    """
+    phi = _check_unit("phi", phi)
+    z_s, z_t = _student_teacher(student_logits, teacher_logits)
+    return _squared_distance(z_s, z_t, phi).mean()
