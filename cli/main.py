@@ -132,6 +132,9 @@ def _print_info(s: dict) -> None:
     _out.print(f"created  {s.get('created')} by {s.get('command')}")
     table = Table("split", "rows", "logits", "complete", "bytes/sample", "ratio", "source")
     for sp in s["splits"]:
+        if sp.get("missing_arrays"):  # the writer stopped before creating this split's arrays
+            table.add_row(sp["name"], str(sp["rows"]), "missing: " + ", ".join(sp["missing_arrays"]), "no", "-", "-", "-")
+            continue
         table.add_row(sp["name"], str(sp["rows"]), f"{sp['logits_shape']} {sp['logits_dtype']}",
                       "yes" if sp["complete"] else "no", str(sp["bytes_per_sample"]), f"{sp['compression_ratio']}x",
                       str(sp["source"]))

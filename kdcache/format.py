@@ -24,7 +24,7 @@ FINGERPRINT_DTYPE = "uint64"
 #: Logits are filled with NaN where no chunk was written, so a missing chunk can never read as zeros.
 LOGITS_FILL = float("nan")
 
-#: Codec presets for the logits array; the winner of benchmarks/codecs.py is DEFAULT_CODEC.
+#: Codec presets for the logits array; the winner of benchmarks/bench_codecs.py is DEFAULT_CODEC.
 CODECS: dict[str, Any] = {
     "none": lambda itemsize: [],
     "zstd1": lambda itemsize: [ZstdCodec(level=1)],

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kdcache import format as fmt
 from kdcache.reader import TeacherCache, read_cache_attrs
+
+
+_SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
+               "digest", "logits_bytes_raw", "logits_bytes_stored", "compression_ratio", "bytes_per_sample",
+               "missing_arrays")
 
 
 def _disk_bytes(path: Path) -> int:
@@ -18,9 +24,16 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
     attrs = read_cache_attrs(path, allow_incomplete=True)
     import zarr
 
-    split_names = sorted(zarr.open_group(store=str(path), mode="r").group_keys())
+    root = zarr.open_group(store=str(path), mode="r")
     splits = []
-    for name in split_names:
+    for name in sorted(root.group_keys()):
+        group = root[name]
+        if group.attrs.get("complete") is not True and not set(fmt.ARRAYS) <= set(group.array_keys()):
+            # The writer stopped (e.g. a full disk) before it had created this split's arrays.
+            missing = [a for a in fmt.ARRAYS if a not in set(group.array_keys())]
+            splits.append({**dict.fromkeys(_SPLIT_KEYS), "name": name, "rows": group.attrs.get("rows"),
+                           "complete": False, "missing_arrays": missing})
+            continue
         cache = TeacherCache(path, name, allow_incomplete=True)
         raw = cache.logits.nbytes
         stored = _disk_bytes(path / name / "logits")
@@ -38,6 +51,7 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
             "logits_bytes_stored": stored,
             "compression_ratio": round(raw / stored, 2) if stored else None,
             "bytes_per_sample": round(stored / len(cache), 2) if len(cache) else None,
+            "missing_arrays": [],
         })
     return {
         "path": str(path),

@@ -95,3 +95,27 @@ class TeacherCache:
 def open_cache(path: str | Path, split: str = "train", *, allow_incomplete: bool = False) -> TeacherCache:
     """Open one split of a complete cache for reading; the usual way for scripts to get at stored logits."""
     return TeacherCache(path, split, allow_incomplete=allow_incomplete)
+
+
+def load_cache_tokenizer(path: str | Path) -> Any:
+    """The teacher's tokenizer as stored in a text cache, so students read exactly the token ids the teacher saw."""
+    import io
+    import tempfile
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    root = zarr.open_group(store=str(path), mode="r")
+    if "tokenizer" not in root.array_keys():
+        raise KDCacheError(f"{path}: this cache stores no tokenizer (not a text cache?)")
+    blob = np.asarray(root["tokenizer"][:], dtype=np.uint8).tobytes()
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            archive.extractall(tmp)
+        try:
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types
+            raise KDCacheError(f"{path}/tokenizer: cannot load the stored tokenizer ({exc})".splitlines()[0]) from exc

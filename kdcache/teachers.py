@@ -166,6 +166,9 @@ def load_teacher(
             teacher = _load_model_dir(path)
         else:
             raise KDCacheError(f"{path}: not a model folder (no {HF_CONFIG_FILE} or {MODEL_DIR_FILE})")
+    elif path.exists():
+        raise KDCacheError(f"{spec}: is a file; --teacher takes a model folder or an architecture name "
+                           "(a state dict goes in --weights)")
     elif "/" in spec or spec.startswith("."):
         raise KDCacheError(f"{spec}: no such teacher folder")
     else:

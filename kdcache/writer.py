@@ -39,8 +39,13 @@ def read_root_attrs(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _prepare_destination(path: Path, overwrite: bool) -> None:
-    """Refuse an existing path unless asked; even then, never delete something that is not a cache."""
+def check_destination(path: str | Path, overwrite: bool) -> None:
+    """Refuse an existing path unless asked, and never agree to replace something that is not a cache.
+
+    Deletes nothing, so a recipe can call it before its slow work (loading a teacher, tokenising a corpus)
+    and a user learns about a taken --out path in a second, not after the teacher has run.
+    """
+    path = Path(path)
     if not path.exists():
         return
     attrs = read_root_attrs(path)
@@ -51,7 +56,13 @@ def _prepare_destination(path: Path, overwrite: bool) -> None:
         raise KDCacheError(f"{path}: already exists; pass --overwrite to replace it")
     if path.is_file() or (not is_cache and any(path.iterdir())):
         raise KDCacheError(f"{path}: refusing to overwrite: it exists and is not a kdcache cache")
-    shutil.rmtree(path)
+
+
+def _prepare_destination(path: Path, overwrite: bool) -> None:
+    """check_destination, then clear an old cache that --overwrite replaces."""
+    check_destination(path, overwrite)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def _storage_error(path: Path, what: str, exc: OSError) -> KDCacheError:
@@ -77,8 +88,10 @@ class SplitWriter:
         dtype: str,
         codec: str,
         chunk_rows: int,
+        source: str | None = None,
     ) -> None:
         self.path, self.name, self.rows, self.chunk_rows = path, name, rows, chunk_rows
+        self.source = source  # the data file or folder the rows come from, named in error messages
         self.dtype = fmt.logits_dtype(dtype)
         self.group = group.create_group(name, attributes={"split": name, "rows": rows, "complete": False})
         specs = {
@@ -117,8 +130,9 @@ class SplitWriter:
         if not np.isfinite(stored).all():
             row = int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
             raise KDCacheError(
-                f"split {self.name!r}, row {self.rows_written + row}: teacher logit {np.abs(logits[row]).max():.4g} "
-                f"exceeds the float16 range; rerun with --dtype float32"
+                f"{self._where()}split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
+                f"teacher logit {np.abs(logits[row]).max():.4g} exceeds the float16 range; rerun with --dtype float32"
+                f"{self._left()}"
             )
         if self.rows_written + len(stored) > self.rows:
             raise KDCacheError(f"split {self.name!r}: more rows than the {self.rows} announced")
@@ -138,9 +152,15 @@ class SplitWriter:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise KDCacheError(
-                f"split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
-                f"teacher output contains NaN or Inf"
+                f"{self._where()}split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
+                f"teacher output contains NaN or Inf{self._left()}"
             )
+
+    def _where(self) -> str:
+        return f"{self.source}: " if self.source else ""
+
+    def _left(self) -> str:
+        return f"; {self.path} is left incomplete and will not be used"
 
     def _flush(self) -> None:
         if not self._filled:

@@ -19,6 +19,10 @@ TaskKind = Literal["classification", "regression"]
 #: Label stored for rows whose split has no labels (e.g. GLUE test files).
 MISSING_CLASS = -1
 
+#: `preprocess["label_names_from"]` when class names were made from integer labels (0..largest id seen):
+#: the real class set may be larger, so the recipe completes it from the teacher's output width.
+LABEL_IDS = "integer labels"
+
 
 @dataclass
 class Batch:

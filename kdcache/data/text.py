@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kdcache.data.base import Batch, SplitData, MISSING_CLASS
+from kdcache.data.base import LABEL_IDS, Batch, SplitData, MISSING_CLASS
 from kdcache.errors import KDCacheError
 from kdcache.fingerprint import fingerprint_tokens
 
@@ -347,6 +347,7 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
         raise KDCacheError(f"{path}: {'empty file' if columns else 'a header but no data rows'}")
 
     allow_missing = preset is None  # a GLUE training or dev row must carry one of the task's labels
+    given_names = names
     if label is None:
         labels = np.full(len(texts), np.nan if regression else MISSING_CLASS, np.float32 if regression else np.int64)
         names = None if names is None or regression else list(names)
@@ -355,6 +356,17 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
     else:
         labels, names = _class_labels(raw_labels, lines, path, None if names is None else list(names), spelled,
                                       allow_missing)
+
+    if names is None or regression:
+        names_from = None
+    elif preset is not None:
+        names_from = f"task {task}"
+    elif given_names is not None:
+        names_from = "label_names"
+    elif names == [str(k) for k in range(len(names))]:
+        names_from = LABEL_IDS  # _class_labels read every label as an id >= 0
+    else:
+        names_from = "sorted label values"
 
     keep = len(texts) if limit is None else min(limit, len(texts))
     encoded = tokenizer(texts[:keep], None if pairs is None else pairs[:keep], truncation=True, max_length=max_length)
@@ -373,6 +385,7 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
         "text_column": text,
         "text_pair_column": pair,
         "label_column": label,
+        "label_names_from": names_from,
         "file": path.name,
         "format": fmt,
         "header": "none; columns by position: " + ", ".join(columns) if columns else "first row",

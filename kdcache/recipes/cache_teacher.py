@@ -30,12 +30,13 @@ import torch
 
 from kdcache import format as fmt
 from kdcache.data import DataOptions, SplitData, load_split, modality_of
+from kdcache.data.base import LABEL_IDS
 from kdcache.errors import KDCacheError
 from kdcache.fingerprint import DIGEST_ALGORITHM, FINGERPRINT_ALGORITHM
 from kdcache.progress import progress_bar
 from kdcache.runtime import autocast, command_line, resolve_device, software_versions
 from kdcache.teachers import Teacher, load_teacher
-from kdcache.writer import BackgroundWriter, CacheWriter, utc_now
+from kdcache.writer import BackgroundWriter, CacheWriter, check_destination, utc_now
 
 
 @dataclass
@@ -62,17 +63,37 @@ class CacheTeacherConfig:
     command: str | None = None
 
 
+def _fit_label_ids(teacher: Teacher, split: SplitData, width: int) -> None:
+    """Integer labels name their class set only up to the largest id seen; the teacher's width completes it.
+
+    A file whose labels are 0 and 1 may well belong to a 3-output teacher (class 2 just never occurs in it),
+    but a label of 7 can never be scored by a 2-output teacher: that is a label outside the teacher's outputs.
+    """
+    if split.preprocess.get("label_names_from") != LABEL_IDS or not split.label_names:
+        return
+    if split.num_labels > width:
+        raise KDCacheError(
+            f"{split.source}: label {split.num_labels - 1} is outside the {width} outputs of teacher {teacher.spec} "
+            f"(class ids 0..{width - 1})"
+        )
+    split.label_names = [str(k) for k in range(width)]
+
+
 def _check_splits(teacher: Teacher, splits: list[SplitData], width: int) -> None:
     """The teacher's output width must match the label set, and every split must share one label set."""
-    first = splits[0]
     for split in splits:
         if len(split) == 0:
             raise KDCacheError(f"{split.source}: split {split.split!r} has no rows")
-        if (split.kind, split.label_names) != (first.kind, first.label_names):
+        _fit_label_ids(teacher, split, width)
+    # An unlabeled classification split (label_names None: every label is -1) has no label set to compare.
+    labeled = [s for s in splits if s.kind == "regression" or s.label_names is not None]
+    first = labeled[0] if labeled else splits[0]
+    for split in splits:
+        if split.kind != first.kind or (split in labeled and split.label_names != first.label_names):
             raise KDCacheError(f"{split.source}: split {split.split!r} has other labels than split {first.split!r}")
     if first.kind == "regression" and width != 1:
         raise KDCacheError(f"teacher {teacher.spec} has {width} outputs but task {first.task} is a regression (needs 1)")
-    if first.kind == "classification" and width != first.num_labels:
+    if first.kind == "classification" and first.label_names is not None and width != first.num_labels:
         raise KDCacheError(
             f"teacher {teacher.spec} has {width} outputs but {first.source} has {first.num_labels} labels "
             f"({', '.join(first.label_names or [])})"
@@ -125,13 +146,19 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
         raise KDCacheError("no --split given")
     device = resolve_device(cfg.device)
     modality = modality_of(cfg.task)
+    check_destination(cfg.out, cfg.overwrite)  # a taken --out is refused now, not after the teacher has run
 
     # 1. Teacher and data, checked against each other before anything is written.
     is_folder = Path(cfg.teacher).is_dir()
+    if not is_folder:
+        _check_teacher_spec(cfg.teacher, modality, cfg.tokenizer)
     teacher = load_teacher(cfg.teacher, tokenizer=cfg.tokenizer) if is_folder else None
     tokenizer = teacher.tokenizer if teacher else _standalone_tokenizer(cfg.tokenizer)
     splits = [load_split(cfg.task, cfg.data, s, tokenizer=tokenizer, options=cfg.data_options) for s in cfg.splits]
     if teacher is None:
+        if splits[0].kind == "classification" and not splits[0].label_names:
+            raise KDCacheError(f"{splits[0].source}: split {splits[0].split!r} has no labels, so the head of "
+                               f"architecture teacher {cfg.teacher} cannot be sized; pass --label-names")
         teacher = load_teacher(cfg.teacher, weights=cfg.weights, num_outputs=splits[0].num_labels, tokenizer=cfg.tokenizer)
     teacher.model.to(device)
     width = _probe_width(teacher, splits[0], device, cfg.precision)
@@ -165,7 +192,7 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
     with progress_bar(cfg.progress) as bar:
         for split in splits:
             sink = writer.add_split(split.split, rows=len(split), num_outputs=width, kind=split.kind,
-                                    dtype=cfg.dtype, codec=cfg.codec, chunk_rows=chunk_rows)
+                                    dtype=cfg.dtype, codec=cfg.codec, chunk_rows=chunk_rows, source=split.source)
             task_id = bar.add_task(f"{split.split}", total=len(split), rate="")
             start, done = time.perf_counter(), 0
             with BackgroundWriter(sink.write) as background, torch.inference_mode():
@@ -187,6 +214,15 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
 
 def _bad(flag: str, value: str, choices: tuple[str, ...]) -> None:
     raise KDCacheError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_teacher_spec(spec: str, modality: str, tokenizer: str | None) -> None:
+    """A teacher that is not a folder must be an architecture name; say so before the data is read."""
+    if "/" in spec or spec.startswith(".") or Path(spec).exists():
+        load_teacher(spec)  # raises the precise error: no such folder, or a file where a folder belongs
+    if modality == "text" and tokenizer is None:
+        raise KDCacheError(f"{spec}: no such teacher folder; a text task needs a Hugging Face model folder "
+                           "(or an architecture name with --weights and --tokenizer DIR)")
 
 
 def _standalone_tokenizer(name: str | None) -> Any:
