@@ -3,6 +3,8 @@
     kdcache demo                                   # the embedded default: digits teacher -> cache -> info
     kdcache cache-teacher --teacher T --data D --task TASK --split train --out CACHE
     kdcache info CACHE [--json]
+    kdcache distill --cache CACHE --student S --method continuation --epochs N --out RUN_DIR
+    kdcache train --model M --task TASK --data D --epochs N --out RUN_DIR
 
 Errors print one line (`error: ...`) and exit 1; `kdcache --debug ...` shows the traceback instead.
 """
@@ -141,15 +143,158 @@ def _print_info(s: dict) -> None:
     _out.print(table)
 
 
+# Flags shared by `distill` and `train`; None means "the preset's value" (kdcache/presets.py).
+def _training_config(flag: str = "--student-kwargs", **kw):
+    from kdcache.recipes.distill import DistillConfig
+
+    student_kwargs = kw.pop("student_kwargs")
+    try:
+        parsed = json.loads(student_kwargs) if student_kwargs else {}
+    except ValueError as exc:
+        raise KDCacheError(f"{flag} is not JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise KDCacheError(f"{flag} must be a JSON object, e.g. '{{\"hidden\": 64}}'")
+    return DistillConfig(student_kwargs=parsed, command=" ".join(["kdcache", *sys.argv[1:]]), **kw)
+
+
+def _report_run(summary: dict) -> None:
+    metric = summary["metric_name"]
+    _out.print(f"{summary['method']} {summary['student']}: best {metric} {summary['best_metric']:.4f} at epoch "
+               f"{summary['best_epoch']} (last {summary['last_metric']:.4f}"
+               + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
+               + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
+               f"{summary['wall_seconds']:.1f} s")
+    if summary.get("selection_note"):
+        print(f"note: {summary['selection_note']}", file=sys.stderr)
+
+
+_Opt = typer.Option
+
+
+@app.command("distill")
+def distill_cmd(
+    cache: Annotated[Path, _Opt(help="Teacher cache (from cache-teacher) with a train split.")],
+    student: Annotated[str, _Opt(help="Student: HF folder or config .json, kdcache model folder, or architecture name.")],
+    out: Annotated[Path, _Opt(help="Run folder: metrics.jsonl, summary.json, best/, last.pt.")],
+    method: Annotated[str, _Opt(help="continuation | vanilla | annealing | ce")] = "continuation",
+    epochs: Annotated[Optional[int], _Opt(help="Epochs n (preset: cifar 200, glue 30, small 30).")] = None,
+    data: Annotated[Optional[str], _Opt(help="Dataset location, when it moved since caching (same meaning as cache-teacher --data).")] = None,
+    preset: Annotated[str, _Opt(help="auto | cifar | glue | small: the defaults of every flag below.")] = "auto",
+    t_max: Annotated[Optional[int], _Opt(help="Continuation/Annealing: maximum temperature T_max.")] = None,
+    margin: Annotated[Optional[float], _Opt(help="Continuation: hinge margin m.")] = None,
+    psi: Annotated[Optional[str], _Opt(help="Continuation: psi schedule cifar | glue | linear:E | step:K | constant:V.")] = None,
+    reduction: Annotated[str, _Opt(help="Continuation hinge: sample | batch | element.")] = "sample",
+    alpha: Annotated[Optional[float], _Opt(help="Vanilla KD: weight of the hard-label term.")] = None,
+    temperature: Annotated[Optional[float], _Opt(help="Vanilla KD: softening temperature.")] = None,
+    anneal_epochs: Annotated[Optional[int], _Opt(help="Annealing-KD: stage-1 epochs K.")] = None,
+    lr: Annotated[Optional[float], _Opt(help="Peak learning rate.")] = None,
+    batch_size: Annotated[Optional[int], _Opt(help="Minibatch size.")] = None,
+    optimizer: Annotated[Optional[str], _Opt(help="sgd | adamw | adam.")] = None,
+    weight_decay: Annotated[Optional[float], _Opt(help="Weight decay (not on biases and norms).")] = None,
+    momentum: Annotated[Optional[float], _Opt(help="SGD momentum.")] = None,
+    lr_schedule: Annotated[Optional[str], _Opt(help="constant | linear | cosine.")] = None,
+    warmup_ratio: Annotated[Optional[float], _Opt(help="Fraction of steps of linear warm-up.")] = None,
+    max_grad_norm: Annotated[Optional[float], _Opt(help="Clip gradients to this norm.")] = None,
+    schedule_unit: Annotated[str, _Opt(help="epoch | step: when T and psi move.")] = "epoch",
+    val_split: Annotated[Optional[str], _Opt(help="Cache split to select the best checkpoint on (default: validation, else test; none).")] = None,
+    seed: Annotated[int, _Opt(help="Seed of the student's initialisation and of the batch order.")] = 0,
+    precision: Annotated[str, _Opt(help="fp32, or bf16/fp16 autocast.")] = "fp32",
+    device: Annotated[str, _Opt(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    student_kwargs: Annotated[Optional[str], _Opt(help="JSON arguments for an architecture-name student.")] = None,
+    stream: Annotated[str, _Opt(help="Logit reading: auto | memory | chunks.")] = "auto",
+    save_every: Annotated[Optional[int], _Opt(help="Also save the student every N epochs under checkpoints/.")] = None,
+    resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
+    overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,
+    stop_after_epoch: Annotated[Optional[int], _Opt(help="Stop after this epoch (a preemptible job's slice; --resume later).")] = None,
+    progress: Annotated[bool, _Opt(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a student against a teacher cache (the teacher is never loaded)."""
+    from kdcache.recipes.distill import distill
+
+    cfg = _training_config(
+        cache=cache, student=student, out=out, method=method, epochs=epochs, data=data, preset=preset, t_max=t_max,
+        margin=margin, psi=psi, reduction=reduction, alpha=alpha, temperature=temperature, anneal_epochs=anneal_epochs,
+        lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
+        lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, schedule_unit=schedule_unit,
+        val_split=val_split, seed=seed, precision=precision, device=device, student_kwargs=student_kwargs,
+        stream_mode=stream, save_every=save_every, resume=resume, overwrite=overwrite,
+        stop_after_epoch=stop_after_epoch, progress=progress)
+    _report_run(distill(cfg))
+
+
+@app.command("train")
+def train_cmd(
+    model: Annotated[str, _Opt(help="Model: HF folder or config .json, kdcache model folder, or architecture name.")],
+    task: Annotated[str, _Opt(help="sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits")],
+    out: Annotated[Path, _Opt(help="Run folder: metrics.jsonl, summary.json, best/, last.pt.")],
+    data: Annotated[Optional[str], _Opt(help="Dataset file or folder (as for cache-teacher).")] = None,
+    epochs: Annotated[Optional[int], _Opt(help="Epochs (preset default).")] = None,
+    tokenizer: Annotated[Optional[str], _Opt(help="Text: tokenizer folder (default: the model folder's).")] = None,
+    preset: Annotated[str, _Opt(help="auto | cifar | glue | small.")] = "auto",
+    lr: Annotated[Optional[float], _Opt(help="Peak learning rate.")] = None,
+    batch_size: Annotated[Optional[int], _Opt(help="Minibatch size.")] = None,
+    optimizer: Annotated[Optional[str], _Opt(help="sgd | adamw | adam.")] = None,
+    weight_decay: Annotated[Optional[float], _Opt(help="Weight decay.")] = None,
+    momentum: Annotated[Optional[float], _Opt(help="SGD momentum.")] = None,
+    lr_schedule: Annotated[Optional[str], _Opt(help="constant | linear | cosine.")] = None,
+    warmup_ratio: Annotated[Optional[float], _Opt(help="Fraction of steps of linear warm-up.")] = None,
+    max_grad_norm: Annotated[Optional[float], _Opt(help="Clip gradients to this norm.")] = None,
+    val_split: Annotated[Optional[str], _Opt(help="Split to select the best checkpoint on (default: validation if present; none).")] = None,
+    seed: Annotated[int, _Opt(help="Seed.")] = 0,
+    precision: Annotated[str, _Opt(help="fp32, or bf16/fp16 autocast.")] = "fp32",
+    device: Annotated[str, _Opt(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    student_kwargs: Annotated[Optional[str], _Opt("--model-kwargs", help="JSON arguments for an architecture name.")] = None,
+    save_every: Annotated[Optional[int], _Opt(help="Save the model every N epochs under checkpoints/ (for Pro-KD).")] = None,
+    max_length: Annotated[int, _Opt(help="Text: truncate token sequences to this length.")] = 128,
+    text_column: Annotated[Optional[str], _Opt(help="Text task: column with the text.")] = None,
+    text_pair_column: Annotated[Optional[str], _Opt(help="Text task: column with the second text of a pair.")] = None,
+    label_column: Annotated[Optional[str], _Opt(help="Text task: column with the label.")] = None,
+    label_names: Annotated[Optional[str], _Opt(help="Text task: comma-separated label names, in id order.")] = None,
+    regression: Annotated[bool, _Opt(help="Text task: float labels (one output).")] = False,
+    normalize: Annotated[Optional[str], _Opt(help="Images: cifar10, cifar100, imagenet or none.")] = None,
+    image_size: Annotated[Optional[int], _Opt(help="Images: resize + center-crop to this size.")] = None,
+    limit: Annotated[Optional[int], _Opt(help="Use only the first N rows of each split.")] = None,
+    resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
+    overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,
+    stop_after_epoch: Annotated[Optional[int], _Opt(help="Stop after this epoch (--resume later).")] = None,
+    progress: Annotated[bool, _Opt(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline."""
+    from kdcache.data import DataOptions
+    from kdcache.recipes.distill import distill
+
+    cfg = _training_config(
+        "--model-kwargs", cache=None, student=model, task=task, out=out, method="ce", data=data, epochs=epochs,
+        tokenizer=tokenizer, preset=preset, lr=lr, batch_size=batch_size, optimizer=optimizer,
+        weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, val_split=val_split,
+        seed=seed, precision=precision, device=device, student_kwargs=student_kwargs, save_every=save_every,
+        data_options=DataOptions(
+            max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
+            label_column=label_column, regression=regression, normalize=normalize, image_size=image_size, limit=limit,
+            label_names=[n.strip() for n in label_names.split(",")] if label_names else None),
+        resume=resume,
+        overwrite=overwrite, stop_after_epoch=stop_after_epoch, progress=progress)
+    _report_run(distill(cfg))
+
+
 @app.command("demo")
 def demo_cmd(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes its teacher and cache.")] = Path("kdcache-demo"),
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its teacher, cache and runs.")] = Path("kdcache-demo"),
     epochs: Annotated[int, typer.Option(help="Teacher training epochs.")] = 30,
+    student_epochs: Annotated[Optional[int], typer.Option(help="Student epochs (default 60).")] = None,
 ) -> None:
-    """The embedded default: train a teacher on scikit-learn's digits, cache it, and show the cache."""
+    """The embedded default: digits teacher -> cache -> one student per method, and a table of the results."""
     from kdcache.demo import run_demo
 
-    _print_info(run_demo(workdir, epochs=epochs, console=_out))
+    result = run_demo(workdir, epochs=epochs, student_epochs=student_epochs, console=_out)
+    _print_info(result["cache"])
+    table = Table("run", "best val accuracy", "epoch", "last", "seconds", "samples/s",
+                  title=f"students: mlp {result['student']}, {result['epochs']} epochs; "
+                        f"teacher accuracy {result['teacher_accuracy']:.4f}")
+    for r in result["runs"]:
+        table.add_row(r["run"], f"{r['best_accuracy']:.4f}", str(r["best_epoch"]), f"{r['last_accuracy']:.4f}",
+                      f"{r['seconds']:.1f}", f"{r['samples_per_second']:,.0f}")
+    _out.print(table)
 
 
 def _quiet_libraries() -> None:
