@@ -1,15 +1,20 @@
 """Writes a cache: arrays in whole chunks, checksummed, with `complete: true` set only at the very end.
 
 Rows arrive in order, batch by batch; the writer buffers them into chunk-sized blocks so every store write
-is one whole chunk. A crash therefore leaves whole chunks and `complete: false`, never a cache that looks
-finished. `BackgroundWriter` runs the storage side on a thread so a GPU teacher never waits for the disk.
+is one whole chunk (Zarr's LocalStore writes each file to a temporary name and renames it). After the four
+arrays' chunks of a block are on disk, the split's `rows_done` attribute moves past them: a crash at any moment
+leaves `complete: false` and a `rows_done` whose rows are all on disk, so a rerun resumes from there
+(`CacheWriter(..., resume=True)`). One writer at a time holds `WriteLock`. `BackgroundWriter` runs the storage
+side on a thread so a GPU teacher never waits for the disk.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
+import os
 import queue
 import shutil
 import threading
@@ -39,30 +44,85 @@ def read_root_attrs(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_destination(path: str | Path, overwrite: bool) -> None:
+def check_destination(path: str | Path, overwrite: bool, resume: bool = False) -> bool:
     """Refuse an existing path unless asked, and never agree to replace something that is not a cache.
 
-    Deletes nothing, so a recipe can call it before its slow work (loading a teacher, tokenising a corpus)
-    and a user learns about a taken --out path in a second, not after the teacher has run.
+    Returns True when `path` holds an interrupted cache to resume (the default without --overwrite; the
+    settings are compared later, by CacheWriter). Deletes nothing, so a recipe can call it before its slow
+    work and a user learns about a taken --out path in a second, not after the teacher has run.
     """
     path = Path(path)
+    if overwrite and resume:
+        raise KDCacheError("--overwrite and --resume contradict each other; pass one")
     if not path.exists():
-        return
+        if resume:
+            raise KDCacheError(f"{path}: nothing to resume (no such cache)")
+        return False
     attrs = read_root_attrs(path)
     is_cache = attrs is not None and attrs.get("format") == fmt.FORMAT_NAME
     if not overwrite:
         if is_cache and not attrs.get("complete"):
-            raise KDCacheError(f"{path}: holds an incomplete cache (an interrupted run); pass --overwrite to start again")
+            return True
+        if resume and is_cache:
+            raise KDCacheError(f"{path}: the cache is already complete; nothing to resume")
         raise KDCacheError(f"{path}: already exists; pass --overwrite to replace it")
     if path.is_file() or (not is_cache and any(path.iterdir())):
         raise KDCacheError(f"{path}: refusing to overwrite: it exists and is not a kdcache cache")
+    return False
+
+
+class WriteLock:
+    """An exclusive lock on a cache path for one writer, held with flock on `<path>.lock`.
+
+    The kernel drops a flock when its process dies, however it dies (SIGKILL included), so a crashed writer
+    never leaves the cache locked; the file itself may stay behind and means nothing on its own.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.file = self.path.with_name(self.path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> "WriteLock":
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise KDCacheError(f"{self.path}: another cache-teacher ({holder}) is writing this cache; wait for it "
+                               "to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "WriteLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def _prepare_destination(path: Path, overwrite: bool) -> None:
     """check_destination, then clear an old cache that --overwrite replaces."""
-    check_destination(path, overwrite)
+    if check_destination(path, overwrite):
+        raise KDCacheError(f"{path}: holds an incomplete cache (an interrupted run); resume it or pass --overwrite")
     if path.exists():
         shutil.rmtree(path)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _storage_error(path: Path, what: str, exc: OSError) -> KDCacheError:
@@ -89,11 +149,20 @@ class SplitWriter:
         codec: str,
         chunk_rows: int,
         source: str | None = None,
+        resume: bool = False,
     ) -> None:
         self.path, self.name, self.rows, self.chunk_rows = path, name, rows, chunk_rows
         self.source = source  # the data file or folder the rows come from, named in error messages
         self.dtype = fmt.logits_dtype(dtype)
-        self.group = group.create_group(name, attributes={"split": name, "rows": rows, "complete": False})
+        self._filled = 0  # rows in the buffer
+        self._flushed = 0  # rows already on disk
+        self._skip = 0  # rows still to drop from the next writes (recomputed rows that are already on disk)
+        self._digest = hashlib.sha256()
+        if resume and name in group.group_keys():
+            self._reopen(group[name], num_outputs)
+            return
+        self.group = group.create_group(name, attributes={"split": name, "rows": rows, "complete": False,
+                                                          "rows_done": 0})
         specs = {
             "logits": ((rows, num_outputs), self.dtype, fmt.LOGITS_FILL),
             "labels": ((rows,), np.dtype(fmt.LABEL_DTYPE[kind]), None),
@@ -113,9 +182,34 @@ class SplitWriter:
                 config=_ARRAY_CONFIG,
             )
             self._buffers[key] = np.empty((chunk_rows, *shape[1:]), dtype=dtype_)
-        self._filled = 0  # rows in the buffer
-        self._flushed = 0  # rows already on disk
-        self._digest = hashlib.sha256()
+
+    def _reopen(self, group: zarr.Group, num_outputs: int) -> None:
+        """Continue an interrupted split: its first `rows_done` rows are on disk, whole and checksummed."""
+        self.group = group
+        self.arrays = {key: group[key] for key in fmt.ARRAYS}
+        logits = self.arrays["logits"]
+        if logits.shape != (self.rows, num_outputs) or logits.chunks[0] != self.chunk_rows:
+            raise KDCacheError(f"{self.path}/{self.name}: the interrupted split has shape {logits.shape} in chunks of "
+                               f"{logits.chunks[0]} rows, not {(self.rows, num_outputs)} in {self.chunk_rows}; "
+                               "pass --overwrite to start again")
+        self._buffers = {key: np.empty((self.chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
+        self._flushed = int(group.attrs.get("rows_done", 0))
+        if self._flushed:
+            done = np.asarray(self.arrays["fingerprint"][: self._flushed])
+            self._digest.update(np.ascontiguousarray(done, dtype="<u8").tobytes())
+
+    @property
+    def rows_done(self) -> int:
+        """Rows safely on disk: a resumed run starts computing at (or a little before) this row."""
+        return self._flushed
+
+    @property
+    def complete(self) -> bool:
+        return self.group.attrs.get("complete") is True
+
+    def skip(self, rows: int) -> None:
+        """Drop the next `rows` rows written: a resume recomputes from a batch boundary before rows_done."""
+        self._skip = rows
 
     @property
     def rows_written(self) -> int:
@@ -123,6 +217,12 @@ class SplitWriter:
 
     def write(self, logits: np.ndarray, labels: np.ndarray, index: np.ndarray, fingerprint: np.ndarray) -> None:
         """Append a batch of rows (logits as computed, float32); checks them before anything reaches disk."""
+        if self._skip:
+            drop = min(self._skip, len(logits))
+            self._skip -= drop
+            logits, labels, index, fingerprint = (a[drop:] for a in (logits, labels, index, fingerprint))
+            if not len(logits):
+                return
         logits = np.asarray(logits, dtype=np.float32)
         self._check_finite(logits, index)
         with np.errstate(over="ignore"):  # overflow is detected just below, with a better message
@@ -169,6 +269,7 @@ class SplitWriter:
         try:
             for key, array in self.arrays.items():
                 array[start:stop] = self._buffers[key][: self._filled]
+            self.group.attrs["rows_done"] = stop  # after the data: a crash before it just rewrites this block
         except OSError as exc:
             raise _storage_error(self.path, f"split {self.name!r} rows {start}:{stop}", exc) from exc
         self._digest.update(np.ascontiguousarray(self._buffers["fingerprint"][: self._filled], dtype="<u8").tobytes())
@@ -190,16 +291,35 @@ class SplitWriter:
 class CacheWriter:
     """Creates a cache at `path` and marks it complete only after every split is closed."""
 
-    def __init__(self, path: str | Path, attrs: dict[str, Any], *, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, attrs: dict[str, Any], *, overwrite: bool = False, resume: bool = False,
+                 settings: dict[str, Any] | None = None) -> None:
+        """`settings` is what must not change across a resume (teacher hash, data, storage); stored in the attrs."""
         self.path = Path(path)
+        self.resumed = resume and check_destination(self.path, overwrite=False)
+        self.splits: list[str] = []
+        if self.resumed:
+            self._reopen(settings or {})
+            return
         _prepare_destination(self.path, overwrite)
         header = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "complete": False}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.root = zarr.open_group(store=str(self.path), mode="w-", attributes={**header, **attrs, "splits": []})
+            self.root = zarr.open_group(store=str(self.path), mode="w-",
+                                        attributes={**header, **attrs, "write_settings": settings or {}, "splits": []})
         except OSError as exc:
             raise _storage_error(self.path, "the cache header", exc) from exc
-        self.splits: list[str] = []
+
+    def _reopen(self, settings: dict[str, Any]) -> None:
+        """Open an interrupted cache for resuming, only if it was begun with the very same settings."""
+        old = json.loads(json.dumps((read_root_attrs(self.path) or {}).get("write_settings")))
+        new = json.loads(json.dumps(settings))
+        if old != new:
+            differ = ", ".join(_differences(old, new)[:4]) if isinstance(old, dict) else "all (no settings recorded)"
+            raise KDCacheError(f"{self.path}: holds an interrupted cache written with other settings (differs in "
+                               f"{differ}); rerun with the same teacher, data and storage flags, or pass --overwrite")
+        for partial in self.path.rglob("*.partial"):  # temporary files of writes the crash cut short
+            partial.unlink(missing_ok=True)
+        self.root = zarr.open_group(store=str(self.path), mode="r+")
 
     def add_split(self, name: str, **kwargs: Any) -> SplitWriter:
         """Create the arrays of one split (see SplitWriter for the keyword arguments)."""
@@ -207,12 +327,14 @@ class CacheWriter:
             raise KDCacheError(f"{self.path}: split {name!r} given twice")
         self.splits.append(name)
         try:
-            return SplitWriter(self.root, self.path, name, **kwargs)
+            return SplitWriter(self.root, self.path, name, resume=self.resumed, **kwargs)
         except OSError as exc:
             raise _storage_error(self.path, f"split {name!r}", exc) from exc
 
     def add_blob(self, name: str, data: bytes, attrs: dict[str, Any]) -> None:
         """Store a small opaque file (e.g. the teacher's tokenizer as a zip) as a checksummed uint8 array."""
+        if self.resumed and name in self.root.array_keys():
+            return  # written whole (one chunk, renamed into place) before the interrupted run went on
         payload = np.frombuffer(data, dtype=np.uint8)
         try:
             self.root.create_array(

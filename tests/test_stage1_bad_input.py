@@ -349,7 +349,8 @@ def test_an_interrupted_cache_is_named_and_replaced_only_on_request(tmp_path, ca
     out = tmp_path / "c.kdcache"
     assert run_cli(_digits("teachers_for_tests:nan_teacher", weights, out), capsys, monkeypatch)[0] == 1
     code, _, err = run_cli(_digits("teachers_for_tests:linear_digits", digits_weights, out), capsys, monkeypatch)
-    assert_bad_input(code, err, out, out, "incomplete cache", "--overwrite")
+    assert_bad_input(code, err, out, out, "interrupted cache written with other settings", "teacher_sha256",
+                     "--overwrite")
     code, _, err = run_cli(_digits("teachers_for_tests:linear_digits", digits_weights, out, "--overwrite"),
                            capsys, monkeypatch)
     assert code == 0, err

@@ -11,7 +11,11 @@ Features, and the flags that control them:
 - storage: logits as float16 or float32 (`--dtype`), codec and chunk size (`--codec`, `--chunk-rows`),
   written on a background thread so the teacher never waits on the disk;
 - safety: everything is validated (data, teacher width, a first forward pass) before the first byte is
-  written; `complete: true` is the last write; an existing path is refused unless `--overwrite`.
+  written; `complete: true` is the last write; an existing path is refused unless `--overwrite`; one
+  writer per path (a lock that dies with its process);
+- resume: an interrupted cache at `--out` is finished, not restarted, when it was begun with the same
+  teacher, data and storage settings (`--resume` insists on it); only the rows not yet on disk are computed,
+  from the same batch boundaries, so the arrays equal an uninterrupted run's byte for byte.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from kdcache.fingerprint import DIGEST_ALGORITHM, FINGERPRINT_ALGORITHM
 from kdcache.progress import progress_bar
 from kdcache.runtime import autocast, command_line, resolve_device, software_versions
 from kdcache.teachers import Teacher, load_teacher
-from kdcache.writer import BackgroundWriter, CacheWriter, check_destination, utc_now
+from kdcache.writer import BackgroundWriter, CacheWriter, WriteLock, check_destination, utc_now
 
 
 @dataclass
@@ -55,6 +59,7 @@ class CacheTeacherConfig:
     dtype: str = "float16"
     precision: str = "fp32"
     overwrite: bool = False
+    resume: bool = False
     codec: str = fmt.DEFAULT_CODEC
     chunk_rows: int | None = None
     workers: int | None = None
@@ -124,12 +129,14 @@ def _tokenizer_zip(tokenizer: Any) -> tuple[bytes, list[str]]:
     return buffer.getvalue(), names
 
 
-def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device) -> torch.utils.data.DataLoader:
+def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device,
+            start: int = 0) -> torch.utils.data.DataLoader:
     workers = cfg.workers
     if workers is None:  # images decode in workers; tokenised text and digits are already in memory
         workers = min(8, os.cpu_count() or 1) if split.modality == "image" and device.type == "cuda" else 0
+    dataset = split.dataset if start == 0 else torch.utils.data.Subset(split.dataset, range(start, len(split)))
     return torch.utils.data.DataLoader(
-        split.dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
         collate_fn=split.collate, pin_memory=device.type == "cuda",
     )
 
@@ -146,7 +153,15 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
         raise KDCacheError("no --split given")
     device = resolve_device(cfg.device)
     modality = modality_of(cfg.task)
-    check_destination(cfg.out, cfg.overwrite)  # a taken --out is refused now, not after the teacher has run
+    lock = WriteLock(cfg.out).acquire()  # one writer per cache path, released however this process ends
+    try:
+        return _cache_teacher(cfg, device, modality, check_destination(cfg.out, cfg.overwrite, cfg.resume))
+    finally:
+        lock.release()
+
+
+def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str, resuming: bool) -> Path:
+    # (a taken --out was refused above, before the slow work; an interrupted cache is resumed)
 
     # 1. Teacher and data, checked against each other before anything is written.
     is_folder = Path(cfg.teacher).is_dir()
@@ -181,7 +196,12 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
         "command": cfg.command or command_line(),
         "created": utc_now(),
     }
-    writer = CacheWriter(cfg.out, attrs, overwrite=cfg.overwrite)
+    settings = {  # what a resume must not change: anything that would change a stored byte
+        "teacher_sha256": teacher.sha256, "task": cfg.task, "splits": list(cfg.splits), "precision": cfg.precision,
+        "storage": {"logits_dtype": cfg.dtype, "codec": cfg.codec, "chunk_rows": chunk_rows},
+        "data": {s.split: {"source": s.source, "n": len(s), "preprocess": s.preprocess} for s in splits},
+    }
+    writer = CacheWriter(cfg.out, attrs, overwrite=cfg.overwrite, resume=resuming, settings=settings)
     if modality == "text" and tokenizer is not None:
         blob, files = _tokenizer_zip(tokenizer)
         writer.add_blob("tokenizer", blob, {"format": "zip of save_pretrained files", "files": files,
@@ -193,10 +213,17 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
         for split in splits:
             sink = writer.add_split(split.split, rows=len(split), num_outputs=width, kind=split.kind,
                                     dtype=cfg.dtype, codec=cfg.codec, chunk_rows=chunk_rows, source=split.source)
-            task_id = bar.add_task(f"{split.split}", total=len(split), rate="")
+            if sink.complete:  # finished before the interruption
+                throughput[split.split] = {"rows": len(split), "resumed": "already complete"}
+                continue
+            # Restart at the batch boundary at or before rows_done, so every batch (and its padding) is the one
+            # an uninterrupted run computes; rows already on disk are recomputed and dropped.
+            first = sink.rows_done - sink.rows_done % cfg.batch_size
+            sink.skip(sink.rows_done - first)
+            task_id = bar.add_task(f"{split.split}", total=len(split), completed=first, rate="")
             start, done = time.perf_counter(), 0
             with BackgroundWriter(sink.write) as background, torch.inference_mode():
-                for batch in _loader(split, cfg, device):
+                for batch in _loader(split, cfg, device, start=first):
                     _check_labels(split, batch.labels, batch.index, width)
                     with autocast(device, cfg.precision):
                         logits = teacher(split.prepare(batch, device))
@@ -206,9 +233,10 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
                                rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} rows/s")
             seconds = time.perf_counter() - start
             digest = sink.close(_dataset_attrs(split))
-            throughput[split.split] = {"rows": len(split), "seconds": round(seconds, 3),
-                                       "rows_per_second": round(len(split) / max(seconds, 1e-9), 1), "digest": digest}
-    writer.finalize({"throughput": throughput})
+            throughput[split.split] = {"rows": len(split) - first, "seconds": round(seconds, 3),
+                                       "rows_per_second": round((len(split) - first) / max(seconds, 1e-9), 1),
+                                       "digest": digest, **({"resumed_at_row": first} if writer.resumed else {})}
+    writer.finalize({"throughput": throughput, **({"resumed": utc_now()} if writer.resumed else {})})
     return Path(cfg.out)
 
 
