@@ -48,7 +48,7 @@ def _root(
 @app.command("cache-teacher")
 def cache_teacher_cmd(
     teacher: Annotated[str, typer.Option(help="HF model folder, kdcache model folder, or architecture name (with --weights).")],
-    task: Annotated[str, typer.Option(help="sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits")],
+    task: Annotated[str, typer.Option(help="sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits tabular")],
     out: Annotated[Path, typer.Option(help="Cache path to create (a Zarr v3 folder).")],
     data: Annotated[Optional[str], typer.Option(help="Dataset file or folder (GLUE task folder, CIFAR folder, image tree or zip).")] = None,
     split: Annotated[list[str], typer.Option(help="Split to cache; repeat for several (train, validation, test).")] = ["train"],
@@ -59,6 +59,7 @@ def cache_teacher_cmd(
     dtype: Annotated[str, typer.Option(help="Stored logits dtype: float16 or float32.")] = "float16",
     precision: Annotated[str, typer.Option(help="Teacher compute: fp32, or bf16/fp16 autocast.")] = "fp32",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted cache at --out (also done by default when its settings match).")] = False,
     codec: Annotated[Optional[str], typer.Option(help="Logits codec (see docs/cache-format.md).")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per chunk (default: about 512 KiB of logits).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: auto).")] = None,
@@ -71,6 +72,7 @@ def cache_teacher_cmd(
     normalize: Annotated[Optional[str], typer.Option(help="Images: cifar10, cifar100, imagenet or none.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Images: resize + center-crop to this size.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Cache only the first N rows of each split.")] = None,
+    subset: Annotated[Optional[int], typer.Option(help="Cache N rows spread evenly over each split (after --limit).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run a teacher once over a dataset and store its outputs in a Zarr cache."""
@@ -82,12 +84,12 @@ def cache_teacher_cmd(
     options = DataOptions(
         max_length=max_length, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None, regression=regression,
-        normalize=normalize, image_size=image_size, limit=limit,
+        normalize=normalize, image_size=image_size, limit=limit, subset=subset,
     )
     cfg = CacheTeacherConfig(
         teacher=teacher, task=task, out=out, data=data, splits=tuple(split), weights=str(weights) if weights else None,
         tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype, precision=precision,
-        overwrite=overwrite, codec=codec or fmt.DEFAULT_CODEC, chunk_rows=chunk_rows, workers=workers,
+        overwrite=overwrite, resume=resume, codec=codec or fmt.DEFAULT_CODEC, chunk_rows=chunk_rows, workers=workers,
         data_options=options, progress=progress, command=" ".join(["kdcache", *sys.argv[1:]]),
     )
     path = cache_teacher(cfg)
@@ -225,7 +227,7 @@ def distill_cmd(
 @app.command("train")
 def train_cmd(
     model: Annotated[str, _Opt(help="Model: HF folder or config .json, kdcache model folder, or architecture name.")],
-    task: Annotated[str, _Opt(help="sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits")],
+    task: Annotated[str, _Opt(help="sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits tabular")],
     out: Annotated[Path, _Opt(help="Run folder: metrics.jsonl, summary.json, best/, last.pt.")],
     data: Annotated[Optional[str], _Opt(help="Dataset file or folder (as for cache-teacher).")] = None,
     epochs: Annotated[Optional[int], _Opt(help="Epochs (preset default).")] = None,
@@ -254,6 +256,7 @@ def train_cmd(
     normalize: Annotated[Optional[str], _Opt(help="Images: cifar10, cifar100, imagenet or none.")] = None,
     image_size: Annotated[Optional[int], _Opt(help="Images: resize + center-crop to this size.")] = None,
     limit: Annotated[Optional[int], _Opt(help="Use only the first N rows of each split.")] = None,
+    subset: Annotated[Optional[int], _Opt(help="Use N rows spread evenly over each split (after --limit).")] = None,
     resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,
     stop_after_epoch: Annotated[Optional[int], _Opt(help="Stop after this epoch (--resume later).")] = None,
@@ -271,10 +274,38 @@ def train_cmd(
         data_options=DataOptions(
             max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
             label_column=label_column, regression=regression, normalize=normalize, image_size=image_size, limit=limit,
+            subset=subset,
             label_names=[n.strip() for n in label_names.split(",")] if label_names else None),
         resume=resume,
         overwrite=overwrite, stop_after_epoch=stop_after_epoch, progress=progress)
     _report_run(distill(cfg))
+
+
+@app.command("verify")
+def verify_cmd(
+    cache: Annotated[Path, typer.Argument(help="Cache path.")],
+    teacher: Annotated[Optional[str], _Opt(help="Also recompute sampled rows with this teacher (as for cache-teacher).")] = None,
+    weights: Annotated[Optional[Path], _Opt(help="State-dict file for an architecture-name teacher.")] = None,
+    data: Annotated[Optional[str], _Opt(help="Dataset location, when it moved since caching (default: the cache's).")] = None,
+    sample: Annotated[int, _Opt(help="With --teacher: random rows per split to recompute.")] = 256,
+    seed: Annotated[int, _Opt(help="Seed of the row sample.")] = 0,
+    device: Annotated[str, _Opt(help="Device for the teacher: auto, cpu, cuda, cuda:N.")] = "auto",
+    batch_size: Annotated[int, _Opt(help="Rows per teacher forward pass.")] = 64,
+    rtol: Annotated[Optional[float], _Opt(help="Relative tolerance of recomputed logits (default: by dtype and precision).")] = None,
+    atol: Annotated[Optional[float], _Opt(help="Absolute tolerance of recomputed logits (default: by dtype and precision).")] = None,
+    as_json: Annotated[bool, _Opt("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Check a cache: structure, completeness, every chunk checksum, digests; with --teacher, recompute a sample."""
+    from kdcache.verify import verify_cache
+
+    report = verify_cache(cache, teacher=teacher, weights=weights, data=data, sample=sample, seed=seed, device=device,
+                          batch_size=batch_size, rtol=rtol, atol=atol)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print("\n".join(report.lines()))  # plain print: paths may hold [brackets] that rich would read as markup
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("demo")

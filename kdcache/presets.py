@@ -46,7 +46,7 @@ def resolve(preset: str, modality: str, overrides: dict[str, Any]) -> tuple[str,
 
 def anneal_epochs(values: dict[str, Any], epochs: int, given: int | None) -> int:
     """Annealing-KD's stage-1 length K: as given, else the preset's fraction of the run (150 of 200, 20 of 30)."""
-    k = given if given is not None else max(1, round(values["anneal_fraction"] * epochs))
+    k = given if given is not None else min(epochs - 1, max(1, round(values["anneal_fraction"] * epochs)))
     if not 1 <= k < epochs:
         raise KDCacheError(f"Annealing-KD needs 1 <= --anneal-epochs < --epochs ({epochs}), got {k}")
     return k

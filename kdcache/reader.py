@@ -1,10 +1,19 @@
-"""Opens a cache read-only and refuses anything it cannot vouch for (incomplete, foreign, newer, inconsistent)."""
+"""Opens a cache read-only and refuses anything it cannot vouch for (incomplete, foreign, newer, inconsistent, damaged).
+
+Integrity on read: opening a complete split lists the chunk files of its arrays (a missing chunk would otherwise
+read silently as the fill value: NaN logits, zero labels), and `TeacherCache.read` turns a checksum failure or an
+unreadable chunk into one line naming the split, array, chunk number and chunk file.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 
 from kdcache import format as fmt
@@ -34,29 +43,173 @@ def read_cache_attrs(path: str | Path, *, allow_incomplete: bool = False) -> dic
     return attrs
 
 
-class TeacherCache:
-    """One split of a cache, read-only: arrays are Zarr arrays, so slicing reads only the chunks it needs."""
+#: What to do about a damaged chunk: the cache cannot be repaired in place, only written again.
+RECREATE_HINT = "recreate the cache with kdcache cache-teacher --overwrite"
 
-    def __init__(self, path: str | Path, split: str = "train", *, allow_incomplete: bool = False) -> None:
+
+def open_root(path: Path) -> zarr.Group:
+    """The cache's root group, opened read-only (a reader can never modify a cache); unreadable metadata is one line."""
+    try:
+        return zarr.open_group(store=str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises many types for damaged metadata
+        raise metadata_error(path, exc) from exc
+
+
+def metadata_error(path: Path, exc: BaseException) -> KDCacheError:
+    """A one-line error for damaged Zarr metadata, naming the first zarr.json that does not parse (if one does not)."""
+    for meta in sorted(Path(path).rglob("zarr.json")):
+        try:
+            json.loads(meta.read_text())
+        except (OSError, ValueError) as problem:
+            return KDCacheError(f"{meta}: unreadable Zarr metadata ({_first_line(problem)}); {RECREATE_HINT}")
+    return KDCacheError(f"{path}: unreadable Zarr metadata ({_first_line(exc)})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _damage(exc: BaseException) -> str:
+    """Why a chunk could not be read, in words a user can act on."""
+    text = _first_line(exc)
+    if "checksum" in text.lower():
+        return "CRC32C checksum mismatch: the chunk file is damaged or truncated"
+    if isinstance(exc, OSError):
+        return f"cannot read the chunk file ({exc.strerror or text})"
+    return f"the chunk cannot be decoded ({type(exc).__name__}: {text})"
+
+
+def chunk_file(array: zarr.Array, directory: Path, chunk: int) -> Path:
+    """The file holding chunk number `chunk` (along the first axis) of `array`, stored in `directory`."""
+    return directory / array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+
+
+def _is_chunk_key(array: zarr.Array, key: str) -> bool:
+    """Whether `key` is named like a chunk of `array` (e.g. `c/7/0`); other files (a writer's leftover
+    temporary file, a desktop's .DS_Store) are no chunk and say nothing about the array's shape."""
+    sep = getattr(array.metadata.chunk_key_encoding, "separator", "/")
+    parts = key.split(sep)
+    if array.metadata.encode_chunk_key((0,) * array.ndim).startswith("c"):
+        if parts[0] != "c":
+            return False
+        parts = parts[1:]
+    return len(parts) == array.ndim and all(p.isdigit() for p in parts)
+
+
+def chunk_file_problems(array: zarr.Array, directory: Path, where: str) -> list[str]:
+    """Missing chunk files (Zarr would read them as the fill value) and chunk files outside the array's shape
+    (its shape was edited by hand), as one-line messages; one directory listing per array, so opening stays cheap."""
+    expected = {
+        array.metadata.encode_chunk_key(coords): coords[0]
+        for coords in itertools.product(*(range(n) for n in array.cdata_shape))
+    }
+    present = set()
+    for folder, _, files in os.walk(directory):
+        rel = Path(folder).relative_to(directory)
+        present.update((rel / f).as_posix() for f in files if f != "zarr.json")
+    problems = []
+    for key in sorted(set(expected) - present, key=lambda k: expected[k]):
+        c = expected[key]
+        rows = f"rows {c * array.chunks[0]}:{min((c + 1) * array.chunks[0], array.shape[0])}"
+        problems.append(f"{where}, chunk {c} ({rows}): chunk file missing ({directory / key})")
+    for key in sorted(k for k in present - set(expected) if _is_chunk_key(array, k)):
+        problems.append(f"{where}: chunk file {directory / key} lies outside the array's {array.shape[0]} rows "
+                        "(its shape was edited, or files were copied in)")
+    return problems
+
+
+def read_checked(array: zarr.Array, directory: Path, where: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows start:stop of `array`, every chunk checked against its CRC32C and its file's presence.
+
+    A failure is a KDCacheError naming the chunk and its file (found by re-reading chunk by chunk), never
+    Zarr's bare codec error and never a silent fill value.
+    """
+    n, rows = array.shape[0], array.chunks[0]
+    start, stop, _ = slice(start, stop).indices(n)
+    chunks = range(start // rows, -(-stop // rows)) if stop > start else range(0)
+    for c in chunks:
+        if not chunk_file(array, directory, c).is_file():
+            raise KDCacheError(f"{where}, chunk {c} (rows {c * rows}:{min((c + 1) * rows, n)}): chunk file missing "
+                               f"({chunk_file(array, directory, c)}); {RECREATE_HINT}")
+    try:
+        return np.asarray(array[start:stop])
+    except Exception as exc:  # noqa: BLE001 - codec pipelines raise ValueError, RuntimeError, OSError...
+        for c in chunks:
+            a, b = c * rows, min((c + 1) * rows, n)
+            try:
+                array[a:b]
+            except Exception as inner:  # noqa: BLE001
+                raise KDCacheError(f"{where}, chunk {c} (rows {a}:{b}): {_damage(inner)} "
+                                   f"(file {chunk_file(array, directory, c)}); {RECREATE_HINT}") from exc
+        raise KDCacheError(f"{where}, rows {start}:{stop}: read failed ({_first_line(exc)})") from exc
+
+
+class TeacherCache:
+    """One split of a cache, read-only: arrays are Zarr arrays, so slicing reads only the chunks it needs.
+
+    Read through `read(name, start, stop)` for rows that are checked: a damaged or missing chunk becomes one
+    clear error. Opening a complete split also checks that every chunk file exists (`check_chunks`).
+    """
+
+    def __init__(self, path: str | Path, split: str = "train", *, allow_incomplete: bool = False,
+                 check_chunks: bool | None = None) -> None:
         self.path = Path(path)
         self.attrs = read_cache_attrs(self.path, allow_incomplete=allow_incomplete)
-        root = zarr.open_group(store=str(self.path), mode="r")
-        if split not in root.group_keys():
-            have = ", ".join(sorted(root.group_keys())) or "none"
-            raise KDCacheError(f"{self.path}: no split {split!r} in this cache (splits: {have})")
-        self.split = split
-        self.group = root[split]
-        self.split_attrs = dict(self.group.attrs)
-        if not allow_incomplete and self.split_attrs.get("complete") is not True:
-            raise KDCacheError(f"{self.path}: split {split!r} is incomplete; rerun cache-teacher")
-        missing = [name for name in fmt.ARRAYS if name not in self.group.array_keys()]
-        if missing:
-            raise KDCacheError(f"{self.path}/{split}: missing array(s) {', '.join(missing)}")
-        self.logits: zarr.Array = self.group["logits"]
-        self.labels: zarr.Array = self.group["labels"]
-        self.index: zarr.Array = self.group["index"]
-        self.fingerprint: zarr.Array = self.group["fingerprint"]
+        root = open_root(self.path)
+        try:
+            splits = sorted(root.group_keys())
+            if split not in splits:
+                have = ", ".join(splits) or "none"
+                raise KDCacheError(f"{self.path}: no split {split!r} in this cache (splits: {have})")
+            self.split = split
+            self.group = root[split]
+            self.split_attrs = dict(self.group.attrs)
+            if not allow_incomplete and self.split_attrs.get("complete") is not True:
+                raise KDCacheError(f"{self.path}: split {split!r} is incomplete; rerun cache-teacher")
+            missing = [name for name in fmt.ARRAYS if name not in self.group.array_keys()]
+            if missing:
+                raise KDCacheError(f"{self.path}/{split}: missing array(s) {', '.join(missing)}")
+            self.logits: zarr.Array = self.group["logits"]
+            self.labels: zarr.Array = self.group["labels"]
+            self.index: zarr.Array = self.group["index"]
+            self.fingerprint: zarr.Array = self.group["fingerprint"]
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a hand-damaged zarr.json of the split or of an array
+            raise metadata_error(self.path, exc) from exc
         self._check_shapes()
+        if check_chunks if check_chunks is not None else not allow_incomplete:
+            problems = self.chunk_problems()
+            if problems:
+                more = f" (and {len(problems) - 1} more chunk file problem(s))" if len(problems) > 1 else ""
+                raise KDCacheError(f"{problems[0]}{more}; {RECREATE_HINT}")
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in fmt.ARRAYS:
+            raise ValueError(f"unknown array {name!r}; a split holds {', '.join(fmt.ARRAYS)}")
+        return getattr(self, name)
+
+    def where(self, name: str) -> str:
+        """How error messages name one array of this split."""
+        return f"{self.path}: split {self.split!r}, array {name!r}"
+
+    def chunk_file(self, name: str, chunk: int) -> Path:
+        """The file of chunk number `chunk` (along N) of array `name`."""
+        return chunk_file(self._array(name), self.path / self.split / name, chunk)
+
+    def chunk_problems(self) -> list[str]:
+        """Missing or out-of-shape chunk files of every array, as one-line messages (empty when all is well)."""
+        return [p for name in fmt.ARRAYS
+                for p in chunk_file_problems(self._array(name), self.path / self.split / name, self.where(name))]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.logits.chunks[0])
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start:stop of array `name`, checksum-verified: damage is one KDCacheError line naming the chunk file."""
+        return read_checked(self._array(name), self.path / self.split / name, self.where(name), start, stop)
 
     def _check_shapes(self) -> None:
         n = self.split_attrs.get("rows")
@@ -103,13 +256,11 @@ def load_cache_tokenizer(path: str | Path) -> Any:
     import tempfile
     import zipfile
 
-    import numpy as np
-
     path = Path(path)
-    root = zarr.open_group(store=str(path), mode="r")
+    root = open_root(path)
     if "tokenizer" not in root.array_keys():
         raise KDCacheError(f"{path}: this cache stores no tokenizer (not a text cache?)")
-    blob = np.asarray(root["tokenizer"][:], dtype=np.uint8).tobytes()
+    blob = read_checked(root["tokenizer"], path / "tokenizer", f"{path}: array 'tokenizer'").astype(np.uint8).tobytes()
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,10 +10,10 @@ run replays exactly the epoch it stopped in. Two ways to read, chosen by size (`
 - chunks: for caches larger than memory. Each epoch shuffles the order of the stored chunks, reads
   `buffer_chunks` of them at a time into a buffer, shuffles rows within it and cuts batches from it. A
   background thread reads the next buffer while the current one is consumed (at most two buffers ahead: one
-  ready, one being read); its errors, e.g. a checksum failure, are re-raised in the training loop. Rows left
-  over at the end of a buffer are carried into the next, so every batch is full except perhaps the last,
-  exactly as in memory mode. Shuffling is therefore local (within `buffer_chunks` chunks) but every row still
-  comes exactly once per epoch.
+  ready, one being read); its errors, e.g. a checksum failure (a KDCacheError naming the chunk file), are
+  re-raised in the training loop. Rows left over at the end of a buffer are carried into the next, so every
+  batch is full except perhaps the last, exactly as in memory mode. Shuffling is therefore local (within
+  `buffer_chunks` chunks) but every row still comes exactly once per epoch.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ class LogitBatches:
         self.mode = mode
         if mode == "memory":
             # upload as stored (float16 halves the transfer), convert on the device
-            self._logits = torch.from_numpy(np.asarray(cache.logits[:])).to(self.device).float()
-            self._labels = torch.from_numpy(np.asarray(cache.labels[:])).to(self.device)
+            # checked reads: a damaged or missing chunk is a one-line error naming its file (TeacherCache.read)
+            self._logits = torch.from_numpy(cache.read("logits")).to(self.device).float()
+            self._labels = torch.from_numpy(cache.read("labels")).to(self.device)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -114,8 +115,8 @@ class LogitBatches:
         """Runs on the prefetch thread: read whole chunks, shuffle their rows, pin them for a fast upload."""
         spans = [(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.rows)) for c in chunks]
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
-        logits = np.concatenate([self.cache.logits[a:b] for a, b in spans])
-        labels = np.concatenate([self.cache.labels[a:b] for a, b in spans])
+        logits = np.concatenate([self.cache.read("logits", a, b) for a, b in spans])
+        labels = np.concatenate([self.cache.read("labels", a, b) for a, b in spans])
         if rng is not None:
             perm = rng.permutation(len(rows))
             rows, logits, labels = rows[perm], logits[perm], labels[perm]

@@ -69,11 +69,11 @@ def check_alignment(inputs: StudentInputs, cache: Any, source: str) -> None:
     if len(inputs) != len(cache):
         raise KDCacheError(f"{source}: has {len(inputs)} rows for split {cache.split!r} but the cache {where} has "
                            f"{len(cache)}; the data changed since the teacher was cached")
-    stored = np.asarray(cache.fingerprint[:], dtype=np.uint64)
+    stored = np.asarray(cache.read("fingerprint"), dtype=np.uint64)  # checked read: damage names its chunk file
     bad = np.flatnonzero(stored != inputs.fingerprints)
     if len(bad):
         row = int(bad[0])
-        index = int(np.asarray(cache.index[row : row + 1])[0])
+        index = int(cache.read("index", row, row + 1)[0])
         raise KDCacheError(f"{source}: row {row} (source index {index}) does not match the cache {where} "
                            f"(fingerprint {int(inputs.fingerprints[row]):016x} vs {int(stored[row]):016x}; "
                            f"{len(bad)} of {len(stored)} rows differ); the data changed since the teacher was cached")

@@ -13,6 +13,7 @@ import kdcache
 from kdcache import schedules
 from kdcache.data import DataOptions
 from kdcache.errors import KDCacheError
+from kdcache.models import resnet8
 from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
 from kdcache.recipes.distill import DistillConfig, distill
 from kdcache.teachers import load_teacher
@@ -116,7 +117,7 @@ def test_distill_uses_the_cached_logits_not_a_teacher(tmp_path, digits_cache):
 def test_resnet_student_on_real_cifar10_jpegs(tmp_path, cifar10_zip):
     torch.manual_seed(0)
     weights = tmp_path / "t.pt"
-    torch.save(kdcache.models.resnet8(10).state_dict(), weights)
+    torch.save(resnet8(10).state_dict(), weights)
     cache = cache_teacher(CacheTeacherConfig(teacher="resnet8", weights=str(weights), task="imagefolder",
                                              data=str(cifar10_zip), out=tmp_path / "c.kdcache", splits=("train", "test"),
                                              device="cpu", progress=False, data_options=DataOptions(limit=24,
@@ -332,3 +333,21 @@ def test_regression_task_stsb_distils_with_pearson(tmp_path, tiny_tokenizer, ber
         rows = _metrics(tmp_path / method)
         assert summary["metric_name"] == "pearson" and all("spearman" in r and -1 <= r["pearson"] <= 1 for r in rows)
         assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_an_evenly_spaced_subset_covers_every_class_and_distills(tmp_path, cifar10_zip):
+    """`--subset N` keeps N rows spread over a class-sorted folder (the first N rows are one class)."""
+    torch.manual_seed(0)
+    weights = tmp_path / "t.pt"
+    torch.save(resnet8(10).state_dict(), weights)
+    cache = cache_teacher(CacheTeacherConfig(teacher="resnet8", weights=str(weights), task="imagefolder",
+                                             data=str(cifar10_zip), out=tmp_path / "c.kdcache", splits=("train", "test"),
+                                             device="cpu", progress=False,
+                                             data_options=DataOptions(subset=40, normalize="cifar10")))
+    train = kdcache.open_cache(cache, "train")
+    assert len(train) == 40 and set(np.asarray(train.labels[:]).tolist()) == set(range(10))
+    index = np.asarray(train.index[:])
+    assert index[0] == 0 and index[-1] == 49_999 and np.all(np.diff(index) > 1000)
+    summary = distill(DistillConfig(student="resnet8", cache=cache, method="vanilla", out=tmp_path / "run", epochs=1,
+                                    batch_size=8, device="cpu", progress=False))
+    assert summary["complete"]

