@@ -60,6 +60,9 @@ def check_destination(path: str | Path, overwrite: bool, resume: bool = False) -
         return False
     attrs = read_root_attrs(path)
     is_cache = attrs is not None and attrs.get("format") == fmt.FORMAT_NAME
+    if path.is_dir() and not is_cache and all(p.is_dir() or p.name.endswith(".partial") for p in path.rglob("*")):
+        shutil.rmtree(path)  # killed before its first file was renamed into place: an empty cache folder
+        return check_destination(path, overwrite, resume)
     if not overwrite:
         if is_cache and not attrs.get("complete"):
             return True
@@ -159,8 +162,10 @@ class SplitWriter:
         self._skip = 0  # rows still to drop from the next writes (recomputed rows that are already on disk)
         self._digest = hashlib.sha256()
         if resume and name in group.group_keys():
-            self._reopen(group[name], num_outputs)
-            return
+            if all(key in group[name].array_keys() for key in fmt.ARRAYS):
+                self._reopen(group[name], num_outputs)
+                return
+            shutil.rmtree(path / name)  # killed while creating its arrays: nothing of it was written yet
         self.group = group.create_group(name, attributes={"split": name, "rows": rows, "complete": False,
                                                           "rows_done": 0})
         specs = {
@@ -208,8 +213,12 @@ class SplitWriter:
         return self.group.attrs.get("complete") is True
 
     def skip(self, rows: int) -> None:
-        """Drop the next `rows` rows written: a resume recomputes from a batch boundary before rows_done."""
+        """Drop the next `rows` rows written: a resume recomputes from a batch boundary before rows_done.
+
+        The dropped rows are not wasted: their fingerprints must equal the stored ones, which proves the data
+        read now continues the data the interrupted run read."""
         self._skip = rows
+        self._skip_at = self._flushed - rows
 
     @property
     def rows_written(self) -> int:
@@ -219,7 +228,13 @@ class SplitWriter:
         """Append a batch of rows (logits as computed, float32); checks them before anything reaches disk."""
         if self._skip:
             drop = min(self._skip, len(logits))
+            stored = np.asarray(self.arrays["fingerprint"][self._skip_at : self._skip_at + drop])
+            if not np.array_equal(stored, np.asarray(fingerprint[:drop], dtype=np.uint64)):
+                row = self._skip_at + int(np.flatnonzero(stored != np.asarray(fingerprint[:drop]))[0])
+                raise KDCacheError(f"{self._where()}split {self.name!r}, row {row}: the data differs from what the "
+                                   f"interrupted cache {self.path} was begun with; pass --overwrite to start again")
             self._skip -= drop
+            self._skip_at += drop
             logits, labels, index, fingerprint = (a[drop:] for a in (logits, labels, index, fingerprint))
             if not len(logits):
                 return
@@ -334,7 +349,9 @@ class CacheWriter:
     def add_blob(self, name: str, data: bytes, attrs: dict[str, Any]) -> None:
         """Store a small opaque file (e.g. the teacher's tokenizer as a zip) as a checksummed uint8 array."""
         if self.resumed and name in self.root.array_keys():
-            return  # written whole (one chunk, renamed into place) before the interrupted run went on
+            if (self.path / name / "c" / "0").is_file():
+                return  # written whole (one chunk, renamed into place) before the interrupted run went on
+            shutil.rmtree(self.path / name)  # killed between its metadata and its chunk: write it again
         payload = np.frombuffer(data, dtype=np.uint8)
         try:
             self.root.create_array(

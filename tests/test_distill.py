@@ -351,3 +351,16 @@ def test_an_evenly_spaced_subset_covers_every_class_and_distills(tmp_path, cifar
     summary = distill(DistillConfig(student="resnet8", cache=cache, method="vanilla", out=tmp_path / "run", epochs=1,
                                     batch_size=8, device="cpu", progress=False))
     assert summary["complete"]
+
+
+def test_resume_repairs_best_after_a_kill_between_last_pt_and_best(tmp_path, digits_cache):
+    _digits_run(digits_cache, tmp_path / "full", epochs=3)
+    _digits_run(digits_cache, tmp_path / "cut", stop_after_epoch=1, epochs=3)
+    shutil.rmtree(tmp_path / "cut" / "best")  # as if killed after last.pt, before best/ (epoch 1 was the best)
+    _digits_run(digits_cache, tmp_path / "cut", resume=True, epochs=3)
+    full, resumed = (torch.load(tmp_path / r / "best" / "model.pt") for r in ("full", "cut"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    _digits_run(digits_cache, tmp_path / "swap", stop_after_epoch=1, epochs=3)
+    (tmp_path / "swap" / "best").rename(tmp_path / "swap" / "best.old")  # killed inside the swap
+    _digits_run(digits_cache, tmp_path / "swap", resume=True, epochs=3)
+    assert (tmp_path / "swap" / "best" / "model.pt").is_file() and not (tmp_path / "swap" / "best.old").exists()

@@ -32,6 +32,28 @@ def test_vision_tiny(tmp_path, shared_data, monkeypatch):
     _check(tmp_path, reproduce.METHODS)
 
 
+def test_cifar100_configuration_on_pickles_the_test_writes(tmp_path, monkeypatch):
+    """CIFAR-100 is not shipped here: its configuration runs on random pickles in CIFAR-100's layout."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name, n in (("train", 200), ("test", 100)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                         b"fine_labels": (np.arange(n) % 100).tolist(), b"coarse_labels": [0] * n}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+                     b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}, f)
+    reproduce.vision(reproduce.Runner(tmp_path / "run", "cpu", in_process=True), "tiny", 1, cifar100=folder)
+    _check(tmp_path / "run", reproduce.METHODS)
+    assert "CIFAR-100" in (tmp_path / "run" / "summary.md").read_text()
+    assert "--margin 10" in (tmp_path / "run" / "commands.txt").read_text()
+
+
 def test_glue_tiny_with_a_small_bert_in_place_of_minilm(tmp_path, shared_data, monkeypatch, tiny_tokenizer):
     monkeypatch.setattr(reproduce, "DATA", shared_data)
     encoder = make_tiny_bert(tmp_path / "encoder", tiny_tokenizer)

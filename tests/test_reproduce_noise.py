@@ -32,7 +32,7 @@ def test_table_teacher_returns_the_noisy_value_of_the_nearest_point():
 
 
 def test_noise_tiny_runs_end_to_end(tmp_path):
-    kd = reproduce.Runner(tmp_path / "noise-tiny", device="cpu")
+    kd = reproduce.Runner(tmp_path / "noise-tiny", device="cpu", in_process=True)  # same CLI entry point
     text = noise(kd, "tiny", 1)
     out = kd.out
     for name in ("results.csv", "summary.csv", "summary.md", "summary.png", "noise.png", "curves.npz",
@@ -51,3 +51,15 @@ def test_noise_tiny_runs_end_to_end(tmp_path):
     assert "kdcache cache-teacher" in commands and "--task tabular" in commands and "kdcache distill" in commands
     curves = np.load(out / "curves.npz")
     assert np.isfinite(curves["sine__vanilla__seed0__last"]).all()
+
+
+def test_subprocesses_can_build_the_table_teacher():
+    """The benchmark's real runs are subprocesses: under its environment they must import the teacher's factory."""
+    import subprocess
+
+    from noise_toy import _subprocess_env
+
+    code = "from kdcache.models import build_model; print(type(build_model('noise_toy:table_teacher', 1, rows=3)).__name__)"
+    with _subprocess_env():
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0 and done.stdout.strip() == "TableTeacher", done.stderr[-2000:]

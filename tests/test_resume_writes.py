@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,3 +143,39 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_not_stuck(tmp_pat
     with WriteLock(out):
         pass
     assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)[0] == 0
+
+
+def _interrupt(out: Path, **split_attrs) -> None:
+    """Make a finished cache look interrupted: root and train incomplete, train's attributes as given."""
+    for meta_file, extra in ((out / "zarr.json", {}), (out / "train" / "zarr.json", split_attrs)):
+        meta = json.loads(meta_file.read_text())
+        meta["attributes"].update({"complete": False, **extra})
+        meta_file.write_text(json.dumps(meta))
+
+
+def test_kills_before_any_row_was_written_resume_too(tmp_path, capsys, monkeypatch, sst2_teacher, glue_dir):
+    """Killed while creating a split's arrays, or between the tokenizer's metadata and its chunk."""
+    reference, out = tmp_path / "ref.kdcache", tmp_path / "c.kdcache"
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", reference), capsys, monkeypatch)[0] == 0
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)[0] == 0
+    _interrupt(out, rows_done=0)
+    shutil.rmtree(out / "train" / "logits")  # the split group exists, its logits array does not
+    (out / "tokenizer" / "c" / "0").unlink()  # the tokenizer's metadata exists, its chunk does not
+    code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)
+    assert code == 0, err
+    assert _arrays(out) == _arrays(reference)
+    kdcache.reader.load_cache_tokenizer(out)
+
+
+def test_resume_refuses_data_that_changed_under_it(tmp_path, capsys, monkeypatch, sst2_teacher, glue_dir):
+    data = tmp_path / "SST-2"
+    shutil.copytree(glue_dir / "SST-2", data)
+    out = tmp_path / "c.kdcache"
+    assert run_cli(_args(sst2_teacher, data, out), capsys, monkeypatch)[0] == 0
+    _interrupt(out, rows_done=64)  # a resume recomputes rows 48..63 (batches of 24) and compares them
+    lines = (data / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    text, label = lines[51].rstrip("\n").split("\t")  # row 50 (line 0 is the header): same row count
+    lines[51] = f"{text} great\t{label}\n"
+    (data / "train.tsv").write_text("".join(lines), encoding="utf-8")
+    code, _, err = run_cli(_args(sst2_teacher, data, out), capsys, monkeypatch)
+    _one_error_line(code, err, "row 50", "differs from what the interrupted cache", "--overwrite")

@@ -33,6 +33,12 @@ class Batch:
     index: torch.Tensor  # int64, row position in the source split
     fingerprint: np.ndarray  # uint64, one per row
 
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True): page-locked tensors make the copies to the GPU asynchronous."""
+        inputs = ({k: v.pin_memory() for k, v in self.inputs.items()} if isinstance(self.inputs, dict)
+                  else self.inputs.pin_memory())
+        return Batch(inputs, self.labels.pin_memory(), self.index.pin_memory(), self.fingerprint)
+
 
 @dataclass
 class SplitData:

@@ -198,6 +198,7 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
     }
     settings = {  # what a resume must not change: anything that would change a stored byte
         "teacher_sha256": teacher.sha256, "task": cfg.task, "splits": list(cfg.splits), "precision": cfg.precision,
+        "batch_size": cfg.batch_size,  # batch boundaries decide text padding, and so the last bits of a logit
         "storage": {"logits_dtype": cfg.dtype, "codec": cfg.codec, "chunk_rows": chunk_rows},
         "data": {s.split: {"source": s.source, "n": len(s), "preprocess": s.preprocess} for s in splits},
     }
@@ -219,6 +220,8 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
             # Restart at the batch boundary at or before rows_done, so every batch (and its padding) is the one
             # an uninterrupted run computes; rows already on disk are recomputed and dropped.
             first = sink.rows_done - sink.rows_done % cfg.batch_size
+            if first and first == sink.rows_done:
+                first -= cfg.batch_size  # recompute one stored batch anyway: its fingerprints must match
             sink.skip(sink.rows_done - first)
             task_id = bar.add_task(f"{split.split}", total=len(split), completed=first, rate="")
             start, done = time.perf_counter(), 0

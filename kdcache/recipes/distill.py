@@ -164,10 +164,12 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         student.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run began where fp16 scaling was off (e.g. on the CPU)
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_epoch, step, best, stage1_best = state["epoch"] + 1, state["step"], state["best"], state["stage1_best"]
         totals = state["totals"]
+        _repair_best(out, state, student, num_outputs, label_names, tokenizer)
         _truncate_metrics(out / "metrics.jsonl", state["epoch"])
 
     teacher_val = None
@@ -217,9 +219,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                       **{k: v for k, v in scores.items() if k != "rows"},
                       "split": (val or train).name, "seconds": round(seconds, 3),
                       "samples_per_second": round(rows_seen / max(seconds, 1e-9), 1)}
-            if best is None or scores["metric"] > best["metric"]:
+            improved = best is None or scores["metric"] > best["metric"]
+            if improved:
                 best = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
-                _save_best(student, out / "best", num_outputs, label_names, tokenizer)
             if cfg.method == "annealing" and epoch <= k_anneal and (
                     stage1_best is None or scores["metric"] > stage1_best["metric"]):
                 stage1_best = {"metric": scores["metric"], "epoch": epoch,
@@ -234,6 +236,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                          "model": student.model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
                         out / "last.pt")
+            if improved:  # after last.pt, so a resume can always tell whether best/ is up to date (see below)
+                _save_best(student, out / "best", num_outputs, label_names, tokenizer, extra={"epoch": epoch})
             if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and epoch < n:
                 break
 
@@ -460,6 +464,19 @@ def _save_best(student: Any, directory: Path, num_outputs: int, label_names: lis
         directory.rename(old)
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _repair_best(out: Path, state: dict, student: Any, num_outputs: int, label_names: list[str] | None,
+                 tokenizer: Any) -> None:
+    """A kill between last.pt and best/ leaves best/ one improvement behind: the improvement was the last epoch,
+    whose weights are the ones just loaded, so save them again. A kill inside the swap leaves best.old/ alone."""
+    best_dir, old = out / "best", out / "best.old"
+    if old.is_dir() and not best_dir.exists():
+        old.rename(best_dir)
+    marker = best_dir / "kdcache-checkpoint.json"
+    saved = json.loads(marker.read_text()).get("epoch") if marker.is_file() else None
+    if state["best"] and saved != state["best"]["epoch"] and state["best"]["epoch"] == state["epoch"]:
+        _save_best(student, best_dir, num_outputs, label_names, tokenizer, extra={"epoch": state["epoch"]})
 
 
 def _identity(cfg: DistillConfig, hp: dict, preset: str, teacher: dict, train: _Split) -> dict[str, Any]:
