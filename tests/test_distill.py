@@ -364,3 +364,24 @@ def test_resume_repairs_best_after_a_kill_between_last_pt_and_best(tmp_path, dig
     (tmp_path / "swap" / "best").rename(tmp_path / "swap" / "best.old")  # killed inside the swap
     _digits_run(digits_cache, tmp_path / "swap", resume=True, epochs=3)
     assert (tmp_path / "swap" / "best" / "model.pt").is_file() and not (tmp_path / "swap" / "best.old").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_distill_trains(tmp_path, digits_cache, precision):
+    """Autocast runs on the CPU too (fp16's gradient scaler only switches on under CUDA)."""
+    summary = _digits_run(digits_cache, tmp_path / "run", "vanilla", epochs=3, precision=precision, lr=1e-2)
+    rows = _metrics(tmp_path / "run")
+    assert all(np.isfinite(r["loss"]) for r in rows) and summary["best_metric"] > 0.3
+
+
+def test_chunk_streaming_distils_and_resumes_like_an_uninterrupted_run(tmp_path, digits_cache):
+    kw = dict(epochs=4, stream_mode="chunks", t_max=2)
+    _digits_run(digits_cache, tmp_path / "full", **kw)
+    _digits_run(digits_cache, tmp_path / "cut", stop_after_epoch=2, **kw)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # an epoch that ran but was never checkpointed
+        f.write(json.dumps({"epoch": 3, "loss": 0.0}) + "\n")
+    _digits_run(digits_cache, tmp_path / "cut", resume=True, **kw)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in rows]
+    assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "full"))
+    with pytest.raises(KDCacheError, match="stream_mode"):  # memory and chunk reading order batches differently
+        _digits_run(digits_cache, tmp_path / "cut", resume=True, epochs=4, t_max=2)
