@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import pickle
-import sys
 
 import numpy as np
 import pytest
@@ -15,27 +14,16 @@ import zarr
 from torch import nn
 
 import kdcache
-from kdcache.cli.main import main
 from kdcache.errors import KDCacheError
 from kdcache.models import resnet8
 from kdcache.writer import read_root_attrs
 from teachers_for_tests import linear_digits, make_tiny_bert
+from test_cli import run_cli
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def run_cli(args, capsys, monkeypatch):
-    """`kdcache ARGS` in-process through the console-script entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["kdcache", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_bad_input(code, err, out_path, *needles):
