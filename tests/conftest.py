@@ -64,3 +64,16 @@ def make_tiny_tokenizer(directory: Path):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return make_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def digits_weights(tmp_path):
+    """A state dict for `teachers_for_tests:linear_digits`, the quickest architecture-name teacher."""
+    import torch
+
+    from teachers_for_tests import linear_digits
+
+    torch.manual_seed(0)
+    path = tmp_path / "linear.pt"
+    torch.save(linear_digits().state_dict(), path)
+    return path

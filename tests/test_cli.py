@@ -30,14 +30,6 @@ def run_cli(args, capsys, monkeypatch):
     return code, out.out, out.err
 
 
-@pytest.fixture
-def digits_weights(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "linear.pt"
-    torch.save(linear_digits().state_dict(), path)
-    return path
-
-
 def _digits_args(weights, out, *extra):
     return ["cache-teacher", "--teacher", "teachers_for_tests:linear_digits", "--weights", weights,
             "--task", "digits", "--split", "train", "--split", "validation", "--out", out, "--no-progress", *extra]

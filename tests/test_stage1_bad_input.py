@@ -17,7 +17,7 @@ import kdcache
 from kdcache.errors import KDCacheError
 from kdcache.models import resnet8
 from kdcache.writer import read_root_attrs
-from teachers_for_tests import linear_digits, make_tiny_bert
+from teachers_for_tests import make_tiny_bert
 from test_cli import run_cli
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -56,14 +56,6 @@ def resnet_weights(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("resnet") / "resnet8.pt"
     torch.save(resnet8(10).state_dict(), path)
-    return path
-
-
-@pytest.fixture
-def digits_weights(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "linear.pt"
-    torch.save(linear_digits().state_dict(), path)
     return path
 
 
