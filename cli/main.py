@@ -47,9 +47,9 @@ def _root(
 
 @app.command("cache-teacher")
 def cache_teacher_cmd(
-    teacher: Annotated[str, typer.Option(help="HF model folder, kdcache model folder, or architecture name (with --weights).")],
     task: Annotated[str, typer.Option(help="sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits tabular")],
     out: Annotated[Path, typer.Option(help="Cache path to create (a Zarr v3 folder).")],
+    teacher: Annotated[Optional[str], typer.Option(help="HF model folder, kdcache model folder, or architecture name (with --weights); default with --checkpoints: the last checkpoint.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Dataset file or folder (GLUE task folder, CIFAR folder, image tree or zip).")] = None,
     split: Annotated[list[str], typer.Option(help="Split to cache; repeat for several (train, validation, test).")] = ["train"],
     weights: Annotated[Optional[Path], typer.Option(help="State-dict file for an architecture-name teacher.")] = None,
@@ -73,6 +73,10 @@ def cache_teacher_cmd(
     image_size: Annotated[Optional[int], typer.Option(help="Images: resize + center-crop to this size.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Cache only the first N rows of each split.")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Cache N rows spread evenly over each split (after --limit).")] = None,
+    checkpoints: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint folders or a glob ('run/checkpoints/epoch-*'), stored in training order for Pro-KD; repeatable.")] = None,
+    hidden_layers: Annotated[Optional[str], typer.Option(help="Teacher layers to store random projections of (curriculum extraction): numbers (2,4,6) or module names.")] = None,
+    proj_dim: Annotated[Optional[int], typer.Option(help="With --hidden-layers: dimension D of each projection.")] = None,
+    proj_seed: Annotated[int, typer.Option(help="With --hidden-layers: seed of the Gaussian projection matrices (recorded).")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run a teacher once over a dataset and store its outputs in a Zarr cache."""
@@ -91,6 +95,7 @@ def cache_teacher_cmd(
         tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype, precision=precision,
         overwrite=overwrite, resume=resume, codec=codec or fmt.DEFAULT_CODEC, chunk_rows=chunk_rows, workers=workers,
         data_options=options, progress=progress, command=" ".join(["kdcache", *sys.argv[1:]]),
+        checkpoints=tuple(checkpoints or ()), hidden_layers=hidden_layers, proj_dim=proj_dim, proj_seed=proj_seed,
     )
     path = cache_teacher(cfg)
     summary = describe_cache(path)
@@ -134,6 +139,14 @@ def _print_info(s: dict) -> None:
     _out.print(f"storage  {storage.get('logits_dtype')}, codec {storage.get('codec')} + {storage.get('checksum')}, "
                f"{storage.get('chunk_rows')} rows/chunk; {_human(s['size_on_disk'])} on disk")
     _out.print(f"created  {s.get('created')} by {s.get('command')}")
+    for c in s.get("checkpoints") or []:
+        metric = f"{c['metric']:.4f}" if isinstance(c.get("metric"), (int, float)) else "-"
+        _out.print(f"checkpoint  {c['name']}  epoch {c.get('epoch', '-')}  metric {metric}  -> array {c['array']}")
+    hidden = s.get("hidden_projections")
+    if hidden:
+        widths = ", ".join(f"{k}: {w}" for k, w in (hidden.get("widths") or {}).items())
+        _out.print(f"hidden   layers {', '.join(map(str, hidden['layers']))} projected to {hidden['dim']} dims "
+                   f"(seed {hidden['seed']}, pooling {hidden.get('pooling')}; layer widths {widths})")
     table = Table("split", "rows", "logits", "complete", "bytes/sample", "ratio", "source")
     for sp in s["splits"]:
         if sp.get("missing_arrays"):  # the writer stopped before creating this split's arrays
@@ -178,7 +191,7 @@ def distill_cmd(
     cache: Annotated[Path, _Opt(help="Teacher cache (from cache-teacher) with a train split.")],
     student: Annotated[str, _Opt(help="Student: HF folder or config .json, kdcache model folder, or architecture name.")],
     out: Annotated[Path, _Opt(help="Run folder: metrics.jsonl, summary.json, best/, last.pt.")],
-    method: Annotated[str, _Opt(help="continuation | vanilla | annealing | ce")] = "continuation",
+    method: Annotated[str, _Opt(help="continuation | vanilla | annealing | ce | prokd | curriculum")] = "continuation",
     epochs: Annotated[Optional[int], _Opt(help="Epochs n (preset: cifar 200, glue 30, small 30).")] = None,
     data: Annotated[Optional[str], _Opt(help="Dataset location, when it moved since caching (same meaning as cache-teacher --data).")] = None,
     preset: Annotated[str, _Opt(help="auto | cifar | glue | small: the defaults of every flag below.")] = "auto",
@@ -205,6 +218,10 @@ def distill_cmd(
     student_kwargs: Annotated[Optional[str], _Opt(help="JSON arguments for an architecture-name student.")] = None,
     stream: Annotated[str, _Opt(help="Logit reading: auto | memory | chunks.")] = "auto",
     save_every: Annotated[Optional[int], _Opt(help="Also save the student every N epochs under checkpoints/.")] = None,
+    checkpoint: Annotated[Optional[str], _Opt(help="Distil from this cached teacher checkpoint (see kdcache info) instead of the trained teacher.")] = None,
+    kd_loss: Annotated[Optional[str], _Opt(help="prokd, curriculum: logit loss vanilla (default) | continuation.")] = None,
+    phase_epochs: Annotated[Optional[str], _Opt(help="curriculum: epochs of each projection phase, e.g. 5,5 (default: half the run, shared).")] = None,
+    layer_map: Annotated[Optional[str], _Opt(help="curriculum: teacher layer -> student layer or module, e.g. 2:1,4:2 (default: spread).")] = None,
     resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,
     stop_after_epoch: Annotated[Optional[int], _Opt(help="Stop after this epoch (a preemptible job's slice; --resume later).")] = None,
@@ -220,7 +237,8 @@ def distill_cmd(
         lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, schedule_unit=schedule_unit,
         val_split=val_split, seed=seed, precision=precision, device=device, student_kwargs=student_kwargs,
         stream_mode=stream, save_every=save_every, resume=resume, overwrite=overwrite,
-        stop_after_epoch=stop_after_epoch, progress=progress)
+        stop_after_epoch=stop_after_epoch, progress=progress, checkpoint=checkpoint, kd_loss=kd_loss,
+        phase_epochs=phase_epochs, layer_map=layer_map)
     _report_run(distill(cfg))
 
 

@@ -52,6 +52,7 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
             "compression_ratio": round(raw / stored, 2) if stored else None,
             "bytes_per_sample": round(stored / len(cache), 2) if len(cache) else None,
             "missing_arrays": [],
+            "extra_arrays": cache.extra_widths,
         })
     return {
         "path": str(path),
@@ -67,6 +68,8 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
         "software": attrs.get("software"),
         "command": attrs.get("command"),
         "throughput": attrs.get("throughput"),
+        "checkpoints": attrs.get("checkpoints") or [],
+        "hidden_projections": attrs.get("hidden_projections"),
         "size_on_disk": _disk_bytes(path),
         "splits": splits,
     }

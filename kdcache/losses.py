@@ -191,3 +191,16 @@ def annealing_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     phi = _check_unit("phi", phi)
     z_s, z_t = _student_teacher(student_logits, teacher_logits)
     return _squared_distance(z_s, z_t, phi).mean()
+
+
+def projection_loss(student_projection: torch.Tensor, teacher_projection: torch.Tensor) -> torch.Tensor:
+    """Curriculum extraction's phase loss: mean squared error between the student layer (through its projection
+    head) and the cached random projection of the teacher layer, averaged over the B x D elements, so its scale
+    does not grow with --proj-dim.
+
+    Args:
+        student_projection: (B, D), the pooled student layer after its head (`kdcache.curricula.ProjectionHeads`).
+        teacher_projection: (B, D), from the cache (`hidden_<layer>`), never differentiated.
+    """
+    z_s, z_t = _student_teacher(student_projection, teacher_projection)
+    return torch.nn.functional.mse_loss(z_s, z_t)

@@ -12,7 +12,9 @@ from typing import Any
 
 from kdcache.errors import KDCacheError
 
-METHODS = ("continuation", "vanilla", "annealing", "ce")
+METHODS = ("continuation", "vanilla", "annealing", "ce", "prokd", "curriculum")
+#: The logit losses `prokd` and the last phase of `curriculum` can use (--kd-loss; vanilla by default).
+KD_LOSSES = ("vanilla", "continuation")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cifar": {

@@ -167,13 +167,21 @@ class TeacherCache:
             self.split_attrs = dict(self.group.attrs)
             if not allow_incomplete and self.split_attrs.get("complete") is not True:
                 raise KDCacheError(f"{self.path}: split {split!r} is incomplete; rerun cache-teacher")
-            missing = [name for name in fmt.ARRAYS if name not in self.group.array_keys()]
+            extras = self.split_attrs.get("extra_arrays") or {}
+            if not isinstance(extras, dict):
+                raise KDCacheError(f"{self.path}/{split}: attribute extra_arrays is not a mapping of name to width")
+            #: every array of the split: the four of format v1, then the optional float arrays (teacher
+            #: checkpoints' logits, hidden-state projections) named in the split's `extra_arrays` attribute
+            self.names: tuple[str, ...] = (*fmt.ARRAYS, *extras)
+            missing = [name for name in self.names if name not in self.group.array_keys()]
             if missing:
                 raise KDCacheError(f"{self.path}/{split}: missing array(s) {', '.join(missing)}")
+            self.arrays: dict[str, zarr.Array] = {name: self.group[name] for name in self.names}
             self.logits: zarr.Array = self.group["logits"]
             self.labels: zarr.Array = self.group["labels"]
             self.index: zarr.Array = self.group["index"]
             self.fingerprint: zarr.Array = self.group["fingerprint"]
+            self.extra_widths: dict[str, int] = {name: int(width) for name, width in extras.items()}
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001 - a hand-damaged zarr.json of the split or of an array
@@ -186,9 +194,10 @@ class TeacherCache:
                 raise KDCacheError(f"{problems[0]}{more}; {RECREATE_HINT}")
 
     def _array(self, name: str) -> zarr.Array:
-        if name not in fmt.ARRAYS:
-            raise ValueError(f"unknown array {name!r}; a split holds {', '.join(fmt.ARRAYS)}")
-        return getattr(self, name)
+        if name not in self.arrays:
+            raise KDCacheError(f"{self.path}: split {self.split!r} has no array {name!r} "
+                               f"(it holds {', '.join(self.names)})")
+        return self.arrays[name]
 
     def where(self, name: str) -> str:
         """How error messages name one array of this split."""
@@ -200,7 +209,7 @@ class TeacherCache:
 
     def chunk_problems(self) -> list[str]:
         """Missing or out-of-shape chunk files of every array, as one-line messages (empty when all is well)."""
-        return [p for name in fmt.ARRAYS
+        return [p for name in self.names
                 for p in chunk_file_problems(self._array(name), self.path / self.split / name, self.where(name))]
 
     @property
@@ -214,7 +223,7 @@ class TeacherCache:
     def _check_shapes(self) -> None:
         n = self.split_attrs.get("rows")
         dataset_n = (self.split_attrs.get("dataset") or {}).get("n", n)
-        lengths = {name: getattr(self, name).shape[0] for name in fmt.ARRAYS}
+        lengths = {name: array.shape[0] for name, array in self.arrays.items()}
         if len(set(lengths.values())) != 1 or n not in lengths.values() or dataset_n != n:
             shown = ", ".join(f"{k}={v}" for k, v in lengths.items())
             raise KDCacheError(
@@ -225,6 +234,32 @@ class TeacherCache:
             raise KDCacheError(
                 f"{self.path}/{self.split}: logits have {self.logits.shape[1]} columns but the teacher has {width} outputs"
             )
+        for name, columns in self.extra_widths.items():
+            array = self.arrays[name]
+            if array.ndim != 2 or array.shape[1] != columns or array.chunks[0] != self.logits.chunks[0]:
+                raise KDCacheError(f"{self.path}/{self.split}: array {name!r} has shape {array.shape} in chunks of "
+                                   f"{array.chunks[0]} rows; its attributes say {columns} columns in chunks of "
+                                   f"{self.logits.chunks[0]}")
+
+    @property
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """The teacher checkpoints stored in this cache, in training order (the last is the trained teacher,
+        stored as `logits`); each names its array, name, epoch and validation metric. Empty for a one-teacher cache."""
+        return list(self.attrs.get("checkpoints") or [])
+
+    def checkpoint_array(self, name: str) -> str:
+        """The array holding the logits of checkpoint `name`, or a one-line error naming the ones there are."""
+        for entry in self.checkpoints:
+            if entry.get("name") == name:
+                return str(entry["array"])
+        have = ", ".join(str(e.get("name")) for e in self.checkpoints)
+        raise KDCacheError(f"{self.path}: no teacher checkpoint {name!r} in this cache "
+                           f"({'checkpoints: ' + have if have else 'it stores no checkpoints (cache-teacher --checkpoints)'})")
+
+    @property
+    def projections(self) -> dict[str, Any] | None:
+        """How the hidden-state projections were made (layers, dim, seed, widths), or None when there are none."""
+        return self.attrs.get("hidden_projections")
 
     def __len__(self) -> int:
         return self.logits.shape[0]

@@ -2,7 +2,10 @@
 
 For each minibatch `LogitBatches.epoch(e)` yields `(rows, teacher_logits, labels)`: `rows` are positions in
 the split (on the CPU, to fetch the matching inputs: row r of the cache is row r of the dataset split), the
-others live on the training device, logits as float32. The order depends only on (seed, epoch), so a resumed
+others live on the training device, logits as float32. A cache may hold further float arrays of the same rows
+(teacher checkpoints, hidden-state projections): `arrays=` names those to serve, and `epoch(e, arrays=...)`
+picks some of them for one epoch; with one array the second element is its tensor, with several a dict
+name -> tensor, every array cut from the very same rows. The order depends only on (seed, epoch), so a resumed
 run replays exactly the epoch it stopped in. Two ways to read, chosen by size (`mode="auto"`):
 
 - memory: both arrays are read once, in one Zarr read each, and kept as tensors on the device; each epoch is
@@ -52,6 +55,7 @@ class LogitBatches:
         buffer_chunks: int = 8,
         drop_last: bool = False,
         shuffle: bool = True,
+        arrays: tuple[str, ...] = ("logits",),
     ) -> None:
         if batch_size < 1 or buffer_chunks < 1:
             raise ValueError("batch_size and buffer_chunks must be at least 1")
@@ -64,13 +68,20 @@ class LogitBatches:
         self.buffer_chunks, self.drop_last, self.shuffle = buffer_chunks, drop_last, shuffle
         self.rows = len(cache)
         self.chunk_rows = int(cache.logits.chunks[0])
+        self.arrays = tuple(arrays)
+        if not self.arrays:
+            raise ValueError("arrays must name at least one float array")
+        for name in self.arrays:
+            if name not in cache.arrays:
+                cache.read(name, 0, 0)  # raises the one-line error naming the arrays the split has
         if mode == "auto":
-            mode = "memory" if cache.logits.nbytes + cache.labels.nbytes <= memory_limit_bytes else "chunks"
+            size = sum(cache.arrays[name].nbytes for name in self.arrays) + cache.labels.nbytes
+            mode = "memory" if size <= memory_limit_bytes else "chunks"
         self.mode = mode
         if mode == "memory":
             # upload as stored (float16 halves the transfer), convert on the device
             # checked reads: a damaged or missing chunk is a one-line error naming its file (TeacherCache.read)
-            self._logits = torch.from_numpy(cache.read("logits")).to(self.device).float()
+            self._floats = {name: torch.from_numpy(cache.read(name)).to(self.device).float() for name in self.arrays}
             self._labels = torch.from_numpy(cache.read("labels")).to(self.device)
 
     def __len__(self) -> int:
@@ -78,11 +89,17 @@ class LogitBatches:
         full, rest = divmod(self.rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def epoch(self, e: int) -> Iterator[Batch]:
-        """The batches of epoch `e`, in an order fixed by (seed, e)."""
-        return self._memory_epoch(e) if self.mode == "memory" else self._chunk_epoch(e)
+    def epoch(self, e: int, arrays: tuple[str, ...] | None = None) -> Iterator[Batch]:
+        """The batches of epoch `e`, in an order fixed by (seed, e) whatever `arrays` are picked."""
+        picked = tuple(arrays) if arrays is not None else self.arrays
+        unknown = [name for name in picked if name not in self.arrays]
+        if unknown or not picked:
+            raise ValueError(f"arrays {unknown or picked} are not among those served ({', '.join(self.arrays)})")
+        batches = self._memory_epoch(e, picked) if self.mode == "memory" else self._chunk_epoch(e, picked)
+        for rows, floats, labels in batches:
+            yield rows, (floats[0] if len(picked) == 1 else dict(zip(picked, floats))), labels
 
-    def _memory_epoch(self, e: int) -> Iterator[Batch]:
+    def _memory_epoch(self, e: int, picked: tuple[str, ...]) -> Iterator[tuple]:
         if self.shuffle:
             order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(epoch_seed(self.seed, e)))
         else:
@@ -90,40 +107,43 @@ class LogitBatches:
         on_device = order.to(self.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = on_device[start : start + self.batch_size]
-            yield order[start : start + self.batch_size], self._logits[idx], self._labels[idx]
+            yield order[start : start + self.batch_size], [self._floats[n][idx] for n in picked], self._labels[idx]
 
-    def _chunk_epoch(self, e: int) -> Iterator[Batch]:
+    def _chunk_epoch(self, e: int, picked: tuple[str, ...]) -> Iterator[tuple]:
         rng = np.random.default_rng(epoch_seed(self.seed, e))
         nchunks = -(-self.rows // self.chunk_rows)
         chunks = rng.permutation(nchunks) if self.shuffle else np.arange(nchunks)
         groups = [chunks[i : i + self.buffer_chunks] for i in range(0, nchunks, self.buffer_chunks)]
-        carry: Batch | None = None
-        for rows, logits, labels in _prefetch(self._read_buffer, groups, rng if self.shuffle else None):
+        carry: list | None = None
+        read = lambda group, r: self._read_buffer(group, r, picked)  # noqa: E731
+        for rows, floats, labels in _prefetch(read, groups, rng if self.shuffle else None):
             # upload as stored (from pinned memory, asynchronously), convert on the device
             to = self.device
-            buffer = (rows, logits.to(to, non_blocking=True).float(), labels.to(to, non_blocking=True))
+            buffer = [rows, *(f.to(to, non_blocking=True).float() for f in floats), labels.to(to, non_blocking=True)]
             if carry is not None:
-                buffer = tuple(torch.cat(pair) for pair in zip(carry, buffer))
+                buffer = [torch.cat(pair) for pair in zip(carry, buffer)]
             full = len(buffer[0]) - len(buffer[0]) % self.batch_size
             for start in range(0, full, self.batch_size):
-                yield tuple(t[start : start + self.batch_size] for t in buffer)
-            carry = tuple(t[full:] for t in buffer) if full < len(buffer[0]) else None
+                cut = [t[start : start + self.batch_size] for t in buffer]
+                yield cut[0], cut[1:-1], cut[-1]
+            carry = [t[full:] for t in buffer] if full < len(buffer[0]) else None
         if carry is not None and not self.drop_last:
-            yield carry
+            yield carry[0], carry[1:-1], carry[-1]
 
-    def _read_buffer(self, chunks: np.ndarray, rng: np.random.Generator | None) -> Batch:
+    def _read_buffer(self, chunks: np.ndarray, rng: np.random.Generator | None, picked: tuple[str, ...]) -> tuple:
         """Runs on the prefetch thread: read whole chunks, shuffle their rows, pin them for a fast upload."""
         spans = [(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.rows)) for c in chunks]
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
-        logits = np.concatenate([self.cache.read("logits", a, b) for a, b in spans])
+        floats = [np.concatenate([self.cache.read(name, a, b) for a, b in spans]) for name in picked]
         labels = np.concatenate([self.cache.read("labels", a, b) for a, b in spans])
         if rng is not None:
             perm = rng.permutation(len(rows))
-            rows, logits, labels = rows[perm], logits[perm], labels[perm]
-        out = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (rows, logits, labels))
+            rows, floats, labels = rows[perm], [f[perm] for f in floats], labels[perm]
+        rows, labels = torch.from_numpy(np.ascontiguousarray(rows)), torch.from_numpy(np.ascontiguousarray(labels))
+        floats = [torch.from_numpy(np.ascontiguousarray(f)) for f in floats]
         if self.device.type == "cuda":  # pinned host memory makes the non_blocking upload truly asynchronous
-            out = (out[0], out[1].pin_memory(), out[2].pin_memory())
-        return out
+            floats, labels = [f.pin_memory() for f in floats], labels.pin_memory()
+        return rows, floats, labels
 
 
 _DONE = object()

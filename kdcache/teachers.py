@@ -19,6 +19,8 @@ from torch import nn
 from kdcache.errors import KDCacheError
 
 MODEL_DIR_FILE = "kdcache-model.json"
+#: Written beside a model by `train --save-every` and `distill` (best/): its epoch and validation metric.
+CHECKPOINT_FILE = "kdcache-checkpoint.json"
 HF_CONFIG_FILE = "config.json"
 
 

@@ -176,11 +176,12 @@ def _codec_problems(cache: TeacherCache, attrs: dict) -> list[str]:
     from zarr.codecs import Crc32cCodec
 
     kind = cache.task_kind
-    wanted = {"logits": (attrs.get("storage") or {}).get("logits_dtype"), "labels": fmt.LABEL_DTYPE.get(kind),
-              "index": fmt.INDEX_DTYPE, "fingerprint": fmt.FINGERPRINT_DTYPE}
+    floats = (attrs.get("storage") or {}).get("logits_dtype")
+    wanted = {"logits": floats, "labels": fmt.LABEL_DTYPE.get(kind),
+              "index": fmt.INDEX_DTYPE, "fingerprint": fmt.FINGERPRINT_DTYPE, **{k: floats for k in cache.extra_widths}}
     problems = []
-    for name in fmt.ARRAYS:
-        array = getattr(cache, name)
+    for name in cache.names:
+        array = cache.arrays[name]
         codecs = array.metadata.codecs
         if not codecs or not isinstance(codecs[-1], Crc32cCodec):
             problems.append(f"array {name!r} has no CRC32C checksum codec")
@@ -201,12 +202,12 @@ def _check_split(report: VerifyReport, path: Path, name: str, attrs: dict) -> Te
     problems = _codec_problems(cache, attrs)
     report.add(f"{name}/structure", not problems, _listed(problems) if problems else
                f"{len(cache)} rows x {cache.num_outputs} outputs {cache.logits.dtype}, "
-               f"{len(fmt.ARRAYS)} arrays with CRC32C, {cache.chunk_rows} rows per chunk")
+               f"{len(cache.names)} arrays with CRC32C, {cache.chunk_rows} rows per chunk")
 
     missing_files = cache.chunk_problems()
     nchunks = -(-len(cache) // cache.chunk_rows)
     report.add(f"{name}/chunk files", not missing_files, _listed(missing_files) if missing_files else
-               f"all {nchunks * len(fmt.ARRAYS)} chunk files present")
+               f"all {nchunks * len(cache.names)} chunk files present")
 
     # Every chunk of every array, one at a time (bounded memory), collecting what the later checks need.
     damaged, skipped = [], 0
@@ -214,7 +215,7 @@ def _check_split(report: VerifyReport, path: Path, name: str, attrs: dict) -> Te
     nonfinite_rows, first_nonfinite = 0, None
     bad_labels, first_bad_label = 0, None
     width, kind = cache.num_outputs, cache.task_kind
-    for array_name in fmt.ARRAYS:
+    for array_name in cache.names:
         for c in range(nchunks):
             a, b = c * cache.chunk_rows, min((c + 1) * cache.chunk_rows, len(cache))
             if not cache.chunk_file(array_name, c).is_file():
@@ -231,17 +232,17 @@ def _check_split(report: VerifyReport, path: Path, name: str, attrs: dict) -> Te
                 continue
             if array_name == "fingerprint":
                 fingerprints.append(values)
-            elif array_name == "logits":
+            elif array_name == "logits" or array_name in cache.extra_widths:
                 bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
                 if len(bad) and first_nonfinite is None:
-                    first_nonfinite = a + int(bad[0])
+                    first_nonfinite = (array_name, a + int(bad[0]))
                 nonfinite_rows += len(bad)
             elif array_name == "labels" and kind == "classification":
                 bad = np.flatnonzero((values < -1) | (values >= width))
                 if len(bad) and first_bad_label is None:
                     first_bad_label = (a + int(bad[0]), int(values[bad[0]]))
                 bad_labels += len(bad)
-    total = nchunks * len(fmt.ARRAYS)
+    total = nchunks * len(cache.names)
     if damaged:
         detail = f"{len(damaged)} of {total} chunks damaged: {_listed(damaged)}"
     else:
@@ -266,9 +267,11 @@ def _check_split(report: VerifyReport, path: Path, name: str, attrs: dict) -> Te
         report.add(f"{name}/digest", not problems, _listed(problems) if problems else
                    f"sha256 over {len(cache)} fingerprints = dataset.digest {recorded[:16]}...")
 
+    floats = "logits" + (f" and {len(cache.extra_widths)} further float arrays" if cache.extra_widths else "")
     report.add(f"{name}/logits finite", nonfinite_rows == 0,
-               f"{nonfinite_rows} row(s) hold NaN or Inf, first row {first_nonfinite}" if nonfinite_rows
-               else "no NaN or Inf in the readable chunks" if damaged or skipped else "no NaN or Inf")
+               f"{nonfinite_rows} row(s) hold NaN or Inf, first: array {first_nonfinite[0]!r} row {first_nonfinite[1]}"
+               if nonfinite_rows else f"no NaN or Inf in the readable chunks of {floats}" if damaged or skipped
+               else f"no NaN or Inf in {floats}")
     if kind == "classification":
         report.add(f"{name}/labels", bad_labels == 0,
                    f"{bad_labels} label(s) outside -1..{width - 1}, first row {first_bad_label[0]} "

@@ -153,8 +153,13 @@ class SplitWriter:
         chunk_rows: int,
         source: str | None = None,
         resume: bool = False,
+        extras: dict[str, int] | None = None,
     ) -> None:
+        """`extras` names further float arrays of the split and their widths (teacher checkpoints' logits,
+        hidden-state projections): stored like `logits`, written row for row with it, in the same chunks."""
         self.path, self.name, self.rows, self.chunk_rows = path, name, rows, chunk_rows
+        self.extras = dict(extras or {})
+        self.names = (*fmt.ARRAYS, *self.extras)
         self.source = source  # the data file or folder the rows come from, named in error messages
         self.dtype = fmt.logits_dtype(dtype)
         self._filled = 0  # rows in the buffer
@@ -162,17 +167,18 @@ class SplitWriter:
         self._skip = 0  # rows still to drop from the next writes (recomputed rows that are already on disk)
         self._digest = hashlib.sha256()
         if resume and name in group.group_keys():
-            if all(key in group[name].array_keys() for key in fmt.ARRAYS):
+            if all(key in group[name].array_keys() for key in self.names):
                 self._reopen(group[name], num_outputs)
                 return
             shutil.rmtree(path / name)  # killed while creating its arrays: nothing of it was written yet
         self.group = group.create_group(name, attributes={"split": name, "rows": rows, "complete": False,
-                                                          "rows_done": 0})
+                                                          "rows_done": 0, "extra_arrays": self.extras})
         specs = {
             "logits": ((rows, num_outputs), self.dtype, fmt.LOGITS_FILL),
             "labels": ((rows,), np.dtype(fmt.LABEL_DTYPE[kind]), None),
             "index": ((rows,), np.dtype(fmt.INDEX_DTYPE), None),
             "fingerprint": ((rows,), np.dtype(fmt.FINGERPRINT_DTYPE), None),
+            **{key: ((rows, width), self.dtype, fmt.LOGITS_FILL) for key, width in self.extras.items()},
         }
         self.arrays: dict[str, zarr.Array] = {}
         self._buffers: dict[str, np.ndarray] = {}
@@ -182,7 +188,7 @@ class SplitWriter:
                 shape=shape,
                 chunks=(chunk_rows, *shape[1:]),
                 dtype=dtype_,
-                compressors=fmt.compressors(codec if key == "logits" else fmt.DEFAULT_CODEC, dtype_.itemsize),
+                compressors=fmt.compressors(codec if key in self._float_names else fmt.DEFAULT_CODEC, dtype_.itemsize),
                 fill_value=fill,
                 config=_ARRAY_CONFIG,
             )
@@ -191,12 +197,14 @@ class SplitWriter:
     def _reopen(self, group: zarr.Group, num_outputs: int) -> None:
         """Continue an interrupted split: its first `rows_done` rows are on disk, whole and checksummed."""
         self.group = group
-        self.arrays = {key: group[key] for key in fmt.ARRAYS}
-        logits = self.arrays["logits"]
-        if logits.shape != (self.rows, num_outputs) or logits.chunks[0] != self.chunk_rows:
-            raise KDCacheError(f"{self.path}/{self.name}: the interrupted split has shape {logits.shape} in chunks of "
-                               f"{logits.chunks[0]} rows, not {(self.rows, num_outputs)} in {self.chunk_rows}; "
-                               "pass --overwrite to start again")
+        self.arrays = {key: group[key] for key in self.names}
+        widths = {"logits": num_outputs, **self.extras}
+        for key, width in widths.items():
+            array = self.arrays[key]
+            if array.shape != (self.rows, width) or array.chunks[0] != self.chunk_rows:
+                raise KDCacheError(f"{self.path}/{self.name}: the interrupted split's {key!r} has shape {array.shape} in "
+                                   f"chunks of {array.chunks[0]} rows, not {(self.rows, width)} in {self.chunk_rows}; "
+                                   "pass --overwrite to start again")
         self._buffers = {key: np.empty((self.chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
         self._flushed = int(group.attrs.get("rows_done", 0))
         if self._flushed:
@@ -224,8 +232,16 @@ class SplitWriter:
     def rows_written(self) -> int:
         return self._flushed + self._filled
 
-    def write(self, logits: np.ndarray, labels: np.ndarray, index: np.ndarray, fingerprint: np.ndarray) -> None:
-        """Append a batch of rows (logits as computed, float32); checks them before anything reaches disk."""
+    @property
+    def _float_names(self) -> tuple[str, ...]:
+        return ("logits", *self.extras)
+
+    def write(self, logits: np.ndarray, labels: np.ndarray, index: np.ndarray, fingerprint: np.ndarray,
+              *extras: np.ndarray) -> None:
+        """Append a batch of rows (logits as computed, float32; then one array per extra, in the order given at
+        creation); checks them before anything reaches disk."""
+        if len(extras) != len(self.extras):
+            raise ValueError(f"split {self.name!r}: {len(extras)} extra arrays written, {len(self.extras)} declared")
         if self._skip:
             drop = min(self._skip, len(logits))
             stored = np.asarray(self.arrays["fingerprint"][self._skip_at : self._skip_at + drop])
@@ -235,23 +251,15 @@ class SplitWriter:
                                    f"interrupted cache {self.path} was begun with; pass --overwrite to start again")
             self._skip -= drop
             self._skip_at += drop
-            logits, labels, index, fingerprint = (a[drop:] for a in (logits, labels, index, fingerprint))
+            logits, labels, index, fingerprint, *extras = (a[drop:] for a in (logits, labels, index, fingerprint,
+                                                                              *extras))
             if not len(logits):
                 return
-        logits = np.asarray(logits, dtype=np.float32)
-        self._check_finite(logits, index)
-        with np.errstate(over="ignore"):  # overflow is detected just below, with a better message
-            stored = logits.astype(self.dtype)
-        if not np.isfinite(stored).all():
-            row = int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
-            raise KDCacheError(
-                f"{self._where()}split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
-                f"teacher logit {np.abs(logits[row]).max():.4g} exceeds the float16 range; rerun with --dtype float32"
-                f"{self._left()}"
-            )
-        if self.rows_written + len(stored) > self.rows:
+        floats = {key: self._stored(key, values, index) for key, values in zip(self._float_names, (logits, *extras))}
+        if self.rows_written + len(logits) > self.rows:
             raise KDCacheError(f"split {self.name!r}: more rows than the {self.rows} announced")
-        columns = {"logits": stored, "labels": labels, "index": index, "fingerprint": fingerprint}
+        columns = {**floats, "labels": labels, "index": index, "fingerprint": fingerprint}
+        stored = floats["logits"]
         done = 0
         while done < len(stored):
             take = min(self.chunk_rows - self._filled, len(stored) - done)
@@ -262,14 +270,28 @@ class SplitWriter:
             if self._filled == self.chunk_rows:
                 self._flush()
 
-    def _check_finite(self, logits: np.ndarray, index: np.ndarray) -> None:
-        bad = ~np.isfinite(logits).all(axis=1)
+    def _stored(self, key: str, values: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """`values` in the storage dtype, refused (with the row named) when not finite or beyond float16's range."""
+        values = np.asarray(values, dtype=np.float32)
+        what = "teacher output" if key == "logits" else f"teacher output {key!r}"
+        bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise KDCacheError(
                 f"{self._where()}split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
-                f"teacher output contains NaN or Inf{self._left()}"
+                f"{what} contains NaN or Inf{self._left()}"
             )
+        with np.errstate(over="ignore"):  # overflow is detected just below, with a better message
+            stored = values.astype(self.dtype)
+        if not np.isfinite(stored).all():
+            row = int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
+            value = "logit" if key == "logits" else f"value of {key!r}"
+            raise KDCacheError(
+                f"{self._where()}split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
+                f"teacher {value} {np.abs(values[row]).max():.4g} exceeds the float16 range; rerun with --dtype float32"
+                f"{self._left()}"
+            )
+        return stored
 
     def _where(self) -> str:
         return f"{self.source}: " if self.source else ""

@@ -114,7 +114,7 @@ def test_read_returns_the_stored_rows(digits_cache):
     np.testing.assert_array_equal(cache.read("logits"), cache.logits[:])
     np.testing.assert_array_equal(cache.read("labels", 250, 700), cache.labels[250:700])
     assert cache.read("index", 5, 5).shape == (0,)
-    with pytest.raises(ValueError, match="unknown array"):
+    with pytest.raises(KDCacheError, match="has no array 'weights' .it holds logits, labels, index, fingerprint"):
         cache.read("weights")
 
 
@@ -321,7 +321,7 @@ def test_verify_checks_digest_finiteness_and_labels_behind_valid_checksums(tmp_p
     report = verify_cache(copy)
     failed = {c.name: c.detail for c in report.checks if not c.ok}
     assert set(failed) == {"train/digest", "train/logits finite", "train/labels"}, failed
-    assert "first row 900" in failed["train/logits finite"] and "first row 100 (label 10)" in failed["train/labels"]
+    assert "array 'logits' row 900" in failed["train/logits finite"] and "first row 100 (label 10)" in failed["train/labels"]
 
 
 def test_verify_with_its_own_teacher_passes_and_reports_the_largest_difference(digits_cache, weights, capsys,

@@ -15,13 +15,22 @@ Features, and the flags that control them:
   writer per path (a lock that dies with its process);
 - resume: an interrupted cache at `--out` is finished, not restarted, when it was begun with the same
   teacher, data and storage settings (`--resume` insists on it); only the rows not yet on disk are computed,
-  from the same batch boundaries, so the arrays equal an uninterrupted run's byte for byte.
+  from the same batch boundaries, so the arrays equal an uninterrupted run's byte for byte;
+- teacher checkpoints (Pro-KD, checkpoint search): `--checkpoints 'run/checkpoints/epoch-*'` also stores the
+  logits of every checkpoint, in training order, each in its own array (`checkpoint_0`, ...); the last one is
+  the trained teacher, stored as `logits` (so `--teacher` may be left out);
+- hidden-state projections (curriculum extraction): `--hidden-layers 2,4,6 --proj-dim D --proj-seed S`
+  stores, per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import io
+import json
 import os
+import re
 import tempfile
 import time
 import zipfile
@@ -39,7 +48,9 @@ from kdcache.errors import KDCacheError
 from kdcache.fingerprint import DIGEST_ALGORITHM, FINGERPRINT_ALGORITHM
 from kdcache.progress import progress_bar
 from kdcache.runtime import autocast, command_line, resolve_device, software_versions
-from kdcache.teachers import Teacher, load_teacher
+from kdcache import hidden
+from kdcache.hidden import LayerTap, parse_layers, projection_matrix
+from kdcache.teachers import CHECKPOINT_FILE, Teacher, load_teacher
 from kdcache.writer import BackgroundWriter, CacheWriter, WriteLock, check_destination, utc_now
 
 
@@ -47,7 +58,7 @@ from kdcache.writer import BackgroundWriter, CacheWriter, WriteLock, check_desti
 class CacheTeacherConfig:
     """Everything `cache-teacher` needs; the CLI fills it from flags, scripts build it directly."""
 
-    teacher: str
+    teacher: str | None
     task: str
     out: Path
     data: str | None = None
@@ -66,6 +77,20 @@ class CacheTeacherConfig:
     data_options: DataOptions = field(default_factory=DataOptions)
     progress: bool = True
     command: str | None = None
+    checkpoints: tuple[str, ...] = ()  # folders or glob patterns of teacher checkpoints (Pro-KD)
+    hidden_layers: str | None = None  # e.g. "2,4,6" or "layers.0,layers.1": project these layers (curriculum)
+    proj_dim: int | None = None
+    proj_seed: int = 0
+
+
+@dataclass
+class _Checkpoint:
+    """One teacher checkpoint: its loaded model and what the cache records about it."""
+
+    teacher: Teacher
+    name: str
+    epoch: int | None
+    metric: float | None
 
 
 def _fit_label_ids(teacher: Teacher, split: SplitData, width: int) -> None:
@@ -151,19 +176,33 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
         _bad("--codec", cfg.codec, tuple(fmt.CODECS))
     if not cfg.splits:
         raise KDCacheError("no --split given")
+    if not cfg.teacher and not cfg.checkpoints:
+        raise KDCacheError("no --teacher given (or --checkpoints, whose last checkpoint is then the teacher)")
+    layers = parse_layers(cfg.hidden_layers)
+    if layers and (cfg.proj_dim is None or cfg.proj_dim < 1):
+        raise KDCacheError("--hidden-layers needs --proj-dim D (D >= 1), the width of the random projections")
+    if cfg.proj_dim is not None and not layers:
+        raise KDCacheError("--proj-dim given without --hidden-layers")
+    checkpoint_dirs = _expand_checkpoints(cfg.checkpoints)  # a pattern that matches nothing fails here, in a second
     device = resolve_device(cfg.device)
     modality = modality_of(cfg.task)
     lock = WriteLock(cfg.out).acquire()  # one writer per cache path, released however this process ends
     try:
-        return _cache_teacher(cfg, device, modality, check_destination(cfg.out, cfg.overwrite, cfg.resume))
+        return _cache_teacher(cfg, device, modality, check_destination(cfg.out, cfg.overwrite, cfg.resume),
+                              checkpoint_dirs, layers)
     finally:
         lock.release()
 
 
-def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str, resuming: bool) -> Path:
+def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str, resuming: bool,
+                   checkpoint_dirs: list[Path], layers: list) -> Path:
     # (a taken --out was refused above, before the slow work; an interrupted cache is resumed)
 
     # 1. Teacher and data, checked against each other before anything is written.
+    checkpoints = _load_checkpoints(checkpoint_dirs, cfg.tokenizer)
+    if not cfg.teacher:  # the last checkpoint in training order is the trained teacher
+        cfg = dataclasses.replace(cfg, teacher=checkpoints[-1].teacher.spec)
+    checkpoints = [c for c in checkpoints if Path(c.teacher.spec).resolve() != Path(cfg.teacher).resolve()]
     is_folder = Path(cfg.teacher).is_dir()
     if not is_folder:
         _check_teacher_spec(cfg.teacher, modality, cfg.tokenizer)
@@ -181,6 +220,18 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
     if teacher.label_names is None and splits[0].kind == "classification":
         teacher.label_names = splits[0].label_names
     _check_splits(teacher, splits, width)
+    for checkpoint in checkpoints:
+        _check_same_architecture(checkpoint.teacher, teacher)
+        checkpoint.teacher.model.to(device)
+    tap, projections = None, {}
+    if layers:
+        tap = LayerTap(teacher.model, layers, what=f"teacher {teacher.spec}")
+        widths = _probe_hidden(tap, teacher, splits[0], device, cfg.precision)
+        projections = {key: torch.from_numpy(projection_matrix(cfg.proj_seed, key, widths[i], cfg.proj_dim)).to(device)
+                       for i, key in enumerate(layers)}
+    # further float arrays of every split, in the order the background writer receives them
+    extras = {f"checkpoint_{k}": width for k in range(len(checkpoints))}
+    extras.update({hidden.array_name(key): cfg.proj_dim for key in layers})
 
     # 2. The cache header: who the teacher is, what the task is, how it is stored, by what software.
     itemsize = np.dtype(cfg.dtype).itemsize
@@ -196,11 +247,33 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
         "command": cfg.command or command_line(),
         "created": utc_now(),
     }
+    if checkpoints:
+        attrs["checkpoints"] = [
+            *({"name": c.name, "array": f"checkpoint_{k}", "epoch": c.epoch, "metric": c.metric, "spec": c.teacher.spec,
+               "sha256": c.teacher.sha256} for k, c in enumerate(checkpoints)),
+            {"name": _checkpoint_name(Path(teacher.spec)), "array": "logits",
+             **(_checkpoint_meta(Path(teacher.spec)) if Path(teacher.spec).is_dir() else {"epoch": None, "metric": None}),
+             "spec": teacher.spec, "sha256": teacher.sha256},
+        ]
+        _check_unique_names(attrs["checkpoints"])
+    if layers:
+        attrs["hidden_projections"] = {
+            "layers": layers, "dim": cfg.proj_dim, "seed": cfg.proj_seed,
+            "arrays": {str(key): hidden.array_name(key) for key in layers},
+            "widths": {str(key): int(m.shape[0]) for key, m in projections.items()},
+            "matrix": "float32 [width, dim] = standard_normal / sqrt(dim) from numpy default_rng(SeedSequence([seed, "
+                      "first 8 bytes of sha256(str(layer)) as a little-endian integer])): kdcache.hidden.projection_matrix",
+            "pooling": "Hugging Face layer l: first token of hidden_states[l]; [B,C,H,W]: spatial mean; [B,L,H]: "
+                       "first token; [B,H]: as is (kdcache.hidden)",
+            "teacher": "the trained teacher (array logits)",
+        }
     settings = {  # what a resume must not change: anything that would change a stored byte
         "teacher_sha256": teacher.sha256, "task": cfg.task, "splits": list(cfg.splits), "precision": cfg.precision,
         "batch_size": cfg.batch_size,  # batch boundaries decide text padding, and so the last bits of a logit
         "storage": {"logits_dtype": cfg.dtype, "codec": cfg.codec, "chunk_rows": chunk_rows},
         "data": {s.split: {"source": s.source, "n": len(s), "preprocess": s.preprocess} for s in splits},
+        **({"checkpoints_sha256": [c.teacher.sha256 for c in checkpoints]} if checkpoints else {}),
+        **({"hidden": {"layers": [str(k) for k in layers], "dim": cfg.proj_dim, "seed": cfg.proj_seed}} if layers else {}),
     }
     writer = CacheWriter(cfg.out, attrs, overwrite=cfg.overwrite, resume=resuming, settings=settings)
     if modality == "text" and tokenizer is not None:
@@ -213,7 +286,8 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
     with progress_bar(cfg.progress) as bar:
         for split in splits:
             sink = writer.add_split(split.split, rows=len(split), num_outputs=width, kind=split.kind,
-                                    dtype=cfg.dtype, codec=cfg.codec, chunk_rows=chunk_rows, source=split.source)
+                                    dtype=cfg.dtype, codec=cfg.codec, chunk_rows=chunk_rows, source=split.source,
+                                    extras=extras)
             if sink.complete:  # finished before the interruption
                 throughput[split.split] = {"rows": len(split), "resumed": "already complete"}
                 continue
@@ -228,9 +302,15 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
             with BackgroundWriter(sink.write) as background, torch.inference_mode():
                 for batch in _loader(split, cfg, device, start=first):
                     _check_labels(split, batch.labels, batch.index, width)
+                    inputs = split.prepare(batch, device)
                     with autocast(device, cfg.precision):
-                        logits = teacher(split.prepare(batch, device))
-                    background.put(logits.float(), batch.labels, batch.index, batch.fingerprint)
+                        if tap is None:
+                            logits, pooled = teacher(inputs), []
+                        else:
+                            logits, pooled = tap(inputs)
+                        more = [c.teacher(inputs).float() for c in checkpoints]
+                    more += [p.float() @ projections[key] for key, p in zip(layers, pooled)]
+                    background.put(logits.float(), batch.labels, batch.index, batch.fingerprint, *more)
                     done += len(batch.index)
                     bar.update(task_id, advance=len(batch.index),
                                rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} rows/s")
@@ -265,6 +345,83 @@ def _standalone_tokenizer(name: str | None) -> Any:
         return AutoTokenizer.from_pretrained(name, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
         raise KDCacheError(f"{name}: cannot load the tokenizer ({exc})".splitlines()[0]) from exc
+
+
+def _expand_checkpoints(patterns: tuple[str, ...]) -> list[Path]:
+    """Folders named by `--checkpoints` (paths or glob patterns), each pattern sorted, duplicates dropped."""
+    found: list[Path] = []
+    for pattern in patterns:
+        matches = [Path(p) for p in sorted(glob.glob(pattern))] if glob.has_magic(pattern) else [Path(pattern)]
+        if not matches or not all(m.exists() for m in matches):
+            raise KDCacheError(f"--checkpoints {pattern!r}: matches no folder")
+        found += [m for m in matches if m.resolve() not in {f.resolve() for f in found}]
+    return found
+
+
+def _checkpoint_name(path: Path) -> str:
+    return path.name or str(path)
+
+
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
+    """Epoch and validation metric of a checkpoint folder: from its kdcache-checkpoint.json (written by
+    `train --save-every`), else the epoch is the last number in the folder's name (epoch-12, checkpoint-3000)."""
+    meta: dict[str, Any] = {"epoch": None, "metric": None}
+    marker = path / CHECKPOINT_FILE
+    if marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text())
+        except (OSError, ValueError) as exc:
+            raise KDCacheError(f"{marker}: unreadable checkpoint description ({exc})") from exc
+        meta.update({k: recorded.get(k) for k in ("epoch", "metric")})
+    if meta["epoch"] is None:
+        numbers = re.findall(r"\d+", path.name)
+        meta["epoch"] = int(numbers[-1]) if numbers else None
+    return meta
+
+
+def _load_checkpoints(folders: list[Path], tokenizer: str | None) -> list[_Checkpoint]:
+    """Load every checkpoint and put them in training order: by epoch when every one has an epoch, else as given."""
+    loaded = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise KDCacheError(f"{folder}: a checkpoint must be a model folder")
+        meta = _checkpoint_meta(folder)
+        loaded.append(_Checkpoint(load_teacher(str(folder), tokenizer=tokenizer), _checkpoint_name(folder),
+                                  meta["epoch"], meta["metric"]))
+    if loaded and all(c.epoch is not None for c in loaded):
+        loaded.sort(key=lambda c: c.epoch)
+    _check_unique_names([{"name": c.name, "spec": c.teacher.spec} for c in loaded])
+    return loaded
+
+
+def _check_unique_names(entries: list[dict[str, Any]]) -> None:
+    seen: dict[str, str] = {}
+    for entry in entries:
+        if entry["name"] in seen:
+            raise KDCacheError(f"checkpoints {seen[entry['name']]} and {entry['spec']} share the name {entry['name']!r}; "
+                               "--checkpoint NAME could not tell them apart (rename one folder)")
+        seen[entry["name"]] = entry["spec"]
+
+
+def _check_same_architecture(checkpoint: Teacher, teacher: Teacher) -> None:
+    """Checkpoints of one training run share the teacher's architecture: same class, same tensor names and shapes."""
+    mine = {k: tuple(v.shape) for k, v in checkpoint.model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in teacher.model.state_dict().items()}
+    if type(checkpoint.model) is not type(teacher.model) or mine != theirs:
+        differ = next((k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)), None)
+        detail = (f"{type(checkpoint.model).__name__} vs {type(teacher.model).__name__}"
+                  if type(checkpoint.model) is not type(teacher.model)
+                  else f"{differ}: {mine.get(differ, 'absent')} vs {theirs.get(differ, 'absent')}")
+        raise KDCacheError(f"{checkpoint.spec}: checkpoint has another architecture than teacher {teacher.spec} "
+                           f"({detail}); checkpoints must come from one training run")
+
+
+def _probe_hidden(tap: LayerTap, teacher: Teacher, split: SplitData, device: torch.device, precision: str) -> list[int]:
+    """Widths of the pooled hidden layers, from one forward pass on two rows."""
+    batch = split.collate([split.dataset[i] for i in range(min(2, len(split)))])
+    with torch.inference_mode(), autocast(device, precision):
+        _, pooled = tap(split.prepare(batch, device))
+    return [int(p.shape[1]) for p in pooled]
 
 
 def _probe_width(teacher: Teacher, split: SplitData, device: torch.device, precision: str) -> int:

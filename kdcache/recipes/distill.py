@@ -7,6 +7,9 @@ Features, and the flags that control them:
 - methods (`--method`): continuation (default), vanilla, annealing, ce; their hyper-parameters (`--t-max`,
   `--margin`, `--psi`, `--reduction`, `--alpha`, `--temperature`, `--anneal-epochs`) default to `--preset`
   (`cifar`, `glue`, `small`, or `auto` by modality; kdcache/presets.py);
+- curricula from one cache (kdcache/curricula.py): `prokd` follows the cached teacher checkpoints in training
+  order, `curriculum` fits student layers to cached hidden-state projections before the logits (`--kd-loss`,
+  `--phase-epochs`, `--layer-map`); `--checkpoint NAME` distils any other method from one cached checkpoint;
 - the teacher is never loaded: logits stream from the cache (`kdcache.stream.LogitBatches`, in memory or chunk
   by chunk); the dataset named in the cache (or `--data`) is re-read and every row's fingerprint must match;
 - schedules per epoch, or per step (`--schedule-unit step`) for runs of few epochs;
@@ -31,15 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache import losses, schedules
+from kdcache import curricula, losses, schedules
 from kdcache.data import DataOptions, load_split, modality_of
 from kdcache.errors import KDCacheError
-from kdcache.presets import METHODS, anneal_epochs, resolve
+from kdcache.presets import KD_LOSSES, METHODS, anneal_epochs, resolve
 from kdcache.progress import progress_bar
 from kdcache.reader import TeacherCache, load_cache_tokenizer, open_cache, read_cache_attrs
 from kdcache.runtime import autocast, command_line, resolve_device, software_versions
 from kdcache.stream import LogitBatches
 from kdcache.students import build_student, save_student
+from kdcache.teachers import CHECKPOINT_FILE
 from kdcache.training import (LabelBatches, StudentInputs, build_lr_schedule, build_optimizer, check_alignment,
                               evaluate, rng_state, save_atomic, set_rng_state)
 from kdcache.writer import utc_now
@@ -86,6 +90,10 @@ class DistillConfig:
     student_kwargs: dict[str, Any] = field(default_factory=dict)
     save_every: int | None = None
     stream_mode: str = "auto"
+    checkpoint: str | None = None  # distil from this cached teacher checkpoint instead of the trained teacher
+    kd_loss: str | None = None  # prokd / curriculum's logits phase: vanilla (default) or continuation
+    phase_epochs: str | None = None  # curriculum: epochs per projection phase, e.g. "5,5"
+    layer_map: str | None = None  # curriculum: teacher layer -> student layer, e.g. "2:1,4:2"
     resume: bool = False
     overwrite: bool = False
     stop_after_epoch: int | None = None
@@ -113,6 +121,14 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         raise KDCacheError(f"--schedule-unit {cfg.schedule_unit!r} is not one of epoch, step")
     if cfg.cache is None and cfg.method != "ce":
         raise KDCacheError(f"method {cfg.method!r} needs a teacher cache (--cache)")
+    if cfg.kd_loss is not None and cfg.kd_loss not in KD_LOSSES:
+        raise KDCacheError(f"--kd-loss {cfg.kd_loss!r} is not one of {', '.join(KD_LOSSES)}")
+    if cfg.kd_loss is not None and cfg.method not in ("prokd", "curriculum"):
+        raise KDCacheError(f"--kd-loss applies to --method prokd and curriculum, not {cfg.method}")
+    if (cfg.phase_epochs or cfg.layer_map) and cfg.method != "curriculum":
+        raise KDCacheError("--phase-epochs and --layer-map apply to --method curriculum only")
+    if cfg.checkpoint is not None and cfg.method == "prokd":
+        raise KDCacheError("--checkpoint picks one teacher checkpoint; --method prokd follows all of them in turn")
     if not cfg.resume and not cfg.overwrite and out.exists() and any(out.iterdir()):
         raise KDCacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
 
@@ -138,19 +154,42 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     schedules.parse_psi(hp["psi"])
     k_anneal = anneal_epochs(hp, n, cfg.anneal_epochs) if cfg.method == "annealing" else None
     hp["anneal_epochs"] = k_anneal
+    kd_loss = (cfg.kd_loss or "vanilla") if cfg.method in ("prokd", "curriculum") else None
+    hp["kd_loss"] = kd_loss
+    # Which cached teacher arrays the run reads: the trained teacher's logits, one chosen checkpoint, every
+    # checkpoint in training order (prokd), or the projections and then the logits (curriculum, below).
+    teacher_array = train.cache.checkpoint_array(cfg.checkpoint) if cfg.checkpoint and train.cache else "logits"
+    checkpoints = train.cache.checkpoints if train.cache is not None else []
+    if cfg.method == "prokd":
+        arrays = curricula.prokd_arrays(checkpoints, str(cfg.cache))
+    else:
+        arrays = [teacher_array]
 
     # 3. Student, optimiser, batches.
     student = build_student(cfg.student, num_outputs, kwargs=cfg.student_kwargs, tokenizer=tokenizer, seed=cfg.seed)
     student.model.to(device)
     _check_student_width(student, train, num_outputs, device)
-    optimizer = build_optimizer(hp["optimizer"], student.model, lr=float(hp["lr"]),
+    plan, tap, heads, trainable = None, None, None, student.model
+    if cfg.method == "curriculum":
+        plan = curricula.plan_curriculum(train.cache.projections, student.model, student.spec, n, cfg.layer_map,
+                                         cfg.phase_epochs, str(cfg.cache))
+        tap = curricula.student_tap(plan, student.model, student.spec)
+        heads = _projection_heads(plan, tap, train, device)
+        trainable = torch.nn.ModuleDict({"student": student.model, "heads": heads})
+        arrays = [*dict.fromkeys(p.array for p in plan.phases), teacher_array]
+    optimizer = build_optimizer(hp["optimizer"], trainable, lr=float(hp["lr"]),
                                 weight_decay=float(hp["weight_decay"]), momentum=float(hp["momentum"]))
     if train.cache is not None:
-        batches = LogitBatches(train.cache, int(hp["batch_size"]), seed=cfg.seed, device=device, mode=cfg.stream_mode)
+        batches = LogitBatches(train.cache, int(hp["batch_size"]), seed=cfg.seed, device=device, mode=cfg.stream_mode,
+                               arrays=tuple(arrays))
     else:
         batches = LabelBatches(torch.as_tensor(train.labels), int(hp["batch_size"]), seed=cfg.seed, device=device)
     steps_per_epoch = len(batches)
     total_steps = n * steps_per_epoch
+    if cfg.method == "prokd":  # every checkpoint needs at least one epoch (or step) of its own: checked now
+        curricula.prokd_position(1, n, 0, steps_per_epoch, len(arrays), cfg.schedule_unit)
+    ctx = _Context(cfg.method, hp, n, steps_per_epoch, cfg.schedule_unit, k_anneal, kd_loss, teacher_array, arrays,
+                   [str(c.get("name")) for c in checkpoints], plan)
     scheduler = build_lr_schedule(hp["lr_schedule"], optimizer, total_steps=total_steps,
                                   warmup_steps=int(round(float(hp["warmup_ratio"]) * total_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
@@ -162,6 +201,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     totals = {"train_seconds": 0.0, "train_samples": 0, "wall_seconds": 0.0}  # over every part of a resumed run
     if state is not None:
         student.model.load_state_dict(state["model"])
+        if heads is not None:
+            heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when the run began where fp16 scaling was off (e.g. on the CPU)
@@ -174,7 +215,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     teacher_val = None
     if val is not None and val.cache is not None:  # the teacher's own score, from its cached logits: a reference
-        teacher_val = _teacher_metrics(val, task, kind)
+        teacher_val = _teacher_metrics(val, task, kind, teacher_array)
 
     # 5. The loop: one epoch of minibatches, an evaluation, the checkpoints.
     wall_start, wall_before = time.perf_counter(), totals["wall_seconds"]
@@ -187,16 +228,27 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             student.model.train()
             epoch_start, loss_sum, rows_seen = time.perf_counter(), 0.0, 0
             values = {}
-            for rows, teacher_logits, labels in batches.epoch(epoch):
-                values = _schedule(cfg.method, hp, epoch, n, step, steps_per_epoch, cfg.schedule_unit, k_anneal)
+            phase = plan.phase_at(epoch) if plan is not None else None
+            if tap is not None and phase is None:
+                tap.close()  # the projection phases are over: no more hooks on the student
+            picked = [_arrays_of_epoch(ctx, epoch)] if train.cache is not None else []  # `train`: labels only
+            for rows, teacher, labels in batches.epoch(epoch, *picked):
+                values = _schedule(ctx, epoch, step)
+                target = teacher[values["array"]] if isinstance(teacher, dict) else teacher
                 with autocast(device, cfg.precision):
-                    student_logits = student(train.inputs.batch(rows))
-                loss = _objective(cfg.method, values, hp, cfg.reduction, kind, student_logits, teacher_logits, labels)
+                    if phase is not None:  # curriculum: fit one student layer to the teacher layer's projection
+                        _, pooled = tap(train.inputs.batch(rows))
+                        index = plan.phases.index(phase)
+                        loss = losses.projection_loss(heads(curricula.head_key(index), pooled[index]), target)
+                    else:
+                        student_logits = student(train.inputs.batch(rows))
+                if phase is None:
+                    loss = _objective(values["loss"], values, hp, cfg.reduction, kind, student_logits, target, labels)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if hp["max_grad_norm"]:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(student.model.parameters(), float(hp["max_grad_norm"]))
+                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), float(hp["max_grad_norm"]))
                 scaler.step(optimizer)
                 scaler.update()
                 lr_used = optimizer.param_groups[0]["lr"]
@@ -219,7 +271,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                       **{k: v for k, v in scores.items() if k != "rows"},
                       "split": (val or train).name, "seconds": round(seconds, 3),
                       "samples_per_second": round(rows_seen / max(seconds, 1e-9), 1)}
-            improved = best is None or scores["metric"] > best["metric"]
+            # curriculum: the head is untrained until the logits phase, so only its epochs compete for best/
+            eligible = phase is None
+            improved = eligible and (best is None or scores["metric"] > best["metric"])
             if improved:
                 best = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
             if cfg.method == "annealing" and epoch <= k_anneal and (
@@ -233,7 +287,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                 f.write(json.dumps(record) + "\n")
             totals["wall_seconds"] = wall_before + time.perf_counter() - wall_start
             save_atomic({"identity": identity, "totals": totals, "epoch": epoch, "step": step, "best": best, "stage1_best": stage1_best,
-                         "model": student.model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "model": student.model.state_dict(), "heads": heads.state_dict() if heads else None,
+                         "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()},
                         out / "last.pt")
             if improved:  # after last.pt, so a resume can always tell whether best/ is up to date (see below)
@@ -256,6 +311,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         "samples_per_second": round(totals["train_samples"] / max(totals["train_seconds"], 1e-9), 1),
         "validation_split": (val or train).name,
         "selection_note": _selection_note((val or train).name),
+        "teacher_array": teacher_array if train.cache is not None else None,
+        **({"checkpoints": ctx.checkpoint_names} if cfg.method == "prokd" else {}),
+        **({"curriculum": plan.describe()} if plan is not None else {}),
         "hyperparameters": hp, "device": str(device), "finished": utc_now(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -389,8 +447,57 @@ def _check_student_width(student: Any, train: _Split, num_outputs: int, device: 
 
 # --- the method: schedules and objective -------------------------------------------------------------------------
 
-def _schedule(method: str, hp: dict, epoch: int, n: int, step: int, steps_per_epoch: int, unit: str,
-              k_anneal: int | None) -> dict[str, Any]:
+@dataclass
+class _Context:
+    """What the schedules of one run depend on, fixed before its first step."""
+
+    method: str
+    hp: dict
+    n: int
+    steps_per_epoch: int
+    unit: str
+    k_anneal: int | None
+    kd_loss: str | None
+    teacher_array: str  # the logits the method distils from (the trained teacher's, or --checkpoint's)
+    arrays: list[str]  # every cached array the run reads (prokd: the checkpoints in training order)
+    checkpoint_names: list[str]
+    plan: curricula.CurriculumPlan | None
+
+
+def _arrays_of_epoch(ctx: _Context, epoch: int) -> tuple[str, ...]:
+    """The cached arrays one epoch needs: one, except for prokd switching checkpoints within an epoch (per step)."""
+    if ctx.method == "prokd":
+        if ctx.unit == "step":
+            return tuple(ctx.arrays)
+        return (ctx.arrays[curricula.prokd_position(epoch, ctx.n, 0, ctx.steps_per_epoch, len(ctx.arrays), "epoch")],)
+    if ctx.plan is not None and (phase := ctx.plan.phase_at(epoch)) is not None:
+        return (phase.array,)
+    return (ctx.teacher_array,)
+
+
+def _schedule(ctx: _Context, epoch: int, step: int) -> dict[str, Any]:
+    """Everything in effect for this step: the loss, the cached array it reads, T, phi, psi, stage, checkpoint,
+    curriculum phase. Epochs count from 1."""
+    if ctx.method == "prokd":
+        k = curricula.prokd_position(epoch, ctx.n, step, ctx.steps_per_epoch, len(ctx.arrays), ctx.unit)
+        values = _method_schedule(ctx.kd_loss, ctx.hp, epoch, ctx.n, step, ctx.steps_per_epoch, ctx.unit, None)
+        return {"loss": ctx.kd_loss, "array": ctx.arrays[k], "checkpoint": ctx.checkpoint_names[k], **values}
+    if ctx.plan is not None:
+        phase = ctx.plan.phase_at(epoch)
+        if phase is not None:
+            return {"loss": "projection", "array": phase.array, "phase": ctx.plan.phases.index(phase) + 1,
+                    "layer": f"{phase.teacher_layer}->{phase.student_layer}"}
+        # the logits phase runs its own schedules, from its first epoch as epoch 1
+        before = ctx.plan.logits_from - 1
+        values = _method_schedule(ctx.kd_loss, ctx.hp, epoch - before, ctx.n - before,
+                                  step - before * ctx.steps_per_epoch, ctx.steps_per_epoch, ctx.unit, None)
+        return {"loss": ctx.kd_loss, "array": ctx.teacher_array, "phase": len(ctx.plan.phases) + 1, **values}
+    values = _method_schedule(ctx.method, ctx.hp, epoch, ctx.n, step, ctx.steps_per_epoch, ctx.unit, ctx.k_anneal)
+    return {"loss": ctx.method, "array": ctx.teacher_array, **values}
+
+
+def _method_schedule(method: str, hp: dict, epoch: int, n: int, step: int, steps_per_epoch: int, unit: str,
+                     k_anneal: int | None) -> dict[str, Any]:
     """T, phi, psi (and the Annealing-KD stage) in effect for this step; epochs count from 1."""
     t_max = int(hp["t_max"])
     if method == "continuation":
@@ -430,7 +537,17 @@ def _objective(method: str, values: dict, hp: dict, reduction: str, kind: str, s
 
 
 def _public(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: values.get(k) for k in ("T", "phi", "psi", "alpha", "stage") if k in values}
+    return {k: values.get(k) for k in ("T", "phi", "psi", "alpha", "stage", "checkpoint", "phase", "layer")
+            if k in values}
+
+
+def _projection_heads(plan: curricula.CurriculumPlan, tap: Any, train: _Split,
+                      device: torch.device) -> curricula.ProjectionHeads:
+    """One head per projection phase, sized by a forward pass on two rows (seeded with the student)."""
+    with torch.inference_mode():
+        _, pooled = tap(train.inputs.batch(torch.arange(min(2, len(train.inputs)))))
+    widths = {curricula.head_key(i): int(p.shape[-1]) for i, p in enumerate(pooled)}
+    return curricula.ProjectionHeads(widths, plan.dim).to(device)
 
 
 # --- evaluation and checkpoints ------------------------------------------------------------------------------------
@@ -439,10 +556,10 @@ def _evaluate(student: Any, split: _Split, task: str, kind: str, device: torch.d
     return evaluate(student, split.inputs, split.labels, task=task, kind=kind, device=device, precision=precision)
 
 
-def _teacher_metrics(split: _Split, task: str, kind: str) -> dict[str, float]:
+def _teacher_metrics(split: _Split, task: str, kind: str, array: str) -> dict[str, float]:
     from kdcache.metrics import compute_metrics
 
-    return compute_metrics(split.cache.read("logits").astype(np.float32), split.labels, task=task, kind=kind)
+    return compute_metrics(split.cache.read(array).astype(np.float32), split.labels, task=task, kind=kind)
 
 
 def _metric_name(scores: dict, task: str, kind: str) -> str:
@@ -458,7 +575,7 @@ def _save_best(student: Any, directory: Path, num_outputs: int, label_names: lis
     shutil.rmtree(tmp, ignore_errors=True)
     save_student(student, tmp, num_outputs=num_outputs, label_names=label_names, tokenizer=tokenizer)
     if extra:
-        (tmp / "kdcache-checkpoint.json").write_text(json.dumps(extra) + "\n")
+        (tmp / CHECKPOINT_FILE).write_text(json.dumps(extra) + "\n")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         directory.rename(old)
@@ -473,7 +590,7 @@ def _repair_best(out: Path, state: dict, student: Any, num_outputs: int, label_n
     best_dir, old = out / "best", out / "best.old"
     if old.is_dir() and not best_dir.exists():
         old.rename(best_dir)
-    marker = best_dir / "kdcache-checkpoint.json"
+    marker = best_dir / CHECKPOINT_FILE
     saved = json.loads(marker.read_text()).get("epoch") if marker.is_file() else None
     if state["best"] and saved != state["best"]["epoch"] and state["best"]["epoch"] == state["epoch"]:
         _save_best(student, best_dir, num_outputs, label_names, tokenizer, extra={"epoch": state["epoch"]})
