@@ -174,8 +174,12 @@ def _training_config(flag: str = "--student-kwargs", **kw):
 
 def _report_run(summary: dict) -> None:
     metric = summary["metric_name"]
-    _out.print(f"{summary['method']} {summary['student']}: best {metric} {summary['best_metric']:.4f} at epoch "
-               f"{summary['best_epoch']} (last {summary['last_metric']:.4f}"
+    if summary["best_metric"] is None:  # e.g. stopped inside curriculum's projection phases: no candidate yet
+        best = f"no best {metric} yet (no epoch eligible so far)"
+    else:
+        best = f"best {metric} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}"
+    last = f"{summary['last_metric']:.4f}" if summary["last_metric"] is not None else "-"
+    _out.print(f"{summary['method']} {summary['student']}: {best} (last {last}"
                + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
                + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
                f"{summary['wall_seconds']:.1f} s")

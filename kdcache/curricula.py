@@ -39,6 +39,9 @@ def prokd_arrays(checkpoints: list[dict[str, Any]], where: str) -> list[str]:
 def prokd_position(epoch: int, n: int, step: int, steps_per_epoch: int, k: int, unit: str) -> int:
     """The checkpoint (0-based) in use: blocks of epochs, or of optimiser steps with --schedule-unit step."""
     if unit == "step":
+        if n * steps_per_epoch < k:
+            raise KDCacheError(f"Pro-KD needs at least one optimiser step per teacher checkpoint: {n * steps_per_epoch} "
+                               f"steps < {k} checkpoints")
         return schedules.prokd_checkpoint(step + 1, n * steps_per_epoch, k)
     return schedules.prokd_checkpoint(epoch, n, k)
 
@@ -76,17 +79,21 @@ class CurriculumPlan:
 
 
 def _parse_map(spec: str, teacher_layers: list[Layer]) -> dict[Layer, Layer]:
-    """`--layer-map 2:1,4:layers.1`: teacher layer (as stored) -> student layer number or module name."""
+    """`--layer-map 2:1,4:layers.1`: teacher layer (as stored) -> student layer number (from 1) or module name."""
     by_text = {str(t): t for t in teacher_layers}
     mapping: dict[Layer, Layer] = {}
     for item in spec.split(","):
-        if item.count(":") != 1:
+        left, _, right = (part.strip() for part in item.partition(":"))
+        if item.count(":") != 1 or not left or not right:
             raise KDCacheError(f"--layer-map {spec!r}: each item is TEACHER_LAYER:STUDENT_LAYER, got {item!r}")
-        left, right = (part.strip() for part in item.split(":"))
         if left not in by_text:
             raise KDCacheError(f"--layer-map {spec!r}: teacher layer {left} has no stored projection "
                                f"(the cache projects {', '.join(map(str, teacher_layers))})")
-        mapping[by_text[left]] = hidden.parse_layers(right)[0]
+        if by_text[left] in mapping:
+            raise KDCacheError(f"--layer-map {spec!r}: teacher layer {left} is mapped twice")
+        if right.isdigit() and int(right) < 1:
+            raise KDCacheError(f"--layer-map {spec!r}: student layers count from 1, got {right}")
+        mapping[by_text[left]] = int(right) if right.isdigit() else right
     return mapping
 
 

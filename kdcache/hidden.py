@@ -75,14 +75,14 @@ def count_layers(model: nn.Module) -> int | None:
     return None if layers is None else len(layers)
 
 
-def pool(output: Any) -> torch.Tensor:
-    """One vector per sample from a layer's output (see the module docstring)."""
+def pool(output: Any, where: str = "layer") -> torch.Tensor:
+    """One vector per sample from a layer's output (see the module docstring); `where` names it in errors."""
     if isinstance(output, (tuple, list)):
         output = output[0]
     if hasattr(output, "last_hidden_state"):
         output = output.last_hidden_state
     if not isinstance(output, torch.Tensor):
-        raise KDCacheError(f"layer output of type {type(output).__name__} cannot be pooled to one vector per sample")
+        raise KDCacheError(f"{where}: output of type {type(output).__name__} cannot be pooled to one vector per sample")
     if output.ndim == 4:
         return output.mean(dim=(2, 3))
     if output.ndim == 3:
@@ -138,10 +138,13 @@ class LayerTap:
         logits = out.logits if hasattr(out, "logits") else out
         pooled = []
         for key in self.layers:
+            where = f"{self.what}, layer {key}"
             if self.hf and isinstance(key, int):
-                pooled.append(pool(out.hidden_states[key]))
+                pooled.append(pool(out.hidden_states[key], where))
+            elif key not in self._seen:
+                raise KDCacheError(f"{where}: the module did not run in the forward pass, so it has no output to use")
             else:
-                pooled.append(pool(self._seen[key]))
+                pooled.append(pool(self._seen[key], where))
         self._seen = {}
         return logits, pooled
 

@@ -28,9 +28,10 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
     splits = []
     for name in sorted(root.group_keys()):
         group = root[name]
-        if group.attrs.get("complete") is not True and not set(fmt.ARRAYS) <= set(group.array_keys()):
+        wanted = (*fmt.ARRAYS, *(group.attrs.get("extra_arrays") or {}))
+        if group.attrs.get("complete") is not True and not set(wanted) <= set(group.array_keys()):
             # The writer stopped (e.g. a full disk) before it had created this split's arrays.
-            missing = [a for a in fmt.ARRAYS if a not in set(group.array_keys())]
+            missing = [a for a in wanted if a not in set(group.array_keys())]
             splits.append({**dict.fromkeys(_SPLIT_KEYS), "name": name, "rows": group.attrs.get("rows"),
                            "complete": False, "missing_arrays": missing})
             continue

@@ -168,8 +168,10 @@ class TeacherCache:
             if not allow_incomplete and self.split_attrs.get("complete") is not True:
                 raise KDCacheError(f"{self.path}: split {split!r} is incomplete; rerun cache-teacher")
             extras = self.split_attrs.get("extra_arrays") or {}
-            if not isinstance(extras, dict):
-                raise KDCacheError(f"{self.path}/{split}: attribute extra_arrays is not a mapping of name to width")
+            if not isinstance(extras, dict) or not all(
+                    isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in extras.values()):
+                raise KDCacheError(f"{self.path / split / 'zarr.json'}: attribute extra_arrays must map array names to "
+                                   f"positive integer widths, got {extras!r}")
             #: every array of the split: the four of format v1, then the optional float arrays (teacher
             #: checkpoints' logits, hidden-state projections) named in the split's `extra_arrays` attribute
             self.names: tuple[str, ...] = (*fmt.ARRAYS, *extras)
@@ -234,12 +236,25 @@ class TeacherCache:
             raise KDCacheError(
                 f"{self.path}/{self.split}: logits have {self.logits.shape[1]} columns but the teacher has {width} outputs"
             )
+        described = self.described_extras()
+        if described != self.extra_widths:
+            raise KDCacheError(f"{self.path / self.split / 'zarr.json'}: attribute extra_arrays {self.extra_widths} "
+                               f"disagrees with the root's checkpoints and hidden_projections, which describe "
+                               f"{described}")
         for name, columns in self.extra_widths.items():
             array = self.arrays[name]
             if array.ndim != 2 or array.shape[1] != columns or array.chunks[0] != self.logits.chunks[0]:
                 raise KDCacheError(f"{self.path}/{self.split}: array {name!r} has shape {array.shape} in chunks of "
                                    f"{array.chunks[0]} rows; its attributes say {columns} columns in chunks of "
                                    f"{self.logits.chunks[0]}")
+
+    def described_extras(self) -> dict[str, int]:
+        """The optional arrays (name -> width) that the root attributes say every split holds."""
+        width = self.attrs.get("teacher", {}).get("num_outputs") or self.logits.shape[1]
+        out = {str(c.get("array")): int(width) for c in self.checkpoints if c.get("array") != "logits"}
+        hidden = self.projections or {}
+        out.update({str(name): int(hidden.get("dim") or 0) for name in (hidden.get("arrays") or {}).values()})
+        return out
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:

@@ -189,6 +189,9 @@ def _codec_problems(cache: TeacherCache, attrs: dict) -> list[str]:
             problems.append(f"array {name!r} is {array.dtype}, expected {wanted[name]}")
         if array.chunks[0] != cache.chunk_rows:
             problems.append(f"array {name!r} has {array.chunks[0]} rows per chunk, logits {cache.chunk_rows}")
+    unlisted = sorted(set(cache.group.array_keys()) - set(cache.names))
+    if unlisted:
+        problems.append(f"array(s) {', '.join(unlisted)} in the split but in neither the format nor its extra_arrays")
     return problems
 
 

@@ -199,8 +199,28 @@ def test_prokd_epoch_1_trains_exactly_like_vanilla_kd_from_the_first_checkpoint(
     assert not all(torch.equal(p[k], t[k]) for k in p)
 
 
-def test_prokd_with_per_step_schedules_switches_checkpoints_within_epochs(tmp_path, curriculum_cache):
+def test_prokd_with_per_step_schedules_switches_checkpoints_within_epochs(tmp_path, curriculum_cache, monkeypatch):
+    import kdcache.recipes.distill as recipe
+
+    cache = kdcache.open_cache(curriculum_cache, "train")
+    owner = {}  # every stored row of every checkpoint array -> the arrays holding exactly that row
+    for entry in cache.checkpoints:
+        for row in cache.read(entry["array"]).astype(np.float32):
+            owner.setdefault(row.tobytes(), set()).add(entry["array"])
+    used = []
+    original = recipe._objective
+
+    def spy(method, values, hp, reduction, kind, student_logits, target, labels):
+        rows = target.detach().numpy()
+        assert all(values["array"] in owner[r.tobytes()] for r in rows), values  # the rows really come from it
+        used.append(values["array"])
+        return original(method, values, hp, reduction, kind, student_logits, target, labels)
+
+    monkeypatch.setattr(recipe, "_objective", spy)
     _run(curriculum_cache, tmp_path / "p", "prokd", epochs=2, schedule_unit="step")
+    steps_total = 2 * -(-1437 // 64)
+    arrays = [c["array"] for c in cache.checkpoints]
+    assert used == [arrays[schedules.prokd_checkpoint(i, steps_total, 4)] for i in range(1, steps_total + 1)]
     steps = -(-1437 // 64)  # digits train rows, small preset batch 64
     names = ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
     expected = [names[schedules.prokd_checkpoint(e * steps, 2 * steps, 4)] for e in (1, 2)]  # the epoch's last step
@@ -228,6 +248,20 @@ def test_curriculum_fits_layers_shallow_to_deep_then_the_logits(tmp_path, curric
     assert summary["curriculum"][0].startswith("epochs 1-2: student layer 1 <- projection of teacher layer 1")
 
 
+def test_a_run_stopped_in_the_projection_phases_has_no_best_yet(tmp_path, capsys, monkeypatch, curriculum_cache):
+    code, out, err = run_cli(_distill_args(curriculum_cache, tmp_path / "r", "--method", "curriculum",
+                                           "--phase-epochs", "2,2", "--epochs", "6", "--stop-after-epoch", "2"),
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert "no best accuracy yet" in out and "2/6 epochs" in out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["best_epoch"] is None and not (tmp_path / "r" / "best").exists()
+    code, out, err = run_cli(_distill_args(curriculum_cache, tmp_path / "r", "--method", "curriculum",
+                                           "--phase-epochs", "2,2", "--epochs", "6", "--resume"), capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["best_epoch"] >= 5
+
+
 def test_the_projection_phases_leave_the_output_layer_untouched(tmp_path, curriculum_cache):
     _run(curriculum_cache, tmp_path / "c", "curriculum", phase_epochs="1,1", epochs=4, stop_after_epoch=2)
     after = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["model"]
@@ -242,11 +276,12 @@ def test_curriculum_with_continuation_kd_runs_its_schedule_over_the_logits_phase
     assert [r["T"] for r in rows] == [schedules.temperature(i, 4, 2) for i in range(1, 5)]
 
 
-@pytest.mark.parametrize("method", ["prokd", "curriculum"])
-def test_a_resumed_curriculum_run_ends_where_an_uninterrupted_one_does(tmp_path, curriculum_cache, method):
+@pytest.mark.parametrize("method, stop", [("prokd", 2), ("curriculum", 2), ("curriculum", 3)])
+def test_a_resumed_curriculum_run_ends_where_an_uninterrupted_one_does(tmp_path, curriculum_cache, method, stop):
+    """Stopped inside a projection phase, or at its very end (the resume starts the logits phase)."""
     kw = dict(epochs=6, **({"phase_epochs": "1,2"} if method == "curriculum" else {}))
     _run(curriculum_cache, tmp_path / "full", method, **kw)
-    _run(curriculum_cache, tmp_path / "cut", method, stop_after_epoch=2, **kw)
+    _run(curriculum_cache, tmp_path / "cut", method, stop_after_epoch=stop, **kw)
     _run(curriculum_cache, tmp_path / "cut", method, resume=True, **kw)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in rows]
     assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "full"))
@@ -403,6 +438,10 @@ def _distill_args(cache, out, *extra, student_kwargs=STUDENT_KW):
     (["--method", "curriculum", "--phase-epochs", "1,x"], ["--phase-epochs '1,x'"]),
     (["--method", "curriculum", "--layer-map", "3:1"], ["teacher layer 3 has no stored projection", "projects 1, 2"]),
     (["--method", "curriculum", "--layer-map", "2:head"], ["has no submodule 'head'"]),
+    (["--method", "curriculum", "--layer-map", "2:"], ["each item is TEACHER_LAYER:STUDENT_LAYER, got '2:'"]),
+    (["--method", "curriculum", "--layer-map", "2:0"], ["student layers count from 1"]),
+    (["--method", "curriculum", "--layer-map", "2:1,2:2"], ["teacher layer 2 is mapped twice"]),
+    (["--method", "curriculum", "--layer-map", "2:3"], ["has layers 1..2; layer 3 does not exist"]),
     (["--method", "curriculum", "--kd-loss", "annealing"], ["--kd-loss 'annealing' is not one of vanilla, continuation"]),
     (["--method", "vanilla", "--phase-epochs", "2"], ["apply to --method curriculum only"]),
 ])
@@ -441,3 +480,87 @@ def test_info_lists_checkpoints_and_projections(capsys, monkeypatch, curriculum_
     assert [c["array"] for c in described["checkpoints"]][-1] == "logits"
     assert described["splits"][0]["extra_arrays"] == {"checkpoint_0": 10, "checkpoint_1": 10, "checkpoint_2": 10,
                                                       "hidden_1": 8, "hidden_2": 8}
+
+
+@pytest.mark.parametrize("mode", ["memory", "chunks"])
+def test_several_arrays_stream_from_the_very_same_rows(curriculum_cache, mode):
+    from kdcache.stream import LogitBatches
+
+    cache = kdcache.open_cache(curriculum_cache, "train")
+    names = ("logits", "checkpoint_0", "hidden_2")
+    stored = {name: cache.read(name).astype(np.float32) for name in names}
+    batches = LogitBatches(cache, 100, seed=3, mode=mode, buffer_chunks=2, arrays=names)
+    seen = 0
+    for rows, teacher, labels in batches.epoch(1):
+        assert set(teacher) == set(names)
+        for name in names:
+            np.testing.assert_array_equal(teacher[name].numpy(), stored[name][rows.numpy()])
+        seen += len(rows)
+    assert seen == len(cache)
+    one = [rows for rows, _, _ in batches.epoch(1, ("checkpoint_0",))]  # picking arrays keeps the epoch's order
+    both = [rows for rows, _, _ in batches.epoch(1)]
+    assert all(torch.equal(a, b) for a, b in zip(one, both))
+    rows, single, _ = next(iter(batches.epoch(2, ("hidden_2",))))
+    np.testing.assert_array_equal(single.numpy(), stored["hidden_2"][rows.numpy()])
+
+
+def test_curriculum_and_prokd_train_with_chunk_streaming(tmp_path, curriculum_cache):
+    for method in ("prokd", "curriculum"):
+        summary = _run(curriculum_cache, tmp_path / method, method, epochs=4, stream_mode="chunks")
+        assert summary["complete"]
+
+
+def test_numbered_hidden_layers_are_stored_shallow_to_deep(tmp_path, teacher_run, curriculum_cache):
+    cache = kdcache.open_cache(_cache(tmp_path / "c.kdcache", teacher_run, hidden_layers="2,1", checkpoints=(),
+                                      teacher=str(teacher_run / "checkpoints" / "epoch-0004")))
+    assert cache.projections["layers"] == [1, 2]
+    np.testing.assert_array_equal(cache.read("hidden_1"), kdcache.open_cache(curriculum_cache).read("hidden_1"))
+
+
+def test_extra_arrays_edited_by_hand_are_refused_and_unlisted_arrays_reported(tmp_path, curriculum_cache):
+    copy = tmp_path / "c.kdcache"
+    shutil.copytree(curriculum_cache, copy)
+    meta_file = copy / "train" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["extra_arrays"] = {}  # hides five arrays from every check
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(KDCacheError, match=r"train/zarr.json: attribute extra_arrays \{\} disagrees with the root"):
+        kdcache.open_cache(copy)
+    report = verify_cache(copy)
+    assert [c.name for c in report.checks if not c.ok] == ["train/structure"]
+    meta["attributes"]["extra_arrays"] = {"checkpoint_0": "ten"}
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(KDCacheError, match="extra_arrays must map array names to positive integer widths"):
+        kdcache.open_cache(copy)
+    # an array nobody lists: harmless to readers, reported by verify
+    shutil.rmtree(copy)
+    shutil.copytree(curriculum_cache, copy)
+    zarr.open_group(str(copy / "validation"), mode="r+").create_array("stray", shape=(360,), dtype="float32")
+    failed = {c.name: c.detail for c in verify_cache(copy).checks if not c.ok}
+    assert list(failed) == ["validation/structure"] and "stray" in failed["validation/structure"]
+
+
+def test_resume_into_a_cache_rebuilt_with_other_projections_is_refused(tmp_path, teacher_run, curriculum_cache):
+    cache = tmp_path / "c.kdcache"
+    shutil.copytree(curriculum_cache, cache)
+    _run(cache, tmp_path / "r", "curriculum", epochs=4, stop_after_epoch=1)
+    _cache(cache, teacher_run, proj_seed=4, overwrite=True)  # same path, same teacher and data, other targets
+    with pytest.raises(KDCacheError, match="differs in cached_sources.projections.seed"):
+        _run(cache, tmp_path / "r", "curriculum", epochs=4, resume=True)
+
+
+def test_curriculum_on_a_hugging_face_student_by_number_and_by_module_name(tmp_path, sst2_copy, tiny_tokenizer,
+                                                                           bert_student_config):
+    teacher = make_tiny_bert(tmp_path / "bert", tiny_tokenizer)
+    cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher), task="sst2", data=str(sst2_copy), out=tmp_path / "c",
+                                             splits=("train", "validation"), device="cpu", progress=False,
+                                             hidden_layers="1,2", proj_dim=8))
+    common = dict(student=str(bert_student_config), cache=cache, method="curriculum", epochs=3, device="cpu",
+                  progress=False, phase_epochs="1")
+    by_number = distill(DistillConfig(out=tmp_path / "n", layer_map="2:1", **common))
+    by_name = distill(DistillConfig(out=tmp_path / "m", layer_map="2:bert.encoder.layer.0", **common))
+    assert by_number["curriculum"][0].startswith("epochs 1-1: student layer 1 <- projection of teacher layer 2")
+    assert by_name["curriculum"][0].startswith("epochs 1-1: student layer bert.encoder.layer.0 <- projection")
+    assert by_number["complete"] and by_name["complete"]
+    # hidden_states[1] is the output of encoder layer 0: the same representation, so the same training
+    assert _metrics(tmp_path / "n")[0]["loss"] == pytest.approx(_metrics(tmp_path / "m")[0]["loss"], rel=1e-5)

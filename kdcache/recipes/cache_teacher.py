@@ -179,6 +179,8 @@ def cache_teacher(cfg: CacheTeacherConfig) -> Path:
     if not cfg.teacher and not cfg.checkpoints:
         raise KDCacheError("no --teacher given (or --checkpoints, whose last checkpoint is then the teacher)")
     layers = parse_layers(cfg.hidden_layers)
+    if layers and all(isinstance(k, int) for k in layers):
+        layers = sorted(layers)  # numbered layers are stored (and later fitted) shallow to deep, however given
     if layers and (cfg.proj_dim is None or cfg.proj_dim < 1):
         raise KDCacheError("--hidden-layers needs --proj-dim D (D >= 1), the width of the random projections")
     if cfg.proj_dim is not None and not layers:
@@ -419,8 +421,15 @@ def _check_same_architecture(checkpoint: Teacher, teacher: Teacher) -> None:
 def _probe_hidden(tap: LayerTap, teacher: Teacher, split: SplitData, device: torch.device, precision: str) -> list[int]:
     """Widths of the pooled hidden layers, from one forward pass on two rows."""
     batch = split.collate([split.dataset[i] for i in range(min(2, len(split)))])
-    with torch.inference_mode(), autocast(device, precision):
-        _, pooled = tap(split.prepare(batch, device))
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            _, pooled = tap(split.prepare(batch, device))
+    except KDCacheError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any model error on this input is a user-facing mismatch
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KDCacheError(f"teacher {teacher.spec}: cannot read hidden layers {tap.layers} on {split.source}: "
+                           f"{message}") from exc
     return [int(p.shape[1]) for p in pooled]
 
 

@@ -155,7 +155,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     k_anneal = anneal_epochs(hp, n, cfg.anneal_epochs) if cfg.method == "annealing" else None
     hp["anneal_epochs"] = k_anneal
     kd_loss = (cfg.kd_loss or "vanilla") if cfg.method in ("prokd", "curriculum") else None
-    hp["kd_loss"] = kd_loss
+    if kd_loss:
+        hp["kd_loss"] = kd_loss
     # Which cached teacher arrays the run reads: the trained teacher's logits, one chosen checkpoint, every
     # checkpoint in training order (prokd), or the projections and then the logits (curriculum, below).
     teacher_array = train.cache.checkpoint_array(cfg.checkpoint) if cfg.checkpoint and train.cache else "logits"
@@ -195,7 +196,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
 
     # 4. Run directory: fresh, or resumed from last.pt of the very same run.
-    identity = _identity(cfg, hp, preset, teacher_attrs, train)
+    identity = _identity(cfg, hp, preset, teacher_attrs, train, _cached_sources(cfg, train.cache))
     state = _prepare_run_dir(out, cfg, identity)
     start_epoch, step, best, stage1_best = 1, 0, None, None
     totals = {"train_seconds": 0.0, "train_samples": 0, "wall_seconds": 0.0}  # over every part of a resumed run
@@ -596,14 +597,36 @@ def _repair_best(out: Path, state: dict, student: Any, num_outputs: int, label_n
         _save_best(student, best_dir, num_outputs, label_names, tokenizer, extra={"epoch": state["epoch"]})
 
 
-def _identity(cfg: DistillConfig, hp: dict, preset: str, teacher: dict, train: _Split) -> dict[str, Any]:
+def _cached_sources(cfg: DistillConfig, cache: TeacherCache | None) -> dict[str, Any]:
+    """What the run reads from the cache beyond the trained teacher's logits, identified by content (checkpoint
+    hashes, the projections' layers, width and seed), so a cache rebuilt at the same path cannot be resumed into."""
+    if cache is None:
+        return {}
+    by_name = {c.get("name"): c.get("sha256") for c in cache.checkpoints}
+    sources: dict[str, Any] = {}
+    if cfg.method == "prokd":
+        sources["checkpoints_sha256"] = [c.get("sha256") for c in cache.checkpoints]
+    if cfg.checkpoint is not None:
+        sources["checkpoint_sha256"] = by_name.get(cfg.checkpoint)
+    if cfg.method == "curriculum" and cache.projections:
+        sources["projections"] = {k: cache.projections.get(k) for k in ("layers", "dim", "seed", "widths")}
+    return sources
+
+
+#: Config fields added after runs existed: left out of the identity while unset, so those runs still resume.
+_OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map")
+
+
+def _identity(cfg: DistillConfig, hp: dict, preset: str, teacher: dict, train: _Split,
+              sources: dict[str, Any]) -> dict[str, Any]:
     """What makes two runs the same run: config, resolved hyper-parameters, teacher and data digests."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()
-              if k not in _NOT_IDENTITY}
+              if k not in _NOT_IDENTITY and not (k in _OPTIONAL_FIELDS and v is None)}
     digest = (train.cache.split_attrs.get("dataset") or {}).get("digest") if train.cache is not None else \
         hashlib.sha256(train.inputs.fingerprints.tobytes()).hexdigest()
-    return json.loads(json.dumps({"config": config, "hyperparameters": hp, "preset": preset,
-                                  "teacher_sha256": teacher.get("sha256"), "data_digest": digest}, default=str))
+    identity = {"config": config, "hyperparameters": hp, "preset": preset, "teacher_sha256": teacher.get("sha256"),
+                "data_digest": digest, **({"cached_sources": sources} if sources else {})}
+    return json.loads(json.dumps(identity, default=str))
 
 
 def _prepare_run_dir(out: Path, cfg: DistillConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
