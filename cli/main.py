@@ -141,12 +141,13 @@ def _print_info(s: dict) -> None:
     _out.print(f"created  {s.get('created')} by {s.get('command')}")
     for c in s.get("checkpoints") or []:
         metric = f"{c['metric']:.4f}" if isinstance(c.get("metric"), (int, float)) else "-"
-        _out.print(f"checkpoint  {c['name']}  epoch {c.get('epoch', '-')}  metric {metric}  -> array {c['array']}")
+        epoch = c.get("epoch") if c.get("epoch") is not None else "-"
+        _out.print(f"checkpoint  {c['name']}  epoch {epoch}  metric {metric}  -> array {c['array']}")
     hidden = s.get("hidden_projections")
     if hidden:
         widths = ", ".join(f"{k}: {w}" for k, w in (hidden.get("widths") or {}).items())
         _out.print(f"hidden   layers {', '.join(map(str, hidden['layers']))} projected to {hidden['dim']} dims "
-                   f"(seed {hidden['seed']}, pooling {hidden.get('pooling')}; layer widths {widths})")
+                   f"(seed {hidden['seed']}; layer widths {widths})")
     table = Table("split", "rows", "logits", "complete", "bytes/sample", "ratio", "source")
     for sp in s["splits"]:
         if sp.get("missing_arrays"):  # the writer stopped before creating this split's arrays
