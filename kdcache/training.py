@@ -34,8 +34,10 @@ class StudentInputs:
 
     def __init__(self, split: SplitData, device: torch.device, *, decode_batch: int = 512) -> None:
         self.split, self.device = split, device
-        loader = torch.utils.data.DataLoader(split.dataset, batch_size=decode_batch, shuffle=False,
-                                             collate_fn=split.collate, num_workers=0)
+        # text rows are kept as items; read them once and collate those (not the dataset a second time)
+        items = [split.dataset[i] for i in range(len(split.dataset))] if split.modality == "text" else None
+        loader = torch.utils.data.DataLoader(items if items is not None else split.dataset, batch_size=decode_batch,
+                                             shuffle=False, collate_fn=split.collate, num_workers=0)
         fingerprints, labels, inputs = [], [], []
         for batch in loader:
             fingerprints.append(np.asarray(batch.fingerprint, dtype=np.uint64))
@@ -44,11 +46,9 @@ class StudentInputs:
                 inputs.append(batch.inputs)
         self.fingerprints = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
         self.labels = torch.cat(labels) if labels else torch.zeros(0)
-        self._items = None
+        self._items = items
         self._inputs = None
-        if split.modality == "text":
-            self._items = [split.dataset[i] for i in range(len(split.dataset))]
-        elif inputs:
+        if items is None and inputs:
             self._inputs = torch.cat(inputs).to(device if device.type == "cuda" else "cpu")
 
     def __len__(self) -> int:
