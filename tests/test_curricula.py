@@ -564,3 +564,21 @@ def test_curriculum_on_a_hugging_face_student_by_number_and_by_module_name(tmp_p
     assert by_number["complete"] and by_name["complete"]
     # hidden_states[1] is the output of encoder layer 0: the same representation, so the same training
     assert _metrics(tmp_path / "n")[0]["loss"] == pytest.approx(_metrics(tmp_path / "m")[0]["loss"], rel=1e-5)
+
+
+def test_cache_format_doc_describes_every_attribute_of_a_curriculum_cache(curriculum_cache):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cache-format.md").read_text()
+    cache = kdcache.open_cache(curriculum_cache, "train")
+
+    def table_keys(heading):
+        section = doc.split(heading, 1)[1].split("\n## ", 1)[0]
+        return {k for row in re.findall(r"^\| ([^|]+) \|", section, re.M) for k in re.findall(r"`([a-z_]+)`", row)}
+
+    assert set(cache.attrs) <= table_keys("## Root attributes")
+    assert set(cache.split_attrs) <= table_keys("## Split attributes")
+    for key in (*cache.checkpoints[0], *cache.projections, *cache.attrs["write_settings"]):
+        assert f"`{key}`" in doc, key
+    assert re.search(r"^\s+checkpoint_0 \.\.\.\s+\[N, C\]", doc, re.M) and re.search(r"^\s+hidden_<layer>", doc, re.M)
