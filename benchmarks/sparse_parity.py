@@ -18,6 +18,8 @@ the student's width). Students: a narrow two-layer MLP (n -> width_s -> 2), same
 - `one-shot`: `--method vanilla --alpha 0 --temperature 1`, the final teacher's softmax only;
 - `prokd`: `--method prokd`, the same KD loss against checkpoint 1, 2, ..., K in turn (K equal blocks of epochs,
   the final teacher last);
+- `prokd-1ep`: the same cache and loss, one epoch per checkpoint (`--phase-epochs 1`), the final teacher taking
+  every remaining epoch: the teacher's path walked quickly rather than in equal blocks;
 - `prokd-late`: the same from a second cache holding only the later half of the checkpoints (the teacher's
   epochs K/2+1 .. K): which checkpoints to follow is the user's choice (`--checkpoints` takes a list), and early
   checkpoints of a teacher that has not yet left chance level have nothing to teach;
@@ -52,7 +54,7 @@ SCALES = {
     "cpu": {"n": 50, "k": 5, "rows": 30000, "teacher_width": 1000, "teacher_epochs": 8, "student_width": 32,
             "epochs": 30, "phase_epochs": 3},
 }
-METHODS = ("labels", "one-shot", "prokd", "prokd-late", "curriculum")
+METHODS = ("labels", "one-shot", "prokd", "prokd-1ep", "prokd-late", "curriculum")
 TARGET = 0.9
 SGD = ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05", "--batch-size", "64", "--lr-schedule", "constant",
        "--weight-decay", "0", "--max-grad-norm", "0"]
@@ -97,6 +99,7 @@ def run(kd: Runner, scale: str, seeds: int) -> str:
     kd_loss = ["--alpha", "0", "--temperature", "1"]
     flags = {"labels": ["--method", "ce"], "one-shot": ["--method", "vanilla", *kd_loss],
              "prokd": ["--method", "prokd", *kd_loss], "prokd-late": ["--method", "prokd", *kd_loss],
+             "prokd-1ep": ["--method", "prokd", "--phase-epochs", 1, *kd_loss],
              "curriculum": ["--method", "curriculum", "--phase-epochs", s["phase_epochs"], *kd_loss]}
     rows, curves = [], {m: [] for m in METHODS}
     for seed in range(seeds):
@@ -156,7 +159,8 @@ def _table(rows: list[dict], s: dict, teacher_curve: list[float], teacher_second
               f"{s['student_width']}) {cache_seconds:.0f} s. Students: {s['epochs']} epochs; curriculum: "
               f"{s['phase_epochs']} projection epochs, then the logits; Pro-KD: {s['teacher_epochs']} checkpoints in "
               f"blocks of {s['epochs'] // s['teacher_epochs']} epochs (the final teacher also takes the "
-              f"{s['epochs'] % s['teacher_epochs']} left over); Pro-KD late: checkpoints of epochs "
+              f"{s['epochs'] % s['teacher_epochs']} left over); Pro-KD 1ep: one epoch on each checkpoint, the final teacher the "
+              f"last {s['epochs'] - s['teacher_epochs'] + 1}; Pro-KD late: checkpoints of epochs "
               f"{s['teacher_epochs'] // 2 + 1}-{s['teacher_epochs']}."]
     return "\n".join(lines) + "\n"
 

@@ -225,7 +225,7 @@ def distill_cmd(
     save_every: Annotated[Optional[int], _Opt(help="Also save the student every N epochs under checkpoints/.")] = None,
     checkpoint: Annotated[Optional[str], _Opt(help="Distil from this cached teacher checkpoint (see kdcache info) instead of the trained teacher.")] = None,
     kd_loss: Annotated[Optional[str], _Opt(help="prokd, curriculum: logit loss vanilla (default) | continuation.")] = None,
-    phase_epochs: Annotated[Optional[str], _Opt(help="curriculum: epochs of each projection phase, e.g. 5,5 (default: half the run, shared).")] = None,
+    phase_epochs: Annotated[Optional[str], _Opt(help="curriculum: epochs of each projection phase, e.g. 5,5 (default: half the run, shared); prokd: epochs per checkpoint (default: equal blocks).")] = None,
     layer_map: Annotated[Optional[str], _Opt(help="curriculum: teacher layer -> student layer or module, e.g. 2:1,4:2 (default: spread).")] = None,
     resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,

@@ -36,8 +36,37 @@ def prokd_arrays(checkpoints: list[dict[str, Any]], where: str) -> list[str]:
     return [str(c["array"]) for c in checkpoints]
 
 
-def prokd_position(epoch: int, n: int, step: int, steps_per_epoch: int, k: int, unit: str) -> int:
-    """The checkpoint (0-based) in use: blocks of epochs, or of optimiser steps with --schedule-unit step."""
+def prokd_lengths(spec: str | None, k: int, n: int) -> list[int] | None:
+    """Epochs per checkpoint from `--phase-epochs` (None: the equal blocks of `prokd_checkpoint`). K numbers
+    must sum to n; K-1 numbers (or one number, repeated K-1 times) leave the rest of the run to the trained
+    teacher, which must get at least one epoch."""
+    if not spec:
+        return None
+    try:
+        lengths = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise KDCacheError(f"--phase-epochs {spec!r}: expected comma-separated epoch counts, e.g. 2,2,6") from None
+    if len(lengths) == 1 and k > 2:
+        lengths = lengths * (k - 1)
+    if len(lengths) == k - 1:
+        lengths.append(n - sum(lengths))
+    if len(lengths) != k or min(lengths) < 1 or sum(lengths) != n:
+        raise KDCacheError(f"--phase-epochs {spec!r}: Pro-KD needs {k} positive epoch counts summing to {n} (one per "
+                           f"checkpoint), or {k - 1} and the trained teacher takes the rest")
+    return lengths
+
+
+def prokd_position(epoch: int, n: int, step: int, steps_per_epoch: int, k: int, unit: str,
+                   lengths: list[int] | None = None) -> int:
+    """The checkpoint (0-based) in use: blocks of epochs, or of optimiser steps with --schedule-unit step; with
+    `lengths` (from --phase-epochs) the given number of epochs per checkpoint, switching at epoch boundaries."""
+    if lengths is not None:
+        total = 0
+        for index, length in enumerate(lengths):
+            total += length
+            if epoch <= total:
+                return index
+        return len(lengths) - 1
     if unit == "step":
         if n * steps_per_epoch < k:
             raise KDCacheError(f"Pro-KD needs at least one optimiser step per teacher checkpoint: {n * steps_per_epoch} "
@@ -176,4 +205,4 @@ def head_key(phase: int) -> str:
 
 
 __all__ = ["CurriculumPlan", "PROJECTION_FRACTION", "Phase", "ProjectionHeads", "default_layer_map", "head_key",
-           "phase_lengths", "plan_curriculum", "prokd_arrays", "prokd_position", "student_tap"]
+           "phase_lengths", "plan_curriculum", "prokd_arrays", "prokd_lengths", "prokd_position", "student_tap"]

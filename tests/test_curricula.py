@@ -189,6 +189,17 @@ def test_prokd_follows_the_checkpoints_in_training_order(tmp_path, curriculum_ca
     assert summary["checkpoints"] == names and summary["complete"]
 
 
+@pytest.mark.parametrize("spec, expected", [
+    ("1,1,2,4", [0, 1, 2, 2, 3, 3, 3, 3]),
+    ("1,1,2", [0, 1, 2, 2, 3, 3, 3, 3]),  # K - 1 counts: the trained teacher takes the rest
+    ("1", [0, 1, 2, 3, 3, 3, 3, 3]),  # one count for every checkpoint but the last
+])
+def test_prokd_phase_epochs_set_each_checkpoints_share(tmp_path, curriculum_cache, spec, expected):
+    _run(curriculum_cache, tmp_path / "p", "prokd", phase_epochs=spec)
+    names = ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004"]
+    assert [r["checkpoint"] for r in _metrics(tmp_path / "p")] == [names[k] for k in expected]
+
+
 def test_prokd_epoch_1_trains_exactly_like_vanilla_kd_from_the_first_checkpoint(tmp_path, curriculum_cache):
     """Same seed, same schedule: the only way the two can agree bit for bit is reading the same cached array."""
     _run(curriculum_cache, tmp_path / "p", "prokd", stop_after_epoch=1)
@@ -443,7 +454,10 @@ def _distill_args(cache, out, *extra, student_kwargs=STUDENT_KW):
     (["--method", "curriculum", "--layer-map", "2:1,2:2"], ["teacher layer 2 is mapped twice"]),
     (["--method", "curriculum", "--layer-map", "2:3"], ["has layers 1..2; layer 3 does not exist"]),
     (["--method", "curriculum", "--kd-loss", "annealing"], ["--kd-loss 'annealing' is not one of vanilla, continuation"]),
-    (["--method", "vanilla", "--phase-epochs", "2"], ["apply to --method curriculum only"]),
+    (["--method", "vanilla", "--phase-epochs", "2"], ["--phase-epochs applies to --method curriculum and prokd only"]),
+    (["--method", "vanilla", "--layer-map", "2:1"], ["--layer-map applies to --method curriculum only"]),
+    (["--method", "prokd", "--phase-epochs", "1,1,1,2"], ["Pro-KD needs 4 positive epoch counts summing to 4"]),
+    (["--method", "prokd", "--phase-epochs", "2,2,2"], ["Pro-KD needs 4 positive epoch counts summing to 4"]),
 ])
 def test_bad_curriculum_flags_are_one_line(tmp_path, capsys, monkeypatch, curriculum_cache, extra, needles):
     code, _, err = run_cli(_distill_args(curriculum_cache, tmp_path / "r", *extra), capsys, monkeypatch)

@@ -38,7 +38,7 @@ def test_sparse_parity_tiny(tmp_path):
     curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
     assert len(curves) == len(sparse_parity.METHODS) * sparse_parity.SCALES["tiny"]["epochs"]
     assert (tmp_path / "sparse_parity.png").stat().st_size > 1000
-    assert "| curriculum |" in text and "| prokd-late |" in text
+    assert "| curriculum |" in text and "| prokd-late |" in text and "| prokd-1ep |" in text
     full, late = (kdcache.open_cache(tmp_path / name) for name in ("teacher.kdcache", "teacher-late.kdcache"))
     assert [c["name"] for c in full.checkpoints] == ["epoch-0001", "epoch-0002", "epoch-0003"]
     assert [c["name"] for c in late.checkpoints] == ["epoch-0002", "epoch-0003"]

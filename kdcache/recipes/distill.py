@@ -92,7 +92,7 @@ class DistillConfig:
     stream_mode: str = "auto"
     checkpoint: str | None = None  # distil from this cached teacher checkpoint instead of the trained teacher
     kd_loss: str | None = None  # prokd / curriculum's logits phase: vanilla (default) or continuation
-    phase_epochs: str | None = None  # curriculum: epochs per projection phase, e.g. "5,5"
+    phase_epochs: str | None = None  # curriculum: epochs per projection phase ("5,5"); prokd: per checkpoint
     layer_map: str | None = None  # curriculum: teacher layer -> student layer, e.g. "2:1,4:2"
     resume: bool = False
     overwrite: bool = False
@@ -125,8 +125,10 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         raise KDCacheError(f"--kd-loss {cfg.kd_loss!r} is not one of {', '.join(KD_LOSSES)}")
     if cfg.kd_loss is not None and cfg.method not in ("prokd", "curriculum"):
         raise KDCacheError(f"--kd-loss applies to --method prokd and curriculum, not {cfg.method}")
-    if (cfg.phase_epochs or cfg.layer_map) and cfg.method != "curriculum":
-        raise KDCacheError("--phase-epochs and --layer-map apply to --method curriculum only")
+    if cfg.phase_epochs and cfg.method not in ("curriculum", "prokd"):
+        raise KDCacheError("--phase-epochs applies to --method curriculum and prokd only")
+    if cfg.layer_map and cfg.method != "curriculum":
+        raise KDCacheError("--layer-map applies to --method curriculum only")
     if cfg.checkpoint is not None and cfg.method == "prokd":
         raise KDCacheError("--checkpoint picks one teacher checkpoint; --method prokd follows all of them in turn")
     if not cfg.resume and not cfg.overwrite and out.exists() and any(out.iterdir()):
@@ -189,8 +191,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     total_steps = n * steps_per_epoch
     if cfg.method == "prokd":  # every checkpoint needs at least one epoch (or step) of its own: checked now
         curricula.prokd_position(1, n, 0, steps_per_epoch, len(arrays), cfg.schedule_unit)
+    prokd_lengths = curricula.prokd_lengths(cfg.phase_epochs, len(arrays), n) if cfg.method == "prokd" else None
     ctx = _Context(cfg.method, hp, n, steps_per_epoch, cfg.schedule_unit, k_anneal, kd_loss, teacher_array, arrays,
-                   [str(c.get("name")) for c in checkpoints], plan)
+                   [str(c.get("name")) for c in checkpoints], plan, prokd_lengths)
     scheduler = build_lr_schedule(hp["lr_schedule"], optimizer, total_steps=total_steps,
                                   warmup_steps=int(round(float(hp["warmup_ratio"]) * total_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
@@ -463,14 +466,16 @@ class _Context:
     arrays: list[str]  # every cached array the run reads (prokd: the checkpoints in training order)
     checkpoint_names: list[str]
     plan: curricula.CurriculumPlan | None
+    prokd_lengths: list[int] | None = None  # Pro-KD epochs per checkpoint (--phase-epochs), else equal blocks
 
 
 def _arrays_of_epoch(ctx: _Context, epoch: int) -> tuple[str, ...]:
     """The cached arrays one epoch needs: one, except for prokd switching checkpoints within an epoch (per step)."""
     if ctx.method == "prokd":
-        if ctx.unit == "step":
+        if ctx.unit == "step" and ctx.prokd_lengths is None:
             return tuple(ctx.arrays)
-        return (ctx.arrays[curricula.prokd_position(epoch, ctx.n, 0, ctx.steps_per_epoch, len(ctx.arrays), "epoch")],)
+        return (ctx.arrays[curricula.prokd_position(epoch, ctx.n, 0, ctx.steps_per_epoch, len(ctx.arrays), "epoch",
+                                                    ctx.prokd_lengths)],)
     if ctx.plan is not None and (phase := ctx.plan.phase_at(epoch)) is not None:
         return (phase.array,)
     return (ctx.teacher_array,)
@@ -480,7 +485,8 @@ def _schedule(ctx: _Context, epoch: int, step: int) -> dict[str, Any]:
     """Everything in effect for this step: the loss, the cached array it reads, T, phi, psi, stage, checkpoint,
     curriculum phase. Epochs count from 1."""
     if ctx.method == "prokd":
-        k = curricula.prokd_position(epoch, ctx.n, step, ctx.steps_per_epoch, len(ctx.arrays), ctx.unit)
+        k = curricula.prokd_position(epoch, ctx.n, step, ctx.steps_per_epoch, len(ctx.arrays), ctx.unit,
+                                     ctx.prokd_lengths)
         values = _method_schedule(ctx.kd_loss, ctx.hp, epoch, ctx.n, step, ctx.steps_per_epoch, ctx.unit, None)
         return {"loss": ctx.kd_loss, "array": ctx.arrays[k], "checkpoint": ctx.checkpoint_names[k], **values}
     if ctx.plan is not None:
