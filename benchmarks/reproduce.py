@@ -38,7 +38,7 @@ class Runner:
         """`in_process` calls the same CLI entry point without a new interpreter (the smoke tests: no import cost)."""
         self.out, self.device, self.in_process = out, device, in_process
         out.mkdir(parents=True, exist_ok=True)
-        self.log = open(out / "commands.txt", "a")
+        self.log = open(out / "commands.txt", "w")  # the commands of this run only, beside its summary
 
     def __call__(self, *args: Any) -> float:
         """Run one kdcache command; returns its wall time in seconds. Fails loudly with the command's stderr."""
