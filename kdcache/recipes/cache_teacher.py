@@ -202,13 +202,18 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
 
     # 1. Teacher and data, checked against each other before anything is written.
     checkpoints = _load_checkpoints(checkpoint_dirs, cfg.tokenizer)
-    if not cfg.teacher:  # the last checkpoint in training order is the trained teacher
-        cfg = dataclasses.replace(cfg, teacher=checkpoints[-1].teacher.spec)
+    final = None
+    if not cfg.teacher:  # the last checkpoint in training order is the trained teacher (already loaded)
+        final = checkpoints.pop()
+        cfg = dataclasses.replace(cfg, teacher=final.teacher.spec)
     checkpoints = [c for c in checkpoints if Path(c.teacher.spec).resolve() != Path(cfg.teacher).resolve()]
+    if checkpoints:  # every name, the teacher's included, must pick one array for --checkpoint NAME
+        _check_unique_names([*((c.name, c.teacher.spec) for c in checkpoints),
+                             (_checkpoint_name(Path(cfg.teacher)), cfg.teacher)])
     is_folder = Path(cfg.teacher).is_dir()
     if not is_folder:
         _check_teacher_spec(cfg.teacher, modality, cfg.tokenizer)
-    teacher = load_teacher(cfg.teacher, tokenizer=cfg.tokenizer) if is_folder else None
+    teacher = final.teacher if final else load_teacher(cfg.teacher, tokenizer=cfg.tokenizer) if is_folder else None
     tokenizer = teacher.tokenizer if teacher else _standalone_tokenizer(cfg.tokenizer)
     splits = [load_split(cfg.task, cfg.data, s, tokenizer=tokenizer, options=cfg.data_options) for s in cfg.splits]
     if teacher is None:
@@ -217,7 +222,8 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
                                f"architecture teacher {cfg.teacher} cannot be sized; pass --label-names")
         teacher = load_teacher(cfg.teacher, weights=cfg.weights, num_outputs=splits[0].num_labels, tokenizer=cfg.tokenizer)
     teacher.model.to(device)
-    width = _probe_width(teacher, splits[0], device, cfg.precision)
+    tap = LayerTap(teacher.model, layers, what=f"teacher {teacher.spec}") if layers else None
+    width, hidden_widths = _probe(teacher, tap, splits[0], device, cfg.precision)
     teacher.num_outputs = width
     if teacher.label_names is None and splits[0].kind == "classification":
         teacher.label_names = splits[0].label_names
@@ -225,12 +231,8 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
     for checkpoint in checkpoints:
         _check_same_architecture(checkpoint.teacher, teacher)
         checkpoint.teacher.model.to(device)
-    tap, projections = None, {}
-    if layers:
-        tap = LayerTap(teacher.model, layers, what=f"teacher {teacher.spec}")
-        widths = _probe_hidden(tap, teacher, splits[0], device, cfg.precision)
-        projections = {key: torch.from_numpy(projection_matrix(cfg.proj_seed, key, widths[i], cfg.proj_dim)).to(device)
-                       for i, key in enumerate(layers)}
+    projections = {key: torch.from_numpy(projection_matrix(cfg.proj_seed, key, w, cfg.proj_dim)).to(device)
+                   for key, w in zip(layers, hidden_widths)}
     # further float arrays of every split, in the order the background writer receives them
     extras = {f"checkpoint_{k}": width for k in range(len(checkpoints))}
     extras.update({hidden.array_name(key): cfg.proj_dim for key in layers})
@@ -253,11 +255,9 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
         attrs["checkpoints"] = [
             *({"name": c.name, "array": f"checkpoint_{k}", "epoch": c.epoch, "metric": c.metric, "spec": c.teacher.spec,
                "sha256": c.teacher.sha256} for k, c in enumerate(checkpoints)),
-            {"name": _checkpoint_name(Path(teacher.spec)), "array": "logits",
-             **(_checkpoint_meta(Path(teacher.spec)) if Path(teacher.spec).is_dir() else {"epoch": None, "metric": None}),
+            {"name": _checkpoint_name(Path(teacher.spec)), "array": "logits", **_checkpoint_meta(Path(teacher.spec)),
              "spec": teacher.spec, "sha256": teacher.sha256},
         ]
-        _check_unique_names(attrs["checkpoints"])
     if layers:
         attrs["hidden_projections"] = {
             "layers": layers, "dim": cfg.proj_dim, "seed": cfg.proj_seed,
@@ -368,6 +368,8 @@ def _checkpoint_meta(path: Path) -> dict[str, Any]:
     """Epoch and validation metric of a checkpoint folder: from its kdcache-checkpoint.json (written by
     `train --save-every`), else the epoch is the last number in the folder's name (epoch-12, checkpoint-3000)."""
     meta: dict[str, Any] = {"epoch": None, "metric": None}
+    if not path.is_dir():  # an architecture-name teacher: nothing recorded, and its name is no epoch
+        return meta
     marker = path / CHECKPOINT_FILE
     if marker.is_file():
         try:
@@ -392,17 +394,17 @@ def _load_checkpoints(folders: list[Path], tokenizer: str | None) -> list[_Check
                                   meta["epoch"], meta["metric"]))
     if loaded and all(c.epoch is not None for c in loaded):
         loaded.sort(key=lambda c: c.epoch)
-    _check_unique_names([{"name": c.name, "spec": c.teacher.spec} for c in loaded])
     return loaded
 
 
-def _check_unique_names(entries: list[dict[str, Any]]) -> None:
+def _check_unique_names(named: list[tuple[str, str]]) -> None:
+    """(name, folder) pairs: two folders with one name would make `--checkpoint NAME` ambiguous."""
     seen: dict[str, str] = {}
-    for entry in entries:
-        if entry["name"] in seen:
-            raise KDCacheError(f"checkpoints {seen[entry['name']]} and {entry['spec']} share the name {entry['name']!r}; "
+    for name, spec in named:
+        if name in seen:
+            raise KDCacheError(f"checkpoints {seen[name]} and {spec} share the name {name!r}; "
                                "--checkpoint NAME could not tell them apart (rename one folder)")
-        seen[entry["name"]] = entry["spec"]
+        seen[name] = spec
 
 
 def _check_same_architecture(checkpoint: Teacher, teacher: Teacher) -> None:
@@ -418,29 +420,17 @@ def _check_same_architecture(checkpoint: Teacher, teacher: Teacher) -> None:
                            f"({detail}); checkpoints must come from one training run")
 
 
-def _probe_hidden(tap: LayerTap, teacher: Teacher, split: SplitData, device: torch.device, precision: str) -> list[int]:
-    """Widths of the pooled hidden layers, from one forward pass on two rows."""
-    batch = split.collate([split.dataset[i] for i in range(min(2, len(split)))])
-    try:
-        with torch.inference_mode(), autocast(device, precision):
-            _, pooled = tap(split.prepare(batch, device))
-    except KDCacheError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any model error on this input is a user-facing mismatch
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise KDCacheError(f"teacher {teacher.spec}: cannot read hidden layers {tap.layers} on {split.source}: "
-                           f"{message}") from exc
-    return [int(p.shape[1]) for p in pooled]
-
-
-def _probe_width(teacher: Teacher, split: SplitData, device: torch.device, precision: str) -> int:
-    """One forward pass on two rows: proves the teacher runs on this data and measures its output width."""
+def _probe(teacher: Teacher, tap: LayerTap | None, split: SplitData, device: torch.device,
+           precision: str) -> tuple[int, list[int]]:
+    """One forward pass on two rows: proves the teacher runs on this data and measures its output width (and,
+    through `tap`, the widths of the pooled hidden layers to project)."""
     batch = split.collate([split.dataset[i] for i in range(min(2, len(split)))]) if len(split) else None
     if batch is None:
         raise KDCacheError(f"{split.source}: split {split.split!r} has no rows")
     try:
         with torch.inference_mode(), autocast(device, precision):
-            logits = teacher(split.prepare(batch, device))
+            inputs = split.prepare(batch, device)
+            logits, pooled = tap(inputs) if tap is not None else (teacher(inputs), [])
     except KDCacheError:
         raise
     except Exception as exc:  # noqa: BLE001 - any model error on this input is a user-facing mismatch
@@ -448,7 +438,7 @@ def _probe_width(teacher: Teacher, split: SplitData, device: torch.device, preci
         raise KDCacheError(f"teacher {teacher.spec} cannot run on {split.source}: {message}") from exc
     if logits.ndim != 2:
         raise KDCacheError(f"teacher {teacher.spec} returned shape {tuple(logits.shape)}; expected [batch, outputs]")
-    return int(logits.shape[1])
+    return int(logits.shape[1]), [int(p.shape[1]) for p in pooled]
 
 
 def _dataset_attrs(split: SplitData) -> dict[str, Any]:

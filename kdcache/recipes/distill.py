@@ -470,15 +470,11 @@ class _Context:
 
 
 def _arrays_of_epoch(ctx: _Context, epoch: int) -> tuple[str, ...]:
-    """The cached arrays one epoch needs: one, except for prokd switching checkpoints within an epoch (per step)."""
-    if ctx.method == "prokd":
-        if ctx.unit == "step" and ctx.prokd_lengths is None:
-            return tuple(ctx.arrays)
-        return (ctx.arrays[curricula.prokd_position(epoch, ctx.n, 0, ctx.steps_per_epoch, len(ctx.arrays), "epoch",
-                                                    ctx.prokd_lengths)],)
-    if ctx.plan is not None and (phase := ctx.plan.phase_at(epoch)) is not None:
-        return (phase.array,)
-    return (ctx.teacher_array,)
+    """The cached arrays one epoch needs: the one its first step reads, except for prokd switching checkpoints
+    within an epoch (equal blocks of steps), which needs them all."""
+    if ctx.method == "prokd" and ctx.unit == "step" and ctx.prokd_lengths is None:
+        return tuple(ctx.arrays)
+    return (_schedule(ctx, epoch, (epoch - 1) * ctx.steps_per_epoch)["array"],)
 
 
 def _schedule(ctx: _Context, epoch: int, step: int) -> dict[str, Any]:
