@@ -180,7 +180,7 @@ def _subprocess_env() -> Iterator[None]:
 def predict(model_dir: Path, grid: np.ndarray) -> np.ndarray:
     from kdcache.teachers import load_teacher
 
-    teacher = load_teacher(str(model_dir))
+    teacher = load_teacher(str(model_dir), trust_model_code=True)  # the table teacher is this file's own code
     with torch.inference_mode():
         return teacher(torch.from_numpy(grid.astype(np.float32)[:, None]))[:, 0].double().numpy()
 
@@ -221,7 +221,7 @@ def noise(kd: Runner, scale: str, seeds: int) -> str:
         with _subprocess_env():
             cache_seconds = kd("cache-teacher", "--teacher", teacher_dir, "--task", "tabular", "--data", task,
                                "--split", "train", "--split", "validation", "--dtype", "float32", "--out", cache,
-                               "--device", kd.device, "--no-progress", "--overwrite")
+                               "--device", kd.device, "--no-progress", "--overwrite", "--trust-model-code")
         teachers[kind]["cache_seconds"] = cache_seconds
         print(f"{kind} noise: teacher RMSE to the clean signal {teachers[kind]['rmse']:.4f} "
               f"(cache-teacher {cache_seconds:.0f} s)", flush=True)

@@ -11,7 +11,9 @@ Errors print one line (`error: ...`) and exit 1; `kdcache --debug ...` shows the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,12 +23,27 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdcache.errors import KDCacheError
+from kdcache.errors import Interrupted, KDCacheError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation from an offline teacher cache.")
 _state = {"debug": False}
 _out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+TRUST_HELP = ("Let a module:factory architecture (named by a flag or in a kdcache-model.json) import and run its Python "
+              "code; only for code you trust.")
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """Ctrl-C prints what the recipe kept and how to continue, then exits 130 (Typer alone would exit silently)."""
+    try:
+        yield
+    except Interrupted as exc:
+        print(f"interrupted: {str(exc).removeprefix('interrupted ')}", file=sys.stderr)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        print("interrupted; any cache being written is left incomplete and will not be used", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 def _version(value: bool) -> None:
@@ -77,6 +94,7 @@ def cache_teacher_cmd(
     hidden_layers: Annotated[Optional[str], typer.Option(help="Teacher layers to store random projections of (curriculum extraction): numbers (2,4,6) or module names.")] = None,
     proj_dim: Annotated[Optional[int], typer.Option(help="With --hidden-layers: dimension D of each projection.")] = None,
     proj_seed: Annotated[int, typer.Option(help="With --hidden-layers: seed of the Gaussian projection matrices (recorded).")] = 0,
+    trust_model_code: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run a teacher once over a dataset and store its outputs in a Zarr cache."""
@@ -96,8 +114,10 @@ def cache_teacher_cmd(
         overwrite=overwrite, resume=resume, codec=codec or fmt.DEFAULT_CODEC, chunk_rows=chunk_rows, workers=workers,
         data_options=options, progress=progress, command=" ".join(["kdcache", *sys.argv[1:]]),
         checkpoints=tuple(checkpoints or ()), hidden_layers=hidden_layers, proj_dim=proj_dim, proj_seed=proj_seed,
+        trust_model_code=trust_model_code,
     )
-    path = cache_teacher(cfg)
+    with _interrupts():
+        path = cache_teacher(cfg)
     summary = describe_cache(path)
     for s in summary["splits"]:
         rate = (summary["throughput"] or {}).get(s["name"], {}).get("rows_per_second")
@@ -230,6 +250,7 @@ def distill_cmd(
     resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,
     stop_after_epoch: Annotated[Optional[int], _Opt(help="Stop after this epoch (a preemptible job's slice; --resume later).")] = None,
+    trust_model_code: Annotated[bool, _Opt(help=TRUST_HELP)] = False,
     progress: Annotated[bool, _Opt(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a student against a teacher cache (the teacher is never loaded)."""
@@ -243,8 +264,9 @@ def distill_cmd(
         val_split=val_split, seed=seed, precision=precision, device=device, student_kwargs=student_kwargs,
         stream_mode=stream, save_every=save_every, resume=resume, overwrite=overwrite,
         stop_after_epoch=stop_after_epoch, progress=progress, checkpoint=checkpoint, kd_loss=kd_loss,
-        phase_epochs=phase_epochs, layer_map=layer_map)
-    _report_run(distill(cfg))
+        phase_epochs=phase_epochs, layer_map=layer_map, trust_model_code=trust_model_code)
+    with _interrupts():
+        _report_run(distill(cfg))
 
 
 @app.command("train")
@@ -283,6 +305,7 @@ def train_cmd(
     resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,
     stop_after_epoch: Annotated[Optional[int], _Opt(help="Stop after this epoch (--resume later).")] = None,
+    trust_model_code: Annotated[bool, _Opt(help=TRUST_HELP)] = False,
     progress: Annotated[bool, _Opt(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline."""
@@ -300,8 +323,9 @@ def train_cmd(
             subset=subset,
             label_names=[n.strip() for n in label_names.split(",")] if label_names else None),
         resume=resume,
-        overwrite=overwrite, stop_after_epoch=stop_after_epoch, progress=progress)
-    _report_run(distill(cfg))
+        overwrite=overwrite, stop_after_epoch=stop_after_epoch, progress=progress, trust_model_code=trust_model_code)
+    with _interrupts():
+        _report_run(distill(cfg))
 
 
 @app.command("verify")
@@ -316,13 +340,16 @@ def verify_cmd(
     batch_size: Annotated[int, _Opt(help="Rows per teacher forward pass.")] = 64,
     rtol: Annotated[Optional[float], _Opt(help="Relative tolerance of recomputed logits (default: by dtype and precision).")] = None,
     atol: Annotated[Optional[float], _Opt(help="Absolute tolerance of recomputed logits (default: by dtype and precision).")] = None,
+    trust_model_code: Annotated[bool, _Opt(help=TRUST_HELP)] = False,
     as_json: Annotated[bool, _Opt("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Check a cache: structure, completeness, every chunk checksum, digests; with --teacher, recompute a sample."""
     from kdcache.verify import verify_cache
 
-    report = verify_cache(cache, teacher=teacher, weights=weights, data=data, sample=sample, seed=seed, device=device,
-                          batch_size=batch_size, rtol=rtol, atol=atol)
+    with _interrupts():
+        report = verify_cache(cache, teacher=teacher, weights=weights, data=data, sample=sample, seed=seed,
+                              device=device,
+                              batch_size=batch_size, rtol=rtol, atol=atol, trust_model_code=trust_model_code)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -340,7 +367,8 @@ def demo_cmd(
     """The embedded default: digits teacher -> cache -> one student per method, and a table of the results."""
     from kdcache.demo import run_demo
 
-    result = run_demo(workdir, epochs=epochs, student_epochs=student_epochs, console=_out)
+    with _interrupts():
+        result = run_demo(workdir, epochs=epochs, student_epochs=student_epochs, console=_out)
     _print_info(result["cache"])
     table = Table("run", "best val accuracy", "epoch", "last", "seconds", "samples/s",
                   title=f"students: mlp {result['student']}, {result['epochs']} epochs; "
@@ -362,19 +390,40 @@ def _quiet_libraries() -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
+def _log_to_stderr() -> None:
+    """The recipes report what they do beyond the progress bar (e.g. the row a capture resumes at) on the
+    `kdcache` logger; the command line shows those lines on stderr."""
+    logger = logging.getLogger("kdcache")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("kdcache: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is when a line is logged (not when the handler was made)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
 def main() -> None:
-    """Console-script entry point: usage errors exit 2 (Typer's own), bad input one line and exit 1."""
+    """Console-script entry point: usage errors exit 2 (Typer's own), bad input one line and exit 1, Ctrl-C 130."""
     _quiet_libraries()
+    _log_to_stderr()
     try:
         app()  # standalone mode: Typer reports usage errors itself and exits
-    except KeyboardInterrupt:
-        print("error: interrupted; any cache being written is left incomplete and will not be used", file=sys.stderr)
-        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the user sees one line; --debug shows the traceback
         if _state["debug"]:
             raise
         if isinstance(exc, KDCacheError):
             print(f"error: {exc}", file=sys.stderr)
+        elif isinstance(exc, OSError) and exc.filename:  # a file the recipes did not expect to fail: still one line
+            print(f"error: {exc.filename}: {(exc.strerror or str(exc)).lower()}", file=sys.stderr)
+        elif isinstance(exc, MemoryError):
+            print("error: out of memory (a cache or dataset larger than this machine can hold?); rerun with --debug "
+                  "for the traceback", file=sys.stderr)
         else:
             detail = str(exc).splitlines()[0] if str(exc) else ""
             print(f"error: {type(exc).__name__}: {detail} (internal error; rerun with --debug for the traceback)",

@@ -5,3 +5,9 @@ from __future__ import annotations
 
 class KDCacheError(Exception):
     """A user-facing failure (bad input, a cache that cannot be trusted); the CLI prints it as one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a long job, carrying what was kept and how to continue; the CLI prints it and exits 130.
+
+    A KeyboardInterrupt still, so a script that catches Ctrl-C around a recipe keeps working."""

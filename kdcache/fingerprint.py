@@ -45,3 +45,13 @@ def fingerprint_features(features: np.ndarray) -> int:
 def dataset_digest(fingerprints: np.ndarray) -> str:
     """One SHA-256 over a split's fingerprints in row order: equal digests mean equal inputs, same order."""
     return hashlib.sha256(np.asarray(fingerprints, dtype="<u8").tobytes()).hexdigest()
+
+
+def labels_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise equality of labels, where two missing regression labels (NaN) are equal: labels are checked
+    against the cache like inputs, since a changed label changes what a student learns as surely."""
+    a, b = np.asarray(a), np.asarray(b)
+    same = a == b
+    if a.dtype.kind == "f" or b.dtype.kind == "f":
+        same |= np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64))
+    return same

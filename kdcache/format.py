@@ -7,6 +7,7 @@ chunk ends in a CRC32C checksum. `complete: true` is written last, after every c
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -64,3 +65,17 @@ def logits_dtype(name: str) -> np.dtype:
     if name not in LOGIT_DTYPES:
         raise ValueError(f"unknown logits dtype {name!r}; choose float16 or float32")
     return np.dtype(name)
+
+
+#: Every complete split records, per array, a digest of each chunk's rows (`chunk_digests`), so a chunk file that
+#: is swapped, duplicated or replaced is found at its place: a CRC32C only proves a chunk's bytes are intact.
+CHUNK_DIGEST_ALGORITHM = "sha256 of the chunk's rows (stored dtype, little-endian, C order), first 16 bytes, hex"
+#: The stored tokenizer's sha256 is recorded beside it; a blob or its files beyond these sizes are refused.
+MAX_TOKENIZER_BLOB_BYTES = 64 * 1024**2
+MAX_TOKENIZER_FILES_BYTES = 256 * 1024**2
+
+
+def chunk_digest(rows: np.ndarray) -> str:
+    """The digest of one chunk's rows as they are stored, binding content to its place in the manifest."""
+    little = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
+    return hashlib.sha256(little.tobytes()).hexdigest()[:32]

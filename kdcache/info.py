@@ -35,7 +35,9 @@ def describe_cache(path: str | Path) -> dict[str, Any]:
             splits.append({**dict.fromkeys(_SPLIT_KEYS), "name": name, "rows": group.attrs.get("rows"),
                            "complete": False, "missing_arrays": missing})
             continue
-        cache = TeacherCache(path, name, allow_incomplete=True)
+        # the same checks as every reader: shapes against attributes, and for a complete split its chunk files
+        # (an attribute claiming 10^12 rows is a one-line error, never a summary that calls the cache complete)
+        cache = TeacherCache(path, name, allow_incomplete=True, check_chunks=group.attrs.get("complete") is True)
         raw = cache.logits.nbytes
         stored = _disk_bytes(path / name / "logits")
         splits.append({

@@ -182,14 +182,21 @@ def _torchvision_names() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))  # classification models only
 
 
-def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build an untrained classifier by name: a kdcache name, then `module:factory`, then a torchvision name."""
+TRUST_HINT = ("kdcache imports and runs a model's Python code only when asked: pass --trust-model-code "
+              "(trust_model_code=True), as with transformers' trust_remote_code, and only for code you trust")
+
+
+def build_model(name: str, num_classes: int, *, trust_model_code: bool = False, **kwargs: Any) -> nn.Module:
+    """Build an untrained classifier by name: a kdcache name, then a torchvision name, then `module:factory`,
+    which imports and runs user code and so needs `trust_model_code`."""
     if name in _KDCACHE_MODELS:
         try:
             return _KDCACHE_MODELS[name](num_classes=num_classes, **kwargs)
         except TypeError as exc:
             raise KDCacheError(f"model {name!r}: bad arguments {sorted(kwargs)} ({exc})".splitlines()[0]) from exc
     if ":" in name:
+        if not trust_model_code:
+            raise KDCacheError(f"model {name!r} is Python code (module:factory); {TRUST_HINT}")
         return _from_factory(name, num_classes, kwargs)
     if name in _torchvision_names():
         if kwargs.get("weights") is not None or kwargs.get("pretrained"):

@@ -7,7 +7,6 @@ unreadable chunk into one line naming the split, array, chunk number and chunk f
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from pathlib import Path
@@ -97,33 +96,71 @@ def _is_chunk_key(array: zarr.Array, key: str) -> bool:
     return len(parts) == array.ndim and all(p.isdigit() for p in parts)
 
 
-def chunk_file_problems(array: zarr.Array, directory: Path, where: str) -> list[str]:
-    """Missing chunk files (Zarr would read them as the fill value) and chunk files outside the array's shape
-    (its shape was edited by hand), as one-line messages; one directory listing per array, so opening stays cheap."""
-    expected = {
-        array.metadata.encode_chunk_key(coords): coords[0]
-        for coords in itertools.product(*(range(n) for n in array.cdata_shape))
-    }
-    present = set()
+def _chunk_number(array: zarr.Array, key: str) -> int | None:
+    """The chunk number (along N) a file key names, or None when the key is no chunk of `array`."""
+    if not _is_chunk_key(array, key):
+        return None
+    sep = getattr(array.metadata.chunk_key_encoding, "separator", "/")
+    parts = key.split(sep)
+    parts = parts[1:] if parts[0] == "c" else parts
+    if any(int(p) != 0 for p in parts[1:]):
+        return -1  # a chunk beyond the single column of chunks a kdcache array has
+    return int(parts[0])
+
+
+def chunk_listing(array: zarr.Array, directory: Path) -> tuple[dict[int, str], list[str]]:
+    """The chunk files of `array` in one directory listing: {chunk number: key} of those within its shape, and
+    the keys of chunk-named files outside it. Costs what the files present cost, never what the shape claims."""
+    present: dict[int, str] = {}
+    outside: list[str] = []
+    nchunks = array.cdata_shape[0] if array.ndim else 1
     for folder, _, files in os.walk(directory):
         rel = Path(folder).relative_to(directory)
-        present.update((rel / f).as_posix() for f in files if f != "zarr.json")
+        for f in files:
+            key = (rel / f).as_posix()
+            number = None if f == "zarr.json" else _chunk_number(array, key)
+            if number is None:
+                continue
+            if 0 <= number < nchunks:
+                present[number] = key
+            else:
+                outside.append(key)
+    return present, outside
+
+
+def chunk_file_problems(array: zarr.Array, directory: Path, where: str) -> list[str]:
+    """Missing chunk files (Zarr would read them as the fill value) and chunk files outside the array's shape
+    (its shape was edited by hand), as one-line messages; one directory listing per array, so opening stays cheap.
+    The work and memory follow the files present, never the shape the metadata claims (which may be absurd)."""
+    present, outside = chunk_listing(array, directory)
+    nchunks = array.cdata_shape[0] if array.ndim else 1
     problems = []
-    for key in sorted(set(expected) - present, key=lambda k: expected[k]):
-        c = expected[key]
-        rows = f"rows {c * array.chunks[0]}:{min((c + 1) * array.chunks[0], array.shape[0])}"
-        problems.append(f"{where}, chunk {c} ({rows}): chunk file missing ({directory / key})")
-    for key in sorted(k for k in present - set(expected) if _is_chunk_key(array, k)):
+    if len(present) < nchunks:
+        missing, shown = nchunks - len(present), 0
+        for c in range(nchunks):  # stops after the first few: an absurd shape costs nothing more
+            if c in present:
+                continue
+            rows = f"rows {c * array.chunks[0]}:{min((c + 1) * array.chunks[0], array.shape[0])}"
+            problems.append(f"{where}, chunk {c} ({rows}): chunk file missing "
+                            f"({directory / array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))})")
+            shown += 1
+            if shown == 3 and missing > 3:
+                problems.append(f"{where}: {missing - 3} more chunk file(s) missing of {nchunks}")
+                break
+    for key in sorted(outside):
         problems.append(f"{where}: chunk file {directory / key} lies outside the array's {array.shape[0]} rows "
                         "(its shape was edited, or files were copied in)")
     return problems
 
 
-def read_checked(array: zarr.Array, directory: Path, where: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows start:stop of `array`, every chunk checked against its CRC32C and its file's presence.
+def read_checked(array: zarr.Array, directory: Path, where: str, start: int = 0, stop: int | None = None,
+                 digests: list[str] | None = None) -> np.ndarray:
+    """Rows start:stop of `array`, every chunk checked against its CRC32C, its file's presence and, given the
+    split's chunk manifest (`digests`, one per chunk), the digest recorded for its place.
 
     A failure is a KDCacheError naming the chunk and its file (found by re-reading chunk by chunk), never
-    Zarr's bare codec error and never a silent fill value.
+    Zarr's bare codec error, never a silent fill value, never a chunk that belongs elsewhere. With a manifest,
+    whole chunks are read (a chunk's digest covers all its rows) and the rows asked for are cut from them.
     """
     n, rows = array.shape[0], array.chunks[0]
     start, stop, _ = slice(start, stop).indices(n)
@@ -132,8 +169,9 @@ def read_checked(array: zarr.Array, directory: Path, where: str, start: int = 0,
         if not chunk_file(array, directory, c).is_file():
             raise KDCacheError(f"{where}, chunk {c} (rows {c * rows}:{min((c + 1) * rows, n)}): chunk file missing "
                                f"({chunk_file(array, directory, c)}); {RECREATE_HINT}")
+    first, last = (chunks.start * rows, min(chunks.stop * rows, n)) if digests is not None and chunks else (start, stop)
     try:
-        return np.asarray(array[start:stop])
+        block = np.asarray(array[first:last])
     except Exception as exc:  # noqa: BLE001 - codec pipelines raise ValueError, RuntimeError, OSError...
         for c in chunks:
             a, b = c * rows, min((c + 1) * rows, n)
@@ -143,6 +181,15 @@ def read_checked(array: zarr.Array, directory: Path, where: str, start: int = 0,
                 raise KDCacheError(f"{where}, chunk {c} (rows {a}:{b}): {_damage(inner)} "
                                    f"(file {chunk_file(array, directory, c)}); {RECREATE_HINT}") from exc
         raise KDCacheError(f"{where}, rows {start}:{stop}: read failed ({_first_line(exc)})") from exc
+    if digests is None:
+        return block
+    for c in chunks:
+        a, b = c * rows, min((c + 1) * rows, n)
+        if fmt.chunk_digest(block[a - first:b - first]) != digests[c]:
+            raise KDCacheError(f"{where}, chunk {c} (rows {a}:{b}): the chunk does not belong at this place (its "
+                               "content differs from the split's chunk manifest: the chunk file was swapped, "
+                               f"duplicated or replaced) (file {chunk_file(array, directory, c)}); {RECREATE_HINT}")
+    return block[start - first:stop - first]
 
 
 class TeacherCache:
@@ -184,16 +231,22 @@ class TeacherCache:
             self.index: zarr.Array = self.group["index"]
             self.fingerprint: zarr.Array = self.group["fingerprint"]
             self.extra_widths: dict[str, int] = {name: int(width) for name, width in extras.items()}
+            #: per array, the digest of each chunk (None for a split written before kdcache recorded them)
+            self.chunk_digests: dict[str, list[str]] | None = (self.split_attrs.get("chunk_digests") or {}).get("arrays")
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001 - a hand-damaged zarr.json of the split or of an array
             raise metadata_error(self.path, exc) from exc
         self._check_shapes()
+        #: what is wrong with the split's chunk manifest (empty when it is sound or absent); an unsound one is not used
+        self.manifest_problems = self._manifest_problems()
         if check_chunks if check_chunks is not None else not allow_incomplete:
-            problems = self.chunk_problems()
+            problems = self.chunk_problems() or self.manifest_problems
             if problems:
                 more = f" (and {len(problems) - 1} more chunk file problem(s))" if len(problems) > 1 else ""
                 raise KDCacheError(f"{problems[0]}{more}; {RECREATE_HINT}")
+        if self.manifest_problems:
+            self.chunk_digests = None
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self.arrays:
@@ -209,6 +262,10 @@ class TeacherCache:
         """The file of chunk number `chunk` (along N) of array `name`."""
         return chunk_file(self._array(name), self.path / self.split / name, chunk)
 
+    def present_chunks(self, name: str) -> list[int]:
+        """The chunk numbers of array `name` whose files exist, in order (one directory listing)."""
+        return sorted(chunk_listing(self._array(name), self.path / self.split / name)[0])
+
     def chunk_problems(self) -> list[str]:
         """Missing or out-of-shape chunk files of every array, as one-line messages (empty when all is well)."""
         return [p for name in self.names
@@ -219,8 +276,27 @@ class TeacherCache:
         return int(self.logits.chunks[0])
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows start:stop of array `name`, checksum-verified: damage is one KDCacheError line naming the chunk file."""
-        return read_checked(self._array(name), self.path / self.split / name, self.where(name), start, stop)
+        """Rows start:stop of array `name`, checksum-verified and checked against the split's chunk manifest: damage
+        or a chunk out of place is one KDCacheError line naming the chunk file."""
+        digests = self.chunk_digests.get(name) if self.chunk_digests is not None else None
+        return read_checked(self._array(name), self.path / self.split / name, self.where(name), start, stop, digests)
+
+    def _manifest_problems(self) -> list[str]:
+        """A chunk manifest must name one digest per chunk of every array (a split refuses one that does not)."""
+        if self.chunk_digests is None:
+            return []
+        meta = self.path / self.split / "zarr.json"
+        if not isinstance(self.chunk_digests, dict):
+            return [f"{meta}: attribute chunk_digests.arrays must map array names to lists of digests"]
+        nchunks = -(-len(self) // self.chunk_rows)
+        problems = []
+        for name in self.names:
+            listed = self.chunk_digests.get(name)
+            if not isinstance(listed, list) or len(listed) != nchunks:
+                count = len(listed) if isinstance(listed, list) else "no"
+                problems.append(f"{meta}: the chunk manifest lists {count} digest(s) for array {name!r}, which has "
+                                f"{nchunks} chunk(s)")
+        return problems
 
     def _check_shapes(self) -> None:
         n = self.split_attrs.get("rows")
@@ -301,22 +377,64 @@ def open_cache(path: str | Path, split: str = "train", *, allow_incomplete: bool
 
 
 def load_cache_tokenizer(path: str | Path) -> Any:
-    """The teacher's tokenizer as stored in a text cache, so students read exactly the token ids the teacher saw."""
-    import io
+    """The teacher's tokenizer as stored in a text cache, so students read exactly the token ids the teacher saw.
+
+    The blob must be the one recorded (its sha256), and neither it nor the files it unpacks to may exceed
+    `MAX_TOKENIZER_BLOB_BYTES` / `MAX_TOKENIZER_FILES_BYTES`: a hostile cache cannot fill the disk or the memory.
+    """
+    import hashlib
     import tempfile
-    import zipfile
 
     path = Path(path)
     root = open_root(path)
     if "tokenizer" not in root.array_keys():
         raise KDCacheError(f"{path}: this cache stores no tokenizer (not a text cache?)")
-    blob = read_checked(root["tokenizer"], path / "tokenizer", f"{path}: array 'tokenizer'").astype(np.uint8).tobytes()
+    array, where = root["tokenizer"], f"{path / 'tokenizer'}"
+    if array.ndim != 1 or array.dtype != np.uint8 or array.shape[0] > fmt.MAX_TOKENIZER_BLOB_BYTES:
+        raise KDCacheError(f"{where}: the stored tokenizer claims {array.shape} {array.dtype}, not at most "
+                           f"{fmt.MAX_TOKENIZER_BLOB_BYTES // 1024**2} MiB of bytes; the cache is damaged or hostile")
+    blob = read_checked(array, path / "tokenizer", f"{path}: array 'tokenizer'").tobytes()
+    recorded = array.attrs.get("sha256")
+    if recorded is not None and hashlib.sha256(blob).hexdigest() != recorded:
+        raise KDCacheError(f"{where}: the stored tokenizer's sha256 differs from the one recorded beside it (its chunk "
+                           f"was replaced); {RECREATE_HINT}")
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
-            archive.extractall(tmp)
+        _unzip_bounded(blob, Path(tmp), where)
         try:
             return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types
             raise KDCacheError(f"{path}/tokenizer: cannot load the stored tokenizer ({exc})".splitlines()[0]) from exc
+
+
+def _unzip_bounded(blob: bytes, folder: Path, where: str) -> None:
+    """Extract the flat zip of tokenizer files, refusing nested names and anything past the size limit (the
+    sizes in the zip's headers first, then the bytes actually produced, which a crafted header cannot hide)."""
+    import io
+    import zipfile
+
+    limit = fmt.MAX_TOKENIZER_FILES_BYTES
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            members = archive.infolist()
+            claimed = sum(m.file_size for m in members)
+            if claimed > limit:
+                biggest = max(members, key=lambda m: m.file_size)
+                raise KDCacheError(f"{where}: the stored tokenizer would unpack to {claimed:,} bytes (member "
+                                   f"{biggest.filename!r}: {biggest.file_size:,}), beyond the {limit:,}-byte limit; "
+                                   "the cache is damaged or hostile")
+            written = 0
+            for member in members:
+                name = member.filename
+                if "/" in name or "\\" in name or name in ("", ".", "..") or member.is_dir():
+                    raise KDCacheError(f"{where}: the stored tokenizer holds {name!r}, not a plain file name")
+                with archive.open(member) as source, open(folder / name, "wb") as target:
+                    while chunk := source.read(1 << 20):
+                        written += len(chunk)
+                        if written > limit:
+                            raise KDCacheError(f"{where}: member {name!r} of the stored tokenizer unpacks beyond the "
+                                               f"{limit:,}-byte limit; the cache is damaged or hostile")
+                        target.write(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise KDCacheError(f"{where}: the stored tokenizer is not a readable zip ({_first_line(exc)})") from exc

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.teachers import HF_CONFIG_FILE, MODEL_DIR_FILE, load_state_dict_file, save_model_dir
+from kdcache.teachers import (HF_CONFIG_FILE, MODEL_DIR_FILE, check_model_dir_code, load_state_dict_file,
+                              save_model_dir)
 
 
 @dataclass
@@ -44,8 +45,9 @@ class Student:
 
 
 def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None = None, tokenizer: Any = None,
-                  seed: int = 0) -> Student:
-    """A freshly initialised (seeded) or loaded student with `num_outputs` outputs, or a one-line error saying why not."""
+                  seed: int = 0, trust_model_code: bool = False) -> Student:
+    """A freshly initialised (seeded) or loaded student with `num_outputs` outputs, or a one-line error saying why not;
+    `trust_model_code` lets a `module:factory` architecture import and run (see kdcache.models.build_model)."""
     kwargs = dict(kwargs or {})
     torch.manual_seed(seed)
     path = Path(spec)
@@ -54,7 +56,7 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
     elif path.is_file() and path.suffix == ".json":
         student = _hf_config_file(path, num_outputs, tokenizer)
     elif path.is_dir() and (path / MODEL_DIR_FILE).is_file():
-        student = _kdcache_folder(path, num_outputs)
+        student = _kdcache_folder(path, num_outputs, trust_model_code)
     elif path.is_dir():
         raise KDCacheError(f"{path}: not a model folder (no {HF_CONFIG_FILE} or {MODEL_DIR_FILE})")
     elif "/" in spec or spec.startswith(".") or spec.endswith(".json"):
@@ -62,7 +64,8 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
     else:
         from kdcache.models import build_model
 
-        student = Student(build_model(spec, num_outputs, **kwargs), spec, "architecture", spec, kwargs)
+        model = build_model(spec, num_outputs, trust_model_code=trust_model_code, **kwargs)
+        student = Student(model, spec, "architecture", spec, kwargs)
     if tokenizer is not None and student.is_huggingface:
         vocab = getattr(student.model.config, "vocab_size", None)
         if vocab is not None and vocab < len(tokenizer):
@@ -112,18 +115,19 @@ def _hf_config_file(path: Path, num_outputs: int, tokenizer: Any) -> Student:
     return Student(model, str(path), "huggingface")
 
 
-def _kdcache_folder(path: Path, num_outputs: int) -> Student:
+def _kdcache_folder(path: Path, num_outputs: int, trust_model_code: bool) -> Student:
     from kdcache.models import build_model
 
     try:
         meta = json.loads((path / MODEL_DIR_FILE).read_text())
-        architecture, width = meta["architecture"], int(meta["num_classes"])
+        architecture, width = str(meta["architecture"]), int(meta["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KDCacheError(f"{path / MODEL_DIR_FILE}: unreadable model description ({exc})") from exc
+    check_model_dir_code(path, architecture, trust_model_code)
     if width != num_outputs:
         raise KDCacheError(f"student {path} has {width} outputs but the cache's teacher has {num_outputs}")
     kwargs = meta.get("kwargs") or {}
-    model = build_model(architecture, width, **kwargs)
+    model = build_model(architecture, width, trust_model_code=trust_model_code, **kwargs)
     load_state_dict_file(model, path / meta.get("weights", "model.pt"), what=f"architecture {architecture}")
     return Student(model, str(path), "kdcache", architecture, kwargs)
 

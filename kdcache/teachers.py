@@ -118,10 +118,20 @@ def save_model_dir(
     return directory
 
 
-def _build(architecture: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def _build(architecture: str, num_classes: int, kwargs: dict[str, Any], trust_model_code: bool) -> nn.Module:
     from kdcache.models import build_model
 
-    return build_model(architecture, num_classes, **kwargs) if kwargs else build_model(architecture, num_classes)
+    return build_model(architecture, num_classes, trust_model_code=trust_model_code, **kwargs)
+
+
+def check_model_dir_code(directory: Path, architecture: str, trust_model_code: bool) -> None:
+    """A model folder may name only registered architectures unless its Python code is trusted explicitly: a
+    folder is data, and data must never run code by being loaded."""
+    from kdcache.models import TRUST_HINT
+
+    if ":" in str(architecture) and not trust_model_code:
+        raise KDCacheError(f"{directory / MODEL_DIR_FILE}: architecture {architecture!r} is Python code "
+                           f"(module:factory), not a registered architecture; {TRUST_HINT}")
 
 
 def _load_hf(directory: Path, tokenizer: str | None) -> Teacher:
@@ -145,27 +155,30 @@ def _load_hf(directory: Path, tokenizer: str | None) -> Teacher:
     return Teacher(model, str(directory), "huggingface", weights_sha256(model), int(model.config.num_labels), names, tok)
 
 
-def _load_model_dir(directory: Path) -> Teacher:
+def _load_model_dir(directory: Path, trust_model_code: bool) -> Teacher:
     try:
         meta = json.loads((directory / MODEL_DIR_FILE).read_text())
-        architecture, num_classes = meta["architecture"], int(meta["num_classes"])
+        architecture, num_classes = str(meta["architecture"]), int(meta["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KDCacheError(f"{directory / MODEL_DIR_FILE}: unreadable model description ({exc})") from exc
-    model = _build(architecture, num_classes, meta.get("kwargs") or {})
+    check_model_dir_code(directory, architecture, trust_model_code)
+    model = _build(architecture, num_classes, meta.get("kwargs") or {}, trust_model_code)
     load_state_dict_file(model, directory / meta.get("weights", "model.pt"), what=f"architecture {architecture}")
     return Teacher(model, str(directory), "kdcache", weights_sha256(model), num_classes, meta.get("label_names"))
 
 
 def load_teacher(
-    spec: str, *, weights: str | Path | None = None, num_outputs: int | None = None, tokenizer: str | None = None
+    spec: str, *, weights: str | Path | None = None, num_outputs: int | None = None, tokenizer: str | None = None,
+    trust_model_code: bool = False,
 ) -> Teacher:
-    """Resolve a teacher spec to a model in eval mode; `num_outputs` sizes the head of bare architectures."""
+    """Resolve a teacher spec to a model in eval mode; `num_outputs` sizes the head of bare architectures.
+    `trust_model_code` lets a `module:factory` architecture (named here or in a model folder) import and run."""
     path = Path(spec)
     if path.is_dir():
         if (path / HF_CONFIG_FILE).is_file():
             teacher = _load_hf(path, tokenizer)
         elif (path / MODEL_DIR_FILE).is_file():
-            teacher = _load_model_dir(path)
+            teacher = _load_model_dir(path, trust_model_code)
         else:
             raise KDCacheError(f"{path}: not a model folder (no {HF_CONFIG_FILE} or {MODEL_DIR_FILE})")
     elif path.exists():
@@ -176,7 +189,7 @@ def load_teacher(
     else:
         if weights is None:
             raise KDCacheError(f"teacher {spec!r} is an architecture name: pass --weights FILE with its trained state dict")
-        model = _build(spec, num_outputs or 1, {})
+        model = _build(spec, num_outputs or 1, {}, trust_model_code)
         load_state_dict_file(model, weights, what=f"architecture {spec} with {num_outputs} outputs")
         teacher = Teacher(model, spec, "architecture", weights_sha256(model), None, None, weights=str(weights))
     if tokenizer and teacher.tokenizer is None:

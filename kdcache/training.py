@@ -5,8 +5,11 @@ The loop itself is the recipe in `kdcache/recipes/distill.py`; everything here i
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +19,7 @@ from torch import nn
 
 from kdcache.data.base import Batch, SplitData
 from kdcache.errors import KDCacheError
+from kdcache.fingerprint import labels_equal
 from kdcache.metrics import compute_metrics
 from kdcache.runtime import autocast
 from kdcache.stream import epoch_seed
@@ -64,7 +68,8 @@ class StudentInputs:
 
 
 def check_alignment(inputs: StudentInputs, cache: Any, source: str) -> None:
-    """Refuse to train unless the data re-read now is, row for row, the data the teacher saw (by fingerprint)."""
+    """Refuse to train unless the data re-read now is, row for row, the data the teacher saw: the same inputs (by
+    fingerprint) with the same labels (a relabelled row would silently teach the student another answer)."""
     where = f"{cache.path}/{cache.split}"
     if len(inputs) != len(cache):
         raise KDCacheError(f"{source}: has {len(inputs)} rows for split {cache.split!r} but the cache {where} has "
@@ -77,6 +82,15 @@ def check_alignment(inputs: StudentInputs, cache: Any, source: str) -> None:
         raise KDCacheError(f"{source}: row {row} (source index {index}) does not match the cache {where} "
                            f"(fingerprint {int(inputs.fingerprints[row]):016x} vs {int(stored[row]):016x}; "
                            f"{len(bad)} of {len(stored)} rows differ); the data changed since the teacher was cached")
+    stored_labels = cache.read("labels")
+    fresh = inputs.labels.numpy().astype(stored_labels.dtype)
+    wrong = np.flatnonzero(~labels_equal(stored_labels, fresh))
+    if len(wrong):
+        row = int(wrong[0])
+        index = int(cache.read("index", row, row + 1)[0])
+        raise KDCacheError(f"{source}: row {row} (source index {index}) has label {fresh[row]} but the cache {where} "
+                           f"holds {stored_labels[row]} ({len(wrong)} of {len(stored)} labels differ); the labels "
+                           "changed since the teacher was cached")
 
 
 class LabelBatches:
@@ -148,10 +162,48 @@ def build_lr_schedule(name: str, optimizer: torch.optim.Optimizer, *, total_step
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file and a rename, so a crash never leaves a half-written checkpoint."""
+    """torch.save through a temporary file and a rename, so a crash never leaves a half-written checkpoint.
+
+    Serialised in memory first and written with plain file I/O, so a full disk or a read-only folder is one
+    KDCacheError naming the file and the cause (torch's own writer reports them as an internal enforce failure).
+    """
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_error(path, exc) from exc
+
+
+def write_error(path: Path, exc: OSError) -> KDCacheError:
+    """One line for a failed write of a run's file: the file, and the cause in words (disk full, read-only...)."""
+    cause = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc)).lower()
+    return KDCacheError(f"{path}: {cause} while writing it; the run stopped (free space or choose another --out, "
+                        "then rerun with --resume)")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """last.pt loaded with torch's weights-only unpickler: tensors and plain values, never code, so a crafted file
+    in a run folder cannot run a command when a run is resumed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise KDCacheError(f"{path}: refusing to load it: it holds objects other than tensors and plain values, "
+                           "which kdcache never writes (a tampered or foreign file)") from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for unreadable files
+        raise KDCacheError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(state, dict):
+        raise KDCacheError(f"{path}: not a kdcache checkpoint (a {type(state).__name__}, not a mapping)")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

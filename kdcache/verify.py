@@ -21,7 +21,7 @@ import numpy as np
 
 from kdcache import format as fmt
 from kdcache.errors import KDCacheError
-from kdcache.fingerprint import dataset_digest
+from kdcache.fingerprint import dataset_digest, labels_equal
 from kdcache.reader import (RECREATE_HINT, TeacherCache, chunk_file_problems, metadata_error, open_root,
                             read_cache_attrs, read_checked)
 
@@ -102,6 +102,7 @@ def verify_cache(
     batch_size: int = 64,
     rtol: float | None = None,
     atol: float | None = None,
+    trust_model_code: bool = False,
 ) -> VerifyReport:
     """Run every check on the cache at `path` (and, given `teacher`, recompute `sample` random rows per split).
 
@@ -135,7 +136,8 @@ def verify_cache(
             caches[name] = cache
     if teacher is not None:
         _check_teacher(report, path, attrs, caches, teacher=teacher, weights=weights, data=data, sample=sample,
-                       seed=seed, device=device, batch_size=batch_size, rtol=rtol, atol=atol)
+                       seed=seed, device=device, batch_size=batch_size, rtol=rtol, atol=atol,
+                       trust_model_code=trust_model_code)
     return report
 
 
@@ -211,6 +213,13 @@ def _check_split(report: VerifyReport, path: Path, name: str, attrs: dict) -> Te
     nchunks = -(-len(cache) // cache.chunk_rows)
     report.add(f"{name}/chunk files", not missing_files, _listed(missing_files) if missing_files else
                f"all {nchunks * len(cache.names)} chunk files present")
+    if cache.split_attrs.get("complete") is True:
+        manifest = cache.manifest_problems
+        report.add(f"{name}/chunk manifest", not manifest, _listed(manifest) if manifest else
+                   f"one digest per chunk of all {len(cache.names)} arrays; each chunk read below must match its place"
+                   if cache.chunk_digests is not None else
+                   "none recorded (a cache written before kdcache bound chunks to their place): chunk positions are "
+                   "checked only through the digest of the fingerprints; write the cache again to bind them")
 
     # Every chunk of every array, one at a time (bounded memory), collecting what the later checks need.
     damaged, skipped = [], 0
@@ -219,13 +228,12 @@ def _check_split(report: VerifyReport, path: Path, name: str, attrs: dict) -> Te
     bad_labels, first_bad_label = 0, None
     width, kind = cache.num_outputs, cache.task_kind
     for array_name in cache.names:
-        for c in range(nchunks):
+        present = cache.present_chunks(array_name)  # what exists: a shape claiming 10^12 rows costs nothing more
+        skipped += nchunks - len(present)
+        if array_name == "fingerprint" and len(present) < nchunks:
+            fingerprints.append(None)
+        for c in present:
             a, b = c * cache.chunk_rows, min((c + 1) * cache.chunk_rows, len(cache))
-            if not cache.chunk_file(array_name, c).is_file():
-                skipped += 1
-                if array_name == "fingerprint":
-                    fingerprints.append(None)
-                continue
             try:
                 values = cache.read(array_name, a, b)
             except KDCacheError as exc:
@@ -250,7 +258,7 @@ def _check_split(report: VerifyReport, path: Path, name: str, attrs: dict) -> Te
         detail = f"{len(damaged)} of {total} chunks damaged: {_listed(damaged)}"
     else:
         detail = f"{total - skipped} of {total}" if skipped else f"all {total}"
-        detail += " chunks match their CRC32C"
+        detail += " chunks match their CRC32C" + (" and their place in the manifest" if cache.chunk_digests else "")
     report.add(f"{name}/checksums", not damaged and not skipped,
                detail + (f"; {skipped} not checked (chunk file missing)" if skipped else ""))
 
@@ -286,7 +294,7 @@ def _check_split(report: VerifyReport, path: Path, name: str, attrs: dict) -> Te
 
 def _check_teacher(report: VerifyReport, path: Path, attrs: dict, caches: dict[str, TeacherCache], *, teacher: str,
                    weights: str | Path | None, data: str | None, sample: int, seed: int, device: str,
-                   batch_size: int, rtol: float | None, atol: float | None) -> None:
+                   batch_size: int, rtol: float | None, atol: float | None, trust_model_code: bool) -> None:
     """Weights hash, then a sample of rows per split: fingerprints re-derived from the data, logits recomputed."""
     import torch
 
@@ -302,7 +310,8 @@ def _check_teacher(report: VerifyReport, path: Path, attrs: dict, caches: dict[s
     dev = resolve_device(device)
     if weights is None and not Path(teacher).is_dir() and recorded.get("spec") == teacher:
         weights = recorded.get("weights_file")  # an architecture name: the weights file the cache was written with
-    loaded = load_teacher(teacher, weights=weights, num_outputs=recorded.get("num_outputs"))
+    loaded = load_teacher(teacher, weights=weights, num_outputs=recorded.get("num_outputs"),
+                          trust_model_code=trust_model_code)
     loaded.model.to(dev)
     same = loaded.sha256 == recorded.get("sha256")
     report.add("teacher", same, f"weights sha256 {loaded.sha256[:16]}... match the cache's teacher" if same else
@@ -335,15 +344,17 @@ def _check_teacher(report: VerifyReport, path: Path, attrs: dict, caches: dict[s
         rows = np.sort(np.random.default_rng(seed).choice(len(cache), size=min(sample, len(cache)), replace=False))
         try:
             stored_fp = cache.read("fingerprint")[rows]
+            stored_labels = cache.read("labels")[rows]
             stored = _stored_rows(cache, rows)
         except KDCacheError as exc:
             report.add(f"{name}/sample", False, str(exc))
             continue
-        fresh_fp, fresh = [], []
+        fresh_fp, fresh, fresh_labels = [], [], []
         with torch.inference_mode():
             for i in range(0, len(rows), batch_size):
                 batch = split.collate([split.dataset[int(r)] for r in rows[i:i + batch_size]])
                 fresh_fp.append(np.asarray(batch.fingerprint, dtype=np.uint64))
+                fresh_labels.append(batch.labels.numpy())
                 try:
                     with autocast(dev, precision):
                         out = loaded(split.prepare(batch, dev))
@@ -357,6 +368,12 @@ def _check_teacher(report: VerifyReport, path: Path, attrs: dict, caches: dict[s
                    f"{len(differ)} of {len(rows)} sampled rows differ from {split.source}, "
                    f"first row {int(rows[differ[0]])}"
                    if len(differ) else f"{len(rows)} random rows of {split.source} match")
+        fresh_labels = np.concatenate(fresh_labels).astype(stored_labels.dtype)
+        wrong = np.flatnonzero(~labels_equal(stored_labels, fresh_labels))
+        report.add(f"{name}/sample labels", not len(wrong),
+                   f"{len(wrong)} of {len(rows)} sampled rows have another label in {split.source} than in the cache, "
+                   f"first row {int(rows[wrong[0]])} ({fresh_labels[wrong[0]]} vs {stored_labels[wrong[0]]})"
+                   if len(wrong) else f"the labels of {len(rows)} random rows of {split.source} match")
         if fresh.shape[1] != stored.shape[1]:
             report.add(f"{name}/teacher logits", False,
                        f"the teacher gives {fresh.shape[1]} outputs but the cache holds {stored.shape[1]}")

@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import shutil
+import stat
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ import zarr
 
 from kdcache import format as fmt
 from kdcache.errors import KDCacheError
+from kdcache.fingerprint import labels_equal
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero label chunk must still exist on disk
 
@@ -44,51 +46,79 @@ def read_root_attrs(path: Path) -> dict[str, Any] | None:
         return None
 
 
+#: A file kdcache writes into a new cache folder before anything else and removes when the cache is complete:
+#: only a folder holding it (and nothing but temporary files) was started by kdcache and may be cleaned up.
+WRITER_MARKER = ".kdcache-writer"
+
+
+def _started_by_kdcache(path: Path) -> bool:
+    """A folder that an interrupted kdcache writer created and left before its first file was in place."""
+    if not (path / WRITER_MARKER).is_file():
+        return False
+    return all(p.is_dir() or p.name.endswith(".partial") or p.name == WRITER_MARKER for p in path.rglob("*"))
+
+
 def check_destination(path: str | Path, overwrite: bool, resume: bool = False) -> bool:
     """Refuse an existing path unless asked, and never agree to replace something that is not a cache.
 
     Returns True when `path` holds an interrupted cache to resume (the default without --overwrite; the
-    settings are compared later, by CacheWriter). Deletes nothing, so a recipe can call it before its slow
-    work and a user learns about a taken --out path in a second, not after the teacher has run.
+    settings are compared later, by CacheWriter). The only thing it deletes is a folder kdcache itself started
+    (its marker inside) whose writer died before writing its first file; an existing empty folder is used as it
+    is. So a recipe can call it before its slow work, and a user learns about a taken --out path in a second.
     """
     path = Path(path)
     if overwrite and resume:
         raise KDCacheError("--overwrite and --resume contradict each other; pass one")
-    if not path.exists():
+    attrs = read_root_attrs(path) if path.is_dir() else None
+    is_cache = attrs is not None and attrs.get("format") == fmt.FORMAT_NAME
+    if path.is_dir() and not is_cache and _started_by_kdcache(path):
+        shutil.rmtree(path)  # killed before its first file was renamed into place: nothing of the user's is inside
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         if resume:
             raise KDCacheError(f"{path}: nothing to resume (no such cache)")
         return False
-    attrs = read_root_attrs(path)
-    is_cache = attrs is not None and attrs.get("format") == fmt.FORMAT_NAME
-    if path.is_dir() and not is_cache and all(p.is_dir() or p.name.endswith(".partial") for p in path.rglob("*")):
-        shutil.rmtree(path)  # killed before its first file was renamed into place: an empty cache folder
-        return check_destination(path, overwrite, resume)
     if not overwrite:
         if is_cache and not attrs.get("complete"):
             return True
         if resume and is_cache:
             raise KDCacheError(f"{path}: the cache is already complete; nothing to resume")
+        if not is_cache:
+            raise KDCacheError(f"{path}: already exists and is not a kdcache cache; choose another --out")
         raise KDCacheError(f"{path}: already exists; pass --overwrite to replace it")
-    if path.is_file() or (not is_cache and any(path.iterdir())):
+    if not is_cache:
         raise KDCacheError(f"{path}: refusing to overwrite: it exists and is not a kdcache cache")
     return False
 
 
 class WriteLock:
-    """An exclusive lock on a cache path for one writer, held with flock on `<path>.lock`.
+    """An exclusive lock on a cache path for one writer, held with flock on `<resolved path>.lock`.
 
     The kernel drops a flock when its process dies, however it dies (SIGKILL included), so a crashed writer
-    never leaves the cache locked; the file itself may stay behind and means nothing on its own.
+    never leaves the cache locked; the file itself may stay behind and means nothing on its own. The lock is
+    named from the path with every symbolic link resolved, so two spellings of one cache share one lock, and it
+    is opened without following a symbolic link, so a link planted at its name cannot make kdcache write elsewhere.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.file = self.path.with_name(self.path.name + ".lock")
+        resolved = Path(os.path.realpath(self.path))
+        self.file = resolved.with_name(resolved.name + ".lock")
         self._fd: int | None = None
 
     def acquire(self) -> "WriteLock":
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise KDCacheError(f"{self.file}: the writer's lock file is a symbolic link; refusing to use it "
+                                   "(remove it)") from None
+            raise KDCacheError(f"{self.file}: cannot open the writer's lock ({exc.strerror})") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise KDCacheError(f"{self.file}: the writer's lock is not a plain file of its own (a link or a "
+                               "device); refusing to use it (remove it)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -118,7 +148,7 @@ def _prepare_destination(path: Path, overwrite: bool) -> None:
     """check_destination, then clear an old cache that --overwrite replaces."""
     if check_destination(path, overwrite):
         raise KDCacheError(f"{path}: holds an incomplete cache (an interrupted run); resume it or pass --overwrite")
-    if path.exists():
+    if path.is_dir() and any(path.iterdir()):  # check_destination let through only a kdcache cache to replace
         shutil.rmtree(path)
 
 
@@ -166,6 +196,7 @@ class SplitWriter:
         self._flushed = 0  # rows already on disk
         self._skip = 0  # rows still to drop from the next writes (recomputed rows that are already on disk)
         self._digest = hashlib.sha256()
+        self._chunk_digests: dict[str, list[str]] = {key: [] for key in self.names}  # the split's chunk manifest
         if resume and name in group.group_keys():
             if all(key in group[name].array_keys() for key in self.names):
                 self._reopen(group[name], num_outputs)
@@ -207,9 +238,13 @@ class SplitWriter:
                                    "pass --overwrite to start again")
         self._buffers = {key: np.empty((self.chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
         self._flushed = int(group.attrs.get("rows_done", 0))
-        if self._flushed:
+        if self._flushed and not self.complete:
             done = np.asarray(self.arrays["fingerprint"][: self._flushed])
             self._digest.update(np.ascontiguousarray(done, dtype="<u8").tobytes())
+            # the manifest of the chunks already on disk (each read back through its CRC32C)
+            for start in range(0, self._flushed, self.chunk_rows):
+                for key, array in self.arrays.items():
+                    self._chunk_digests[key].append(fmt.chunk_digest(np.asarray(array[start:start + self.chunk_rows])))
 
     @property
     def rows_done(self) -> int:
@@ -245,10 +280,14 @@ class SplitWriter:
         if self._skip:
             drop = min(self._skip, len(logits))
             stored = np.asarray(self.arrays["fingerprint"][self._skip_at : self._skip_at + drop])
-            if not np.array_equal(stored, np.asarray(fingerprint[:drop], dtype=np.uint64)):
-                row = self._skip_at + int(np.flatnonzero(stored != np.asarray(fingerprint[:drop]))[0])
-                raise KDCacheError(f"{self._where()}split {self.name!r}, row {row}: the data differs from what the "
-                                   f"interrupted cache {self.path} was begun with; pass --overwrite to start again")
+            stored_labels = np.asarray(self.arrays["labels"][self._skip_at : self._skip_at + drop])
+            fresh_labels = np.asarray(labels[:drop], dtype=stored_labels.dtype)
+            same = (stored == np.asarray(fingerprint[:drop], dtype=np.uint64)) & labels_equal(stored_labels, fresh_labels)
+            if not same.all():
+                row = self._skip_at + int(np.flatnonzero(~same)[0])
+                raise KDCacheError(f"{self._where()}split {self.name!r}, row {row}: the data (input or label) differs "
+                                   f"from what the interrupted cache {self.path} was begun with; pass --overwrite to "
+                                   "start again")
             self._skip -= drop
             self._skip_at += drop
             logits, labels, index, fingerprint, *extras = (a[drop:] for a in (logits, labels, index, fingerprint,
@@ -306,6 +345,7 @@ class SplitWriter:
         try:
             for key, array in self.arrays.items():
                 array[start:stop] = self._buffers[key][: self._filled]
+                self._chunk_digests[key].append(fmt.chunk_digest(self._buffers[key][: self._filled]))
             self.group.attrs["rows_done"] = stop  # after the data: a crash before it just rewrites this block
         except OSError as exc:
             raise _storage_error(self.path, f"split {self.name!r} rows {start}:{stop}", exc) from exc
@@ -319,7 +359,10 @@ class SplitWriter:
             raise KDCacheError(f"split {self.name!r}: wrote {self._flushed} rows but the dataset has {self.rows}")
         digest = self._digest.hexdigest()
         try:
-            self.group.attrs.update({"dataset": {**dataset, "digest": digest}, "complete": True})
+            self.group.attrs.update({"dataset": {**dataset, "digest": digest},
+                                     "chunk_digests": {"algorithm": fmt.CHUNK_DIGEST_ALGORITHM,
+                                                       "arrays": self._chunk_digests},
+                                     "complete": True})
         except OSError as exc:
             raise _storage_error(self.path, f"split {self.name!r} attributes", exc) from exc
         return digest
@@ -340,9 +383,11 @@ class CacheWriter:
         _prepare_destination(self.path, overwrite)
         header = {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "complete": False}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.root = zarr.open_group(store=str(self.path), mode="w-",
-                                        attributes={**header, **attrs, "write_settings": settings or {}, "splits": []})
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / WRITER_MARKER).write_text(json.dumps({"pid": os.getpid(), "started": utc_now()}) + "\n")
+            self.root = zarr.create_group(store=str(self.path), overwrite=False,  # refuses an existing zarr.json
+                                          attributes={**header, **attrs, "write_settings": settings or {}, "splits": []})
+            (self.path / WRITER_MARKER).unlink()  # zarr.json is in place: from now on the folder is a (resumable) cache
         except OSError as exc:
             raise _storage_error(self.path, "the cache header", exc) from exc
 
@@ -356,6 +401,7 @@ class CacheWriter:
                                f"{differ}); rerun with the same teacher, data and storage flags, or pass --overwrite")
         for partial in self.path.rglob("*.partial"):  # temporary files of writes the crash cut short
             partial.unlink(missing_ok=True)
+        (self.path / WRITER_MARKER).unlink(missing_ok=True)  # killed just after zarr.json was written
         self.root = zarr.open_group(store=str(self.path), mode="r+")
 
     def add_split(self, name: str, **kwargs: Any) -> SplitWriter:
@@ -381,7 +427,7 @@ class CacheWriter:
                 data=payload,
                 chunks=(max(1, len(payload)),),
                 compressors=fmt.compressors("zstd3", 1),
-                attributes=attrs,
+                attributes={**attrs, "sha256": hashlib.sha256(data).hexdigest()},  # binds the blob to its place
                 config=_ARRAY_CONFIG,
             )
         except OSError as exc:

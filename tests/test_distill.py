@@ -17,6 +17,7 @@ from kdcache.models import resnet8
 from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
 from kdcache.recipes.distill import DistillConfig, distill
 from kdcache.teachers import load_teacher
+from cache_edits import refresh_manifest
 from teachers_for_tests import linear_digits, make_tiny_bert
 from test_cli import _one_error_line, run_cli
 
@@ -110,6 +111,7 @@ def test_distill_uses_the_cached_logits_not_a_teacher(tmp_path, digits_cache):
     logits = zarr.open_array(store=str(broken / "train" / "logits"), mode="r+")
     values = np.asarray(logits[:])
     logits[:] = values[np.random.default_rng(0).permutation(len(values))]  # right shape, wrong rows
+    refresh_manifest(broken)  # and a manifest to match: what the cache says is what the student learns
     bad = _digits_run(broken, tmp_path / "bad", "vanilla", alpha=0.0, epochs=15, lr=1e-2)
     assert bad["best_metric"] < good["best_metric"] - 0.3
 
@@ -250,7 +252,7 @@ def test_newer_format_version_is_refused(tmp_path, capsys, monkeypatch, digits_c
 
 
 def test_student_of_another_width_is_refused(tmp_path, capsys, monkeypatch, digits_cache):
-    args = ["distill", "--cache", digits_cache, "--student", "teachers_for_tests:three_outputs", "--epochs", "1",
+    args = ["distill", "--cache", digits_cache, "--student", "teachers_for_tests:three_outputs", "--trust-model-code", "--epochs", "1",
             "--out", tmp_path / "r", "--no-progress"]
     _one_error_line(*run_cli(args, capsys, monkeypatch)[::2], "3 outputs", "10")
 

@@ -64,16 +64,19 @@ def test_build_torchvision_name():
 
 
 def test_build_module_factory():
-    model = build_model("kdcache.models:resnet8", 3)
+    trusted = {"trust_model_code": True}
+    model = build_model("kdcache.models:resnet8", 3, **trusted)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
-    relu = build_model("torch.nn:ReLU", 3, inplace=True)  # takes no num_classes: called without it
+    relu = build_model("torch.nn:ReLU", 3, inplace=True, **trusted)  # takes no num_classes: called without it
     assert isinstance(relu, nn.ReLU) and relu.inplace
     with pytest.raises(KDCacheError, match=r"cannot import module 'no_such_pkg\.mod' \(No module named"):
-        build_model("no_such_pkg.mod:make", 3)
+        build_model("no_such_pkg.mod:make", 3, **trusted)
     with pytest.raises(KDCacheError, match="has no attribute 'nope'"):
-        build_model("kdcache.models:nope", 3)
+        build_model("kdcache.models:nope", 3, **trusted)
     with pytest.raises(KDCacheError, match="not a torch.nn.Module"):
-        build_model("kdcache.models:list_models", 3)
+        build_model("kdcache.models:list_models", 3, **trusted)
+    with pytest.raises(KDCacheError, match="is Python code .* --trust-model-code"):  # never imported unasked
+        build_model("kdcache.models:resnet8", 3)
 
 
 def test_unknown_name():

@@ -23,6 +23,7 @@ from kdcache.errors import KDCacheError
 from kdcache.reader import TeacherCache
 from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
 from kdcache.verify import tolerance, verify_cache
+from cache_edits import refresh_manifest
 from teachers_for_tests import linear_digits, make_tiny_bert
 from test_cli import _one_error_line, run_cli
 from test_distill import _distill_args, bert_student_config, sst2_copy  # noqa: F401 - fixtures
@@ -52,7 +53,7 @@ def weights(tmp_path_factory):
 def digits_cache(tmp_path_factory, weights):
     """Teacher (a) cached on the bundled digits, train and validation, in chunks of 256 rows."""
     out = tmp_path_factory.mktemp("digits") / "c.kdcache"
-    return cache_teacher(CacheTeacherConfig(teacher=TEACHER, weights=str(weights[0]), task="digits", out=out,
+    return cache_teacher(CacheTeacherConfig(teacher=TEACHER, trust_model_code=True, weights=str(weights[0]), task="digits", out=out,
                                             splits=("train", "validation"), chunk_rows=CHUNK, device="cpu",
                                             progress=False))
 
@@ -219,6 +220,7 @@ def test_a_consistent_wrong_n_within_the_last_chunk_is_caught_by_the_data_and_th
     """Every N edited to 1400 (still 6 chunk files): the cache opens; the data (distill) and digest (verify) differ."""
     copy = _copy(digits_cache, tmp_path)
     _set_rows(copy, 1400)
+    refresh_manifest(copy)  # edited consistently, the chunk manifest too
     assert len(kdcache.open_cache(copy, "train")) == 1400
     _one_error_line(*run_cli(_distill_args(copy, tmp_path / "r"), capsys, monkeypatch)[::2], "1437 rows", "1400")
     code, lines, _ = _verify([copy], capsys, monkeypatch)
@@ -283,7 +285,7 @@ def test_verify_passes_a_good_cache(digits_cache, capsys, monkeypatch):
     code, lines, err = _verify([digits_cache], capsys, monkeypatch)
     assert code == 0 and err == "", err
     assert not _failed(lines) and lines[-1].startswith("verdict: ok")
-    assert "ok    train/checksums: all 24 chunks match their CRC32C" in lines
+    assert "ok    train/checksums: all 24 chunks match their CRC32C and their place in the manifest" in lines
     code, out, _ = run_cli(["verify", digits_cache, "--json"], capsys, monkeypatch)
     report = json.loads(out)
     assert code == 0 and report["ok"] is True and all(c["ok"] for c in report["checks"])
@@ -318,6 +320,7 @@ def test_verify_checks_digest_finiteness_and_labels_behind_valid_checksums(tmp_p
     split["fingerprint"][700] = np.uint64(12345)
     split["logits"][900, 3] = np.nan
     split["labels"][100] = 10
+    refresh_manifest(copy)
     report = verify_cache(copy)
     failed = {c.name: c.detail for c in report.checks if not c.ok}
     assert set(failed) == {"train/digest", "train/logits finite", "train/labels"}, failed
@@ -326,7 +329,7 @@ def test_verify_checks_digest_finiteness_and_labels_behind_valid_checksums(tmp_p
 
 def test_verify_with_its_own_teacher_passes_and_reports_the_largest_difference(digits_cache, weights, capsys,
                                                                                monkeypatch):
-    code, lines, err = _verify([digits_cache, "--teacher", TEACHER, "--weights", weights[0], "--device", "cpu"],
+    code, lines, err = _verify([digits_cache, "--teacher", TEACHER, "--trust-model-code", "--weights", weights[0], "--device", "cpu"],
                                capsys, monkeypatch)
     assert code == 0, (lines, err)
     assert any(line.startswith("ok    teacher: weights sha256") for line in lines)
@@ -338,7 +341,7 @@ def test_verify_with_its_own_teacher_passes_and_reports_the_largest_difference(d
 
 
 def test_verify_with_a_different_teacher_fails(digits_cache, weights, capsys, monkeypatch):
-    code, lines, err = _verify([digits_cache, "--teacher", TEACHER, "--weights", weights[1], "--device", "cpu"],
+    code, lines, err = _verify([digits_cache, "--teacher", TEACHER, "--trust-model-code", "--weights", weights[1], "--device", "cpu"],
                                capsys, monkeypatch)
     assert code == 1 and err == "", err
     failed = [line.split(":")[0] for line in _failed(lines)]
@@ -351,8 +354,10 @@ def test_verify_with_the_teacher_catches_a_rewritten_logit_that_checksums_cannot
     copy = _copy(digits_cache, tmp_path)
     logits = zarr.open_group(str(copy), mode="r+")["train"]["logits"]
     logits[1000, 4] = logits[1000, 4] + np.float16(0.05)  # a small error, checksummed as if it were right
+    refresh_manifest(copy)  # and the chunk manifest rewritten to match: only the teacher can tell
     assert verify_cache(copy).ok
-    report = verify_cache(copy, teacher=TEACHER, weights=weights[0], sample=2000, device="cpu")
+    report = verify_cache(copy, teacher=TEACHER, weights=weights[0], sample=2000, device="cpu",
+                          trust_model_code=True)
     failed = {c.name: c.detail for c in report.checks if not c.ok}
     assert list(failed) == ["train/teacher logits"], failed
     detail = failed["train/teacher logits"]
@@ -380,7 +385,7 @@ def test_verify_refuses_what_it_cannot_verify_in_one_line(tmp_path, capsys, monk
     _one_error_line(*_verify([tmp_path / "plain.zarr"], capsys, monkeypatch)[::2], "not a kdcache cache")
     _one_error_line(*_verify([digits_cache, "--teacher", tmp_path / "no-teacher"], capsys, monkeypatch)[::2],
                     "no such teacher folder")
-    _one_error_line(*_verify([digits_cache, "--teacher", TEACHER, "--weights", tmp_path / "no.pt"],
+    _one_error_line(*_verify([digits_cache, "--teacher", TEACHER, "--trust-model-code", "--weights", tmp_path / "no.pt"],
                              capsys, monkeypatch)[::2], "no such weights file")
 
 

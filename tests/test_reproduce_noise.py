@@ -59,7 +59,7 @@ def test_subprocesses_can_build_the_table_teacher():
 
     from noise_toy import _subprocess_env
 
-    code = "from kdcache.models import build_model; print(type(build_model('noise_toy:table_teacher', 1, rows=3)).__name__)"
+    code = "from kdcache.models import build_model; print(type(build_model('noise_toy:table_teacher', 1, rows=3, trust_model_code=True)).__name__)"
     with _subprocess_env():
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert done.returncode == 0 and done.stdout.strip() == "TableTeacher", done.stderr[-2000:]

@@ -102,7 +102,7 @@ def huge_teacher(num_classes: int = 10) -> nn.Module:
 
 def _digits(teacher, weights, out, *extra):
     return ["cache-teacher", "--teacher", teacher, "--weights", weights, "--task", "digits", "--split", "train",
-            "--out", out, "--no-progress", *extra]
+            "--out", out, "--no-progress", "--trust-model-code", *extra]
 
 
 # ---------------------------------------------------------------------------------------------- missing files

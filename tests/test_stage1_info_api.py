@@ -33,7 +33,7 @@ def digits_cache(tmp_path_factory):
     torch.manual_seed(0)
     weights = root / "linear.pt"
     torch.save(linear_digits().state_dict(), weights)
-    cfg = CacheTeacherConfig(teacher="teachers_for_tests:linear_digits", weights=str(weights), task="digits",
+    cfg = CacheTeacherConfig(teacher="teachers_for_tests:linear_digits", trust_model_code=True, weights=str(weights), task="digits",
                              out=root / "digits.kdcache", splits=("train", "validation"), device="cpu",
                              progress=False, chunk_rows=CHUNK, data_options=DataOptions())
     return cache_teacher(cfg)

@@ -26,6 +26,9 @@ from kdcache.fingerprint import fingerprint_pixels
 
 IMAGE_TASKS = ("cifar10", "cifar100", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: The largest image file read (a zip member's size is checked in its header and again while it is read): a
+#: 1.6 MB zip must not become gigabytes in memory. Real photographs, ImageNet's largest included, are far smaller.
+MAX_IMAGE_FILE_BYTES = 64 * 1024**2
 
 #: name -> (mean, std) per RGB channel, applied after scaling pixels to [0, 1]; None means no normalisation.
 NORMALIZE_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]] | None] = {
@@ -129,12 +132,42 @@ class _PlaneImages(torch.utils.data.Dataset):
         return _item(self.planes[i].transpose(1, 2, 0), self.labels[i], i, self.image_size)
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """What protocol-2 pickles written by Python 3 use to rebuild a bytes object (`_codecs.encode`), and nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _Forbidden(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a bytes literal")
+    return text.encode("latin1")
+
+
+class _Forbidden(pickle.UnpicklingError):
+    """A pickle that names a callable a CIFAR batch never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR python batches (dicts of bytes, lists, ints and numpy arrays) and nothing else: a pickle
+    that names any other callable (os.system, builtins.eval, ...) is refused before that callable is ever looked up."""
+
+    _NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+              ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+              ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._NUMPY:
+            return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        raise _Forbidden(f"it names {module}.{name}, which a CIFAR batch never holds")
+
+
 def _read_pickle(path: Path, expected: str = "") -> dict:
     if not path.is_file():
         raise KDCacheError(f"{path}: missing{'; expected ' + expected if expected else ''}")
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except _Forbidden as exc:
+        raise KDCacheError(f"{path}: refused: not a plain CIFAR python batch ({exc}); kdcache unpickles only numpy "
+                           "arrays, lists, dicts, bytes and numbers") from None
     except Exception as exc:  # noqa: BLE001 - unpickling raises anything from EOFError to ValueError
         raise KDCacheError(f"{path}: not a readable CIFAR python pickle ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     if not isinstance(obj, dict):
@@ -296,12 +329,26 @@ def _resolve_split_folder(split: str, available: list[str], where: str) -> str:
 
 
 def _decode(raw: bytes, where: str) -> np.ndarray:
+    """RGB uint8 HWC pixels. 16-bit grayscale (PNG's I;16, or I from older Pillow) is scaled to 8 bits
+    (round(v * 255 / 65535)), not clipped at 255 as Pillow's convert("RGB") would; other high-depth modes
+    (32-bit integer or float samples) are refused rather than guessed."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
             img.load()
+            if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+                wide = np.asarray(img, dtype=np.uint32)
+                if wide.max(initial=0) > 65535:
+                    raise ValueError(f"mode {img.mode} holds values above 65535")
+                gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
+            if img.mode in ("I", "F"):
+                raise KDCacheError(f"{where}: {img.mode} image ({'32-bit integer' if img.mode == 'I' else 'float'} "
+                                   "samples), which has no agreed 8-bit reading; convert it to 8-bit RGB or grayscale")
             rgb = img.convert("RGB")
+    except KDCacheError:
+        raise
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
         raise KDCacheError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     return np.array(rgb, dtype=np.uint8)
@@ -328,12 +375,30 @@ class _FileImages(torch.utils.data.Dataset):
         return str(self.root / self.members[i])
 
     def read_bytes(self, i: int) -> bytes:
+        """The file's bytes, never more than MAX_IMAGE_FILE_BYTES: a size beyond it is refused before reading."""
+        limit = MAX_IMAGE_FILE_BYTES
         try:
             if self.zip_key is not None:
-                return _open_zip(self.zip_key).read(self.members[i])
-            return (self.root / self.members[i]).read_bytes()
+                archive = _open_zip(self.zip_key)
+                info = archive.getinfo(self.members[i])
+                if info.file_size > limit:
+                    raise KDCacheError(f"{self.where(i)}: expands to {info.file_size:,} bytes, beyond the "
+                                       f"{limit:,}-byte limit for one image file (a damaged or hostile zip)")
+                with archive.open(info) as member:
+                    raw = member.read(limit + 1)  # headers can lie: stop at the limit whatever they say
+            else:
+                path = self.root / self.members[i]
+                size = path.stat().st_size
+                if size > limit:
+                    raise KDCacheError(f"{self.where(i)}: {size:,} bytes, beyond the {limit:,}-byte limit for one "
+                                       "image file")
+                raw = path.read_bytes()
         except (OSError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             raise KDCacheError(f"{self.where(i)}: cannot read ({exc})".splitlines()[0]) from exc
+        if len(raw) > limit:
+            raise KDCacheError(f"{self.where(i)}: expands beyond the {limit:,}-byte limit for one image file "
+                               "(a damaged or hostile zip)")
+        return raw
 
     def size_of(self, i: int) -> tuple[int, int]:
         """(width, height) from the file header alone, without decoding the pixels."""

@@ -25,10 +25,12 @@ Features, and the flags that control them:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -44,7 +46,7 @@ import torch
 from kdcache import format as fmt
 from kdcache.data import DataOptions, SplitData, load_split, modality_of
 from kdcache.data.base import LABEL_IDS
-from kdcache.errors import KDCacheError
+from kdcache.errors import Interrupted, KDCacheError
 from kdcache.fingerprint import DIGEST_ALGORITHM, FINGERPRINT_ALGORITHM
 from kdcache.progress import progress_bar
 from kdcache.runtime import autocast, command_line, resolve_device, software_versions
@@ -52,6 +54,8 @@ from kdcache import hidden
 from kdcache.hidden import LayerTap, parse_layers, projection_matrix
 from kdcache.teachers import CHECKPOINT_FILE, Teacher, load_teacher
 from kdcache.writer import BackgroundWriter, CacheWriter, WriteLock, check_destination, utc_now
+
+log = logging.getLogger("kdcache")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class CacheTeacherConfig:
     hidden_layers: str | None = None  # e.g. "2,4,6" or "layers.0,layers.1": project these layers (curriculum)
     proj_dim: int | None = None
     proj_seed: int = 0
+    trust_model_code: bool = False  # let a module:factory architecture (flag or model folder) import and run
 
 
 @dataclass
@@ -201,7 +206,7 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
     # (a taken --out was refused above, before the slow work; an interrupted cache is resumed)
 
     # 1. Teacher and data, checked against each other before anything is written.
-    checkpoints = _load_checkpoints(checkpoint_dirs, cfg.tokenizer)
+    checkpoints = _load_checkpoints(checkpoint_dirs, cfg.tokenizer, cfg.trust_model_code)
     final = None
     if not cfg.teacher:  # the last checkpoint in training order is the trained teacher (already loaded)
         final = checkpoints.pop()
@@ -213,14 +218,16 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
     is_folder = Path(cfg.teacher).is_dir()
     if not is_folder:
         _check_teacher_spec(cfg.teacher, modality, cfg.tokenizer)
-    teacher = final.teacher if final else load_teacher(cfg.teacher, tokenizer=cfg.tokenizer) if is_folder else None
+    teacher = final.teacher if final else load_teacher(cfg.teacher, tokenizer=cfg.tokenizer,
+                                                                  trust_model_code=cfg.trust_model_code) if is_folder else None
     tokenizer = teacher.tokenizer if teacher else _standalone_tokenizer(cfg.tokenizer)
     splits = [load_split(cfg.task, cfg.data, s, tokenizer=tokenizer, options=cfg.data_options) for s in cfg.splits]
     if teacher is None:
         if splits[0].kind == "classification" and not splits[0].label_names:
             raise KDCacheError(f"{splits[0].source}: split {splits[0].split!r} has no labels, so the head of "
                                f"architecture teacher {cfg.teacher} cannot be sized; pass --label-names")
-        teacher = load_teacher(cfg.teacher, weights=cfg.weights, num_outputs=splits[0].num_labels, tokenizer=cfg.tokenizer)
+        teacher = load_teacher(cfg.teacher, weights=cfg.weights, num_outputs=splits[0].num_labels,
+                               tokenizer=cfg.tokenizer, trust_model_code=cfg.trust_model_code)
     teacher.model.to(device)
     tap = LayerTap(teacher.model, layers, what=f"teacher {teacher.spec}") if layers else None
     width, hidden_widths = _probe(teacher, tap, splits[0], device, cfg.precision)
@@ -299,9 +306,13 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
             if first and first == sink.rows_done:
                 first -= cfg.batch_size  # recompute one stored batch anyway: its fingerprints must match
             sink.skip(sink.rows_done - first)
+            if sink.rows_done:
+                log.info("resuming split %r at row %d of %d (rows 0-%d are on disk; the teacher recomputes from row "
+                         "%d, and those rows must match)", split.split, sink.rows_done, len(split), sink.rows_done - 1,
+                         first)
             task_id = bar.add_task(f"{split.split}", total=len(split), completed=first, rate="")
             start, done = time.perf_counter(), 0
-            with BackgroundWriter(sink.write) as background, torch.inference_mode():
+            with _on_interrupt(sink, split), BackgroundWriter(sink.write) as background, torch.inference_mode():
                 for batch in _loader(split, cfg, device, start=first):
                     _check_labels(split, batch.labels, batch.index, width)
                     inputs = split.prepare(batch, device)
@@ -323,6 +334,16 @@ def _cache_teacher(cfg: CacheTeacherConfig, device: torch.device, modality: str,
                                        "digest": digest, **({"resumed_at_row": first} if writer.resumed else {})}
     writer.finalize({"throughput": throughput, **({"resumed": utc_now()} if writer.resumed else {})})
     return Path(cfg.out)
+
+
+@contextlib.contextmanager
+def _on_interrupt(sink: Any, split: SplitData):
+    """Ctrl-C says how far the split got (every row before rows_done is on disk) and how to continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after row {sink.rows_done} of {len(split)} of split {split.split!r} (rows "
+                          f"0-{max(sink.rows_done - 1, 0)} are on disk); rerun the same command to continue") from None
 
 
 def _bad(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -383,14 +404,15 @@ def _checkpoint_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_checkpoints(folders: list[Path], tokenizer: str | None) -> list[_Checkpoint]:
+def _load_checkpoints(folders: list[Path], tokenizer: str | None, trust_model_code: bool) -> list[_Checkpoint]:
     """Load every checkpoint and put them in training order: by epoch when every one has an epoch, else as given."""
     loaded = []
     for folder in folders:
         if not folder.is_dir():
             raise KDCacheError(f"{folder}: a checkpoint must be a model folder")
         meta = _checkpoint_meta(folder)
-        loaded.append(_Checkpoint(load_teacher(str(folder), tokenizer=tokenizer), _checkpoint_name(folder),
+        loaded.append(_Checkpoint(load_teacher(str(folder), tokenizer=tokenizer, trust_model_code=trust_model_code),
+                                  _checkpoint_name(folder),
                                   meta["epoch"], meta["metric"]))
     if loaded and all(c.epoch is not None for c in loaded):
         loaded.sort(key=lambda c: c.epoch)

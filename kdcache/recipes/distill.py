@@ -21,6 +21,7 @@ Features, and the flags that control them:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,7 +37,7 @@ import torch
 
 from kdcache import curricula, losses, schedules
 from kdcache.data import DataOptions, load_split, modality_of
-from kdcache.errors import KDCacheError
+from kdcache.errors import Interrupted, KDCacheError
 from kdcache.presets import KD_LOSSES, METHODS, anneal_epochs, resolve
 from kdcache.progress import progress_bar
 from kdcache.reader import TeacherCache, load_cache_tokenizer, open_cache, read_cache_attrs
@@ -45,12 +46,13 @@ from kdcache.stream import LogitBatches
 from kdcache.students import build_student, save_student
 from kdcache.teachers import CHECKPOINT_FILE
 from kdcache.training import (LabelBatches, StudentInputs, build_lr_schedule, build_optimizer, check_alignment,
-                              evaluate, rng_state, save_atomic, set_rng_state)
+                              evaluate, load_checkpoint, rng_state, save_atomic, set_rng_state, write_error)
 from kdcache.writer import utc_now
 
 #: Fields of DistillConfig that do not change what a run computes: a resume may differ in these.
 #: Paths are left out too: the cache and data are identified by their digests, so a moved run or cache resumes.
-_NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data")
+_NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
+                 "trust_model_code")
 
 
 @dataclass
@@ -99,6 +101,7 @@ class DistillConfig:
     stop_after_epoch: int | None = None
     progress: bool = True
     command: str | None = None
+    trust_model_code: bool = False  # let a module:factory student (flag or model folder) import and run
 
 
 @dataclass
@@ -169,7 +172,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         arrays = [teacher_array]
 
     # 3. Student, optimiser, batches.
-    student = build_student(cfg.student, num_outputs, kwargs=cfg.student_kwargs, tokenizer=tokenizer, seed=cfg.seed)
+    student = build_student(cfg.student, num_outputs, kwargs=cfg.student_kwargs, tokenizer=tokenizer, seed=cfg.seed,
+                            trust_model_code=cfg.trust_model_code)
     student.model.to(device)
     _check_student_width(student, train, num_outputs, device)
     plan, tap, heads, trainable = None, None, None, student.model
@@ -200,7 +204,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     # 4. Run directory: fresh, or resumed from last.pt of the very same run.
     identity = _identity(cfg, hp, preset, teacher_attrs, train, _cached_sources(cfg, train.cache))
-    state = _prepare_run_dir(out, cfg, identity)
+    with _run_writes(out):
+        state = _prepare_run_dir(out, cfg, identity)
     start_epoch, step, best, stage1_best = 1, 0, None, None
     totals = {"train_seconds": 0.0, "train_samples": 0, "wall_seconds": 0.0}  # over every part of a resumed run
     if state is not None:
@@ -223,7 +228,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     # 5. The loop: one epoch of minibatches, an evaluation, the checkpoints.
     wall_start, wall_before = time.perf_counter(), totals["wall_seconds"]
-    with progress_bar(cfg.progress) as bar:
+    epoch = start_epoch
+    with progress_bar(cfg.progress) as bar, _run_writes(out), _on_interrupt(out, lambda: epoch, n, start_epoch - 1):
         task_id = bar.add_task(f"{cfg.method} {student.spec}", total=n * steps_per_epoch,
                                completed=(start_epoch - 1) * steps_per_epoch, rate="")
         for epoch in range(start_epoch, n + 1):
@@ -320,8 +326,31 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         **({"curriculum": plan.describe()} if plan is not None else {}),
         "hyperparameters": hp, "device": str(device), "finished": utc_now(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with _run_writes(out):
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _run_writes(out: Path):
+    """A failed write of the run folder (full disk, read-only file system) is one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(Path(exc.filename) if exc.filename else out, exc) from exc
+
+
+@contextlib.contextmanager
+def _on_interrupt(out: Path, current: Any, n: int, saved_before: int):
+    """Ctrl-C says where the run stopped and how to continue it (last.pt holds every finished epoch)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        epoch = current()
+        saved = epoch - 1 if epoch > saved_before else saved_before
+        kept = f"epochs 1-{saved} are saved in {out / 'last.pt'}" if saved else "no epoch was finished yet"
+        raise Interrupted(f"interrupted in epoch {epoch} of {n}; {kept}: rerun the same command with --resume to "
+                          "continue") from None
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -632,15 +661,16 @@ def _identity(cfg: DistillConfig, hp: dict, preset: str, teacher: dict, train: _
 
 
 def _prepare_run_dir(out: Path, cfg: DistillConfig, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """Create RUN_DIR, or load last.pt for --resume after proving it belongs to this very run."""
+    """Create RUN_DIR, or load last.pt for --resume after proving it belongs to this very run. A run stopped
+    before its first epoch was saved has no last.pt: --resume starts it again if its config.json is this run's."""
     last = out / "last.pt"
     if cfg.resume:
         if not last.is_file():
+            if _same_run(out / "config.json", identity):
+                (out / "metrics.jsonl").unlink(missing_ok=True)
+                return None
             raise KDCacheError(f"{last}: nothing to resume (no checkpoint of an earlier run)")
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            raise KDCacheError(f"{last}: unreadable checkpoint ({type(exc).__name__})") from exc
+        state = load_checkpoint(last)
         if state.get("identity") != identity:
             differ = _differences(state.get("identity") or {}, identity)
             raise KDCacheError(f"{last}: checkpoint of another run (differs in {', '.join(differ) or 'format'}); "
@@ -657,6 +687,15 @@ def _prepare_run_dir(out: Path, cfg: DistillConfig, identity: dict[str, Any]) ->
                                                  "software": software_versions(), "started": utc_now()},
                                                 indent=2, default=str) + "\n")
     return None
+
+
+def _same_run(config: Path, identity: dict[str, Any]) -> bool:
+    """Whether a run folder's config.json was written by this very run (same identity)."""
+    try:
+        recorded = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return {k: recorded.get(k) for k in identity} == identity
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
