@@ -387,3 +387,15 @@ def test_chunk_streaming_distils_and_resumes_like_an_uninterrupted_run(tmp_path,
     assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "full"))
     with pytest.raises(KDCacheError, match="stream_mode"):  # memory and chunk reading order batches differently
         _digits_run(digits_cache, tmp_path / "cut", resume=True, epochs=4, t_max=2)
+
+
+def test_a_digits_cache_of_the_first_rows_distils(tmp_path):
+    """--limit is recorded with the rows it kept, so distill re-reads those rows and no more."""
+    from kdcache.demo import train_digits_teacher
+
+    train_digits_teacher(tmp_path / "teacher", epochs=1)
+    cache = cache_teacher(CacheTeacherConfig(teacher=str(tmp_path / "teacher"), task="digits", out=tmp_path / "c.kdcache",
+                                             splits=("train", "validation"), device="cpu", progress=False,
+                                             data_options=DataOptions(limit=100)))
+    assert len(kdcache.open_cache(cache)) == 100
+    assert _digits_run(cache, tmp_path / "run", epochs=1)["epochs_done"] == 1

@@ -67,5 +67,6 @@ def load_digits_split(split: str, *, limit: int | None = None) -> SplitData:
         dataset=_Rows(pixels, bunch.target[order], order.astype(np.int64)),
         collate=_collate,
         prepare=_prepare,
-        preprocess={"features": "8x8 pixels flattened to 64, divided by 16", "split_rule": "permutation(seed=0)[:1437|1437:]"},
+        preprocess={"features": "8x8 pixels flattened to 64, divided by 16", "split_rule": "permutation(seed=0)[:1437|1437:]",
+                    "limit": limit},  # recorded, so distill re-reads the very rows that were cached
     )
