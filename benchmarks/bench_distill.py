@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 
 from kdcache.data import DataOptions, load_split
-from kdcache.losses import vanilla_kd_loss
+from kdcache.methods.losses import vanilla_kd_loss
 from kdcache.models import build_model
 from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
 from kdcache.recipes.distill import DistillConfig, distill
 from kdcache.runtime import resolve_device
-from kdcache.training import LabelBatches, StudentInputs, build_optimizer
+from kdcache.train.batches import LabelBatches
+from kdcache.train.inputs import StudentInputs
+from kdcache.train.optim import build_optimizer
 
 DATA = Path(os.environ.get("KDCACHE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache import format as fmt
-from kdcache.info import describe_cache
-from kdcache.writer import BackgroundWriter, CacheWriter
+from kdcache.cache import codecs, schema
+from kdcache.cache.info import describe_cache
+from kdcache.cache.writer import BackgroundWriter, CacheWriter
 
 
 def _logit_sets(rows: int):
@@ -31,18 +31,19 @@ def _logit_sets(rows: int):
     return module.make_logit_sets(rows, quick=False)
 
 
-def write_once(logits: np.ndarray, path: Path, batch: int, dtype: str) -> float:
+def write_once(logits: np.ndarray, path: Path | str, batch: int, dtype: str) -> float:
     """Rows per second through the writer, from the first put to the closed, complete cache."""
     n, c = logits.shape
     labels, index = logits.argmax(1), np.arange(n)
     fps = np.arange(n, dtype=np.uint64) * np.uint64(2654435761)
     start = time.perf_counter()
     writer = CacheWriter(path, {"teacher": {"num_outputs": c}}, overwrite=True)
-    split = writer.add_split("train", rows=n, num_outputs=c, kind="classification", dtype=dtype, codec=fmt.DEFAULT_CODEC,
-                             chunk_rows=fmt.default_chunk_rows(c, np.dtype(dtype).itemsize))
+    split = writer.add_split("train", rows=n, num_outputs=c, kind="classification", dtype=dtype,
+                             codec=codecs.DEFAULT_CODEC, chunk_rows=schema.default_chunk_rows(c, np.dtype(dtype).itemsize))
     with BackgroundWriter(split.write) as background:
         for s in range(0, n, batch):
-            background.put(logits[s:s + batch], labels[s:s + batch], index[s:s + batch], fps[s:s + batch])
+            background.put({"logits": logits[s:s + batch], "labels": labels[s:s + batch], "index": index[s:s + batch],
+                            "fingerprint": fps[s:s + batch]})
     split.close({"n": n})
     writer.finalize()
     return n / (time.perf_counter() - start)

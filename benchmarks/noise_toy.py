@@ -146,7 +146,7 @@ def write_task(folder: Path, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> 
 
 def write_teacher(folder: Path, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     """The table teacher over every split's points, as a kdcache model folder `cache-teacher --teacher` loads."""
-    from kdcache.teachers import save_model_dir
+    from kdcache.models.teachers import save_model_dir
 
     x = np.concatenate([d[0] for d in data.values()]).astype(np.float32)
     y = np.concatenate([d[1] for d in data.values()]).astype(np.float32)
@@ -178,7 +178,7 @@ def _subprocess_env() -> Iterator[None]:
 # --- evaluation --------------------------------------------------------------------------------------------------
 
 def predict(model_dir: Path, grid: np.ndarray) -> np.ndarray:
-    from kdcache.teachers import load_teacher
+    from kdcache.models.teachers import load_teacher
 
     teacher = load_teacher(str(model_dir), trust_model_code=True)  # the table teacher is this file's own code
     with torch.inference_mode():

@@ -17,20 +17,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from kdcache.cli import options as o
 from kdcache.errors import Interrupted, KDCacheError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Knowledge distillation from an offline teacher cache.")
 _state = {"debug": False}
 _out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-TRUST_HELP = ("Let a module:factory architecture (named by a flag or in a kdcache-model.json) import and run its Python "
-              "code; only for code you trust.")
 
 
 @contextlib.contextmanager
@@ -42,7 +41,7 @@ def _interrupts():
         print(f"interrupted: {str(exc).removeprefix('interrupted ')}", file=sys.stderr)
         raise typer.Exit(130) from None
     except KeyboardInterrupt:
-        print("interrupted; any cache being written is left incomplete and will not be used", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
 
 
@@ -62,79 +61,83 @@ def _root(
     _state["debug"] = debug
 
 
+def _storage(items: list[str] | None) -> dict[str, Any]:
+    from kdcache.cache.store import parse_storage_options
+
+    return parse_storage_options(items)
+
+
+def _data_options(**flags: Any) -> Any:
+    """The reading flags shared by cache-teacher and train, as the loaders' options."""
+    from kdcache.data import DataOptions
+
+    names = flags.pop("label_names")
+    return DataOptions(**flags, label_names=[n.strip() for n in names.split(",")] if names else None)
+
+
 @app.command("cache-teacher")
 def cache_teacher_cmd(
-    task: Annotated[str, typer.Option(help="sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits tabular")],
-    out: Annotated[Path, typer.Option(help="Cache path to create (a Zarr v3 folder).")],
-    teacher: Annotated[Optional[str], typer.Option(help="HF model folder, kdcache model folder, or architecture name (with --weights); default with --checkpoints: the last checkpoint.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Dataset file or folder (GLUE task folder, CIFAR folder, image tree or zip).")] = None,
+    task: o.Task, out: o.CacheOut,
+    teacher: Annotated[Optional[str], typer.Option(help="HF model folder, kdcache model folder, or architecture name "
+                                                        "(with --weights); default with --checkpoints: the last "
+                                                        "checkpoint.")] = None,
+    data: o.Data = None,
     split: Annotated[list[str], typer.Option(help="Split to cache; repeat for several (train, validation, test).")] = ["train"],
-    weights: Annotated[Optional[Path], typer.Option(help="State-dict file for an architecture-name teacher.")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder, when the teacher folder has none.")] = None,
+    weights: o.Weights = None, tokenizer: o.Tokenizer = None,
     batch_size: Annotated[int, typer.Option(help="Rows per teacher forward pass.")] = 64,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
+    device: o.Device = "auto",
     dtype: Annotated[str, typer.Option(help="Stored logits dtype: float16 or float32.")] = "float16",
-    precision: Annotated[str, typer.Option(help="Teacher compute: fp32, or bf16/fp16 autocast.")] = "fp32",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at --out.")] = False,
-    resume: Annotated[bool, typer.Option(help="Finish an interrupted cache at --out (also done by default when its settings match).")] = False,
+    precision: o.Precision = "fp32", overwrite: o.Overwrite = False,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted cache at --out (also done by default when its "
+                                              "settings match).")] = False,
     codec: Annotated[Optional[str], typer.Option(help="Logits codec (see docs/cache-format.md).")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per chunk (default: about 512 KiB of logits).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: auto).")] = None,
-    max_length: Annotated[int, typer.Option(help="Text: truncate token sequences to this length.")] = 128,
-    text_column: Annotated[Optional[str], typer.Option(help="Text task: column with the text.")] = None,
-    text_pair_column: Annotated[Optional[str], typer.Option(help="Text task: column with the second text of a pair.")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Text task: column with the label.")] = None,
-    label_names: Annotated[Optional[str], typer.Option(help="Text task: comma-separated label names, in id order.")] = None,
-    regression: Annotated[bool, typer.Option(help="Text task: float labels (one teacher output).")] = False,
-    normalize: Annotated[Optional[str], typer.Option(help="Images: cifar10, cifar100, imagenet or none.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Images: resize + center-crop to this size.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Cache only the first N rows of each split.")] = None,
-    subset: Annotated[Optional[int], typer.Option(help="Cache N rows spread evenly over each split (after --limit).")] = None,
-    checkpoints: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint folders or a glob ('run/checkpoints/epoch-*'), stored in training order for Pro-KD; repeatable.")] = None,
-    hidden_layers: Annotated[Optional[str], typer.Option(help="Teacher layers to store random projections of (curriculum extraction): numbers (2,4,6) or module names.")] = None,
+    max_length: o.MaxLength = 128, text_column: o.TextColumn = None, text_pair_column: o.TextPairColumn = None,
+    label_column: o.LabelColumn = None, label_names: o.LabelNames = None, regression: o.Regression = False,
+    normalize: o.Normalize = None, image_size: o.ImageSize = None, limit: o.Limit = None, subset: o.Subset = None,
+    checkpoints: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint folders or a glob "
+                                                                  "('run/checkpoints/epoch-*'), stored in training "
+                                                                  "order for Pro-KD; repeatable.")] = None,
+    hidden_layers: Annotated[Optional[str], typer.Option(help="Teacher layers to store random projections of "
+                                                              "(curriculum extraction): numbers (2,4,6) or module "
+                                                              "names.")] = None,
     proj_dim: Annotated[Optional[int], typer.Option(help="With --hidden-layers: dimension D of each projection.")] = None,
-    proj_seed: Annotated[int, typer.Option(help="With --hidden-layers: seed of the Gaussian projection matrices (recorded).")] = 0,
-    trust_model_code: Annotated[bool, typer.Option(help=TRUST_HELP)] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    proj_seed: Annotated[int, typer.Option(help="With --hidden-layers: seed of the Gaussian projection matrices.")] = 0,
+    trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
 ) -> None:
     """Run a teacher once over a dataset and store its outputs in a Zarr cache."""
-    from kdcache import format as fmt
-    from kdcache.data import DataOptions
-    from kdcache.info import describe_cache
+    from kdcache.cache import codecs
+    from kdcache.cache.info import describe_cache
     from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
 
-    options = DataOptions(
-        max_length=max_length, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
-        label_names=[n.strip() for n in label_names.split(",")] if label_names else None, regression=regression,
-        normalize=normalize, image_size=image_size, limit=limit, subset=subset,
-    )
+    options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
+                            label_column=label_column, label_names=label_names, regression=regression,
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset)
+    storage = _storage(storage_option)
     cfg = CacheTeacherConfig(
         teacher=teacher, task=task, out=out, data=data, splits=tuple(split), weights=str(weights) if weights else None,
         tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype, precision=precision,
-        overwrite=overwrite, resume=resume, codec=codec or fmt.DEFAULT_CODEC, chunk_rows=chunk_rows, workers=workers,
+        overwrite=overwrite, resume=resume, codec=codec or codecs.DEFAULT_CODEC, chunk_rows=chunk_rows, workers=workers,
         data_options=options, progress=progress, command=" ".join(["kdcache", *sys.argv[1:]]),
         checkpoints=tuple(checkpoints or ()), hidden_layers=hidden_layers, proj_dim=proj_dim, proj_seed=proj_seed,
-        trust_model_code=trust_model_code,
-    )
+        trust_model_code=trust_model_code, storage_options=storage)
     with _interrupts():
-        path = cache_teacher(cfg)
-    summary = describe_cache(path)
+        location = cache_teacher(cfg)
+    summary = describe_cache(location, storage)
     for s in summary["splits"]:
         rate = (summary["throughput"] or {}).get(s["name"], {}).get("rows_per_second")
         _out.print(f"cached {s['name']}: {s['rows']} rows x {s['logits_shape'][1]} outputs, "
                    f"{s['bytes_per_sample']} bytes/sample, {rate} rows/s")
-    _out.print(f"wrote {path}")
+    _out.print(f"wrote {location}")
 
 
 @app.command("info")
-def info_cmd(
-    cache: Annotated[Path, typer.Argument(help="Cache path.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-) -> None:
+def info_cmd(cache: o.CacheArg, as_json: o.Json = False, storage_option: o.StorageOption = None) -> None:
     """Show what a cache holds: splits, shapes, teacher, dataset, size and completeness."""
-    from kdcache.info import describe_cache
+    from kdcache.cache.info import describe_cache
 
-    summary = describe_cache(cache)
+    summary = describe_cache(cache, _storage(storage_option))
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -179,11 +182,25 @@ def _print_info(s: dict) -> None:
     _out.print(table)
 
 
-# Flags shared by `distill` and `train`; None means "the preset's value" (kdcache/presets.py).
-def _training_config(flag: str = "--student-kwargs", **kw):
-    from kdcache.recipes.distill import DistillConfig
+def _report_run(summary: dict) -> None:
+    metric = summary["metric_name"]
+    if summary["best_metric"] is None:  # e.g. stopped inside curriculum's projection phases: no candidate yet
+        best = f"no best {metric} yet (no epoch eligible so far)"
+    else:
+        best = f"best {metric} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}"
+    last = f"{summary['last_metric']:.4f}" if summary["last_metric"] is not None else "-"
+    _out.print(f"{summary.get('objective') or summary['method']} {summary['student']}: {best} (last {last}"
+               + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
+               + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
+               f"{summary['wall_seconds']:.1f} s")
+    if summary.get("selection_note"):
+        print(f"note: {summary['selection_note']}", file=sys.stderr)
 
-    student_kwargs = kw.pop("student_kwargs")
+
+def _training(flag: str, student_kwargs: str | None, **kw: Any) -> Any:
+    """The flags shared by `distill` and `train` as the recipe's config; None means the preset's value."""
+    from kdcache.train.config import DistillConfig
+
     try:
         parsed = json.loads(student_kwargs) if student_kwargs else {}
     except ValueError as exc:
@@ -193,163 +210,100 @@ def _training_config(flag: str = "--student-kwargs", **kw):
     return DistillConfig(student_kwargs=parsed, command=" ".join(["kdcache", *sys.argv[1:]]), **kw)
 
 
-def _report_run(summary: dict) -> None:
-    metric = summary["metric_name"]
-    if summary["best_metric"] is None:  # e.g. stopped inside curriculum's projection phases: no candidate yet
-        best = f"no best {metric} yet (no epoch eligible so far)"
-    else:
-        best = f"best {metric} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}"
-    last = f"{summary['last_metric']:.4f}" if summary["last_metric"] is not None else "-"
-    _out.print(f"{summary['method']} {summary['student']}: {best} (last {last}"
-               + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
-               + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
-               f"{summary['wall_seconds']:.1f} s")
-    if summary.get("selection_note"):
-        print(f"note: {summary['selection_note']}", file=sys.stderr)
-
-
-_Opt = typer.Option
-
-
 @app.command("distill")
 def distill_cmd(
-    cache: Annotated[Path, _Opt(help="Teacher cache (from cache-teacher) with a train split.")],
-    student: Annotated[str, _Opt(help="Student: HF folder or config .json, kdcache model folder, or architecture name.")],
-    out: Annotated[Path, _Opt(help="Run folder: metrics.jsonl, summary.json, best/, last.pt.")],
-    method: Annotated[str, _Opt(help="continuation | vanilla | annealing | ce | prokd | curriculum")] = "continuation",
-    epochs: Annotated[Optional[int], _Opt(help="Epochs n (preset: cifar 200, glue 30, small 30).")] = None,
-    data: Annotated[Optional[str], _Opt(help="Dataset location, when it moved since caching (same meaning as cache-teacher --data).")] = None,
-    preset: Annotated[str, _Opt(help="auto | cifar | glue | small: the defaults of every flag below.")] = "auto",
-    t_max: Annotated[Optional[int], _Opt(help="Continuation/Annealing: maximum temperature T_max.")] = None,
-    margin: Annotated[Optional[float], _Opt(help="Continuation: hinge margin m.")] = None,
-    psi: Annotated[Optional[str], _Opt(help="Continuation: psi schedule cifar | glue | linear:E | step:K | constant:V.")] = None,
-    reduction: Annotated[str, _Opt(help="Continuation hinge: sample | batch | element.")] = "sample",
-    alpha: Annotated[Optional[float], _Opt(help="Vanilla KD: weight of the hard-label term.")] = None,
-    temperature: Annotated[Optional[float], _Opt(help="Vanilla KD: softening temperature.")] = None,
-    anneal_epochs: Annotated[Optional[int], _Opt(help="Annealing-KD: stage-1 epochs K.")] = None,
-    lr: Annotated[Optional[float], _Opt(help="Peak learning rate.")] = None,
-    batch_size: Annotated[Optional[int], _Opt(help="Minibatch size.")] = None,
-    optimizer: Annotated[Optional[str], _Opt(help="sgd | adamw | adam.")] = None,
-    weight_decay: Annotated[Optional[float], _Opt(help="Weight decay (not on biases and norms).")] = None,
-    momentum: Annotated[Optional[float], _Opt(help="SGD momentum.")] = None,
-    lr_schedule: Annotated[Optional[str], _Opt(help="constant | linear | cosine.")] = None,
-    warmup_ratio: Annotated[Optional[float], _Opt(help="Fraction of steps of linear warm-up.")] = None,
-    max_grad_norm: Annotated[Optional[float], _Opt(help="Clip gradients to this norm.")] = None,
-    schedule_unit: Annotated[str, _Opt(help="epoch | step: when T and psi move.")] = "epoch",
-    val_split: Annotated[Optional[str], _Opt(help="Cache split to select the best checkpoint on (default: validation, else test; none).")] = None,
-    seed: Annotated[int, _Opt(help="Seed of the student's initialisation and of the batch order.")] = 0,
-    precision: Annotated[str, _Opt(help="fp32, or bf16/fp16 autocast.")] = "fp32",
-    device: Annotated[str, _Opt(help="auto (CUDA when present), cpu, cuda, cuda:N.")] = "auto",
-    student_kwargs: Annotated[Optional[str], _Opt(help="JSON arguments for an architecture-name student.")] = None,
-    stream: Annotated[str, _Opt(help="Logit reading: auto | memory | chunks.")] = "auto",
-    save_every: Annotated[Optional[int], _Opt(help="Also save the student every N epochs under checkpoints/.")] = None,
-    checkpoint: Annotated[Optional[str], _Opt(help="Distil from this cached teacher checkpoint (see kdcache info) instead of the trained teacher.")] = None,
-    kd_loss: Annotated[Optional[str], _Opt(help="prokd, curriculum: logit loss vanilla (default) | continuation.")] = None,
-    phase_epochs: Annotated[Optional[str], _Opt(help="curriculum: epochs of each projection phase, e.g. 5,5 (default: half the run, shared); prokd: epochs per checkpoint (default: equal blocks).")] = None,
-    layer_map: Annotated[Optional[str], _Opt(help="curriculum: teacher layer -> student layer or module, e.g. 2:1,4:2 (default: spread).")] = None,
-    resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
-    overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,
-    stop_after_epoch: Annotated[Optional[int], _Opt(help="Stop after this epoch (a preemptible job's slice; --resume later).")] = None,
-    trust_model_code: Annotated[bool, _Opt(help=TRUST_HELP)] = False,
-    progress: Annotated[bool, _Opt(help="Show a progress bar.")] = True,
+    cache: o.CacheOpt,
+    student: Annotated[str, typer.Option(help="Student: HF folder or config .json, kdcache model folder, or "
+                                              "architecture name.")],
+    out: o.RunOut, method: o.Method = "continuation", epochs: o.Epochs = None, data: o.DataMoved = None,
+    preset: o.Preset = "auto", t_max: o.TMax = None, margin: o.Margin = None, psi: o.Psi = None,
+    reduction: o.Reduction = "sample", alpha: o.Alpha = None, temperature: o.Temperature = None,
+    anneal_epochs: o.AnnealEpochs = None, lr: o.Lr = None, batch_size: o.BatchSize = None,
+    optimizer: o.Optimizer = None, weight_decay: o.WeightDecay = None, momentum: o.Momentum = None,
+    lr_schedule: o.LrSchedule = None, warmup_ratio: o.WarmupRatio = None, max_grad_norm: o.MaxGradNorm = None,
+    schedule_unit: o.ScheduleUnit = "epoch", val_split: o.ValSplit = None, seed: o.Seed = 0,
+    precision: o.Precision = "fp32", device: o.Device = "auto",
+    student_kwargs: Annotated[Optional[str], typer.Option(help="JSON arguments for an architecture-name student.")] = None,
+    stream: o.Stream = "auto", save_every: o.SaveEvery = None, checkpoint: o.Checkpoint = None,
+    kd_loss: o.KdLoss = None, phase_epochs: o.PhaseEpochs = None, layer_map: o.LayerMap = None,
+    resume: o.Resume = False, overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None,
+    trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
 ) -> None:
     """Train a student against a teacher cache (the teacher is never loaded)."""
     from kdcache.recipes.distill import distill
 
-    cfg = _training_config(
-        cache=cache, student=student, out=out, method=method, epochs=epochs, data=data, preset=preset, t_max=t_max,
-        margin=margin, psi=psi, reduction=reduction, alpha=alpha, temperature=temperature, anneal_epochs=anneal_epochs,
-        lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
-        lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, schedule_unit=schedule_unit,
-        val_split=val_split, seed=seed, precision=precision, device=device, student_kwargs=student_kwargs,
-        stream_mode=stream, save_every=save_every, resume=resume, overwrite=overwrite,
+    cfg = _training(
+        "--student-kwargs", student_kwargs, cache=cache, student=student, out=out, method=method, epochs=epochs,
+        data=data, preset=preset, t_max=t_max, margin=margin, psi=psi, reduction=reduction, alpha=alpha,
+        temperature=temperature, anneal_epochs=anneal_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+        weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, schedule_unit=schedule_unit, val_split=val_split, seed=seed, precision=precision,
+        device=device, stream_mode=stream, save_every=save_every, resume=resume, overwrite=overwrite,
         stop_after_epoch=stop_after_epoch, progress=progress, checkpoint=checkpoint, kd_loss=kd_loss,
-        phase_epochs=phase_epochs, layer_map=layer_map, trust_model_code=trust_model_code)
+        phase_epochs=phase_epochs, layer_map=layer_map, trust_model_code=trust_model_code,
+        storage_options=_storage(storage_option))
     with _interrupts():
         _report_run(distill(cfg))
 
 
 @app.command("train")
 def train_cmd(
-    model: Annotated[str, _Opt(help="Model: HF folder or config .json, kdcache model folder, or architecture name.")],
-    task: Annotated[str, _Opt(help="sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits tabular")],
-    out: Annotated[Path, _Opt(help="Run folder: metrics.jsonl, summary.json, best/, last.pt.")],
-    data: Annotated[Optional[str], _Opt(help="Dataset file or folder (as for cache-teacher).")] = None,
-    epochs: Annotated[Optional[int], _Opt(help="Epochs (preset default).")] = None,
-    tokenizer: Annotated[Optional[str], _Opt(help="Text: tokenizer folder (default: the model folder's).")] = None,
-    preset: Annotated[str, _Opt(help="auto | cifar | glue | small.")] = "auto",
-    lr: Annotated[Optional[float], _Opt(help="Peak learning rate.")] = None,
-    batch_size: Annotated[Optional[int], _Opt(help="Minibatch size.")] = None,
-    optimizer: Annotated[Optional[str], _Opt(help="sgd | adamw | adam.")] = None,
-    weight_decay: Annotated[Optional[float], _Opt(help="Weight decay.")] = None,
-    momentum: Annotated[Optional[float], _Opt(help="SGD momentum.")] = None,
-    lr_schedule: Annotated[Optional[str], _Opt(help="constant | linear | cosine.")] = None,
-    warmup_ratio: Annotated[Optional[float], _Opt(help="Fraction of steps of linear warm-up.")] = None,
-    max_grad_norm: Annotated[Optional[float], _Opt(help="Clip gradients to this norm.")] = None,
-    val_split: Annotated[Optional[str], _Opt(help="Split to select the best checkpoint on (default: validation if present; none).")] = None,
-    seed: Annotated[int, _Opt(help="Seed.")] = 0,
-    precision: Annotated[str, _Opt(help="fp32, or bf16/fp16 autocast.")] = "fp32",
-    device: Annotated[str, _Opt(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    student_kwargs: Annotated[Optional[str], _Opt("--model-kwargs", help="JSON arguments for an architecture name.")] = None,
-    save_every: Annotated[Optional[int], _Opt(help="Save the model every N epochs under checkpoints/ (for Pro-KD).")] = None,
-    max_length: Annotated[int, _Opt(help="Text: truncate token sequences to this length.")] = 128,
-    text_column: Annotated[Optional[str], _Opt(help="Text task: column with the text.")] = None,
-    text_pair_column: Annotated[Optional[str], _Opt(help="Text task: column with the second text of a pair.")] = None,
-    label_column: Annotated[Optional[str], _Opt(help="Text task: column with the label.")] = None,
-    label_names: Annotated[Optional[str], _Opt(help="Text task: comma-separated label names, in id order.")] = None,
-    regression: Annotated[bool, _Opt(help="Text task: float labels (one output).")] = False,
-    normalize: Annotated[Optional[str], _Opt(help="Images: cifar10, cifar100, imagenet or none.")] = None,
-    image_size: Annotated[Optional[int], _Opt(help="Images: resize + center-crop to this size.")] = None,
-    limit: Annotated[Optional[int], _Opt(help="Use only the first N rows of each split.")] = None,
-    subset: Annotated[Optional[int], _Opt(help="Use N rows spread evenly over each split (after --limit).")] = None,
-    resume: Annotated[bool, _Opt(help="Continue the run in --out from its last.pt.")] = False,
-    overwrite: Annotated[bool, _Opt(help="Replace an existing run in --out.")] = False,
-    stop_after_epoch: Annotated[Optional[int], _Opt(help="Stop after this epoch (--resume later).")] = None,
-    trust_model_code: Annotated[bool, _Opt(help=TRUST_HELP)] = False,
-    progress: Annotated[bool, _Opt(help="Show a progress bar.")] = True,
+    model: Annotated[str, typer.Option(help="Model: HF folder or config .json, kdcache model folder, or "
+                                            "architecture name.")],
+    task: o.Task, out: o.RunOut, data: o.Data = None, epochs: o.Epochs = None, tokenizer: o.Tokenizer = None,
+    preset: o.Preset = "auto", lr: o.Lr = None, batch_size: o.BatchSize = None, optimizer: o.Optimizer = None,
+    weight_decay: o.WeightDecay = None, momentum: o.Momentum = None, lr_schedule: o.LrSchedule = None,
+    warmup_ratio: o.WarmupRatio = None, max_grad_norm: o.MaxGradNorm = None, val_split: o.ValSplit = None,
+    seed: o.Seed = 0, precision: o.Precision = "fp32", device: o.Device = "auto", model_kwargs: o.ModelKwargs = None,
+    save_every: o.SaveEvery = None, max_length: o.MaxLength = 128, text_column: o.TextColumn = None,
+    text_pair_column: o.TextPairColumn = None, label_column: o.LabelColumn = None, label_names: o.LabelNames = None,
+    regression: o.Regression = False, normalize: o.Normalize = None, image_size: o.ImageSize = None,
+    limit: o.Limit = None, subset: o.Subset = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
+    stop_after_epoch: o.StopAfterEpoch = None, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
 ) -> None:
-    """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline."""
-    from kdcache.data import DataOptions
+    """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline (distill's `ce` method
+    without a cache)."""
     from kdcache.recipes.distill import distill
 
-    cfg = _training_config(
-        "--model-kwargs", cache=None, student=model, task=task, out=out, method="ce", data=data, epochs=epochs,
-        tokenizer=tokenizer, preset=preset, lr=lr, batch_size=batch_size, optimizer=optimizer,
-        weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, val_split=val_split,
-        seed=seed, precision=precision, device=device, student_kwargs=student_kwargs, save_every=save_every,
-        data_options=DataOptions(
-            max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
-            label_column=label_column, regression=regression, normalize=normalize, image_size=image_size, limit=limit,
-            subset=subset,
-            label_names=[n.strip() for n in label_names.split(",")] if label_names else None),
-        resume=resume,
-        overwrite=overwrite, stop_after_epoch=stop_after_epoch, progress=progress, trust_model_code=trust_model_code)
+    options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
+                            label_column=label_column, label_names=label_names, regression=regression,
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset)
+    cfg = _training(
+        "--model-kwargs", model_kwargs, cache=None, student=model, task=task, out=out, method="ce", data=data,
+        epochs=epochs, tokenizer=tokenizer, preset=preset, lr=lr, batch_size=batch_size, optimizer=optimizer,
+        weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, val_split=val_split, seed=seed, precision=precision, device=device,
+        save_every=save_every, data_options=options, resume=resume, overwrite=overwrite,
+        stop_after_epoch=stop_after_epoch, progress=progress, trust_model_code=trust_model_code)
     with _interrupts():
         _report_run(distill(cfg))
 
 
 @app.command("verify")
 def verify_cmd(
-    cache: Annotated[Path, typer.Argument(help="Cache path.")],
-    teacher: Annotated[Optional[str], _Opt(help="Also recompute sampled rows with this teacher (as for cache-teacher).")] = None,
-    weights: Annotated[Optional[Path], _Opt(help="State-dict file for an architecture-name teacher.")] = None,
-    data: Annotated[Optional[str], _Opt(help="Dataset location, when it moved since caching (default: the cache's).")] = None,
-    sample: Annotated[int, _Opt(help="With --teacher: random rows per split to recompute.")] = 256,
-    seed: Annotated[int, _Opt(help="Seed of the row sample.")] = 0,
-    device: Annotated[str, _Opt(help="Device for the teacher: auto, cpu, cuda, cuda:N.")] = "auto",
-    batch_size: Annotated[int, _Opt(help="Rows per teacher forward pass.")] = 64,
-    rtol: Annotated[Optional[float], _Opt(help="Relative tolerance of recomputed logits (default: by dtype and precision).")] = None,
-    atol: Annotated[Optional[float], _Opt(help="Absolute tolerance of recomputed logits (default: by dtype and precision).")] = None,
-    trust_model_code: Annotated[bool, _Opt(help=TRUST_HELP)] = False,
-    as_json: Annotated[bool, _Opt("--json", help="Print machine-readable JSON.")] = False,
+    cache: o.CacheArg,
+    teacher: Annotated[Optional[str], typer.Option(help="Also recompute sampled rows with this teacher (as for "
+                                                        "cache-teacher).")] = None,
+    weights: o.Weights = None,
+    data: Annotated[Optional[str], typer.Option(help="Dataset location, when it moved since caching (default: the "
+                                                     "cache's).")] = None,
+    sample: Annotated[int, typer.Option(help="With --teacher: random rows per split to recompute.")] = 256,
+    seed: o.Seed = 0, device: o.Device = "auto",
+    batch_size: Annotated[int, typer.Option(help="Rows per teacher forward pass.")] = 64,
+    rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance of recomputed logits (default: by dtype "
+                                                       "and precision).")] = None,
+    atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance of recomputed logits (default: by dtype "
+                                                       "and precision).")] = None,
+    trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, as_json: o.Json = False,
 ) -> None:
-    """Check a cache: structure, completeness, every chunk checksum, digests; with --teacher, recompute a sample."""
-    from kdcache.verify import verify_cache
+    """Check a cache: structure, completeness, every chunk's checksum and place, digests; with --teacher, recompute a
+    sample."""
+    from kdcache.recipes.verify import verify_cache
 
     with _interrupts():
         report = verify_cache(cache, teacher=teacher, weights=weights, data=data, sample=sample, seed=seed,
-                              device=device,
-                              batch_size=batch_size, rtol=rtol, atol=atol, trust_model_code=trust_model_code)
+                              device=device, batch_size=batch_size, rtol=rtol, atol=atol,
+                              trust_model_code=trust_model_code, storage_options=_storage(storage_option))
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -365,7 +319,7 @@ def demo_cmd(
     student_epochs: Annotated[Optional[int], typer.Option(help="Student epochs (default 60).")] = None,
 ) -> None:
     """The embedded default: digits teacher -> cache -> one student per method, and a table of the results."""
-    from kdcache.demo import run_demo
+    from kdcache.recipes.demo import run_demo
 
     with _interrupts():
         result = run_demo(workdir, epochs=epochs, student_epochs=student_epochs, console=_out)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import platform
 import sys
+from pathlib import Path
 from importlib import metadata
 from typing import Any
 
@@ -58,6 +61,32 @@ def software_versions() -> dict[str, Any]:
         "numcodecs": _version("numcodecs"),
         "python": platform.python_version(),
     }
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save through memory, a temporary file and a rename: a crash never leaves a half-written file, and a
+    full disk or a read-only folder is an OSError naming the file (torch's own writer reports them as an internal
+    enforce failure)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def utc_now() -> str:
+    """The time stamps kdcache records (ISO-8601, UTC, seconds)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def command_line() -> str:

@@ -11,7 +11,7 @@ import zarr
 def refresh_manifest(copy: Path) -> None:
     """Recompute every split's chunk manifest from the arrays as they now are: what a hostile (or very careful)
     editor does after rewriting values through Zarr, so the checks behind the manifest can be tested too."""
-    from kdcache import format as fmt
+    from kdcache.cache import codecs, schema as fmt
 
     root = zarr.open_group(str(copy), mode="r+")
     for name in root.group_keys():
@@ -21,3 +21,16 @@ def refresh_manifest(copy: Path) -> None:
         manifest["arrays"] = {key: [fmt.chunk_digest(np.asarray(group[key][a:a + rows]))
                                     for a in range(0, group[key].shape[0], rows)] for key in manifest["arrays"]}
         group.attrs["chunk_digests"] = manifest
+
+
+def interrupted_at(cache: Path, split: str, rows_done: int) -> dict:
+    """The split attributes a writer killed after `rows_done` rows would have left: rows_done and the chained
+    digest of the chunks before it (what a resume checks the stored chunks against)."""
+    from kdcache.cache import schema
+
+    group = zarr.open_group(str(cache), mode="r")[split]
+    names = (*schema.BASE_ARRAYS, *(group.attrs.get("extra_arrays") or {}))
+    rows, chain = group["logits"].chunks[0], ""
+    for start in range(0, rows_done, rows):
+        chain = schema.chain_digest(chain, [schema.chunk_digest(np.asarray(group[n][start:start + rows])) for n in names])
+    return {"rows_done": rows_done, "chunk_chain": chain}

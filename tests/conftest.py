@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -76,4 +77,37 @@ def digits_weights(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "linear.pt"
     torch.save(linear_digits().state_dict(), path)
+    return path
+
+
+# --- caches and configs of real data that tests in several folders use -------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    """A linear teacher trained for a few steps on the bundled digits, cached for train and validation."""
+    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+    from kdcache.recipes.demo import train_digits_teacher
+
+    root = tmp_path_factory.mktemp("digits")
+    train_digits_teacher(root / "teacher", epochs=3)
+    return cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher"), task="digits", out=root / "c.kdcache",
+                                            splits=("train", "validation"), device="cpu", progress=False))
+
+
+@pytest.fixture(scope="module")
+def sst2_copy(tmp_path_factory, glue_dir):
+    """The first 60 rows of real SST-2 train and dev, in a folder of our own (so tests can edit or delete it)."""
+    folder = tmp_path_factory.mktemp("sst2") / "SST-2"
+    folder.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        lines = (glue_dir / "SST-2" / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        (folder / name).write_text("".join(lines[:61]), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_student_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("student") / "bert-1layer.json"
+    path.write_text(json.dumps({"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 256}))
     return path

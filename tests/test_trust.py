@@ -25,10 +25,10 @@ import kdcache
 from kdcache.errors import Interrupted, KDCacheError
 from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
 from kdcache.recipes.distill import DistillConfig, distill
-from kdcache.teachers import save_model_dir
-from kdcache.verify import verify_cache
-from kdcache.writer import WriteLock
-from test_cli import _one_error_line, run_cli
+from kdcache.models.teachers import save_model_dir
+from kdcache.recipes.verify import verify_cache
+from kdcache.cache.store import LocalLock as WriteLock
+from helpers import _one_error_line, run_cli
 
 STUDENT_KW = {"in_features": 64, "hidden": 16, "depth": 1}
 
@@ -45,7 +45,7 @@ class _OpensAFile:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    from kdcache.demo import train_digits_teacher
+    from kdcache.recipes.demo import train_digits_teacher
 
     folder = tmp_path_factory.mktemp("teacher") / "teacher"
     train_digits_teacher(folder, epochs=2)
@@ -66,7 +66,7 @@ def _copy(cache: Path, tmp_path: Path, name: str = "copy.kdcache") -> Path:
 
 
 def _chunk_path(cache: Path, split: str, array: str, chunk: int) -> Path:
-    from kdcache.reader import TeacherCache
+    from kdcache.cache.reader import TeacherCache
 
     return TeacherCache(cache, split, check_chunks=False).chunk_file(array, chunk)
 
@@ -96,7 +96,7 @@ def test_last_pt_holds_only_tensors_and_plain_values(tmp_path, chunked_cache):
     distill(DistillConfig(student="mlp", student_kwargs=STUDENT_KW, cache=chunked_cache, method="annealing",
                           out=run, epochs=3, device="cpu", progress=False))
     state = torch.load(run / "last.pt", weights_only=True)
-    assert state["epoch"] == 3 and state["stage1_best"]["model"]
+    assert state["epoch"] == 3 and state["method"]["stage1_best"]["model"]
 
 
 # --- 2. no code from a model folder --------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_a_duplicated_chunk_and_a_chunk_from_another_cache_are_found(tmp_path, t
     assert not report.ok and "array 'labels', chunk 2 (rows 512:768): the chunk does not belong" in str(report.lines())
     # another teacher's cache of the same data: same shapes, same codec, valid checksums, other logits
     other_teacher = tmp_path / "other"
-    from kdcache.demo import train_digits_teacher
+    from kdcache.recipes.demo import train_digits_teacher
 
     train_digits_teacher(other_teacher, epochs=1, seed=1)
     other = cache_teacher(CacheTeacherConfig(teacher=str(other_teacher), task="digits", out=tmp_path / "o.kdcache",
@@ -251,8 +251,8 @@ def test_a_duplicated_chunk_and_a_chunk_from_another_cache_are_found(tmp_path, t
 
 
 def test_the_tokenizer_blob_is_bound_by_its_recorded_digest(tmp_path):
-    from kdcache.reader import load_cache_tokenizer
-    from kdcache.writer import CacheWriter
+    from kdcache.cache.reader import load_cache_tokenizer
+    from kdcache.cache.writer import CacheWriter
 
     path = tmp_path / "t.kdcache"
     writer = CacheWriter(path, {})
@@ -336,9 +336,9 @@ def _zip(files: dict[str, bytes]) -> bytes:
 
 
 def test_a_tokenizer_that_unpacks_beyond_the_limit_is_refused(tmp_path, monkeypatch):
-    from kdcache import format as fmt
-    from kdcache.reader import load_cache_tokenizer
-    from kdcache.writer import CacheWriter
+    from kdcache.cache import codecs, schema as fmt
+    from kdcache.cache.reader import load_cache_tokenizer
+    from kdcache.cache.writer import CacheWriter
 
     monkeypatch.setattr(fmt, "MAX_TOKENIZER_FILES_BYTES", 1024**2)  # the real limit is 256 MiB: same code path
     bomb = _zip({"vocab.txt": b"[PAD]\n", "tokenizer.json": b"\0" * (4 * 1024**2)})
@@ -447,7 +447,7 @@ def test_float_images_are_refused_in_one_line(tmp_path):
 def test_ctrl_c_in_distill_says_where_it_stopped_and_resume_finishes(tmp_path, capsys, monkeypatch, chunked_cache):
     import kdcache.recipes.distill as recipe
 
-    real, calls = recipe._evaluate, {"n": 0}
+    real, calls = recipe.evaluate, {"n": 0}
 
     def interrupted_in_epoch_two(*args, **kwargs):
         calls["n"] += 1
@@ -455,12 +455,12 @@ def test_ctrl_c_in_distill_says_where_it_stopped_and_resume_finishes(tmp_path, c
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "_evaluate", interrupted_in_epoch_two)
+    monkeypatch.setattr(recipe, "evaluate", interrupted_in_epoch_two)
     run = tmp_path / "run"
     code, _, err = run_cli(_distill_args(chunked_cache, run, "--epochs", "3"), capsys, monkeypatch)
     assert code == 130 and err.strip() == (f"interrupted: in epoch 2 of 3; epochs 1-1 are saved in {run / 'last.pt'}: "
                                            "rerun the same command with --resume to continue"), err
-    monkeypatch.setattr(recipe, "_evaluate", real)
+    monkeypatch.setattr(recipe, "evaluate", real)
     code, out, err = run_cli(_distill_args(chunked_cache, run, "--epochs", "3", "--resume"), capsys, monkeypatch)
     assert code == 0 and "3/3 epochs" in out, err
 
@@ -468,7 +468,7 @@ def test_ctrl_c_in_distill_says_where_it_stopped_and_resume_finishes(tmp_path, c
 def test_ctrl_c_before_the_first_epoch_is_saved_can_be_resumed(tmp_path, chunked_cache, monkeypatch):
     import kdcache.recipes.distill as recipe
 
-    monkeypatch.setattr(recipe, "_evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(recipe, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     run = tmp_path / "run"
     cfg = DistillConfig(student="mlp", student_kwargs=STUDENT_KW, cache=chunked_cache, out=run, epochs=2,
                         device="cpu", progress=False)
@@ -497,8 +497,8 @@ def test_ctrl_c_in_cache_teacher_says_how_far_it_got_and_the_rerun_says_where_it
             "--chunk-rows", "256", "--batch-size", "64", "--out", out, "--no-progress", "--device", "cpu"]
     code, _, err = run_cli(args, capsys, monkeypatch)
     # batch 10 is rows 512-575 (one probe pass came first): chunks 0 and 1 were written
-    assert code == 130 and err.strip() == ("interrupted: after row 512 of 1437 of split 'train' (rows 0-511 are on "
-                                           "disk); rerun the same command to continue"), err
+    assert code == 130 and err.strip() == ("interrupted: after row 512 of 1437 of split 'train' (rows 0-511 are "
+                                           "stored); rerun the same command to continue"), err
     monkeypatch.setattr(recipe, "autocast", real)
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0 and "kdcache: resuming split 'train' at row 512 of 1437" in err, err

@@ -31,6 +31,24 @@ class DataOptions:
     subset: int | None = None  # keep this many rows, evenly spaced over the split (class-balanced enough for sorted folders)
 
 
+def recorded_options(dataset: dict[str, Any], task: dict[str, Any]) -> DataOptions:
+    """The loader options a split was read with, from what a cache recorded about it (its `dataset.preprocess` and
+    the task's kind and label names), so re-reading gives the very same rows: the contract between the loaders,
+    which write `preprocess`, and every reader of a cache (distill, verify)."""
+    pre = dataset.get("preprocess") or {}
+    options = DataOptions(limit=pre.get("limit"), subset=pre.get("subset"))
+    if dataset.get("modality") == "text":
+        options.max_length = int(pre.get("max_length", 128))
+        if dataset.get("task") == "text":
+            options.text_column, options.text_pair_column = pre.get("text_column"), pre.get("text_pair_column")
+            options.label_column = pre.get("label_column")
+            options.regression = task.get("kind") == "regression"
+            options.label_names = None if options.regression else task.get("label_names")
+    elif dataset.get("modality") == "image":
+        options.normalize, options.image_size = pre.get("normalize"), pre.get("image_size")
+    return options
+
+
 def modality_of(task: str) -> str:
     if task in GLUE_TASKS or task == "text":
         return "text"
@@ -90,4 +108,4 @@ def _load_split(task: str, data: str | Path | None, split: str, tokenizer: Any, 
     return load_image_split(task, data, split, normalize=opts.normalize, image_size=opts.image_size, limit=opts.limit)
 
 
-__all__ = ["Batch", "DataOptions", "SplitData", "TASKS", "GLUE_TASKS", "IMAGE_TASKS", "FEATURE_TASKS", "load_split", "modality_of"]
+__all__ = ["Batch", "DataOptions", "recorded_options", "SplitData", "TASKS", "GLUE_TASKS", "IMAGE_TASKS", "FEATURE_TASKS", "load_split", "modality_of"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import stat
 import threading
 import zipfile
 from functools import lru_cache
@@ -387,12 +388,15 @@ class _FileImages(torch.utils.data.Dataset):
                 with archive.open(info) as member:
                     raw = member.read(limit + 1)  # headers can lie: stop at the limit whatever they say
             else:
-                path = self.root / self.members[i]
-                size = path.stat().st_size
-                if size > limit:
-                    raise KDCacheError(f"{self.where(i)}: {size:,} bytes, beyond the {limit:,}-byte limit for one "
-                                       "image file")
-                raw = path.read_bytes()
+                with open(self.root / self.members[i], "rb") as f:  # stat the open file: no race, no link trick
+                    info = os.fstat(f.fileno())
+                    if not stat.S_ISREG(info.st_mode):
+                        raise KDCacheError(f"{self.where(i)}: not a regular file (a device or a pipe); refusing "
+                                           "to read it as an image")
+                    if info.st_size > limit:
+                        raise KDCacheError(f"{self.where(i)}: {info.st_size:,} bytes, beyond the {limit:,}-byte "
+                                           "limit for one image file")
+                    raw = f.read(limit + 1)
         except (OSError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             raise KDCacheError(f"{self.where(i)}: cannot read ({exc})".splitlines()[0]) from exc
         if len(raw) > limit:

@@ -8,10 +8,13 @@ each row's fingerprint hashes exactly those unpadded token ids. Batches are righ
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
 import re
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -407,3 +410,16 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
 
 
 __all__ = ["GLUE_PRESETS", "GluePreset", "TEXT_FORMATS", "TEXT_TASKS", "load_text_split"]
+
+
+def tokenizer_zip(tokenizer: Any) -> tuple[bytes, list[str]]:
+    """The tokenizer's saved files as a deterministic zip, so a cache can re-derive text fingerprints alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        names = sorted(p.name for p in Path(tmp).iterdir() if p.is_file())
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name in names:
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                archive.writestr(info, (Path(tmp) / name).read_bytes(), zipfile.ZIP_DEFLATED)
+    return buffer.getvalue(), names

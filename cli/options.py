@@ -1,0 +1,90 @@
+"""Every flag of the `kdcache` commands, declared once: a command's signature names these types, and a flag that
+several commands share (the device, the data columns, the storage options, the training hyper-parameters) has
+one spelling, one help text and one default everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+_O = typer.Option
+
+TASKS = "sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits tabular"
+
+# --- where things are ---------------------------------------------------------------------------------------------
+CacheArg = Annotated[str, typer.Argument(help="Cache: a folder, or an fsspec URL such as s3://bucket/name.kdcache.")]
+CacheOpt = Annotated[str, _O("--cache", help="Teacher cache (a folder or an fsspec URL) with a train split.")]
+CacheOut = Annotated[str, _O("--out", help="Cache to create: a folder, or an fsspec URL (s3://bucket/name.kdcache).")]
+RunOut = Annotated[Path, _O("--out", help="Run folder: metrics.jsonl, summary.json, best/, last.pt.")]
+StorageOption = Annotated[Optional[list[str]], _O(
+    "--storage-option", help="fsspec storage option KEY=VALUE for a cache URL (endpoint_url=http://host:port, "
+                             "key=..., anon=true); repeatable. Environment variables (FSSPEC_S3_ENDPOINT_URL, "
+                             "AWS_ACCESS_KEY_ID, ...) work too.")]
+Data = Annotated[Optional[str], _O(help="Dataset file or folder (GLUE task folder, CIFAR folder, image tree or zip).")]
+DataMoved = Annotated[Optional[str], _O("--data", help="Dataset location, when it moved since caching.")]
+Task = Annotated[str, _O(help=TASKS)]
+
+# --- models ---------------------------------------------------------------------------------------------------------
+Weights = Annotated[Optional[Path], _O(help="State-dict file for an architecture-name teacher.")]
+Tokenizer = Annotated[Optional[str], _O(help="Tokenizer folder, when the model folder has none.")]
+TrustModelCode = Annotated[bool, _O(help="Let a module:factory architecture (named by a flag or in a "
+                                         "kdcache-model.json) import and run its Python code; only for code you "
+                                         "trust.")]
+ModelKwargs = Annotated[Optional[str], _O(help="JSON arguments for an architecture-name model.")]
+
+# --- how to run -----------------------------------------------------------------------------------------------------
+Device = Annotated[str, _O(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
+Precision = Annotated[str, _O(help="fp32, or bf16/fp16 autocast.")]
+Seed = Annotated[int, _O(help="Seed (of the student's initialisation and the batch order; of the row sample).")]
+Progress = Annotated[bool, _O(help="Show a progress bar (on stderr).")]
+Json = Annotated[bool, _O("--json", help="Print machine-readable JSON.")]
+Overwrite = Annotated[bool, _O(help="Replace what is at --out (only a kdcache cache or run folder).")]
+
+# --- reading data ---------------------------------------------------------------------------------------------------
+MaxLength = Annotated[int, _O(help="Text: truncate token sequences to this length.")]
+TextColumn = Annotated[Optional[str], _O(help="Text task: column with the text.")]
+TextPairColumn = Annotated[Optional[str], _O(help="Text task: column with the second text of a pair.")]
+LabelColumn = Annotated[Optional[str], _O(help="Text task: column with the label.")]
+LabelNames = Annotated[Optional[str], _O(help="Text task: comma-separated label names, in id order.")]
+Regression = Annotated[bool, _O(help="Text task: float labels (one output).")]
+Normalize = Annotated[Optional[str], _O(help="Images: cifar10, cifar100, imagenet or none.")]
+ImageSize = Annotated[Optional[int], _O(help="Images: resize + center-crop to this size.")]
+Limit = Annotated[Optional[int], _O(help="Use only the first N rows of each split.")]
+Subset = Annotated[Optional[int], _O(help="Use N rows spread evenly over each split (after --limit).")]
+
+# --- training: None means the preset's (or the method's) value -------------------------------------------------------
+Epochs = Annotated[Optional[int], _O(help="Epochs n (preset: cifar 200, glue 30, small 30).")]
+Preset = Annotated[str, _O(help="auto | cifar | glue | small: the defaults of the training flags.")]
+Lr = Annotated[Optional[float], _O(help="Peak learning rate.")]
+BatchSize = Annotated[Optional[int], _O(help="Minibatch size.")]
+Optimizer = Annotated[Optional[str], _O(help="sgd | adamw | adam.")]
+WeightDecay = Annotated[Optional[float], _O(help="Weight decay (not on biases and norms).")]
+Momentum = Annotated[Optional[float], _O(help="SGD momentum.")]
+LrSchedule = Annotated[Optional[str], _O(help="constant | linear | cosine.")]
+WarmupRatio = Annotated[Optional[float], _O(help="Fraction of steps of linear warm-up.")]
+MaxGradNorm = Annotated[Optional[float], _O(help="Clip gradients to this norm (0: off).")]
+ValSplit = Annotated[Optional[str], _O(help="Split that selects the best checkpoint (default: validation, else "
+                                            "test; none: the train split).")]
+SaveEvery = Annotated[Optional[int], _O(help="Also save the model every N epochs under checkpoints/.")]
+Resume = Annotated[bool, _O(help="Continue the run in --out from its last.pt.")]
+StopAfterEpoch = Annotated[Optional[int], _O(help="Stop after this epoch (a preemptible job's slice; --resume "
+                                                  "later).")]
+
+# --- distillation ---------------------------------------------------------------------------------------------------
+Method = Annotated[str, _O(help="continuation | vanilla | annealing | ce | prokd | curriculum")]
+TMax = Annotated[Optional[int], _O(help="Continuation/Annealing: maximum temperature T_max.")]
+Margin = Annotated[Optional[float], _O(help="Continuation: hinge margin m.")]
+Psi = Annotated[Optional[str], _O(help="Continuation: psi schedule cifar | glue | linear:E | step:K | constant:V.")]
+Reduction = Annotated[str, _O(help="Continuation hinge: sample | batch | element.")]
+Alpha = Annotated[Optional[float], _O(help="Vanilla KD: weight of the hard-label term.")]
+Temperature = Annotated[Optional[float], _O(help="Vanilla KD: softening temperature.")]
+AnnealEpochs = Annotated[Optional[int], _O(help="Annealing-KD: stage-1 epochs K (default: the preset's share).")]
+ScheduleUnit = Annotated[str, _O(help="epoch | step: when T and psi move.")]
+Stream = Annotated[str, _O(help="Logit reading: auto | memory | chunks.")]
+Checkpoint = Annotated[Optional[str], _O(help="Distil from this cached teacher checkpoint (see kdcache info).")]
+KdLoss = Annotated[Optional[str], _O(help="prokd, curriculum: logit loss vanilla (default) | continuation.")]
+PhaseEpochs = Annotated[Optional[str], _O(help="curriculum: epochs of each projection phase, e.g. 5,5; prokd: epochs "
+                                               "per checkpoint.")]
+LayerMap = Annotated[Optional[str], _O(help="curriculum: teacher layer -> student layer or module, e.g. 2:1,4:2.")]

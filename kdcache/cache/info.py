@@ -1,0 +1,60 @@
+"""What a cache holds, in one dict: what `kdcache info` prints and `--json` emits for scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdcache.cache.reader import Cache
+from kdcache.cache.store import CacheStore
+
+_SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
+               "digest", "logits_bytes_raw", "logits_bytes_stored", "compression_ratio", "bytes_per_sample",
+               "missing_arrays")
+
+
+def describe_cache(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Summarise a cache, complete or not: an interrupted cache must still be inspectable. A complete split gets
+    the same checks every reader makes (shapes against attributes, its chunk files), so a cache whose attributes
+    claim 10^12 rows is a one-line error, never a summary that calls it complete."""
+    cache = Cache(location, allow_incomplete=True, storage_options=storage_options)
+    sizes = cache.store.list_files()
+    splits = [_describe_split(cache, name, sizes) for name in cache.splits]
+    header = cache.header
+    return {
+        "path": str(cache.store), "format": header.format, "format_version": header.format_version,
+        "complete": header.complete is True, "created": header.created, "completed": header.completed,
+        "teacher": header.teacher, "task": header.task.to_attrs(), "storage": header.storage.to_attrs(),
+        "inference": header.inference, "software": header.software, "command": header.command,
+        "throughput": header.throughput, "checkpoints": [c.to_attrs() for c in header.checkpoints],
+        "hidden_projections": header.hidden_projections.to_attrs() if header.hidden_projections else None,
+        "size_on_disk": sum(sizes.values()), "splits": splits,
+    }
+
+
+def _describe_split(cache: Cache, name: str, sizes: dict[str, int]) -> dict[str, Any]:
+    group = cache.root[name]
+    wanted = ("logits", "labels", "index", "fingerprint", *(group.attrs.get("extra_arrays") or {}))
+    complete = group.attrs.get("complete") is True
+    if not complete and not set(wanted) <= set(group.array_keys()):
+        # The writer stopped (e.g. a full disk) before it had created this split's arrays.
+        missing = [a for a in wanted if a not in set(group.array_keys())]
+        return {**dict.fromkeys(_SPLIT_KEYS), "name": name, "rows": group.attrs.get("rows"), "complete": False,
+                "missing_arrays": missing}
+    split = cache.split(name, check_chunks=complete)
+    raw = split.logits.nbytes
+    stored = sum(size for key, size in sizes.items() if key.startswith(f"{name}/logits/"))
+    dataset = split.split_header.dataset
+    return {
+        "name": name, "rows": len(split), "logits_shape": list(split.logits.shape),
+        "logits_dtype": str(split.logits.dtype), "labels_dtype": str(split.labels.dtype),
+        "chunk_rows": split.chunk_rows, "complete": complete,
+        "source": dataset.source if dataset else None, "digest": dataset.digest if dataset else None,
+        "logits_bytes_raw": raw, "logits_bytes_stored": stored,
+        "compression_ratio": round(raw / stored, 2) if stored else None,
+        "bytes_per_sample": round(stored / len(split), 2) if len(split) else None,
+        "missing_arrays": [], "extra_arrays": split.extra_widths,
+    }
+
+
+__all__ = ["describe_cache"]

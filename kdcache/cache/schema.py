@@ -1,0 +1,322 @@
+"""The cache format in code, version 1: the root and split headers, the arrays of a split, the chunk manifest.
+
+A cache is a Zarr v3 group. Its root attributes (`RootHeader`) describe the teacher, the task, the storage and
+the software; one subgroup per split (`SplitHeader`) holds the arrays of `split_arrays`: `logits` [N, C],
+`labels` [N], `index` [N], `fingerprint` [N] and optional float arrays of the same rows (teacher checkpoints,
+hidden-state projections). Every chunk ends in a CRC32C; every complete split records a digest per chunk
+(`ChunkManifest`); `complete: true` is written last. The specification in words is docs/cache-format.md; the
+writer writes these headers and the reader reads them, so the two cannot drift apart.
+
+Headers are read leniently (keys a newer writer added are kept in `extra`, keys an older writer lacked take
+their defaults), so a reader built from this module opens every v1 cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdcache.errors import KDCacheError
+
+FORMAT_NAME = "kdcache.teacher-cache"
+FORMAT_VERSION = 1
+
+BASE_ARRAYS = ("logits", "labels", "index", "fingerprint")
+LOGIT_DTYPES = ("float16", "float32")
+LABEL_DTYPE = {"classification": "int64", "regression": "float32"}
+INDEX_DTYPE = "int64"
+FINGERPRINT_DTYPE = "uint64"
+#: Float rows (logits, checkpoints' logits, projections) are filled with NaN where no chunk was written, so a
+#: missing chunk can never read as plausible zeros.
+FLOAT_FILL = float("nan")
+
+#: Aim for about this much raw logit data per chunk: large enough to compress well and read fast (one request
+#: per chunk on an object store), small enough that a crash loses little and a resume recomputes little.
+TARGET_CHUNK_BYTES = 512 * 1024
+MIN_CHUNK_ROWS = 1024
+MAX_CHUNK_ROWS = 65536
+#: No chunk of any array may decode to more than this: a shape edited to absurd sizes is refused at open.
+MAX_CHUNK_BYTES = 1024**3
+
+#: The digest of each chunk recorded in a complete split (`chunk_digests`), binding a chunk's content to its
+#: array and place: a CRC32C only proves a chunk's bytes are intact, not that they belong there.
+CHUNK_DIGEST_ALGORITHM = "sha256 of the chunk's rows (stored dtype, little-endian, C order), first 16 bytes, hex"
+#: A text cache stores its tokenizer (a zip of save_pretrained files); larger blobs or contents are refused.
+MAX_TOKENIZER_BLOB_BYTES = 64 * 1024**2
+MAX_TOKENIZER_FILES_BYTES = 256 * 1024**2
+TOKENIZER_ARRAY = "tokenizer"
+#: What each root attribute holds and which arrays a split has, in words: docs/cache-format.md.
+
+
+def default_chunk_rows(num_outputs: int, itemsize: int) -> int:
+    """Power-of-two rows per chunk giving about TARGET_CHUNK_BYTES of raw logits."""
+    rows = max(1, TARGET_CHUNK_BYTES // max(1, num_outputs * itemsize))
+    rows = 1 << (rows.bit_length() - 1)
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows)))
+
+
+def logits_dtype(name: str) -> np.dtype:
+    if name not in LOGIT_DTYPES:
+        raise ValueError(f"unknown logits dtype {name!r}; choose float16 or float32")
+    return np.dtype(name)
+
+
+def chunk_digest(rows: np.ndarray) -> str:
+    """The digest of one chunk's rows as they are stored, which the manifest records for its place."""
+    little = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
+    return hashlib.sha256(little.tobytes()).hexdigest()[:32]
+
+
+def chain_digest(previous: str, digests: list[str]) -> str:
+    """The running digest of an incomplete split (`chunk_chain`), extended by one block of chunks (one digest per
+    array, in storage order): a resumed write proves the chunks already stored are the ones it stored."""
+    return hashlib.sha256((previous + "".join(digests)).encode()).hexdigest()
+
+
+# --- arrays -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a split: a float target ([N, width]: logits, a checkpoint's logits, a projection) or a
+    per-row column ([N]: labels, index, fingerprint)."""
+
+    name: str
+    dtype: np.dtype
+    width: int | None = None  # None: one value per row
+    fill: float | None = None
+
+    @property
+    def is_target(self) -> bool:
+        return self.width is not None
+
+    def shape(self, rows: int) -> tuple[int, ...]:
+        return (rows,) if self.width is None else (rows, self.width)
+
+
+def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int]) -> dict[str, ArraySpec]:
+    """Every array of a split in storage order: the four base arrays, then the optional float arrays."""
+    floats = logits_dtype(dtype)
+    specs = {
+        "logits": ArraySpec("logits", floats, num_outputs, FLOAT_FILL),
+        "labels": ArraySpec("labels", np.dtype(LABEL_DTYPE[kind])),
+        "index": ArraySpec("index", np.dtype(INDEX_DTYPE)),
+        "fingerprint": ArraySpec("fingerprint", np.dtype(FINGERPRINT_DTYPE)),
+    }
+    specs.update({name: ArraySpec(name, floats, int(width), FLOAT_FILL) for name, width in extras.items()})
+    return specs
+
+
+# --- headers ------------------------------------------------------------------------------------------------------
+
+class _Header:
+    """Shared by the headers: to and from the plain dicts Zarr stores, keeping keys this version does not know."""
+
+    def to_attrs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                continue
+            if isinstance(value, _Header):
+                value = value.to_attrs()
+            elif isinstance(value, list) and value and isinstance(value[0], _Header):
+                value = [v.to_attrs() for v in value]
+            if value is None and f.metadata.get("optional"):
+                continue
+            out[f.name] = value
+        return {**getattr(self, "extra", {}), **out}
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, where: str) -> Any:
+        if not isinstance(attrs, dict):
+            raise KDCacheError(f"{where}: expected an object of attributes, got {type(attrs).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = {k: v for k, v in attrs.items() if k in names and k != "extra"}
+        try:
+            header = cls(**known)
+        except TypeError as exc:
+            raise KDCacheError(f"{where}: attributes lack a required key ({exc})") from None
+        if "extra" in names:
+            header.extra = {k: v for k, v in attrs.items() if k not in names}  # type: ignore[attr-defined]
+        return header
+
+
+def _optional() -> Any:
+    return field(default=None, metadata={"optional": True})
+
+
+@dataclass
+class TaskInfo(_Header):
+    name: str | None = None
+    kind: str = "classification"
+    modality: str | None = None
+    label_names: list[str] | None = None
+
+
+@dataclass
+class StorageInfo(_Header):
+    logits_dtype: str = "float16"
+    codec: str = "blosc-zstd3-shuffle"
+    checksum: str = "crc32c"
+    chunk_rows: int | None = None
+
+
+@dataclass
+class CheckpointEntry(_Header):
+    """One stored teacher checkpoint (Pro-KD); the last one is the trained teacher, stored as `logits`."""
+
+    name: str
+    array: str
+    epoch: int | None = None
+    metric: float | None = None
+    spec: str | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class Projections(_Header):
+    """How the hidden-state projections were made (curriculum extraction)."""
+
+    layers: list
+    dim: int
+    seed: int
+    arrays: dict[str, str]
+    widths: dict[str, int] = field(default_factory=dict)
+    matrix: str | None = None
+    pooling: str | None = None
+    teacher: str | None = None
+
+
+@dataclass
+class RootHeader(_Header):
+    """The root attributes: what wrote the cache, of what, how; `complete` is the writer's last word."""
+
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    complete: bool = False
+    teacher: dict[str, Any] = field(default_factory=dict)
+    task: TaskInfo = field(default_factory=TaskInfo)
+    storage: StorageInfo = field(default_factory=StorageInfo)
+    inference: dict[str, Any] = field(default_factory=dict)
+    fingerprint_algorithm: str | None = None
+    digest_algorithm: str | None = None
+    software: dict[str, Any] = field(default_factory=dict)
+    command: str | None = None
+    created: str | None = None
+    write_settings: dict[str, Any] = field(default_factory=dict)
+    splits: list[str] = field(default_factory=list)
+    #: written by a kdcache that records chunk manifests and the tokenizer's sha256: a split or a tokenizer without
+    #: them is then refused (someone removed them), while caches written before stay readable
+    chunk_manifests: bool | None = _optional()
+    checkpoints: list[CheckpointEntry] = field(default_factory=list, metadata={"optional": True})
+    hidden_projections: Projections | None = _optional()
+    completed: str | None = _optional()
+    throughput: dict[str, Any] | None = _optional()
+    resumed: str | None = _optional()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_attrs(self) -> dict[str, Any]:
+        out = super().to_attrs()
+        if not self.checkpoints:
+            out.pop("checkpoints", None)
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, where: str) -> "RootHeader":
+        """Check the format name and version first (a newer cache is refused), then read the rest leniently."""
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+            found = attrs.get("format") if isinstance(attrs, dict) else None
+            raise KDCacheError(f"{where}: not a kdcache cache (format attribute is {found!r})")
+        version = attrs.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise KDCacheError(f"{where}: format_version attribute is missing or not an integer")
+        if version > FORMAT_VERSION:
+            raise KDCacheError(f"{where}: cache format version {version} is newer than this kdcache reads "
+                               f"({FORMAT_VERSION}); upgrade kdcache")
+        header = super().from_attrs(attrs, where)
+        header.task = TaskInfo.from_attrs(attrs.get("task") or {}, f"{where}: task")
+        header.storage = StorageInfo.from_attrs(attrs.get("storage") or {}, f"{where}: storage")
+        header.checkpoints = [CheckpointEntry.from_attrs(c, f"{where}: checkpoints")
+                              for c in attrs.get("checkpoints") or []]
+        hidden = attrs.get("hidden_projections")
+        header.hidden_projections = Projections.from_attrs(hidden, f"{where}: hidden_projections") if hidden else None
+        return header
+
+    @property
+    def num_outputs(self) -> int | None:
+        return self.teacher.get("num_outputs")
+
+    def extra_arrays(self, width: int) -> dict[str, int]:
+        """The optional arrays (name -> width) that every split of this cache holds, as the header describes them."""
+        out = {c.array: int(width) for c in self.checkpoints if c.array != "logits"}
+        if self.hidden_projections is not None:
+            out.update({str(a): int(self.hidden_projections.dim) for a in self.hidden_projections.arrays.values()})
+        return out
+
+
+@dataclass
+class DatasetInfo(_Header):
+    """Which data a split was computed from, and how it was read (so a reader re-reads the very same rows)."""
+
+    task: str | None = None
+    source: str | None = None
+    split: str | None = None
+    n: int | None = None
+    modality: str | None = None
+    label_names: list[str] | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    digest: str | None = None
+
+
+@dataclass
+class ChunkManifest(_Header):
+    """Per array, the digest of each chunk in chunk order (CHUNK_DIGEST_ALGORITHM)."""
+
+    arrays: dict[str, list[str]]
+    algorithm: str = CHUNK_DIGEST_ALGORITHM
+
+
+@dataclass
+class SplitHeader(_Header):
+    """A split's attributes: rows_done advances as whole chunks land; complete is set last."""
+
+    split: str
+    rows: int
+    complete: bool = False
+    rows_done: int = 0
+    chunk_chain: str = ""  # chain_digest over the stored chunks, advanced with rows_done
+    extra_arrays: dict[str, int] = field(default_factory=dict)
+    dataset: DatasetInfo | None = _optional()
+    chunk_digests: ChunkManifest | None = _optional()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, where: str) -> "SplitHeader":
+        header = super().from_attrs(attrs, where)
+        extras = header.extra_arrays
+        if not isinstance(extras, dict) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in extras.values()):
+            raise KDCacheError(f"{where}: attribute extra_arrays must map array names to positive integer widths, "
+                               f"got {extras!r}")
+        if isinstance(attrs.get("dataset"), dict):
+            header.dataset = DatasetInfo.from_attrs(attrs["dataset"], f"{where}: dataset")
+        manifest = attrs.get("chunk_digests")
+        header.chunk_digests = None
+        if isinstance(manifest, dict) and "arrays" in manifest:
+            header.chunk_digests = ChunkManifest.from_attrs(manifest, f"{where}: chunk_digests")
+        elif manifest is not None:
+            header.chunk_digests = ChunkManifest(arrays=manifest)  # type: ignore[arg-type] - reported by the reader
+        return header
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        return (*BASE_ARRAYS, *self.extra_arrays)
+
+
+__all__ = ["ArraySpec", "BASE_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
+           "FORMAT_NAME", "FORMAT_VERSION", "Projections", "RootHeader", "SplitHeader", "StorageInfo", "TaskInfo",
+           "chain_digest", "chunk_digest", "default_chunk_rows", "logits_dtype", "split_arrays"]

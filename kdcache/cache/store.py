@@ -1,0 +1,470 @@
+"""Where a cache's bytes live: the only module that touches a cache's files or objects.
+
+A cache is named by a local path or an fsspec URL (`s3://bucket/name.kdcache`, `gs://`, `memory://`, `file://`).
+`CacheStore` turns that name into a Zarr store (Zarr's `LocalStore` for a folder, its `FsspecStore` for a URL)
+and answers everything else the cache layer asks of storage: does anything exist there, which files lie under a
+prefix (one listing, never one request per chunk), small JSON reads, the marker a new cache starts with, the
+cleanup of a writer's temporary files, and the writer's lock. Above this module a folder and an S3 prefix are
+the same.
+
+Remote endpoints and credentials come the way the ecosystem gives them: fsspec's configuration (environment
+variables `FSSPEC_S3_ENDPOINT_URL`, `FSSPEC_S3_KEY`, `FSSPEC_S3_SECRET`, ... or fsspec's config files), the
+provider's own variables (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, ...), and `storage_options` (the CLI's
+repeatable `--storage-option KEY=VALUE`), which take precedence.
+
+The writer's lock: on a local disk an `flock` that dies with its process (`LocalLock`); on an object store a
+lease object beside the cache (`<cache>.lock`) holding its owner and an expiry, renewed while the writer runs
+and taken over by a new writer only once it has expired (`Lease`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from kdcache.errors import KDCacheError
+
+#: A file a new cache folder (or prefix) receives before anything else, removed once `zarr.json` is in place:
+#: a location holding it and nothing but temporary files was started by kdcache and may be cleaned up.
+WRITER_MARKER = ".kdcache-writer"
+#: How long a lease on an object store stays valid without renewal; a killed writer's cache can be taken over
+#: after this long. The writer renews it every third of this (environment variable KDCACHE_LEASE_SECONDS).
+DEFAULT_LEASE_SECONDS = 60.0
+_BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_SCHEME_WITHOUT_SLASHES = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):(?!//)")
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the CLI's --storage-option) as fsspec storage options: values parsed as JSON when
+    they are JSON (true, 3, {"a": 1}), else kept as strings; dotted keys nest (client_kwargs.region_name=x)."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise KDCacheError(f"--storage-option {item!r}: expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        target = options
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return options
+
+
+class CacheStore:
+    """One cache location: a local folder or a prefix in an fsspec filesystem."""
+
+    def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+        self.location = str(location)
+        self.options = dict(storage_options or {})
+        match = _SCHEME.match(self.location)
+        if match is None:
+            bad = _SCHEME_WITHOUT_SLASHES.match(self.location)
+            if bad and len(bad.group(1)) > 1 and not Path(self.location).exists():
+                raise KDCacheError(f"{self.location}: not a path, and not a URL either (a URL is "
+                                   f"{bad.group(1)}://...)")
+            if self.location.startswith("//"):
+                raise KDCacheError(f"{self.location}: not a path, and a URL needs a scheme (s3://, gs://, ...)")
+        self.protocol = match.group(1).lower() if match else "file"
+        self.is_local = self.protocol == "file"
+        if self.is_local:
+            local = self.location[len("file://"):] if match else self.location
+            self.path = Path(local).expanduser()
+            self.root = str(self.path)
+        else:
+            self.root = self.location[match.end():].rstrip("/")
+        self._fs: Any = None
+
+    # --- names ---------------------------------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        return self.location
+
+    def display(self, key: str = "") -> str:
+        """How messages name a file of the cache: a path, or a URL."""
+        if not key:
+            return str(self.path) if self.is_local else self.location
+        return str(self.path / key) if self.is_local else f"{self.location.rstrip('/')}/{key}"
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem behind a URL (synchronous), created on first use; one line if it cannot be."""
+        if self._fs is None:
+            self._fs = _filesystem(self.protocol, self.options, self.location)
+        return self._fs
+
+    # --- Zarr ----------------------------------------------------------------------------------------------------
+
+    def zarr_store(self, *, read_only: bool) -> Any:
+        """The Zarr store of the cache: every array and attribute goes through it."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(str(self.path), read_only=read_only)
+        with remote_errors(self.location):
+            _apply_fsspec_env()
+            return FsspecStore.from_url(self.location, storage_options=self.options, read_only=read_only)
+
+    def check(self) -> None:
+        """For a URL, one request proving the endpoint answers, the credentials are accepted and the bucket exists,
+        so a typo is one line before any work rather than an error deep inside Zarr."""
+        if self.is_local or self.protocol not in _BUCKET_PROTOCOLS:
+            return
+        bucket = self.root.split("/", 1)[0]
+        with remote_errors(self.location):
+            try:
+                self.fs.info(bucket)
+            except FileNotFoundError:
+                raise KDCacheError(f"{self.location}: no such bucket {bucket!r}") from None
+
+    # --- queries -------------------------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """Whether anything lies at the location (a folder, a file, or any object under the prefix)."""
+        if self.is_local:
+            return self.path.exists()
+        return bool(self.list_files(limit=1))
+
+    def is_file(self) -> bool:
+        """A local file where a cache folder is expected (object stores have no such thing)."""
+        return self.is_local and self.path.is_file()
+
+    def is_empty(self) -> bool:
+        """Nothing at the location, or an empty folder (which a new cache may be written into)."""
+        if self.is_local:
+            return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+        return not self.exists()
+
+    def list_files(self, prefix: str = "", *, limit: int | None = None) -> dict[str, int]:
+        """Relative keys of the files under `prefix` (a folder of the cache, '' for all) and their sizes, from one
+        listing (paged by the store, never a request per file)."""
+        if self.is_local:
+            base = self.path / prefix if prefix else self.path
+            out: dict[str, int] = {}
+            if not base.is_dir():
+                return out
+            for folder, _, files in os.walk(base):
+                for name in files:
+                    full = Path(folder) / name
+                    with contextlib.suppress(OSError):
+                        out[full.relative_to(self.path).as_posix()] = full.stat().st_size
+                    if limit is not None and len(out) >= limit:
+                        return out
+            return out
+        root = f"{self.root}/{prefix}".rstrip("/")
+        with remote_errors(self.location):
+            try:
+                found = self.fs.find(root, detail=True, maxdepth=None)
+            except FileNotFoundError:
+                return {}
+        return {k[len(self.root) + 1:]: int(v.get("size") or 0) for k, v in found.items() if v.get("type") != "directory"}
+
+    def has_file(self, key: str) -> bool:
+        """Whether one file exists; cheap on a local disk only, so remote readers rely on the listing made at open."""
+        if self.is_local:
+            return (self.path / key).is_file()
+        return True
+
+    def read_json(self, key: str) -> Any | None:
+        """A small JSON file of the cache (`zarr.json`), or None when it is absent or does not parse."""
+        try:
+            if self.is_local:
+                return json.loads((self.path / key).read_text())
+            with remote_errors(self.location):
+                return json.loads(self.fs.cat_file(f"{self.root}/{key}"))
+        except (OSError, ValueError):
+            return None
+
+    def size(self) -> int:
+        """Bytes stored for the cache."""
+        return sum(self.list_files().values())
+
+    # --- a writer's housekeeping ---------------------------------------------------------------------------------
+
+    def started_by_kdcache(self) -> bool:
+        """The location holds kdcache's marker and nothing but temporary files: a writer was killed before its
+        first file was in place, and nothing of the user's is there."""
+        files = self.list_files()
+        return WRITER_MARKER in files and all(k == WRITER_MARKER or k.endswith(".partial") for k in files)
+
+    def write_marker(self) -> None:
+        """The first write of a new cache, before `zarr.json` (see WRITER_MARKER)."""
+        data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}) + "\n"
+        if self.is_local:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / WRITER_MARKER).write_text(data)
+        else:
+            with remote_errors(self.location):
+                self.fs.pipe_file(f"{self.root}/{WRITER_MARKER}", data.encode())
+
+    def remove_marker(self) -> None:
+        self.delete(WRITER_MARKER)
+
+    def delete(self, key: str) -> None:
+        if self.is_local:
+            (self.path / key).unlink(missing_ok=True)
+            return
+        with remote_errors(self.location), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(f"{self.root}/{key}")
+
+    def delete_all(self) -> None:
+        """Remove the whole cache (a replaced cache, or a start kdcache itself left behind)."""
+        if self.is_local:
+            if self.path.is_dir():
+                shutil.rmtree(self.path)
+            return
+        with remote_errors(self.location), contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.root, recursive=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove one folder of the cache (a split or array whose creation a crash cut short)."""
+        if self.is_local:
+            shutil.rmtree(self.path / prefix, ignore_errors=True)
+            return
+        with remote_errors(self.location), contextlib.suppress(FileNotFoundError):
+            self.fs.rm(f"{self.root}/{prefix}", recursive=True)
+
+    def remove_partials(self) -> None:
+        """Temporary files of local writes a crash cut short (object stores write whole objects or nothing)."""
+        if self.is_local:
+            for partial in self.path.rglob("*.partial"):
+                partial.unlink(missing_ok=True)
+
+    def prepare(self) -> None:
+        """Whatever must exist before a Zarr store is created there (a local folder's parents)."""
+        if self.is_local:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def lock(self) -> "LocalLock | Lease":
+        """The writer's lock of this cache: an flock on a local disk, a lease object on an object store."""
+        return LocalLock(self.path) if self.is_local else Lease(self)
+
+
+def as_store(location: "str | os.PathLike | CacheStore", storage_options: dict[str, Any] | None = None) -> CacheStore:
+    """A path, a URL or a store, as a store."""
+    return location if isinstance(location, CacheStore) else CacheStore(location, storage_options)
+
+
+# --- locks --------------------------------------------------------------------------------------------------------
+
+class LocalLock:
+    """An exclusive lock on a local cache path, held with flock on `<resolved path>.lock`.
+
+    The kernel drops a flock when its process dies, however it dies (SIGKILL included), so a crashed writer never
+    leaves the cache locked; the file may stay behind and means nothing on its own. It is named from the path with
+    every symbolic link resolved, so two spellings of one cache share one lock, and opened without following a
+    symbolic link (and checked to be a plain file of its own), so a link planted at its name cannot make kdcache
+    write elsewhere.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        resolved = Path(os.path.realpath(self.path))
+        self.file = resolved.with_name(resolved.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> "LocalLock":
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise KDCacheError(f"{self.file}: the writer's lock file is a symbolic link; refusing to use it "
+                                   "(remove it)") from None
+            raise KDCacheError(f"{self.file}: cannot open the writer's lock ({exc.strerror})") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise KDCacheError(f"{self.file}: the writer's lock is not a plain file of its own (a link or a "
+                               "device); refusing to use it (remove it)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise KDCacheError(f"{self.path}: another cache-teacher ({holder}) is writing this cache; wait for it "
+                               "to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def check(self) -> None:
+        """A local lock cannot be lost while its process lives."""
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "LocalLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class Lease:
+    """A writer's lease on a cache in an object store: the object `<cache>.lock` holds the owner (a random id,
+    host and pid) and an expiry time. A writer takes it when it is absent or expired, then waits a moment and
+    reads it back, so of two writers that raced only the one whose write landed last goes on (object stores are
+    strongly consistent for reads after writes). A thread renews it every third of its lifetime; a writer that
+    finds it renewed by someone else stops at its next write (`check`). A killed writer's lease is taken over
+    once it has expired.
+    """
+
+    SETTLE_SECONDS = 0.5
+
+    def __init__(self, store: CacheStore, seconds: float | None = None) -> None:
+        self.store = store
+        self.seconds = float(seconds if seconds is not None else os.environ.get("KDCACHE_LEASE_SECONDS",
+                                                                              DEFAULT_LEASE_SECONDS))
+        self.key = f"{store.root}.lock"
+        self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.fs.cat_file(self.key))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"expires": 0}  # unreadable: treat as expired
+
+    def _write(self) -> None:
+        record = {**self.owner, "expires": time.time() + self.seconds}
+        self.store.fs.pipe_file(self.key, json.dumps(record).encode())
+
+    def _held_by_other(self, record: dict[str, Any] | None) -> bool:
+        return bool(record) and record.get("id") != self.owner["id"] and float(record.get("expires", 0)) > time.time()
+
+    def acquire(self) -> "Lease":
+        with remote_errors(self.store.location):
+            record = self._read()
+            if self._held_by_other(record):
+                raise KDCacheError(self._taken_message(record))
+            self._write()
+            time.sleep(self.SETTLE_SECONDS)
+            record = self._read()
+            if self._held_by_other(record) or (record or {}).get("id") != self.owner["id"]:
+                raise KDCacheError(self._taken_message(record))
+        self._thread = threading.Thread(target=self._renew, name="kdcache-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _taken_message(self, record: dict[str, Any] | None) -> str:
+        holder = f"{(record or {}).get('host')} pid {(record or {}).get('pid')}"
+        left = max(0.0, float((record or {}).get("expires", 0)) - time.time())
+        return (f"{self.store.location}: another cache-teacher ({holder}) holds the lease on this cache for "
+                f"{left:.0f} s more; wait for it to finish, or for its lease to expire if it was killed")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                record = self._read()
+                if record is not None and record.get("id") != self.owner["id"]:
+                    self.lost = f"{self.store.location}: the writer's lease was taken by {record.get('host')} " \
+                                f"pid {record.get('pid')} (this writer stalled beyond {self.seconds:.0f} s)"
+                    return
+                self._write()
+            except Exception:  # noqa: BLE001 - a failed renewal is retried; expiry is the real limit
+                continue
+
+    def check(self) -> None:
+        """Raise when the lease was lost: a writer must never write on after another has taken the cache."""
+        if self.lost:
+            raise KDCacheError(self.lost + "; this run stopped without writing further")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with contextlib.suppress(Exception):
+            record = self._read()
+            if record is not None and record.get("id") == self.owner["id"]:
+                self.store.fs.rm_file(self.key)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# --- fsspec --------------------------------------------------------------------------------------------------------
+
+def _apply_fsspec_env() -> None:
+    """Read FSSPEC_<PROTOCOL>_<KEY> variables now, not only when fsspec was first imported."""
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf)
+
+
+def _filesystem(protocol: str, options: dict[str, Any], location: str) -> Any:
+    import fsspec
+
+    _apply_fsspec_env()
+    with remote_errors(location):
+        try:
+            cls = fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            raise KDCacheError(f"{location}: unknown storage protocol {protocol!r} (fsspec knows none of that name)") \
+                from None
+        except ImportError as exc:
+            raise KDCacheError(f"{location}: the {protocol}:// protocol needs a package that is not installed "
+                               f"({_first_line(exc)})") from None
+        return cls(**options)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def remote_errors(location: str) -> Iterator[None]:
+    """An object store's failures as one line naming the URL and the cause a user can act on."""
+    try:
+        yield
+    except KDCacheError:
+        raise
+    except PermissionError as exc:
+        raise KDCacheError(f"{location}: access denied: the storage refused the credentials "
+                           f"({_first_line(exc)})") from None
+    except ImportError as exc:
+        raise KDCacheError(f"{location}: a package this storage needs is not installed ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
+        text = f"{type(exc).__name__}: {_first_line(exc)}"
+        if any(word in text for word in ("Could not connect", "ConnectionError", "ConnectTimeout", "Connect call failed",
+                                         "EndpointConnectionError", "Cannot connect", "Name or service not known")):
+            raise KDCacheError(f"{location}: cannot reach the storage endpoint ({_first_line(exc)})") from None
+        if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+            raise KDCacheError(f"{location}: no such bucket ({_first_line(exc)})") from None
+        if any(word in text for word in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")):
+            raise KDCacheError(f"{location}: access denied: the storage refused the credentials "
+                               f"({_first_line(exc)})") from None
+        raise
+
+
+__all__ = ["CacheStore", "as_store", "DEFAULT_LEASE_SECONDS", "Lease", "LocalLock", "WRITER_MARKER", "parse_storage_options",
+           "remote_errors"]

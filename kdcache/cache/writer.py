@@ -1,0 +1,436 @@
+"""Writes a cache: named arrays in whole chunks, checksummed, with `complete: true` set only at the very end.
+
+Rows arrive in order, batch by batch, as a dict of named arrays checked against the split's schema; the writer
+buffers them into chunk-sized blocks so every store write is one whole chunk (a renamed file on a local disk,
+one object PUT on an object store). After every array's chunk of a block is stored, the split's `rows_done`
+attribute moves past it: a crash at any moment leaves `complete: false` and a `rows_done` whose rows are all
+stored, so a rerun resumes from there (`CacheWriter(..., resume=True)`). One writer at a time holds the store's
+lock (`CacheStore.lock`). `BackgroundWriter` runs the storage side on a thread so a GPU teacher never waits.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+
+from kdcache.cache import codecs, schema
+from kdcache.cache.schema import ArraySpec, ChunkManifest, DatasetInfo, RootHeader, SplitHeader
+from kdcache.cache.store import CacheStore, as_store, remote_errors
+from kdcache.errors import KDCacheError
+from kdcache.fingerprint import labels_equal
+from kdcache.runtime import utc_now
+
+_ARRAY_CONFIG = {"write_empty_chunks": True}  # an all-zero label chunk must still be stored
+
+
+def check_destination(store: CacheStore, overwrite: bool, resume: bool = False) -> bool:
+    """Refuse an existing location unless asked, and never agree to replace something that is not a cache.
+
+    Returns True when the location holds an interrupted cache to resume (the default without --overwrite; the
+    settings are compared later, by CacheWriter). The only thing it deletes is a location kdcache itself started
+    (its marker inside) whose writer died before writing its first file; an existing empty folder is used as it
+    is. So a recipe can call it before its slow work, and a user learns about a taken --out in a second.
+    """
+    if overwrite and resume:
+        raise KDCacheError("--overwrite and --resume contradict each other; pass one")
+    store.check()
+    attrs = store.read_json("zarr.json")
+    attrs = attrs.get("attributes", {}) if isinstance(attrs, dict) else None
+    is_cache = attrs is not None and attrs.get("format") == schema.FORMAT_NAME
+    if not is_cache and not store.is_file() and store.started_by_kdcache():
+        store.delete_all()  # killed before its first file was in place: nothing of the user's is there
+    if store.is_empty():
+        if resume:
+            raise KDCacheError(f"{store}: nothing to resume (no such cache)")
+        return False
+    if not overwrite:
+        if is_cache and not attrs.get("complete"):
+            return True
+        if resume and is_cache:
+            raise KDCacheError(f"{store}: the cache is already complete; nothing to resume")
+        if not is_cache:
+            raise KDCacheError(f"{store}: already exists and is not a kdcache cache; choose another --out")
+        raise KDCacheError(f"{store}: already exists; pass --overwrite to replace it")
+    if not is_cache:
+        raise KDCacheError(f"{store}: refusing to overwrite: it exists and is not a kdcache cache")
+    return False
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def storage_error(store: CacheStore, what: str, exc: BaseException) -> KDCacheError:
+    """One line for a failed write: disk full, read-only, or the object store's refusal."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        problem = "disk full"
+    elif isinstance(exc, OSError) and exc.strerror:
+        problem = exc.strerror.lower()
+    else:
+        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return KDCacheError(f"{store}: {problem} while writing {what}; the cache is left incomplete and will not be used")
+
+
+class SplitWriter:
+    """Appends rows of one split in order and writes them a whole chunk at a time."""
+
+    def __init__(self, group: zarr.Group, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int,
+                 codec: str, chunk_rows: int, source: str | None = None, resume: bool = False,
+                 lock: Any = None) -> None:
+        """`specs` are the split's arrays (`schema.split_arrays`): the four base arrays and the optional float
+        arrays (teacher checkpoints' logits, hidden-state projections), written row for row, in the same chunks."""
+        self.store, self.name, self.rows, self.chunk_rows = store, name, rows, chunk_rows
+        self.specs, self.lock = specs, lock
+        self.extras = {k: s.width for k, s in specs.items() if k not in schema.BASE_ARRAYS}
+        self.source = source  # the data file or folder the rows come from, named in error messages
+        self._filled = 0  # rows in the buffer
+        self._flushed = 0  # rows already stored
+        self._skip = 0  # rows still to drop from the next writes (recomputed rows that are already stored)
+        self._digest = hashlib.sha256()
+        self._chunk_digests: dict[str, list[str]] = {key: [] for key in specs}  # the split's chunk manifest
+        self._chain = ""  # the manifest so far, chained: recorded with rows_done
+        if resume and name in group.group_keys():
+            if all(key in group[name].array_keys() for key in specs):
+                self._reopen(group[name])
+                return
+            store.delete_prefix(name)  # killed while creating its arrays: nothing of it was written yet
+        header = SplitHeader(split=name, rows=rows, extra_arrays=self.extras)
+        self.group = group.create_group(name, attributes=header.to_attrs())
+        self.arrays: dict[str, zarr.Array] = {}
+        for key, spec in specs.items():
+            codec_name = codec if spec.is_target else codecs.DEFAULT_CODEC
+            self.arrays[key] = self.group.create_array(
+                key, shape=spec.shape(rows), chunks=(chunk_rows, *spec.shape(rows)[1:]), dtype=spec.dtype,
+                compressors=codecs.compressors(codec_name, spec.dtype.itemsize), fill_value=spec.fill,
+                config=_ARRAY_CONFIG)
+        self._buffers = {key: np.empty((chunk_rows, *spec.shape(rows)[1:]), dtype=spec.dtype)
+                         for key, spec in specs.items()}
+
+    def _reopen(self, group: zarr.Group) -> None:
+        """Continue an interrupted split: its first `rows_done` rows are stored, whole and checksummed."""
+        self.group = group
+        self.arrays = {key: group[key] for key in self.specs}
+        for key, spec in self.specs.items():
+            array = self.arrays[key]
+            if array.shape != spec.shape(self.rows) or array.chunks[0] != self.chunk_rows:
+                raise KDCacheError(f"{self.store.display(self.name)}: the interrupted split's {key!r} has shape "
+                                   f"{array.shape} in chunks of {array.chunks[0]} rows, not {spec.shape(self.rows)} "
+                                   f"in {self.chunk_rows}; pass --overwrite to start again")
+        self._buffers = {key: np.empty((self.chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
+        self._flushed = int(group.attrs.get("rows_done", 0))
+        if self._flushed and not self.complete:
+            done = np.asarray(self.arrays["fingerprint"][: self._flushed])
+            self._digest.update(np.ascontiguousarray(done, dtype="<u8").tobytes())
+            # the manifest of the chunks already stored (each read back through its CRC32C), which must chain to
+            # the digest recorded as they were written: a chunk swapped or replaced meanwhile is refused
+            for start in range(0, self._flushed, self.chunk_rows):
+                block = [schema.chunk_digest(np.asarray(a[start:start + self.chunk_rows])) for a in self.arrays.values()]
+                for key, digest in zip(self.arrays, block):
+                    self._chunk_digests[key].append(digest)
+                self._chain = schema.chain_digest(self._chain, block)
+            if self._chain != group.attrs.get("chunk_chain"):
+                raise KDCacheError(f"{self.store.display(self.name)}: the chunks stored before the interruption are not "
+                                   "the ones that were written (a chunk file was swapped or replaced); pass "
+                                   "--overwrite to start again")
+
+    @property
+    def rows_done(self) -> int:
+        """Rows safely stored: a resumed run starts computing at (or a little before) this row."""
+        return self._flushed
+
+    @property
+    def complete(self) -> bool:
+        return self.group.attrs.get("complete") is True
+
+    def skip(self, rows: int) -> None:
+        """Drop the next `rows` rows written: a resume recomputes from a batch boundary before rows_done.
+
+        The dropped rows are not wasted: their fingerprints and labels must equal the stored ones, which proves
+        the data read now continues the data the interrupted run read."""
+        self._skip = rows
+        self._skip_at = self._flushed - rows
+
+    @property
+    def rows_written(self) -> int:
+        return self._flushed + self._filled
+
+    def write(self, arrays: dict[str, np.ndarray]) -> None:
+        """Append a batch of rows: one array per spec of the split (float targets as computed, float32); all are
+        checked before anything reaches storage."""
+        if set(arrays) != set(self.specs):
+            raise ValueError(f"split {self.name!r}: arrays {sorted(arrays)} written, {sorted(self.specs)} declared")
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        if self._skip:
+            arrays = self._drop_recomputed(arrays)
+            if not len(arrays["index"]):
+                return
+        index = arrays["index"]
+        columns = {k: (self._stored(k, v, index) if self.specs[k].is_target else v) for k, v in arrays.items()}
+        count = len(index)
+        if self.rows_written + count > self.rows:
+            raise KDCacheError(f"split {self.name!r}: more rows than the {self.rows} announced")
+        done = 0
+        while done < count:
+            take = min(self.chunk_rows - self._filled, count - done)
+            for key, values in columns.items():
+                self._buffers[key][self._filled : self._filled + take] = values[done : done + take]
+            self._filled += take
+            done += take
+            if self._filled == self.chunk_rows:
+                self._flush()
+
+    def _drop_recomputed(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compare the recomputed rows at a resume with the stored ones, then drop them."""
+        drop = min(self._skip, len(arrays["index"]))
+        at = self._skip_at
+        stored_fp = np.asarray(self.arrays["fingerprint"][at : at + drop])
+        stored_labels = np.asarray(self.arrays["labels"][at : at + drop])
+        fresh_labels = arrays["labels"][:drop].astype(stored_labels.dtype)
+        same = (stored_fp == arrays["fingerprint"][:drop].astype(np.uint64)) & labels_equal(stored_labels, fresh_labels)
+        if not same.all():
+            row = at + int(np.flatnonzero(~same)[0])
+            raise KDCacheError(f"{self._where()}split {self.name!r}, row {row}: the data (input or label) differs "
+                               f"from what the interrupted cache {self.store} was begun with; pass --overwrite to "
+                               "start again")
+        self._skip -= drop
+        self._skip_at += drop
+        return {k: v[drop:] for k, v in arrays.items()}
+
+    def _stored(self, key: str, values: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """`values` in the storage dtype, refused (with the row named) when not finite or beyond float16's range."""
+        values = np.asarray(values, dtype=np.float32)
+        what = "teacher output" if key == "logits" else f"teacher output {key!r}"
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise KDCacheError(
+                f"{self._where()}split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
+                f"{what} contains NaN or Inf{self._left()}"
+            )
+        with np.errstate(over="ignore"):  # overflow is detected just below, with a better message
+            stored = values.astype(self.specs[key].dtype)
+        if not np.isfinite(stored).all():
+            row = int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
+            value = "logit" if key == "logits" else f"value of {key!r}"
+            raise KDCacheError(
+                f"{self._where()}split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
+                f"teacher {value} {np.abs(values[row]).max():.4g} exceeds the float16 range; rerun with --dtype float32"
+                f"{self._left()}"
+            )
+        return stored
+
+    def _where(self) -> str:
+        return f"{self.source}: " if self.source else ""
+
+    def _left(self) -> str:
+        return f"; {self.store} is left incomplete and will not be used"
+
+    def _flush(self) -> None:
+        if not self._filled:
+            return
+        if self.lock is not None:
+            self.lock.check()  # a writer whose lease was taken over must not write on
+        start, stop = self._flushed, self._flushed + self._filled
+        try:
+            with remote_errors(self.store.location):
+                block = []
+                for key, array in self.arrays.items():
+                    array[start:stop] = self._buffers[key][: self._filled]
+                    block.append(schema.chunk_digest(self._buffers[key][: self._filled]))
+                chain = schema.chain_digest(self._chain, block)
+                # after the data: a crash before it just rewrites this block. One metadata write for both keys
+                # (zarr's attrs.update writes once per key: a kill between the two would part them)
+                self.group.update_attributes({"rows_done": stop, "chunk_chain": chain})
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - OSError on a disk, the store's own errors remotely
+            raise storage_error(self.store, f"split {self.name!r} rows {start}:{stop}", exc) from exc
+        self._digest.update(np.ascontiguousarray(self._buffers["fingerprint"][: self._filled], dtype="<u8").tobytes())
+        for key, digest in zip(self.arrays, block):
+            self._chunk_digests[key].append(digest)
+        self._chain = chain
+        self._flushed, self._filled = stop, 0
+
+    def close(self, dataset: DatasetInfo | dict[str, Any]) -> str:
+        """Write the last partial chunk, the split's dataset description and chunk manifest; returns the digest."""
+        if isinstance(dataset, dict):
+            dataset = DatasetInfo.from_attrs(dataset, self.store.display(self.name))
+        self._flush()
+        if self._flushed != self.rows:
+            raise KDCacheError(f"split {self.name!r}: wrote {self._flushed} rows but the dataset has {self.rows}")
+        digest = self._digest.hexdigest()
+        dataset.digest = digest
+        try:
+            with remote_errors(self.store.location):
+                self.group.update_attributes({"dataset": dataset.to_attrs(),
+                                         "chunk_digests": ChunkManifest(arrays=self._chunk_digests).to_attrs(),
+                                         "complete": True})
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(self.store, f"split {self.name!r} attributes", exc) from exc
+        return digest
+
+
+class CacheWriter:
+    """Creates a cache and marks it complete only after every split is closed."""
+
+    def __init__(self, location: str | Path | CacheStore, header: RootHeader | dict[str, Any], *,
+                 overwrite: bool = False, resume: bool = False, lock: Any = None) -> None:
+        """`header` is the root header (a dict of root attributes will do for scripts); its `write_settings` are
+        what must not change across a resume (teacher hash, data, storage). `lock` is the store's writer lock, held
+        by the caller (CacheStore.lock)."""
+        store = as_store(location)
+        if isinstance(header, dict):
+            header = RootHeader.from_attrs({"format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION,
+                                            **header}, str(store))
+        self.store, self.lock = store, lock
+        self.resumed = resume and check_destination(store, overwrite=False)
+        self.splits: list[str] = []
+        if self.resumed:
+            self._reopen(header.write_settings)
+            return
+        if check_destination(store, overwrite):
+            raise KDCacheError(f"{store}: holds an incomplete cache (an interrupted run); resume it or pass --overwrite")
+        if not store.is_empty():  # check_destination let through only a kdcache cache to replace
+            store.delete_all()
+        header.complete, header.splits, header.chunk_manifests = False, [], True
+        try:
+            store.prepare()
+            store.write_marker()
+            self.root = zarr.create_group(store=store.zarr_store(read_only=False), overwrite=False, zarr_format=3,
+                                          attributes=header.to_attrs())  # refuses an existing zarr.json
+            store.remove_marker()  # zarr.json is in place: from now on the location is a (resumable) cache
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(store, "the cache header", exc) from exc
+
+    def _reopen(self, settings: dict[str, Any]) -> None:
+        """Open an interrupted cache for resuming, only if it was begun with the very same settings."""
+        meta = self.store.read_json("zarr.json") or {}
+        old = json.loads(json.dumps((meta.get("attributes") or {}).get("write_settings")))
+        new = json.loads(json.dumps(settings))
+        if old != new:
+            differ = ", ".join(_differences(old, new)[:4]) if isinstance(old, dict) else "all (no settings recorded)"
+            raise KDCacheError(f"{self.store}: holds an interrupted cache written with other settings (differs in "
+                               f"{differ}); rerun with the same teacher, data and storage flags, or pass --overwrite")
+        self.store.remove_partials()  # temporary files of writes the crash cut short
+        self.store.remove_marker()  # killed just after zarr.json was written
+        self.root = zarr.open_group(store=self.store.zarr_store(read_only=False), mode="r+", zarr_format=3)
+
+    def add_split(self, name: str, specs: dict[str, ArraySpec] | None = None, *, num_outputs: int | None = None,
+                  kind: str = "classification", dtype: str = "float16", extras: dict[str, int] | None = None,
+                  **kwargs: Any) -> SplitWriter:
+        """Create the arrays of one split: `specs` (schema.split_arrays), or the widths and kinds to make them from;
+        see SplitWriter for the other keyword arguments."""
+        if specs is None:
+            specs = schema.split_arrays(int(num_outputs), kind, dtype, extras or {})
+        if name in self.splits:
+            raise KDCacheError(f"{self.store}: split {name!r} given twice")
+        self.splits.append(name)
+        try:
+            return SplitWriter(self.root, self.store, name, specs, resume=self.resumed, lock=self.lock, **kwargs)
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(self.store, f"split {name!r}", exc) from exc
+
+    def add_blob(self, name: str, data: bytes, attrs: dict[str, Any]) -> None:
+        """Store a small opaque file (the teacher's tokenizer as a zip) as a checksummed uint8 array, with its
+        sha256 recorded beside it (binding the blob to its place)."""
+        if self.resumed and name in self.root.array_keys():
+            if self.store.list_files(f"{name}/c"):
+                return  # stored whole (one chunk) before the interrupted run went on
+            self.store.delete_prefix(name)  # killed between its metadata and its chunk: write it again
+        payload = np.frombuffer(data, dtype=np.uint8)
+        try:
+            self.root.create_array(name, data=payload, chunks=(max(1, len(payload)),),
+                                   compressors=codecs.compressors("zstd3", 1),
+                                   attributes={**attrs, "sha256": hashlib.sha256(data).hexdigest()},
+                                   config=_ARRAY_CONFIG)
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(self.store, name, exc) from exc
+
+    def finalize(self, attrs: dict[str, Any] | None = None) -> None:
+        """Set `complete: true`, the last write of a cache: before it, no reader will use the cache."""
+        if self.lock is not None:
+            self.lock.check()
+        try:
+            with remote_errors(self.store.location):
+                self.root.update_attributes({**(attrs or {}), "splits": self.splits, "completed": utc_now(),
+                                        "complete": True})
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(self.store, "the final attributes", exc) from exc
+
+
+class BackgroundWriter:
+    """Runs `sink(arrays)` on a thread, converting tensors to numpy there, so compute never waits on storage.
+
+    Tensors may still live on the GPU: the `.cpu()` copy (and its synchronisation) happens on the writer
+    thread. An error on the thread is re-raised in the caller at the next `put` or at `close`.
+    """
+
+    _STOP = object()
+
+    def __init__(self, sink: Callable[[dict[str, np.ndarray]], None], max_pending: int = 8) -> None:
+        self._sink = sink
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                self._sink({k: _to_numpy(v) for k, v in item.items()})
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+                self._error = exc
+
+    def put(self, arrays: dict[str, Any]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(arrays)
+
+    def close(self) -> None:
+        """Wait for every pending write; re-raise the first error."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # stop the thread quietly (pending writes still land); the original exception propagates
+            self._queue.put(self._STOP)
+            self._thread.join()
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+__all__ = ["BackgroundWriter", "CacheWriter", "SplitWriter", "check_destination", "storage_error"]

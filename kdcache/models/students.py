@@ -1,0 +1,148 @@
+"""Builds the student (or, for `kdcache train`, the model trained from scratch) and saves it where a teacher loads.
+
+Accepted specs: a Hugging Face model folder (its classifier head kept when it already has the task's width,
+a fresh head when the folder is a bare encoder such as all-MiniLM-L6-v2), a Hugging Face config file
+(`*.json`, e.g. a 4-layer BERT, randomly initialised), a kdcache model folder (what `distill` and `train`
+save), or an architecture name (`resnet8`, `mlp`, a torchvision name, `package.module:factory`). Saved
+students are teacher folders, so teacher -> assistant -> student (TAKD) is two caches and two distills.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcache.errors import KDCacheError
+from kdcache.models.teachers import (HF_CONFIG_FILE, MODEL_DIR_FILE, check_model_dir_code, load_state_dict_file,
+                              save_model_dir)
+
+
+@dataclass
+class Student:
+    """A trainable model plus what it takes to save it as a folder that `load_teacher` reads back."""
+
+    model: nn.Module
+    spec: str
+    source: str  # huggingface | kdcache | architecture
+    architecture: str | None = None  # for non-HF models: the build_model name
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
+        return out.logits if hasattr(out, "logits") else out
+
+    @property
+    def is_huggingface(self) -> bool:
+        return self.source == "huggingface"
+
+    def parameters_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None = None, tokenizer: Any = None,
+                  seed: int = 0, trust_model_code: bool = False) -> Student:
+    """A freshly initialised (seeded) or loaded student with `num_outputs` outputs, or a one-line error saying why not;
+    `trust_model_code` lets a `module:factory` architecture import and run (see kdcache.models.build_model)."""
+    kwargs = dict(kwargs or {})
+    torch.manual_seed(seed)
+    path = Path(spec)
+    if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
+        student = _hf_folder(path, num_outputs)
+    elif path.is_file() and path.suffix == ".json":
+        student = _hf_config_file(path, num_outputs, tokenizer)
+    elif path.is_dir() and (path / MODEL_DIR_FILE).is_file():
+        student = _kdcache_folder(path, num_outputs, trust_model_code)
+    elif path.is_dir():
+        raise KDCacheError(f"{path}: not a model folder (no {HF_CONFIG_FILE} or {MODEL_DIR_FILE})")
+    elif "/" in spec or spec.startswith(".") or spec.endswith(".json"):
+        raise KDCacheError(f"{spec}: no such student folder or config file")
+    else:
+        from kdcache.models.builders import build_model
+
+        model = build_model(spec, num_outputs, trust_model_code=trust_model_code, **kwargs)
+        student = Student(model, spec, "architecture", spec, kwargs)
+    if tokenizer is not None and student.is_huggingface:
+        vocab = getattr(student.model.config, "vocab_size", None)
+        if vocab is not None and vocab < len(tokenizer):
+            raise KDCacheError(f"student {spec}: vocabulary of {vocab} tokens is smaller than the cache's tokenizer "
+                               f"({len(tokenizer)}); the student must read the teacher's token ids")
+    return student
+
+
+def _hf_folder(path: Path, num_outputs: int) -> Student:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise KDCacheError(f"{path / HF_CONFIG_FILE}: unreadable Hugging Face config ({exc})".splitlines()[0]) from exc
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if has_head and config.num_labels != num_outputs:
+        raise KDCacheError(f"student {path} has {config.num_labels} outputs but the cache's teacher has {num_outputs}")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), local_files_only=True, num_labels=num_outputs)
+    except Exception as exc:  # noqa: BLE001
+        raise KDCacheError(f"{path}: cannot load a Hugging Face model ({exc})".splitlines()[0]) from exc
+    return Student(model, str(path), "huggingface")
+
+
+def _hf_config_file(path: Path, num_outputs: int, tokenizer: Any) -> Student:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object, got {type(values).__name__}")
+        model_type = values.pop("model_type")
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise KDCacheError(f"{path}: not a Hugging Face config (JSON with a model_type): {exc}") from exc
+    values.pop("architectures", None)
+    values["num_labels"] = num_outputs
+    values.pop("id2label", None), values.pop("label2id", None)
+    if tokenizer is not None and "vocab_size" not in values:
+        values["vocab_size"] = len(tokenizer)
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+        model = AutoModelForSequenceClassification.from_config(config)
+    except Exception as exc:  # noqa: BLE001
+        raise KDCacheError(f"{path}: cannot build a model from this config ({exc})".splitlines()[0]) from exc
+    return Student(model, str(path), "huggingface")
+
+
+def _kdcache_folder(path: Path, num_outputs: int, trust_model_code: bool) -> Student:
+    from kdcache.models.builders import build_model
+
+    try:
+        meta = json.loads((path / MODEL_DIR_FILE).read_text())
+        architecture, width = str(meta["architecture"]), int(meta["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KDCacheError(f"{path / MODEL_DIR_FILE}: unreadable model description ({exc})") from exc
+    check_model_dir_code(path, architecture, trust_model_code)
+    if width != num_outputs:
+        raise KDCacheError(f"student {path} has {width} outputs but the cache's teacher has {num_outputs}")
+    kwargs = meta.get("kwargs") or {}
+    model = build_model(architecture, width, trust_model_code=trust_model_code, **kwargs)
+    load_state_dict_file(model, path / meta.get("weights", "model.pt"), what=f"architecture {architecture}")
+    return Student(model, str(path), "kdcache", architecture, kwargs)
+
+
+def save_student(student: Student, directory: str | Path, *, num_outputs: int, label_names: list[str] | None,
+                 tokenizer: Any = None) -> Path:
+    """Save in the form `cache-teacher --teacher DIR` loads: HF `save_pretrained` (with the tokenizer) or a kdcache folder."""
+    directory = Path(directory)
+    if student.is_huggingface:
+        if label_names:
+            student.model.config.id2label = dict(enumerate(label_names))
+            student.model.config.label2id = {name: i for i, name in enumerate(label_names)}
+        student.model.save_pretrained(str(directory))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        return directory
+    return save_model_dir(student.model, directory, architecture=student.architecture, num_classes=num_outputs,
+                          label_names=label_names, kwargs=student.kwargs)

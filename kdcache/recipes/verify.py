@@ -1,0 +1,162 @@
+"""Recipe: prove a cache is whole and says what its teacher said (`kdcache verify`).
+
+    kdcache verify sst2.kdcache                                   # every chunk, checksum, place and digest
+    kdcache verify sst2.kdcache --teacher models/bert-sst2        # plus 256 random rows per split recomputed
+    kdcache verify s3://bucket/c10.kdcache --teacher resnet110 --weights r110.pt --sample 100000
+
+Without a teacher it runs every check a cache can make on its own (kdcache/cache/verify.py). With a teacher it
+also compares the weights' hash with the cache's, re-reads a random sample of rows from the dataset (their
+fingerprints and labels must match) and recomputes the teacher's logits for them: a cache that disagrees beyond the
+rounding of its storage dtype (and of the autocast it was computed under) fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache.cache import Cache, TeacherCache
+from kdcache.cache.verify import VerifyReport, check_cache
+from kdcache.data import load_split, modality_of, recorded_options
+from kdcache.errors import KDCacheError
+from kdcache.fingerprint import labels_equal
+from kdcache.models import Teacher, load_teacher
+from kdcache.runtime import autocast, resolve_device
+
+#: (rtol, atol) per storage dtype: a fresh logit x and a stored one s agree when |s - x| <= rtol * |x| + atol.
+#: float16 keeps 11 significant bits (rounding error at most 2**-11 relative); twice that, plus an absolute
+#: allowance for the few ulps by which two devices' kernels may differ, still rejects any other teacher.
+STORAGE_TOLERANCE = {"float16": (2.0**-10, 1e-3), "float32": (2.0**-14, 1e-4)}
+#: Teacher logits computed under autocast carry the compute dtype's own rounding, whatever the storage dtype.
+COMPUTE_TOLERANCE = {"fp32": (0.0, 0.0), "fp16": (2.0**-8, 2.0**-8), "bf16": (2.0**-5, 2.0**-5)}
+
+
+def tolerance(dtype: str, precision: str = "fp32") -> tuple[float, float]:
+    """(rtol, atol) for comparing stored logits with fresh ones: storage rounding, widened for autocast."""
+    rtol, atol = STORAGE_TOLERANCE.get(dtype, STORAGE_TOLERANCE["float16"])
+    c_rtol, c_atol = COMPUTE_TOLERANCE.get(precision, COMPUTE_TOLERANCE["bf16"])
+    return max(rtol, c_rtol), max(atol, c_atol)
+
+
+def verify_cache(location: str | Path, *, teacher: str | None = None, weights: str | Path | None = None,
+                 data: str | None = None, sample: int = 256, seed: int = 0, device: str = "auto",
+                 batch_size: int = 64, rtol: float | None = None, atol: float | None = None,
+                 trust_model_code: bool = False, storage_options: dict[str, Any] | None = None) -> VerifyReport:
+    """Run every check on the cache (and, given `teacher`, recompute `sample` random rows per split).
+
+    Never writes to the cache: it is opened read-only, like every reader. Input that cannot be verified at all (no
+    such cache, not a kdcache cache, a newer format, a teacher that cannot be loaded) is a KDCacheError."""
+    if sample < 0 or batch_size < 1:
+        raise KDCacheError("--sample must be at least 0 and --batch-size at least 1")
+    cache = Cache(location, allow_incomplete=True, storage_options=storage_options)
+    report, splits = check_cache(cache)
+    if teacher is None:
+        return report
+    recorded = cache.header.teacher
+    if weights is None and not Path(teacher).is_dir() and recorded.get("spec") == teacher:
+        weights = recorded.get("weights_file")  # an architecture name: the weights file the cache was written with
+    loaded = load_teacher(teacher, weights=weights, num_outputs=recorded.get("num_outputs"),
+                          trust_model_code=trust_model_code)
+    dev = resolve_device(device)
+    loaded.model.to(dev)
+    same = loaded.sha256 == recorded.get("sha256")
+    report.add("teacher", same, f"weights sha256 {loaded.sha256[:16]}... match the cache's teacher" if same else
+               f"weights sha256 {loaded.sha256[:16]}... differ from the cache's teacher "
+               f"{str(recorded.get('sha256'))[:16]}... ({recorded.get('spec')}): not the teacher that wrote this cache")
+    if sample == 0:
+        return report
+    d_rtol, d_atol = tolerance(cache.header.storage.logits_dtype, cache.header.inference.get("precision", "fp32"))
+    tol = (d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
+    modality = cache.header.task.modality or modality_of(cache.header.task.name)
+    tokenizer = cache.tokenizer() if modality == "text" else None
+    for name, split in splits.items():
+        if split.split_attrs.get("complete") is True:
+            _check_sample(report, cache, split, loaded, tokenizer, data=data, sample=sample, seed=seed, device=dev,
+                          batch_size=batch_size, tol=tol)
+    return report
+
+
+def _check_sample(report: VerifyReport, cache: Cache, split: TeacherCache, teacher: Teacher, tokenizer: Any, *,
+                  data: str | None, sample: int, seed: int, device: torch.device, batch_size: int,
+                  tol: tuple[float, float]) -> None:
+    """A random sample of rows: fingerprints and labels re-derived from the data, logits recomputed."""
+    name, dataset = split.split, split.split_attrs.get("dataset") or {}
+    try:
+        source = load_split(cache.header.task.name, data if data is not None else dataset.get("source"), name,
+                            tokenizer=tokenizer, options=recorded_options(dataset, cache.header.task.to_attrs()))
+    except KDCacheError as exc:
+        report.add(f"{name}/sample", False, f"cannot re-read the data: {exc}")
+        return
+    if len(source) != len(split):
+        report.add(f"{name}/sample", False, f"{source.source}: has {len(source)} rows but the cache has {len(split)}; "
+                                            "the data changed since the teacher was cached")
+        return
+    rows = np.sort(np.random.default_rng(seed).choice(len(split), size=min(sample, len(split)), replace=False))
+    try:
+        stored_fp, stored_labels = split.read("fingerprint")[rows], split.read("labels")[rows]
+        stored = _stored_rows(split, rows)
+    except KDCacheError as exc:
+        report.add(f"{name}/sample", False, str(exc))
+        return
+    fresh_fp, fresh, fresh_labels = _recompute(source, teacher, rows, device, batch_size,
+                                               cache.header.inference.get("precision", "fp32"))
+    differ = np.flatnonzero(fresh_fp != stored_fp)
+    report.add(f"{name}/sample fingerprints", not len(differ),
+               f"{len(differ)} of {len(rows)} sampled rows differ from {source.source}, first row {int(rows[differ[0]])}"
+               if len(differ) else f"{len(rows)} random rows of {source.source} match")
+    fresh_labels = fresh_labels.astype(stored_labels.dtype)
+    wrong = np.flatnonzero(~labels_equal(stored_labels, fresh_labels))
+    report.add(f"{name}/sample labels", not len(wrong),
+               f"{len(wrong)} of {len(rows)} sampled rows have another label in {source.source} than in the cache, "
+               f"first row {int(rows[wrong[0]])} ({fresh_labels[wrong[0]]} vs {stored_labels[wrong[0]]})"
+               if len(wrong) else f"the labels of {len(rows)} random rows of {source.source} match")
+    if fresh.shape[1] != stored.shape[1]:
+        report.add(f"{name}/teacher logits", False,
+                   f"the teacher gives {fresh.shape[1]} outputs but the cache holds {stored.shape[1]}")
+        return
+    diff = np.abs(stored.astype(np.float32) - fresh)
+    diff[~np.isfinite(diff)] = np.inf
+    over = diff > tol[0] * np.abs(fresh) + tol[1]
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    detail = (f"largest |difference| {diff.max():.3g} (row {int(rows[worst[0]])}, output {int(worst[1])}) over "
+              f"{len(rows)} recomputed rows; tolerance {tol[0]:.3g}*|logit| + {tol[1]:.3g}")
+    if over.any():
+        detail += f"; {int(over.any(axis=1).sum())} row(s) beyond it"
+    report.add(f"{name}/teacher logits", not over.any(), detail)
+
+
+def _recompute(source: Any, teacher: Teacher, rows: np.ndarray, device: torch.device, batch_size: int,
+               precision: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fingerprints, teacher logits and labels of `rows`, from the data as it is now."""
+    fingerprints, logits, labels = [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch_size):
+            batch = source.collate([source.dataset[int(r)] for r in rows[i:i + batch_size]])
+            fingerprints.append(np.asarray(batch.fingerprint, dtype=np.uint64))
+            labels.append(batch.labels.numpy())
+            try:
+                with autocast(device, precision):
+                    out = teacher(source.prepare(batch, device))
+            except Exception as exc:  # noqa: BLE001 - any model error on this input: a mismatched teacher
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise KDCacheError(f"teacher {teacher.spec} cannot run on {source.source}: {message}") from exc
+            logits.append(out.float().cpu().numpy())
+    return np.concatenate(fingerprints), np.concatenate(logits), np.concatenate(labels)
+
+
+def _stored_rows(split: TeacherCache, rows: np.ndarray) -> np.ndarray:
+    """Stored logits of the sorted `rows`, reading only the chunks they fall in (checked reads)."""
+    out = np.empty((len(rows), split.num_outputs), dtype=split.logits.dtype)
+    chunks = rows // split.chunk_rows
+    for c in np.unique(chunks):
+        a = int(c) * split.chunk_rows
+        block = split.read("logits", a, a + split.chunk_rows)
+        take = chunks == c
+        out[take] = block[rows[take] - a]
+    return out
+
+
+__all__ = ["tolerance", "verify_cache"]

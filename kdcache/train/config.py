@@ -1,0 +1,116 @@
+"""A student run's settings (`DistillConfig`) and every default of `distill` and `train`, in one visible place.
+
+`cifar` and `glue` are the paper's settings (section 5: CIFAR 200 epochs, lr 0.2, batch 32; GLUE 30 epochs, lr
+2e-5, batch 64); each method adds its own hyper-parameters per preset (T_max, psi, margin, T, alpha, ...: see
+its module under kdcache/methods/). What the paper leaves open (optimiser, weight decay, warm-up, clipping) is ours
+and marked so in docs/methods.md. `small` serves feature-vector tasks such as the bundled digits; `--preset auto`
+picks by modality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcache.data import DataOptions
+from kdcache.errors import KDCacheError
+
+TRAINING_PRESETS: dict[str, dict[str, Any]] = {
+    "cifar": {"epochs": 200, "lr": 0.2, "batch_size": 32, "optimizer": "sgd", "weight_decay": 5e-4, "momentum": 0.9,
+              "lr_schedule": "cosine", "warmup_ratio": 0.0, "max_grad_norm": 1.0},
+    "glue": {"epochs": 30, "lr": 2e-5, "batch_size": 64, "optimizer": "adamw", "weight_decay": 0.01, "momentum": 0.9,
+             "lr_schedule": "linear", "warmup_ratio": 0.06, "max_grad_norm": 1.0},
+    "small": {"epochs": 30, "lr": 1e-3, "batch_size": 64, "optimizer": "adamw", "weight_decay": 0.0, "momentum": 0.9,
+              "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": None},
+}
+AUTO_PRESET = {"text": "glue", "image": "cifar", "features": "small"}
+#: The hyper-parameter flags of DistillConfig: None means "the preset's (or the method's) value".
+HYPERPARAMETERS = ("epochs", "t_max", "margin", "psi", "alpha", "temperature", "anneal_epochs", "lr", "batch_size",
+                   "optimizer", "weight_decay", "momentum", "lr_schedule", "warmup_ratio", "max_grad_norm")
+#: Fields that do not change what a run computes: a resume may differ in these. Paths are left out too: the cache
+#: and data are identified by their digests, so a moved run or cache resumes.
+NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
+                "trust_model_code", "storage_options")
+#: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
+OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map")
+
+
+@dataclass
+class DistillConfig:
+    """Everything `distill` and `train` need; None means "the preset's value"."""
+
+    student: str
+    out: Path
+    cache: str | Path | None = None  # a path or an fsspec URL; None: `kdcache train`, CE on the dataset's labels
+    method: str = "continuation"
+    data: str | None = None
+    task: str | None = None  # train only (a cache names its own task)
+    tokenizer: str | None = None  # train only, for text
+    data_options: DataOptions = field(default_factory=DataOptions)  # train only
+    val_split: str | None = None  # default: validation, else test, when present
+    preset: str = "auto"
+    epochs: int | None = None
+    t_max: int | None = None
+    margin: float | None = None
+    psi: str | None = None
+    reduction: str = "sample"
+    alpha: float | None = None
+    temperature: float | None = None
+    anneal_epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    lr_schedule: str | None = None
+    warmup_ratio: float | None = None
+    max_grad_norm: float | None = None
+    schedule_unit: str = "epoch"
+    seed: int = 0
+    precision: str = "fp32"
+    device: str = "auto"
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
+    save_every: int | None = None
+    stream_mode: str = "auto"
+    checkpoint: str | None = None  # distil from this cached teacher checkpoint instead of the trained teacher
+    kd_loss: str | None = None  # prokd / curriculum's logits phase: vanilla (default) or continuation
+    phase_epochs: str | None = None  # curriculum: epochs per projection phase ("5,5"); prokd: per checkpoint
+    layer_map: str | None = None  # curriculum: teacher layer -> student layer, e.g. "2:1,4:2"
+    resume: bool = False
+    overwrite: bool = False
+    stop_after_epoch: int | None = None
+    progress: bool = True
+    command: str | None = None
+    trust_model_code: bool = False  # let a module:factory student (flag or model folder) import and run
+    storage_options: dict[str, Any] = field(default_factory=dict)  # for a cache named by an fsspec URL
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide what the run computes, as plain JSON values."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()
+                if k not in NOT_IDENTITY and not (k in OPTIONAL_FIELDS and v is None)}
+
+
+def preset_name(preset: str, modality: str) -> str:
+    name = AUTO_PRESET.get(modality, "small") if preset == "auto" else preset
+    if name not in TRAINING_PRESETS:
+        raise KDCacheError(f"--preset {preset!r} is not one of auto, {', '.join(TRAINING_PRESETS)}")
+    return name
+
+
+def resolve(preset: str, modality: str, method: Any, cfg: DistillConfig) -> tuple[str, dict[str, Any]]:
+    """The preset's training values and the method's own defaults, with every flag the user gave (not None) on top;
+    returns (preset name, values). The tables themselves are never modified."""
+    name = preset_name(preset, modality)
+    values = {**TRAINING_PRESETS[name], **method.preset_defaults(name), "anneal_epochs": None}
+    values.update({k: getattr(cfg, k) for k in HYPERPARAMETERS if getattr(cfg, k) is not None})
+    if int(values["epochs"]) < 1 or int(values["batch_size"]) < 1:
+        raise KDCacheError("--epochs and --batch-size must be at least 1")
+    if cfg.schedule_unit not in ("epoch", "step"):
+        raise KDCacheError(f"--schedule-unit {cfg.schedule_unit!r} is not one of epoch, step")
+    return name, values
+
+
+__all__ = ["AUTO_PRESET", "DistillConfig", "HYPERPARAMETERS", "NOT_IDENTITY", "TRAINING_PRESETS", "preset_name",
+           "resolve"]

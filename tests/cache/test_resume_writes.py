@@ -1,0 +1,183 @@
+"""Crash-safe writes: SIGKILL at random points of a real-data cache-teacher run, resume, compare byte for byte."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import kdcache
+from kdcache.errors import KDCacheError
+from kdcache.cache.store import LocalLock as WriteLock
+from teachers_for_tests import make_tiny_bert
+from cache_edits import interrupted_at
+from helpers import _one_error_line, run_cli
+
+ROWS = 600  # of real SST-2 train; chunks of 64 rows, batches of 24: a resume restarts inside a batch
+
+
+def _kdcache(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from kdcache.cli.main import main; main()", *args]
+
+
+def _args(teacher, data, out, *extra):
+    return ["cache-teacher", "--teacher", str(teacher), "--task", "sst2", "--data", str(data), "--split", "train",
+            "--split", "validation", "--out", str(out), "--limit", str(ROWS), "--chunk-rows", "64", "--batch-size",
+            "24", "--device", "cpu", "--no-progress", *extra]
+
+
+def _rows_done(out: Path) -> dict[str, int]:
+    done = {}
+    for split in ("train", "validation"):
+        try:
+            attrs = json.loads((out / split / "zarr.json").read_text())["attributes"]
+        except (OSError, ValueError, KeyError):
+            continue
+        done[split] = ROWS if attrs.get("complete") else int(attrs.get("rows_done", 0))
+    return done
+
+
+def _arrays(out: Path) -> dict[str, bytes]:
+    """Every stored chunk file of every split array, and the decoded arrays, keyed by path."""
+    found = {}
+    for split in ("train", "validation"):
+        for name in ("logits", "labels", "index", "fingerprint"):
+            folder = out / split / name
+            for chunk in sorted((folder / "c").rglob("*")):
+                if chunk.is_file():
+                    found[str(chunk.relative_to(out))] = chunk.read_bytes()
+            found[f"{split}/{name} decoded"] = np.asarray(zarr.open_array(str(folder), mode="r")[:]).tobytes()
+    return found
+
+
+@pytest.fixture(scope="module")
+def sst2_teacher(tmp_path_factory, tiny_tokenizer):
+    return make_tiny_bert(tmp_path_factory.mktemp("teacher"), tiny_tokenizer)
+
+
+def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, sst2_teacher, glue_dir):
+    data = glue_dir / "SST-2"
+    reference = tmp_path / "reference.kdcache"
+    subprocess.run(_kdcache(*_args(sst2_teacher, data, reference)), check=True, capture_output=True, timeout=300)
+
+    out = tmp_path / "killed.kdcache"
+    rng = np.random.default_rng(3)
+    kills = []
+    targets = sorted(rng.choice(np.arange(1, 2 * ROWS - 128), size=4, replace=False))
+    for target in targets:
+        # kill once the cache has passed a random row (of either split), plus a random few milliseconds
+        if sum(_rows_done(out).values()) >= target:
+            continue
+        proc = subprocess.Popen(_kdcache(*_args(sst2_teacher, data, out)), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if sum(_rows_done(out).values()) >= target:
+                time.sleep(float(rng.uniform(0, 0.01)))
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        code = proc.wait(timeout=300)
+        if code == 0:
+            break  # finished within the few milliseconds before the kill: nothing left to resume
+        assert code == -signal.SIGKILL, proc.stderr.read().decode()
+        if kdcache.Cache(out, allow_incomplete=True).header.complete:
+            break  # the kill landed after the last write: nothing left to resume
+        kills.append(_rows_done(out))
+        with pytest.raises(KDCacheError, match="incomplete"):
+            kdcache.open_cache(out)  # a killed cache is never used silently
+    subprocess.run(_kdcache(*_args(sst2_teacher, data, out, "--resume")), check=True, capture_output=True, timeout=300)
+    assert len(kills) >= 2, kills  # killed mid-run at several distinct points
+    assert len({tuple(sorted(k.items())) for k in kills}) == len(kills), kills
+    assert kdcache.open_cache(out).attrs["complete"] is True
+    got, want = _arrays(out), _arrays(reference)
+    assert got.keys() == want.keys()
+    assert [k for k in want if got[k] != want[k]] == []
+    assert not list(out.rglob("*.partial"))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys, monkeypatch, sst2_teacher, tiny_tokenizer, glue_dir):
+    out = tmp_path / "c.kdcache"
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)[0] == 0
+    meta = json.loads((out / "zarr.json").read_text())
+    meta["attributes"]["complete"] = False  # as if killed just before its last write
+    (out / "zarr.json").write_text(json.dumps(meta))
+    other = make_tiny_bert(tmp_path / "other", tiny_tokenizer, seed=1)
+    code, _, err = run_cli(_args(other, glue_dir / "SST-2", out), capsys, monkeypatch)
+    _one_error_line(code, err, str(out), "other settings", "teacher_sha256", "--overwrite")
+    code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out, "--dtype", "float32"), capsys, monkeypatch)
+    _one_error_line(code, err, "storage.logits_dtype")
+
+
+def test_resume_flag_needs_an_interrupted_cache(tmp_path, capsys, monkeypatch, sst2_teacher, glue_dir):
+    out = tmp_path / "c.kdcache"
+    _one_error_line(*run_cli(_args(sst2_teacher, glue_dir / "SST-2", out, "--resume"), capsys, monkeypatch)[::2],
+                    "nothing to resume")
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)[0] == 0
+    _one_error_line(*run_cli(_args(sst2_teacher, glue_dir / "SST-2", out, "--resume"), capsys, monkeypatch)[::2],
+                    "already complete")
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_not_stuck(tmp_path, capsys, monkeypatch, sst2_teacher,
+                                                                        glue_dir):
+    out = tmp_path / "c.kdcache"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from kdcache.cache.store import LocalLock as WriteLock; "
+                               f"WriteLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)
+        _one_error_line(code, err, str(out), "another cache-teacher", f"pid {holder.pid}")
+        assert not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / "c.kdcache.lock").exists()  # the dead writer's lock file stays, but binds nobody
+    with WriteLock(out):
+        pass
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)[0] == 0
+
+
+def _interrupt(out: Path, rows_done: int) -> None:
+    """Make a finished cache look interrupted after `rows_done` rows of train: root and train incomplete."""
+    split_attrs = interrupted_at(out, "train", rows_done)
+    for meta_file, extra in ((out / "zarr.json", {}), (out / "train" / "zarr.json", split_attrs)):
+        meta = json.loads(meta_file.read_text())
+        meta["attributes"].update({"complete": False, **extra})
+        meta_file.write_text(json.dumps(meta))
+
+
+def test_kills_before_any_row_was_written_resume_too(tmp_path, capsys, monkeypatch, sst2_teacher, glue_dir):
+    """Killed while creating a split's arrays, or between the tokenizer's metadata and its chunk."""
+    reference, out = tmp_path / "ref.kdcache", tmp_path / "c.kdcache"
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", reference), capsys, monkeypatch)[0] == 0
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)[0] == 0
+    _interrupt(out, rows_done=0)
+    shutil.rmtree(out / "train" / "logits")  # the split group exists, its logits array does not
+    (out / "tokenizer" / "c" / "0").unlink()  # the tokenizer's metadata exists, its chunk does not
+    code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)
+    assert code == 0, err
+    assert _arrays(out) == _arrays(reference)
+    kdcache.cache.load_cache_tokenizer(out)
+
+
+def test_resume_refuses_data_that_changed_under_it(tmp_path, capsys, monkeypatch, sst2_teacher, glue_dir):
+    data = tmp_path / "SST-2"
+    shutil.copytree(glue_dir / "SST-2", data)
+    out = tmp_path / "c.kdcache"
+    assert run_cli(_args(sst2_teacher, data, out), capsys, monkeypatch)[0] == 0
+    _interrupt(out, rows_done=64)  # a resume recomputes rows 48..63 (batches of 24) and compares them
+    lines = (data / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    text, label = lines[51].rstrip("\n").split("\t")  # row 50 (line 0 is the header): same row count
+    lines[51] = f"{text} great\t{label}\n"
+    (data / "train.tsv").write_text("".join(lines), encoding="utf-8")
+    code, _, err = run_cli(_args(sst2_teacher, data, out), capsys, monkeypatch)
+    _one_error_line(code, err, "row 50", "differs from what the interrupted cache", "--overwrite")

@@ -1,0 +1,55 @@
+"""Helpers the tests share: running the CLI in-process, the one-line error contract, small file writers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from kdcache.cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENT_KW = {"hidden": 16, "depth": 1}
+
+
+def run_cli(args, capsys, monkeypatch):
+    """Run `kdcache ARGS` in-process through the console-script entry point; returns (code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["kdcache", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_error_line(code, err, *needles):
+    assert code == 1, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("kdcache: ")]  # notes, not errors
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def write_tsv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _distill_args(cache, out, *extra):
+    return ["distill", "--cache", cache, "--student", "mlp", "--student-kwargs", json.dumps(STUDENT_KW),
+            "--epochs", "2", "--out", out, "--device", "cpu", "--no-progress", *extra]
+
+
+def read_root_attrs(path: Path) -> dict | None:
+    """A cache's root attributes, or None when there is no readable zarr.json (as the store reads them)."""
+    from kdcache.cache.store import CacheStore
+
+    meta = CacheStore(path).read_json("zarr.json")
+    return meta.get("attributes", {}) if isinstance(meta, dict) else None

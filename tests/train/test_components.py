@@ -1,0 +1,431 @@
+"""`kdcache.train` and the presets: the pieces of the student loop, each tested alone on small real data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kdcache
+from kdcache.cache import codecs, schema as fmt
+from kdcache.methods import METHODS
+from kdcache.methods.annealing import ANNEAL_FRACTION, anneal_epochs
+from kdcache.train import config
+from kdcache.data import DataOptions, load_split
+from kdcache.errors import KDCacheError
+from kdcache.train.metrics import compute_metrics
+from kdcache.runtime import save_torch as save_atomic
+from kdcache.train.batches import LabelBatches
+from kdcache.train.evaluation import evaluate
+from kdcache.train.inputs import StudentInputs, check_alignment
+from kdcache.train.optim import build_lr_schedule, build_optimizer
+from kdcache.train.run_dir import rng_state, set_rng_state
+from kdcache.cache.writer import CacheWriter
+
+CPU = torch.device("cpu")
+ROWS = 150  # digits rows used by most tests: a multiple of neither the batch sizes nor the chunk size
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_torch_optim():
+    """torch's first optimiser costs about a second of lazy imports; pay it once, outside any single test."""
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_split("digits", None, "train", options=DataOptions(limit=ROWS))
+
+
+@pytest.fixture(scope="module")
+def digits_inputs(digits):
+    return StudentInputs(digits, CPU, decode_batch=64)
+
+
+def _write_cache(path, fingerprints: np.ndarray, index: np.ndarray, labels: np.ndarray, *, chunk_rows: int = 64):
+    n, c = len(fingerprints), 10
+    writer = CacheWriter(path, {"teacher": {"num_outputs": c}, "task": {"kind": "classification"}})
+    split = writer.add_split("train", rows=n, num_outputs=c, kind="classification", dtype="float16",
+                             codec=codecs.DEFAULT_CODEC, chunk_rows=chunk_rows)
+    logits = np.random.default_rng(0).normal(size=(n, c)).astype(np.float32)
+    split.write({"logits": logits, "labels": labels, "index": index, "fingerprint": fingerprints.astype(np.uint64)})
+    split.close({"n": n})
+    writer.finalize()
+    return kdcache.open_cache(path)
+
+
+# --- StudentInputs -------------------------------------------------------------------------------------------
+
+
+def test_student_inputs_collects_every_row_in_source_order(digits, digits_inputs):
+    assert len(digits_inputs) == len(digits) == ROWS
+    items = [digits.dataset[i] for i in range(ROWS)]
+    assert digits_inputs.fingerprints.dtype == np.uint64
+    assert digits_inputs.fingerprints.tolist() == [it["fingerprint"] for it in items]
+    assert digits_inputs.labels.tolist() == [it["label"] for it in items]
+
+
+def test_student_inputs_batch_is_the_prepared_rows(digits, digits_inputs):
+    rows = torch.tensor([149, 0, 77, 3, 3])
+    got = digits_inputs.batch(rows)
+    expected = digits.prepare(digits.collate([digits.dataset[int(r)] for r in rows]), CPU)
+    assert got.shape == (5, 64) and got.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
+def test_student_inputs_for_text_pads_each_batch_to_its_longest_row(tmp_path, tiny_tokenizer):
+    sentences = ["good", "a very very good film", "bad movie", "the worst film of all", "i love it"]
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(sentences)))
+    split = load_split("text", data, "train", tokenizer=tiny_tokenizer,
+                       options=DataOptions(text_column="sentence", label_column="label"))
+    inputs = StudentInputs(split, CPU, decode_batch=2)
+    assert len(inputs) == 5
+    assert inputs.labels.tolist() == [0, 1, 0, 1, 0]
+    assert inputs.fingerprints.tolist() == [split.dataset[i]["fingerprint"] for i in range(5)]
+    batch = inputs.batch(torch.tensor([0, 2]))  # "good", "bad movie": 3 and 4 tokens with [CLS]/[SEP]
+    ids = [tiny_tokenizer(s)["input_ids"] for s in ("good", "bad movie")]
+    width = max(map(len, ids))
+    assert batch["input_ids"].shape == (2, width)
+    assert batch["input_ids"][0, : len(ids[0])].tolist() == ids[0]
+    assert batch["attention_mask"].sum(1).tolist() == [len(ids[0]), len(ids[1])]
+
+
+# --- check_alignment -----------------------------------------------------------------------------------------
+
+
+def test_check_alignment_accepts_the_data_the_teacher_saw(tmp_path, digits, digits_inputs):
+    index = np.array([digits.dataset[i]["index"] for i in range(ROWS)])
+    cache = _write_cache(tmp_path / "c.kdcache", digits_inputs.fingerprints, index, digits_inputs.labels.numpy())
+    check_alignment(digits_inputs, cache, "digits")  # no error
+
+
+@pytest.mark.parametrize("rows", [[97], [70, 130], [0, 5, 149]])
+def test_check_alignment_names_the_first_mismatching_row(tmp_path, digits, digits_inputs, rows):
+    index = np.array([digits.dataset[i]["index"] for i in range(ROWS)])
+    stored = digits_inputs.fingerprints.copy()
+    stored[rows] ^= np.uint64(1)
+    cache = _write_cache(tmp_path / "c.kdcache", stored, index, digits_inputs.labels.numpy())
+    with pytest.raises(KDCacheError) as excinfo:
+        check_alignment(digits_inputs, cache, "digits")
+    message = str(excinfo.value)
+    assert "\n" not in message
+    first = rows[0]
+    assert f"row {first} " in message
+    assert f"(source index {index[first]})" in message
+    assert f"{len(rows)} of {ROWS} rows differ" in message
+    assert f"{int(digits_inputs.fingerprints[first]):016x}" in message and f"{int(stored[first]):016x}" in message
+
+
+def test_check_alignment_refuses_another_number_of_rows(tmp_path, digits, digits_inputs):
+    fewer = ROWS - 10
+    index = np.array([digits.dataset[i]["index"] for i in range(fewer)])
+    cache = _write_cache(tmp_path / "c.kdcache", digits_inputs.fingerprints[:fewer], index,
+                         digits_inputs.labels.numpy()[:fewer])
+    with pytest.raises(KDCacheError, match=f"has {ROWS} rows .* has {fewer}"):
+        check_alignment(digits_inputs, cache, "digits")
+
+
+# --- LabelBatches --------------------------------------------------------------------------------------------
+
+
+def _epoch(batches: LabelBatches, e: int):
+    return [(rows.clone(), extra, labels.clone()) for rows, extra, labels in batches.epoch(e)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 16, 64, 150, 1000])
+def test_label_batches_cover_every_row_once_per_epoch(batch_size):
+    labels = torch.arange(ROWS) * 10
+    batches = LabelBatches(labels, batch_size, seed=3, device=CPU)
+    assert len(batches) == math.ceil(ROWS / batch_size)
+    for e in (1, 2):
+        epoch = _epoch(batches, e)
+        assert len(epoch) == len(batches)
+        sizes = [len(rows) for rows, _, _ in epoch]
+        assert all(s == batch_size for s in sizes[:-1]) and 1 <= sizes[-1] <= batch_size
+        rows = torch.cat([r for r, _, _ in epoch])
+        assert sorted(rows.tolist()) == list(range(ROWS))
+        for r, extra, lab in epoch:
+            assert extra is None
+            assert torch.equal(lab, labels[r])  # each batch's labels are its rows' labels
+
+
+def test_label_batches_are_reproducible_per_seed_and_epoch():
+    labels = torch.randint(0, 10, (ROWS,))
+    a = LabelBatches(labels, 32, seed=5, device=CPU)
+    b = LabelBatches(labels, 32, seed=5, device=CPU)
+    order = lambda batches, e: torch.cat([r for r, _, _ in batches.epoch(e)]).tolist()  # noqa: E731
+    torch.manual_seed(0)
+    first = order(a, 2)
+    torch.manual_seed(999)  # the global RNG must not matter (a resumed run replays the same order)
+    assert order(b, 2) == first
+    assert order(a, 2) == first  # replaying an epoch on the same object
+    assert order(a, 3) != first  # epochs differ
+    assert order(LabelBatches(labels, 32, seed=6, device=CPU), 2) != first  # seeds differ
+    assert first != list(range(ROWS))  # shuffled at all
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------
+
+
+class _Net(nn.Module):
+    """A linear classifier with dropout: outputs differ between train and eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.drop = nn.Dropout(0.5)
+        self.linear = nn.Linear(64, 10)
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return self.linear(self.drop(x))
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_evaluate_scores_in_eval_mode_and_restores_the_mode(digits_inputs, start_training):
+    net = _Net()
+    net.train(start_training)
+    labels = digits_inputs.labels.numpy()
+    result = evaluate(net, digits_inputs, labels, task="digits", kind="classification", device=CPU, batch_size=64)
+    assert net.training is start_training
+    assert net.drop.training is start_training  # submodules too
+    assert net.modes == [False, False, False]  # ceil(150 / 64) batches, all in eval mode
+    with torch.no_grad():
+        net.eval()
+        logits = net.linear(digits_inputs.batch(torch.arange(ROWS))).numpy()
+    expected = compute_metrics(logits, labels, task="digits")
+    assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert result["metric"] == result["accuracy"] and result["rows"] == ROWS
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_evaluate_accepts_a_student_wrapper_and_restores_its_mode(digits_inputs):
+    from kdcache.models.students import build_student
+
+    student = build_student("mlp", 10, kwargs={"hidden": 8}, seed=0)
+    student.model.train()
+    labels = digits_inputs.labels.numpy().copy()
+    labels[:50] = -1
+    result = evaluate(student, digits_inputs, labels, task="cola", kind="classification", device=CPU)
+    assert student.model.training
+    assert result["rows"] == ROWS - 50
+    student.model.eval()
+    with torch.no_grad():
+        logits = student(digits_inputs.batch(torch.arange(ROWS))).numpy()
+    assert result["mcc"] == pytest.approx(compute_metrics(logits, labels, task="cola")["mcc"], abs=1e-12)
+
+
+# --- build_optimizer -----------------------------------------------------------------------------------------
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.norm = nn.LayerNorm(4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 3)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])
+def test_build_optimizer_puts_no_weight_decay_on_one_dimensional_parameters(name):
+    model = _Mixed()
+    optimizer = build_optimizer(name, model, lr=0.1, weight_decay=0.5)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(decay["params"]) == {id(model.embed.weight), id(model.conv.weight), id(model.head.weight)}
+    assert ids(no_decay["params"]) == {id(model.conv.bias), id(model.norm.weight), id(model.norm.bias),
+                                       id(model.bn.weight), id(model.bn.bias), id(model.head.bias)}
+    assert not ids(model.frozen.parameters()) & ids(decay["params"] + no_decay["params"])
+    assert all(g["lr"] == 0.1 for g in optimizer.param_groups)
+
+    # behaviour: with zero gradients, only weight decay moves a parameter
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    optimizer.step()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p.detach(), before[n])
+        assert moved == (p.requires_grad and p.ndim > 1), n
+
+
+def test_build_optimizer_types_and_momentum():
+    model = nn.Linear(3, 2)
+    sgd = build_optimizer("sgd", model, lr=0.2, weight_decay=5e-4, momentum=0.9)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["nesterov"] is True
+    plain = build_optimizer("sgd", model, lr=0.2, weight_decay=0.0, momentum=0.0)
+    assert plain.defaults["momentum"] == 0.0 and plain.defaults["nesterov"] is False
+    assert type(build_optimizer("adamw", model, lr=1e-3, weight_decay=0.01)) is torch.optim.AdamW
+    assert type(build_optimizer("adam", model, lr=1e-3, weight_decay=0.01)) is torch.optim.Adam
+
+
+@pytest.mark.parametrize("name,lr,match", [
+    ("lion", 0.1, "--optimizer 'lion'"), ("sgd", 0.0, "--lr"), ("adamw", -1e-3, "--lr"),
+    ("adamw", float("nan"), "--lr"), ("adamw", float("inf"), "--lr"),
+])
+def test_build_optimizer_refuses_bad_arguments(name, lr, match):
+    with pytest.raises(KDCacheError, match=match):
+        build_optimizer(name, nn.Linear(2, 2), lr=lr, weight_decay=0.0)
+
+
+# --- build_lr_schedule ---------------------------------------------------------------------------------------
+
+
+def _factors(name: str, total: int, warmup: int, steps: int) -> list[float]:
+    """The learning-rate factor in force at optimiser steps 0..steps-1 (base lr 1)."""
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    schedule = build_lr_schedule(name, optimizer, total_steps=total, warmup_steps=warmup)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return out
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_lr_warmup_is_linear_up_to_the_base_rate(name):
+    f = _factors(name, total=20, warmup=4, steps=5)
+    assert f == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_lr_constant_after_warmup():
+    f = _factors("constant", total=20, warmup=4, steps=30)
+    assert f[3:] == pytest.approx([1.0] * 27)
+
+
+def test_lr_linear_decays_to_zero():
+    f = _factors("linear", total=20, warmup=4, steps=25)
+    # after warm-up: 1 - (step - 4) / 16
+    assert f[4] == pytest.approx(1.0)
+    assert f[8] == pytest.approx(0.75)
+    assert f[12] == pytest.approx(0.5)
+    assert f[19] == pytest.approx(1 / 16)
+    assert f[20:] == pytest.approx([0.0] * 5)  # clamped, never negative
+
+
+def test_lr_cosine_decays_to_zero():
+    f = _factors("cosine", total=20, warmup=4, steps=25)
+    assert f[4] == pytest.approx(1.0)
+    assert f[8] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert f[12] == pytest.approx(0.5)
+    assert f[16] == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4)))
+    assert f[20:] == pytest.approx([0.0] * 5, abs=1e-12)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_lr_without_warmup_starts_at_the_base_rate():
+    assert _factors("linear", total=10, warmup=0, steps=11) == pytest.approx([1 - s / 10 for s in range(11)])
+    assert _factors("cosine", total=10, warmup=0, steps=1) == pytest.approx([1.0])
+
+
+def test_lr_schedule_scales_each_group_and_refuses_unknown_names():
+    model = _Mixed()
+    optimizer = build_optimizer("adamw", model, lr=0.01, weight_decay=0.1)
+    schedule = build_lr_schedule("linear", optimizer, total_steps=10, warmup_steps=2)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.005, 0.005])
+    optimizer.step()
+    schedule.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.01])
+    with pytest.raises(KDCacheError, match="--lr-schedule 'step'"):
+        build_lr_schedule("step", optimizer, total_steps=10)
+
+
+# --- save_atomic and RNG state -------------------------------------------------------------------------------
+
+
+def test_save_atomic_writes_then_replaces(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic({"epoch": 1, "w": torch.arange(4)}, path)
+    save_atomic({"epoch": 2, "w": torch.arange(5)}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["epoch"] == 2 and torch.equal(loaded["w"], torch.arange(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_save_atomic_keeps_the_old_checkpoint_when_saving_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    save_atomic({"epoch": 1}, path)
+    with pytest.raises(Exception):
+        save_atomic({"epoch": 2, "bad": lambda: None}, path)  # lambdas do not pickle
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    first = torch.rand(5)
+    torch.rand(100)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(5), first)
+
+
+# --- presets -------------------------------------------------------------------------------------------------
+
+
+def _preset(name: str, method: str = "continuation") -> dict:
+    return {**config.TRAINING_PRESETS[name], **METHODS[method].preset_defaults(name)}
+
+
+def test_presets_hold_the_papers_values():
+    cifar, glue = _preset("cifar"), _preset("glue")
+    assert (cifar["epochs"], cifar["t_max"], cifar["lr"], cifar["batch_size"], cifar["psi"]) == (200, 20, 0.2, 32, "cifar")
+    assert (glue["epochs"], glue["t_max"], glue["lr"], glue["batch_size"], glue["psi"]) == (30, 10, 2e-5, 64, "glue")
+    keys = set(config.TRAINING_PRESETS["cifar"])
+    assert all(set(values) == keys for values in config.TRAINING_PRESETS.values())  # every preset sets every default
+    for method in METHODS.values():  # and every method its own, under every preset
+        assert len({frozenset(method.preset_defaults(p)) for p in config.TRAINING_PRESETS}) == 1, method.name
+    for values in config.TRAINING_PRESETS.values():
+        assert values["optimizer"] in ("sgd", "adamw", "adam")
+        assert values["lr_schedule"] in ("constant", "linear", "cosine")
+
+
+@pytest.mark.parametrize("modality,expected", [("text", "glue"), ("image", "cifar"), ("features", "small"),
+                                               ("something-else", "small")])
+def test_auto_preset_picks_by_modality(modality, expected):
+    name, values = config.resolve("auto", modality, METHODS["continuation"], config.DistillConfig("mlp", "out"))
+    assert name == expected and values == {**_preset(expected), "anneal_epochs": None}
+
+
+def test_resolve_applies_given_flags_only_and_copies():
+    cfg = config.DistillConfig("mlp", "out", lr=0.05, epochs=None, margin=0.0)
+    name, values = config.resolve("cifar", "text", METHODS["continuation"], cfg)
+    assert name == "cifar"
+    assert values["lr"] == 0.05 and values["margin"] == 0.0  # 0 is a value, not "not given"
+    assert values["epochs"] == 200  # None means the flag was not given
+    values["t_max"] = 1
+    assert METHODS["continuation"].preset_defaults("cifar")["t_max"] == 20  # the tables are never modified
+    _, vanilla = config.resolve("cifar", "text", METHODS["vanilla"], config.DistillConfig("mlp", "out"))
+    assert (vanilla["temperature"], vanilla["alpha"]) == (4.0, 0.5) and "t_max" not in vanilla  # its own only
+
+
+def test_resolve_refuses_unknown_presets():
+    with pytest.raises(KDCacheError, match="--preset 'imagenet'"):
+        config.resolve("imagenet", "image", METHODS["ce"], config.DistillConfig("mlp", "out"))
+
+
+@pytest.mark.parametrize("preset,epochs,expected", [("cifar", 200, 150), ("glue", 30, 20), ("small", 3, 2),
+                                                    ("glue", 2, 1)])
+def test_anneal_epochs_default_fraction(preset, epochs, expected):
+    assert anneal_epochs(ANNEAL_FRACTION[preset], epochs, None) == expected
+
+
+def test_anneal_epochs_given_and_bounds():
+    fraction = ANNEAL_FRACTION["glue"]
+    assert anneal_epochs(fraction, 10, 4) == 4
+    for bad in (0, 10, 11):
+        with pytest.raises(KDCacheError, match="--anneal-epochs"):
+            anneal_epochs(fraction, 10, bad)
+    # a one-epoch run has no room for two stages: said as such, not as an --anneal-epochs nobody passed
+    with pytest.raises(KDCacheError, match=r"needs at least 2 epochs \(one per stage\), got --epochs 1"):
+        anneal_epochs(fraction, 1, None)
