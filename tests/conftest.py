@@ -111,3 +111,24 @@ def bert_student_config(tmp_path_factory):
     path.write_text(json.dumps({"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
                                 "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 256}))
     return path
+
+
+# --- a real S3 server ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """SeaweedFS on 127.0.0.1 with free ports, for the whole session (tests/s3_server.py)."""
+    from s3_server import SeaweedServer
+
+    server = SeaweedServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket per test, named after it."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "bucket"
+    return s3_server.make_bucket(f"t-{name}"[:60].rstrip("-"))

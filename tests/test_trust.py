@@ -506,3 +506,149 @@ def test_ctrl_c_in_cache_teacher_says_how_far_it_got_and_the_rerun_says_where_it
         for array in ARRAYS:
             assert np.array_equal(kdcache.open_cache(out, split).read(array),
                                   kdcache.open_cache(chunked_cache, split).read(array)), (split, array)
+
+
+# --- 12. review of #10: the fixes hold --------------------------------------------------------------------------
+
+def _interrupt_autocast_at(monkeypatch, call: int) -> None:
+    """Make cache-teacher's `call`-th autocast (the first is the probe pass, then one per batch) a Ctrl-C."""
+    import kdcache.recipes.cache_teacher as recipe
+
+    real, calls = recipe.autocast, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "autocast", interrupted)
+
+
+def _cache_teacher_args(teacher_dir, out):
+    return ["cache-teacher", "--teacher", teacher_dir, "--task", "digits", "--split", "train", "--chunk-rows", "256",
+            "--batch-size", "64", "--out", out, "--no-progress", "--device", "cpu"]
+
+
+def test_a_resumed_capture_refuses_chunks_swapped_before_the_resume(tmp_path, capsys, monkeypatch, teacher_dir):
+    import kdcache.recipes.cache_teacher as recipe
+    from kdcache.cache.reader import TeacherCache
+
+    out = tmp_path / "c.kdcache"
+    args = _cache_teacher_args(teacher_dir, out)
+    real = recipe.autocast
+    _interrupt_autocast_at(monkeypatch, 10)  # rows 512-575: chunks 0 and 1 are stored
+    assert run_cli(args, capsys, monkeypatch)[0] == 130
+    monkeypatch.setattr(recipe, "autocast", real)
+    stored = TeacherCache(out, "train", allow_incomplete=True, check_chunks=False)
+    first, second = stored.chunk_file("logits", 0), stored.chunk_file("logits", 1)
+    a, b = first.read_bytes(), second.read_bytes()
+    assert a != b
+    first.write_bytes(b)  # each chunk is whole and passes its own checksum: only its place is wrong
+    second.write_bytes(a)
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    _one_error_line(code, err, "are not the ones that were written", "--overwrite")
+    assert "resuming split" not in err
+    assert zarr.open_group(str(out), mode="r").attrs["complete"] is False
+
+
+def test_a_removed_chunk_manifest_or_tokenizer_digest_does_not_switch_the_check_off(tmp_path, capsys, monkeypatch,
+                                                                                    chunked_cache):
+    copy = _copy(chunked_cache, tmp_path)
+    meta_path = copy / "train" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"]["chunk_digests"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(KDCacheError, match=r"train/zarr.json: the split has no chunk manifest, but the cache was "
+                                           r"written with one \(it was removed\)"):
+        kdcache.open_cache(copy)
+    _one_error_line(*run_cli(_distill_args(copy, tmp_path / "run"), capsys, monkeypatch)[::2], "no chunk manifest",
+                    "removed")
+    code, out, _ = run_cli(["verify", copy], capsys, monkeypatch)
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert code == 1 and any("train/chunk manifest" in line and "no chunk manifest" in line and "removed" in line
+                             for line in failed), out
+
+    from kdcache.cache.reader import load_cache_tokenizer
+    from kdcache.cache.writer import CacheWriter
+
+    path = tmp_path / "t.kdcache"
+    CacheWriter(path, {}).add_blob("tokenizer", _zip({"vocab.txt": b"[PAD]\n"}), {})
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["chunk_manifests"] is True
+    blob_meta = json.loads((path / "tokenizer" / "zarr.json").read_text())
+    del blob_meta["attributes"]["sha256"]
+    (path / "tokenizer" / "zarr.json").write_text(json.dumps(blob_meta))
+    with pytest.raises(KDCacheError, match=r"tokenizer has no recorded sha256, but the cache was written with one "
+                                           r"\(it was removed\)"):
+        load_cache_tokenizer(path)
+
+
+def test_resume_of_a_finished_run_without_last_pt_refuses_instead_of_starting_over(tmp_path, capsys, monkeypatch,
+                                                                                  chunked_cache):
+    run = tmp_path / "run"
+    assert run_cli(_distill_args(chunked_cache, run, "--epochs", "3"), capsys, monkeypatch)[0] == 0
+    metrics = (run / "metrics.jsonl").read_text()
+    assert len(metrics.splitlines()) == 3
+    (run / "last.pt").unlink()
+    code, _, err = run_cli(_distill_args(chunked_cache, run, "--epochs", "3", "--resume"), capsys, monkeypatch)
+    _one_error_line(code, err, str(run / "last.pt"), "nothing to resume")
+    assert (run / "metrics.jsonl").read_text() == metrics  # not deleted, not restarted
+    assert not (run / "last.pt").exists()
+
+
+def test_a_full_disk_while_writing_best_is_one_line(tmp_path, capsys, monkeypatch, chunked_cache):
+    import errno
+
+    import kdcache.runtime as runtime
+
+    real_fsync = runtime.os.fsync
+
+    def full_under_best(fd):
+        if "best.tmp" in Path(os.readlink(f"/proc/self/fd/{fd}")).parts:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(runtime.os, "fsync", full_under_best)
+    run = tmp_path / "run"
+    code, _, err = run_cli(_distill_args(chunked_cache, run), capsys, monkeypatch)
+    _one_error_line(code, err, str(run / "best.tmp" / "model.pt"), "disk full while writing it", "--resume")
+    assert "internal error" not in err and "enforce fail" not in err
+    assert (run / "last.pt").is_file() and not (run / "best").exists()
+    assert not (run / "best.tmp" / "model.pt.tmp").exists()  # the half-written file is removed
+
+
+def test_an_image_file_linked_to_a_device_is_refused_not_read_without_end(tmp_path):
+    from PIL import Image
+
+    from kdcache.data import load_split
+
+    folder = tmp_path / "imgs" / "train" / "cat"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "b.png").symlink_to("/dev/zero")  # fstat says size 0; reading it never ends
+    split = load_split("imagefolder", tmp_path / "imgs", "train")
+    assert len(split) == 2 and split.dataset[0]["inputs"].shape == (3, 8, 8)
+    with pytest.raises(KDCacheError, match=r"b\.png: not a regular file"):
+        split.dataset[1]
+
+
+def test_an_edited_chunk_shape_is_refused_at_open(tmp_path, chunked_cache):
+    copy = _copy(chunked_cache, tmp_path)
+    assert json.loads((copy / "zarr.json").read_text())["attributes"]["storage"]["chunk_rows"] == 256
+    meta_path = copy / "train" / "logits" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 512
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(KDCacheError, match=r"train/logits/zarr.json: chunks of 512 rows .*, but the cache records "
+                                           r"256 rows per chunk"):
+        kdcache.open_cache(copy)
+    assert kdcache.open_cache(copy, "validation").chunk_rows == 256  # only the edited split is refused
+
+
+def test_ctrl_c_in_cache_teacher_before_the_first_chunk_says_no_rows_are_stored(tmp_path, capsys, monkeypatch,
+                                                                              teacher_dir):
+    out = tmp_path / "c.kdcache"
+    _interrupt_autocast_at(monkeypatch, 2)  # the first batch after the probe: rows 0-63, no chunk stored yet
+    code, _, err = run_cli(_cache_teacher_args(teacher_dir, out), capsys, monkeypatch)
+    assert code == 130 and err.strip() == ("interrupted: after row 0 of 1437 of split 'train' (no rows are stored "
+                                           "yet); rerun the same command to continue"), err

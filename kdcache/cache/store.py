@@ -87,8 +87,8 @@ class CacheStore:
             local = self.location[len("file://"):] if match else self.location
             self.path = Path(local).expanduser()
             self.root = str(self.path)
-        else:
-            self.root = self.location[match.end():].rstrip("/")
+        else:  # the path as the filesystem spells it (s3: "bucket/key", memory: "/key")
+            self.root = _strip_protocol(self.protocol, self.location).rstrip("/")
         self._fs: Any = None
 
     # --- names ---------------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ class Lease:
     reads it back, so of two writers that raced only the one whose write landed last goes on (object stores are
     strongly consistent for reads after writes). A thread renews it every third of its lifetime; a writer that
     finds it renewed by someone else stops at its next write (`check`). A killed writer's lease is taken over
-    once it has expired.
+    once it has expired, or at once when it was taken on this machine by a process that no longer exists.
     """
 
     SETTLE_SECONDS = 0.5
@@ -355,9 +355,20 @@ class Lease:
         self.store.fs.pipe_file(self.key, json.dumps(record).encode())
 
     def _held_by_other(self, record: dict[str, Any] | None) -> bool:
-        return bool(record) and record.get("id") != self.owner["id"] and float(record.get("expires", 0)) > time.time()
+        """A live lease of another writer: unexpired, and (when it was taken on this host) its process alive."""
+        if not record or record.get("id") == self.owner["id"] or float(record.get("expires", 0)) <= time.time():
+            return False
+        if record.get("host") == self.owner["host"] and isinstance(record.get("pid"), int):
+            try:
+                os.kill(record["pid"], 0)
+            except ProcessLookupError:
+                return False  # its writer on this machine is gone (killed): no need to wait for the expiry
+            except PermissionError:
+                pass
+        return True
 
     def acquire(self) -> "Lease":
+        self.store.check()  # never create a bucket (some servers do on a first write) for the lease object
         with remote_errors(self.store.location):
             record = self._read()
             if self._held_by_other(record):
@@ -418,6 +429,15 @@ def _apply_fsspec_env() -> None:
     import fsspec.config
 
     fsspec.config.set_conf_env(fsspec.config.conf)
+
+
+def _strip_protocol(protocol: str, location: str) -> str:
+    import fsspec
+
+    try:
+        return fsspec.get_filesystem_class(protocol)._strip_protocol(location)
+    except (ValueError, ImportError):
+        return location.split("://", 1)[1]  # the protocol's own error comes when the filesystem is made
 
 
 def _filesystem(protocol: str, options: dict[str, Any], location: str) -> Any:

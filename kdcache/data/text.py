@@ -284,57 +284,62 @@ def _prepare(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, max_length: int = 128,
-                    text_column: str | None = None, text_pair_column: str | None = None,
-                    label_column: str | None = None, label_names: list[str] | None = None,
-                    regression: bool = False, limit: int | None = None) -> SplitData:
-    """Tokenise one split up front, so every cached logit row is tied to the exact token ids the teacher saw."""
-    data = Path(data).expanduser()
-    if task not in TEXT_TASKS:
-        raise KDCacheError(f"{data}: unknown text task {task!r}; choose one of {', '.join(TEXT_TASKS)}")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise KDCacheError(f"{data}: max_length must be a positive integer, got {max_length!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise KDCacheError(f"{data}: limit must be a positive integer, got {limit!r}")
+@dataclass
+class _Layout:
+    """Where a split's rows are and how to read them: the file, its format, and which columns hold what."""
+
+    path: Path
+    fmt: str
+    columns: tuple[str, ...]
+    text: str | None
+    pair: str | None
+    label: str | None
+    regression: bool
+    names: tuple[str, ...] | list[str] | None
+    spelled: dict[str, int] | None
+    glue: bool
+
+
+def _layout(task: str, data: Path, split: str, text_column: str | None, text_pair_column: str | None,
+            label_column: str | None, label_names: list[str] | None, regression: bool) -> _Layout:
     preset = GLUE_PRESETS.get(task)
-    if preset is not None:
-        given = [n for n, v in (("text_column", text_column), ("text_pair_column", text_pair_column),
-                                ("label_column", label_column), ("label_names", label_names),
-                                ("regression", regression)) if v]
-        if given:
-            raise KDCacheError(f"{data}: {', '.join(given)} apply only to task 'text'; {task} has fixed columns")
-        path = _glue_file(task, preset, data, split)
-        fmt, columns = "tsv", (preset.columns if split in preset.headerless else ())
-        text, pair, label = preset.text, preset.pair, preset.label
-        regression, names = preset.label_names is None, preset.label_names
-        spelled = None if preset.label_values is None else {v: k for k, v in enumerate(preset.label_values)}
-    else:
+    if preset is None:
         if regression and label_names:
             raise KDCacheError(f"{data}: regression takes no label_names")
         path = _text_file(data, split)
-        fmt, columns = path.suffix.lower().lstrip("."), ()
-        text, pair, label, names, spelled = text_column, text_pair_column, label_column, label_names, None
+        return _Layout(path, path.suffix.lower().lstrip("."), (), text_column, text_pair_column, label_column,
+                       regression, label_names, None, glue=False)
+    given = [n for n, v in (("text_column", text_column), ("text_pair_column", text_pair_column),
+                            ("label_column", label_column), ("label_names", label_names),
+                            ("regression", regression)) if v]
+    if given:
+        raise KDCacheError(f"{data}: {', '.join(given)} apply only to task 'text'; {task} has fixed columns")
+    spelled = None if preset.label_values is None else {v: k for k, v in enumerate(preset.label_values)}
+    return _Layout(_glue_file(task, preset, data, split), "tsv", preset.columns if split in preset.headerless else (),
+                   preset.text, preset.pair, preset.label, preset.label_names is None, preset.label_names, spelled,
+                   glue=True)
 
-    texts: list[str] = []
-    pairs: list[str] | None = None if pair is None else []
-    raw_labels: list[Any] = []
-    lines: list[int] = []
+
+def _read_columns(layout: _Layout, split: str) -> tuple[list[str], list[str] | None, list[Any], list[int]]:
+    """The text, pair and raw label of every data row, with its line number (for error messages)."""
+    path = layout.path
+    texts, raw_labels, lines = [], [], []
+    pairs: list[str] | None = None if layout.pair is None else []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: GLUE's MRPC files start with a BOM
-            header, records = _table(f, path, fmt, columns)
-            if text is None:
+            header, records = _table(f, path, layout.fmt, layout.columns)
+            if layout.text is None:
                 raise KDCacheError(f"{path}: task 'text' needs text_column (columns: {', '.join(map(str, header))})")
-            if preset is not None and split.startswith("test") and label not in header:
-                label = None  # GLUE test files carry no labels
-            k_text = _key(header, text, path, fmt, option="text_column")
-            k_pair = _key(header, pair, path, fmt, option="text_pair_column")
-            k_label = _key(header, label, path, fmt, option="label_column")
+            if layout.glue and split.startswith("test") and layout.label not in header:
+                layout.label = None  # GLUE test files carry no labels
+            keys = [_key(header, name, path, layout.fmt, option=option) for name, option in
+                    ((layout.text, "text_column"), (layout.pair, "text_pair_column"), (layout.label, "label_column"))]
             for line_no, record in records:
                 try:
-                    values = [record[k] if k is not None else None for k in (k_text, k_pair, k_label)]
+                    values = [record[k] if k is not None else None for k in keys]
                 except KeyError as exc:
                     raise KDCacheError(f"{path}: line {line_no}: no {exc.args[0]!r} field") from None
-                for value, name in zip(values[:2], (text, pair)):
+                for value, name in zip(values[:2], (layout.text, layout.pair)):
                     if name is not None and not isinstance(value, str):
                         raise KDCacheError(f"{path}: line {line_no}: {name!r} is {type(value).__name__}, not text")
                 texts.append(values[0])
@@ -347,29 +352,50 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
     except OSError as exc:
         raise KDCacheError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not texts:
-        raise KDCacheError(f"{path}: {'empty file' if columns else 'a header but no data rows'}")
+        raise KDCacheError(f"{path}: {'empty file' if layout.columns else 'a header but no data rows'}")
+    return texts, pairs, raw_labels, lines
 
-    allow_missing = preset is None  # a GLUE training or dev row must carry one of the task's labels
-    given_names = names
-    if label is None:
-        labels = np.full(len(texts), np.nan if regression else MISSING_CLASS, np.float32 if regression else np.int64)
-        names = None if names is None or regression else list(names)
-    elif regression:
-        labels, names = _regression_labels(raw_labels, lines, path, allow_missing), None
-    else:
-        labels, names = _class_labels(raw_labels, lines, path, None if names is None else list(names), spelled,
-                                      allow_missing)
 
-    if names is None or regression:
-        names_from = None
-    elif preset is not None:
-        names_from = f"task {task}"
-    elif given_names is not None:
-        names_from = "label_names"
-    elif names == [str(k) for k in range(len(names))]:
-        names_from = LABEL_IDS  # _class_labels read every label as an id >= 0
+def _labels_of(layout: _Layout, task: str, raw: list[Any], lines: list[int]
+               ) -> tuple[np.ndarray, list[str] | None, str | None]:
+    """(labels, label names, where the names came from), for classification or regression."""
+    allow_missing = not layout.glue  # a GLUE training or dev row must carry one of the task's labels
+    names = layout.names
+    if layout.label is None:
+        labels = np.full(len(raw), np.nan if layout.regression else MISSING_CLASS,
+                         np.float32 if layout.regression else np.int64)
+        names = None if names is None or layout.regression else list(names)
+    elif layout.regression:
+        labels, names = _regression_labels(raw, lines, layout.path, allow_missing), None
     else:
-        names_from = "sorted label values"
+        labels, names = _class_labels(raw, lines, layout.path, None if names is None else list(names),
+                                      layout.spelled, allow_missing)
+    if names is None or layout.regression:
+        return labels, names, None
+    if layout.glue:
+        return labels, names, f"task {task}"
+    if layout.names is not None:
+        return labels, names, "label_names"
+    if names == [str(k) for k in range(len(names))]:
+        return labels, names, LABEL_IDS  # _class_labels read every label as an id >= 0
+    return labels, names, "sorted label values"
+
+
+def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, max_length: int = 128,
+                    text_column: str | None = None, text_pair_column: str | None = None,
+                    label_column: str | None = None, label_names: list[str] | None = None,
+                    regression: bool = False, limit: int | None = None) -> SplitData:
+    """Tokenise one split up front, so every cached logit row is tied to the exact token ids the teacher saw."""
+    data = Path(data).expanduser()
+    if task not in TEXT_TASKS:
+        raise KDCacheError(f"{data}: unknown text task {task!r}; choose one of {', '.join(TEXT_TASKS)}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise KDCacheError(f"{data}: max_length must be a positive integer, got {max_length!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise KDCacheError(f"{data}: limit must be a positive integer, got {limit!r}")
+    layout = _layout(task, data, split, text_column, text_pair_column, label_column, label_names, regression)
+    texts, pairs, raw_labels, lines = _read_columns(layout, split)
+    labels, names, names_from = _labels_of(layout, task, raw_labels, lines)
 
     keep = len(texts) if limit is None else min(limit, len(texts))
     encoded = tokenizer(texts[:keep], None if pairs is None else pairs[:keep], truncation=True, max_length=max_length)
@@ -381,32 +407,17 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     preprocess = {
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
-        "tokenizer_class": type(tokenizer).__name__,
-        "max_length": max_length,
-        "truncation": True,
+        "tokenizer_class": type(tokenizer).__name__, "max_length": max_length, "truncation": True,
         "padding": f"right, to the longest row of each batch, pad id {pad_id}",
-        "text_column": text,
-        "text_pair_column": pair,
-        "label_column": label,
-        "label_names_from": names_from,
-        "file": path.name,
-        "format": fmt,
-        "header": "none; columns by position: " + ", ".join(columns) if columns else "first row",
-        "rows_in_file": len(texts),
-        "limit": limit,
+        "text_column": layout.text, "text_pair_column": layout.pair, "label_column": layout.label,
+        "label_names_from": names_from, "file": layout.path.name, "format": layout.fmt,
+        "header": "none; columns by position: " + ", ".join(layout.columns) if layout.columns else "first row",
+        "rows_in_file": len(texts), "limit": limit,
     }
-    return SplitData(
-        task=task,
-        split=split,
-        source=os.path.abspath(path),
-        modality="text",
-        kind="regression" if regression else "classification",
-        label_names=names,
-        dataset=dataset,
-        collate=_Collate(int(pad_id), regression),
-        prepare=_prepare,
-        preprocess=preprocess,
-    )
+    return SplitData(task=task, split=split, source=os.path.abspath(layout.path), modality="text",
+                     kind="regression" if layout.regression else "classification", label_names=names,
+                     dataset=dataset, collate=_Collate(int(pad_id), layout.regression), prepare=_prepare,
+                     preprocess=preprocess)
 
 
 __all__ = ["GLUE_PRESETS", "GluePreset", "TEXT_FORMATS", "TEXT_TASKS", "load_text_split"]

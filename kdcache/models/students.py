@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.models.teachers import (HF_CONFIG_FILE, MODEL_DIR_FILE, check_model_dir_code, load_state_dict_file,
-                              save_model_dir)
+from kdcache.models.teachers import (HF_CONFIG_FILE, MODEL_DIR_FILE, load_state_dict_file, read_model_dir,
+                                     save_model_dir)
 
 
 @dataclass
@@ -118,15 +118,10 @@ def _hf_config_file(path: Path, num_outputs: int, tokenizer: Any) -> Student:
 def _kdcache_folder(path: Path, num_outputs: int, trust_model_code: bool) -> Student:
     from kdcache.models.builders import build_model
 
-    try:
-        meta = json.loads((path / MODEL_DIR_FILE).read_text())
-        architecture, width = str(meta["architecture"]), int(meta["num_classes"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise KDCacheError(f"{path / MODEL_DIR_FILE}: unreadable model description ({exc})") from exc
-    check_model_dir_code(path, architecture, trust_model_code)
+    meta = read_model_dir(path, trust_model_code)
+    architecture, width, kwargs = meta["architecture"], meta["num_classes"], meta["kwargs"]
     if width != num_outputs:
         raise KDCacheError(f"student {path} has {width} outputs but the cache's teacher has {num_outputs}")
-    kwargs = meta.get("kwargs") or {}
     model = build_model(architecture, width, trust_model_code=trust_model_code, **kwargs)
     load_state_dict_file(model, path / meta.get("weights", "model.pt"), what=f"architecture {architecture}")
     return Student(model, str(path), "kdcache", architecture, kwargs)

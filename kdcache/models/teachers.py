@@ -156,14 +156,23 @@ def _load_hf(directory: Path, tokenizer: str | None) -> Teacher:
     return Teacher(model, str(directory), "huggingface", weights_sha256(model), int(model.config.num_labels), names, tok)
 
 
-def _load_model_dir(directory: Path, trust_model_code: bool) -> Teacher:
+def read_model_dir(directory: Path, trust_model_code: bool) -> dict[str, Any]:
+    """A kdcache model folder's description (architecture, num_classes, kwargs, weights, label_names), refused in
+    one line when unreadable or when it names Python code that is not trusted."""
     try:
         meta = json.loads((directory / MODEL_DIR_FILE).read_text())
-        architecture, num_classes = str(meta["architecture"]), int(meta["num_classes"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        meta["architecture"], meta["num_classes"] = str(meta["architecture"]), int(meta["num_classes"])
+        meta["kwargs"] = meta.get("kwargs") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise KDCacheError(f"{directory / MODEL_DIR_FILE}: unreadable model description ({exc})") from exc
-    check_model_dir_code(directory, architecture, trust_model_code)
-    model = _build(architecture, num_classes, meta.get("kwargs") or {}, trust_model_code)
+    check_model_dir_code(directory, meta["architecture"], trust_model_code)
+    return meta
+
+
+def _load_model_dir(directory: Path, trust_model_code: bool) -> Teacher:
+    meta = read_model_dir(directory, trust_model_code)
+    architecture, num_classes = meta["architecture"], meta["num_classes"]
+    model = _build(architecture, num_classes, meta["kwargs"], trust_model_code)
     load_state_dict_file(model, directory / meta.get("weights", "model.pt"), what=f"architecture {architecture}")
     return Teacher(model, str(directory), "kdcache", weights_sha256(model), num_classes, meta.get("label_names"))
 

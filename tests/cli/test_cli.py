@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +155,16 @@ def test_console_script_exit_codes(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip() == f"error: {tmp_path / 'absent'}: no such cache"
     usage = subprocess.run([script, "cache-teacher", "--teacher", "x"], capture_output=True, text=True)
     assert usage.returncode == 2 and "Missing option" in usage.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["cache-teacher"], ["distill"], ["train"], ["verify"], ["info"], ["demo"]])
+def test_help_fits_80_columns_and_shows_switches_as_switches(command):
+    """Plain help, wrapped at the terminal's width: a switch (--json, --debug) takes no value, so none is shown."""
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    done = subprocess.run([sys.executable, "-m", "kdcache.cli", *command, "--help"], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert "<bool>" not in done.stdout and "╭" not in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) <= 80, done.stdout
+    if command in ([], ["info"]):
+        assert re.search(r"^  --(debug|json) +\S", done.stdout, re.M), done.stdout

@@ -194,3 +194,12 @@ def test_distill_refuses_changed_data(tmp_path, capsys, monkeypatch, regression_
                             '{"in_features": 3, "hidden": 8, "depth": 1}', "--epochs", 1, "--val-split", "none",
                             "--out", tmp_path / "run", "--device", "cpu", "--no-progress"], capsys, monkeypatch)
     _one_error_line(code, err, "train.npz", "source index 13", "the data changed")
+
+
+def test_a_regression_train_names_its_loss_mse(tmp_path, capsys, monkeypatch, regression_dir):
+    code, out, err = run_cli(["train", "--model", "mlp", "--model-kwargs", '{"in_features": 3, "hidden": 8, "depth": 1}',
+                              "--task", "tabular", "--data", regression_dir, "--epochs", 1, "--out", tmp_path / "run",
+                              "--device", "cpu", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    assert out.startswith("mse mlp: best pearson"), out  # not "ce": a regression trains on squared error
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["objective"] == "mse"
