@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -27,6 +28,8 @@ from kdcache.cli import options as o
 from kdcache.errors import Interrupted, KDCacheError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  # plain help, wrapped at the terminal's width (80 columns when there is none)
+                  context_settings={"max_content_width": shutil.get_terminal_size((80, 24)).columns},
                   help="Knowledge distillation from an offline teacher cache.")
 _state = {"debug": False}
 _out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -61,6 +64,13 @@ def _root(
     _state["debug"] = debug
 
 
+def _command() -> str:
+    """The command line to record, secrets removed (imported late: the CLI starts without torch)."""
+    from kdcache.runtime import command_line
+
+    return command_line()
+
+
 def _storage(items: list[str] | None) -> dict[str, Any]:
     from kdcache.cache.store import parse_storage_options
 
@@ -84,7 +94,7 @@ def cache_teacher_cmd(
     data: o.Data = None,
     split: Annotated[list[str], typer.Option(help="Split to cache; repeat for several (train, validation, test).")] = ["train"],
     weights: o.Weights = None, tokenizer: o.Tokenizer = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per teacher forward pass.")] = 64,
+    batch_size: o.TeacherBatchSize = 64,
     device: o.Device = "auto",
     dtype: Annotated[str, typer.Option(help="Stored logits dtype: float16 or float32.")] = "float16",
     precision: o.Precision = "fp32", overwrite: o.Overwrite = False,
@@ -119,7 +129,7 @@ def cache_teacher_cmd(
         teacher=teacher, task=task, out=out, data=data, splits=tuple(split), weights=str(weights) if weights else None,
         tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype, precision=precision,
         overwrite=overwrite, resume=resume, codec=codec or codecs.DEFAULT_CODEC, chunk_rows=chunk_rows, workers=workers,
-        data_options=options, progress=progress, command=" ".join(["kdcache", *sys.argv[1:]]),
+        data_options=options, progress=progress, command=_command(),
         checkpoints=tuple(checkpoints or ()), hidden_layers=hidden_layers, proj_dim=proj_dim, proj_seed=proj_seed,
         trust_model_code=trust_model_code, storage_options=storage)
     with _interrupts():
@@ -207,7 +217,7 @@ def _training(flag: str, student_kwargs: str | None, **kw: Any) -> Any:
         raise KDCacheError(f"{flag} is not JSON: {exc}") from exc
     if not isinstance(parsed, dict):
         raise KDCacheError(f"{flag} must be a JSON object, e.g. '{{\"hidden\": 64}}'")
-    return DistillConfig(student_kwargs=parsed, command=" ".join(["kdcache", *sys.argv[1:]]), **kw)
+    return DistillConfig(student_kwargs=parsed, command=_command(), **kw)
 
 
 @app.command("distill")
@@ -285,11 +295,10 @@ def verify_cmd(
     teacher: Annotated[Optional[str], typer.Option(help="Also recompute sampled rows with this teacher (as for "
                                                         "cache-teacher).")] = None,
     weights: o.Weights = None,
-    data: Annotated[Optional[str], typer.Option(help="Dataset location, when it moved since caching (default: the "
-                                                     "cache's).")] = None,
+    data: o.DataMoved = None,
     sample: Annotated[int, typer.Option(help="With --teacher: random rows per split to recompute.")] = 256,
     seed: o.Seed = 0, device: o.Device = "auto",
-    batch_size: Annotated[int, typer.Option(help="Rows per teacher forward pass.")] = 64,
+    batch_size: o.TeacherBatchSize = 64,
     rtol: Annotated[Optional[float], typer.Option(help="Relative tolerance of recomputed logits (default: by dtype "
                                                        "and precision).")] = None,
     atol: Annotated[Optional[float], typer.Option(help="Absolute tolerance of recomputed logits (default: by dtype "

@@ -34,6 +34,8 @@ TrustModelCode = Annotated[bool, _O(help="Let a module:factory architecture (nam
                                          "trust.")]
 ModelKwargs = Annotated[Optional[str], _O(help="JSON arguments for an architecture-name model.")]
 
+TeacherBatchSize = Annotated[int, _O("--batch-size", help="Rows per teacher forward pass.")]
+
 # --- how to run -----------------------------------------------------------------------------------------------------
 Device = Annotated[str, _O(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 Precision = Annotated[str, _O(help="fp32, or bf16/fp16 autocast.")]

@@ -89,5 +89,24 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+#: Storage options whose values are secrets: never recorded in a cache or a run folder.
+_SECRET = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redact(argv: list[str]) -> list[str]:
+    """The command line with the values of secret --storage-option flags replaced by ***."""
+    out, expect = [], False
+    for arg in argv:
+        if expect or arg.startswith("--storage-option="):
+            head, sep, value = arg.partition("--storage-option=") if not expect else ("", "", arg)
+            name, eq, _ = value.partition("=")
+            if eq and any(word in name.lower() for word in _SECRET):
+                arg = f"{head}{sep}{name}=***"
+        expect = arg == "--storage-option"
+        out.append(arg)
+    return out
+
+
 def command_line() -> str:
-    return " ".join(["kdcache" if i == 0 else a for i, a in enumerate(sys.argv)])
+    """The command as it was typed (the program called `kdcache`), secrets removed: recorded in caches and runs."""
+    return " ".join(["kdcache", *redact(sys.argv[1:])])

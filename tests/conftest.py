@@ -130,5 +130,7 @@ def s3_bucket(s3_server, request) -> str:
     """A fresh bucket per test, named after it."""
     import re
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") or "bucket"
-    return s3_server.make_bucket(f"t-{name}"[:60].rstrip("-"))
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:48].strip("-") or "bucket"
+    return s3_server.make_bucket(f"t-{name}-{uuid.uuid4().hex[:8]}")

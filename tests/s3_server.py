@@ -70,7 +70,7 @@ class SeaweedServer:
         args = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-master.telemetry=false", "-admin.ui=false", f"-s3.port={s3}", f"-master.port={master}",
                 f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}", f"-webdav.port={webdav}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false", f"-s3.config={config}"]
+                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}"]  # buckets are made on first write
         self.log = open(self.folder / "weed.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      cwd=self.folder)

@@ -76,7 +76,7 @@ class CacheStore:
         match = _SCHEME.match(self.location)
         if match is None:
             bad = _SCHEME_WITHOUT_SLASHES.match(self.location)
-            if bad and len(bad.group(1)) > 1 and not Path(self.location).exists():
+            if bad and _is_protocol(bad.group(1)) and not Path(self.location).exists():
                 raise KDCacheError(f"{self.location}: not a path, and not a URL either (a URL is "
                                    f"{bad.group(1)}://...)")
             if self.location.startswith("//"):
@@ -89,6 +89,8 @@ class CacheStore:
             self.root = str(self.path)
         else:  # the path as the filesystem spells it (s3: "bucket/key", memory: "/key")
             self.root = _strip_protocol(self.protocol, self.location).rstrip("/")
+            if self.protocol in _BUCKET_PROTOCOLS and not self.root.strip("/"):
+                raise KDCacheError(f"{self.location}: names no bucket (e.g. {self.protocol}://bucket/name.kdcache)")
         self._fs: Any = None
 
     # --- names ---------------------------------------------------------------------------------------------------
@@ -322,43 +324,69 @@ class LocalLock:
 
 
 class Lease:
-    """A writer's lease on a cache in an object store: the object `<cache>.lock` holds the owner (a random id,
-    host and pid) and an expiry time. A writer takes it when it is absent or expired, then waits a moment and
-    reads it back, so of two writers that raced only the one whose write landed last goes on (object stores are
-    strongly consistent for reads after writes). A thread renews it every third of its lifetime; a writer that
-    finds it renewed by someone else stops at its next write (`check`). A killed writer's lease is taken over
-    once it has expired, or at once when it was taken on this machine by a process that no longer exists.
+    """A writer's lease on a cache in an object store: the object `<cache>.lock` holds the owner (a random id, the
+    machine and the pid) and an expiry time.
+
+    Taken with conditional writes, so two writers can never both hold it: a new lease is created only if no lease
+    object exists (If-None-Match), and an expired one (or, on this very machine, one whose process is gone) is
+    replaced only if it is still the object that was read (If-Match on its ETag); every renewal is conditional on
+    the lease this writer last wrote. A thread renews it every third of its lifetime. The writer checks before
+    each write (`check`) that its last renewal is younger than the lifetime less a margin, and that no renewal
+    found the lease taken: a writer that stalled, lost its connection or was frozen stops rather than write
+    beside a new owner. Filesystems without conditional writes (e.g. `memory://`) get write-then-read-back, which
+    is enough for one process.
     """
 
-    SETTLE_SECONDS = 0.5
+    SAFETY = 0.8  # a lease older than this share of its lifetime, unrenewed, counts as lost by its own writer
 
     def __init__(self, store: CacheStore, seconds: float | None = None) -> None:
         self.store = store
         self.seconds = float(seconds if seconds is not None else os.environ.get("KDCACHE_LEASE_SECONDS",
                                                                               DEFAULT_LEASE_SECONDS))
+        if store.protocol in _BUCKET_PROTOCOLS and "/" not in store.root.strip("/"):
+            raise KDCacheError(f"{store.location}: a cache needs a name under the bucket "
+                               "(e.g. s3://bucket/name.kdcache)")
         self.key = f"{store.root}.lock"
-        self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "machine": machine_id(),
+                      "pid": os.getpid()}
+        self.conditional = store.protocol in ("s3", "s3a")
+        self._etag: str | None = None
+        self._renewed = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
 
-    def _read(self) -> dict[str, Any] | None:
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The lease record and its ETag (None, None when there is no lease)."""
         try:
-            return json.loads(self.store.fs.cat_file(self.key))
+            data = self.store.fs.cat_file(self.key)
+            etag = self.store.fs.info(self.key).get("ETag") if self.conditional else None
         except FileNotFoundError:
-            return None
+            return None, None
+        try:
+            return json.loads(data), etag
         except ValueError:
-            return {"expires": 0}  # unreadable: treat as expired
+            return {"expires": 0}, etag  # unreadable: treat as expired
 
-    def _write(self) -> None:
-        record = {**self.owner, "expires": time.time() + self.seconds}
-        self.store.fs.pipe_file(self.key, json.dumps(record).encode())
+    def _write(self, *, create: bool = False, match: str | None = None) -> None:
+        """Write this writer's record: only if absent (`create`), or only over the object with ETag `match`."""
+        data = json.dumps({**self.owner, "expires": time.time() + self.seconds}).encode()
+        fs = self.store.fs
+        if self.conditional:
+            kwargs = {"mode": "create"} if create else {"IfMatch": match} if match else {}
+            response = fs.pipe_file(self.key, data, **kwargs)
+            self._etag = (response or {}).get("ETag")
+        elif create:
+            fs.pipe_file(self.key, data, mode="create")
+        else:
+            fs.pipe_file(self.key, data)
+        self._renewed = time.monotonic()
 
     def _held_by_other(self, record: dict[str, Any] | None) -> bool:
-        """A live lease of another writer: unexpired, and (when it was taken on this host) its process alive."""
+        """A live lease of another writer: unexpired, and (when taken on this machine) its process alive."""
         if not record or record.get("id") == self.owner["id"] or float(record.get("expires", 0)) <= time.time():
             return False
-        if record.get("host") == self.owner["host"] and isinstance(record.get("pid"), int):
+        if record.get("machine") == self.owner["machine"] and isinstance(record.get("pid"), int):
             try:
                 os.kill(record["pid"], 0)
             except ProcessLookupError:
@@ -370,38 +398,59 @@ class Lease:
     def acquire(self) -> "Lease":
         self.store.check()  # never create a bucket (some servers do on a first write) for the lease object
         with remote_errors(self.store.location):
-            record = self._read()
+            record, etag = self._read()
             if self._held_by_other(record):
                 raise KDCacheError(self._taken_message(record))
-            self._write()
-            time.sleep(self.SETTLE_SECONDS)
-            record = self._read()
-            if self._held_by_other(record) or (record or {}).get("id") != self.owner["id"]:
-                raise KDCacheError(self._taken_message(record))
+            try:
+                self._write(create=record is None, match=etag)
+            except OSError as exc:
+                if not (isinstance(exc, FileExistsError) or _precondition_failed(exc)):
+                    raise
+                raise KDCacheError(self._taken_message(self._read()[0], raced=True)) from None
+            if not self.conditional:  # no atomic write to rely on: read back what landed
+                time.sleep(0.2)
+                record, _ = self._read()
+                if (record or {}).get("id") != self.owner["id"]:
+                    raise KDCacheError(self._taken_message(record, raced=True))
         self._thread = threading.Thread(target=self._renew, name="kdcache-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _taken_message(self, record: dict[str, Any] | None) -> str:
+    def _taken_message(self, record: dict[str, Any] | None, raced: bool = False) -> str:
         holder = f"{(record or {}).get('host')} pid {(record or {}).get('pid')}"
         left = max(0.0, float((record or {}).get("expires", 0)) - time.time())
-        return (f"{self.store.location}: another cache-teacher ({holder}) holds the lease on this cache for "
-                f"{left:.0f} s more; wait for it to finish, or for its lease to expire if it was killed")
+        when = "took the lease on this cache at the same moment" if raced else \
+            f"holds the lease on this cache for {left:.0f} s more"
+        return (f"{self.store.location}: another cache-teacher ({holder}) {when}; wait for it to finish, or for its "
+                "lease to expire if it was killed")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 3):
             try:
-                record = self._read()
-                if record is not None and record.get("id") != self.owner["id"]:
-                    self.lost = f"{self.store.location}: the writer's lease was taken by {record.get('host')} " \
-                                f"pid {record.get('pid')} (this writer stalled beyond {self.seconds:.0f} s)"
+                if self.conditional:
+                    self._write(match=self._etag)  # fails if anyone else wrote the lease since our last write
+                else:
+                    record, _ = self._read()
+                    if record is not None and record.get("id") != self.owner["id"]:
+                        raise OSError("the lease was taken by another writer")
+                    self._write()
+            except PermissionError:
+                continue  # transient refusals are retried; the lifetime is the real limit
+            except Exception as exc:  # noqa: BLE001 - a failed precondition: the lease is someone else's now
+                if _precondition_failed(exc) or "taken" in str(exc):
+                    record, _ = self._read()
+                    self.lost = (f"{self.store.location}: the writer's lease was taken by "
+                                 f"{(record or {}).get('host')} pid {(record or {}).get('pid')}")
                     return
-                self._write()
-            except Exception:  # noqa: BLE001 - a failed renewal is retried; expiry is the real limit
                 continue
 
     def check(self) -> None:
-        """Raise when the lease was lost: a writer must never write on after another has taken the cache."""
+        """Raise when this writer may no longer hold the lease: a writer must never write on after another may
+        have taken the cache (its renewals failed for most of the lease's lifetime, or it found it taken)."""
+        age = time.monotonic() - self._renewed
+        if self.lost is None and age > self.SAFETY * self.seconds:
+            self.lost = (f"{self.store.location}: the writer's lease was last renewed {age:.0f} s ago (it lives "
+                         f"{self.seconds:.0f} s), so another writer may hold it")
         if self.lost:
             raise KDCacheError(self.lost + "; this run stopped without writing further")
 
@@ -411,7 +460,7 @@ class Lease:
             self._thread.join()
             self._thread = None
         with contextlib.suppress(Exception):
-            record = self._read()
+            record, _ = self._read()
             if record is not None and record.get("id") == self.owner["id"]:
                 self.store.fs.rm_file(self.key)
 
@@ -422,6 +471,25 @@ class Lease:
         self.release()
 
 
+def _precondition_failed(exc: BaseException) -> bool:
+    """A conditional write refused (S3's 412 PreconditionFailed, as botocore and s3fs word it)."""
+    text = str(exc).lower()
+    return "pre-condition" in text or "precondition" in text
+
+
+def machine_id() -> str:
+    """Which machine and process namespace a pid belongs to: the host's machine id (not its name, which containers
+    and cloned machines share) and the pid namespace, so a pid is only ever looked up where it means something."""
+    ident = ""
+    for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError):
+            ident = Path(candidate).read_text().strip()
+            break
+    with contextlib.suppress(OSError):
+        ident += f":pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    return ident or f"host:{socket.gethostname()}"
+
+
 # --- fsspec --------------------------------------------------------------------------------------------------------
 
 def _apply_fsspec_env() -> None:
@@ -429,6 +497,13 @@ def _apply_fsspec_env() -> None:
     import fsspec.config
 
     fsspec.config.set_conf_env(fsspec.config.conf)
+
+
+def _is_protocol(name: str) -> bool:
+    """Whether `name` is a protocol fsspec knows (so `s3:bucket/c` is a URL missing its //, and `sst2:bert` a path)."""
+    import fsspec
+
+    return name.lower() in fsspec.available_protocols()
 
 
 def _strip_protocol(protocol: str, location: str) -> str:
@@ -453,7 +528,7 @@ def _filesystem(protocol: str, options: dict[str, Any], location: str) -> Any:
         except ImportError as exc:
             raise KDCacheError(f"{location}: the {protocol}:// protocol needs a package that is not installed "
                                f"({_first_line(exc)})") from None
-        return cls(**options)
+        return cls(**{**cls._get_kwargs_from_urls(location), **options})  # a URL's host, port, user
 
 
 def _first_line(exc: BaseException) -> str:
@@ -475,6 +550,10 @@ def remote_errors(location: str) -> Iterator[None]:
         raise KDCacheError(f"{location}: a package this storage needs is not installed ({_first_line(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many types
         text = f"{type(exc).__name__}: {_first_line(exc)}"
+        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise KDCacheError(f"{location}: no credentials for the storage ({_first_line(exc)}); set "
+                               "FSSPEC_S3_KEY and FSSPEC_S3_SECRET (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), "
+                               "or pass --storage-option key=... --storage-option secret=...") from None
         if any(word in text for word in ("Could not connect", "ConnectionError", "ConnectTimeout", "Connect call failed",
                                          "EndpointConnectionError", "Cannot connect", "Name or service not known")):
             raise KDCacheError(f"{location}: cannot reach the storage endpoint ({_first_line(exc)})") from None

@@ -86,11 +86,12 @@ class SplitWriter:
 
     def __init__(self, group: zarr.Group, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int,
                  codec: str, chunk_rows: int, source: str | None = None, resume: bool = False,
-                 lock: Any = None) -> None:
+                 lock: Any = None, require_chain: bool = True) -> None:
         """`specs` are the split's arrays (`schema.split_arrays`): the four base arrays and the optional float
         arrays (teacher checkpoints' logits, hidden-state projections), written row for row, in the same chunks."""
         self.store, self.name, self.rows, self.chunk_rows = store, name, rows, chunk_rows
         self.specs, self.lock = specs, lock
+        self.require_chain = require_chain  # False only for a split begun by a kdcache that recorded no chain
         self.extras = {k: s.width for k, s in specs.items() if k not in schema.BASE_ARRAYS}
         self.source = source  # the data file or folder the rows come from, named in error messages
         self._filled = 0  # rows in the buffer
@@ -138,7 +139,8 @@ class SplitWriter:
                 for key, digest in zip(self.arrays, block):
                     self._chunk_digests[key].append(digest)
                 self._chain = schema.chain_digest(self._chain, block)
-            if self._chain != group.attrs.get("chunk_chain"):
+            recorded = group.attrs.get("chunk_chain")
+            if (recorded is not None or self.require_chain) and self._chain != recorded:
                 raise KDCacheError(f"{self.store.display(self.name)}: the chunks stored before the interruption are not "
                                    "the ones that were written (a chunk file was swapped or replaced); pass "
                                    "--overwrite to start again")
@@ -295,6 +297,7 @@ class CacheWriter:
             header = RootHeader.from_attrs({"format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION,
                                             **header}, str(store))
         self.store, self.lock = store, lock
+        self.require_chain = True
         self.resumed = resume and check_destination(store, overwrite=False)
         self.splits: list[str] = []
         if self.resumed:
@@ -327,6 +330,8 @@ class CacheWriter:
                                f"{differ}); rerun with the same teacher, data and storage flags, or pass --overwrite")
         self.store.remove_partials()  # temporary files of writes the crash cut short
         self.store.remove_marker()  # killed just after zarr.json was written
+        # a cache begun before chunks were chained has no chain to check its stored chunks against
+        self.require_chain = bool((meta.get("attributes") or {}).get("chunk_manifests"))
         self.root = zarr.open_group(store=self.store.zarr_store(read_only=False), mode="r+", zarr_format=3)
 
     def add_split(self, name: str, specs: dict[str, ArraySpec] | None = None, *, num_outputs: int | None = None,
@@ -340,7 +345,8 @@ class CacheWriter:
             raise KDCacheError(f"{self.store}: split {name!r} given twice")
         self.splits.append(name)
         try:
-            return SplitWriter(self.root, self.store, name, specs, resume=self.resumed, lock=self.lock, **kwargs)
+            return SplitWriter(self.root, self.store, name, specs, resume=self.resumed, lock=self.lock,
+                               require_chain=self.require_chain, **kwargs)
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -40,7 +40,7 @@ from kdcache.train.inputs import (RunData, check_student, has_labels, load_datas
 from kdcache.train.loop import Stepper, on_interrupt, train_epoch
 from kdcache.train.metrics import compute_metrics, primary_metric
 from kdcache.train.optim import build_lr_schedule, build_optimizer
-from kdcache.train.run_dir import RunDir, rng_state, set_rng_state
+from kdcache.train.run_dir import IDENTITY_VERSION, RunDir, rng_state, set_rng_state
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def _identity(cfg: DistillConfig, hp: dict, preset: str, data: RunData, method: 
     digest = ((cache.split_attrs.get("dataset") or {}).get("digest") if cache is not None
               else hashlib.sha256(data.train.inputs.fingerprints.tobytes()).hexdigest())
     sources = method.identity() if cache is not None else {}
-    identity = {"config": cfg.identity(), "hyperparameters": hp, "preset": preset,
+    identity = {"identity_version": IDENTITY_VERSION, "config": cfg.identity(), "hyperparameters": hp, "preset": preset,
                 "teacher_sha256": data.teacher.get("sha256"), "data_digest": digest,
                 **({"cached_sources": sources} if sources else {})}
     return json.loads(json.dumps(identity, default=str))

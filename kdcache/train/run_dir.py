@@ -68,6 +68,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+#: Identities written since hyper-parameters list only what the run's method uses; older runs have none.
+IDENTITY_VERSION = 2
+
+
+def _upgrade_legacy(state: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
+    """A last.pt written by kdcache 0.1.0 (which recorded every preset value and kept the method's state at the top
+    level) in today's form, so runs started then still resume: its extra hyper-parameters are dropped only when the
+    rest of the identity agrees, which the comparison after this still proves."""
+    old = state.get("identity")
+    if not isinstance(old, dict) or "identity_version" in old:
+        return state
+    old = {**old, "identity_version": IDENTITY_VERSION}
+    hp = old.get("hyperparameters")
+    if isinstance(hp, dict):
+        old["hyperparameters"] = {k: v for k, v in hp.items() if k in identity.get("hyperparameters", {})}
+    method = {}
+    if state.get("stage1_best") is not None:
+        method["stage1_best"] = state["stage1_best"]
+    if state.get("heads") is not None:
+        method["modules"] = state["heads"]
+    return {**state, "identity": old, "method": state.get("method", method)}
+
+
 class RunDir:
     """The folder of one run (see the module docstring)."""
 
@@ -123,7 +146,7 @@ class RunDir:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
                 return None
             raise KDCacheError(f"{self.last}: nothing to resume (no checkpoint of an earlier run)")
-        state = load_checkpoint(self.last)
+        state = _upgrade_legacy(load_checkpoint(self.last), self.identity)
         if state.get("identity") != self.identity:
             differ = differences(state.get("identity") or {}, self.identity)
             raise KDCacheError(f"{self.last}: checkpoint of another run (differs in {', '.join(differ) or 'format'}); "

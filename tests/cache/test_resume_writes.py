@@ -181,3 +181,23 @@ def test_resume_refuses_data_that_changed_under_it(tmp_path, capsys, monkeypatch
     (data / "train.tsv").write_text("".join(lines), encoding="utf-8")
     code, _, err = run_cli(_args(sst2_teacher, data, out), capsys, monkeypatch)
     _one_error_line(code, err, "row 50", "differs from what the interrupted cache", "--overwrite")
+
+
+def test_a_cache_interrupted_under_release_0_1_0_resumes(tmp_path, capsys, monkeypatch, sst2_teacher, glue_dir):
+    """0.1.0 recorded no chunk chain: its interrupted caches resume (the stored chunks cannot be checked against a
+    chain that was never written); a cache written since, which records one, is refused without it."""
+    reference, out = tmp_path / "ref.kdcache", tmp_path / "c.kdcache"
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", reference), capsys, monkeypatch)[0] == 0
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)[0] == 0
+    _interrupt(out, rows_done=256)
+    split = json.loads((out / "train" / "zarr.json").read_text())
+    del split["attributes"]["chunk_chain"]
+    (out / "train" / "zarr.json").write_text(json.dumps(split))
+    code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)
+    _one_error_line(code, err, "are not the ones that were written")  # this cache records chains: one was removed
+    root = json.loads((out / "zarr.json").read_text())
+    del root["attributes"]["chunk_manifests"]  # as 0.1.0 wrote it
+    (out / "zarr.json").write_text(json.dumps(root))
+    code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)
+    assert code == 0, err
+    assert _arrays(out) == _arrays(reference)

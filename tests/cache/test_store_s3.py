@@ -149,13 +149,70 @@ def test_sigkill_mid_write_then_resume_is_byte_identical_on_s3(tmp_path, capsys,
     assert verify_cache(url, storage_options=s3_server.options).ok
 
 
+HOLDER = """
+import time
+from kdcache.cache.store import CacheStore
+from kdcache.errors import KDCacheError
+lease = CacheStore({url!r}).lock().acquire()
+print("locked", flush=True)
+while True:  # a writer checks its lease before every write
+    try:
+        lease.check()
+    except KDCacheError as exc:
+        print("lost:", exc, flush=True)
+        break
+    time.sleep(0.1)
+"""
+
+
+def test_two_writers_racing_for_one_lease_never_both_get_it(s3_server, s3_bucket, monkeypatch):
+    """Conditional writes (If-None-Match to create, If-Match to take over): of two writers that both read "no lease"
+    (or the same expired one), exactly one gets it, however their writes interleave."""
+    from kdcache.cache.store import Lease
+
+    for key, value in (("FSSPEC_S3_ENDPOINT_URL", s3_server.url), ("FSSPEC_S3_KEY", KEY), ("FSSPEC_S3_SECRET", SECRET)):
+        monkeypatch.setenv(key, value)
+    url = f"s3://{s3_bucket}/raced.kdcache"
+    first, second = Lease(CacheStore(url), seconds=30), Lease(CacheStore(url), seconds=30)
+    original = Lease._read
+
+    def both_read_before_either_writes(self):  # the race: B read "no lease" before A's create landed
+        record = original(self)
+        if self is second and not hasattr(second, "_raced"):
+            second._raced = True
+            first.acquire()
+        return record
+
+    monkeypatch.setattr(Lease, "_read", both_read_before_either_writes)
+    with pytest.raises(KDCacheError, match="took the lease on this cache at the same moment"):
+        second.acquire()
+    monkeypatch.setattr(Lease, "_read", original)
+    record, _ = first._read()
+    assert record["id"] == first.owner["id"]  # the first writer's lease stands, untouched
+    first.release()
+    assert not _fs(s3_server).exists(f"{s3_bucket}/raced.kdcache.lock")
+
+
+def test_credentials_are_never_recorded(tmp_path, capsys, monkeypatch, s3_server, s3_bucket, digits_teacher):
+    url = f"s3://{s3_bucket}/secret.kdcache"
+    assert run_cli(_capture(digits_teacher, url, *_options(s3_server)), capsys, monkeypatch)[0] == 0
+    code, _, err = run_cli(["distill", "--cache", url, "--student", "mlp", "--student-kwargs", json.dumps(STUDENT_KW),
+                            "--epochs", "1", "--out", tmp_path / "run", "--device", "cpu", "--no-progress",
+                            *_options(s3_server)], capsys, monkeypatch)
+    assert code == 0, err
+    fs = _fs(s3_server)
+    stored = b"".join(fs.cat_file(k) for k in fs.find(f"{s3_bucket}/secret.kdcache") if k.endswith("zarr.json"))
+    recorded = stored + b"".join(p.read_bytes() for p in (tmp_path / "run").rglob("*.json"))
+    assert SECRET.encode() not in recorded and KEY.encode() not in recorded
+    assert b"--storage-option secret=***" in stored and f"endpoint_url={s3_server.url}".encode() in stored
+
+
 def test_a_second_writer_is_refused_while_the_lease_is_held_and_takes_over_once_it_expires(
         tmp_path, capsys, monkeypatch, s3_server, s3_bucket, digits_teacher):
     url = f"s3://{s3_bucket}/leased.kdcache"
     env = {**_subprocess_env(s3_server), "KDCACHE_LEASE_SECONDS": "3"}
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from kdcache.cache.store import CacheStore; "
-                               f"CacheStore({url!r}).lock().acquire(); print('locked', flush=True); time.sleep(120)"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(url=url)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
         monkeypatch.setenv("KDCACHE_LEASE_SECONDS", "3")
@@ -167,6 +224,8 @@ def test_a_second_writer_is_refused_while_the_lease_is_held_and_takes_over_once_
         time.sleep(3.5)  # its lease expires
         code, _, err = run_cli(_capture(digits_teacher, url, *_options(s3_server)), capsys, monkeypatch)
         assert code == 0, err
+        holder.send_signal(signal.SIGCONT)  # the old writer wakes up: it must know it no longer holds the cache
+        assert holder.stdout.readline().strip().startswith("lost:"), holder.stderr.read()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -221,8 +280,8 @@ def test_a_cache_in_memory_round_trips(tmp_path, digits_teacher):
     assert summary["epochs_done"] == 1 and summary["cache"] == url
 
 
-@pytest.mark.parametrize("case", ["unreachable endpoint", "missing bucket", "refused credentials",
-                                  "protocol not installed", "no scheme, not a path"])
+@pytest.mark.parametrize("case", ["unreachable endpoint", "missing bucket", "refused credentials", "no credentials",
+                                  "protocol not installed", "no scheme, not a path", "no bucket"])
 def test_bad_storage_is_one_line_and_nothing_half_written(tmp_path, capsys, monkeypatch, s3_server, s3_bucket,
                                                           digits_teacher, case):
     good = [f"endpoint_url={s3_server.url}", f"key={KEY}", f"secret={SECRET}"]
@@ -236,12 +295,25 @@ def test_bad_storage_is_one_line_and_nothing_half_written(tmp_path, capsys, monk
         "missing bucket": ("s3://no-such-bucket-kdcache/c.kdcache", good, "no such bucket 'no-such-bucket-kdcache'"),
         "refused credentials": (f"s3://{s3_bucket}/c.kdcache", [f"endpoint_url={s3_server.url}", "key=wrong",
                                                                 "secret=wrong"], "access denied"),
+        "no credentials": (f"s3://{s3_bucket}/c.kdcache", [f"endpoint_url={s3_server.url}"], "no credentials"),
+        "no bucket": ("s3://", [], "names no bucket"),
         "protocol not installed": ("gs://some-bucket/c.kdcache", [], "the gs:// protocol needs a package"),
         "no scheme, not a path": ("s3:bucket/c.kdcache", [], "not a path, and not a URL either (a URL is s3://...)"),
     }[case]
     flags = [x for option in options for x in ("--storage-option", option)]
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "FSSPEC_S3_KEY", "FSSPEC_S3_SECRET"):
+        monkeypatch.delenv(variable, raising=False)
+    import fsspec.config
+
+    monkeypatch.setattr(fsspec.config, "conf", {})  # what earlier tests' FSSPEC_S3_* variables left in fsspec's config
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     for args in (_capture(digits_teacher, url, *flags), ["info", url, *flags], ["verify", url, *flags],
                  ["distill", "--cache", url, "--student", "mlp", "--out", tmp_path / "run", *flags]):
         code, _, err = run_cli(args, capsys, monkeypatch)
         _one_error_line(code, err, url.split("/")[0] if case == "no scheme, not a path" else url, needle)
-    assert not _fs(s3_server).find(s3_bucket)  # nothing was written anywhere
+    fs = _fs(s3_server)
+    assert not fs.find(s3_bucket)  # nothing was written where the cache would be
+    # and no bucket was made for it: this server makes a missing bucket on a first write, so a lease object (or
+    # any object) written before the bucket is checked would have created it
+    assert not fs.exists("no-such-bucket-kdcache")

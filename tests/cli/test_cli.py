@@ -168,3 +168,14 @@ def test_help_fits_80_columns_and_shows_switches_as_switches(command):
     assert max(len(line) for line in done.stdout.splitlines()) <= 80, done.stdout
     if command in ([], ["info"]):
         assert re.search(r"^  --(debug|json) +\S", done.stdout, re.M), done.stdout
+    if command == ["distill"]:  # a wider terminal gets wider help, not a column cut at 80
+        wide = subprocess.run([sys.executable, "-m", "kdcache.cli", *command, "--help"], capture_output=True,
+                              text=True, env={**env, "COLUMNS": "160"}).stdout
+        assert 80 < max(len(line) for line in wide.splitlines()) <= 160
+
+
+def test_a_local_path_with_a_colon_is_a_path(tmp_path, capsys, monkeypatch, digits_weights):
+    """`sst2:bert.kdcache` is a file name (sst2 is no storage protocol); `s3:bucket/c` would be a URL missing //."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(_digits_args(digits_weights, "sst2:bert.kdcache"), capsys, monkeypatch)
+    assert code == 0 and (tmp_path / "sst2:bert.kdcache" / "zarr.json").is_file(), err

@@ -359,3 +359,29 @@ def test_a_digits_cache_of_the_first_rows_distils(tmp_path):
                                              data_options=DataOptions(limit=100)))
     assert len(kdcache.open_cache(cache)) == 100
     assert _digits_run(cache, tmp_path / "run", epochs=1)["epochs_done"] == 1
+
+
+def test_a_run_started_by_release_0_1_0_still_resumes(tmp_path, digits_cache):
+    """kdcache 0.1.0 recorded every preset value in a run's identity and kept Annealing-KD's stage-1 best at the top
+    of last.pt: such a run resumes, and ends where an uninterrupted run does."""
+    import torch
+
+    kw = dict(epochs=4, anneal_epochs=2, t_max=2)
+    _digits_run(digits_cache, tmp_path / "full", "annealing", **kw)
+    _digits_run(digits_cache, tmp_path / "cut", "annealing", stop_after_epoch=3, **kw)
+    last = tmp_path / "cut" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    legacy = {**state, "stage1_best": state["method"]["stage1_best"], "heads": None}
+    del legacy["method"]
+    legacy["identity"] = {k: v for k, v in state["identity"].items() if k != "identity_version"}
+    legacy["identity"]["hyperparameters"] = {**state["identity"]["hyperparameters"], "margin": 1.0, "psi": "glue",
+                                             "temperature": 4.0, "alpha": 0.5}  # 0.1.0's whole preset table
+    torch.save(legacy, last)
+    _digits_run(digits_cache, tmp_path / "cut", "annealing", resume=True, **kw)
+    timeless = [[{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in _metrics(run)]
+                for run in (tmp_path / "cut", tmp_path / "full")]
+    assert timeless[0] == timeless[1]
+    legacy["identity"]["hyperparameters"]["lr"] = 0.5  # a legacy run of other settings is still another run
+    torch.save(legacy, last)
+    with pytest.raises(KDCacheError, match=r"checkpoint of another run \(differs in hyperparameters.lr"):
+        _digits_run(digits_cache, tmp_path / "cut", "annealing", resume=True, **kw)
