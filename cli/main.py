@@ -64,6 +64,46 @@ def _root(
     _state["debug"] = debug
 
 
+_WHAT = {"--teacher": "teacher folder", "--weights": "weights file", "--student": "student folder or config file",
+         "--model": "model folder or config file", "--cache": "cache", "--data": "file or folder (the dataset)",
+         "--tokenizer": "tokenizer folder"}
+
+
+def _exists(flag: str, value: Any) -> None:
+    """A path-like flag (a folder, a file, a local cache) must exist; a URL is checked when it is opened."""
+    if value is None or "://" in str(value):
+        return
+    text = str(value)
+    if ":" in text.split("/", 1)[0] and not Path(text).expanduser().exists():
+        return  # 's3:bucket/x': the store says why this is neither a path nor a URL
+    if ("/" in text or text.startswith(".") or text.endswith((".json", ".tsv", ".csv", ".jsonl", ".npz", ".zip"))) \
+            and not Path(text).expanduser().exists():
+        raise KDCacheError(f"{text}: no such {_WHAT.get(flag, 'file or folder')} ({flag})")
+
+
+def _check_training(**flags: Any) -> None:
+    """The flags of distill and train, checked before anything heavy is imported (a typo costs no seconds)."""
+    from kdcache import names
+    from kdcache.methods.schedules import parse_psi
+
+    for flag, choices in (("method", names.METHODS), ("kd_loss", names.KD_LOSSES), ("preset", names.PRESETS),
+                          ("stream", names.STREAM_MODES), ("precision", names.PRECISIONS),
+                          ("optimizer", names.OPTIMIZERS), ("lr_schedule", names.LR_SCHEDULES),
+                          ("reduction", names.REDUCTIONS), ("schedule_unit", names.SCHEDULE_UNITS),
+                          ("augment", names.AUGMENTS), ("task", names.TASKS)):
+        names.check(f"--{flag.replace('_', '-')}", flags.get(flag), choices)
+    if flags.get("psi") is not None:
+        parse_psi(flags["psi"])
+    for flag in ("cache", "student", "model", "data", "tokenizer"):
+        _exists(f"--{flag}", flags.get(flag))
+    for flag in ("epochs", "batch_size", "max_steps"):
+        if flags.get(flag) is not None and flags[flag] < 1:
+            raise KDCacheError(f"--{flag.replace('_', '-')} must be at least 1, got {flags[flag]}")
+    for flag in ("log_every", "num_workers"):
+        if flags.get(flag) is not None and flags[flag] < 0:
+            raise KDCacheError(f"--{flag.replace('_', '-')} must be 0 or more, got {flags[flag]}")
+
+
 def _command() -> str:
     """The command line to record, secrets removed (imported late: the CLI starts without torch)."""
     from kdcache.runtime import command_line
@@ -117,6 +157,13 @@ def cache_teacher_cmd(
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
 ) -> None:
     """Run a teacher once over a dataset and store its outputs in a Zarr cache."""
+    from kdcache import names
+
+    names.check("--task", task, names.TASKS)
+    names.check("--dtype", dtype, names.LOGIT_DTYPES)
+    names.check("--precision", precision, names.PRECISIONS)
+    for flag, value in (("--teacher", teacher), ("--data", data), ("--weights", weights), ("--tokenizer", tokenizer)):
+        _exists(flag, value)
     from kdcache.cache import codecs
     from kdcache.cache.info import describe_cache
     from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
@@ -237,9 +284,16 @@ def distill_cmd(
     stream: o.Stream = "auto", save_every: o.SaveEvery = None, checkpoint: o.Checkpoint = None,
     kd_loss: o.KdLoss = None, phase_epochs: o.PhaseEpochs = None, layer_map: o.LayerMap = None,
     resume: o.Resume = False, overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None,
+    augment: o.Augment = None, num_workers: o.NumWorkers = None, memory_budget: o.MemoryBudget = None,
+    keep_inputs: o.KeepInputs = None, check_first: o.CheckFirst = False, log_every: o.LogEvery = 0,
+    max_steps: o.MaxSteps = None, compile: o.Compile = False,
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
 ) -> None:
     """Train a student against a teacher cache (the teacher is never loaded)."""
+    _check_training(method=method, kd_loss=kd_loss, preset=preset, stream=stream, precision=precision,
+                    optimizer=optimizer, lr_schedule=lr_schedule, reduction=reduction, schedule_unit=schedule_unit,
+                    augment=augment, psi=psi, cache=cache, student=student, data=data, epochs=epochs,
+                    batch_size=batch_size, max_steps=max_steps, log_every=log_every, num_workers=num_workers)
     from kdcache.recipes.distill import distill
 
     cfg = _training(
@@ -251,7 +305,9 @@ def distill_cmd(
         device=device, stream_mode=stream, save_every=save_every, resume=resume, overwrite=overwrite,
         stop_after_epoch=stop_after_epoch, progress=progress, checkpoint=checkpoint, kd_loss=kd_loss,
         phase_epochs=phase_epochs, layer_map=layer_map, trust_model_code=trust_model_code,
-        storage_options=_storage(storage_option))
+        storage_options=_storage(storage_option), augment=augment, num_workers=num_workers,
+        memory_budget=memory_budget, keep_inputs=keep_inputs, check_first=check_first, log_every=log_every,
+        max_steps=max_steps, compile=compile)
     with _interrupts():
         _report_run(distill(cfg))
 
@@ -269,10 +325,15 @@ def train_cmd(
     text_pair_column: o.TextPairColumn = None, label_column: o.LabelColumn = None, label_names: o.LabelNames = None,
     regression: o.Regression = False, normalize: o.Normalize = None, image_size: o.ImageSize = None,
     limit: o.Limit = None, subset: o.Subset = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
-    stop_after_epoch: o.StopAfterEpoch = None, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
+    stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
+    keep_inputs: o.KeepInputs = None, log_every: o.LogEvery = 0, max_steps: o.MaxSteps = None,
+    compile: o.Compile = False, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
 ) -> None:
     """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline (distill's `ce` method
     without a cache)."""
+    _check_training(task=task, preset=preset, precision=precision, optimizer=optimizer, lr_schedule=lr_schedule,
+                    augment=augment, model=model, data=data, tokenizer=tokenizer, epochs=epochs,
+                    batch_size=batch_size, max_steps=max_steps, log_every=log_every, num_workers=num_workers)
     from kdcache.recipes.distill import distill
 
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
@@ -284,7 +345,8 @@ def train_cmd(
         weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, val_split=val_split, seed=seed, precision=precision, device=device,
         save_every=save_every, data_options=options, resume=resume, overwrite=overwrite,
-        stop_after_epoch=stop_after_epoch, progress=progress, trust_model_code=trust_model_code)
+        stop_after_epoch=stop_after_epoch, progress=progress, trust_model_code=trust_model_code, augment=augment,
+        num_workers=num_workers, keep_inputs=keep_inputs, log_every=log_every, max_steps=max_steps, compile=compile)
     with _interrupts():
         _report_run(distill(cfg))
 

@@ -11,7 +11,8 @@ import typer
 
 _O = typer.Option
 
-TASKS = "sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 imagefolder | digits tabular"
+TASKS = ("sst2 cola mrpc rte stsb qnli qqp mnli | text | cifar10 cifar100 mnist fashion-mnist svhn imagenet "
+         "imagefolder | digits tabular")
 
 # --- where things are ---------------------------------------------------------------------------------------------
 CacheArg = Annotated[str, typer.Argument(help="Cache: a folder, or an fsspec URL such as s3://bucket/name.kdcache.")]
@@ -22,7 +23,8 @@ StorageOption = Annotated[Optional[list[str]], _O(
     "--storage-option", help="fsspec storage option KEY=VALUE for a cache URL (endpoint_url=http://host:port, "
                              "key=..., anon=true); repeatable. Environment variables (FSSPEC_S3_ENDPOINT_URL, "
                              "AWS_ACCESS_KEY_ID, ...) work too.")]
-Data = Annotated[Optional[str], _O(help="Dataset file or folder (GLUE task folder, CIFAR folder, image tree or zip).")]
+Data = Annotated[Optional[str], _O(help="Dataset file or folder (GLUE task folder, CIFAR folder, the folder of "
+                                        "the idx or .mat files, ImageNet root, image tree or zip).")]
 DataMoved = Annotated[Optional[str], _O("--data", help="Dataset location, when it moved since caching.")]
 Task = Annotated[str, _O(help=TASKS)]
 
@@ -51,8 +53,10 @@ TextPairColumn = Annotated[Optional[str], _O(help="Text task: column with the se
 LabelColumn = Annotated[Optional[str], _O(help="Text task: column with the label.")]
 LabelNames = Annotated[Optional[str], _O(help="Text task: comma-separated label names, in id order.")]
 Regression = Annotated[bool, _O(help="Text task: float labels (one output).")]
-Normalize = Annotated[Optional[str], _O(help="Images: cifar10, cifar100, imagenet or none.")]
-ImageSize = Annotated[Optional[int], _O(help="Images: resize + center-crop to this size.")]
+Normalize = Annotated[Optional[str], _O(help="Images: cifar10, cifar100, imagenet, mnist, fashion-mnist, svhn or "
+                                                    "none (default: the task's own).")]
+ImageSize = Annotated[Optional[int], _O(help="Images: shorter side to this size, then a centred square crop "
+                                                   "(imagenet: 224).")]
 Limit = Annotated[Optional[int], _O(help="Use only the first N rows of each split.")]
 Subset = Annotated[Optional[int], _O(help="Use N rows spread evenly over each split (after --limit).")]
 
@@ -74,6 +78,17 @@ Resume = Annotated[bool, _O(help="Continue the run in --out from its last.pt.")]
 StopAfterEpoch = Annotated[Optional[int], _O(help="Stop after this epoch (a preemptible job's slice; --resume "
                                                   "later).")]
 
+Augment = Annotated[Optional[str], _O(help="Random views of training images: cifar (pad 4, crop, flip) | imagenet "
+                                          "(random resized crop, flip) | none.")]
+NumWorkers = Annotated[Optional[int], _O(help="Processes decoding inputs (default: up to 4 for images and text, 0 for "
+                                              "feature tables).")]
+KeepInputs = Annotated[Optional[str], _O(help="Keep decoded inputs after the first epoch while they fit this size "
+                                              "(default 2GiB; 0: decode every epoch).")]
+LogEvery = Annotated[int, _O(help="Read the loss back from the device (and check it) every N steps; 0: once per "
+                                  "epoch.")]
+MaxSteps = Annotated[Optional[int], _O(help="Stop after N optimiser steps, evaluating once (smoke runs, benchmarks).")]
+Compile = Annotated[bool, _O(help="torch.compile the student.")]
+
 # --- distillation ---------------------------------------------------------------------------------------------------
 Method = Annotated[str, _O(help="continuation | vanilla | annealing | ce | prokd | curriculum")]
 TMax = Annotated[Optional[int], _O(help="Continuation/Annealing: maximum temperature T_max.")]
@@ -89,4 +104,8 @@ Checkpoint = Annotated[Optional[str], _O(help="Distil from this cached teacher c
 KdLoss = Annotated[Optional[str], _O(help="prokd, curriculum: logit loss vanilla (default) | continuation.")]
 PhaseEpochs = Annotated[Optional[str], _O(help="curriculum: epochs of each projection phase, e.g. 5,5; prokd: epochs "
                                                "per checkpoint.")]
+MemoryBudget = Annotated[Optional[str], _O(help="Host memory for the teacher's targets: a share of RAM (0.25, the "
+                                                "default) or a size (4GiB); beyond it they stream by chunk windows.")]
+CheckFirst = Annotated[bool, _O(help="Compare every row with the cache before training (by default each row is "
+                                     "checked as it is first decoded).")]
 LayerMap = Annotated[Optional[str], _O(help="curriculum: teacher layer -> student layer or module, e.g. 2:1,4:2.")]

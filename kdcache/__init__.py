@@ -7,9 +7,22 @@ Scripts read a cache with `kdcache.open_cache(path_or_url, split="train")`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kdcache.errors import KDCacheError
-from kdcache.cache import Cache, TeacherCache, open_cache
 
 __version__ = "0.1.0"
 
 __all__ = ["Cache", "KDCacheError", "TeacherCache", "open_cache", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """The cache API, imported on first use, so `import kdcache.errors` (the command line) stays instant."""
+    import importlib
+
+    if name in ("Cache", "TeacherCache", "open_cache"):
+        return getattr(importlib.import_module("kdcache.cache"), name)
+    try:
+        return importlib.import_module(f"kdcache.{name}")  # a subpackage used as kdcache.cache.X
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'kdcache' has no attribute {name!r}") from None

@@ -7,6 +7,12 @@ class KDCacheError(Exception):
     """A user-facing failure (bad input, a cache that cannot be trusted); the CLI prints it as one line."""
 
 
+class SplitMissing(KDCacheError):
+    """The dataset has no such split at all (no file or folder for it), as opposed to a split that is there but
+    damaged: `kdcache train` may select on the training data when the default validation split is missing, and
+    never when it is damaged."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a long job, carrying what was kept and how to continue; the CLI prints it and exits 130.
 

@@ -7,6 +7,7 @@ import io
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from importlib import metadata
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from kdcache.errors import KDCacheError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_IMPORTED = time.time()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -80,6 +82,17 @@ def save_torch(obj: Any, path: Path) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch), so start-up can be measured from the very beginning,
+    imports included; the time kdcache was imported where /proc cannot tell."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
 
 
 def utc_now() -> str:

@@ -53,3 +53,26 @@ def read_root_attrs(path: Path) -> dict | None:
 
     meta = CacheStore(path).read_json("zarr.json")
     return meta.get("attributes", {}) if isinstance(meta, dict) else None
+
+
+def tabular_cache(root: Path, *, rows=(("train", 120), ("validation", 40)), features: int = 64, seed: int = 0):
+    """A tabular dataset (label = sign of feature 0) cached by a small seeded MLP teacher: (data, teacher, cache)."""
+    import numpy as np
+    import torch
+
+    from kdcache.models import mlp, save_model_dir
+    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+
+    rng = np.random.default_rng(seed)
+    data = root / "table"
+    data.mkdir(parents=True)
+    for split, n in rows:
+        x = rng.normal(size=(n, features)).astype(np.float32)
+        np.savez(data / f"{split}.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    torch.manual_seed(seed)
+    kwargs = {"in_features": features, "hidden": 8, "depth": 1}
+    teacher = save_model_dir(mlp(2, **kwargs), root / "teacher", architecture="mlp", num_classes=2, kwargs=kwargs)
+    cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher), task="tabular", data=str(data),
+                                             out=root / "c.kdcache", splits=tuple(s for s, _ in rows),
+                                             device="cpu", progress=False))
+    return data, teacher, cache

@@ -28,7 +28,7 @@ from kdcache.recipes.distill import DistillConfig, distill
 from kdcache.models.teachers import save_model_dir
 from kdcache.recipes.verify import verify_cache
 from kdcache.cache.store import LocalLock as WriteLock
-from helpers import _one_error_line, run_cli
+from helpers import _one_error_line, run_cli, tabular_cache
 
 STUDENT_KW = {"in_features": 64, "hidden": 16, "depth": 1}
 
@@ -266,22 +266,8 @@ def test_the_tokenizer_blob_is_bound_by_its_recorded_digest(tmp_path):
 
 # --- 6. labels checked ---------------------------------------------------------------------------------------
 
-def _table(folder: Path, rng: np.random.Generator) -> Path:
-    folder.mkdir()
-    for split, n in (("train", 120), ("validation", 40)):
-        x = rng.normal(size=(n, 64)).astype(np.float32)
-        np.savez(folder / f"{split}.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
-    return folder
-
-
 def test_a_relabelled_row_is_refused_by_distill_and_verify(tmp_path, capsys, monkeypatch):
-    data = _table(tmp_path / "table", np.random.default_rng(0))
-    torch.manual_seed(0)
-    teacher = save_model_dir(kdcache.models.mlp(2, in_features=64, hidden=8, depth=1), tmp_path / "teacher",
-                             architecture="mlp", num_classes=2, kwargs={"in_features": 64, "hidden": 8, "depth": 1})
-    cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher), task="tabular", data=str(data),
-                                             out=tmp_path / "c.kdcache", splits=("train", "validation"),
-                                             device="cpu", progress=False))
+    data, teacher, cache = tabular_cache(tmp_path)
     with np.load(data / "train.npz") as npz:
         x, y = npz["x"], npz["y"].copy()
     y[37] = 1 - y[37]  # the input is untouched: only its label changed
@@ -290,7 +276,9 @@ def test_a_relabelled_row_is_refused_by_distill_and_verify(tmp_path, capsys, mon
             json.dumps({"in_features": 64, "hidden": 4, "depth": 1}), "--epochs", "1", "--out", tmp_path / "run",
             "--device", "cpu", "--no-progress"]
     _one_error_line(*run_cli(args, capsys, monkeypatch)[::2], "train.npz", "row 37", "has label",
-                    "1 of 120 labels differ", "the labels changed since the teacher was cached")
+                    "the labels changed since the teacher was cached")  # found as the row was first decoded
+    _one_error_line(*run_cli([*args, "--check-first", "--overwrite"], capsys, monkeypatch)[::2], "row 37",
+                    "1 of 120 labels differ")  # the whole split compared before training: counted
     report = verify_cache(cache, teacher=str(teacher), sample=1000, device="cpu")
     failed = {c.name: c.detail for c in report.checks if not c.ok}
     assert list(failed) == ["train/sample labels"] and "first row 37" in failed["train/sample labels"], failed

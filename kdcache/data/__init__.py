@@ -9,10 +9,7 @@ from typing import Any
 from kdcache.data.base import Batch, SplitData
 from kdcache.errors import KDCacheError
 
-GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb", "qnli", "qqp", "mnli")
-IMAGE_TASKS = ("cifar10", "cifar100", "imagefolder")
-FEATURE_TASKS = ("digits", "tabular")
-TASKS = (*GLUE_TASKS, "text", *IMAGE_TASKS, *FEATURE_TASKS)
+from kdcache.names import FEATURE_TASKS, GLUE_TASKS, IMAGE_TASKS, TASKS
 
 
 @dataclass
@@ -63,21 +60,26 @@ def load_split(task: str, data: str | Path | None, split: str, *, tokenizer: Any
                options: DataOptions | None = None) -> SplitData:
     """Read one split of a dataset as fingerprinted rows in source order; tokenizer is needed for text."""
     opts = options or DataOptions()
+    if opts.subset is not None and (isinstance(opts.subset, bool) or not isinstance(opts.subset, int) or opts.subset < 1):
+        raise KDCacheError(f"subset must be a positive integer, got {opts.subset!r}")
     loaded = _load_split(task, data, split, tokenizer, opts)
-    return loaded if opts.subset is None else evenly_spaced_subset(loaded, opts.subset)
+    if opts.subset is None or loaded.preprocess.get("subset") == opts.subset:  # text picks its rows before tokenising
+        return loaded
+    return evenly_spaced_subset(loaded, opts.subset)
 
 
 def evenly_spaced_subset(split: SplitData, size: int) -> SplitData:
     """Keep `size` rows spread evenly over the split, in order: a small sample that still covers every class
     of a class-sorted folder (the first N rows would not). Rows keep their source index and fingerprint."""
-    import numpy as np
     import torch
+
+    from kdcache.data.base import SUBSET_RULE, evenly_spaced_rows
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise KDCacheError(f"subset must be a positive integer, got {size!r}")
-    rows = np.unique(np.linspace(0, len(split) - 1, min(size, len(split))).round().astype(np.int64))
+    rows = evenly_spaced_rows(len(split), size)
     split.dataset = torch.utils.data.Subset(split.dataset, rows.tolist())
-    split.preprocess = {**split.preprocess, "subset": size, "subset_rule": "evenly spaced: linspace(0, n-1, subset)"}
+    split.preprocess = {**split.preprocess, "subset": size, "subset_rule": SUBSET_RULE}
     return split
 
 
@@ -101,7 +103,7 @@ def _load_split(task: str, data: str | Path | None, split: str, tokenizer: Any, 
         return load_text_split(
             task, data, split, tokenizer, max_length=opts.max_length, text_column=opts.text_column,
             text_pair_column=opts.text_pair_column, label_column=opts.label_column, label_names=opts.label_names,
-            regression=opts.regression, limit=opts.limit,
+            regression=opts.regression, limit=opts.limit, subset=opts.subset,
         )
     from kdcache.data.images import load_image_split
 

@@ -61,3 +61,23 @@ class SplitData:
     @property
     def num_labels(self) -> int:
         return 1 if self.kind == "regression" else len(self.label_names or [])
+
+
+#: How `--subset` picks its rows, recorded in `preprocess["subset_rule"]`.
+SUBSET_RULE = "evenly spaced: linspace(0, n-1, subset)"
+
+
+def evenly_spaced_rows(n: int, size: int) -> np.ndarray:
+    """The `size` row positions spread evenly over n rows (all of them when size >= n), in order."""
+    return np.unique(np.linspace(0, n - 1, min(size, n)).round().astype(np.int64))
+
+
+def row_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
+    """Every row's label without decoding any row: every kdcache source keeps its labels apart from its inputs
+    (a Subset keeps the labels of its rows)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return np.asarray(row_labels(dataset.dataset))[np.asarray(dataset.indices, dtype=np.int64)]
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        return np.asarray([dataset[i]["label"] for i in range(len(dataset))])
+    return np.asarray(labels)

@@ -1,4 +1,5 @@
-"""Image data sources: CIFAR-10/100 python pickles and image-folder trees (a folder or a zip read in place).
+"""Image data sources: CIFAR-10/100 python pickles, image-folder trees (a folder or a zip read in place), and
+MNIST, Fashion-MNIST, SVHN and ImageNet as torchvision distributes them (kdcache/data/vision.py).
 
 Row i of a split is the i-th image of the pickle batches in file order, or the i-th image file in sorted
 (class folder, path within the class folder) order. Images are decoded only when an item is read, so
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 
 from kdcache.data.base import Batch, SplitData
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, SplitMissing
 from kdcache.fingerprint import fingerprint_pixels
 
-IMAGE_TASKS = ("cifar10", "cifar100", "imagefolder")
+from kdcache.names import IMAGE_TASKS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: The largest image file read (a zip member's size is checked in its header and again while it is read): a
 #: 1.6 MB zip must not become gigabytes in memory. Real photographs, ImageNet's largest included, are far smaller.
@@ -36,9 +37,15 @@ NORMALIZE_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, floa
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "none": None,
 }
-DEFAULT_NORMALIZE = {"cifar10": "cifar10", "cifar100": "cifar100", "imagefolder": "imagenet"}
+DEFAULT_NORMALIZE = {"cifar10": "cifar10", "cifar100": "cifar100", "imagefolder": "imagenet", "imagenet": "imagenet",
+                     "mnist": "mnist", "fashion-mnist": "fashion-mnist", "svhn": "svhn"}
+#: ImageNet's images differ in size: the shorter side goes to this many pixels, then a centred square crop.
+IMAGENET_DEFAULT_SIZE = 224
 
 # CIFAR as distributed (python pickles): folder name, split -> batch files, meta file, label keys.
 _CIFAR = {
@@ -119,10 +126,15 @@ class _Prepare:
 # ---------------------------------------------------------------------------------------------- CIFAR
 
 class _PlaneImages(torch.utils.data.Dataset):
-    """CIFAR rows kept as (N, 3, 32, 32) planes; an item is the row as HWC (optionally resized)."""
+    """Rows kept as blocks of (n, C, H, W) planes, one per source file (never concatenated: no second copy of
+    the split at load); an item is the row as HWC (optionally resized)."""
 
-    def __init__(self, planes: np.ndarray, labels: np.ndarray, image_size: int | None) -> None:
-        self.planes, self.labels, self.image_size = planes, labels, image_size
+    def __init__(self, planes: np.ndarray | list[np.ndarray], labels: np.ndarray, image_size: int | None) -> None:
+        self.blocks = [planes] if isinstance(planes, np.ndarray) else list(planes)
+        self.starts = np.cumsum([0] + [len(b) for b in self.blocks])
+        self.labels, self.image_size = labels, image_size
+        if self.starts[-1] != len(labels):
+            raise ValueError(f"{self.starts[-1]} images but {len(labels)} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -130,7 +142,8 @@ class _PlaneImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self.labels):
             raise IndexError(i)
-        return _item(self.planes[i].transpose(1, 2, 0), self.labels[i], i, self.image_size)
+        b = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return _item(self.blocks[b][i - self.starts[b]].transpose(1, 2, 0), self.labels[i], i, self.image_size)
 
 
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
@@ -174,6 +187,38 @@ def _read_pickle(path: Path, expected: str = "") -> dict:
     if not isinstance(obj, dict):
         raise KDCacheError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return obj
+
+
+#: Pickle opcodes that hold raw bytes in the file, and the size of their length field: the pixels of the CIFAR
+#: batches as distributed (Python 2's BINSTRING) and of protocol 3+ pickles can be mapped where they lie.
+_RAW_OPCODES = {"BINSTRING": 4, "BINBYTES": 4, "BINBYTES8": 8, "BYTEARRAY8": 8}
+
+
+def _map_pickled_pixels(path: Path, pixels: np.ndarray) -> np.ndarray | None:
+    """`pixels` as a read-only memory map of the pickle file itself, or None where the file stores them otherwise
+    (Python 3's protocol 2 writes bytes as text): the split is then never held in memory, only the pages of the
+    rows read. The mapped bytes are compared with the unpickled ones (by reads, not through the map) first."""
+    import pickletools
+
+    size = pixels.nbytes
+    try:
+        with open(path, "rb") as f:
+            offset = None
+            for op, arg, pos in pickletools.genops(f):
+                if op.name in _RAW_OPCODES and isinstance(arg, (bytes, bytearray, str)) and len(arg) == size:
+                    offset = pos + 1 + _RAW_OPCODES[op.name]
+                    break
+            if offset is None:
+                return None
+            flat = pixels.reshape(-1)
+            f.seek(offset)
+            for start in range(0, size, 1 << 22):
+                block = f.read(min(1 << 22, size - start))
+                if np.frombuffer(block, dtype=np.uint8).tobytes() != flat[start:start + len(block)].tobytes():
+                    return None
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=pixels.shape)
+    except (OSError, ValueError, pickle.UnpicklingError):
+        return None
 
 
 def _cifar_folder(task: str, data: Path) -> Path:
@@ -222,19 +267,21 @@ def _load_cifar(task: str, data: Path, split: str, limit: int | None, image_size
             raise KDCacheError(f"{path}: {len(pixels)} image rows but {batch_labels.size} labels")
         if batch_labels.size and (batch_labels.min() < 0 or batch_labels.max() >= len(names)):
             raise KDCacheError(f"{path}: labels outside 0..{len(names) - 1}")
-        planes.append(pixels.reshape(-1, 3, 32, 32))
-        labels.append(batch_labels)
-        rows += len(pixels)
-    planes_all = np.concatenate(planes) if len(planes) > 1 else planes[0]
-    labels_all = np.concatenate(labels) if len(labels) > 1 else labels[0]
-    if limit is not None:
-        planes_all, labels_all = planes_all[:limit], labels_all[:limit]
+        keep = len(pixels) if limit is None else min(len(pixels), limit - rows)
+        mapped = _map_pickled_pixels(path, pixels)  # the file's own bytes, read only when a row is
+        kept = pixels if mapped is None else mapped
+        kept = kept if keep == len(kept) else kept[:keep].copy()  # a view would keep the whole batch alive
+        planes.append(kept.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels[:keep])
+        rows += keep
+        del batch, pixels
+    labels_all = np.concatenate(labels)
     if len(labels_all) == 0:
         raise KDCacheError(f"{folder}: split {split_used!r} has no rows")
     info = {"layout": "pickle", "split_files": spec["splits"][split_used], "input_size": [32, 32]}
     if task == "cifar100":
         info["label_set"] = "fine"
-    return str(folder.resolve()), names, _PlaneImages(planes_all, labels_all, image_size), split_used, info
+    return str(folder.resolve()), names, _PlaneImages(planes, labels_all, image_size), split_used, info
 
 
 # ---------------------------------------------------------------------------------------------- image folders
@@ -326,7 +373,7 @@ def _resolve_split_folder(split: str, available: list[str], where: str) -> str:
                 return candidate
     listing = ", ".join(sorted(available)) or "none"
     hint = " (validation resolves to val, validation or test)" if split in ("validation", "val") else ""
-    raise KDCacheError(f"{where}: no split folder {split!r}{hint}; split folders found: {listing}")
+    raise SplitMissing(f"{where}: no split folder {split!r}{hint}; split folders found: {listing}")
 
 
 def _decode(raw: bytes, where: str) -> np.ndarray:
@@ -492,11 +539,25 @@ def _load_imagefolder(data: Path, split: str, limit: int | None, image_size: int
     return source, names, dataset, split_dir, info
 
 
+def _load_planes(task: str, data: Path, split: str, limit: int | None, image_size: int | None):
+    """MNIST, Fashion-MNIST or SVHN: the whole split's pixels as planes (47 MB to 1.6 GB), rows decoded on access."""
+    from kdcache.data.vision import load_idx, load_svhn
+
+    if task == "svhn":
+        planes, labels, names, used, info = load_svhn(data, split, limit)
+    else:
+        planes, labels, names, used, info = load_idx(task, data, split, limit)
+    if not len(labels):
+        raise KDCacheError(f"{info['files'][0]}: no images")
+    return str(data.resolve()), names, _PlaneImages(planes, labels, image_size), used, info
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 
 def load_image_split(task: str, data: str | Path, split: str, *, normalize: str | None = None,
                      image_size: int | None = None, limit: int | None = None) -> SplitData:
-    """One split of CIFAR-10/100 (python pickles) or an image-folder tree (folder or zip), decoded lazily."""
+    """One split of an image dataset (CIFAR pickles, an image-folder tree or zip, torchvision's MNIST, Fashion-MNIST,
+    SVHN and ImageNet files), its rows decoded when read."""
     if task not in IMAGE_TASKS:
         raise KDCacheError(f"unknown image task {task!r}; choose one of {', '.join(IMAGE_TASKS)}")
     preset = DEFAULT_NORMALIZE[task] if normalize is None else str(normalize).lower()
@@ -508,12 +569,27 @@ def load_image_split(task: str, data: str | Path, split: str, *, normalize: str 
         raise KDCacheError(f"limit must be a positive integer, got {limit!r}")
     image_size = None if image_size is None else int(image_size)
     data = Path(data).expanduser()
+    if task == "imagenet" and image_size is None:
+        image_size = IMAGENET_DEFAULT_SIZE
     if task == "imagefolder":
         source, names, dataset, split_used, info = _load_imagefolder(data, split, limit, image_size)
-    else:
+    elif task == "imagenet":
+        from kdcache.data.vision import imagenet_root
+
+        root, meta = imagenet_root(data, split)
+        source, names, dataset, split_used, info = _load_imagefolder(root, "val" if split in ("validation", "test")
+                                                                     else split, limit, image_size)
+        info = {**info, **meta}
+    elif task in ("cifar10", "cifar100"):
         source, names, dataset, split_used, info = _load_cifar(task, data, split, limit, image_size)
+    else:
+        source, names, dataset, split_used, info = _load_planes(task, data, split, limit, image_size)
     stats = NORMALIZE_PRESETS[preset]
     mean, std = (stats if stats is not None else (None, None))
+    channels = int(dataset[0]["inputs"].shape[0]) if len(dataset) else None
+    if mean is not None and channels is not None and len(mean) != channels:
+        raise KDCacheError(f"{source}: normalisation {preset!r} has {len(mean)} channel(s) but {task}'s images have "
+                           f"{channels}; choose another --normalize (or none)")
     if image_size is not None:
         info["input_size"] = [image_size, image_size]
     preprocess = {
@@ -524,7 +600,7 @@ def load_image_split(task: str, data: str | Path, split: str, *, normalize: str 
         "image_size": image_size,
         "resize": (f"shorter side to {image_size} (bilinear, antialias), centre crop {image_size}x{image_size}"
                    if image_size is not None else None),
-        "pixels": "RGB uint8, NCHW; fingerprint over HWC uint8 after resize",
+        "pixels": ("grayscale" if channels == 1 else "RGB") + " uint8, NCHW; fingerprint over HWC uint8 after resize",
         "scale": "1/255",
         "normalize": preset,
         "mean": list(mean) if mean is not None else None,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from kdcache.data.base import LABEL_IDS, MISSING_CLASS, Batch, SplitData
-from kdcache.errors import KDCacheError
+from kdcache.errors import KDCacheError, SplitMissing
 from kdcache.fingerprint import fingerprint_features
 
 TABULAR_SPLITS = ("train", "validation", "test")
@@ -75,7 +75,7 @@ def _split_file(data: Path, split: str) -> Path:
     stems = (split, *(_VALIDATION_ALIASES if split == "validation" else ()))
     found = [data / f"{stem}.npz" for stem in stems if (data / f"{stem}.npz").is_file()]
     if not found:
-        raise KDCacheError(f"{data / (split + '.npz')}: missing; task 'tabular' split {split!r} reads "
+        raise SplitMissing(f"{data / (split + '.npz')}: missing; task 'tabular' split {split!r} reads "
                            f"{split}.npz from --data")
     if len(found) > 1:
         raise KDCacheError(f"{data}: several files for split {split!r} ({', '.join(p.name for p in found)}); keep one")

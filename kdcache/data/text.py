@@ -1,8 +1,10 @@
 """Text data sources: the GLUE tasks in their published TSV layouts, and any tsv/csv/jsonl file with named columns.
 
-Row i of a split is the i-th data row of the file read (the header and empty lines are not rows). The whole
-file is parsed and checked, then the first `limit` rows are tokenised in one batched call, without padding;
-each row's fingerprint hashes exactly those unpadded token ids. Batches are right-padded to their longest row.
+Row i of a split is the i-th data row of the file read (the header and empty lines are not rows). Only the rows
+used are tokenised, in one batched call, without padding: the first `limit`, or the `subset` spread evenly over
+the split; with `limit` the file is parsed only up to that row, unless the class names come from the labels
+themselves (then every row is read, so the class set does not depend on the limit). Each row's fingerprint
+hashes exactly its unpadded token ids. Batches are right-padded to their longest row.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kdcache.data.base import LABEL_IDS, Batch, SplitData, MISSING_CLASS
-from kdcache.errors import KDCacheError
+from kdcache.data.base import LABEL_IDS, MISSING_CLASS, SUBSET_RULE, Batch, SplitData, evenly_spaced_rows
+from kdcache.errors import KDCacheError, SplitMissing
 from kdcache.fingerprint import fingerprint_tokens
 
 _GLUE_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
@@ -90,7 +92,7 @@ def _glue_file(task: str, preset: GluePreset, data: Path, split: str) -> Path:
     for path in (data / name, data / preset.folder / name):
         if path.is_file():
             return path
-    raise KDCacheError(f"{data / name}: missing; {task} split {split!r} reads {name} "
+    raise SplitMissing(f"{data / name}: missing; {task} split {split!r} reads {name} "
                        f"from GLUE's {preset.folder} folder")
 
 
@@ -106,7 +108,7 @@ def _text_file(data: Path, split: str) -> Path:
     wanted = [f"{stem}.{ext}" for stem in stems for ext in TEXT_FORMATS]
     found = [data / name for name in wanted if (data / name).is_file()]
     if not found:
-        raise KDCacheError(f"{data}: no file for split {split!r}; looked for {', '.join(wanted)}")
+        raise SplitMissing(f"{data}: no file for split {split!r}; looked for {', '.join(wanted)}")
     if len(found) > 1:
         raise KDCacheError(f"{data}: several files for split {split!r} ({', '.join(p.name for p in found)}); keep one")
     return found[0]
@@ -235,9 +237,10 @@ class _TokenizedRows(torch.utils.data.Dataset):
     """Tokenised rows kept in memory as python lists: item i -> the contract's dict for row i."""
 
     def __init__(self, input_ids: list[list[int]], token_type_ids: list[list[int]] | None, labels: np.ndarray,
-                 fingerprints: np.ndarray) -> None:
+                 fingerprints: np.ndarray, index: np.ndarray | None = None) -> None:
         self.input_ids, self.token_type_ids = input_ids, token_type_ids
         self.labels, self.fingerprints = labels, fingerprints
+        self.index = index  # the source row of each item, when only some rows were kept (--subset)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -250,7 +253,7 @@ class _TokenizedRows(torch.utils.data.Dataset):
             inputs["token_type_ids"] = self.token_type_ids[i]
         label = self.labels[i]
         return {"inputs": inputs, "label": float(label) if self.labels.dtype.kind == "f" else int(label),
-                "index": i, "fingerprint": int(self.fingerprints[i])}
+                "index": i if self.index is None else int(self.index[i]), "fingerprint": int(self.fingerprints[i])}
 
 
 class _Collate:
@@ -320,8 +323,10 @@ def _layout(task: str, data: Path, split: str, text_column: str | None, text_pai
                    glue=True)
 
 
-def _read_columns(layout: _Layout, split: str) -> tuple[list[str], list[str] | None, list[Any], list[int]]:
-    """The text, pair and raw label of every data row, with its line number (for error messages)."""
+def _read_columns(layout: _Layout, split: str, stop: int | None = None
+                  ) -> tuple[list[str], list[str] | None, list[Any], list[int], bool]:
+    """The text, pair and raw label of every data row (the first `stop`), with its line number (for error
+    messages), and whether the whole file was read."""
     path = layout.path
     texts, raw_labels, lines = [], [], []
     pairs: list[str] | None = None if layout.pair is None else []
@@ -334,7 +339,11 @@ def _read_columns(layout: _Layout, split: str) -> tuple[list[str], list[str] | N
                 layout.label = None  # GLUE test files carry no labels
             keys = [_key(header, name, path, layout.fmt, option=option) for name, option in
                     ((layout.text, "text_column"), (layout.pair, "text_pair_column"), (layout.label, "label_column"))]
+            whole = True
             for line_no, record in records:
+                if stop is not None and len(texts) >= stop:
+                    whole = False
+                    break
                 try:
                     values = [record[k] if k is not None else None for k in keys]
                 except KeyError as exc:
@@ -353,7 +362,7 @@ def _read_columns(layout: _Layout, split: str) -> tuple[list[str], list[str] | N
         raise KDCacheError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not texts:
         raise KDCacheError(f"{path}: {'empty file' if layout.columns else 'a header but no data rows'}")
-    return texts, pairs, raw_labels, lines
+    return texts, pairs, raw_labels, lines, whole
 
 
 def _labels_of(layout: _Layout, task: str, raw: list[Any], lines: list[int]
@@ -384,7 +393,7 @@ def _labels_of(layout: _Layout, task: str, raw: list[Any], lines: list[int]
 def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, max_length: int = 128,
                     text_column: str | None = None, text_pair_column: str | None = None,
                     label_column: str | None = None, label_names: list[str] | None = None,
-                    regression: bool = False, limit: int | None = None) -> SplitData:
+                    regression: bool = False, limit: int | None = None, subset: int | None = None) -> SplitData:
     """Tokenise one split up front, so every cached logit row is tied to the exact token ids the teacher saw."""
     data = Path(data).expanduser()
     if task not in TEXT_TASKS:
@@ -394,16 +403,19 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise KDCacheError(f"{data}: limit must be a positive integer, got {limit!r}")
     layout = _layout(task, data, split, text_column, text_pair_column, label_column, label_names, regression)
-    texts, pairs, raw_labels, lines = _read_columns(layout, split)
+    names_fixed = layout.glue or layout.regression or layout.names is not None or layout.label is None
+    texts, pairs, raw_labels, lines, whole = _read_columns(layout, split, limit if names_fixed else None)
     labels, names, names_from = _labels_of(layout, task, raw_labels, lines)
 
     keep = len(texts) if limit is None else min(limit, len(texts))
-    encoded = tokenizer(texts[:keep], None if pairs is None else pairs[:keep], truncation=True, max_length=max_length)
+    rows = np.arange(keep) if subset is None else evenly_spaced_rows(keep, subset)
+    encoded = tokenizer([texts[r] for r in rows], None if pairs is None else [pairs[r] for r in rows],
+                        truncation=True, max_length=max_length)
     input_ids = [list(ids) for ids in encoded["input_ids"]]
     token_type_ids = encoded.get("token_type_ids")
     fingerprints = np.array([fingerprint_tokens(ids) for ids in input_ids], dtype=np.uint64)
     dataset = _TokenizedRows(input_ids, None if token_type_ids is None else [list(t) for t in token_type_ids],
-                             labels[:keep], fingerprints)
+                             labels[rows], fingerprints, None if subset is None else rows)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     preprocess = {
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
@@ -412,8 +424,10 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
         "text_column": layout.text, "text_pair_column": layout.pair, "label_column": layout.label,
         "label_names_from": names_from, "file": layout.path.name, "format": layout.fmt,
         "header": "none; columns by position: " + ", ".join(layout.columns) if layout.columns else "first row",
-        "rows_in_file": len(texts), "limit": limit,
+        "rows_in_file": len(texts) if whole else None, "limit": limit,
     }
+    if subset is not None:
+        preprocess.update(subset=subset, subset_rule=SUBSET_RULE)
     return SplitData(task=task, split=split, source=os.path.abspath(layout.path), modality="text",
                      kind="regression" if layout.regression else "classification", label_names=names,
                      dataset=dataset, collate=_Collate(int(pad_id), layout.regression), prepare=_prepare,

@@ -79,14 +79,16 @@ def ce(student_logits: torch.Tensor, labels: torch.Tensor, *, kind: str = "class
     """
     _check_kind(kind)
     z_s = _as_float(student_logits)
+    # No boolean-mask indexing (its data-dependent shape makes the host wait for the device): missing labels are
+    # ignored by cross-entropy's ignore_index, or zeroed in the squared error.
     if kind == "classification":
         present = labels != -1
-        total = F.cross_entropy(z_s[present], labels[present].long(), reduction="sum")
+        total = F.cross_entropy(z_s, labels.long(), ignore_index=-1, reduction="sum")
     else:
         prediction = z_s.squeeze(-1)
         target = labels.to(prediction.dtype)
         present = ~torch.isnan(target)
-        total = (prediction[present] - target[present]).pow(2).sum()
+        total = torch.where(present, prediction - torch.nan_to_num(target), 0.0).pow(2).sum()
     # A sum over no rows is 0 and still in the graph; dividing by max(count, 1) on the device avoids a host sync.
     return total / present.sum().clamp(min=1).to(total.dtype)
 

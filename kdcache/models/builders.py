@@ -42,13 +42,14 @@ class CifarResNet(nn.Module):
     paper's CIFAR runs used option A (zero-padding), which adds no parameters, so counts here are ~1% higher.
     """
 
-    def __init__(self, depth: int, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+    def __init__(self, depth: int, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64),
+                 in_channels: int = 3) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise KDCacheError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6
         self.depth = depth
-        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         layers, in_planes = [], widths[0]
         for stage, planes in enumerate(widths):
@@ -71,39 +72,39 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def resnet8(num_classes: int = 10) -> nn.Module:
+def resnet8(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-8 (n=1, ~0.08M parameters): the smallest CIFAR student."""
-    return CifarResNet(8, num_classes)
+    return CifarResNet(8, num_classes, in_channels=in_channels)
 
 
-def resnet14(num_classes: int = 10) -> nn.Module:
+def resnet14(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-14 (n=2, ~0.18M parameters): a small CIFAR student."""
-    return CifarResNet(14, num_classes)
+    return CifarResNet(14, num_classes, in_channels=in_channels)
 
 
-def resnet20(num_classes: int = 10) -> nn.Module:
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-20 (n=3, ~0.27M parameters): the usual CIFAR distillation student."""
-    return CifarResNet(20, num_classes)
+    return CifarResNet(20, num_classes, in_channels=in_channels)
 
 
-def resnet32(num_classes: int = 10) -> nn.Module:
+def resnet32(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-32 (n=5, ~0.47M parameters)."""
-    return CifarResNet(32, num_classes)
+    return CifarResNet(32, num_classes, in_channels=in_channels)
 
 
-def resnet44(num_classes: int = 10) -> nn.Module:
+def resnet44(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-44 (n=7, ~0.66M parameters)."""
-    return CifarResNet(44, num_classes)
+    return CifarResNet(44, num_classes, in_channels=in_channels)
 
 
-def resnet56(num_classes: int = 10) -> nn.Module:
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-56 (n=9, ~0.86M parameters): a common CIFAR teacher."""
-    return CifarResNet(56, num_classes)
+    return CifarResNet(56, num_classes, in_channels=in_channels)
 
 
-def resnet110(num_classes: int = 10) -> nn.Module:
+def resnet110(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-110 (n=18, ~1.7M parameters): the deepest CIFAR teacher of the paper's Table 6."""
-    return CifarResNet(110, num_classes)
+    return CifarResNet(110, num_classes, in_channels=in_channels)
 
 
 def mlp(num_classes: int = 10, in_features: int = 64, hidden: int = 256, depth: int = 2) -> nn.Module:
@@ -186,6 +187,32 @@ TRUST_HINT = ("kdcache imports and runs a model's Python code only when asked: p
               "(trust_model_code=True), as with transformers' trust_remote_code, and only for code you trust")
 
 
+def data_kwargs(name: str, kwargs: dict[str, Any], sample: Any) -> dict[str, Any]:
+    """The arguments a kdcache architecture takes from the data (mlp's input width, a CIFAR ResNet's input
+    channels), so `--student mlp` runs on any feature table or image size without a flag; a value the user gave
+    that disagrees with the data is a one-line error. `sample` is one batch of model input."""
+    if name not in _KDCACHE_MODELS or sample is None:
+        return dict(kwargs)
+    if isinstance(sample, dict):
+        raise KDCacheError(f"student {name!r} reads tensors (images or features), but this task's rows are token "
+                           "ids; use a Hugging Face model folder or config .json")
+    shape = tuple(int(d) for d in sample.shape[1:])
+    derived: dict[str, int] = {}
+    if name == "mlp":
+        derived["in_features"] = int(torch.Size(shape).numel())
+    elif len(shape) == 3:
+        if shape[0] != 3 or "in_channels" in kwargs:  # recorded only where it differs from RGB's default
+            derived["in_channels"] = shape[0]
+    else:
+        raise KDCacheError(f"student {name!r} is a convolutional network for images, but this task's rows are "
+                           f"vectors of {int(torch.Size(shape).numel())} values; use mlp or another model")
+    for key, value in derived.items():
+        if key in kwargs and int(kwargs[key]) != value:
+            raise KDCacheError(f"student {name!r}: {key}={kwargs[key]} was given, but this task's rows "
+                               f"({'x'.join(map(str, shape))}) need {key}={value}")
+    return {**kwargs, **derived}
+
+
 def build_model(name: str, num_classes: int, *, trust_model_code: bool = False, **kwargs: Any) -> nn.Module:
     """Build an untrained classifier by name: a kdcache name, then a torchvision name, then `module:factory`,
     which imports and runs user code and so needs `trust_model_code`."""
@@ -214,5 +241,5 @@ def build_model(name: str, num_classes: int, *, trust_model_code: bool = False, 
     )
 
 
-__all__ = ["BasicBlock", "CifarResNet", "build_model", "list_models", "mlp", "resnet8", "resnet14", "resnet20",
+__all__ = ["BasicBlock", "CifarResNet", "build_model", "data_kwargs", "list_models", "mlp", "resnet8", "resnet14", "resnet20",
            "resnet32", "resnet44", "resnet56", "resnet110"]

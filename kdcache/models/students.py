@@ -45,9 +45,10 @@ class Student:
 
 
 def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None = None, tokenizer: Any = None,
-                  seed: int = 0, trust_model_code: bool = False) -> Student:
+                  seed: int = 0, trust_model_code: bool = False, sample: Any = None) -> Student:
     """A freshly initialised (seeded) or loaded student with `num_outputs` outputs, or a one-line error saying why not;
-    `trust_model_code` lets a `module:factory` architecture import and run (see kdcache.models.build_model)."""
+    `trust_model_code` lets a `module:factory` architecture import and run (see kdcache.models.build_model).
+    `sample` (one batch of model input) sizes an architecture to the data and refuses a text model on tensors."""
     kwargs = dict(kwargs or {})
     torch.manual_seed(seed)
     path = Path(spec)
@@ -62,10 +63,15 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
     elif "/" in spec or spec.startswith(".") or spec.endswith(".json"):
         raise KDCacheError(f"{spec}: no such student folder or config file")
     else:
-        from kdcache.models.builders import build_model
+        from kdcache.models.builders import build_model, data_kwargs
 
+        kwargs = data_kwargs(spec, kwargs, sample)
         model = build_model(spec, num_outputs, trust_model_code=trust_model_code, **kwargs)
         student = Student(model, spec, "architecture", spec, kwargs)
+    if student.is_huggingface and sample is not None and not isinstance(sample, dict):
+        raise KDCacheError(f"student {spec} is a Hugging Face text model, but this task's rows are "
+                           f"{'images' if sample.dim() == 4 else 'feature vectors'}; use an architecture name "
+                           "(resnet8, mlp, a torchvision model) or a kdcache model folder")
     if tokenizer is not None and student.is_huggingface:
         vocab = getattr(student.model.config, "vocab_size", None)
         if vocab is not None and vocab < len(tokenizer):

@@ -20,6 +20,7 @@ Features, and the flags that control them:
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,12 @@ from kdcache.errors import KDCacheError
 from kdcache.methods import MethodOptions, Run, make_method
 from kdcache.models import build_student
 from kdcache.progress import progress_bar
-from kdcache.runtime import command_line, resolve_device, utc_now
-from kdcache.train.batches import LabelBatches, LogitBatches
+from kdcache.runtime import command_line, process_start_time, resolve_device, utc_now
+from kdcache.train.batches import EpochOrder, TeacherTargets, parse_budget
 from kdcache.train.config import DistillConfig, resolve
 from kdcache.train.evaluation import evaluate
-from kdcache.train.inputs import (RunData, check_student, has_labels, load_dataset_only, load_run_data, probe_batch,
-                                  selection_note)
+from kdcache.train.inputs import (RunData, check_student, has_labels, input_options, load_dataset_only, load_run_data,
+                                  probe_batch, selection_note)
 from kdcache.train.loop import Stepper, on_interrupt, train_epoch
 from kdcache.train.metrics import compute_metrics, primary_metric
 from kdcache.train.optim import build_lr_schedule, build_optimizer
@@ -54,14 +55,16 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if not cfg.resume and not cfg.overwrite and out.exists() and any(out.iterdir()):
         raise KDCacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
 
-    # 1. Data: the cache's own dataset, re-read and checked row by row (or, for `train`, the dataset alone).
+    # 1. Data: the cache's own dataset, each row checked against the cache as it is first decoded (or, for
+    #    `train`, the dataset alone); inputs are decoded by worker processes, batch by batch.
+    reading = input_options(cfg, device)
     if cfg.cache is not None:
         data = load_run_data(cfg.cache, storage_options=cfg.storage_options, data=cfg.data, val_split=cfg.val_split,
-                             device=device)
+                             device=device, options=reading)
     else:
         tokenizer_source = cfg.tokenizer or (cfg.student if Path(cfg.student).is_dir() else None)
         data = load_dataset_only(cfg.task, cfg.data, cfg.data_options, tokenizer_source=tokenizer_source,
-                                 val_split=cfg.val_split, device=device)
+                                 val_split=cfg.val_split, device=device, reading=reading)
     if not has_labels(data.selection.labels, data.kind):
         raise KDCacheError(f"split {data.selection.name!r} has no labels to select the best checkpoint on; "
                            "pass --val-split with a labelled split")
@@ -71,22 +74,26 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     n, batch_size = int(hp["epochs"]), int(hp["batch_size"])
 
     # 3. Student, method, batches, optimiser.
-    student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
-                            seed=cfg.seed, trust_model_code=cfg.trust_model_code)
-    student.model.to(device)
     probe = probe_batch(data.train.inputs)
+    student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
+                            seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe)
+    student.model.to(device)
     check_student(student, probe, data.num_outputs)
+    if cfg.compile:
+        student.model = torch.compile(student.model)
     steps_per_epoch = -(-len(data.train.inputs) // batch_size)
     method.setup(Run(hp, n, steps_per_epoch, cfg.schedule_unit, data.kind, data.train.cache, student, probe,
                      str(cfg.cache)))
-    if data.train.cache is not None:
-        batches: Any = LogitBatches(data.train.cache, batch_size, seed=cfg.seed, device=device, mode=cfg.stream_mode,
-                                    arrays=method.arrays())
+    targets = None
+    if data.train.cache is not None:  # the teacher's targets follow the epoch order (in memory, or by windows)
+        targets = TeacherTargets(data.train.cache, method.arrays(), device=device, mode=cfg.stream_mode,
+                                 budget_bytes=parse_budget(cfg.memory_budget))
+        order = targets.order(batch_size, seed=cfg.seed)
     else:
-        batches = LabelBatches(torch.as_tensor(data.train.labels), batch_size, seed=cfg.seed, device=device)
+        order = EpochOrder(len(data.train.inputs), batch_size, seed=cfg.seed)
     trainable = torch.nn.ModuleList([student.model, *filter(None, [method.modules()])])
     optimizer = build_optimizer(hp["optimizer"], trainable, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]),
-                                momentum=float(hp["momentum"]))
+                                momentum=float(hp["momentum"]), compiling=cfg.compile)
     total_steps = n * steps_per_epoch
     scheduler = build_lr_schedule(hp["lr_schedule"], optimizer, total_steps=total_steps,
                                   warmup_steps=int(round(float(hp["warmup_ratio"]) * total_steps)))
@@ -104,7 +111,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     # 5. The loop: one epoch of minibatches, an evaluation, the checkpoints.
     teacher_val = _teacher_metrics(data, method.teacher_array)
-    _run_epochs(cfg, stepper, batches, data, run_dir, progress, n)
+    _run_epochs(cfg, stepper, (order, targets), data, run_dir, progress, n)
 
     # 6. The summary.
     summary = _summary(cfg, stepper, data, run_dir, progress, hp, preset, n, teacher_val, device)
@@ -112,26 +119,29 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     return summary
 
 
-def _run_epochs(cfg: DistillConfig, stepper: Stepper, batches: Any, data: RunData, run_dir: RunDir,
+def _run_epochs(cfg: DistillConfig, stepper: Stepper, feed: tuple[Any, Any], data: RunData, run_dir: RunDir,
                 progress: dict[str, Any], n: int) -> None:
     """Epochs after the last saved one: train, evaluate, record, keep the best, save last.pt."""
+    order, targets = feed
     totals, wall_start = progress["totals"], time.perf_counter()
     wall_before, first = totals["wall_seconds"], progress["epoch"] + 1
     current = {"epoch": first}
     label = f"{stepper.method.display_name(data.kind)} {stepper.student.spec}"
     with progress_bar(cfg.progress) as bar, run_dir.writes(), \
             on_interrupt(str(run_dir.last), lambda: current["epoch"], n):
-        task = bar.add_task(label, total=n * len(batches), completed=(first - 1) * len(batches), rate="")
+        task = bar.add_task(label, total=n * len(order), completed=(first - 1) * len(order), rate="")
         for epoch in range(first, n + 1):
             current["epoch"] = epoch
             started = time.perf_counter()
-            result = train_epoch(stepper, batches, data.train.inputs, epoch, progress["step"], lambda loss: bar.update(
-                task, advance=1, rate=f"epoch {epoch}/{n} loss {loss:.4f}"))
+            result = train_epoch(stepper, order, targets, data.train.inputs, epoch, progress["step"],
+                                 on_step=_bar(bar, task, epoch, n), log_every=cfg.log_every,
+                                 max_steps=cfg.max_steps, on_batch=lambda: _started(progress))
             seconds = time.perf_counter() - started
             totals["train_seconds"] += seconds
             totals["train_samples"] += result.rows
             scores = evaluate(stepper.student, data.selection.inputs, data.selection.labels, task=data.task,
-                              kind=data.kind, device=stepper.device, precision=cfg.precision)
+                              kind=data.kind, device=stepper.device, precision=cfg.precision,
+                              batch_size=order.batch_size)  # a batch that trains fits in evaluation
             run_dir.append_metrics({
                 "epoch": epoch, "loss": result.loss, **result.values, "lr": result.lr,
                 "metric_name": primary_metric(data.task, data.kind), **{k: v for k, v in scores.items() if k != "rows"},
@@ -147,11 +157,34 @@ def _run_epochs(cfg: DistillConfig, stepper: Stepper, batches: Any, data: RunDat
                             {"epoch": epoch, "metric": scores["metric"]})
             progress.update(epoch=epoch, step=result.step)
             totals["wall_seconds"] = wall_before + time.perf_counter() - wall_start
-            run_dir.save_state(_snapshot(stepper, progress))
+            if not result.stopped:  # a run cut by --max-steps inside an epoch keeps no last.pt to resume from
+                run_dir.save_state(_snapshot(stepper, progress))
             if improved:  # after last.pt, so a resume can always tell whether best/ is up to date
                 _save_model(run_dir, data, stepper, run_dir.out / "best", {"epoch": epoch})
-            if cfg.stop_after_epoch is not None and cfg.stop_after_epoch <= epoch < n:
+            if result.stopped or (cfg.stop_after_epoch is not None and cfg.stop_after_epoch <= epoch < n):
                 break
+
+
+def _started(progress: dict[str, Any]) -> None:
+    """Start-up, once per process: from its start to the first optimiser step's beginning (the batch decoded and
+    on the device; the step's own compute, which depends on the model, is not start-up)."""
+    if "startup_seconds" not in progress:
+        progress["startup_seconds"] = round(time.time() - process_start_time(), 3)
+
+
+def _bar(bar: Any, task: Any, epoch: int, n: int) -> Any:
+    """The progress bar's view of each step: it advances every step but reads the loss (a wait for the device)
+    only a few times a second."""
+    last = {"read": 0.0}
+
+    def on_step(loss: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if now - last["read"] > 0.25:
+            last["read"] = now
+            bar.update(task, advance=1, rate=f"epoch {epoch}/{n} loss {float(loss.detach()):.4f}")
+        else:
+            bar.update(task, advance=1)
+    return on_step
 
 
 def _snapshot(s: Stepper, progress: dict[str, Any]) -> dict[str, Any]:
@@ -181,11 +214,15 @@ def _save_model(run_dir: RunDir, data: RunData, s: Stepper, directory: Path, ext
 
 def _identity(cfg: DistillConfig, hp: dict, preset: str, data: RunData, method: Any) -> dict[str, Any]:
     """What makes two runs the same run: config, resolved hyper-parameters, teacher and data digests."""
-    import json
 
     cache = data.train.cache
-    digest = ((cache.split_attrs.get("dataset") or {}).get("digest") if cache is not None
-              else hashlib.sha256(data.train.inputs.fingerprints.tobytes()).hexdigest())
+    if cache is not None:
+        digest = (cache.split_attrs.get("dataset") or {}).get("digest")
+    else:  # `train` decodes nothing before it starts: the data is named by what it is read with and its labels
+        split = data.train.inputs.split
+        described = json.dumps({"task": split.task, "rows": len(split), "preprocess": split.preprocess},
+                               sort_keys=True, default=str)
+        digest = hashlib.sha256(described.encode() + np.ascontiguousarray(data.train.labels).tobytes()).hexdigest()
     sources = method.identity() if cache is not None else {}
     identity = {"identity_version": IDENTITY_VERSION, "config": cfg.identity(), "hyperparameters": hp, "preset": preset,
                 "teacher_sha256": data.teacher.get("sha256"), "data_digest": digest,
@@ -218,6 +255,7 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
         "validation_split": data.selection.name, "selection_note": selection_note(data.selection.name),
         "teacher_array": s.method.teacher_array if data.train.cache is not None else None,
         **s.method.describe(), "hyperparameters": hp, "device": str(device), "finished": utc_now(),
+        "startup_seconds": progress.get("startup_seconds"), "max_steps": cfg.max_steps,
     }
 
 

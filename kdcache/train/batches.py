@@ -1,38 +1,44 @@
-"""Feeds cached teacher logits to a training loop, batch by batch, without ever making it wait for the disk.
+"""The rows of each epoch, and the teacher's targets for them, without ever making a training loop wait for storage.
 
-For each minibatch `LogitBatches.epoch(e)` yields `(rows, teacher_logits, labels)`: `rows` are positions in
-the split (on the CPU, to fetch the matching inputs: row r of the cache is row r of the dataset split), the
-others live on the training device, logits as float32. A cache may hold further float arrays of the same rows
-(teacher checkpoints, hidden-state projections): `arrays=` names those to serve, and `epoch(e, arrays=...)`
-picks some of them for one epoch; with one array the second element is its tensor, with several a dict
-name -> tensor, every array cut from the very same rows. The order depends only on (seed, epoch), so a resumed
-run replays exactly the epoch it stopped in. Two ways to read, chosen by size (`mode="auto"`):
+An epoch's order is decided before its first step, from (seed, epoch) alone (`EpochOrder`), so the student's
+inputs (decoded by a DataLoader, kdcache/train/inputs.py) and the teacher's targets (`TeacherTargets`) follow
+the very same rows, and a resumed run replays exactly the epoch it stopped in. Two ways to hold the targets,
+chosen by size against a host-memory budget (`mode="auto"`, default a quarter of this machine's RAM):
 
-- memory: both arrays are read once, in one Zarr read each, and kept as tensors on the device; each epoch is
-  a `torch.randperm` seeded from (seed, epoch), and batches are gathered on the device.
-- chunks: for caches larger than memory. Each epoch shuffles the order of the stored chunks, reads
-  `buffer_chunks` of them at a time into a buffer, shuffles rows within it and cuts batches from it. A
-  background thread reads the next buffer while the current one is consumed (at most two buffers ahead: one
-  ready, one being read); its errors, e.g. a checksum failure (a KDCacheError naming the chunk file), are
-  re-raised in the training loop. Rows left over at the end of a buffer are carried into the next, so every
-  batch is full except perhaps the last, exactly as in memory mode. Shuffling is therefore local (within
-  `buffer_chunks` chunks) but every row still comes exactly once per epoch.
+- memory: every target array of the split is read once (one Zarr read, chunks fetched concurrently) and kept,
+  on the GPU when training there, else in host memory; each epoch is a full shuffle (`torch.randperm` seeded
+  from (seed, epoch)) and a batch is a gather.
+- chunks: for caches larger than the budget. Each epoch shuffles the order of the stored chunks, takes them in
+  windows of as many chunks as half the budget holds (two windows are in memory: one being read ahead on a
+  thread, one in use), shuffles the rows within each window and cuts batches from the windows in turn. With a
+  window of W chunks, a batch mixes rows from up to W chunks (docs/benchmarks.md measures the classes per
+  batch on a class-sorted split). A read error (e.g. a checksum failure, a KDCacheError naming the chunk file)
+  is re-raised in the training loop.
+
+`LogitBatches` puts the two together for loops (and tests) that want (rows, targets, labels) per batch;
+`LabelBatches` is the order alone, for `kdcache train`.
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import re
 import threading
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from kdcache.cache.reader import TeacherCache
+from kdcache.errors import KDCacheError
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, Any, torch.Tensor]
 MODES = ("auto", "memory", "chunks")
+#: The default host-memory budget for a split's teacher targets, as a share of this machine's RAM.
+DEFAULT_BUDGET_SHARE = 0.25
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -40,117 +46,177 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-class LogitBatches:
-    """Minibatches of (rows, teacher logits, labels) of one cache split, reproducible per (seed, epoch)."""
+def total_memory() -> int:
+    """This machine's RAM in bytes (what the default budget is a share of)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
 
-    def __init__(
-        self,
-        cache: TeacherCache,
-        batch_size: int,
-        *,
-        seed: int,
-        device: torch.device | str = "cpu",
-        mode: str = "auto",
-        memory_limit_bytes: int = 2 * 1024**3,
-        buffer_chunks: int = 8,
-        drop_last: bool = False,
-        shuffle: bool = True,
-        arrays: tuple[str, ...] = ("logits",),
-    ) -> None:
-        if batch_size < 1 or buffer_chunks < 1:
-            raise ValueError("batch_size and buffer_chunks must be at least 1")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+
+def parse_budget(spec: str | float | int | None) -> int:
+    """A memory budget as bytes: a share of RAM (`0.25`), or a size (`512MiB`, `4GiB`, `2e9`)."""
+    if spec is None:
+        return int(DEFAULT_BUDGET_SHARE * total_memory())
+    if isinstance(spec, (int, float)):
+        value = float(spec)
+        return int(value * total_memory()) if 0 < value <= 1 else int(value)
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", str(spec))
+    if not match:
+        raise KDCacheError(f"--memory-budget {spec!r}: expected a share of RAM (0.25) or a size (512MiB, 4GiB)")
+    value, unit = float(match.group(1)), (match.group(2) or "").upper()
+    scale = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 1024, "MIB": 1024**2,
+             "GIB": 1024**3, "TIB": 1024**4}[unit]
+    if unit == "" and 0 < value <= 1:
+        return int(value * total_memory())
+    return int(value * scale)
+
+
+@dataclass
+class EpochPlan:
+    """One epoch's order: its batches of row positions and, in chunk mode, the windows they are cut from."""
+
+    batches: list[np.ndarray]
+    windows: list[tuple[np.ndarray, np.ndarray]] | None = None  # (chunk numbers, row permutation within them)
+
+
+class EpochOrder:
+    """The batches of each epoch as row positions, fixed by (seed, epoch): a full shuffle, or windows of chunks
+    (`window_chunks` chunks of `chunk_rows` rows) shuffled within, for targets streamed chunk by chunk."""
+
+    def __init__(self, rows: int, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = False,
+                 chunk_rows: int | None = None, window_chunks: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         if seed < 0:
             raise ValueError("seed must be non-negative")
-        self.cache, self.batch_size, self.seed = cache, batch_size, seed
-        self.device = torch.device(device)
-        self.buffer_chunks, self.drop_last, self.shuffle = buffer_chunks, drop_last, shuffle
-        self.rows = len(cache)
-        self.chunk_rows = int(cache.logits.chunks[0])
-        self.arrays = tuple(arrays)
-        if not self.arrays:
-            raise ValueError("arrays must name at least one float array")
-        for name in self.arrays:
-            if name not in cache.arrays:
-                cache.read(name, 0, 0)  # raises the one-line error naming the arrays the split has
-        if mode == "auto":
-            size = sum(cache.arrays[name].nbytes for name in self.arrays) + cache.labels.nbytes
-            mode = "memory" if size <= memory_limit_bytes else "chunks"
-        self.mode = mode
-        if mode == "memory":
-            # upload as stored (float16 halves the transfer), convert on the device
-            # checked reads: a damaged or missing chunk is a one-line error naming its file (TeacherCache.read)
-            self._floats = {name: torch.from_numpy(cache.read(name)).to(self.device).float() for name in self.arrays}
-            self._labels = torch.from_numpy(cache.read("labels")).to(self.device)
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.chunk_rows, self.window_chunks = chunk_rows, window_chunks
 
     def __len__(self) -> int:
         """Batches per epoch."""
         full, rest = divmod(self.rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def epoch(self, e: int, arrays: tuple[str, ...] | None = None) -> Iterator[Batch]:
-        """The batches of epoch `e`, in an order fixed by (seed, e) whatever `arrays` are picked."""
+    def plan(self, epoch: int) -> EpochPlan:
+        if self.window_chunks is None:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+                order = torch.randperm(self.rows, generator=generator).numpy()
+            else:
+                order = np.arange(self.rows)
+            return EpochPlan(self._cut(order))
+        rng = np.random.default_rng(epoch_seed(self.seed, epoch))
+        nchunks = -(-self.rows // self.chunk_rows)
+        chunks = rng.permutation(nchunks) if self.shuffle else np.arange(nchunks)
+        windows = []
+        for i in range(0, nchunks, self.window_chunks):
+            group = chunks[i:i + self.window_chunks]
+            size = sum(min((c + 1) * self.chunk_rows, self.rows) - c * self.chunk_rows for c in group)
+            windows.append((group, rng.permutation(size) if self.shuffle else np.arange(size)))
+        order = np.concatenate([_window_rows(g, self.chunk_rows, self.rows)[p] for g, p in windows])
+        return EpochPlan(self._cut(order), windows)
+
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        stop = len(self) * self.batch_size
+        return [order[a:min(a + self.batch_size, stop, len(order))] for a in range(0, stop, self.batch_size)]
+
+
+def _window_rows(chunks: np.ndarray, chunk_rows: int, rows: int) -> np.ndarray:
+    return np.concatenate([np.arange(c * chunk_rows, min((c + 1) * chunk_rows, rows)) for c in chunks])
+
+
+class TeacherTargets:
+    """A split's teacher arrays (and labels, and fingerprints) served by row: see the module docstring."""
+
+    def __init__(self, cache: TeacherCache, arrays: tuple[str, ...] = ("logits",), *,
+                 device: torch.device | str = "cpu", mode: str = "auto", budget_bytes: int | None = None,
+                 window_chunks: int | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.cache, self.arrays, self.device = cache, tuple(arrays), torch.device(device)
+        if not self.arrays:
+            raise ValueError("arrays must name at least one float array")
+        for name in self.arrays:
+            if name not in cache.arrays:
+                cache.read(name, 0, 0)  # raises the one-line error naming the arrays the split has
+        self.rows, self.chunk_rows = len(cache), cache.chunk_rows
+        budget = parse_budget(budget_bytes) if budget_bytes is None else int(budget_bytes)
+        split_bytes = sum(cache.arrays[n].nbytes for n in self.arrays) + cache.labels.nbytes
+        if mode == "auto":
+            mode = "memory" if split_bytes <= budget else "chunks"
+        self.mode = mode
+        if mode == "chunks":
+            chunk_bytes = max(1, split_bytes // max(1, -(-self.rows // self.chunk_rows)))
+            fits = window_chunks if window_chunks is not None else budget // 2 // chunk_bytes
+            if fits < 1:
+                raise KDCacheError(f"a memory budget of {budget:,} bytes holds no chunk of {cache.path}/{cache.split} "
+                                   f"(two windows of at least {chunk_bytes:,} bytes each are needed); raise "
+                                   "--memory-budget")
+            self.window_chunks = int(fits)
+        else:
+            self.window_chunks = None
+            # upload as stored (float16 halves the transfer), convert on the device; every read is checked
+            keep = self.device if self.device.type == "cuda" else torch.device("cpu")
+            self._floats = {n: torch.from_numpy(cache.read(n)).to(keep) for n in self.arrays}  # as stored
+            self._labels = torch.from_numpy(cache.read("labels")).to(keep)
+
+    def order(self, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = False) -> EpochOrder:
+        """The epoch order these targets can serve (windows of chunks in chunk mode)."""
+        return EpochOrder(self.rows, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                          chunk_rows=self.chunk_rows, window_chunks=self.window_chunks)
+
+    def epoch(self, plan: EpochPlan, arrays: tuple[str, ...] | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
+        """(targets, labels) on the device for each batch of `plan`: one tensor with one array, else a dict."""
         picked = tuple(arrays) if arrays is not None else self.arrays
         unknown = [name for name in picked if name not in self.arrays]
         if unknown or not picked:
             raise ValueError(f"arrays {unknown or picked} are not among those served ({', '.join(self.arrays)})")
-        batches = self._memory_epoch(e, picked) if self.mode == "memory" else self._chunk_epoch(e, picked)
-        for rows, floats, labels in batches:
-            yield rows, (floats[0] if len(picked) == 1 else dict(zip(picked, floats))), labels
+        parts = self._memory(plan, picked) if self.window_chunks is None else self._streamed(plan, picked)
+        for floats, labels in parts:
+            yield (floats[0] if len(picked) == 1 else dict(zip(picked, floats))), labels
 
-    def _memory_epoch(self, e: int, picked: tuple[str, ...]) -> Iterator[tuple]:
-        if self.shuffle:
-            order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(epoch_seed(self.seed, e)))
-        else:
-            order = torch.arange(self.rows)
-        on_device = order.to(self.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = on_device[start : start + self.batch_size]
-            yield order[start : start + self.batch_size], [self._floats[n][idx] for n in picked], self._labels[idx]
+    def _memory(self, plan: EpochPlan, picked: tuple[str, ...]) -> Iterator[tuple[list, torch.Tensor]]:
+        for rows in plan.batches:
+            index = torch.from_numpy(rows).to(self._labels.device)
+            floats = [self._floats[n][index].to(self.device, non_blocking=True).float() for n in picked]
+            yield floats, self._labels[index].to(self.device, non_blocking=True)
 
-    def _chunk_epoch(self, e: int, picked: tuple[str, ...]) -> Iterator[tuple]:
-        rng = np.random.default_rng(epoch_seed(self.seed, e))
-        nchunks = -(-self.rows // self.chunk_rows)
-        chunks = rng.permutation(nchunks) if self.shuffle else np.arange(nchunks)
-        groups = [chunks[i : i + self.buffer_chunks] for i in range(0, nchunks, self.buffer_chunks)]
+    def _streamed(self, plan: EpochPlan, picked: tuple[str, ...]) -> Iterator[tuple[list, torch.Tensor]]:
         carry: list | None = None
-        read = lambda group, r: self._read_buffer(group, r, picked)  # noqa: E731
-        for rows, floats, labels in _prefetch(read, groups, rng if self.shuffle else None):
-            # upload as stored (from pinned memory, asynchronously), convert on the device
-            to = self.device
-            buffer = [rows, *(f.to(to, non_blocking=True).float() for f in floats), labels.to(to, non_blocking=True)]
+        sizes = iter(len(rows) for rows in plan.batches)
+        want = next(sizes, None)
+        for buffer in _prefetch(lambda window: self._read_window(window, picked), plan.windows or []):
+            buffer = [t.to(self.device, non_blocking=True) for t in buffer]
+            buffer[:-1] = [t.float() for t in buffer[:-1]]
             if carry is not None:
                 buffer = [torch.cat(pair) for pair in zip(carry, buffer)]
-            full = len(buffer[0]) - len(buffer[0]) % self.batch_size
-            for start in range(0, full, self.batch_size):
-                cut = [t[start : start + self.batch_size] for t in buffer]
-                yield cut[0], cut[1:-1], cut[-1]
-            carry = [t[full:] for t in buffer] if full < len(buffer[0]) else None
-        if carry is not None and not self.drop_last:
-            yield carry[0], carry[1:-1], carry[-1]
+            start = 0
+            while want is not None and start + want <= len(buffer[-1]):
+                yield [t[start:start + want] for t in buffer[:-1]], buffer[-1][start:start + want]
+                start += want
+                want = next(sizes, None)
+            carry = [t[start:] for t in buffer] if start < len(buffer[-1]) else None
+        if want is not None and carry is not None:  # the short last batch (unless it was dropped)
+            yield [t[:want] for t in carry[:-1]], carry[-1][:want]
 
-    def _read_buffer(self, chunks: np.ndarray, rng: np.random.Generator | None, picked: tuple[str, ...]) -> tuple:
-        """Runs on the prefetch thread: read whole chunks, shuffle their rows, pin them for a fast upload."""
-        spans = [(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.rows)) for c in chunks]
-        rows = np.concatenate([np.arange(a, b) for a, b in spans])
-        floats = [np.concatenate([self.cache.read(name, a, b) for a, b in spans]) for name in picked]
-        labels = np.concatenate([self.cache.read("labels", a, b) for a, b in spans])
-        if rng is not None:
-            perm = rng.permutation(len(rows))
-            rows, floats, labels = rows[perm], [f[perm] for f in floats], labels[perm]
-        rows, labels = torch.from_numpy(np.ascontiguousarray(rows)), torch.from_numpy(np.ascontiguousarray(labels))
-        floats = [torch.from_numpy(np.ascontiguousarray(f)) for f in floats]
+    def _read_window(self, window: tuple[np.ndarray, np.ndarray], picked: tuple[str, ...]) -> list[torch.Tensor]:
+        """Runs on the prefetch thread: read whole chunks (checked), put their rows in the window's order."""
+        chunks, perm = window
+        spans = [(int(c) * self.chunk_rows, min((int(c) + 1) * self.chunk_rows, self.rows)) for c in chunks]
+        parts = [np.concatenate([self.cache.read(n, a, b) for a, b in spans])[perm] for n in (*picked, "labels")]
+        tensors = [torch.from_numpy(np.ascontiguousarray(p)) for p in parts]
         if self.device.type == "cuda":  # pinned host memory makes the non_blocking upload truly asynchronous
-            floats, labels = [f.pin_memory() for f in floats], labels.pin_memory()
-        return rows, floats, labels
+            tensors = [t.pin_memory() for t in tensors]
+        return tensors
 
 
 _DONE = object()
 
 
-def _prefetch(read, groups: list, rng) -> Iterator[Batch]:
-    """Yield `read(group, rng)` for each group, computed one step ahead on a thread; re-raise its errors here."""
+def _prefetch(read, items: list) -> Iterator[Any]:
+    """Yield `read(item)` for each item, computed one step ahead on a thread; re-raise its errors here."""
     ready: queue.Queue = queue.Queue(maxsize=1)  # one buffer ready + one being read = two in flight
     stop = threading.Event()
 
@@ -165,8 +231,8 @@ def _prefetch(read, groups: list, rng) -> Iterator[Batch]:
 
     def work() -> None:
         try:
-            for group in groups:  # in order, so the rng (and thus the epoch) is deterministic
-                if not put(read(group, rng)):
+            for item in items:
+                if not put(read(item)):
                     return
             put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -184,21 +250,43 @@ def _prefetch(read, groups: list, rng) -> Iterator[Batch]:
         thread.join()
 
 
+class LogitBatches:
+    """Minibatches of (rows, teacher targets, labels) of one cache split, reproducible per (seed, epoch)."""
+
+    def __init__(self, cache: TeacherCache, batch_size: int, *, seed: int, device: torch.device | str = "cpu",
+                 mode: str = "auto", memory_limit_bytes: int | None = None, buffer_chunks: int | None = None,
+                 drop_last: bool = False, shuffle: bool = True, arrays: tuple[str, ...] = ("logits",)) -> None:
+        if batch_size < 1 or (buffer_chunks is not None and buffer_chunks < 1):
+            raise ValueError("batch_size and buffer_chunks must be at least 1")
+        self.targets = TeacherTargets(cache, arrays, device=device, mode=mode, budget_bytes=memory_limit_bytes,
+                                      window_chunks=buffer_chunks)
+        self.mode, self.arrays, self.cache = self.targets.mode, self.targets.arrays, cache
+        self.order = self.targets.order(batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def epoch(self, e: int, arrays: tuple[str, ...] | None = None) -> Iterator[Batch]:
+        """The batches of epoch `e`, in an order fixed by (seed, e) whatever `arrays` are picked."""
+        plan = self.order.plan(e)
+        for rows, (targets, labels) in zip(plan.batches, self.targets.epoch(plan, arrays)):
+            yield torch.from_numpy(rows), targets, labels
+
+
 class LabelBatches:
     """Shuffled minibatches of (rows, None, labels) without a cache: `kdcache train`'s twin of LogitBatches."""
 
     def __init__(self, labels: torch.Tensor, batch_size: int, *, seed: int, device: torch.device) -> None:
-        self.labels, self.batch_size, self.seed = labels.to(device), batch_size, seed
-        self.rows = len(labels)
+        self.labels = labels.to(device)
+        self.order = EpochOrder(len(labels), batch_size, seed=seed)
 
     def __len__(self) -> int:
-        return -(-self.rows // self.batch_size)
+        return len(self.order)
 
     def epoch(self, e: int, arrays: tuple[str, ...] | None = None) -> Iterator[tuple[torch.Tensor, None, torch.Tensor]]:
         """The batches of epoch `e` (no teacher arrays: `arrays` must be empty)."""
-        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(epoch_seed(self.seed, e)))
-        for start in range(0, self.rows, self.batch_size):
-            rows = order[start : start + self.batch_size]
+        for rows in self.order.plan(e).batches:
+            rows = torch.from_numpy(rows)
             yield rows, None, self.labels[rows.to(self.labels.device)]
 
 
@@ -211,3 +299,7 @@ def read_throughput(cache: TeacherCache, batch_size: int, mode: str, device: tor
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     return len(cache) / (time.perf_counter() - start)
+
+
+__all__ = ["EpochOrder", "EpochPlan", "LabelBatches", "LogitBatches", "MODES", "TeacherTargets", "epoch_seed",
+           "parse_budget", "read_throughput", "total_memory"]

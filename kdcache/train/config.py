@@ -32,9 +32,10 @@ HYPERPARAMETERS = ("epochs", "t_max", "margin", "psi", "alpha", "temperature", "
 #: Fields that do not change what a run computes: a resume may differ in these. Paths are left out too: the cache
 #: and data are identified by their digests, so a moved run or cache resumes.
 NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
-                "trust_model_code", "storage_options")
+                "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
+                "log_every", "max_steps", "compile")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
-OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map")
+OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment")
 
 
 @dataclass
@@ -85,6 +86,14 @@ class DistillConfig:
     command: str | None = None
     trust_model_code: bool = False  # let a module:factory student (flag or model folder) import and run
     storage_options: dict[str, Any] = field(default_factory=dict)  # for a cache named by an fsspec URL
+    augment: str | None = None  # random views of training images: cifar | imagenet (docs/methods.md)
+    num_workers: int | None = None  # DataLoader worker processes decoding inputs (None: by modality and device)
+    memory_budget: str | None = None  # host memory for the teacher's targets (a share of RAM or a size)
+    keep_inputs: str | None = None  # decoded inputs kept after the first epoch while they fit this size
+    check_first: bool = False  # compare every row with the cache before training, not as rows are decoded
+    log_every: int = 0  # read the loss back (and check it) every N steps; 0: once per epoch
+    max_steps: int | None = None  # stop after N optimiser steps (evaluating once): smoke runs and benchmarks
+    compile: bool = False  # torch.compile the student
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what the run computes, as plain JSON values."""

@@ -1,88 +1,228 @@
 """The student's inputs by row, and the proof that they are the rows the teacher saw.
 
-Row r of a cache split is row r of the dataset split: `StudentInputs` fetches a batch of model inputs by row
-position, and `check_alignment` refuses to train unless every re-read row has the cached fingerprint and label.
+Row r of a cache split is row r of the dataset split. `StudentInputs` decodes the rows of each batch when they
+are needed (in DataLoader worker processes with `workers`, pinned for the GPU, a few batches ahead), never the
+whole split at once; a split whose decoded inputs fit `keep_bytes` is kept decoded after its first epoch (on the
+GPU when training there), an optimisation, not a requirement. Every row is compared with the cache as it is
+decoded the first time (`RowCheck`: its fingerprint and its label), so an epoch proves the data is the teacher's
+without a separate pass; `check_alignment` is that pass, for `--check-first`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from kdcache.data.base import Batch, SplitData
-from kdcache.errors import KDCacheError
+from kdcache.data.augment import augment
+from kdcache.data.base import Batch, SplitData, row_labels
+from kdcache.errors import KDCacheError, SplitMissing
 from kdcache.fingerprint import labels_equal
 
-class StudentInputs:
-    """The model inputs of one split, fetched by row: the student sees row r of the cache as row r of the data.
+#: Decoded inputs of a split are kept (after their first decode) while they take at most this many bytes.
+DEFAULT_KEEP_BYTES = 2 * 1024**3
 
-    Images and feature vectors are decoded once and kept as one uint8/float tensor (on the training device when
-    it is a GPU, so a batch is a gather); tokenised text keeps its rows and pads each batch to its longest row.
-    Reading the split once also collects every row's fingerprint and label, for the alignment check.
-    """
 
-    def __init__(self, split: SplitData, device: torch.device, *, decode_batch: int = 512) -> None:
-        self.split, self.device = split, device
-        # text rows are kept as items; read them once and collate those (not the dataset a second time)
-        items = [split.dataset[i] for i in range(len(split.dataset))] if split.modality == "text" else None
-        loader = torch.utils.data.DataLoader(items if items is not None else split.dataset, batch_size=decode_batch,
-                                             shuffle=False, collate_fn=split.collate, num_workers=0)
-        fingerprints, labels, inputs = [], [], []
-        for batch in loader:
-            fingerprints.append(np.asarray(batch.fingerprint, dtype=np.uint64))
-            labels.append(batch.labels)
-            if split.modality != "text":
-                inputs.append(batch.inputs)
-        self.fingerprints = np.concatenate(fingerprints) if fingerprints else np.zeros(0, np.uint64)
-        self.labels = torch.cat(labels) if labels else torch.zeros(0)
-        self._items = items
-        self._inputs = None
-        if items is None and inputs:
-            self._inputs = torch.cat(inputs).to(device if device.type == "cuda" else "cpu")
+class RowCheck:
+    """The cache's fingerprints and labels of a split, against which every decoded row is compared once."""
+
+    def __init__(self, cache: Any, source: str) -> None:
+        self.cache, self.source = cache, source
+        self.where = f"{cache.path}/{cache.split}"
+        self.fingerprints = np.asarray(cache.read("fingerprint"), dtype=np.uint64)  # checked reads
+        self.labels = cache.read("labels")
+        self.seen = np.zeros(len(self.fingerprints), dtype=bool)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.seen.all())
+
+    def __call__(self, rows: np.ndarray, batch: Batch) -> None:
+        """Refuse the batch unless its rows have the cached fingerprints and labels (the first bad row named)."""
+        fresh = np.asarray(batch.fingerprint, dtype=np.uint64)
+        bad = np.flatnonzero(fresh != self.fingerprints[rows])
+        if len(bad):
+            row = int(rows[bad[0]])
+            raise KDCacheError(f"{self.source}: row {row} (source index {self._index(row)}) does not match the cache "
+                               f"{self.where} (fingerprint {int(fresh[bad[0]]):016x} vs {int(self.fingerprints[row]):016x}); "
+                               "the data changed since the teacher was cached")
+        labels = batch.labels.numpy().astype(self.labels.dtype)
+        wrong = np.flatnonzero(~labels_equal(self.labels[rows], labels))
+        if len(wrong):
+            row = int(rows[wrong[0]])
+            raise KDCacheError(f"{self.source}: row {row} (source index {self._index(row)}) has label "
+                               f"{labels[wrong[0]]} but the cache {self.where} holds {self.labels[row]}; the labels "
+                               "changed since the teacher was cached")
+        self.seen[rows] = True
+
+    def _index(self, row: int) -> int:
+        return int(self.cache.read("index", row, row + 1)[0])
+
+
+class _Rows(torch.utils.data.Sampler):
+    """A fixed list of batches of row positions, as a DataLoader batch sampler."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (rows.tolist() for rows in self.batches)
 
     def __len__(self) -> int:
-        return len(self.fingerprints)
-
-    def batch(self, rows: torch.Tensor) -> Any:
-        """Model input for these rows (CPU row positions), on the training device."""
-        if self._items is not None:
-            return self.split.prepare(self.split.collate([self._items[int(r)] for r in rows]), self.device)
-        index = rows.to(self._inputs.device)
-        batch = Batch(inputs=self._inputs[index], labels=self.labels[rows], index=rows, fingerprint=None)
-        return self.split.prepare(batch, self.device)
+        return len(self.batches)
 
 
-def check_alignment(inputs: StudentInputs, cache: Any, source: str) -> None:
-    """Refuse to train unless the data re-read now is, row for row, the data the teacher saw: the same inputs (by
-    fingerprint) with the same labels (a relabelled row would silently teach the student another answer)."""
+class StudentInputs:
+    """Model inputs of one split by row (see the module docstring)."""
+
+    def __init__(self, split: SplitData, device: torch.device, *, workers: int = 0,
+                 keep_bytes: int = DEFAULT_KEEP_BYTES, augment: str | None = None, seed: int = 0,
+                 check: RowCheck | None = None) -> None:
+        self.split, self.device, self.workers = split, device, workers
+        self.keep_bytes, self.augment, self.seed, self.check = keep_bytes, augment, seed, check
+        self.labels = row_labels(split.dataset)  # every row's label, without decoding a row
+        self._kept: torch.Tensor | None = None  # decoded inputs, filled as rows are first decoded
+        self._filled = np.zeros(len(split), dtype=bool) if split.modality != "text" else None
+        self._keep = split.modality != "text"
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row is kept decoded (later epochs need no decoding at all)."""
+        return self._kept is not None and bool(self._filled.all())
+
+    def batch(self, rows: torch.Tensor | np.ndarray) -> Any:
+        """Model input for these rows, decoded in this process (for probes; unchecked, never augmented)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.split.prepare(self.split.collate([self.split.dataset[int(r)] for r in rows]), self.device)
+
+    def epoch(self, batches: list[np.ndarray], *, epoch: int = 0, train: bool = False) -> Iterator[tuple]:
+        """(rows, model input on the device, labels) for each batch of row positions, in the order given;
+        training batches of images get this run's random views (`augment`), fixed by (seed, epoch)."""
+        generator = None
+        if train and self.augment:
+            generator = torch.Generator(self.device).manual_seed(_epoch_seed(self.seed + 1, epoch))
+        for rows, batch in self._decoded(batches):
+            if generator is not None:
+                batch = Batch(augment(batch.inputs.to(self.device, non_blocking=True), self.augment, generator),
+                              batch.labels, batch.index, batch.fingerprint)
+            yield rows, self.split.prepare(batch, self.device), batch.labels
+
+    def _decoded(self, batches: list[np.ndarray], *, fresh: bool = False) -> Iterator[tuple[np.ndarray, Batch]]:
+        """Decoded batches: gathered from the kept inputs once they are complete (unless `fresh`), else decoded."""
+        if self.complete and not fresh:
+            for rows in batches:
+                index = torch.from_numpy(rows)
+                yield rows, Batch(self._kept[index.to(self._kept.device)], torch.from_numpy(self.labels[rows]),
+                                  index, None)
+            return
+        loader = torch.utils.data.DataLoader(
+            self.split.dataset, batch_sampler=_Rows(batches), collate_fn=self.split.collate,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None)
+        for rows, batch in zip(batches, loader):
+            if self.check is not None and not self.check.done:
+                self.check(rows, batch)
+            self._remember(rows, batch)
+            yield rows, batch
+
+    def _remember(self, rows: np.ndarray, batch: Batch) -> None:
+        """Keep decoded inputs while the whole split fits `keep_bytes` (allocated at the first batch)."""
+        if not self._keep or not isinstance(batch.inputs, torch.Tensor):
+            return
+        if self._kept is None:
+            shape = (len(self.split), *batch.inputs.shape[1:])
+            size = int(np.prod(shape)) * batch.inputs.element_size()
+            if size > self.keep_bytes:
+                self._keep = False
+                return
+            where = self.device if self.device.type == "cuda" else torch.device("cpu")
+            self._kept = torch.empty(shape, dtype=batch.inputs.dtype, device=where)
+        if batch.inputs.shape[1:] != self._kept.shape[1:]:
+            self._keep, self._kept = False, None  # rows of different shapes: nothing to gather into
+            return
+        self._kept[torch.from_numpy(rows).to(self._kept.device)] = batch.inputs.to(self._kept.device)
+        self._filled[rows] = True
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    from kdcache.train.batches import epoch_seed
+
+    return epoch_seed(seed, epoch)
+
+
+def check_alignment(inputs: StudentInputs, cache: Any, source: str, batch_size: int = 512) -> None:
+    """The whole split compared with the cache before training (`--check-first`): every re-read row must have the
+    cached fingerprint and label (a relabelled row would silently teach the student another answer). Decoding
+    also fills the kept inputs, so the first epoch does not decode again."""
     where = f"{cache.path}/{cache.split}"
-    if len(inputs) != len(cache):
-        raise KDCacheError(f"{source}: has {len(inputs)} rows for split {cache.split!r} but the cache {where} has "
-                           f"{len(cache)}; the data changed since the teacher was cached")
     stored = np.asarray(cache.read("fingerprint"), dtype=np.uint64)  # checked read: damage names its chunk file
-    bad = np.flatnonzero(stored != inputs.fingerprints)
+    fresh = np.empty(len(inputs), dtype=np.uint64)
+    batches = [np.arange(a, min(a + batch_size, len(inputs))) for a in range(0, len(inputs), batch_size)]
+    checking, inputs.check = inputs.check, None
+    try:
+        for rows, batch in inputs._decoded(batches, fresh=True):
+            fresh[rows] = np.asarray(batch.fingerprint, dtype=np.uint64)
+    finally:
+        inputs.check = checking
+    bad = np.flatnonzero(stored != fresh)
     if len(bad):
         row = int(bad[0])
         index = int(cache.read("index", row, row + 1)[0])
         raise KDCacheError(f"{source}: row {row} (source index {index}) does not match the cache {where} "
-                           f"(fingerprint {int(inputs.fingerprints[row]):016x} vs {int(stored[row]):016x}; "
+                           f"(fingerprint {int(fresh[row]):016x} vs {int(stored[row]):016x}; "
                            f"{len(bad)} of {len(stored)} rows differ); the data changed since the teacher was cached")
     stored_labels = cache.read("labels")
-    fresh = inputs.labels.numpy().astype(stored_labels.dtype)
-    wrong = np.flatnonzero(~labels_equal(stored_labels, fresh))
+    labels = inputs.labels.astype(stored_labels.dtype)
+    wrong = np.flatnonzero(~labels_equal(stored_labels, labels))
     if len(wrong):
         row = int(wrong[0])
         index = int(cache.read("index", row, row + 1)[0])
-        raise KDCacheError(f"{source}: row {row} (source index {index}) has label {fresh[row]} but the cache {where} "
+        raise KDCacheError(f"{source}: row {row} (source index {index}) has label {labels[row]} but the cache {where} "
                            f"holds {stored_labels[row]} ({len(wrong)} of {len(stored)} labels differ); the labels "
                            "changed since the teacher was cached")
-
+    if inputs.check is not None:
+        inputs.check.seen[:] = True  # proven: nothing left to compare while training
 
 
 # --- the splits of one run ------------------------------------------------------------------------------------
+
+@dataclass
+class InputOptions:
+    """How a run reads its inputs: worker processes, what may stay decoded, training views, the up-front check."""
+
+    workers: int | None = None  # None: by modality (images and text decode in workers), 0 for feature tables
+    keep_bytes: int = DEFAULT_KEEP_BYTES
+    augment: str | None = None  # for the training split only
+    seed: int = 0
+    check_first: bool = False
+
+    def inputs(self, split: SplitData, device: torch.device, *, train: bool, check: RowCheck | None) -> StudentInputs:
+        from kdcache.data.augment import check_augment
+
+        view = check_augment(self.augment, split.modality) if train else None
+        workers = self.workers
+        if workers is None:  # decoding images and collating text in other processes frees the training loop
+            workers = 0 if split.modality == "features" else max(0, min(4, (os.cpu_count() or 1) - 1))
+        return StudentInputs(split, device, workers=workers, keep_bytes=self.keep_bytes, augment=view,
+                             seed=self.seed, check=check)
+
+
+def input_options(cfg: Any, device: torch.device) -> InputOptions:
+    """A run's input options from its config, bad values refused in one line."""
+    from kdcache.train.batches import parse_budget
+
+    cores = os.cpu_count() or 1
+    if cfg.num_workers is not None and not 0 <= cfg.num_workers <= cores:
+        raise KDCacheError(f"--num-workers {cfg.num_workers}: this machine has {cores} CPU cores (use 0 to {cores})")
+    keep = DEFAULT_KEEP_BYTES if cfg.keep_inputs is None else parse_budget(cfg.keep_inputs)
+    return InputOptions(cfg.num_workers, keep, cfg.augment, cfg.seed, cfg.check_first)
+
 
 @dataclass
 class RunSplit:
@@ -120,8 +260,10 @@ class RunData:
 
 
 def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data: str | None, val_split: str | None,
-                  device: torch.device) -> RunData:
-    """The cache's own dataset, re-read and checked row by row against the cache (inputs and labels)."""
+                  device: torch.device, options: InputOptions | None = None) -> RunData:
+    """The cache's own dataset, each split checked row by row against the cache (inputs and labels) as its rows
+    are first decoded, or up front with `check_first`; a split of another length is refused at once."""
+    reading = options or InputOptions()
     from kdcache.cache import Cache
     from kdcache.data import load_split, modality_of, recorded_options
 
@@ -141,16 +283,23 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
         options = recorded_options(dataset, task_info.to_attrs())
         split = load_split(task, data if data is not None else dataset.get("source"), name, tokenizer=tokenizer,
                            options=options)
-        inputs = StudentInputs(split, device)
-        check_alignment(inputs, split_cache, split.source)
-        loaded[name] = RunSplit(name, inputs, split_cache.read("labels"), split_cache)
+        if len(split) != len(split_cache):
+            raise KDCacheError(f"{split.source}: has {len(split)} rows for split {name!r} but the cache "
+                               f"{split_cache.path}/{name} has {len(split_cache)}; the data changed since the teacher "
+                               "was cached")
+        check = RowCheck(split_cache, split.source)
+        inputs = reading.inputs(split, device, train=name == "train", check=check)
+        if reading.check_first:
+            check_alignment(inputs, split_cache, split.source)
+        loaded[name] = RunSplit(name, inputs, check.labels, split_cache)
     return RunData(task, kind, modality, task_info.label_names, loaded["train"], loaded.get(val_name), tokenizer,
                    cache.header.teacher)
 
 
 def load_dataset_only(task: str | None, data: str | None, options: Any, *, tokenizer_source: str | None,
-                      val_split: str | None, device: torch.device) -> RunData:
+                      val_split: str | None, device: torch.device, reading: InputOptions | None = None) -> RunData:
     """`kdcache train`: the dataset alone, no cache; the validation split when the dataset has one."""
+    reading = reading or InputOptions()
     from kdcache.data import load_split, modality_of
 
     if task is None:
@@ -158,20 +307,20 @@ def load_dataset_only(task: str | None, data: str | None, options: Any, *, token
     modality = modality_of(task)
     tokenizer = _train_tokenizer(task, tokenizer_source) if modality == "text" else None
     split = load_split(task, data, "train", tokenizer=tokenizer, options=options)
-    inputs = StudentInputs(split, device)
-    train = RunSplit("train", inputs, inputs.labels.numpy())
+    inputs = reading.inputs(split, device, train=True, check=None)
+    train = RunSplit("train", inputs, inputs.labels)
     name, val = val_split or "validation", None
     if name != "none":
         try:
             val_data = load_split(task, data, name, tokenizer=tokenizer, options=options)
-        except KDCacheError:
+        except SplitMissing:
             if val_split is not None:
                 raise
             val_data = None  # no validation split in this dataset: select on train, and say so in the summary
         if val_data is not None:
-            val_inputs = StudentInputs(val_data, device)
+            val_inputs = reading.inputs(val_data, device, train=False, check=None)
             used = val_data.preprocess.get("split_used") or name  # e.g. CIFAR's validation is its test split
-            val = RunSplit(str(used), val_inputs, val_inputs.labels.numpy())
+            val = RunSplit(str(used), val_inputs, val_inputs.labels)
     return RunData(task, split.kind, modality, split.label_names, train, val, tokenizer)
 
 
@@ -213,7 +362,7 @@ def selection_note(split: str) -> str | None:
 
 def probe_batch(inputs: StudentInputs) -> Any:
     """Model input for the first two rows: to check a student runs on the data and to size extra modules."""
-    return inputs.batch(torch.arange(min(2, len(inputs))))
+    return inputs.batch(np.arange(min(2, len(inputs))))
 
 
 def check_student(student: Any, probe: Any, num_outputs: int) -> None:
@@ -231,5 +380,6 @@ def check_student(student: Any, probe: Any, num_outputs: int) -> None:
         raise KDCacheError(f"student {student.spec} has {width} outputs but the cache's teacher has {num_outputs}")
 
 
-__all__ = ["RunData", "RunSplit", "StudentInputs", "check_alignment", "check_student", "has_labels",
+__all__ = ["InputOptions", "input_options", "RowCheck", "RunData", "RunSplit", "StudentInputs", "check_alignment", "check_student",
+           "has_labels",
            "load_dataset_only", "load_run_data", "probe_batch", "selection_note"]

@@ -8,6 +8,7 @@ the method its name.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -42,20 +43,35 @@ class EpochResult:
     rows: int
     values: dict[str, Any]  # the method's values at the epoch's last step
     lr: float | None
+    stopped: bool = False  # --max-steps was reached within the epoch
 
 
-def train_epoch(s: Stepper, batches: Any, inputs: StudentInputs, epoch: int, step: int,
-                on_step: Callable[[float], None] = lambda loss: None) -> EpochResult:
-    """Run the minibatches of `epoch` (an order fixed by the seed and the epoch) starting at global step `step`."""
+def train_epoch(s: Stepper, order: Any, targets: Any, inputs: StudentInputs, epoch: int, step: int, *,
+                on_step: Callable[[torch.Tensor], None] = lambda loss: None, log_every: int = 0,
+                max_steps: int | None = None, on_batch: Callable[[], None] = lambda: None) -> EpochResult:
+    """Run the minibatches of `epoch` (an order fixed by the seed and the epoch) starting at global step `step`.
+
+    Nothing waits for the device within a step: the loss is summed on the device and read back every `log_every`
+    steps (and at the end of the epoch), where a non-finite value stops the run. `on_step` receives the step's
+    loss tensor (a progress bar reads it a few times a second, not every step); `on_batch` is called as each
+    step begins, its batch decoded and on the device (the recipe times its start-up there)."""
     s.student.model.train()
     s.method.start_epoch(epoch, s.student)
-    loss_sum, rows_seen, plan, lr = 0.0, 0, None, None
-    for rows, teacher, labels in batches.epoch(epoch, s.method.epoch_arrays(epoch) or None):
-        plan = s.method.plan(epoch, step)
-        target = teacher[plan.array] if isinstance(teacher, dict) else teacher
+    plan = order.plan(epoch)
+    arrays = s.method.epoch_arrays(epoch)
+    teacher = targets.epoch(plan, arrays or None) if targets is not None else itertools.repeat((None, None))
+    loss_sum = torch.zeros((), device=s.device)
+    rows_seen, first_unread, step_plan, lr, stopped = 0, step, None, None, False
+    for (rows, model_input, batch_labels), (target, labels) in zip(inputs.epoch(plan.batches, epoch=epoch,
+                                                                               train=True), teacher):
+        if labels is None:  # `kdcache train`: the labels come with the inputs
+            labels = batch_labels.to(s.device, non_blocking=True)
+        on_batch()
+        step_plan = s.method.plan(epoch, step)
+        target = target[step_plan.array] if isinstance(target, dict) else target
         with autocast(s.device, s.precision):
-            output = s.method.forward(s.student, inputs.batch(rows), plan)
-        loss = s.method.loss(output, target, labels, plan)
+            output = s.method.forward(s.student, model_input, step_plan)
+        loss = s.method.loss(output, target, labels, step_plan)
         s.optimizer.zero_grad(set_to_none=True)
         s.scaler.scale(loss).backward()
         if s.max_grad_norm:
@@ -66,14 +82,24 @@ def train_epoch(s: Stepper, batches: Any, inputs: StudentInputs, epoch: int, ste
         lr = s.optimizer.param_groups[0]["lr"]
         s.scheduler.step()
         step += 1
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise KDCacheError(f"training diverged: loss is {loss_value} at epoch {epoch}, step {step}; "
-                               "lower --lr (or use --max-grad-norm)")
-        loss_sum += loss_value * len(rows)
+        loss_sum += loss.detach().float() * len(rows)
         rows_seen += len(rows)
-        on_step(loss_value)
-    return EpochResult(step, loss_sum / max(rows_seen, 1), rows_seen, plan.values if plan else {}, lr)
+        on_step(loss)
+        if log_every and step % log_every == 0:
+            _check_finite(float(loss_sum), epoch, first_unread, step)
+            first_unread = step
+        if max_steps is not None and step >= max_steps:
+            stopped = True
+            break
+    total = float(loss_sum)
+    _check_finite(total, epoch, first_unread, step)
+    return EpochResult(step, total / max(rows_seen, 1), rows_seen, step_plan.values if step_plan else {}, lr, stopped)
+
+
+def _check_finite(value: float, epoch: int, first: int, last: int) -> None:
+    if not math.isfinite(value):
+        raise KDCacheError(f"training diverged: the loss became {value} in epoch {epoch} (steps {first + 1}-{last}); "
+                           "lower --lr (or use --max-grad-norm)")
 
 
 @contextlib.contextmanager

@@ -271,8 +271,8 @@ def test_class_ids_come_from_train_and_validation_resolves(tmp_path):
 # ------------------------------------------------------------------------------------------ errors
 
 def test_error_unknown_task_and_preset(tmp_path):
-    with pytest.raises(KDCacheError, match="unknown image task 'svhn'"):
-        load_image_split("svhn", tmp_path, "train")
+    with pytest.raises(KDCacheError, match="unknown image task 'stl10'"):
+        load_image_split("stl10", tmp_path, "train")
     _make_cifar10(tmp_path)
     with pytest.raises(KDCacheError, match="unknown normalisation preset 'bogus'"):
         load_image_split("cifar10", tmp_path, "train", normalize="bogus")
@@ -349,3 +349,40 @@ def test_errors_are_one_line(tmp_path):
         with pytest.raises(KDCacheError) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def _binstring_pickle(obj) -> bytes:
+    """A pickle whose pixel bytes are one BINSTRING, as in the CIFAR batches Python 2 wrote: protocol 3's BINBYTES
+    has the same layout (opcode, 4-byte length, the bytes), so only its opcode changes."""
+    import io
+    import pickletools
+
+    raw = bytearray(pickle.dumps(obj, protocol=3))
+    for op, arg, pos in pickletools.genops(io.BytesIO(bytes(raw))):
+        if op.name == "BINBYTES" and len(arg) > 1000:
+            raw[pos:pos + 1] = b"T"
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("form", ["python2 BINSTRING", "protocol 4", "protocol 2 from Python 3"])
+def test_cifar_pixels_are_read_from_the_file_in_place_not_held(tmp_path, form):
+    """Batches whose pixels are raw bytes in the file are memory-mapped there (a 50k-row split costs no memory
+    until rows are read); Python 3's protocol 2, which writes bytes as text, is read into memory. Same rows."""
+    batches = _make_cifar10(tmp_path, rows=40)
+    folder = tmp_path / "cifar-10-batches-py"
+    for name, (data, labels) in batches.items():
+        obj = {b"labels": labels, b"data": data}
+        if form == "python2 BINSTRING":
+            (folder / name).write_bytes(_binstring_pickle(obj))
+        elif form == "protocol 4":
+            (folder / name).write_bytes(pickle.dumps(obj, protocol=4))
+    train = load_image_split("cifar10", tmp_path, "train")
+    blocks = train.dataset.blocks
+    assert len(blocks) == 5
+    assert all(isinstance(b, np.memmap) for b in blocks) == (form != "protocol 2 from Python 3")
+    for row in (0, 39, 40, 199):
+        data, labels = batches[f"data_batch_{row // 40 + 1}"]
+        item = train.dataset[row]
+        assert np.array_equal(item["inputs"].numpy(), data[row % 40].reshape(3, 32, 32))
+        assert item["label"] == labels[row % 40]
+    assert len(load_image_split("cifar10", tmp_path, "train", limit=50)) == 50

@@ -137,6 +137,7 @@ def test_missing_files_and_bad_archives(tmp_path, regression_dir):
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     bad = _write(tmp_path / "data" / "train.npz", x=np.zeros((4, 2)), y=np.zeros(5))
+    (tmp_path / "w.pt").touch()  # the data is read (and refused) before the weights are
     code, _, err = run_cli(["cache-teacher", "--teacher", "mlp", "--weights", tmp_path / "w.pt", "--task", "tabular",
                             "--data", tmp_path / "data", "--out", tmp_path / "c.kdcache", "--device", "cpu",
                             "--no-progress"], capsys, monkeypatch)

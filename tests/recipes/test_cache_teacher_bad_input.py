@@ -300,8 +300,10 @@ def test_taken_out_path_is_refused_before_the_teacher_is_loaded(tmp_path, capsys
     out = tmp_path / "c.kdcache"
     assert run_cli(_digits("teachers_for_tests:linear_digits", digits_weights, out), capsys, monkeypatch)[0] == 0
     before = (out / "zarr.json").read_bytes()
-    # a missing weights file would be the first complaint if the path were checked late
-    code, _, err = run_cli(_digits("teachers_for_tests:linear_digits", tmp_path / "gone.pt", out), capsys, monkeypatch)
+    # weights that cannot load would be the first complaint if the path were checked after the teacher is loaded
+    (tmp_path / "garbage.pt").write_bytes(b"not a state dict")
+    code, _, err = run_cli(_digits("teachers_for_tests:linear_digits", tmp_path / "garbage.pt", out), capsys,
+                           monkeypatch)
     assert code == 1 and err.strip() == f"error: {out}: already exists; pass --overwrite to replace it"
     assert (out / "zarr.json").read_bytes() == before and len(kdcache.open_cache(out)) == 1437  # untouched
 

@@ -114,9 +114,13 @@ def test_stopping_early_releases_the_prefetch_thread(cache):
     assert not any(t.name == "kdcache-prefetch" for t in threading.enumerate())
 
 
-def test_auto_picks_by_size(cache):
-    assert LogitBatches(cache, BATCH, seed=0).mode == "memory"
-    assert LogitBatches(cache, BATCH, seed=0, memory_limit_bytes=1000).mode == "chunks"
+def test_auto_picks_by_size_and_windows_fill_half_the_budget(cache):
+    assert LogitBatches(cache, BATCH, seed=0).mode == "memory"  # a quarter of this machine's RAM by default
+    split_bytes = N * (C * 2 + 8)  # float16 logits and int64 labels: 5 chunks
+    streamed = LogitBatches(cache, BATCH, seed=0, memory_limit_bytes=split_bytes * 4 // 5)
+    assert streamed.mode == "chunks" and streamed.targets.window_chunks == 2  # two windows of 2 chunks in 4
+    with pytest.raises(KDCacheError, match="a memory budget of 1,000 bytes holds no chunk of .* raise --memory-budget"):
+        LogitBatches(cache, BATCH, seed=0, memory_limit_bytes=1000)
 
 
 @pytest.mark.parametrize("mode", ["memory", "chunks"])
@@ -142,3 +146,24 @@ def test_cuda_batches_live_on_the_device_and_match_the_cache(cache, mode):
 
 def test_read_throughput_is_positive(cache):
     assert read_throughput(cache, BATCH, "chunks") > 0
+
+
+def test_a_class_sorted_split_is_mixed_by_the_full_shuffle_and_by_windows_as_wide_as_the_budget():
+    """On ImageNet-like class-sorted rows (1000 classes of 128), a full shuffle puts about 226 classes in a batch
+    of 256 (a uniform draw's expectation); windows of chunks hold fewer, more with a wider window, and every row
+    still comes once per epoch."""
+    from kdcache.train.batches import EpochOrder
+
+    labels = np.repeat(np.arange(1000), 128)
+    n = len(labels)
+
+    def classes(order):
+        plan = order.plan(1)
+        assert np.array_equal(np.sort(np.concatenate(plan.batches)), np.arange(n))
+        return np.mean([len(np.unique(labels[b])) for b in plan.batches])
+
+    full = classes(EpochOrder(n, 256, seed=0))
+    narrow = classes(EpochOrder(n, 256, seed=0, chunk_rows=1024, window_chunks=4))
+    wide = classes(EpochOrder(n, 256, seed=0, chunk_rows=1024, window_chunks=64))
+    assert 215 < full < 235
+    assert narrow < 35 < wide < full

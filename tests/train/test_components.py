@@ -20,7 +20,7 @@ from kdcache.train.metrics import compute_metrics
 from kdcache.runtime import save_torch as save_atomic
 from kdcache.train.batches import LabelBatches
 from kdcache.train.evaluation import evaluate
-from kdcache.train.inputs import StudentInputs, check_alignment
+from kdcache.train.inputs import RowCheck, StudentInputs, check_alignment
 from kdcache.train.optim import build_lr_schedule, build_optimizer
 from kdcache.train.run_dir import rng_state, set_rng_state
 from kdcache.cache.writer import CacheWriter
@@ -42,7 +42,11 @@ def digits():
 
 @pytest.fixture(scope="module")
 def digits_inputs(digits):
-    return StudentInputs(digits, CPU, decode_batch=64)
+    return StudentInputs(digits, CPU)
+
+
+def _fingerprints(split) -> np.ndarray:
+    return np.array([split.dataset[i]["fingerprint"] for i in range(len(split))], dtype=np.uint64)
 
 
 def _write_cache(path, fingerprints: np.ndarray, index: np.ndarray, labels: np.ndarray, *, chunk_rows: int = 64):
@@ -57,23 +61,67 @@ def _write_cache(path, fingerprints: np.ndarray, index: np.ndarray, labels: np.n
     return kdcache.open_cache(path)
 
 
+def _batches(n: int, size: int, *, shuffled: bool = False) -> list[np.ndarray]:
+    order = np.random.default_rng(0).permutation(n) if shuffled else np.arange(n)
+    return [order[a:a + size] for a in range(0, n, size)]
+
+
 # --- StudentInputs -------------------------------------------------------------------------------------------
 
 
-def test_student_inputs_collects_every_row_in_source_order(digits, digits_inputs):
+def test_student_inputs_know_every_label_without_decoding(digits, digits_inputs):
     assert len(digits_inputs) == len(digits) == ROWS
-    items = [digits.dataset[i] for i in range(ROWS)]
-    assert digits_inputs.fingerprints.dtype == np.uint64
-    assert digits_inputs.fingerprints.tolist() == [it["fingerprint"] for it in items]
-    assert digits_inputs.labels.tolist() == [it["label"] for it in items]
+    assert digits_inputs.labels.tolist() == [digits.dataset[i]["label"] for i in range(ROWS)]
+    assert not digits_inputs.complete  # nothing decoded yet
 
 
-def test_student_inputs_batch_is_the_prepared_rows(digits, digits_inputs):
-    rows = torch.tensor([149, 0, 77, 3, 3])
-    got = digits_inputs.batch(rows)
-    expected = digits.prepare(digits.collate([digits.dataset[int(r)] for r in rows]), CPU)
-    assert got.shape == (5, 64) and got.dtype == torch.float32
-    assert torch.equal(got, expected)
+def test_an_epoch_yields_the_prepared_rows_in_the_order_given_and_keeps_them(digits):
+    inputs = StudentInputs(digits, CPU)
+    batches = _batches(ROWS, 32, shuffled=True)
+    for e in (1, 2):  # the first epoch decodes (and keeps), the second gathers what was kept
+        for rows, got, labels in inputs.epoch(batches, epoch=e, train=True):
+            expected = digits.prepare(digits.collate([digits.dataset[int(r)] for r in rows]), CPU)
+            assert torch.equal(got, expected) and labels.tolist() == [digits.dataset[int(r)]["label"] for r in rows]
+        assert inputs.complete
+    assert torch.equal(inputs.batch(np.array([149, 0, 3])), digits.prepare(
+        digits.collate([digits.dataset[r] for r in (149, 0, 3)]), CPU))
+
+
+def test_inputs_larger_than_the_keep_budget_are_decoded_every_epoch(digits, monkeypatch):
+    inputs = StudentInputs(digits, CPU, keep_bytes=100)  # 150 rows of 64 bytes do not fit
+    decoded = []
+    original = type(digits.dataset).__getitem__
+    monkeypatch.setattr(type(digits.dataset), "__getitem__", lambda self, i: decoded.append(i) or original(self, i))
+    for e in (1, 2):
+        list(inputs.epoch(_batches(ROWS, 50), epoch=e))
+    assert len(decoded) == 2 * ROWS and not inputs.complete
+
+
+def test_workers_decode_the_same_rows(digits):
+    plain = list(StudentInputs(digits, CPU).epoch(_batches(ROWS, 40, shuffled=True)))
+    workers = list(StudentInputs(digits, CPU, workers=2).epoch(_batches(ROWS, 40, shuffled=True)))
+    assert len(plain) == len(workers)
+    for (r1, x1, y1), (r2, x2, y2) in zip(plain, workers):
+        assert np.array_equal(r1, r2) and torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_rows_are_checked_against_the_cache_as_they_are_first_decoded(tmp_path, digits):
+    fingerprints = _fingerprints(digits)
+    index = np.array([digits.dataset[i]["index"] for i in range(ROWS)])
+    stored = fingerprints.copy()
+    stored[97] ^= np.uint64(1)
+    cache = _write_cache(tmp_path / "c.kdcache", stored, index, np.asarray(digits_labels := [
+        digits.dataset[i]["label"] for i in range(ROWS)]))
+    inputs = StudentInputs(digits, CPU, check=RowCheck(cache, "digits"))
+    seen = []
+    with pytest.raises(KDCacheError, match=rf"digits: row 97 \(source index {index[97]}\) does not match the cache"):
+        for rows, _, _ in inputs.epoch(_batches(ROWS, 32)):
+            seen.append(rows)
+    assert len(seen) == 3  # rows 0-95 came through; the batch holding row 97 was refused before it was yielded
+    good = _write_cache(tmp_path / "good.kdcache", fingerprints, index, np.asarray(digits_labels))
+    checked = StudentInputs(digits, CPU, check=RowCheck(good, "digits"))
+    list(checked.epoch(_batches(ROWS, 32, shuffled=True)))
+    assert checked.check.done
 
 
 def test_student_inputs_for_text_pads_each_batch_to_its_longest_row(tmp_path, tiny_tokenizer):
@@ -82,33 +130,32 @@ def test_student_inputs_for_text_pads_each_batch_to_its_longest_row(tmp_path, ti
     data.write_text("sentence\tlabel\n" + "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(sentences)))
     split = load_split("text", data, "train", tokenizer=tiny_tokenizer,
                        options=DataOptions(text_column="sentence", label_column="label"))
-    inputs = StudentInputs(split, CPU, decode_batch=2)
-    assert len(inputs) == 5
-    assert inputs.labels.tolist() == [0, 1, 0, 1, 0]
-    assert inputs.fingerprints.tolist() == [split.dataset[i]["fingerprint"] for i in range(5)]
-    batch = inputs.batch(torch.tensor([0, 2]))  # "good", "bad movie": 3 and 4 tokens with [CLS]/[SEP]
-    ids = [tiny_tokenizer(s)["input_ids"] for s in ("good", "bad movie")]
+    inputs = StudentInputs(split, CPU, workers=1)  # text is collated in the worker
+    assert len(inputs) == 5 and inputs.labels.tolist() == [0, 1, 0, 1, 0]
+    (rows, batch, labels), = list(inputs.epoch([np.array([0, 2])]))
+    ids = [tiny_tokenizer(s)["input_ids"] for s in ("good", "bad movie")]  # 3 and 4 tokens with [CLS]/[SEP]
     width = max(map(len, ids))
-    assert batch["input_ids"].shape == (2, width)
+    assert batch["input_ids"].shape == (2, width) and labels.tolist() == [0, 0]
     assert batch["input_ids"][0, : len(ids[0])].tolist() == ids[0]
     assert batch["attention_mask"].sum(1).tolist() == [len(ids[0]), len(ids[1])]
 
 
-# --- check_alignment -----------------------------------------------------------------------------------------
+# --- check_alignment (--check-first) -------------------------------------------------------------------------
 
 
 def test_check_alignment_accepts_the_data_the_teacher_saw(tmp_path, digits, digits_inputs):
     index = np.array([digits.dataset[i]["index"] for i in range(ROWS)])
-    cache = _write_cache(tmp_path / "c.kdcache", digits_inputs.fingerprints, index, digits_inputs.labels.numpy())
+    cache = _write_cache(tmp_path / "c.kdcache", _fingerprints(digits), index, digits_inputs.labels)
     check_alignment(digits_inputs, cache, "digits")  # no error
 
 
 @pytest.mark.parametrize("rows", [[97], [70, 130], [0, 5, 149]])
 def test_check_alignment_names_the_first_mismatching_row(tmp_path, digits, digits_inputs, rows):
     index = np.array([digits.dataset[i]["index"] for i in range(ROWS)])
-    stored = digits_inputs.fingerprints.copy()
+    fresh = _fingerprints(digits)
+    stored = fresh.copy()
     stored[rows] ^= np.uint64(1)
-    cache = _write_cache(tmp_path / "c.kdcache", stored, index, digits_inputs.labels.numpy())
+    cache = _write_cache(tmp_path / "c.kdcache", stored, index, digits_inputs.labels)
     with pytest.raises(KDCacheError) as excinfo:
         check_alignment(digits_inputs, cache, "digits")
     message = str(excinfo.value)
@@ -117,16 +164,33 @@ def test_check_alignment_names_the_first_mismatching_row(tmp_path, digits, digit
     assert f"row {first} " in message
     assert f"(source index {index[first]})" in message
     assert f"{len(rows)} of {ROWS} rows differ" in message
-    assert f"{int(digits_inputs.fingerprints[first]):016x}" in message and f"{int(stored[first]):016x}" in message
+    assert f"{int(fresh[first]):016x}" in message and f"{int(stored[first]):016x}" in message
 
 
-def test_check_alignment_refuses_another_number_of_rows(tmp_path, digits, digits_inputs):
-    fewer = ROWS - 10
-    index = np.array([digits.dataset[i]["index"] for i in range(fewer)])
-    cache = _write_cache(tmp_path / "c.kdcache", digits_inputs.fingerprints[:fewer], index,
-                         digits_inputs.labels.numpy()[:fewer])
-    with pytest.raises(KDCacheError, match=f"has {ROWS} rows .* has {fewer}"):
-        check_alignment(digits_inputs, cache, "digits")
+# --- augmentation ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cifar", "imagenet"])
+def test_augmented_views_depend_on_the_generator_alone_and_keep_the_shape(name):
+    from kdcache.data.augment import augment
+
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    a = augment(images, name, torch.Generator().manual_seed(3))
+    b = augment(images, name, torch.Generator().manual_seed(3))
+    c = augment(images, name, torch.Generator().manual_seed(4))
+    assert a.shape == images.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a.float(), images.float())  # a view, not the image
+    assert 0 <= float(a.min()) and float(a.max()) <= 255
+
+
+def test_a_cifar_view_is_a_shifted_crop_or_its_mirror():
+    from kdcache.data.augment import augment
+
+    image = torch.arange(32 * 32, dtype=torch.int64).reshape(1, 1, 32, 32).repeat(1, 3, 1, 1)
+    view = augment(image, "cifar", torch.Generator().manual_seed(0))[0, 0]
+    padded = torch.nn.functional.pad(image[0, 0], (4, 4, 4, 4))
+    crops = [padded[y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+    assert any(torch.equal(view, c) or torch.equal(view, c.flip(-1)) for c in crops)
 
 
 # --- LabelBatches --------------------------------------------------------------------------------------------
@@ -190,14 +254,14 @@ class _Net(nn.Module):
 def test_evaluate_scores_in_eval_mode_and_restores_the_mode(digits_inputs, start_training):
     net = _Net()
     net.train(start_training)
-    labels = digits_inputs.labels.numpy()
+    labels = digits_inputs.labels
     result = evaluate(net, digits_inputs, labels, task="digits", kind="classification", device=CPU, batch_size=64)
     assert net.training is start_training
     assert net.drop.training is start_training  # submodules too
     assert net.modes == [False, False, False]  # ceil(150 / 64) batches, all in eval mode
     with torch.no_grad():
         net.eval()
-        logits = net.linear(digits_inputs.batch(torch.arange(ROWS))).numpy()
+        logits = net.linear(digits_inputs.batch(np.arange(ROWS))).numpy()
     expected = compute_metrics(logits, labels, task="digits")
     assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
     assert result["metric"] == result["accuracy"] and result["rows"] == ROWS
@@ -209,14 +273,14 @@ def test_evaluate_accepts_a_student_wrapper_and_restores_its_mode(digits_inputs)
 
     student = build_student("mlp", 10, kwargs={"hidden": 8}, seed=0)
     student.model.train()
-    labels = digits_inputs.labels.numpy().copy()
+    labels = digits_inputs.labels.copy()
     labels[:50] = -1
     result = evaluate(student, digits_inputs, labels, task="cola", kind="classification", device=CPU)
     assert student.model.training
     assert result["rows"] == ROWS - 50
     student.model.eval()
     with torch.no_grad():
-        logits = student(digits_inputs.batch(torch.arange(ROWS))).numpy()
+        logits = student(digits_inputs.batch(np.arange(ROWS))).numpy()
     assert result["mcc"] == pytest.approx(compute_metrics(logits, labels, task="cola")["mcc"], abs=1e-12)
 
 
