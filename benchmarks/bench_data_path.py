@@ -324,16 +324,18 @@ def classes(args: argparse.Namespace) -> None:
     from kdcache.train.batches import EpochOrder
 
     rows_out = []
-    for name, n, num_classes, batch in (("ImageNet-1k", 1_280_000, 1000, 256), ("CIFAR-100", 50_000, 100, 128),
-                                        ("CIFAR-10", 50_000, 10, 128)):
+    for name, n, num_classes, batch, budgets in (("ImageNet-1k", 1_280_000, 1000, 256, (64, 512, 1024)),
+                                                 ("CIFAR-100", 50_000, 100, 128, (2, 8))):
         labels = np.repeat(np.arange(num_classes), n // num_classes)  # class-sorted, as an image folder is
         chunk_rows = schema.default_chunk_rows(num_classes, 2)
         chunk_bytes = chunk_rows * (num_classes * 2 + 8)
+        chunks = -(-n // chunk_rows)
         modes = [("memory: full shuffle", EpochOrder(n, batch, seed=0))]
-        for budget_mb in (64, 512):
+        for budget_mb in budgets:  # budgets whose window holds fewer than all the chunks
             window = max(1, (budget_mb * 2**20) // 2 // chunk_bytes)
-            modes.append((f"chunks, budget {budget_mb} MiB ({window} chunks of {chunk_rows:,} rows per window)",
-                          EpochOrder(n, batch, seed=0, chunk_rows=chunk_rows, window_chunks=window)))
+            modes.append((f"chunks, budget {budget_mb} MiB (windows of {min(window, chunks)} of {chunks} chunks of "
+                          f"{chunk_rows:,} rows)", EpochOrder(n, batch, seed=0, chunk_rows=chunk_rows,
+                                                               window_chunks=window)))
         for label, order in modes:
             plan = order.plan(1)
             distinct = [len(np.unique(labels[b])) for b in plan.batches[:2000]]
@@ -341,7 +343,7 @@ def classes(args: argparse.Namespace) -> None:
     _table("Distinct classes in a batch of a class-sorted split, per shuffle mode",
            ["split", "mode", "classes per batch (mean)", "min"], rows_out, args.out,
            "Batches of 256 (ImageNet) or 128 rows; the first 2000 batches of epoch 1. A uniform draw gives about "
-           "225 of 1000 classes in 256 rows, 72 of 100 and 10 of 10 in 128.")
+           "225 of 1000 classes in 256 rows and 72 of 100 in 128.")
 
 
 def main() -> None:

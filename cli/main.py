@@ -102,6 +102,9 @@ def _check_training(**flags: Any) -> None:
     for flag in ("log_every", "num_workers"):
         if flags.get(flag) is not None and flags[flag] < 0:
             raise KDCacheError(f"--{flag.replace('_', '-')} must be 0 or more, got {flags[flag]}")
+    for flag in ("memory_budget", "keep_inputs"):
+        if flags.get(flag) is not None:
+            names.parse_budget(flags[flag], f"--{flag.replace('_', '-')}")
 
 
 def _command() -> str:
@@ -293,7 +296,8 @@ def distill_cmd(
     _check_training(method=method, kd_loss=kd_loss, preset=preset, stream=stream, precision=precision,
                     optimizer=optimizer, lr_schedule=lr_schedule, reduction=reduction, schedule_unit=schedule_unit,
                     augment=augment, psi=psi, cache=cache, student=student, data=data, epochs=epochs,
-                    batch_size=batch_size, max_steps=max_steps, log_every=log_every, num_workers=num_workers)
+                    batch_size=batch_size, max_steps=max_steps, log_every=log_every, num_workers=num_workers,
+                    keep_inputs=keep_inputs, memory_budget=memory_budget)
     from kdcache.recipes.distill import distill
 
     cfg = _training(
@@ -333,7 +337,8 @@ def train_cmd(
     without a cache)."""
     _check_training(task=task, preset=preset, precision=precision, optimizer=optimizer, lr_schedule=lr_schedule,
                     augment=augment, model=model, data=data, tokenizer=tokenizer, epochs=epochs,
-                    batch_size=batch_size, max_steps=max_steps, log_every=log_every, num_workers=num_workers)
+                    batch_size=batch_size, max_steps=max_steps, log_every=log_every, num_workers=num_workers,
+                    keep_inputs=keep_inputs)
     from kdcache.recipes.distill import distill
 
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,

@@ -24,5 +24,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module("kdcache.cache"), name)
     try:
         return importlib.import_module(f"kdcache.{name}")  # a subpackage used as kdcache.cache.X
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as exc:
+        if exc.name != f"kdcache.{name}":  # a dependency of that subpackage is missing: say so
+            raise
         raise AttributeError(f"module 'kdcache' has no attribute {name!r}") from None

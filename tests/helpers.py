@@ -55,7 +55,8 @@ def read_root_attrs(path: Path) -> dict | None:
     return meta.get("attributes", {}) if isinstance(meta, dict) else None
 
 
-def tabular_cache(root: Path, *, rows=(("train", 120), ("validation", 40)), features: int = 64, seed: int = 0):
+def tabular_cache(root: Path, *, rows=(("train", 120), ("validation", 40)), features: int = 64, seed: int = 0,
+                  chunk_rows: int | None = None):
     """A tabular dataset (label = sign of feature 0) cached by a small seeded MLP teacher: (data, teacher, cache)."""
     import numpy as np
     import torch
@@ -74,5 +75,5 @@ def tabular_cache(root: Path, *, rows=(("train", 120), ("validation", 40)), feat
     teacher = save_model_dir(mlp(2, **kwargs), root / "teacher", architecture="mlp", num_classes=2, kwargs=kwargs)
     cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher), task="tabular", data=str(data),
                                              out=root / "c.kdcache", splits=tuple(s for s, _ in rows),
-                                             device="cpu", progress=False))
+                                             device="cpu", progress=False, chunk_rows=chunk_rows))
     return data, teacher, cache

@@ -284,6 +284,24 @@ class SplitWriter:
         return digest
 
 
+#: Records of a split's preprocessing that describe the source file rather than the rows written (a text file's
+#: row count is unknown when --limit stops reading early): not compared when an interrupted cache resumes.
+_INFORMATIONAL = ("rows_in_file",)
+
+
+def _comparable(settings: Any) -> Any:
+    """Write settings without the informational preprocessing records."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("data"), dict):
+        return settings
+    data = {}
+    for split, described in settings["data"].items():
+        if isinstance(described, dict) and isinstance(described.get("preprocess"), dict):
+            pre = {k: v for k, v in described["preprocess"].items() if k not in _INFORMATIONAL}
+            described = {**described, "preprocess": pre}
+        data[split] = described
+    return {**settings, "data": data}
+
+
 class CacheWriter:
     """Creates a cache and marks it complete only after every split is closed."""
 
@@ -322,8 +340,8 @@ class CacheWriter:
     def _reopen(self, settings: dict[str, Any]) -> None:
         """Open an interrupted cache for resuming, only if it was begun with the very same settings."""
         meta = self.store.read_json("zarr.json") or {}
-        old = json.loads(json.dumps((meta.get("attributes") or {}).get("write_settings")))
-        new = json.loads(json.dumps(settings))
+        old = _comparable(json.loads(json.dumps((meta.get("attributes") or {}).get("write_settings"))))
+        new = _comparable(json.loads(json.dumps(settings)))
         if old != new:
             differ = ", ".join(_differences(old, new)[:4]) if isinstance(old, dict) else "all (no settings recorded)"
             raise KDCacheError(f"{self.store}: holds an interrupted cache written with other settings (differs in "

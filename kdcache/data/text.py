@@ -1,8 +1,9 @@
 """Text data sources: the GLUE tasks in their published TSV layouts, and any tsv/csv/jsonl file with named columns.
 
-Row i of a split is the i-th data row of the file read (the header and empty lines are not rows). Only the rows
-used are tokenised, in one batched call, without padding: the first `limit`, or the `subset` spread evenly over
-the split; with `limit` the file is parsed only up to that row, unless the class names come from the labels
+Row i of a split is the i-th data row of the file read (the header and empty lines are not rows). Rows are
+tokenised when they are read, a batch per tokenizer call (in the DataLoader's workers), without padding, so a
+split of MNLI's size loads in one pass over its file; only the rows kept exist: the first `limit`, or the `subset`
+spread evenly over the split; with `limit` the file is parsed only up to that row, unless the class names come from the labels
 themselves (then every row is read, so the class set does not depend on the limit). Each row's fingerprint
 hashes exactly its unpadded token ids. Batches are right-padded to their longest row.
 """
@@ -233,27 +234,39 @@ def _class_labels(raw: list[Any], lines: list[int], path: Path, names: list[str]
 
 # ---------------------------------------------------------------------------------------------- rows and batches
 
-class _TokenizedRows(torch.utils.data.Dataset):
-    """Tokenised rows kept in memory as python lists: item i -> the contract's dict for row i."""
+class _TextRows(torch.utils.data.Dataset):
+    """The rows' text, tokenised when read (in a DataLoader worker, a batch per call: `__getitems__`), so loading
+    a split costs one pass over the file and no tokenisation: item i -> the contract's dict for row i."""
 
-    def __init__(self, input_ids: list[list[int]], token_type_ids: list[list[int]] | None, labels: np.ndarray,
-                 fingerprints: np.ndarray, index: np.ndarray | None = None) -> None:
-        self.input_ids, self.token_type_ids = input_ids, token_type_ids
-        self.labels, self.fingerprints = labels, fingerprints
+    def __init__(self, texts: list[str], pairs: list[str] | None, labels: np.ndarray, tokenizer: Any,
+                 max_length: int, index: np.ndarray | None = None) -> None:
+        self.texts, self.pairs, self.labels = texts, pairs, labels
+        self.tokenizer, self.max_length = tokenizer, max_length
         self.index = index  # the source row of each item, when only some rows were kept (--subset)
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.texts)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        if not 0 <= i < len(self.input_ids):
+        if not 0 <= i < len(self.texts):
             raise IndexError(i)
-        inputs = {"input_ids": self.input_ids[i]}
-        if self.token_type_ids is not None:
-            inputs["token_type_ids"] = self.token_type_ids[i]
-        label = self.labels[i]
-        return {"inputs": inputs, "label": float(label) if self.labels.dtype.kind == "f" else int(label),
-                "index": i if self.index is None else int(self.index[i]), "fingerprint": int(self.fingerprints[i])}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, rows: list[int]) -> list[dict[str, Any]]:
+        """Rows tokenised in one call: the same ids as one call per row (no padding), far faster."""
+        encoded = self.tokenizer([self.texts[i] for i in rows],
+                                 None if self.pairs is None else [self.pairs[i] for i in rows],
+                                 truncation=True, max_length=self.max_length)
+        types = encoded.get("token_type_ids")
+        items = []
+        for k, i in enumerate(rows):
+            ids = list(encoded["input_ids"][k])
+            inputs = {"input_ids": ids} if types is None else {"input_ids": ids, "token_type_ids": list(types[k])}
+            label = self.labels[i]
+            items.append({"inputs": inputs, "label": float(label) if self.labels.dtype.kind == "f" else int(label),
+                          "index": i if self.index is None else int(self.index[i]),
+                          "fingerprint": fingerprint_tokens(ids)})
+        return items
 
 
 class _Collate:
@@ -409,13 +422,8 @@ def load_text_split(task: str, data: str | Path, split: str, tokenizer: Any, *, 
 
     keep = len(texts) if limit is None else min(limit, len(texts))
     rows = np.arange(keep) if subset is None else evenly_spaced_rows(keep, subset)
-    encoded = tokenizer([texts[r] for r in rows], None if pairs is None else [pairs[r] for r in rows],
-                        truncation=True, max_length=max_length)
-    input_ids = [list(ids) for ids in encoded["input_ids"]]
-    token_type_ids = encoded.get("token_type_ids")
-    fingerprints = np.array([fingerprint_tokens(ids) for ids in input_ids], dtype=np.uint64)
-    dataset = _TokenizedRows(input_ids, None if token_type_ids is None else [list(t) for t in token_type_ids],
-                             labels[rows], fingerprints, None if subset is None else rows)
+    dataset = _TextRows([texts[r] for r in rows], None if pairs is None else [pairs[r] for r in rows], labels[rows],
+                        tokenizer, max_length, None if subset is None else rows)
     pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     preprocess = {
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),

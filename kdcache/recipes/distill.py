@@ -33,10 +33,11 @@ from kdcache.methods import MethodOptions, Run, make_method
 from kdcache.models import build_student
 from kdcache.progress import progress_bar
 from kdcache.runtime import command_line, process_start_time, resolve_device, utc_now
-from kdcache.train.batches import EpochOrder, TeacherTargets, parse_budget
+from kdcache.names import parse_budget
+from kdcache.train.batches import EpochOrder, TeacherTargets
 from kdcache.train.config import DistillConfig, resolve
 from kdcache.train.evaluation import evaluate
-from kdcache.train.inputs import (RunData, check_student, has_labels, input_options, load_dataset_only, load_run_data,
+from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, has_labels, input_options, load_dataset_only, load_run_data,
                                   probe_batch, selection_note)
 from kdcache.train.loop import Stepper, on_interrupt, train_epoch
 from kdcache.train.metrics import compute_metrics, primary_metric
@@ -58,6 +59,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     # 1. Data: the cache's own dataset, each row checked against the cache as it is first decoded (or, for
     #    `train`, the dataset alone); inputs are decoded by worker processes, batch by batch.
     reading = input_options(cfg, device)
+    budget = parse_budget(cfg.memory_budget)
     if cfg.cache is not None:
         data = load_run_data(cfg.cache, storage_options=cfg.storage_options, data=cfg.data, val_split=cfg.val_split,
                              device=device, options=reading)
@@ -65,6 +67,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         tokenizer_source = cfg.tokenizer or (cfg.student if Path(cfg.student).is_dir() else None)
         data = load_dataset_only(cfg.task, cfg.data, cfg.data_options, tokenizer_source=tokenizer_source,
                                  val_split=cfg.val_split, device=device, reading=reading)
+        for split in filter(None, (data.train, data.val)):  # no cache to check against: record what is read
+            split.inputs.check = RowRecord(len(split.inputs))
     if not has_labels(data.selection.labels, data.kind):
         raise KDCacheError(f"split {data.selection.name!r} has no labels to select the best checkpoint on; "
                            "pass --val-split with a labelled split")
@@ -87,7 +91,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     targets = None
     if data.train.cache is not None:  # the teacher's targets follow the epoch order (in memory, or by windows)
         targets = TeacherTargets(data.train.cache, method.arrays(), device=device, mode=cfg.stream_mode,
-                                 budget_bytes=parse_budget(cfg.memory_budget))
+                                 budget_bytes=budget)
         order = targets.order(batch_size, seed=cfg.seed)
     else:
         order = EpochOrder(len(data.train.inputs), batch_size, seed=cfg.seed)
@@ -103,11 +107,21 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     # 4. Run folder: fresh, or resumed from last.pt of the very same run.
     run_dir = RunDir(out, _identity(cfg, hp, preset, data, method))
-    state = run_dir.prepare(resume=cfg.resume, overwrite=cfg.overwrite, command=cfg.command or command_line())
+    legacy = (lambda: _legacy_digest(data, batch_size)) if data.train.cache is None else None
+    state = run_dir.prepare(resume=cfg.resume, overwrite=cfg.overwrite, command=cfg.command or command_line(),
+                            legacy_digest=legacy)
     progress = {"epoch": 0, "step": 0, "best": None,
                 "totals": {"train_seconds": 0.0, "train_samples": 0, "wall_seconds": 0.0}}
     if state is not None:
         _restore(state, stepper, run_dir, data, progress)
+        if targets is not None and state.get("targets") not in (None, targets.describe()):
+            # the order depends on how the targets were held: replay the interrupted run's, whatever this machine's
+            # memory or --memory-budget would choose now
+            targets = TeacherTargets(data.train.cache, method.arrays(), device=device, budget_bytes=budget,
+                                     mode=state["targets"]["mode"], window_chunks=state["targets"]["window_chunks"])
+            order = targets.order(batch_size, seed=cfg.seed)
+
+    progress["teacher_targets"] = targets.describe() if targets is not None else None
 
     # 5. The loop: one epoch of minibatches, an evaluation, the checkpoints.
     teacher_val = _teacher_metrics(data, method.teacher_array)
@@ -139,6 +153,9 @@ def _run_epochs(cfg: DistillConfig, stepper: Stepper, feed: tuple[Any, Any], dat
             seconds = time.perf_counter() - started
             totals["train_seconds"] += seconds
             totals["train_samples"] += result.rows
+            if result.stopped:  # cut by --max-steps: the rows not reached are still checked before anything is kept
+                data.train.inputs.finish_check(order.batch_size)
+                progress["stopped_at_step"] = result.step
             scores = evaluate(stepper.student, data.selection.inputs, data.selection.labels, task=data.task,
                               kind=data.kind, device=stepper.device, precision=cfg.precision,
                               batch_size=order.batch_size)  # a batch that trains fits in evaluation
@@ -158,7 +175,7 @@ def _run_epochs(cfg: DistillConfig, stepper: Stepper, feed: tuple[Any, Any], dat
             progress.update(epoch=epoch, step=result.step)
             totals["wall_seconds"] = wall_before + time.perf_counter() - wall_start
             if not result.stopped:  # a run cut by --max-steps inside an epoch keeps no last.pt to resume from
-                run_dir.save_state(_snapshot(stepper, progress))
+                run_dir.save_state(_snapshot(stepper, progress, targets, data))
             if improved:  # after last.pt, so a resume can always tell whether best/ is up to date
                 _save_model(run_dir, data, stepper, run_dir.out / "best", {"epoch": epoch})
             if result.stopped or (cfg.stop_after_epoch is not None and cfg.stop_after_epoch <= epoch < n):
@@ -179,7 +196,7 @@ def _bar(bar: Any, task: Any, epoch: int, n: int) -> Any:
 
     def on_step(loss: torch.Tensor) -> None:
         now = time.perf_counter()
-        if now - last["read"] > 0.25:
+        if now - last["read"] > 0.25 and not bar.disable:  # --no-progress: never wait for the device
             last["read"] = now
             bar.update(task, advance=1, rate=f"epoch {epoch}/{n} loss {float(loss.detach()):.4f}")
         else:
@@ -187,9 +204,10 @@ def _bar(bar: Any, task: Any, epoch: int, n: int) -> Any:
     return on_step
 
 
-def _snapshot(s: Stepper, progress: dict[str, Any]) -> dict[str, Any]:
+def _snapshot(s: Stepper, progress: dict[str, Any], targets: Any, data: RunData) -> dict[str, Any]:
     """Everything a resume needs, as tensors and plain values (last.pt loads with torch's weights-only unpickler)."""
     return {**progress, "model": s.student.model.state_dict(), "method": s.method.state_dict(),
+            "targets": targets.describe() if targets is not None else None, "rows": _row_state(data),
             "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
             "scaler": s.scaler.state_dict(), "rng": rng_state()}
 
@@ -203,6 +221,11 @@ def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, 
         s.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     progress.update({k: state[k] for k in ("epoch", "step", "best", "totals")})
+    for split in filter(None, (data.train, data.val)):  # `train`: the rows must be those the run trained on
+        recorded = (state.get("rows") or {}).get(split.name)
+        if data.train.cache is None and recorded is not None:
+            split.inputs.check = RowCheck(recorded.numpy().view(np.uint64), split.inputs.labels, split.inputs.split.source,
+                                          f"what this run read before ({run_dir.last})", "since the run began")
     run_dir.repair_best(state, lambda epoch: _save_model(run_dir, data, s, run_dir.out / "best", {"epoch": epoch}))
     run_dir.truncate_metrics(state["epoch"])
 
@@ -219,8 +242,9 @@ def _identity(cfg: DistillConfig, hp: dict, preset: str, data: RunData, method: 
     if cache is not None:
         digest = (cache.split_attrs.get("dataset") or {}).get("digest")
     else:  # `train` decodes nothing before it starts: the data is named by what it is read with and its labels
-        split = data.train.inputs.split
-        described = json.dumps({"task": split.task, "rows": len(split), "preprocess": split.preprocess},
+        split = data.train.inputs.split  # (not where it lies: a moved dataset still resumes; rows are checked then)
+        preprocess = {k: v for k, v in split.preprocess.items() if k not in _PATH_KEYS}
+        described = json.dumps({"task": split.task, "rows": len(split), "preprocess": preprocess},
                                sort_keys=True, default=str)
         digest = hashlib.sha256(described.encode() + np.ascontiguousarray(data.train.labels).tobytes()).hexdigest()
     sources = method.identity() if cache is not None else {}
@@ -228,6 +252,32 @@ def _identity(cfg: DistillConfig, hp: dict, preset: str, data: RunData, method: 
                 "teacher_sha256": data.teacher.get("sha256"), "data_digest": digest,
                 **({"cached_sources": sources} if sources else {})}
     return json.loads(json.dumps(identity, default=str))
+
+
+#: Preprocessing records that name where files lie, left out of a `train` run's data digest.
+_PATH_KEYS = ("files", "tokenizer")
+
+
+def _legacy_digest(data: RunData, batch_size: int) -> str:
+    """A `train` run's data digest as identity version 2 made it: SHA-256 of every train row's fingerprint."""
+    fingerprints = np.zeros(len(data.train.inputs), dtype=np.uint64)
+    rows = np.arange(len(fingerprints))
+    for done, batch in data.train.inputs._decoded([rows[a:a + batch_size] for a in range(0, len(rows), batch_size)],
+                                                  fresh=True):
+        fingerprints[done] = np.asarray(batch.fingerprint, dtype=np.uint64)
+    return hashlib.sha256(fingerprints.tobytes()).hexdigest()
+
+
+def _row_state(data: RunData) -> dict[str, torch.Tensor] | None:
+    """`train`: the fingerprints of every row read, once every row has been (for a resume to check against)."""
+    if data.train.cache is not None:
+        return None
+    rows = {}
+    for split in filter(None, (data.train, data.val)):
+        check = split.inputs.check
+        if check is not None and check.done:
+            rows[split.name] = torch.from_numpy(check.fingerprints.view(np.int64).copy())
+    return rows or None
 
 
 def _teacher_metrics(data: RunData, array: str | None) -> dict[str, float] | None:
@@ -245,7 +295,7 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
         "method": cfg.method, "objective": s.method.display_name(data.kind), "student": s.student.spec,
         "student_parameters": s.student.parameters_count(), "cache": str(cfg.cache) if cfg.cache else None,
         "task": data.task, "preset": preset, "epochs": n, "epochs_done": len(finished),
-        "complete": len(finished) == n, "metric_name": finished[-1]["metric_name"] if finished else None,
+        "complete": len(finished) == n and "stopped_at_step" not in progress, "metric_name": finished[-1]["metric_name"] if finished else None,
         "best_metric": best["metric"] if best else None, "best_epoch": best["epoch"] if best else None,
         "best_scores": best["scores"] if best else None,
         "last_metric": finished[-1]["metric"] if finished else None,
@@ -256,6 +306,8 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
         "teacher_array": s.method.teacher_array if data.train.cache is not None else None,
         **s.method.describe(), "hyperparameters": hp, "device": str(device), "finished": utc_now(),
         "startup_seconds": progress.get("startup_seconds"), "max_steps": cfg.max_steps,
+        "stopped_at_step": progress.get("stopped_at_step"),
+        "teacher_targets": progress.get("teacher_targets"),
     }
 
 

@@ -5,12 +5,14 @@ inputs (decoded by a DataLoader, kdcache/train/inputs.py) and the teacher's targ
 the very same rows, and a resumed run replays exactly the epoch it stopped in. Two ways to hold the targets,
 chosen by size against a host-memory budget (`mode="auto"`, default a quarter of this machine's RAM):
 
-- memory: every target array of the split is read once (one Zarr read, chunks fetched concurrently) and kept,
-  on the GPU when training there, else in host memory; each epoch is a full shuffle (`torch.randperm` seeded
-  from (seed, epoch)) and a batch is a gather.
+- memory: every target array of the split is read once (one Zarr read, chunks fetched concurrently) and kept in
+  host memory as stored (float16 stays float16); each epoch is a full shuffle (`torch.randperm` seeded from
+  (seed, epoch)) and a batch is a gather, converted to float32 and moved to the device per batch (so a host
+  budget never fills a GPU).
 - chunks: for caches larger than the budget. Each epoch shuffles the order of the stored chunks, takes them in
   windows of as many chunks as half the budget holds (two windows are in memory: one being read ahead on a
-  thread, one in use), shuffles the rows within each window and cuts batches from the windows in turn. With a
+  thread, which starts on the next only once the loop has taken the last, and one in use), shuffles the rows
+  within each window and cuts batches from the windows in turn. With a
   window of W chunks, a batch mixes rows from up to W chunks (docs/benchmarks.md measures the classes per
   batch on a class-sorted split). A read error (e.g. a checksum failure, a KDCacheError naming the chunk file)
   is re-raised in the training loop.
@@ -21,9 +23,7 @@ chosen by size against a host-memory budget (`mode="auto"`, default a quarter of
 
 from __future__ import annotations
 
-import os
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -34,42 +34,13 @@ import torch
 
 from kdcache.cache.reader import TeacherCache
 from kdcache.errors import KDCacheError
+from kdcache.names import DEFAULT_BUDGET_SHARE, parse_budget, total_memory  # noqa: F401 - re-exported
 
 Batch = tuple[torch.Tensor, Any, torch.Tensor]
 MODES = ("auto", "memory", "chunks")
-#: The default host-memory budget for a split's teacher targets, as a share of this machine's RAM.
-DEFAULT_BUDGET_SHARE = 0.25
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """One well-mixed 63-bit seed per (seed, epoch), so neighbouring epochs or seeds share no structure."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def total_memory() -> int:
-    """This machine's RAM in bytes (what the default budget is a share of)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 8 * 1024**3
-
-
-def parse_budget(spec: str | float | int | None) -> int:
-    """A memory budget as bytes: a share of RAM (`0.25`), or a size (`512MiB`, `4GiB`, `2e9`)."""
-    if spec is None:
-        return int(DEFAULT_BUDGET_SHARE * total_memory())
-    if isinstance(spec, (int, float)):
-        value = float(spec)
-        return int(value * total_memory()) if 0 < value <= 1 else int(value)
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B|B)?\s*", str(spec))
-    if not match:
-        raise KDCacheError(f"--memory-budget {spec!r}: expected a share of RAM (0.25) or a size (512MiB, 4GiB)")
-    value, unit = float(match.group(1)), (match.group(2) or "").upper()
-    scale = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 1024, "MIB": 1024**2,
-             "GIB": 1024**3, "TIB": 1024**4}[unit]
-    if unit == "" and 0 < value <= 1:
-        return int(value * total_memory())
-    return int(value * scale)
 
 
 @dataclass
@@ -157,10 +128,9 @@ class TeacherTargets:
             self.window_chunks = int(fits)
         else:
             self.window_chunks = None
-            # upload as stored (float16 halves the transfer), convert on the device; every read is checked
-            keep = self.device if self.device.type == "cuda" else torch.device("cpu")
-            self._floats = {n: torch.from_numpy(cache.read(n)).to(keep) for n in self.arrays}  # as stored
-            self._labels = torch.from_numpy(cache.read("labels")).to(keep)
+            # host memory, as stored (float16 stays float16); every read is checked
+            self._floats = {n: torch.from_numpy(cache.read(n)) for n in self.arrays}
+            self._labels = torch.from_numpy(cache.read("labels"))
 
     def order(self, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = False) -> EpochOrder:
         """The epoch order these targets can serve (windows of chunks in chunk mode)."""
@@ -179,72 +149,105 @@ class TeacherTargets:
 
     def _memory(self, plan: EpochPlan, picked: tuple[str, ...]) -> Iterator[tuple[list, torch.Tensor]]:
         for rows in plan.batches:
-            index = torch.from_numpy(rows).to(self._labels.device)
+            index = torch.from_numpy(rows)
             floats = [self._floats[n][index].to(self.device, non_blocking=True).float() for n in picked]
             yield floats, self._labels[index].to(self.device, non_blocking=True)
 
     def _streamed(self, plan: EpochPlan, picked: tuple[str, ...]) -> Iterator[tuple[list, torch.Tensor]]:
+        """Batches cut from the windows in turn; a batch that straddles two windows is the only copy made, and
+        the rows left over are copied out, so a window's memory goes as soon as the next one is taken."""
         carry: list | None = None
         sizes = iter(len(rows) for rows in plan.batches)
         want = next(sizes, None)
         for buffer in _prefetch(lambda window: self._read_window(window, picked), plan.windows or []):
-            buffer = [t.to(self.device, non_blocking=True) for t in buffer]
-            buffer[:-1] = [t.float() for t in buffer[:-1]]
+            start, end = 0, len(buffer[-1])
             if carry is not None:
-                buffer = [torch.cat(pair) for pair in zip(carry, buffer)]
-            start = 0
-            while want is not None and start + want <= len(buffer[-1]):
-                yield [t[start:start + want] for t in buffer[:-1]], buffer[-1][start:start + want]
+                need = want - len(carry[-1])
+                if need > end:  # a window smaller than what the batch still needs
+                    carry = [torch.cat(pair) for pair in zip(carry, buffer)]
+                    continue
+                yield self._batch([torch.cat((c, t[:need])) for c, t in zip(carry, buffer)])
+                start, carry, want = need, None, next(sizes, None)
+            while want is not None and start + want <= end:
+                yield self._batch([t[start:start + want] for t in buffer])
                 start += want
                 want = next(sizes, None)
-            carry = [t[start:] for t in buffer] if start < len(buffer[-1]) else None
+            carry = [t[start:].clone() for t in buffer] if start < end else None
         if want is not None and carry is not None:  # the short last batch (unless it was dropped)
-            yield [t[:want] for t in carry[:-1]], carry[-1][:want]
+            yield self._batch([t[:want] for t in carry])
+
+    def _batch(self, parts: list[torch.Tensor]) -> tuple[list, torch.Tensor]:
+        """(float32 targets, labels) of one batch on the device, from host rows as stored."""
+        moved = [t.to(self.device, non_blocking=True) for t in parts]
+        return [t.float() for t in moved[:-1]], moved[-1]
 
     def _read_window(self, window: tuple[np.ndarray, np.ndarray], picked: tuple[str, ...]) -> list[torch.Tensor]:
-        """Runs on the prefetch thread: read whole chunks (checked), put their rows in the window's order."""
+        """Runs on the prefetch thread: read whole chunks (checked), each row put straight into its place in the
+        window's order (one window-sized array per array, plus one chunk)."""
         chunks, perm = window
         spans = [(int(c) * self.chunk_rows, min((int(c) + 1) * self.chunk_rows, self.rows)) for c in chunks]
-        parts = [np.concatenate([self.cache.read(n, a, b) for a, b in spans])[perm] for n in (*picked, "labels")]
-        tensors = [torch.from_numpy(np.ascontiguousarray(p)) for p in parts]
+        place = np.empty_like(perm)
+        place[perm] = np.arange(len(perm))  # row k of the chunks read goes to position place[k]
+        tensors = []
+        for name in (*picked, "labels"):
+            out, k = None, 0
+            for a, b in spans:
+                part = self.cache.read(name, a, b)
+                if out is None:
+                    out = np.empty((len(perm), *part.shape[1:]), dtype=part.dtype)
+                out[place[k:k + len(part)]] = part
+                k += len(part)
+            tensors.append(torch.from_numpy(out))
         if self.device.type == "cuda":  # pinned host memory makes the non_blocking upload truly asynchronous
             tensors = [t.pin_memory() for t in tensors]
         return tensors
+
+    def describe(self) -> dict[str, Any]:
+        """How the targets are held, which decides the batch order: recorded in last.pt so a resume (on another
+        machine, with another budget) replays the same batches."""
+        return {"mode": self.mode, "window_chunks": self.window_chunks}
 
 
 _DONE = object()
 
 
 def _prefetch(read, items: list) -> Iterator[Any]:
-    """Yield `read(item)` for each item, computed one step ahead on a thread; re-raise its errors here."""
-    ready: queue.Queue = queue.Queue(maxsize=1)  # one buffer ready + one being read = two in flight
+    """Yield `read(item)` for each item, the next one read on a thread while the caller uses the current one; the
+    thread starts on an item only once the caller has taken the one before, so at most two are alive (the one in
+    use, the one being read). Errors of `read` are re-raised here."""
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    taken = threading.Semaphore(1)  # the thread may read one item ahead of what the caller has taken
     stop = threading.Event()
 
-    def put(item) -> bool:
+    def wait_turn() -> bool:
         while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
+            if taken.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def work() -> None:
         try:
             for item in items:
-                if not put(read(item)):
+                if not wait_turn():
                     return
-            put(_DONE)
+                ready.put(read(item))
+            if wait_turn():
+                ready.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(exc)
+            ready.put(exc)
 
     thread = threading.Thread(target=work, name="kdcache-prefetch", daemon=True)
     thread.start()
     try:
-        while (item := ready.get()) is not _DONE:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
             if isinstance(item, BaseException):
                 raise item
+            taken.release()
             yield item
+            del item
     finally:  # also reached when the consumer stops early: release the thread
         stop.set()
         thread.join()
@@ -302,4 +305,4 @@ def read_throughput(cache: TeacherCache, batch_size: int, mode: str, device: tor
 
 
 __all__ = ["EpochOrder", "EpochPlan", "LabelBatches", "LogitBatches", "MODES", "TeacherTargets", "epoch_seed",
-           "parse_budget", "read_throughput", "total_memory"]
+           "parse_budget", "read_throughput", "total_memory", "DEFAULT_BUDGET_SHARE"]

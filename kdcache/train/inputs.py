@@ -27,39 +27,59 @@ DEFAULT_KEEP_BYTES = 2 * 1024**3
 
 
 class RowCheck:
-    """The cache's fingerprints and labels of a split, against which every decoded row is compared once."""
+    """Fingerprints and labels a split's rows must have, against which every decoded row is compared once: the
+    cache's (distill), or those a `train` run recorded in its first epoch (a resumed run)."""
 
-    def __init__(self, cache: Any, source: str) -> None:
-        self.cache, self.source = cache, source
-        self.where = f"{cache.path}/{cache.split}"
-        self.fingerprints = np.asarray(cache.read("fingerprint"), dtype=np.uint64)  # checked reads
-        self.labels = cache.read("labels")
+    def __init__(self, fingerprints: np.ndarray, labels: np.ndarray, source: str, what: str, since: str) -> None:
+        self.fingerprints = np.asarray(fingerprints, dtype=np.uint64)
+        self.labels = np.asarray(labels)
+        self.source, self.what, self.since = source, what, since
         self.seen = np.zeros(len(self.fingerprints), dtype=bool)
+
+    @classmethod
+    def of_cache(cls, cache: Any, source: str) -> "RowCheck":
+        """The rows the teacher saw, from a cache split (checked reads)."""
+        return cls(cache.read("fingerprint"), cache.read("labels"), source, f"the cache {cache.path}/{cache.split}",
+                   "since the teacher was cached")
 
     @property
     def done(self) -> bool:
         return bool(self.seen.all())
 
     def __call__(self, rows: np.ndarray, batch: Batch) -> None:
-        """Refuse the batch unless its rows have the cached fingerprints and labels (the first bad row named)."""
+        """Refuse the batch unless its rows have the expected fingerprints and labels (the first bad row named)."""
         fresh = np.asarray(batch.fingerprint, dtype=np.uint64)
         bad = np.flatnonzero(fresh != self.fingerprints[rows])
         if len(bad):
             row = int(rows[bad[0]])
-            raise KDCacheError(f"{self.source}: row {row} (source index {self._index(row)}) does not match the cache "
-                               f"{self.where} (fingerprint {int(fresh[bad[0]]):016x} vs {int(self.fingerprints[row]):016x}); "
-                               "the data changed since the teacher was cached")
+            raise KDCacheError(f"{self.source}: row {row} (source index {int(batch.index[bad[0]])}) does not match "
+                               f"{self.what} (fingerprint {int(fresh[bad[0]]):016x} vs {int(self.fingerprints[row]):016x})"
+                               f"; the data changed {self.since}")
         labels = batch.labels.numpy().astype(self.labels.dtype)
         wrong = np.flatnonzero(~labels_equal(self.labels[rows], labels))
         if len(wrong):
             row = int(rows[wrong[0]])
-            raise KDCacheError(f"{self.source}: row {row} (source index {self._index(row)}) has label "
-                               f"{labels[wrong[0]]} but the cache {self.where} holds {self.labels[row]}; the labels "
-                               "changed since the teacher was cached")
+            raise KDCacheError(f"{self.source}: row {row} (source index {int(batch.index[wrong[0]])}) has label "
+                               f"{labels[wrong[0]]} but {self.what} holds {self.labels[row]}; the labels changed "
+                               f"{self.since}")
         self.seen[rows] = True
 
-    def _index(self, row: int) -> int:
-        return int(self.cache.read("index", row, row + 1)[0])
+
+class RowRecord:
+    """`kdcache train` has no cache to check against: the fingerprint of every row is recorded as it is first
+    decoded, kept in last.pt, and a resumed run checks its rows against it (`RowCheck`)."""
+
+    def __init__(self, rows: int) -> None:
+        self.fingerprints = np.zeros(rows, dtype=np.uint64)
+        self.seen = np.zeros(rows, dtype=bool)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.seen.all())
+
+    def __call__(self, rows: np.ndarray, batch: Batch) -> None:
+        self.fingerprints[rows] = np.asarray(batch.fingerprint, dtype=np.uint64)
+        self.seen[rows] = True
 
 
 class _Rows(torch.utils.data.Sampler):
@@ -122,14 +142,26 @@ class StudentInputs:
                                   index, None)
             return
         loader = torch.utils.data.DataLoader(
-            self.split.dataset, batch_sampler=_Rows(batches), collate_fn=self.split.collate,
-            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            _Named(self.split.dataset, self.split.source), batch_sampler=_Rows(batches),
+            collate_fn=self.split.collate, num_workers=self.workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.workers else None)
-        for rows, batch in zip(batches, loader):
-            if self.check is not None and not self.check.done:
-                self.check(rows, batch)
-            self._remember(rows, batch)
-            yield rows, batch
+        try:
+            for rows, batch in zip(batches, loader):
+                if self.check is not None and not self.check.done:
+                    self.check(rows, batch)
+                self._remember(rows, batch)
+                yield rows, batch
+        except KDCacheError as exc:  # raised in a worker, torch adds the worker's traceback: keep the one line
+            raise KDCacheError(_worker_line(str(exc))) from None
+
+    def finish_check(self, batch_size: int) -> None:
+        """Decode (and so check, or record) the rows not reached yet: a run cut short by --max-steps still proves
+        every row before it keeps anything."""
+        if self.check is None or self.check.done:
+            return
+        left = np.flatnonzero(~self.check.seen)
+        for _ in self._decoded([left[a:a + batch_size] for a in range(0, len(left), batch_size)], fresh=True):
+            pass
 
     def _remember(self, rows: np.ndarray, batch: Batch) -> None:
         """Keep decoded inputs while the whole split fits `keep_bytes` (allocated at the first batch)."""
@@ -148,6 +180,51 @@ class StudentInputs:
             return
         self._kept[torch.from_numpy(rows).to(self._kept.device)] = batch.inputs.to(self._kept.device)
         self._filled[rows] = True
+
+
+class _Named(torch.utils.data.Dataset):
+    """A split's rows, an unexpected error in reading one (in a worker process too) turned into one line that names
+    the source and the row."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, source: str) -> None:
+        self.dataset, self.source = dataset, source
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a decoder or the file system failed on this row
+            raise self._error(i, exc) from exc
+
+    def __getitems__(self, rows: list[int]) -> list[Any]:
+        """A batch's rows; in one call where the source reads batches (text is tokenised a batch at a time)."""
+        batched = getattr(self.dataset, "__getitems__", None)
+        if batched is None:
+            return [self[i] for i in rows]
+        try:
+            return batched(rows)
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(rows[0], exc) from exc
+
+    def _error(self, i: int, exc: Exception) -> KDCacheError:
+        where = self.dataset.where(i) if hasattr(self.dataset, "where") else self.source
+        return KDCacheError(f"{where}: row {i}: cannot read it ({type(exc).__name__}: {exc})".splitlines()[0])
+
+
+def _worker_line(text: str) -> str:
+    """The user's line out of a worker's error, which torch wraps as 'Caught KDCacheError in DataLoader worker
+    process N. Original Traceback ...' ending in 'kdcache.errors.KDCacheError: LINE'."""
+    marker = "KDCacheError: "
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and marker in lines[-1]:
+        return lines[-1].split(marker, 1)[1]
+    return text
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -208,19 +285,27 @@ class InputOptions:
         view = check_augment(self.augment, split.modality) if train else None
         workers = self.workers
         if workers is None:  # decoding images and collating text in other processes frees the training loop
-            workers = 0 if split.modality == "features" else max(0, min(4, (os.cpu_count() or 1) - 1))
+            workers = 0 if split.modality == "features" else max(0, min(4, usable_cores() - 1))
         return StudentInputs(split, device, workers=workers, keep_bytes=self.keep_bytes, augment=view,
                              seed=self.seed, check=check)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def input_options(cfg: Any, device: torch.device) -> InputOptions:
     """A run's input options from its config, bad values refused in one line."""
-    from kdcache.train.batches import parse_budget
+    from kdcache.names import parse_budget
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if cfg.num_workers is not None and not 0 <= cfg.num_workers <= cores:
         raise KDCacheError(f"--num-workers {cfg.num_workers}: this machine has {cores} CPU cores (use 0 to {cores})")
-    keep = DEFAULT_KEEP_BYTES if cfg.keep_inputs is None else parse_budget(cfg.keep_inputs)
+    keep = DEFAULT_KEEP_BYTES if cfg.keep_inputs is None else parse_budget(cfg.keep_inputs, "--keep-inputs")
     return InputOptions(cfg.num_workers, keep, cfg.augment, cfg.seed, cfg.check_first)
 
 
@@ -287,7 +372,7 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
             raise KDCacheError(f"{split.source}: has {len(split)} rows for split {name!r} but the cache "
                                f"{split_cache.path}/{name} has {len(split_cache)}; the data changed since the teacher "
                                "was cached")
-        check = RowCheck(split_cache, split.source)
+        check = RowCheck.of_cache(split_cache, split.source)
         inputs = reading.inputs(split, device, train=name == "train", check=check)
         if reading.check_first:
             check_alignment(inputs, split_cache, split.source)
@@ -380,6 +465,6 @@ def check_student(student: Any, probe: Any, num_outputs: int) -> None:
         raise KDCacheError(f"student {student.spec} has {width} outputs but the cache's teacher has {num_outputs}")
 
 
-__all__ = ["InputOptions", "input_options", "RowCheck", "RunData", "RunSplit", "StudentInputs", "check_alignment", "check_student",
+__all__ = ["InputOptions", "input_options", "RowCheck", "RowRecord", "usable_cores", "RunData", "RunSplit", "StudentInputs", "check_alignment", "check_student",
            "has_labels",
            "load_dataset_only", "load_run_data", "probe_batch", "selection_note"]

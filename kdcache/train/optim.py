@@ -35,10 +35,19 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: flo
 def _skip_dynamo_guards(*classes: type) -> None:
     """torch marks a few optimiser and scheduler methods `_disable_dynamo`, which imports torch._dynamo (over a
     second of start-up) on their first call just to wrap them; when nothing is compiled there is nothing to guard
-    against, so each is given itself as its disabled form (the attribute torch caches that form in)."""
-    import torch._compile
+    against, so each is given itself as its disabled form (the attribute torch caches that form in). Skipped when
+    torch._dynamo is already loaded (it costs nothing then), or when torch no longer works this way. It lasts for
+    the process: a later torch.compile in the same process may trace into these few methods, which is harmless."""
+    import sys
 
-    probe = torch._compile._disable_dynamo(lambda: None).__code__
+    if "torch._dynamo" in sys.modules:
+        return
+    try:
+        import torch._compile
+
+        probe = torch._compile._disable_dynamo(lambda: None).__code__
+    except (ImportError, AttributeError):
+        return
     for cls in classes:
         for klass in cls.__mro__:
             for attr in vars(klass).values():

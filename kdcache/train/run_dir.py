@@ -19,7 +19,7 @@ import json
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -68,8 +68,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-#: Identities written since hyper-parameters list only what the run's method uses; older runs have none.
-IDENTITY_VERSION = 2
+#: 2: hyper-parameters list only what the run's method uses (0.1.0's runs have no version); 3: a `train` run's
+#: data digest names its rows by what they are read with and their labels (2 hashed every row's fingerprint,
+#: which took a decoding pass before the first step).
+IDENTITY_VERSION = 3
 
 
 def _upgrade_legacy(state: dict[str, Any], identity: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def _upgrade_legacy(state: dict[str, Any], identity: dict[str, Any]) -> dict[str
     old = state.get("identity")
     if not isinstance(old, dict) or "identity_version" in old:
         return state
-    old = {**old, "identity_version": IDENTITY_VERSION}
+    old = {**old, "identity_version": 2}
     hp = old.get("hyperparameters")
     if isinstance(hp, dict):
         old["hyperparameters"] = {k: v for k, v in hp.items() if k in identity.get("hyperparameters", {})}
@@ -89,6 +91,20 @@ def _upgrade_legacy(state: dict[str, Any], identity: dict[str, Any]) -> dict[str
     if state.get("heads") is not None:
         method["modules"] = state["heads"]
     return {**state, "identity": old, "method": state.get("method", method)}
+
+
+def _upgrade_digest(state: dict[str, Any], identity: dict[str, Any], legacy_digest: Callable[[], str] | None
+                    ) -> dict[str, Any]:
+    """A last.pt of identity version 2 in today's form: a `train` run's data digest is recomputed the old way (a
+    pass over every row) and, when it matches, replaced by today's; a distill run's (the cache's) is unchanged."""
+    old = state.get("identity")
+    if not isinstance(old, dict) or old.get("identity_version") != 2:
+        return state
+    old = {**old, "identity_version": IDENTITY_VERSION}
+    if (legacy_digest is not None and old.get("data_digest") != identity.get("data_digest")
+            and old.get("data_digest") == legacy_digest()):
+        old["data_digest"] = identity.get("data_digest")
+    return {**state, "identity": old}
 
 
 class RunDir:
@@ -121,12 +137,14 @@ class RunDir:
 
     # --- start ------------------------------------------------------------------------------------------------------
 
-    def prepare(self, *, resume: bool, overwrite: bool, command: str) -> dict[str, Any] | None:
+    def prepare(self, *, resume: bool, overwrite: bool, command: str,
+                legacy_digest: Callable[[], str] | None = None) -> dict[str, Any] | None:
         """Create the folder, or load last.pt for a resume after proving it belongs to this very run. A run stopped
-        before its first epoch finished has no last.pt: a resume starts it again if its config.json is this run's."""
+        before its first epoch finished has no last.pt: a resume starts it again if its config.json is this run's.
+        `legacy_digest` computes a `train` run's data digest as identity version 2 did, for runs begun then."""
         with self.writes():
             if resume:
-                return self._resume()
+                return self._resume(legacy_digest)
             if self.out.exists() and any(self.out.iterdir()):
                 if not overwrite:
                     raise KDCacheError(f"{self.out}: already holds a run; pass --resume to continue it or "
@@ -140,13 +158,14 @@ class RunDir:
                 indent=2, default=str) + "\n")
         return None
 
-    def _resume(self) -> dict[str, Any] | None:
+    def _resume(self, legacy_digest: Callable[[], str] | None = None) -> dict[str, Any] | None:
         if not self.last.is_file():
             if self._never_finished_an_epoch():
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
                 return None
             raise KDCacheError(f"{self.last}: nothing to resume (no checkpoint of an earlier run)")
         state = _upgrade_legacy(load_checkpoint(self.last), self.identity)
+        state = _upgrade_digest(state, self.identity, legacy_digest)
         if state.get("identity") != self.identity:
             differ = differences(state.get("identity") or {}, self.identity)
             raise KDCacheError(f"{self.last}: checkpoint of another run (differs in {', '.join(differ) or 'format'}); "

@@ -201,3 +201,26 @@ def test_a_cache_interrupted_under_release_0_1_0_resumes(tmp_path, capsys, monke
     code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)
     assert code == 0, err
     assert _arrays(out) == _arrays(reference)
+
+
+def test_a_limited_text_cache_interrupted_by_the_previous_release_resumes(tmp_path, capsys, monkeypatch, sst2_teacher,
+                                                                          glue_dir):
+    """Before --limit stopped reading a text file early, the cache recorded the file's row count; a cache
+    interrupted then resumes now (the count describes the file, not the rows written) and ends byte-identical."""
+    reference, out = tmp_path / "ref.kdcache", tmp_path / "c.kdcache"
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", reference), capsys, monkeypatch)[0] == 0
+    assert run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)[0] == 0
+    _interrupt(out, rows_done=64)
+    meta = json.loads((out / "zarr.json").read_text())
+    pre = meta["attributes"]["write_settings"]["data"]["train"]["preprocess"]
+    assert pre["rows_in_file"] is None  # read up to the limit only
+    pre["rows_in_file"] = 67349  # what the previous release recorded for SST-2's train.tsv
+    (out / "zarr.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)
+    assert code == 0, err
+    assert _arrays(out) == _arrays(reference)
+    pre["max_length"] = 64  # a setting that changes the rows is still compared
+    meta["attributes"]["complete"] = False
+    (out / "zarr.json").write_text(json.dumps(meta))
+    code, _, err = run_cli(_args(sst2_teacher, glue_dir / "SST-2", out), capsys, monkeypatch)
+    _one_error_line(code, err, "written with other settings", "max_length")

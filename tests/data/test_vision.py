@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 
 import numpy as np
@@ -142,6 +143,8 @@ def test_imagenet_folder_layout_matches_torchvision(tmp_path):
         reference = tvd.ImageNet(str(tmp_path), split="val" if split == "validation" else "train")
         assert ours.label_names == reference.wnids
         assert [ours.dataset[i]["label"] for i in range(len(ours))] == reference.targets
+        assert [os.path.realpath(ours.dataset.where(i)) for i in range(len(ours))] == \
+            [os.path.realpath(path) for path, _ in reference.samples]  # row i is torchvision's sample i
         first = ours.dataset[0]["inputs"]
         assert tuple(first.shape) == (3, 224, 224)  # mixed sizes: shorter side to 224, centred crop
         assert ours.preprocess["class_descriptions"]["n01440764"] == "class n01440764"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import REPO, _one_error_line, run_cli, tabular_cache
 
@@ -21,7 +22,7 @@ from helpers import REPO, _one_error_line, run_cli, tabular_cache
 @pytest.fixture
 def table_cache(tmp_path):
     """A 200-row tabular train split and a 40-row validation split, cached by a small MLP teacher."""
-    data, _, cache = tabular_cache(tmp_path, rows=(("train", 200), ("validation", 40)), features=16)
+    data, _, cache = tabular_cache(tmp_path, rows=(("train", 200), ("validation", 40)), features=16, chunk_rows=16)
     return data, cache
 
 
@@ -138,3 +139,146 @@ distill(DistillConfig(cache={str(cache)!r}, student="mlp", out={str(tmp_path / '
 print("dynamo imported:", "torch._dynamo" in sys.modules)
 """)
     assert "dynamo imported: False" in done.stdout, (done.stdout, done.stderr)
+
+
+# --- review round: what a cut-short, resumed or moved run still proves -------------------------------------------
+
+def test_max_steps_still_checks_every_row_before_keeping_a_model(tmp_path, capsys, monkeypatch, table_cache):
+    data, cache = table_cache
+    _change_row(data / "train.npz", 2)
+    run = tmp_path / "run"
+    _one_error_line(*run_cli(_args(cache, run, "--max-steps", "1", "--seed", "3"), capsys, monkeypatch)[::2],
+                    "train.npz", "row 2 ", "does not match")
+    assert not (run / "best").exists() and not (run / "summary.json").exists()
+
+
+def test_max_steps_inside_the_last_epoch_is_not_a_complete_run(tmp_path, capsys, monkeypatch, table_cache):
+    _, cache = table_cache
+    run = tmp_path / "run"
+    code, _, err = run_cli(_args(cache, run, "--max-steps", "20"), capsys, monkeypatch)  # 13 steps per epoch
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_done"] == 2 and summary["stopped_at_step"] == 20 and summary["complete"] is False
+
+
+def test_a_decode_error_in_a_worker_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for k in range(3):
+                Image.new("RGB", (8, 8), (k * 40, 0, 0)).save(tmp_path / "imgs" / split / cls / f"{k}.png")
+    bad = tmp_path / "imgs" / "train" / "b" / "2.png"
+    bad.write_bytes(b"not a png")
+    code, _, err = run_cli(["train", "--model", "mlp", "--task", "imagefolder", "--data", tmp_path / "imgs",
+                            "--epochs", "1", "--num-workers", "1", "--out", tmp_path / "run", "--device", "cpu",
+                            "--no-progress"], capsys, monkeypatch)
+    _one_error_line(code, err, str(bad), "cannot decode image")
+    assert "Traceback" not in err and "worker" not in err
+
+
+@pytest.mark.parametrize("value, needle", [("e", "expected a share of RAM"), ("1.5", "a number without a unit is a "
+                                                                                      "share of RAM, from 0 to 1"),
+                                           ("2", "from 0 to 1"), ("12XB", "expected a share of RAM")])
+def test_bad_budgets_are_one_line_before_anything_loads(tmp_path, capsys, monkeypatch, value, needle):
+    for flag in ("--memory-budget", "--keep-inputs"):
+        code, _, err = run_cli(["distill", "--cache", tmp_path, "--student", "mlp", "--out", tmp_path / "run", flag,
+                                value], capsys, monkeypatch)
+        _one_error_line(code, err, f"{flag} {value!r}", needle)  # the cache folder is not even opened
+
+
+def test_budgets_read_as_shares_or_sizes():
+    from kdcache.names import parse_budget, total_memory
+
+    assert parse_budget("512MiB") == 512 * 1024**2 and parse_budget("2e9B") == 2 * 10**9
+    assert parse_budget("0.5") == total_memory() // 2 and parse_budget("0") == 0
+    assert parse_budget(None) == int(0.25 * total_memory())
+
+
+def test_the_prefetch_thread_holds_at_most_two_windows(tmp_path):
+    """One window in use and one being read: the thread starts on the next only once the loop took the last."""
+    import gc
+    import weakref
+
+    from kdcache.train.batches import _prefetch
+
+    alive, peak = set(), []
+
+    class Window:
+        pass
+
+    def read(k):
+        time.sleep(0.01)
+        window = Window()
+        alive.add(k)
+        weakref.finalize(window, alive.discard, k)
+        peak.append(len(alive))
+        return window
+
+    for window in _prefetch(read, list(range(12))):
+        time.sleep(0.03)  # the loop is slower than the reads: the thread would run ahead if it could
+        del window
+        gc.collect()
+    assert max(peak) <= 2
+
+
+def test_a_train_run_resumed_on_changed_data_names_the_row(tmp_path, capsys, monkeypatch, table_cache):
+    """`train` has no cache: its first epoch records every row's fingerprint in last.pt, and a resume checks the
+    rows against it as they are decoded; a moved dataset resumes."""
+    data, _ = table_cache
+    args = ["train", "--model", "mlp", "--model-kwargs", '{"hidden": 4, "depth": 1}', "--task", "tabular",
+            "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    run = tmp_path / "run"
+    assert run_cli([*args, "--data", data, "--out", run, "--stop-after-epoch", "1"], capsys, monkeypatch)[0] == 0
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    _change_row(moved / "train.npz", 77)
+    _one_error_line(*run_cli([*args, "--data", moved, "--out", run, "--resume"], capsys, monkeypatch)[::2],
+                    "train.npz", "row 77 ", "does not match what this run read before", "last.pt")
+
+
+def test_a_train_run_of_the_previous_release_resumes_after_one_pass_over_its_rows(tmp_path, capsys, monkeypatch,
+                                                                                  table_cache):
+    """Identity version 2 hashed every row's fingerprint into a train run's data digest: such a run resumes (the
+    rows are read once to recompute it) and ends where an uninterrupted run does; changed data is refused."""
+    import hashlib
+
+    data, _ = table_cache
+    args = ["train", "--model", "mlp", "--model-kwargs", '{"hidden": 4, "depth": 1}', "--task", "tabular",
+            "--data", data, "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    assert run_cli([*args, "--out", tmp_path / "full"], capsys, monkeypatch)[0] == 0
+    cut = tmp_path / "cut"
+    assert run_cli([*args, "--out", cut, "--stop-after-epoch", "1"], capsys, monkeypatch)[0] == 0
+    state = torch.load(cut / "last.pt", weights_only=True)
+    fingerprints = state["rows"]["train"].numpy().view(np.uint64)
+    old = {**state, "identity": {**state["identity"], "identity_version": 2,
+                                 "data_digest": hashlib.sha256(fingerprints.tobytes()).hexdigest()}}
+    del old["rows"], old["targets"]
+    torch.save(old, cut / "last.pt")
+    assert run_cli([*args, "--out", cut, "--resume"], capsys, monkeypatch)[0] == 0
+    metrics = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "samples_per_second")}
+                for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (cut, tmp_path / "full")]
+    assert metrics[0] == metrics[1]
+    torch.save(old, cut / "last.pt")
+    _change_row(data / "train.npz", 4)
+    _one_error_line(*run_cli([*args, "--out", cut, "--resume"], capsys, monkeypatch)[::2],
+                    "checkpoint of another run", "data_digest")
+
+
+def test_a_resume_replays_the_chunk_order_whatever_the_budget_now(tmp_path, capsys, monkeypatch, table_cache):
+    """The batch order depends on how the targets are held; last.pt records it, so a run begun streaming chunks
+    and resumed with a budget that would hold the split in memory ends where an uninterrupted run does."""
+    _, cache = table_cache
+    chunked = ["--stream", "chunks", "--memory-budget", "1KiB", "--epochs", "3"]  # windows of 2 of 13 chunks
+    assert run_cli(_args(cache, tmp_path / "full", *chunked), capsys, monkeypatch)[0] == 0
+    assert run_cli(_args(cache, tmp_path / "cut", *chunked, "--stop-after-epoch", "1"), capsys, monkeypatch)[0] == 0
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert state["targets"]["mode"] == "chunks" and state["targets"]["window_chunks"] >= 1
+    resumed = _args(cache, tmp_path / "cut", "--stream", "chunks", "--epochs", "3", "--resume")  # default budget
+    assert run_cli(resumed, capsys, monkeypatch)[0] == 0
+    metrics = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "samples_per_second")}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("cut", "full")]
+    assert metrics[0] == metrics[1]
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["teacher_targets"] == state["targets"]

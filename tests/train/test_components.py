@@ -112,14 +112,14 @@ def test_rows_are_checked_against_the_cache_as_they_are_first_decoded(tmp_path, 
     stored[97] ^= np.uint64(1)
     cache = _write_cache(tmp_path / "c.kdcache", stored, index, np.asarray(digits_labels := [
         digits.dataset[i]["label"] for i in range(ROWS)]))
-    inputs = StudentInputs(digits, CPU, check=RowCheck(cache, "digits"))
+    inputs = StudentInputs(digits, CPU, check=RowCheck.of_cache(cache, "digits"))
     seen = []
     with pytest.raises(KDCacheError, match=rf"digits: row 97 \(source index {index[97]}\) does not match the cache"):
         for rows, _, _ in inputs.epoch(_batches(ROWS, 32)):
             seen.append(rows)
     assert len(seen) == 3  # rows 0-95 came through; the batch holding row 97 was refused before it was yielded
     good = _write_cache(tmp_path / "good.kdcache", fingerprints, index, np.asarray(digits_labels))
-    checked = StudentInputs(digits, CPU, check=RowCheck(good, "digits"))
+    checked = StudentInputs(digits, CPU, check=RowCheck.of_cache(good, "digits"))
     list(checked.epoch(_batches(ROWS, 32, shuffled=True)))
     assert checked.check.done
 
