@@ -253,8 +253,9 @@ def _report_run(summary: dict) -> None:
                + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
                + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
                f"{summary['wall_seconds']:.1f} s")
-    if summary.get("selection_note"):
-        print(f"note: {summary['selection_note']}", file=sys.stderr)
+    for note in ("selection_note", "unchecked_note"):
+        if summary.get(note):
+            print(f"note: {summary[note]}", file=sys.stderr)
 
 
 def _training(flag: str, student_kwargs: str | None, **kw: Any) -> Any:

@@ -153,9 +153,11 @@ def _run_epochs(cfg: DistillConfig, stepper: Stepper, feed: tuple[Any, Any], dat
             seconds = time.perf_counter() - started
             totals["train_seconds"] += seconds
             totals["train_samples"] += result.rows
-            if result.stopped:  # cut by --max-steps: the rows not reached are still checked before anything is kept
-                data.train.inputs.finish_check(order.batch_size)
+            if result.stopped:  # cut by --max-steps
                 progress["stopped_at_step"] = result.step
+            unchecked = _unchecked(data)  # rows not yet compared with the cache: no model trained on them is kept
+            if unchecked:
+                progress["unchecked_rows"] = unchecked
             scores = evaluate(stepper.student, data.selection.inputs, data.selection.labels, task=data.task,
                               kind=data.kind, device=stepper.device, precision=cfg.precision,
                               batch_size=order.batch_size)  # a batch that trains fits in evaluation
@@ -164,12 +166,12 @@ def _run_epochs(cfg: DistillConfig, stepper: Stepper, feed: tuple[Any, Any], dat
                 "metric_name": primary_metric(data.task, data.kind), **{k: v for k, v in scores.items() if k != "rows"},
                 "split": data.selection.name, "seconds": round(seconds, 3),
                 "samples_per_second": round(result.rows / max(seconds, 1e-9), 1)})
-            improved = stepper.method.eligible(epoch) and (progress["best"] is None
-                                                           or scores["metric"] > progress["best"]["metric"])
+            improved = stepper.method.eligible(epoch) and not unchecked and (
+                progress["best"] is None or scores["metric"] > progress["best"]["metric"])
             if improved:
                 progress["best"] = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
             stepper.method.end_epoch(epoch, stepper.student, scores["metric"])
-            if cfg.save_every and epoch % cfg.save_every == 0:
+            if cfg.save_every and epoch % cfg.save_every == 0 and not unchecked:
                 _save_model(run_dir, data, stepper, run_dir.out / "checkpoints" / f"epoch-{epoch:04d}",
                             {"epoch": epoch, "metric": scores["metric"]})
             progress.update(epoch=epoch, step=result.step)
@@ -180,6 +182,12 @@ def _run_epochs(cfg: DistillConfig, stepper: Stepper, feed: tuple[Any, Any], dat
                 _save_model(run_dir, data, stepper, run_dir.out / "best", {"epoch": epoch})
             if result.stopped or (cfg.stop_after_epoch is not None and cfg.stop_after_epoch <= epoch < n):
                 break
+
+
+def _unchecked(data: RunData) -> int:
+    """Train rows not yet compared with what they must be (a run cut short by --max-steps in its first epoch)."""
+    check = data.train.inputs.check
+    return int((~check.seen).sum()) if isinstance(check, RowCheck) else 0
 
 
 def _started(progress: dict[str, Any]) -> None:
@@ -307,6 +315,11 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
         **s.method.describe(), "hyperparameters": hp, "device": str(device), "finished": utc_now(),
         "startup_seconds": progress.get("startup_seconds"), "max_steps": cfg.max_steps,
         "stopped_at_step": progress.get("stopped_at_step"),
+        "unchecked_rows": progress.get("unchecked_rows", 0),
+        "unchecked_note": (f"--max-steps ended the run with {progress['unchecked_rows']:,} of "
+                           f"{len(data.train.inputs):,} training rows not yet read, so not yet checked against the "
+                           "cache: no model was kept (--check-first checks every row first)"
+                           if progress.get("unchecked_rows") else None),
         "teacher_targets": progress.get("teacher_targets"),
     }
 

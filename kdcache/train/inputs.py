@@ -154,14 +154,6 @@ class StudentInputs:
         except KDCacheError as exc:  # raised in a worker, torch adds the worker's traceback: keep the one line
             raise KDCacheError(_worker_line(str(exc))) from None
 
-    def finish_check(self, batch_size: int) -> None:
-        """Decode (and so check, or record) the rows not reached yet: a run cut short by --max-steps still proves
-        every row before it keeps anything."""
-        if self.check is None or self.check.done:
-            return
-        left = np.flatnonzero(~self.check.seen)
-        for _ in self._decoded([left[a:a + batch_size] for a in range(0, len(left), batch_size)], fresh=True):
-            pass
 
     def _remember(self, rows: np.ndarray, batch: Batch) -> None:
         """Keep decoded inputs while the whole split fits `keep_bytes` (allocated at the first batch)."""
