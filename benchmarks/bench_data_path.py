@@ -47,6 +47,27 @@ open(__import__("os").environ["KD_USAGE"], "w").write(json.dumps(usage))
 """
 
 
+def _rss_mb(pid: int) -> float:
+    line = [ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmRSS")][0]
+    return int(line.split()[1]) / 1024
+
+
+def _tree_pss_mb(pid: int) -> float:
+    """Proportional set size of a process and its descendants: shared pages (a forked worker's view of the
+    parent's arrays) counted once, so the sum is the memory the run really holds."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+            total += int([ln for ln in rollup if ln.startswith("Pss:")][0].split()[1]) / 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError):
+            continue
+    return total
+
+
 def kd(*args: object, env: dict | None = None, sample_rss: bool = False) -> dict:
     """Run `kdcache ARGS` in a fresh process; wall seconds, peak RSS, and (sample_rss) RSS every 0.5 s."""
     with tempfile.NamedTemporaryFile(suffix=".json") as usage:
@@ -59,10 +80,8 @@ def kd(*args: object, env: dict | None = None, sample_rss: bool = False) -> dict
             def watch() -> None:
                 while proc.poll() is None:
                     try:
-                        rss = [ln for ln in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-                               if ln.startswith("VmRSS")]
-                        samples.append((time.perf_counter() - start, int(rss[0].split()[1]) / 1024))
-                    except (OSError, IndexError):
+                        samples.append((time.perf_counter() - start, _rss_mb(proc.pid), _tree_pss_mb(proc.pid)))
+                    except (OSError, IndexError, ValueError):
                         pass
                     time.sleep(0.5)
             threading.Thread(target=watch, daemon=True).start()
@@ -235,17 +254,26 @@ def imagenet(args: argparse.Namespace) -> None:
                  "--max-steps", str(args.steps), "--batch-size", "64", "--out", run, "--device", "cpu",
                  "--no-progress", "--overwrite", *flags, sample_rss=True)
         summary = json.loads((run / "summary.json").read_text())
-        start = summary["startup_seconds"]
-        after = [mb for t, mb in res["samples"] if t >= start + 5]
+        start, end = summary["startup_seconds"], summary["startup_seconds"] + summary["train_seconds"]
+        # the training steps only: after the first step's warm-up, before the evaluation and the exit
+        during = [s for s in res["samples"] if start + 5 <= s[0] <= end]
+        quarter = max(1, len(during) // 4)
+
+        def median(col: int, part: list) -> str:
+            return f"{statistics.median(s[col] for s in part):.0f}" if part else "n/a"
+
         rows_out.append([label, f"{start:.1f}", f"{res['wall']:.0f}",
-                         f"{min(after):.0f}-{max(after):.0f}" if after else "n/a", f"{res['self_mb']:.0f}",
-                         f"{res['children_mb']:.0f}", summary["samples_per_second"]])
+                         f"{median(1, during[:quarter])} / {median(1, during[-quarter:])}",
+                         f"{median(2, during[:quarter])} / {median(2, during[-quarter:])}",
+                         f"{res['self_mb']:.0f}", summary["samples_per_second"]])
     _table(f"ImageNet-shaped run: {1000 * args.per_class:,} train rows, 1000 classes, 224 px ({args.unique:,} distinct JPEGs, "
            "hard-linked cyclically), CPU", ["teacher targets", "startup_seconds", "wall s",
-                                            "RSS after start MB (min-max)", "peak RSS MB", "worker peak MB",
+                                            "main RSS MB, first / last quarter of the steps",
+                                            "run's PSS MB (main + workers), first / last quarter", "peak RSS MB",
                                             "samples/s"],
            rows_out, args.out, f"`distill --student resnet8 --method vanilla --max-steps {args.steps} --batch-size 64`;"
-           " the run then evaluates once on the 1000-row val split.")
+           " the run then evaluates once on the 1000-row val split. RSS counts a forked worker's shared view of the "
+           "parent's arrays again; PSS (from /proc/PID/smaps_rollup, summed over the process tree) counts it once.")
 
 
 # ---------------------------------------------------------------------------------------------- throughput

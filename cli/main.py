@@ -12,6 +12,7 @@ Errors print one line (`error: ...`) and exit 1; `kdcache --debug ...` shows the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdcache.cli import options as o
-from kdcache.errors import Interrupted, KDCacheError
+from kdcache.errors import Interrupted, KDCacheError, SharedError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   # plain help, wrapped at the terminal's width (80 columns when there is none)
@@ -243,6 +244,8 @@ def _print_info(s: dict) -> None:
 
 
 def _report_run(summary: dict) -> None:
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the run
+        return
     metric = summary["metric_name"]
     if summary["best_metric"] is None:  # e.g. stopped inside curriculum's projection phases: no candidate yet
         best = f"no best {metric} yet (no epoch eligible so far)"
@@ -294,27 +297,69 @@ def distill_cmd(
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
 ) -> None:
     """Train a student against a teacher cache (the teacher is never loaded)."""
-    _check_training(method=method, kd_loss=kd_loss, preset=preset, stream=stream, precision=precision,
-                    optimizer=optimizer, lr_schedule=lr_schedule, reduction=reduction, schedule_unit=schedule_unit,
-                    augment=augment, psi=psi, cache=cache, student=student, data=data, epochs=epochs,
-                    batch_size=batch_size, max_steps=max_steps, log_every=log_every, num_workers=num_workers,
-                    keep_inputs=keep_inputs, memory_budget=memory_budget)
+    cfg = _distill_config(dict(locals()))
     from kdcache.recipes.distill import distill
 
-    cfg = _training(
-        "--student-kwargs", student_kwargs, cache=cache, student=student, out=out, method=method, epochs=epochs,
-        data=data, preset=preset, t_max=t_max, margin=margin, psi=psi, reduction=reduction, alpha=alpha,
-        temperature=temperature, anneal_epochs=anneal_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-        weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio,
-        max_grad_norm=max_grad_norm, schedule_unit=schedule_unit, val_split=val_split, seed=seed, precision=precision,
-        device=device, stream_mode=stream, save_every=save_every, resume=resume, overwrite=overwrite,
-        stop_after_epoch=stop_after_epoch, progress=progress, checkpoint=checkpoint, kd_loss=kd_loss,
-        phase_epochs=phase_epochs, layer_map=layer_map, trust_model_code=trust_model_code,
-        storage_options=_storage(storage_option), augment=augment, num_workers=num_workers,
-        memory_budget=memory_budget, keep_inputs=keep_inputs, check_first=check_first, log_every=log_every,
-        max_steps=max_steps, compile=compile)
     with _interrupts():
         _report_run(distill(cfg))
+
+
+def _distill_config(p: dict[str, Any]) -> Any:
+    """distill's flags (also sweep's), checked before torch is imported, as the recipe's config."""
+    _check_training(method=p["method"], kd_loss=p["kd_loss"], preset=p["preset"], stream=p["stream"],
+                    precision=p["precision"], optimizer=p["optimizer"], lr_schedule=p["lr_schedule"],
+                    reduction=p["reduction"], schedule_unit=p["schedule_unit"], augment=p["augment"], psi=p["psi"],
+                    cache=p["cache"], student=p["student"], data=p["data"], epochs=p["epochs"],
+                    batch_size=p["batch_size"], max_steps=p["max_steps"], log_every=p["log_every"],
+                    num_workers=p["num_workers"], keep_inputs=p["keep_inputs"], memory_budget=p["memory_budget"])
+    fields = ("cache", "student", "out", "method", "epochs", "data", "preset", "t_max", "margin", "psi", "reduction",
+              "alpha", "temperature", "anneal_epochs", "lr", "batch_size", "optimizer", "weight_decay", "momentum",
+              "lr_schedule", "warmup_ratio", "max_grad_norm", "schedule_unit", "val_split", "seed", "precision",
+              "device", "save_every", "resume", "overwrite", "stop_after_epoch", "progress", "checkpoint", "kd_loss",
+              "phase_epochs", "layer_map", "trust_model_code", "augment", "num_workers", "memory_budget",
+              "keep_inputs", "check_first", "log_every", "max_steps", "compile")
+    return _training("--student-kwargs", p["student_kwargs"], **{k: p[k] for k in fields}, stream_mode=p["stream"],
+                     storage_options=_storage(p["storage_option"]))
+
+
+def sweep_cmd(**p: Any) -> None:
+    """Train many students from one pass over a cache: a grid of hyper-parameters crossed with seeds."""
+    grid, seeds, sweep_file = p.pop("grid"), p.pop("seeds"), p.pop("sweep_file")
+    if not grid and not sweep_file and not seeds:
+        raise KDCacheError("sweep needs --grid NAME=V1,V2,..., --seeds or --sweep-file (else run distill)")
+    cfg = _distill_config(p)
+    from kdcache.recipes import sweep as sw
+
+    grid_values, seed_list, runs = sw.read_sweep_file(sweep_file) if sweep_file else ({}, None, None)
+    for name, values in sw.parse_grid(grid or []).items():
+        grid_values[name] = values
+    seed_list = sw.parse_seeds(seeds) if seeds else (seed_list or [cfg.seed])
+    for point in [*(runs or []), *({k: v} for k, vs in grid_values.items() for v in vs)]:
+        _check_training(**{k: v for k, v in point.items() if k != "seed"})  # method names, psi, epochs >= 1, ...
+    with _interrupts():
+        summaries = sw.sweep(sw.SweepConfig(cfg, grid_values, seed_list, runs))
+    _out.print(f"{len(summaries)} runs; results in {Path(cfg.out) / 'results.md'}")
+    _out.print((Path(cfg.out) / "results.md").read_text().split("\n\n", 1)[-1].rstrip())
+
+
+def _sweep_signature() -> inspect.Signature:
+    """distill's flags, each declared once (on distill_cmd), plus what a sweep varies."""
+    extra = [
+        inspect.Parameter("grid", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            Optional[list[str]], typer.Option("--grid", help="NAME=V1,V2,...: a flag's values to cross (repeat for "
+                                                              "more flags), e.g. --grid margin=0,0.5 --grid lr=0.1,0.2.")]),
+        inspect.Parameter("seeds", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            Optional[str], typer.Option("--seeds", help="Seeds of every grid point, e.g. 0,1,2,3,4 (default: --seed).")]),
+        inspect.Parameter("sweep_file", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            Optional[Path], typer.Option("--sweep-file", help="YAML or JSON with grid:, seeds: and/or runs: (a list "
+                                                              "of flag mappings) for irregular sweeps.")]),
+    ]
+    params = list(inspect.signature(distill_cmd, eval_str=True).parameters.values())
+    return inspect.Signature(params + extra)
+
+
+sweep_cmd.__signature__ = _sweep_signature()  # type: ignore[attr-defined]
+app.command("sweep")(sweep_cmd)
 
 
 @app.command("train")
@@ -448,7 +493,9 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the user sees one line; --debug shows the traceback
         if _state["debug"]:
             raise
-        if isinstance(exc, KDCacheError):
+        if isinstance(exc, SharedError):  # every torchrun process raised it: rank 0 says it once
+            pass
+        elif isinstance(exc, KDCacheError):
             print(f"error: {exc}", file=sys.stderr)
         elif isinstance(exc, OSError) and exc.filename:  # a file the recipes did not expect to fail: still one line
             print(f"error: {exc.filename}: {(exc.strerror or str(exc)).lower()}", file=sys.stderr)

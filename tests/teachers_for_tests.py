@@ -45,3 +45,9 @@ def linear_digits(num_classes: int = 10) -> nn.Module:
 def three_outputs() -> nn.Module:
     """A student factory that ignores the task's width: 3 outputs whatever the cache says."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+
+def dropout_mlp(num_classes: int = 2, in_features: int = 16) -> nn.Module:
+    """A student whose steps draw random numbers (dropout): what a sweep's students must not share."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 16), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Linear(16, num_classes))

@@ -14,14 +14,18 @@ Features, and the flags that control them:
 - schedules per epoch, or per step (`--schedule-unit step`) for runs of few epochs;
 - evaluation every epoch with the task's metric, the best student kept in `best/` (a teacher folder), metrics.jsonl
   and summary.json; `--resume` continues from last.pt with the same batches and schedules as an uninterrupted run;
-  `--precision bf16|fp16` autocast; `--device auto`.
+  `--precision bf16|fp16` autocast; `--device auto`;
+- several processes (`torchrun --nproc-per-node N $(which kdcache) distill ...`): each takes its share of every
+  batch, gradients summed over them, rank 0 writes the run folder (kdcache/train/distributed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,66 +40,113 @@ from kdcache.runtime import command_line, process_start_time, resolve_device, ut
 from kdcache.names import parse_budget
 from kdcache.train.batches import EpochOrder, TeacherTargets
 from kdcache.train.config import DistillConfig, resolve
+from kdcache.train.dist import World, close_world, init_world
 from kdcache.train.evaluation import evaluate
 from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, has_labels, input_options, load_dataset_only, load_run_data,
                                   probe_batch, selection_note)
-from kdcache.train.loop import Stepper, on_interrupt, train_epoch
+from kdcache.train.loop import Member, Stepper, on_interrupt, train_together
 from kdcache.train.metrics import compute_metrics, primary_metric
 from kdcache.train.optim import build_lr_schedule, build_optimizer
 from kdcache.train.run_dir import IDENTITY_VERSION, RunDir, rng_state, set_rng_state
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Run the recipe; returns the summary also written to RUN_DIR/summary.json."""
-    device = resolve_device(cfg.device)
+    """Run the recipe; returns the summary also written to RUN_DIR/summary.json (by rank 0 under torchrun)."""
+    world, device_name = init_world(cfg.device)
+    try:
+        device = resolve_device(device_name)
+        method = _method(cfg)
+        world.agree(lambda: _fresh_or_resumed(cfg, Path(cfg.out)))
+        data = load_data(cfg, world, device)  # 1. the data
+        run = open_run(cfg, data, world, device, method)  # 2-4. hyper-parameters, student, run folder
+        attach_targets([run], data)
+        run_epochs([run], data, progress=cfg.progress, where=str(run.run_dir.last))  # 5. the loop
+        return close_run(run, data)  # 6. the summary
+    finally:
+        close_world(world)
+
+
+@dataclass
+class StudentRun:
+    """One student's run, set up and ready for its epochs: what `distill` trains alone and `sweep` trains beside
+    others on the same batches."""
+
+    cfg: DistillConfig
+    hp: dict[str, Any]
+    preset: str
+    epochs: int
+    stepper: Stepper
+    run_dir: RunDir
+    progress: dict[str, Any]
+    state: dict[str, Any] | None  # last.pt of the interrupted run being resumed
+    teacher_val: dict[str, float] | None = None  # the teacher's own scores on the selection split
+    order: Any = None
+    targets: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.hp["batch_size"])
+
+
+def _method(cfg: DistillConfig) -> Any:
     method = make_method(cfg.method, MethodOptions(cfg.checkpoint, cfg.kd_loss, cfg.phase_epochs, cfg.layer_map,
                                                    cfg.reduction))
     if cfg.cache is None and method.needs_cache:
         raise KDCacheError(f"method {cfg.method!r} needs a teacher cache (--cache)")
-    out = Path(cfg.out)
-    if not cfg.resume and not cfg.overwrite and out.exists() and any(out.iterdir()):
-        raise KDCacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    return method
 
-    # 1. Data: the cache's own dataset, each row checked against the cache as it is first decoded (or, for
-    #    `train`, the dataset alone); inputs are decoded by worker processes, batch by batch.
+
+def load_data(cfg: DistillConfig, world: World, device: torch.device) -> RunData:
+    """The cache's own dataset, each row checked against the cache as it is first decoded (or, for `train`, the
+    dataset alone); inputs are decoded by worker processes, batch by batch. Under torchrun, a rank that cannot
+    read the cache or the data stops them all."""
     reading = input_options(cfg, device)
-    budget = parse_budget(cfg.memory_budget)
     if cfg.cache is not None:
-        data = load_run_data(cfg.cache, storage_options=cfg.storage_options, data=cfg.data, val_split=cfg.val_split,
-                             device=device, options=reading)
+        data = world.all_ok(lambda: load_run_data(cfg.cache, storage_options=cfg.storage_options, data=cfg.data,
+                                                  val_split=cfg.val_split, device=device, options=reading))
     else:
         tokenizer_source = cfg.tokenizer or (cfg.student if Path(cfg.student).is_dir() else None)
-        data = load_dataset_only(cfg.task, cfg.data, cfg.data_options, tokenizer_source=tokenizer_source,
-                                 val_split=cfg.val_split, device=device, reading=reading)
+        data = world.all_ok(lambda: load_dataset_only(cfg.task, cfg.data, cfg.data_options,
+                                                      tokenizer_source=tokenizer_source, val_split=cfg.val_split,
+                                                      device=device, reading=reading))
         for split in filter(None, (data.train, data.val)):  # no cache to check against: record what is read
             split.inputs.check = RowRecord(len(split.inputs))
     if not has_labels(data.selection.labels, data.kind):
         raise KDCacheError(f"split {data.selection.name!r} has no labels to select the best checkpoint on; "
                            "pass --val-split with a labelled split")
+    return data
 
-    # 2. Hyper-parameters: the preset, the method's defaults, then flags.
-    preset, hp = resolve(cfg.preset, data.modality, method, cfg)
+
+def open_run(cfg: DistillConfig, data: RunData, world: World, device: torch.device, method: Any = None) -> StudentRun:
+    """Hyper-parameters, student, method and optimiser of one run, and its folder: fresh, or resumed from last.pt
+    of the very same run."""
+    run = build_run(cfg, data, world, device, method)
+    open_folder(run, data)
+    return run
+
+
+def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.device, method: Any = None) -> StudentRun:
+    """Hyper-parameters, student, method (set up against the cache: a one-line error for arrays it lacks) and
+    optimiser of one run; nothing written yet."""
+    method = method or _method(cfg)
+    preset, hp = resolve(cfg.preset, data.modality, method, cfg)  # the preset, the method's defaults, then flags
     n, batch_size = int(hp["epochs"]), int(hp["batch_size"])
-
-    # 3. Student, method, batches, optimiser.
     probe = probe_batch(data.train.inputs)
     student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
                             seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe)
     student.model.to(device)
+    if device.type == "cuda" and data.modality == "image":  # convolutions run fastest on NHWC on the GPU
+        student.model.to(memory_format=torch.channels_last)
     check_student(student, probe, data.num_outputs)
     if cfg.compile:
         student.model = torch.compile(student.model)
     steps_per_epoch = -(-len(data.train.inputs) // batch_size)
     method.setup(Run(hp, n, steps_per_epoch, cfg.schedule_unit, data.kind, data.train.cache, student, probe,
                      str(cfg.cache)))
-    targets = None
-    if data.train.cache is not None:  # the teacher's targets follow the epoch order (in memory, or by windows)
-        targets = TeacherTargets(data.train.cache, method.arrays(), device=device, mode=cfg.stream_mode,
-                                 budget_bytes=budget)
-        order = targets.order(batch_size, seed=cfg.seed)
-    else:
-        order = EpochOrder(len(data.train.inputs), batch_size, seed=cfg.seed)
     trainable = torch.nn.ModuleList([student.model, *filter(None, [method.modules()])])
+    if world.distributed:  # rank 0's weights everywhere; then each rank its own random stream (dropout)
+        world.broadcast_parameters(trainable)
+        torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
     optimizer = build_optimizer(hp["optimizer"], trainable, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]),
                                 momentum=float(hp["momentum"]), compiling=cfg.compile)
     total_steps = n * steps_per_epoch
@@ -103,85 +154,151 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                                   warmup_steps=int(round(float(hp["warmup_ratio"]) * total_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
     stepper = Stepper(student, method, optimizer, scheduler, scaler, device, cfg.precision, hp["max_grad_norm"],
-                      list(trainable.parameters()))
+                      list(trainable.parameters()), world)
 
-    # 4. Run folder: fresh, or resumed from last.pt of the very same run.
-    run_dir = RunDir(out, _identity(cfg, hp, preset, data, method))
-    legacy = (lambda: _legacy_digest(data, batch_size)) if data.train.cache is None else None
-    state = run_dir.prepare(resume=cfg.resume, overwrite=cfg.overwrite, command=cfg.command or command_line(),
-                            legacy_digest=legacy)
     progress = {"epoch": 0, "step": 0, "best": None,
                 "totals": {"train_seconds": 0.0, "train_samples": 0, "wall_seconds": 0.0}}
-    if state is not None:
-        _restore(state, stepper, run_dir, data, progress)
-        if targets is not None and state.get("targets") not in (None, targets.describe()):
-            # the order depends on how the targets were held: replay the interrupted run's, whatever this machine's
-            # memory or --memory-budget would choose now
-            targets = TeacherTargets(data.train.cache, method.arrays(), device=device, budget_bytes=budget,
-                                     mode=state["targets"]["mode"], window_chunks=state["targets"]["window_chunks"])
-            order = targets.order(batch_size, seed=cfg.seed)
+    return StudentRun(cfg, hp, preset, n, stepper, RunDir(Path(cfg.out), _identity(cfg, hp, preset, data, method)),
+                      progress, None, _teacher_metrics(data, method.teacher_array))
 
-    progress["teacher_targets"] = targets.describe() if targets is not None else None
 
-    # 5. The loop: one epoch of minibatches, an evaluation, the checkpoints.
-    teacher_val = _teacher_metrics(data, method.teacher_array)
-    _run_epochs(cfg, stepper, (order, targets), data, run_dir, progress, n)
+def open_folder(run: StudentRun, data: RunData) -> None:
+    """The run's folder: made fresh, or last.pt of the very same run loaded and restored."""
+    legacy = (lambda: _legacy_digest(data, run.batch_size)) if data.train.cache is None else None
+    run.state = _prepare(run.run_dir, run.cfg, run.stepper.world, legacy)
+    if run.state is not None:
+        _restore(run.state, run.stepper, run.run_dir, data, run.progress)
 
-    # 6. The summary.
-    summary = _summary(cfg, stepper, data, run_dir, progress, hp, preset, n, teacher_val, device)
-    run_dir.write_summary(summary)
+
+def attach_targets(runs: list[StudentRun], data: RunData) -> None:
+    """The batches of runs trained together (same seed and batch size) and the teacher's targets for them, held
+    once: in host memory, or by windows of chunks (the order depends on which, so a resumed run replays how its
+    interrupted run held them, whatever this machine's memory or --memory-budget would choose now)."""
+    first = runs[0]
+    cfg, device = first.cfg, first.stepper.device
+    if data.train.cache is None:
+        order, targets = EpochOrder(len(data.train.inputs), first.batch_size, seed=cfg.seed), None
+    else:
+        arrays = tuple(dict.fromkeys(a for run in runs for a in run.stepper.method.arrays()))
+        held = next((run.state.get("targets") for run in runs if run.state and run.state.get("targets")), None)
+        mode, window = (held["mode"], held["window_chunks"]) if held else (cfg.stream_mode, None)
+        targets = TeacherTargets(data.train.cache, arrays, device=device, mode=mode, window_chunks=window,
+                                 budget_bytes=parse_budget(cfg.memory_budget))
+        order = targets.order(first.batch_size, seed=cfg.seed)
+    for run in runs:
+        run.order, run.targets = order, targets
+        run.progress["teacher_targets"] = targets.describe() if targets is not None else None
+
+
+def close_run(run: StudentRun, data: RunData) -> dict[str, Any]:
+    """The summary, written by rank 0 once every rank is done (its metrics.jsonl complete for all to read)."""
+    world = run.stepper.world
+    world.barrier()
+    summary = _summary(run.cfg, run.stepper, data, run.run_dir, run.progress, run.hp, run.preset, run.epochs,
+                       run.teacher_val, run.stepper.device)
+    if world.main:
+        run.run_dir.write_summary(summary)
     return summary
 
 
-def _run_epochs(cfg: DistillConfig, stepper: Stepper, feed: tuple[Any, Any], data: RunData, run_dir: RunDir,
-                progress: dict[str, Any], n: int) -> None:
-    """Epochs after the last saved one: train, evaluate, record, keep the best, save last.pt."""
-    order, targets = feed
-    totals, wall_start = progress["totals"], time.perf_counter()
-    wall_before, first = totals["wall_seconds"], progress["epoch"] + 1
+def _fresh_or_resumed(cfg: DistillConfig, out: Path) -> None:
+    if not cfg.resume and not cfg.overwrite and out.exists() and any(out.iterdir()):
+        raise KDCacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+def _prepare(run_dir: RunDir, cfg: DistillConfig, world: World, legacy: Any) -> dict[str, Any] | None:
+    """The run folder made (or last.pt proved to be this run's) by rank 0; the other ranks then read last.pt."""
+    kept: dict[str, Any] = {}
+
+    def prepare() -> bool:
+        kept["state"] = run_dir.prepare(resume=cfg.resume, overwrite=cfg.overwrite,
+                                        command=cfg.command or command_line(), legacy_digest=legacy)
+        return kept["state"] is not None
+
+    resumed = world.agree(prepare)
+    if world.main or not resumed:
+        return kept.get("state")
+    return run_dir.prepare(resume=True, overwrite=False, command="", legacy_digest=legacy)
+
+
+def run_epochs(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) -> None:
+    """Epochs after each run's last saved one: train (the runs together, on the same batches), then for each run
+    evaluate, record, keep the best, save last.pt. `where` names what a Ctrl-C leaves to resume."""
+    first_run = runs[0]
+    cfg, world, n, order = first_run.cfg, first_run.stepper.world, first_run.epochs, first_run.order
+    first = min(run.progress["epoch"] for run in runs) + 1
+    wall_start = time.perf_counter()
+    walls = [run.progress["totals"]["wall_seconds"] for run in runs]
     current = {"epoch": first}
-    label = f"{stepper.method.display_name(data.kind)} {stepper.student.spec}"
-    with progress_bar(cfg.progress) as bar, run_dir.writes(), \
-            on_interrupt(str(run_dir.last), lambda: current["epoch"], n):
+    label = (f"{first_run.stepper.method.display_name(data.kind)} {first_run.stepper.student.spec}" if len(runs) == 1
+             else f"{len(runs)} students")
+    with progress_bar(progress and world.main) as bar, contextlib.ExitStack() as writes, \
+            on_interrupt(where, lambda: current["epoch"], n):
+        for run in runs:
+            writes.enter_context(run.run_dir.writes())
         task = bar.add_task(label, total=n * len(order), completed=(first - 1) * len(order), rate="")
         for epoch in range(first, n + 1):
             current["epoch"] = epoch
+            todo = [run for run in runs if run.progress["epoch"] < epoch and not run.progress.get("stopped")]
+            if not todo:
+                continue
             started = time.perf_counter()
-            result = train_epoch(stepper, order, targets, data.train.inputs, epoch, progress["step"],
-                                 on_step=_bar(bar, task, epoch, n), log_every=cfg.log_every,
-                                 max_steps=cfg.max_steps, on_batch=lambda: _started(progress))
+            members = [Member(run.stepper, run.progress["step"], run.progress.get("rng")) for run in todo]
+            results = train_together(members, order, first_run.targets, data.train.inputs, epoch,
+                                     on_step=_bar(bar, task, epoch, n, len(todo)), log_every=cfg.log_every,
+                                     max_steps=cfg.max_steps, on_batch=lambda: [_started(r.progress) for r in todo])
             seconds = time.perf_counter() - started
-            totals["train_seconds"] += seconds
-            totals["train_samples"] += result.rows
-            if result.stopped:  # cut by --max-steps
-                progress["stopped_at_step"] = result.step
-            unchecked = _unchecked(data)  # rows not yet compared with the cache: no model trained on them is kept
-            if unchecked:
-                progress["unchecked_rows"] = unchecked
-            scores = evaluate(stepper.student, data.selection.inputs, data.selection.labels, task=data.task,
-                              kind=data.kind, device=stepper.device, precision=cfg.precision,
-                              batch_size=order.batch_size)  # a batch that trains fits in evaluation
-            run_dir.append_metrics({
-                "epoch": epoch, "loss": result.loss, **result.values, "lr": result.lr,
-                "metric_name": primary_metric(data.task, data.kind), **{k: v for k, v in scores.items() if k != "rows"},
-                "split": data.selection.name, "seconds": round(seconds, 3),
-                "samples_per_second": round(result.rows / max(seconds, 1e-9), 1)})
-            improved = stepper.method.eligible(epoch) and not unchecked and (
-                progress["best"] is None or scores["metric"] > progress["best"]["metric"])
-            if improved:
-                progress["best"] = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
-            stepper.method.end_epoch(epoch, stepper.student, scores["metric"])
-            if cfg.save_every and epoch % cfg.save_every == 0 and not unchecked:
-                _save_model(run_dir, data, stepper, run_dir.out / "checkpoints" / f"epoch-{epoch:04d}",
-                            {"epoch": epoch, "metric": scores["metric"]})
-            progress.update(epoch=epoch, step=result.step)
-            totals["wall_seconds"] = wall_before + time.perf_counter() - wall_start
-            if not result.stopped:  # a run cut by --max-steps inside an epoch keeps no last.pt to resume from
-                run_dir.save_state(_snapshot(stepper, progress, targets, data))
-            if improved:  # after last.pt, so a resume can always tell whether best/ is up to date
-                _save_model(run_dir, data, stepper, run_dir.out / "best", {"epoch": epoch})
-            if result.stopped or (cfg.stop_after_epoch is not None and cfg.stop_after_epoch <= epoch < n):
+            world.merge_seen(data.train.inputs.check)  # each rank checked the rows it read
+            for run, member, result in zip(todo, members, results):
+                if member.rng is not None:
+                    run.progress["rng"] = member.rng
+                run.progress["totals"]["wall_seconds"] = walls[runs.index(run)] + time.perf_counter() - wall_start
+                _end_epoch(run, data, epoch, result, seconds)
+            stop = cfg.stop_after_epoch is not None and cfg.stop_after_epoch <= epoch < n
+            if all(run.progress.get("stopped") for run in runs) or stop:
                 break
+    for run, wall in zip(runs, walls):  # the last evaluation included
+        if run.progress["epoch"] >= first:
+            run.progress["totals"]["wall_seconds"] = wall + time.perf_counter() - wall_start
+
+
+def _end_epoch(run: StudentRun, data: RunData, epoch: int, result: Any, seconds: float) -> None:
+    """One run's epoch after its steps: evaluate, record, keep the best, save last.pt."""
+    cfg, stepper, run_dir, progress = run.cfg, run.stepper, run.run_dir, run.progress
+    world, totals = stepper.world, progress["totals"]
+    totals["train_seconds"] += seconds
+    totals["train_samples"] += result.rows
+    if result.stopped:  # cut by --max-steps
+        progress["stopped_at_step"] = result.step
+        progress["stopped"] = True
+    unchecked = _unchecked(data)  # rows not yet compared with the cache: no model trained on them is kept
+    if unchecked:
+        progress["unchecked_rows"] = unchecked
+    scores = evaluate(stepper.student, data.selection.inputs, data.selection.labels, task=data.task,
+                      kind=data.kind, device=stepper.device, precision=cfg.precision,
+                      batch_size=run.batch_size, world=world)  # a batch that trains fits in evaluation
+    world.merge_seen(data.selection.inputs.check)
+    if world.main:
+        run_dir.append_metrics({
+            "epoch": epoch, "loss": result.loss, **result.values, "lr": result.lr,
+            "metric_name": primary_metric(data.task, data.kind), **{k: v for k, v in scores.items() if k != "rows"},
+            "split": data.selection.name, "seconds": round(seconds, 3),
+            "samples_per_second": round(result.rows / max(seconds, 1e-9), 1)})
+    improved = stepper.method.eligible(epoch) and not unchecked and (
+        progress["best"] is None or scores["metric"] > progress["best"]["metric"])
+    if improved:
+        progress["best"] = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
+    stepper.method.end_epoch(epoch, stepper.student, scores["metric"])
+    if cfg.save_every and epoch % cfg.save_every == 0 and not unchecked and world.main:
+        _save_model(run_dir, data, stepper, run_dir.out / "checkpoints" / f"epoch-{epoch:04d}",
+                    {"epoch": epoch, "metric": scores["metric"]})
+    progress.update(epoch=epoch, step=result.step)
+    if not result.stopped:  # a run cut by --max-steps inside an epoch keeps no last.pt to resume from
+        snapshot = _snapshot(stepper, progress, run.targets, data)  # (every rank: it gathers their RNG states)
+        if world.main:
+            run_dir.save_state(snapshot)
+    if improved and world.main:  # after last.pt, so a resume can always tell whether best/ is up to date
+        _save_model(run_dir, data, stepper, run_dir.out / "best", {"epoch": epoch})
 
 
 def _unchecked(data: RunData) -> int:
@@ -197,12 +314,14 @@ def _started(progress: dict[str, Any]) -> None:
         progress["startup_seconds"] = round(time.time() - process_start_time(), 3)
 
 
-def _bar(bar: Any, task: Any, epoch: int, n: int) -> Any:
-    """The progress bar's view of each step: it advances every step but reads the loss (a wait for the device)
-    only a few times a second."""
+def _bar(bar: Any, task: Any, epoch: int, n: int, students: int = 1) -> Any:
+    """The progress bar's view of each step: it advances every batch (after its last student's step) but reads
+    the loss (a wait for the device) only a few times a second."""
     last = {"read": 0.0}
 
-    def on_step(loss: torch.Tensor) -> None:
+    def on_step(i: int, loss: torch.Tensor) -> None:
+        if i != students - 1:
+            return
         now = time.perf_counter()
         if now - last["read"] > 0.25 and not bar.disable:  # --no-progress: never wait for the device
             last["read"] = now
@@ -217,25 +336,34 @@ def _snapshot(s: Stepper, progress: dict[str, Any], targets: Any, data: RunData)
     return {**progress, "model": s.student.model.state_dict(), "method": s.method.state_dict(),
             "targets": targets.describe() if targets is not None else None, "rows": _row_state(data),
             "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-            "scaler": s.scaler.state_dict(), "rng": rng_state()}
+            "scaler": s.scaler.state_dict(), "world_size": s.world.size,
+            "rng": progress["rng"] if "rng" in progress else rng_state(),  # (a sweep's student: its own stream)
+            **({"rng_ranks": s.world.gather(rng_state())} if s.world.distributed else {})}
 
 
 def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, progress: dict[str, Any]) -> None:
+    trained_by = int(state.get("world_size", 1))
+    if trained_by != s.world.size:  # each rank's share of a batch, and its random stream, depend on the count
+        launch = f"torchrun --nproc-per-node {trained_by}" if trained_by > 1 else "one process (no torchrun)"
+        raise KDCacheError(f"{run_dir.last}: this run was trained by {trained_by} process(es), not {s.world.size}; "
+                           f"resume it with {launch}, or start a new --out")
     s.student.model.load_state_dict(state["model"])
     s.method.load_state_dict(state["method"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:  # empty when the run began where fp16 scaling was off (e.g. on the CPU)
         s.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng_ranks"][s.world.rank] if s.world.distributed else state["rng"])
     progress.update({k: state[k] for k in ("epoch", "step", "best", "totals")})
     for split in filter(None, (data.train, data.val)):  # `train`: the rows must be those the run trained on
         recorded = (state.get("rows") or {}).get(split.name)
         if data.train.cache is None and recorded is not None:
             split.inputs.check = RowCheck(recorded.numpy().view(np.uint64), split.inputs.labels, split.inputs.split.source,
                                           f"what this run read before ({run_dir.last})", "since the run began")
-    run_dir.repair_best(state, lambda epoch: _save_model(run_dir, data, s, run_dir.out / "best", {"epoch": epoch}))
-    run_dir.truncate_metrics(state["epoch"])
+    if s.world.main:
+        run_dir.repair_best(state, lambda epoch: _save_model(run_dir, data, s, run_dir.out / "best",
+                                                             {"epoch": epoch}))
+        run_dir.truncate_metrics(state["epoch"])
 
 
 def _save_model(run_dir: RunDir, data: RunData, s: Stepper, directory: Path, extra: dict[str, Any]) -> None:
@@ -320,7 +448,7 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
                            f"{len(data.train.inputs):,} training rows not yet read, so not yet checked against the "
                            "cache: no model was kept (--check-first checks every row first)"
                            if progress.get("unchecked_rows") else None),
-        "teacher_targets": progress.get("teacher_targets"),
+        "teacher_targets": progress.get("teacher_targets"), "world_size": s.world.size,
     }
 
 

@@ -69,6 +69,8 @@ class RowRecord:
     """`kdcache train` has no cache to check against: the fingerprint of every row is recorded as it is first
     decoded, kept in last.pt, and a resumed run checks its rows against it (`RowCheck`)."""
 
+    recording = True  # its fingerprints are what was read (under torchrun, merged from the rank that read each row)
+
     def __init__(self, rows: int) -> None:
         self.fingerprints = np.zeros(rows, dtype=np.uint64)
         self.seen = np.zeros(rows, dtype=bool)
@@ -131,7 +133,10 @@ class StudentInputs:
             if generator is not None:
                 batch = Batch(augment(batch.inputs.to(self.device, non_blocking=True), self.augment, generator),
                               batch.labels, batch.index, batch.fingerprint)
-            yield rows, self.split.prepare(batch, self.device), batch.labels
+            model_input = self.split.prepare(batch, self.device)
+            if isinstance(model_input, torch.Tensor) and model_input.dim() == 4 and model_input.is_cuda:
+                model_input = model_input.contiguous(memory_format=torch.channels_last)  # as the CNN's weights
+            yield rows, model_input, batch.labels
 
     def _decoded(self, batches: list[np.ndarray], *, fresh: bool = False) -> Iterator[tuple[np.ndarray, Batch]]:
         """Decoded batches: gathered from the kept inputs once they are complete (unless `fresh`), else decoded."""
@@ -144,7 +149,10 @@ class StudentInputs:
         loader = torch.utils.data.DataLoader(
             _Named(self.split.dataset, self.split.source), batch_sampler=_Rows(batches),
             collate_fn=self.split.collate, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None)
+            prefetch_factor=4 if self.workers else None,
+            # its own generator: the loader draws its workers' seed without touching the global random stream,
+            # which stays the model's (dropout) alone, so students stepped together in a sweep see a lone run's
+            generator=torch.Generator().manual_seed(self.seed))
         try:
             for rows, batch in zip(batches, loader):
                 if self.check is not None and not self.check.done:

@@ -18,7 +18,9 @@ import torch
 from kdcache.errors import Interrupted, KDCacheError
 from kdcache.methods import Method
 from kdcache.runtime import autocast
+from kdcache.train.dist import World
 from kdcache.train.inputs import StudentInputs
+from kdcache.train.run_dir import rng_state, set_rng_state
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Stepper:
     precision: str = "fp32"
     max_grad_norm: float | None = None
     parameters: list[torch.nn.Parameter] = field(default_factory=list)  # what gradient clipping covers
+    world: World = field(default_factory=World)  # the processes sharing each batch (torchrun)
 
 
 @dataclass
@@ -54,46 +57,106 @@ def train_epoch(s: Stepper, order: Any, targets: Any, inputs: StudentInputs, epo
     Nothing waits for the device within a step: the loss is summed on the device and read back every `log_every`
     steps (and at the end of the epoch), where a non-finite value stops the run. `on_step` receives the step's
     loss tensor (a progress bar reads it a few times a second, not every step); `on_batch` is called as each
-    step begins, its batch decoded and on the device (the recipe times its start-up there)."""
-    s.student.model.train()
-    s.method.start_epoch(epoch, s.student)
+    step begins, its batch decoded and on the device (the recipe times its start-up there). Under torchrun each
+    process trains on its share of every batch (`World.shard`) and the log's loss is the mean over all rows."""
+    return train_together([Member(s, step)], order, targets, inputs, epoch, on_step=lambda i, loss: on_step(loss),
+                          log_every=log_every, max_steps=max_steps, on_batch=on_batch)[0]
+
+
+@dataclass
+class Member:
+    """One student of those stepped on the same batches: its stepper, the global step it starts the epoch at,
+    and (several students) its own random stream, swapped in for its steps so that its dropout draws are those
+    of a lone run."""
+
+    s: Stepper
+    step: int
+    rng: dict[str, Any] | None = None
+
+
+@dataclass
+class _Tally:
+    loss_sum: torch.Tensor
+    first_unread: int
+    rows: int = 0
+    plan: Any = None
+    lr: float | None = None
+    stopped: bool = False
+
+
+def train_together(members: list[Member], order: Any, targets: Any, inputs: StudentInputs, epoch: int, *,
+                   on_step: Callable[[int, torch.Tensor], None] = lambda i, loss: None, log_every: int = 0,
+                   max_steps: int | None = None, on_batch: Callable[[], None] = lambda: None) -> list[EpochResult]:
+    """`train_epoch` for several students at once (`kdcache sweep`): each batch of inputs is decoded, checked and
+    moved to the device once, and the teacher's rows for it gathered once, then every student takes its step."""
+    world = members[0].s.world
+    for m in members:
+        m.s.student.model.train()
+        m.s.method.start_epoch(epoch, m.s.student)
     plan = order.plan(epoch)
-    arrays = s.method.epoch_arrays(epoch)
-    teacher = targets.epoch(plan, arrays or None) if targets is not None else itertools.repeat((None, None))
-    loss_sum = torch.zeros((), device=s.device)
-    rows_seen, first_unread, step_plan, lr, stopped = 0, step, None, None, False
-    for (rows, model_input, batch_labels), (target, labels) in zip(inputs.epoch(plan.batches, epoch=epoch,
-                                                                               train=True), teacher):
+    wanted = [m.s.method.epoch_arrays(epoch) for m in members]
+    arrays = None if not all(wanted) else tuple(dict.fromkeys(a for w in wanted for a in w))
+    teacher = targets.epoch(plan, arrays) if targets is not None else itertools.repeat((None, None))
+    tallies = [_Tally(torch.zeros((), device=m.s.device), m.step) for m in members]
+    shares = [world.shard(rows) for rows in plan.batches]
+    local = [rows[share] for rows, (share, _) in zip(plan.batches, shares)]
+    for (rows, model_input, batch_labels), (target, labels), (share, weight) in zip(
+            inputs.epoch(local, epoch=epoch, train=True), teacher, shares):
         if labels is None:  # `kdcache train`: the labels come with the inputs
-            labels = batch_labels.to(s.device, non_blocking=True)
+            labels = batch_labels.to(members[0].s.device, non_blocking=True)
+        elif world.distributed:  # the teacher's rows of the whole batch: this rank's share
+            labels = labels[share]
+            target = {k: v[share] for k, v in target.items()} if isinstance(target, dict) else target[share]
         on_batch()
-        step_plan = s.method.plan(epoch, step)
-        target = target[step_plan.array] if isinstance(target, dict) else target
-        with autocast(s.device, s.precision):
-            output = s.method.forward(s.student, model_input, step_plan)
-        loss = s.method.loss(output, target, labels, step_plan)
-        s.optimizer.zero_grad(set_to_none=True)
-        s.scaler.scale(loss).backward()
-        if s.max_grad_norm:
-            s.scaler.unscale_(s.optimizer)
-            torch.nn.utils.clip_grad_norm_(s.parameters, float(s.max_grad_norm))
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        lr = s.optimizer.param_groups[0]["lr"]
-        s.scheduler.step()
-        step += 1
-        loss_sum += loss.detach().float() * len(rows)
-        rows_seen += len(rows)
-        on_step(loss)
-        if log_every and step % log_every == 0:
-            _check_finite(float(loss_sum), epoch, first_unread, step)
-            first_unread = step
-        if max_steps is not None and step >= max_steps:
-            stopped = True
+        for i, (m, t) in enumerate(zip(members, tallies)):
+            if t.stopped:
+                continue
+            if m.rng is not None:
+                set_rng_state(m.rng)
+            loss = _step(m, t, epoch, model_input, target, labels, weight)
+            if m.rng is not None:
+                m.rng = rng_state()
+            if weight:  # (a rank without rows in this batch trained on a stand-in row with weight 0)
+                t.loss_sum += loss.detach().float() * len(rows)
+                t.rows += len(rows)
+            on_step(i, loss)
+            if log_every and m.step % log_every == 0:
+                _check_finite(float(world.sum(t.loss_sum)), epoch, t.first_unread, m.step)
+                t.first_unread = m.step
+            t.stopped = max_steps is not None and m.step >= max_steps
+        if all(t.stopped for t in tallies):
             break
-    total = float(loss_sum)
-    _check_finite(total, epoch, first_unread, step)
-    return EpochResult(step, total / max(rows_seen, 1), rows_seen, step_plan.values if step_plan else {}, lr, stopped)
+    results = []
+    for m, t in zip(members, tallies):
+        sums = torch.stack([t.loss_sum.double(), torch.tensor(float(t.rows), dtype=torch.float64, device=m.s.device)])
+        total, rows_seen = (float(v) for v in world.sum(sums))
+        _check_finite(total, epoch, t.first_unread, m.step)
+        results.append(EpochResult(m.step, total / max(rows_seen, 1), int(rows_seen),
+                                   t.plan.values if t.plan else {}, t.lr, t.stopped))
+    return results
+
+
+def _step(m: Member, t: _Tally, epoch: int, model_input: Any, target: Any, labels: torch.Tensor,
+          weight: float) -> torch.Tensor:
+    """One optimiser step of one student; returns its loss (on the device, not read)."""
+    s = m.s
+    t.plan = s.method.plan(epoch, m.step)
+    target = target[t.plan.array] if isinstance(target, dict) else target
+    with autocast(s.device, s.precision):
+        output = s.method.forward(s.student, model_input, t.plan)
+    loss = s.method.loss(output, target, labels, t.plan)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss * weight if s.world.distributed else loss).backward()
+    s.world.sum_gradients(s.parameters)
+    if s.max_grad_norm:
+        s.scaler.unscale_(s.optimizer)
+        torch.nn.utils.clip_grad_norm_(s.parameters, float(s.max_grad_norm))
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    t.lr = s.optimizer.param_groups[0]["lr"]
+    s.scheduler.step()
+    m.step += 1
+    return loss
 
 
 def _check_finite(value: float, epoch: int, first: int, last: int) -> None:
@@ -114,4 +177,4 @@ def on_interrupt(last: str, current: Callable[[], int], n: int) -> Iterator[None
                           "continue") from None
 
 
-__all__ = ["EpochResult", "Stepper", "on_interrupt", "train_epoch"]
+__all__ = ["EpochResult", "Member", "Stepper", "on_interrupt", "train_epoch", "train_together"]

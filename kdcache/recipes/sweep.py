@@ -1,0 +1,282 @@
+"""Recipe: many students from one pass over a teacher cache (`kdcache sweep`).
+
+    kdcache sweep --cache c10.kdcache --student resnet8 --grid margin=0,0.5,1 --grid t-max=5,10 --seeds 0,1,2 \
+        --out runs/margins
+    kdcache sweep --cache sst2.kdcache --student bert-4layer.json --sweep-file grid.yaml --out runs/sst2
+
+A sweep is the runs `distill` would make, one per point of the grid and seed, each in `OUT/<name>/` with the
+files a lone run writes. The data is read once, and students that share a seed and a batch size (so the same
+batches: the order depends on (seed, epoch) alone) are stepped together on each batch: decoded, checked against
+the cache and moved to the device once, the teacher's rows gathered once. Each student keeps its own random stream
+(swapped in for its steps), so its metrics equal those of a lone `distill` with the same flags and seed. At the end,
+`results.csv` and `results.md` (mean and spread over seeds per grid point) and `results.png` (the metric against
+each swept value) sum the sweep up. `--resume` continues every run where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import KDCacheError
+from kdcache.runtime import resolve_device
+from kdcache.train.config import HYPERPARAMETERS, DistillConfig
+from kdcache.train.dist import World
+from kdcache.train.run_dir import rng_state
+from kdcache.recipes.distill import StudentRun, attach_targets, build_run, close_run, load_data, open_folder, run_epochs
+
+#: DistillConfig fields a sweep may vary: what a run computes, never where its data lies.
+SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "schedule_unit", "kd_loss", "phase_epochs", "layer_map",
+             "checkpoint", "student", "preset", "augment")
+
+
+@dataclass
+class SweepConfig:
+    """A sweep: the flags every run shares (`base`, whose `out` is the sweep's folder) and what varies."""
+
+    base: DistillConfig
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # DistillConfig field -> values, crossed
+    seeds: list[int] = field(default_factory=lambda: [0])
+    runs: list[dict[str, Any]] | None = None  # or explicit runs (a sweep file's `runs:`), each with its own seed
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """`NAME=V1,V2,...` flags (a flag's name, with dashes) as DistillConfig fields and typed values."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not values.strip():
+            raise KDCacheError(f"--grid {item!r}: expected NAME=V1,V2,... (e.g. --grid margin=0,0.5,1)")
+        key = _field(name)
+        if key in grid:
+            raise KDCacheError(f"--grid {name}: given twice; list every value in one --grid")
+        grid[key] = [_typed(key, v.strip()) for v in values.split(",")]
+    return grid
+
+
+def parse_seeds(text: str | None) -> list[int]:
+    if not text:
+        return [0]
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise KDCacheError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise KDCacheError(f"--seeds {text!r}: a seed is listed twice")
+    return seeds
+
+
+def read_sweep_file(path: Path) -> tuple[dict[str, list[Any]], list[int] | None, list[dict[str, Any]] | None]:
+    """A sweep file (YAML or JSON): `grid: {name: [values]}`, `seeds: [..]`, and/or `runs: [{name: value, ...}]`
+    for anything irregular (each run may carry its own `seed`)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise KDCacheError(f"{path}: cannot read the sweep file ({(exc.strerror or str(exc)).lower()})") from None
+    try:
+        if Path(path).suffix == ".json":
+            spec = json.loads(text)
+        else:
+            import yaml
+
+            spec = yaml.safe_load(text)
+    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's parse errors are ValueErrors or not:
+        raise KDCacheError(f"{path}: not a sweep file ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - yaml's errors: one line naming the file
+        raise KDCacheError(f"{path}: not a sweep file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict) or not set(spec) <= {"grid", "seeds", "runs"} or not spec:
+        raise KDCacheError(f"{path}: a sweep file is a mapping with `grid`, `seeds` and/or `runs`")
+    grid = {}
+    for name, values in (spec.get("grid") or {}).items():
+        values = values if isinstance(values, list) else [values]
+        grid[_field(name)] = [_typed(_field(name), str(v)) for v in values]
+    seeds = spec.get("seeds")
+    if seeds is not None:
+        seeds = parse_seeds(",".join(map(str, seeds if isinstance(seeds, list) else [seeds])))
+    runs = None
+    if spec.get("runs") is not None:
+        if not isinstance(spec["runs"], list) or not all(isinstance(r, dict) for r in spec["runs"]):
+            raise KDCacheError(f"{path}: `runs` must be a list of mappings of flag to value")
+        runs = [{(k if k == "seed" else _field(k)): (int(v) if k == "seed" else _typed(_field(k), str(v)))
+                 for k, v in run.items()} for run in spec["runs"]]
+    return grid, seeds, runs
+
+
+def _field(name: str) -> str:
+    key = name.strip().lstrip("-").replace("-", "_")
+    if key not in SWEEPABLE:
+        raise KDCacheError(f"--grid {name}: not a flag a sweep can vary; choose from "
+                           f"{', '.join(k.replace('_', '-') for k in SWEEPABLE)}")
+    return key
+
+
+def _typed(key: str, value: str) -> Any:
+    kind = {f.name: str(f.type) for f in dataclasses.fields(DistillConfig)}[key]
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+    except ValueError:
+        what = "an integer" if kind.startswith("int") else "a number"
+        raise KDCacheError(f"--grid {key.replace('_', '-')}={value}: {value!r} is not {what}") from None
+    return value
+
+
+def expand(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(name, overrides) of every run: the grid crossed with the seeds, or the explicit runs."""
+    if cfg.runs is not None:
+        points = [dict(run) for run in cfg.runs]
+        for run in points:
+            run.setdefault("seed", cfg.seeds[0] if cfg.seeds else cfg.base.seed)
+    else:
+        keys = list(cfg.grid)
+        points = [{**dict(zip(keys, values)), "seed": seed}
+                  for values in itertools.product(*(cfg.grid[k] for k in keys)) for seed in cfg.seeds]
+    named = [(_name(point), point) for point in points]
+    names = [name for name, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise KDCacheError(f"the sweep lists the run {twice[0]} more than once")
+    return named
+
+
+def _name(point: dict[str, Any]) -> str:
+    """A folder name that says what the run is: `margin-0.5_t-max-5_seed-0`."""
+    parts = [f"{k.replace('_', '-')}-{Path(str(v)).name if k == 'student' else v}" for k, v in point.items()]
+    return "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+def sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Run every student of the sweep; returns their summaries (also in OUT/<name>/summary.json and the tables)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise KDCacheError("sweep runs in one process: launch it without torchrun (distill takes torchrun)")
+    out = Path(cfg.base.out)
+    named = expand(cfg)
+    spec = {"grid": cfg.grid, "seeds": cfg.seeds, "runs": cfg.runs, "names": [name for name, _ in named]}
+    _prepare_folder(out, spec, resume=cfg.base.resume, overwrite=cfg.base.overwrite)
+    world, device = World(), resolve_device(cfg.base.device)
+
+    # 1. The data, once for every run (a grid never varies where the data lies).
+    data = load_data(cfg.base, world, device)
+
+    # 2. Every student built and its method set up before any trains: a method that needs arrays the cache lacks
+    #    stops the sweep here, with one line.
+    runs: list[StudentRun] = []
+    for name, point in named:
+        run_cfg = dataclasses.replace(cfg.base, **point, out=out / name, overwrite=False,
+                                      resume=(out / name / "config.json").is_file())
+        try:
+            runs.append(build_run(run_cfg, data, world, device))
+        except KDCacheError as exc:
+            raise KDCacheError(f"sweep run {name}: {exc}") from None
+        runs[-1].progress["rng"] = rng_state()  # its own random stream, as a lone run's after this point
+    (out / "sweep.json").write_text(json.dumps(spec, indent=2, default=str) + "\n")
+    for run in runs:
+        open_folder(run, data)
+        if run.state is not None:  # resumed: the stream its interrupted run saved
+            run.progress["rng"] = run.state["rng"]
+
+    # 3. Students that see the same batches train together.
+    groups: dict[tuple, list[StudentRun]] = {}
+    for run in runs:
+        groups.setdefault((run.cfg.seed, run.batch_size, run.epochs, run.cfg.stream_mode), []).append(run)
+    summaries: dict[str, dict[str, Any]] = {}
+    for group in groups.values():
+        attach_targets(group, data)
+        run_epochs(group, data, progress=cfg.base.progress, where=f"{out} (every run's last.pt)")
+        for run in group:
+            summaries[run.run_dir.out.name] = close_run(run, data)
+
+    # 4. The tables.
+    ordered = [(name, point, summaries[name]) for name, point in named]
+    write_results(out, ordered, list(cfg.grid) if cfg.runs is None else sorted({k for _, p in named for k in p} - {"seed"}))
+    return [summary for _, _, summary in ordered]
+
+
+def _prepare_folder(out: Path, spec: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    recorded = out / "sweep.json"
+    if resume:
+        if recorded.is_file():
+            old = json.loads(recorded.read_text())
+            if old.get("names") != spec["names"]:
+                raise KDCacheError(f"{recorded}: a sweep of other runs; resume it with the same --grid, --seeds and "
+                                   "sweep file, or start a new --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise KDCacheError(f"{out}: already holds a sweep or a run; pass --resume to continue it or --overwrite "
+                               "to replace it")
+        if not recorded.is_file():
+            raise KDCacheError(f"{out}: refusing to overwrite: it is not a kdcache sweep folder")
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_results(out: Path, rows: list[tuple[str, dict[str, Any], dict[str, Any]]], swept: list[str]) -> None:
+    """results.csv (one row a run), results.md (mean and spread over seeds per grid point) and results.png."""
+    columns = ["run", *swept, "seed", "best_metric", "best_epoch", "last_metric", "samples_per_second"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for name, point, summary in rows:
+            writer.writerow([name, *(point.get(k) for k in swept), point.get("seed"),
+                             *(summary.get(k) for k in columns[len(swept) + 2:])])
+    metric = next((s["metric_name"] for _, _, s in rows if s.get("metric_name")), "metric")
+    groups: dict[tuple, list[float]] = {}
+    for _, point, summary in rows:
+        value = summary.get("best_metric")
+        groups.setdefault(tuple(point.get(k) for k in swept), []).append(value)
+    lines = [f"| {' | '.join(k.replace('_', '-') for k in swept) or 'run'} | seeds | best {metric}: mean | sd | min | max |",
+             "|" + "---|" * (len(swept or ['run']) + 5)]
+    for key, values in groups.items():
+        got = [v for v in values if v is not None]
+        mean = f"{statistics.fmean(got):.4f}" if got else "-"
+        sd = f"{statistics.stdev(got):.4f}" if len(got) > 1 else "-"
+        low, high = (f"{min(got):.4f}", f"{max(got):.4f}") if got else ("-", "-")
+        lines.append(f"| {' | '.join(map(str, key)) or 'all'} | {len(values)} | {mean} | {sd} | {low} | {high} |")
+    (out / "results.md").write_text(f"Best validation {metric} of each run, over seeds per grid point "
+                                    f"(results.csv has every run).\n\n" + "\n".join(lines) + "\n")
+    _plot(out / "results.png", groups, swept, metric)
+
+
+def _plot(path: Path, groups: dict[tuple, list[float]], swept: list[str], metric: str) -> None:
+    """The metric against each swept value (mean over the other values and seeds, with the spread as bars);
+    skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not swept:
+        return
+    fig, axes = plt.subplots(1, len(swept), figsize=(4 * len(swept), 3.2), squeeze=False)
+    for ax, (i, key) in zip(axes[0], enumerate(swept)):
+        by_value: dict[Any, list[float]] = {}
+        for point, values in groups.items():
+            by_value.setdefault(point[i], []).extend(v for v in values if v is not None)
+        labels = list(by_value)
+        means = [statistics.fmean(v) if v else float("nan") for v in by_value.values()]
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in by_value.values()]
+        ax.errorbar(range(len(labels)), means, yerr=spread, marker="o", capsize=3)
+        ax.set_xticks(range(len(labels)), [str(v) for v in labels])
+        ax.set_xlabel(key.replace("_", "-"))
+        ax.set_ylabel(f"best {metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["SWEEPABLE", "SweepConfig", "expand", "parse_grid", "parse_seeds", "read_sweep_file", "sweep",
+           "write_results"]
