@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdcache.cli import options as o
-from kdcache.errors import Interrupted, KDCacheError
+from kdcache.errors import Interrupted, KDCacheError, SharedError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   # plain help, wrapped at the terminal's width (80 columns when there is none)
@@ -184,6 +184,8 @@ def cache_teacher_cmd(
         trust_model_code=trust_model_code, storage_options=storage)
     with _interrupts():
         location = cache_teacher(cfg)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the capture
+        return
     summary = describe_cache(location, storage)
     for s in summary["splits"]:
         rate = (summary["throughput"] or {}).get(s["name"], {}).get("rows_per_second")
@@ -243,6 +245,8 @@ def _print_info(s: dict) -> None:
 
 
 def _report_run(summary: dict) -> None:
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the run
+        return
     metric = summary["metric_name"]
     if summary["best_metric"] is None:  # e.g. stopped inside curriculum's projection phases: no candidate yet
         best = f"no best {metric} yet (no epoch eligible so far)"
@@ -448,7 +452,9 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the user sees one line; --debug shows the traceback
         if _state["debug"]:
             raise
-        if isinstance(exc, KDCacheError):
+        if isinstance(exc, SharedError):  # every torchrun process raised it: rank 0 says it once
+            pass
+        elif isinstance(exc, KDCacheError):
             print(f"error: {exc}", file=sys.stderr)
         elif isinstance(exc, OSError) and exc.filename:  # a file the recipes did not expect to fail: still one line
             print(f"error: {exc.filename}: {(exc.strerror or str(exc)).lower()}", file=sys.stderr)

@@ -17,3 +17,8 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a long job, carrying what was kept and how to continue; the CLI prints it and exits 130.
 
     A KeyboardInterrupt still, so a script that catches Ctrl-C around a recipe keeps working."""
+
+
+class SharedError(KDCacheError):
+    """A failure every process of a torchrun run raises together (one rank's refusal, told to all): only rank 0
+    prints it, so the user reads one line, not one per process."""
