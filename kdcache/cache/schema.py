@@ -334,5 +334,6 @@ class SplitHeader(_Header):
 
 
 __all__ = ["ArraySpec", "BASE_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
-           "FORMAT_NAME", "FORMAT_VERSION", "PROGRESS_FOLDER", "Projections", "RootHeader", "SplitHeader", "StorageInfo", "TaskInfo",
+           "FORMAT_NAME", "FORMAT_VERSION", "PROGRESS_FOLDER", "Projections", "RootHeader", "SplitHeader", "StorageInfo",
+           "TaskInfo",
            "chain_digest", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key", "split_arrays"]

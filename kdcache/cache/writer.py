@@ -525,8 +525,8 @@ class CacheWriter:
             self.lock.check()
         try:
             with remote_errors(self.store.location):
-                if self.records:  # empty by now (each split removed its own): the folder itself goes too
-                    self.store.delete_prefix(PROGRESS_FOLDER)
+                if self.records or self.store.is_local:  # empty by now (each split removed its own records), or
+                    self.store.delete_prefix(PROGRESS_FOLDER)  # left empty by several processes, then one finished
                 self.root.update_attributes({**(attrs or {}), "splits": self.splits, "completed": utc_now(),
                                         "complete": True})
         except KDCacheError:
@@ -551,7 +551,7 @@ def join_capture(store: CacheStore, created: str | None) -> zarr.Group:
     if attrs.get("format") != schema.FORMAT_NAME or attrs.get("created") != created or attrs.get("complete"):
         raise KDCacheError(f"{store.display()}: this process does not see the cache the first process is writing "
                            "there; every process must reach --out (a folder on storage all of them share, or a URL)")
-    probe = f"{PROGRESS_FOLDER}/probe-{os.getpid()}.json"
+    probe = f".kdcache-probe-{os.getpid()}.json"
     try:
         store.write_json(probe, {"pid": os.getpid()})
         store.delete(probe)

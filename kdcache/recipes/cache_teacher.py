@@ -189,7 +189,8 @@ def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> st
 
         def create() -> tuple[str | None, dict[str, list[int] | None], bool]:
             nonlocal writer
-            header = _header(cfg, job, device, chunk_rows)
+            # each rank on its own cuda:LOCAL_RANK: the header names the kind, as one process on `cuda` records it
+            header = _header(cfg, job, torch.device(device.type) if world.distributed else device, chunk_rows)
             writer = CacheWriter(store, header, overwrite=cfg.overwrite, resume=resuming, lock=lock, records=True)
             if job.splits[0].modality == "text" and job.teacher.tokenizer is not None:
                 blob, files = tokenizer_zip(job.teacher.tokenizer)
