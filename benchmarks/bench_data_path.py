@@ -5,6 +5,7 @@ throughput, and the classes in a batch of a class-sorted split under each shuffl
     python benchmarks/bench_data_path.py imagenet --unique 4000            # 1.28M rows, 1000 classes, 224 px
     python benchmarks/bench_data_path.py throughput                        # digits MLP, ResNet-8, BERT-2L
     python benchmarks/bench_data_path.py classes                           # classes per batch, per mode
+    python benchmarks/bench_data_path.py kdloss                            # the KD loss's own cost, MLP step
 
 Every run is the public CLI in a subprocess, as a user runs it; start-up is `summary.json`'s `startup_seconds`
 (process start to the first optimizer step) and peak memory the subprocess's own maximum RSS (and its
@@ -345,6 +346,41 @@ def throughput(args: argparse.Namespace) -> None:
            f"Median of {args.repeats} runs each, alternating; the ratio is to `train` of the same student.")
 
 
+def kdloss(args: argparse.Namespace) -> None:
+    """What the KD loss itself costs a small student's step: the digits MLP, a batch of 64, AdamW, alternating."""
+    import torch
+
+    from kdcache.methods.losses import ce, vanilla_kd_loss
+    from kdcache.models import mlp
+
+    torch.manual_seed(0)
+    model = mlp(10, 64, 256, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    x, y, t = torch.randn(64, 64), torch.randint(0, 10, (64,)), torch.randn(64, 10)
+
+    def step(kd: bool) -> None:
+        out = model(x)
+        loss = vanilla_kd_loss(out, t, y, temperature=4.0, alpha=0.5) if kd else ce(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for kd in (False, True) * args.repeats:
+        for _ in range(200):
+            step(kd)
+        start = time.perf_counter()
+        for _ in range(2000):
+            step(kd)
+        times[kd].append((time.perf_counter() - start) / 2000 * 1e3)
+    ce_ms, kd_ms = statistics.median(times[False]), statistics.median(times[True])
+    _table("One optimiser step of the digits MLP (64-256-256-10, batch 64, AdamW), CPU",
+           ["loss", "ms per step (median)", "relative"],
+           [["cross-entropy", f"{ce_ms:.3f}", "1.00x"], ["vanilla KD (T=4, alpha=0.5)", f"{kd_ms:.3f}",
+                                                         f"{ce_ms / kd_ms:.2f}x"]], args.out,
+           f"{args.repeats} alternating blocks of 2,000 steps after 200 warm-up steps; model, loss and optimiser only.")
+
+
 # ---------------------------------------------------------------------------------------------- classes per batch
 
 def classes(args: argparse.Namespace) -> None:
@@ -389,10 +425,13 @@ def main() -> None:
     p = sub.add_parser("throughput")
     p.add_argument("--repeats", type=int, default=3)
     sub.add_parser("classes")
+    p = sub.add_parser("kdloss")
+    p.add_argument("--repeats", type=int, default=3)
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    {"startup": startup, "imagenet": imagenet, "throughput": throughput, "classes": classes}[args.what](args)
+    {"startup": startup, "imagenet": imagenet, "throughput": throughput, "classes": classes,
+     "kdloss": kdloss}[args.what](args)
 
 
 if __name__ == "__main__":

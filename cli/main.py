@@ -185,6 +185,8 @@ def cache_teacher_cmd(
         trust_model_code=trust_model_code, storage_options=storage)
     with _interrupts():
         location = cache_teacher(cfg)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the capture
+        return
     summary = describe_cache(location, storage)
     for s in summary["splits"]:
         rate = (summary["throughput"] or {}).get(s["name"], {}).get("rows_per_second")

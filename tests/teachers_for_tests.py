@@ -51,3 +51,29 @@ def dropout_mlp(num_classes: int = 2, in_features: int = 16) -> nn.Module:
     """A student whose steps draw random numbers (dropout): what a sweep's students must not share."""
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 16), nn.ReLU(), nn.Dropout(0.3),
                          nn.Linear(16, num_classes))
+
+
+class LinearDigitsThatDies(nn.Sequential):
+    """`linear_digits` (same weights, same outputs) whose process kills itself with SIGKILL once it has computed
+    KDCACHE_TEST_KILL_AFTER rows, on the torchrun rank KDCACHE_TEST_KILL_RANK only: a deterministic crash of one
+    rank mid-capture. Without those variables it is `linear_digits`."""
+
+    rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+        import signal
+        import time
+
+        out = super().forward(x)
+        rank, after = os.environ.get("KDCACHE_TEST_KILL_RANK"), os.environ.get("KDCACHE_TEST_KILL_AFTER")
+        if rank is not None and after is not None and os.environ.get("RANK", "0") == rank:
+            self.rows += len(x)
+            if self.rows >= int(after):
+                time.sleep(1.0)  # the background writer stores the chunks finished so far
+                os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+
+def linear_digits_that_dies(num_classes: int = 10) -> nn.Module:
+    return LinearDigitsThatDies(nn.Flatten(), nn.Linear(64, num_classes))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,20 @@ MAX_TOKENIZER_BLOB_BYTES = 64 * 1024**2
 MAX_TOKENIZER_FILES_BYTES = 256 * 1024**2
 TOKENIZER_ARRAY = "tokenizer"
 #: What each root attribute holds and which arrays a split has, in words: docs/cache-format.md.
+#: A capture by several processes (torchrun) records each finished chunk here, one small JSON file per chunk
+#: (`<folder>/<split>/<chunk>.json`: its rows and the digest of each array's chunk); the folder is removed before
+#: the cache is marked complete, so a complete cache never holds it.
+PROGRESS_FOLDER = ".kdcache-progress"
+
+
+# Zarr lists the folder among a group's members and warns that it is none; it is kdcache's, and expected there.
+warnings.filterwarnings("ignore", message=rf"Object at {re.escape(PROGRESS_FOLDER)} is not recognized",
+                        category=UserWarning)
+
+
+def progress_key(split: str, chunk: int) -> str:
+    """Where the record of one finished chunk of a split lies, relative to the cache."""
+    return f"{PROGRESS_FOLDER}/{split}/{chunk}.json"
 
 
 def default_chunk_rows(num_outputs: int, itemsize: int) -> int:
@@ -318,5 +334,6 @@ class SplitHeader(_Header):
 
 
 __all__ = ["ArraySpec", "BASE_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
-           "FORMAT_NAME", "FORMAT_VERSION", "Projections", "RootHeader", "SplitHeader", "StorageInfo", "TaskInfo",
-           "chain_digest", "chunk_digest", "default_chunk_rows", "logits_dtype", "split_arrays"]
+           "FORMAT_NAME", "FORMAT_VERSION", "PROGRESS_FOLDER", "Projections", "RootHeader", "SplitHeader", "StorageInfo",
+           "TaskInfo",
+           "chain_digest", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key", "split_arrays"]

@@ -193,6 +193,20 @@ class CacheStore:
         except (OSError, ValueError):
             return None
 
+    def write_json(self, key: str, value: Any) -> None:
+        """A small JSON file of the cache, whole or not at all (a renamed temporary file on a local disk, one PUT on
+        an object store): the progress records of a capture by several processes."""
+        data = json.dumps(value, sort_keys=True).encode()
+        if self.is_local:
+            target = self.path / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f"{target.name}.{os.getpid()}.partial")
+            temporary.write_bytes(data)
+            os.replace(temporary, target)
+            return
+        with remote_errors(self.location):
+            self.fs.pipe_file(f"{self.root}/{key}", data)
+
     def size(self) -> int:
         """Bytes stored for the cache."""
         return sum(self.list_files().values())

@@ -6,6 +6,13 @@ one object PUT on an object store). After every array's chunk of a block is stor
 attribute moves past it: a crash at any moment leaves `complete: false` and a `rows_done` whose rows are all
 stored, so a rerun resumes from there (`CacheWriter(..., resume=True)`). One writer at a time holds the store's
 lock (`CacheStore.lock`). `BackgroundWriter` runs the storage side on a thread so a GPU teacher never waits.
+
+Several processes writing one cache (`cache-teacher` under torchrun) use the chunk-record form instead
+(`records=True`): each process writes whole chunks of its own rows and records each finished chunk by itself
+(`schema.progress_key`: its rows and digests), never touching a shared attribute; the process holding the lock
+created the arrays, and once every process has finished it assembles the manifest, the chain and the dataset
+digest from the records in chunk order (`SplitWriter.finish_records`), exactly as one process would have written
+them, then removes the records.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import queue
 import threading
 from pathlib import Path
@@ -22,7 +30,7 @@ import numpy as np
 import zarr
 
 from kdcache.cache import codecs, schema
-from kdcache.cache.schema import ArraySpec, ChunkManifest, DatasetInfo, RootHeader, SplitHeader
+from kdcache.cache.schema import PROGRESS_FOLDER, ArraySpec, ChunkManifest, DatasetInfo, RootHeader, SplitHeader
 from kdcache.cache.store import CacheStore, as_store, remote_errors
 from kdcache.errors import KDCacheError
 from kdcache.fingerprint import labels_equal
@@ -86,12 +94,20 @@ class SplitWriter:
 
     def __init__(self, group: zarr.Group, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int,
                  codec: str, chunk_rows: int, source: str | None = None, resume: bool = False,
-                 lock: Any = None, require_chain: bool = True) -> None:
+                 lock: Any = None, require_chain: bool = True, records: bool = False, attach: bool = False) -> None:
         """`specs` are the split's arrays (`schema.split_arrays`): the four base arrays and the optional float
-        arrays (teacher checkpoints' logits, hidden-state projections), written row for row, in the same chunks."""
+        arrays (teacher checkpoints' logits, hidden-state projections), written row for row, in the same chunks.
+
+        `records`: the chunk-record form of several writers (see the module's docstring): rows are written from
+        where `seek` puts the writer, and each finished chunk is recorded by itself instead of advancing
+        `rows_done`. `attach`: open the split another process created (it is never created or checked here)."""
         self.store, self.name, self.rows, self.chunk_rows = store, name, rows, chunk_rows
         self.specs, self.lock = specs, lock
         self.require_chain = require_chain  # False only for a split begun by a kdcache that recorded no chain
+        self.records = records
+        self._end = rows  # records: the writer stops at this row (the end of its run of chunks)
+        self._compare_skipped = True  # whether the rows skipped at a seek are stored and must be compared
+        self._compare_after = False  # records: whether rows computed past _end are stored and must be compared
         self.extras = {k: s.width for k, s in specs.items() if k not in schema.BASE_ARRAYS}
         self.source = source  # the data file or folder the rows come from, named in error messages
         self._filled = 0  # rows in the buffer
@@ -100,6 +116,11 @@ class SplitWriter:
         self._digest = hashlib.sha256()
         self._chunk_digests: dict[str, list[str]] = {key: [] for key in specs}  # the split's chunk manifest
         self._chain = ""  # the manifest so far, chained: recorded with rows_done
+        if attach:
+            self.group = group[name]
+            self.arrays = {key: self.group[key] for key in specs}
+            self._buffers = {key: np.empty((chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
+            return
         if resume and name in group.group_keys():
             if all(key in group[name].array_keys() for key in specs):
                 self._reopen(group[name])
@@ -144,6 +165,10 @@ class SplitWriter:
                 raise KDCacheError(f"{self.store.display(self.name)}: the chunks stored before the interruption are not "
                                    "the ones that were written (a chunk file was swapped or replaced); pass "
                                    "--overwrite to start again")
+            if self.records:  # begun by one process, continued by several: its stored rows become chunk records
+                for k, start in enumerate(range(0, self._flushed, self.chunk_rows)):
+                    stop = min(start + self.chunk_rows, self._flushed)
+                    self._record(k, start, stop, [self._chunk_digests[key][k] for key in self.arrays])
 
     @property
     def rows_done(self) -> int:
@@ -154,13 +179,101 @@ class SplitWriter:
     def complete(self) -> bool:
         return self.group.attrs.get("complete") is True
 
-    def skip(self, rows: int) -> None:
+    def skip(self, rows: int, compare: bool = True) -> None:
         """Drop the next `rows` rows written: a resume recomputes from a batch boundary before rows_done.
 
         The dropped rows are not wasted: their fingerprints and labels must equal the stored ones, which proves
-        the data read now continues the data the interrupted run read."""
+        the data read now continues the data the interrupted run read (`compare`; False for rows that another
+        process stores, computed only because a batch begins before this writer's first chunk)."""
         self._skip = rows
         self._skip_at = self._flushed - rows
+        self._compare_skipped = compare
+
+    # --- the chunk-record form (several writers) -------------------------------------------------------------------
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.rows // self.chunk_rows)
+
+    def seek(self, start: int, end: int, compute_from: int, *, compare_before: bool, compare_after: bool) -> None:
+        """Write rows `start:end` (whole chunks; `end` may be the split's last row) from a teacher that starts
+        computing at `compute_from` (a batch boundary at or before `start`) and may compute past `end` to finish
+        its last batch. The extra rows are dropped; those already stored (`compare_before`, `compare_after`) are
+        compared with the stored ones first."""
+        if not self.records or self._filled or start % self.chunk_rows or not compute_from <= start <= end:
+            raise ValueError(f"split {self.name!r}: cannot seek to rows {start}:{end} from {compute_from}")
+        self._flushed, self._end, self._compare_after = start, end, compare_after
+        self.skip(start - compute_from, compare=compare_before)
+
+    def _record(self, chunk: int, start: int, stop: int, digests: list[str]) -> None:
+        """Record one finished chunk: after its data, so a record always means the chunk is stored."""
+        self.store.write_json(schema.progress_key(self.name, chunk),
+                              {"split": self.name, "chunk": chunk, "rows": [start, stop], "arrays": list(self.arrays),
+                               "digests": digests})
+
+    def _records(self) -> dict[int, list[str]]:
+        """The recorded chunks of this split and their digests (one per array, in storage order); records that do not
+        describe a chunk of this split as it is stored now are ignored (the chunk is written again)."""
+        found: dict[int, list[str]] = {}
+        for key in self.store.list_files(f"{PROGRESS_FOLDER}/{self.name}"):
+            stem = key.rsplit("/", 1)[-1]
+            if not stem.endswith(".json") or not stem[:-5].isdigit():
+                continue  # a temporary file of a record a kill cut short
+            chunk = int(stem[:-5])
+            record = self.store.read_json(key)
+            expected = [chunk * self.chunk_rows, min(self.rows, (chunk + 1) * self.chunk_rows)]
+            if (isinstance(record, dict) and chunk < self.chunk_count and record.get("rows") == expected
+                    and record.get("arrays") == list(self.arrays) and isinstance(record.get("digests"), list)
+                    and len(record["digests"]) == len(self.arrays)):
+                found[chunk] = [str(d) for d in record["digests"]]
+        return found
+
+    def pending_chunks(self) -> list[int]:
+        """The chunks no process has recorded yet, in order, after reading every recorded chunk back (through its
+        CRC32C) and comparing it with its recorded digests: a chunk swapped or replaced meanwhile is refused."""
+        if self.complete:
+            return []
+        records = self._records()
+        for chunk, digests in sorted(records.items()):
+            start, stop = chunk * self.chunk_rows, min(self.rows, (chunk + 1) * self.chunk_rows)
+            stored = [schema.chunk_digest(np.asarray(a[start:stop])) for a in self.arrays.values()]
+            if stored != digests:
+                raise KDCacheError(f"{self.store.display(self.name)}: the chunks stored before the interruption are "
+                                   "not the ones that were written (a chunk file was swapped or replaced); pass "
+                                   "--overwrite to start again")
+        return [k for k in range(self.chunk_count) if k not in records]
+
+    def finish_records(self, dataset: DatasetInfo | dict[str, Any]) -> str:
+        """Once every process has finished: the split's manifest, chain and dataset digest from the chunk records,
+        in chunk order, written as one process writes them (`rows_done`, `chunk_chain`, `dataset`, `chunk_digests`
+        and `complete` in one metadata write), then the records removed. Returns the dataset digest."""
+        if isinstance(dataset, dict):
+            dataset = DatasetInfo.from_attrs(dataset, self.store.display(self.name))
+        records = self._records()
+        missing = [k for k in range(self.chunk_count) if k not in records]
+        if missing:
+            raise KDCacheError(f"{self.store.display(self.name)}: chunks {', '.join(map(str, missing[:5]))} of split "
+                               f"{self.name!r} were not recorded by any process{self._left()}")
+        manifest: dict[str, list[str]] = {key: [] for key in self.arrays}
+        chain = ""
+        for chunk in range(self.chunk_count):  # one block per chunk, as one process flushes them
+            for key, digest in zip(self.arrays, records[chunk]):
+                manifest[key].append(digest)
+            chain = schema.chain_digest(chain, records[chunk])
+        try:
+            with remote_errors(self.store.location):
+                fingerprints = np.asarray(self.arrays["fingerprint"][:])
+                dataset.digest = hashlib.sha256(np.ascontiguousarray(fingerprints, dtype="<u8").tobytes()).hexdigest()
+                self.group.update_attributes({"rows_done": self.rows, "chunk_chain": chain,
+                                              "dataset": dataset.to_attrs(),
+                                              "chunk_digests": ChunkManifest(arrays=manifest).to_attrs(),
+                                              "complete": True})
+                self.store.delete_prefix(f"{PROGRESS_FOLDER}/{self.name}")
+        except KDCacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(self.store, f"split {self.name!r} attributes", exc) from exc
+        return dataset.digest
 
     @property
     def rows_written(self) -> int:
@@ -176,6 +289,13 @@ class SplitWriter:
             arrays = self._drop_recomputed(arrays)
             if not len(arrays["index"]):
                 return
+        if self.records and self.rows_written + len(arrays["index"]) > self._end:  # the rest of the last batch
+            keep = self._end - self.rows_written
+            if self._compare_after:
+                self._compare_stored(self._end, {k: v[keep:] for k, v in arrays.items()})
+            arrays = {k: v[:keep] for k, v in arrays.items()}
+            if not len(arrays["index"]):
+                return
         index = arrays["index"]
         columns = {k: (self._stored(k, v, index) if self.specs[k].is_target else v) for k, v in arrays.items()}
         count = len(index)
@@ -188,25 +308,30 @@ class SplitWriter:
                 self._buffers[key][self._filled : self._filled + take] = values[done : done + take]
             self._filled += take
             done += take
-            if self._filled == self.chunk_rows:
+            if self._filled == self.chunk_rows or (self.records and self.rows_written == self._end):
                 self._flush()
 
     def _drop_recomputed(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Compare the recomputed rows at a resume with the stored ones, then drop them."""
         drop = min(self._skip, len(arrays["index"]))
-        at = self._skip_at
-        stored_fp = np.asarray(self.arrays["fingerprint"][at : at + drop])
-        stored_labels = np.asarray(self.arrays["labels"][at : at + drop])
-        fresh_labels = arrays["labels"][:drop].astype(stored_labels.dtype)
-        same = (stored_fp == arrays["fingerprint"][:drop].astype(np.uint64)) & labels_equal(stored_labels, fresh_labels)
+        if self._compare_skipped:
+            self._compare_stored(self._skip_at, {k: v[:drop] for k, v in arrays.items()})
+        self._skip -= drop
+        self._skip_at += drop
+        return {k: v[drop:] for k, v in arrays.items()}
+
+    def _compare_stored(self, at: int, arrays: dict[str, np.ndarray]) -> None:
+        """Recomputed rows from row `at` on must equal the stored ones (fingerprints and labels)."""
+        count = len(arrays["index"])
+        stored_fp = np.asarray(self.arrays["fingerprint"][at : at + count])
+        stored_labels = np.asarray(self.arrays["labels"][at : at + count])
+        fresh_labels = arrays["labels"].astype(stored_labels.dtype)
+        same = (stored_fp == arrays["fingerprint"].astype(np.uint64)) & labels_equal(stored_labels, fresh_labels)
         if not same.all():
             row = at + int(np.flatnonzero(~same)[0])
             raise KDCacheError(f"{self._where()}split {self.name!r}, row {row}: the data (input or label) differs "
                                f"from what the interrupted cache {self.store} was begun with; pass --overwrite to "
                                "start again")
-        self._skip -= drop
-        self._skip_at += drop
-        return {k: v[drop:] for k, v in arrays.items()}
 
     def _stored(self, key: str, values: np.ndarray, index: np.ndarray) -> np.ndarray:
         """`values` in the storage dtype, refused (with the row named) when not finite or beyond float16's range."""
@@ -249,6 +374,10 @@ class SplitWriter:
                 for key, array in self.arrays.items():
                     array[start:stop] = self._buffers[key][: self._filled]
                     block.append(schema.chunk_digest(self._buffers[key][: self._filled]))
+                if self.records:  # one chunk per flush (seek starts at a chunk, a run ends at one or at the last row)
+                    self._record(start // self.chunk_rows, start, stop, block)
+                    self._flushed, self._filled = stop, 0
+                    return
                 chain = schema.chain_digest(self._chain, block)
                 # after the data: a crash before it just rewrites this block. One metadata write for both keys
                 # (zarr's attrs.update writes once per key: a kill between the two would part them)
@@ -306,15 +435,16 @@ class CacheWriter:
     """Creates a cache and marks it complete only after every split is closed."""
 
     def __init__(self, location: str | Path | CacheStore, header: RootHeader | dict[str, Any], *,
-                 overwrite: bool = False, resume: bool = False, lock: Any = None) -> None:
+                 overwrite: bool = False, resume: bool = False, lock: Any = None, records: bool = False) -> None:
         """`header` is the root header (a dict of root attributes will do for scripts); its `write_settings` are
         what must not change across a resume (teacher hash, data, storage). `lock` is the store's writer lock, held
-        by the caller (CacheStore.lock)."""
+        by the caller (CacheStore.lock). `records`: splits are written in the chunk-record form (several writers;
+        see the module's docstring)."""
         store = as_store(location)
         if isinstance(header, dict):
             header = RootHeader.from_attrs({"format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION,
                                             **header}, str(store))
-        self.store, self.lock = store, lock
+        self.store, self.lock, self.records = store, lock, records
         self.require_chain = True
         self.resumed = resume and check_destination(store, overwrite=False)
         self.splits: list[str] = []
@@ -363,8 +493,11 @@ class CacheWriter:
             raise KDCacheError(f"{self.store}: split {name!r} given twice")
         self.splits.append(name)
         try:
-            return SplitWriter(self.root, self.store, name, specs, resume=self.resumed, lock=self.lock,
-                               require_chain=self.require_chain, **kwargs)
+            split = SplitWriter(self.root, self.store, name, specs, resume=self.resumed, lock=self.lock,
+                                require_chain=self.require_chain, records=self.records, **kwargs)
+            if self.records and split.complete:  # killed between the split's last write and its records' removal
+                self.store.delete_prefix(f"{PROGRESS_FOLDER}/{name}")
+            return split
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -392,12 +525,42 @@ class CacheWriter:
             self.lock.check()
         try:
             with remote_errors(self.store.location):
+                if self.records or self.store.is_local:  # empty by now (each split removed its own records), or
+                    self.store.delete_prefix(PROGRESS_FOLDER)  # left empty by several processes, then one finished
                 self.root.update_attributes({**(attrs or {}), "splits": self.splits, "completed": utc_now(),
                                         "complete": True})
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise storage_error(self.store, "the final attributes", exc) from exc
+
+
+def has_chunk_records(store: CacheStore) -> bool:
+    """Whether an interrupted cache was being written by several processes (chunk records): whoever resumes it, one
+    process or several, continues in that form."""
+    return bool(store.list_files(PROGRESS_FOLDER, limit=1))
+
+
+def join_capture(store: CacheStore, created: str | None) -> zarr.Group:
+    """Open, for writing chunks, the cache another process of the same capture created (`created`: its root
+    attribute, telling that very cache from any other at the same name), after proving this process sees it and
+    may write there. Raises one line naming the location otherwise (a local --out that is not on storage every
+    process shares, a path this process may not write)."""
+    meta = store.read_json("zarr.json")
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    if attrs.get("format") != schema.FORMAT_NAME or attrs.get("created") != created or attrs.get("complete"):
+        raise KDCacheError(f"{store.display()}: this process does not see the cache the first process is writing "
+                           "there; every process must reach --out (a folder on storage all of them share, or a URL)")
+    probe = f".kdcache-probe-{os.getpid()}.json"
+    try:
+        store.write_json(probe, {"pid": os.getpid()})
+        store.delete(probe)
+    except KDCacheError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise storage_error(store, "a progress record", exc) from exc
+    with remote_errors(store.location):
+        return zarr.open_group(store=store.zarr_store(read_only=False), mode="r+", zarr_format=3)
 
 
 class BackgroundWriter:
@@ -457,4 +620,5 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-__all__ = ["BackgroundWriter", "CacheWriter", "SplitWriter", "check_destination", "storage_error"]
+__all__ = ["BackgroundWriter", "CacheWriter", "SplitWriter", "check_destination", "has_chunk_records", "join_capture",
+           "storage_error"]

@@ -20,7 +20,12 @@ Features, and the flags that control them:
 - teacher checkpoints (Pro-KD): `--checkpoints 'run/checkpoints/epoch-*'` stores every checkpoint's logits too,
   in training order (`checkpoint_0`, ...); the last one is the trained teacher, stored as `logits`;
 - hidden-state projections (curriculum extraction): `--hidden-layers 2,4,6 --proj-dim D --proj-seed S` stores,
-  per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`).
+  per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`);
+- several processes (torchrun): each runs the teacher on its own share of each split's chunks and writes them
+  whole; rank 0 holds the lock, writes the attributes and, once every rank has finished, `complete`; the cache is
+  byte-identical to one process's, and a kill of any rank resumes with any number of processes:
+
+    torchrun --standalone --nproc-per-node 4 $(which kdcache) cache-teacher --teacher resnet110 ... --out c10.kdcache
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ import torch
 from kdcache.cache import codecs, schema
 from kdcache.cache.schema import CheckpointEntry, DatasetInfo, Projections, RootHeader, StorageInfo, TaskInfo
 from kdcache.cache.store import CacheStore
-from kdcache.cache.writer import BackgroundWriter, CacheWriter, SplitWriter, check_destination
+from kdcache.cache.writer import (BackgroundWriter, CacheWriter, SplitWriter, check_destination, has_chunk_records,
+                                  join_capture)
 from kdcache.data import DataOptions, SplitData, load_split, modality_of
 from kdcache.data.checks import check_batch_labels, check_splits_against_teacher
 from kdcache.data.text import tokenizer_zip
@@ -53,6 +59,7 @@ from kdcache.models.teachers import (Teacher, check_teacher_spec, load_teacher, 
                                      standalone_tokenizer)
 from kdcache.progress import progress_bar
 from kdcache.runtime import autocast, command_line, resolve_device, software_versions, utc_now
+from kdcache.train.dist import World, close_world, init_world
 
 log = logging.getLogger("kdcache")
 
@@ -102,13 +109,29 @@ class _Job:
 
 
 def cache_teacher(cfg: CacheTeacherConfig) -> str | Path:
-    """Run the recipe; returns the cache location. Raises KDCacheError on any bad input, before writing if it can."""
+    """Run the recipe; returns the cache location. Raises KDCacheError on any bad input, before writing if it can.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs it and the processes share the work (`_cache_shared`);
+    otherwise, and unless it resumes a cache several processes began, it is the one-process recipe below."""
+    world, device_name = init_world(cfg.device)
+    try:
+        if world.distributed:
+            return _cache_shared(cfg, world, device_name)
+        return _cache_alone(cfg, device_name)
+    finally:
+        close_world(world)
+
+
+def _cache_alone(cfg: CacheTeacherConfig, device_name: str) -> str | Path:
     layers = _check_flags(cfg)
     checkpoint_dirs = expand_checkpoints(cfg.checkpoints)  # a pattern that matches nothing fails here, in a second
-    device = resolve_device(cfg.device)
+    device = resolve_device(device_name)
     store = CacheStore(cfg.out, cfg.storage_options)
     with store.lock() as lock:  # one writer per cache, released however this process ends
         resuming = check_destination(store, cfg.overwrite, cfg.resume)  # a taken --out: refused before slow work
+        if resuming and has_chunk_records(store):  # begun by several processes: finished in their form, by one
+            lock.release()
+            return _cache_shared(cfg, World(), device_name)
 
         # 1. Teacher and data, checked against each other before anything is written.
         job = _prepare(cfg, device, checkpoint_dirs, layers)
@@ -134,6 +157,137 @@ def cache_teacher(cfg: CacheTeacherConfig) -> str | Path:
                 throughput[split.split] = _capture(cfg, job, split, sink, bar, device, writer.resumed)
         writer.finalize({"throughput": throughput, **({"resumed": utc_now()} if writer.resumed else {})})
     return cfg.out
+
+
+def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> str | Path:
+    """The recipe run by several processes (or by one, finishing what several began), in the chunk-record form of
+    the writer: rank 0 holds the lock, checks the destination and creates every array; each rank then runs the
+    teacher over its share of each split's missing chunks and records each chunk it writes; rank 0 closes each
+    split from the records once every rank is done, and writes `complete` last. A refusal anywhere is one line
+    for every rank (`World.agree`, `World.all_ok`), naming the rank when it is not rank 0's."""
+    layers = world.agree(lambda: _check_flags(cfg))
+    checkpoint_dirs = world.agree(lambda: expand_checkpoints(cfg.checkpoints))
+    device = resolve_device(device_name)
+    world.agree(lambda: CacheStore(cfg.out, cfg.storage_options) and None)  # a bad URL: one line, from rank 0
+    store = CacheStore(cfg.out, cfg.storage_options)
+    with contextlib.ExitStack() as held:
+        lock = None
+
+        def take() -> bool:
+            nonlocal lock
+            lock = held.enter_context(store.lock())  # rank 0's, released however it ends: it alone writes attributes
+            return check_destination(store, cfg.overwrite, cfg.resume)
+
+        resuming = world.agree(take)
+        job = world.all_ok(lambda: _prepare(cfg, device, checkpoint_dirs, layers))
+        chunk_rows = cfg.chunk_rows or schema.default_chunk_rows(job.width, np.dtype(cfg.dtype).itemsize)
+        extras = {f"checkpoint_{k}": job.width for k in range(len(job.checkpoints))}
+        extras.update({hidden.array_name(key): cfg.proj_dim for key in job.layers})
+        specs = {s.split: schema.split_arrays(job.width, s.kind, cfg.dtype, extras) for s in job.splits}
+        sinks: dict[str, SplitWriter] = {}
+        writer: CacheWriter | None = None
+
+        def create() -> tuple[str | None, dict[str, list[int] | None], bool]:
+            nonlocal writer
+            # each rank on its own cuda:LOCAL_RANK: the header names the kind, as one process on `cuda` records it
+            header = _header(cfg, job, torch.device(device.type) if world.distributed else device, chunk_rows)
+            writer = CacheWriter(store, header, overwrite=cfg.overwrite, resume=resuming, lock=lock, records=True)
+            if job.splits[0].modality == "text" and job.teacher.tokenizer is not None:
+                blob, files = tokenizer_zip(job.teacher.tokenizer)
+                writer.add_blob(schema.TOKENIZER_ARRAY, blob, {"format": "zip of save_pretrained files",
+                                                               "files": files,
+                                                               "class": type(job.teacher.tokenizer).__name__})
+            for split in job.splits:
+                sinks[split.split] = writer.add_split(split.split, specs[split.split], rows=len(split),
+                                                      codec=cfg.codec, chunk_rows=chunk_rows, source=split.source)
+            pending = {name: None if sink.complete else sink.pending_chunks() for name, sink in sinks.items()}
+            created = (store.read_json("zarr.json") or {}).get("attributes", {}).get("created")
+            return created, pending, writer.resumed
+
+        created, pending, resumed = world.agree(create)
+
+        def join() -> None:  # every rank sees the cache rank 0 created, and may write there
+            root = join_capture(store, created)
+            for split in job.splits:
+                if not world.main:
+                    sinks[split.split] = SplitWriter(root, store, split.split, specs[split.split], rows=len(split),
+                                                     codec=cfg.codec, chunk_rows=chunk_rows, source=split.source,
+                                                     records=True, attach=True)
+
+        world.all_ok(join)
+        throughput = {}
+        with progress_bar(cfg.progress and world.main) as bar:
+            for split in job.splits:
+                sink, todo = sinks[split.split], pending[split.split]
+                if todo is None:  # finished before the interruption
+                    throughput[split.split] = {"rows": len(split), "resumed": "already complete"}
+                    continue
+                mine = _chunk_share(todo, world)
+                done = set(range(sink.chunk_count)) - set(todo)
+                start = time.perf_counter()
+                rows = world.all_ok(lambda: _capture_chunks(cfg, job, split, sink, mine, done, bar, device))
+                seconds = time.perf_counter() - start
+                counts = world.gather((rows, seconds))
+                dataset = DatasetInfo(split.task, split.source, split.split, len(split), split.modality,
+                                      split.label_names, split.preprocess)
+                digest = world.agree(lambda: sink.finish_records(dataset))
+                computed, seconds = sum(r for r, _ in counts), max(t for _, t in counts)
+                throughput[split.split] = {
+                    "rows": computed, "seconds": round(seconds, 3),
+                    "rows_per_second": round(computed / max(seconds, 1e-9), 1), "digest": digest,
+                    **({"resumed_at_chunks_stored": len(done)} if resumed else {}), "processes": world.size}
+        world.agree(lambda: writer.finalize({"throughput": throughput, **({"resumed": utc_now()} if resumed else {})}))
+    return cfg.out
+
+
+def _chunk_share(chunks: list[int], world: World) -> list[int]:
+    """This rank's contiguous share of the chunks still to write (all of a split's chunks in a fresh capture), in
+    chunk order: decided from the list and the world's size alone, so every rank agrees without talking."""
+    bounds = np.linspace(0, len(chunks), world.size + 1).round().astype(int)
+    return chunks[bounds[world.rank]:bounds[world.rank + 1]]
+
+
+def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive chunks as [first, last + 1) runs."""
+    begin = None
+    for k, chunk in enumerate(chunks):
+        if begin is None:
+            begin = chunk
+        if k + 1 == len(chunks) or chunks[k + 1] != chunk + 1:
+            yield begin, chunk + 1
+            begin = None
+
+
+def _capture_chunks(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWriter, chunks: list[int],
+                    stored: set[int], bar: Any, device: torch.device) -> int:
+    """The teacher over this rank's chunks of one split, a run of consecutive chunks at a time; returns the rows
+    written. Every batch is the one a single process computes (batches start at multiples of the batch size, which
+    decide text padding and so the last bits of a logit): a run starts computing at the batch boundary at or before
+    its first row and ends at the one at or after its last, and the rows beyond the run are dropped; those that are
+    already stored (`stored` chunks: a resume) are compared with the stored ones first, and a run that follows a
+    stored chunk recomputes at least one stored batch, as a one-process resume does."""
+    rows, size, batch = sink.rows, sink.chunk_rows, cfg.batch_size
+    written = sum(min(rows, (k + 1) * size) - k * size for k in chunks)
+    task_id = bar.add_task(f"{split.split}", total=written, rate="")
+    start_time, done = time.perf_counter(), 0
+    for first_chunk, end_chunk in _runs(chunks):
+        start, end = first_chunk * size, min(rows, end_chunk * size)
+        begin = start - start % batch
+        if begin == start and start and first_chunk - 1 in stored:
+            begin -= batch  # recompute one stored batch anyway: its fingerprints must match
+        stop = min(rows, -(-end // batch) * batch)
+        before = all(k in stored for k in range(begin // size, first_chunk))
+        after = all(k in stored for k in range(end_chunk, -(-stop // size)))
+        sink.seek(start, end, begin, compare_before=before, compare_after=after)
+        with _on_interrupt(sink, split), BackgroundWriter(sink.write) as background, torch.inference_mode():
+            for batch_rows in _loader(split, cfg, device, start=begin, stop=stop):
+                background.put(_teacher_outputs(job, split, batch_rows, cfg, device))
+                kept = min(end, begin + len(batch_rows.index)) - max(start, begin)
+                begin += len(batch_rows.index)
+                done += max(kept, 0)
+                bar.update(task_id, advance=max(kept, 0),
+                           rate=f"{done / max(time.perf_counter() - start_time, 1e-9):,.0f} rows/s")
+    return written
 
 
 def _check_flags(cfg: CacheTeacherConfig) -> list:
@@ -254,15 +408,7 @@ def _capture(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWr
     start, done = time.perf_counter(), 0
     with _on_interrupt(sink, split), BackgroundWriter(sink.write) as background, torch.inference_mode():
         for batch in _loader(split, cfg, device, start=first):
-            check_batch_labels(split, batch.labels, batch.index, job.width)
-            inputs = split.prepare(batch, device)
-            with autocast(device, cfg.precision):
-                logits, pooled = job.tap(inputs) if job.tap is not None else (job.teacher(inputs), [])
-                arrays = {f"checkpoint_{k}": c.teacher(inputs).float() for k, c in enumerate(job.checkpoints)}
-            arrays.update({hidden.array_name(key): p.float() @ job.projections[key]
-                           for key, p in zip(job.layers, pooled)})
-            background.put({"logits": logits.float(), "labels": batch.labels, "index": batch.index,
-                            "fingerprint": batch.fingerprint, **arrays})
+            background.put(_teacher_outputs(job, split, batch, cfg, device))
             done += len(batch.index)
             bar.update(task_id, advance=len(batch.index),
                        rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} rows/s")
@@ -274,12 +420,28 @@ def _capture(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWr
             **({"resumed_at_row": first} if resumed else {})}
 
 
-def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device,
-            start: int = 0) -> torch.utils.data.DataLoader:
+def _teacher_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherConfig,
+                     device: torch.device) -> dict[str, Any]:
+    """One batch through the teacher (and its checkpoints and projections): the arrays of its rows."""
+    check_batch_labels(split, batch.labels, batch.index, job.width)
+    inputs = split.prepare(batch, device)
+    with autocast(device, cfg.precision):
+        logits, pooled = job.tap(inputs) if job.tap is not None else (job.teacher(inputs), [])
+        arrays = {f"checkpoint_{k}": c.teacher(inputs).float() for k, c in enumerate(job.checkpoints)}
+    arrays.update({hidden.array_name(key): p.float() @ job.projections[key] for key, p in zip(job.layers, pooled)})
+    return {"logits": logits.float(), "labels": batch.labels, "index": batch.index, "fingerprint": batch.fingerprint,
+            **arrays}
+
+
+def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device, start: int = 0,
+            stop: int | None = None) -> torch.utils.data.DataLoader:
+    """Batches of rows `start:stop` only: a process decodes (images) and tokenises (text) no other rows."""
     workers = cfg.workers
     if workers is None:  # images decode in workers; tokenised text and digits are already in memory
         workers = min(8, os.cpu_count() or 1) if split.modality == "image" and device.type == "cuda" else 0
-    dataset = split.dataset if start == 0 else torch.utils.data.Subset(split.dataset, range(start, len(split)))
+    stop = len(split) if stop is None else stop
+    dataset = split.dataset if (start, stop) == (0, len(split)) else torch.utils.data.Subset(split.dataset,
+                                                                                            range(start, stop))
     return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                                        collate_fn=split.collate, pin_memory=device.type == "cuda")
 
@@ -290,6 +452,9 @@ def _on_interrupt(sink: SplitWriter, split: SplitData) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        if sink.records:
+            raise Interrupted(f"interrupted in split {split.split!r} (the chunks finished so far are stored); rerun "
+                              "the same command to continue") from None
         kept = f"rows 0-{sink.rows_done - 1} are stored" if sink.rows_done else "no rows are stored yet"
         raise Interrupted(f"interrupted after row {sink.rows_done} of {len(split)} of split {split.split!r} "
                           f"({kept}); rerun the same command to continue") from None

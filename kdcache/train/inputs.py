@@ -106,9 +106,9 @@ class StudentInputs:
         self.split, self.device, self.workers = split, device, workers
         self.keep_bytes, self.augment, self.seed, self.check = keep_bytes, augment, seed, check
         self.labels = row_labels(split.dataset)  # every row's label, without decoding a row
-        self._kept: torch.Tensor | None = None  # decoded inputs, filled as rows are first decoded
-        self._filled = np.zeros(len(split), dtype=bool) if split.modality != "text" else None
-        self._keep = split.modality != "text"
+        self._kept: torch.Tensor | _KeptTokens | None = None  # decoded inputs, filled as rows are first decoded
+        self._filled = np.zeros(len(split), dtype=bool)
+        self._keep = True
 
     def __len__(self) -> int:
         return len(self.split)
@@ -143,8 +143,9 @@ class StudentInputs:
         if self.complete and not fresh:
             for rows in batches:
                 index = torch.from_numpy(rows)
-                yield rows, Batch(self._kept[index.to(self._kept.device)], torch.from_numpy(self.labels[rows]),
-                                  index, None)
+                kept = self._kept.gather(rows) if isinstance(self._kept, _KeptTokens) else \
+                    self._kept[index.to(self._kept.device)]
+                yield rows, Batch(kept, torch.from_numpy(self.labels[rows]), index, None)
             return
         loader = torch.utils.data.DataLoader(
             _Named(self.split.dataset, self.split.source), batch_sampler=_Rows(batches),
@@ -165,7 +166,19 @@ class StudentInputs:
 
     def _remember(self, rows: np.ndarray, batch: Batch) -> None:
         """Keep decoded inputs while the whole split fits `keep_bytes` (allocated at the first batch)."""
-        if not self._keep or not isinstance(batch.inputs, torch.Tensor):
+        if not self._keep:
+            return
+        where = self.device if self.device.type == "cuda" else torch.device("cpu")
+        if isinstance(batch.inputs, dict):  # token ids: kept padded to max_length, gathered as the collate pads
+            if self._kept is None:
+                self._kept = _KeptTokens.make(self.split, batch, self.keep_bytes, where)
+                if self._kept is None:
+                    self._keep = False
+                    return
+            self._kept.put(rows, batch.inputs)
+            self._filled[rows] = True
+            return
+        if not isinstance(batch.inputs, torch.Tensor):
             return
         if self._kept is None:
             shape = (len(self.split), *batch.inputs.shape[1:])
@@ -173,13 +186,51 @@ class StudentInputs:
             if size > self.keep_bytes:
                 self._keep = False
                 return
-            where = self.device if self.device.type == "cuda" else torch.device("cpu")
             self._kept = torch.empty(shape, dtype=batch.inputs.dtype, device=where)
         if batch.inputs.shape[1:] != self._kept.shape[1:]:
             self._keep, self._kept = False, None  # rows of different shapes: nothing to gather into
             return
         self._kept[torch.from_numpy(rows).to(self._kept.device)] = batch.inputs.to(self._kept.device)
         self._filled[rows] = True
+
+
+class _KeptTokens:
+    """A text split's token ids kept after their first decode (int32, padded to the split's max_length, on the
+    training device): a batch gathered from them is the collate's own batch, right-padded to its longest row, so
+    later epochs neither tokenise nor pad nor copy from the host."""
+
+    def __init__(self, ids: dict[str, torch.Tensor], rows: int) -> None:
+        self.ids, self.lengths = ids, np.zeros(rows, dtype=np.int64)
+
+    @classmethod
+    def make(cls, split: SplitData, batch: Batch, keep_bytes: int, where: torch.device) -> "_KeptTokens | None":
+        """Storage for every row, or None when the split has no fixed max_length or does not fit keep_bytes."""
+        width = split.preprocess.get("max_length")
+        names = [k for k in batch.inputs if k != "attention_mask"]
+        if not isinstance(width, int) or "attention_mask" not in batch.inputs or \
+                len(split) * width * 4 * len(names) > keep_bytes:
+            return None
+        pad = int(getattr(split.collate, "pad_id", 0))
+        ids = {k: torch.full((len(split), width), pad if k == "input_ids" else 0, dtype=torch.int32, device=where)
+               for k in names}
+        return cls(ids, len(split))
+
+    def put(self, rows: np.ndarray, inputs: dict[str, torch.Tensor]) -> None:
+        index = torch.from_numpy(rows)
+        width = inputs["attention_mask"].shape[1]
+        for k, kept in self.ids.items():
+            kept[index.to(kept.device), :width] = inputs[k].to(kept.device, torch.int32)
+        self.lengths[rows] = inputs["attention_mask"].sum(1).cpu().numpy()
+
+    def gather(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        lengths = self.lengths[rows]
+        width = int(lengths.max()) if len(rows) else 0  # from host memory: no wait for the device
+        device = next(iter(self.ids.values())).device
+        index = torch.from_numpy(rows).to(device)
+        out = {k: kept[index, :width].long() for k, kept in self.ids.items()}
+        out["attention_mask"] = (torch.arange(width, device=device)[None, :] <
+                                 torch.from_numpy(lengths).to(device)[:, None]).long()
+        return out
 
 
 class _Named(torch.utils.data.Dataset):

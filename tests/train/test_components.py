@@ -140,6 +140,24 @@ def test_student_inputs_for_text_pads_each_batch_to_its_longest_row(tmp_path, ti
     assert batch["attention_mask"].sum(1).tolist() == [len(ids[0]), len(ids[1])]
 
 
+def test_kept_token_ids_give_the_collates_own_batches(tmp_path, tiny_tokenizer):
+    """After epoch 1 a text split is gathered from kept token ids, never tokenised again: the same tensors."""
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "film", "very", "movie", "the", "of", "all", "love", "i", "it", "worst"]
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{' '.join(rng.choice(words, rng.integers(1, 12)))}\t{i % 2}\n"
+                                                   for i in range(50)))
+    split = load_split("text", data, "train", tokenizer=tiny_tokenizer,
+                       options=DataOptions(text_column="sentence", label_column="label", max_length=16))
+    kept, fresh = StudentInputs(split, CPU), StudentInputs(split, CPU, keep_bytes=0)
+    batches = _batches(50, 8, shuffled=True)
+    list(kept.epoch(batches))
+    assert kept.complete and not fresh.complete
+    for (r1, a, l1), (r2, b, l2) in zip(kept.epoch(batches[::-1]), fresh.epoch(batches[::-1])):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+        assert torch.equal(l1, l2) and (r1 == r2).all()
+
+
 # --- check_alignment (--check-first) -------------------------------------------------------------------------
 
 

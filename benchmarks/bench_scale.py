@@ -1,0 +1,218 @@
+"""Issue 13's ratios, measured side by side in one process: what a student costs with a cache.
+
+    python benchmarks/bench_scale.py --device cuda            # benchmarks/gpu_check.sh runs this on one GPU
+    python benchmarks/bench_scale.py --device cpu --quick     # the same ratios, sized for a 2-core CPU
+
+1. distill (Continuation-KD, cached logits) vs CE-only `train` of the same student: training samples/s
+   (evaluation excluded), ResNet-8 on CIFAR-10-shaped pickles and a 4-layer BERT on an SST-2-shaped TSV;
+2. distill vs online KD (the teacher's forward in the loop): ResNet-110 -> ResNet-8 and a 24-layer -> 4-layer BERT;
+3. `sweep` of 8 students (8 margins, one seed) vs 8 sequential `distill` runs of the same flags: wall seconds;
+4. `cache-teacher` vs the bare teacher forward over the same inputs: rows/s.
+
+The data is synthetic (random pixels, random words from a 150-word vocabulary) and the teachers untrained: only
+speed is measured. Nothing is downloaded; `../shared` is not needed (the device machine does not have it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_data_path import write_cifar  # noqa: E402
+
+from kdcache.data import DataOptions, load_split  # noqa: E402
+from kdcache.methods.losses import vanilla_kd_loss  # noqa: E402
+from kdcache.models import build_model, save_model_dir  # noqa: E402
+from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher  # noqa: E402
+from kdcache.recipes.distill import distill  # noqa: E402
+from kdcache.recipes.sweep import SweepConfig, sweep  # noqa: E402
+from kdcache.runtime import autocast, resolve_device  # noqa: E402
+from kdcache.train.config import DistillConfig  # noqa: E402
+from kdcache.train.inputs import StudentInputs  # noqa: E402
+from kdcache.train.optim import build_optimizer  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_text_task(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
+    """An SST-2-shaped folder (train.tsv, dev.tsv) of random sentences, and a tiny WordPiece tokenizer."""
+    from conftest import _WORDS, make_tiny_tokenizer
+
+    rng = np.random.default_rng(seed)
+    data = folder / "SST-2"
+    data.mkdir(parents=True)
+    for name, n in (("train.tsv", rows), ("dev.tsv", max(64, rows // 10))):
+        lines = ["sentence\tlabel"] + [" ".join(rng.choice(_WORDS, rng.integers(8, 40))) + f"\t{rng.integers(0, 2)}"
+                                       for _ in range(n)]
+        (data / name).write_text("\n".join(lines) + "\n")
+    make_tiny_tokenizer(folder / "tokenizer")
+    return data, folder / "tokenizer"
+
+
+def bert(folder: Path, layers: int, hidden: int, tokenizer_dir: Path) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=max(2, hidden // 64), intermediate_size=4 * hidden, num_labels=2)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def online_kd(teacher, student_spec: str, split, epochs: int, batch_size: int,
+              device: torch.device, precision: str) -> float:
+    """Vanilla KD with the teacher's forward on every batch (what a cache saves); training samples/s."""
+    from kdcache.models import build_student
+
+    inputs = StudentInputs(split, device, workers=4 if device.type == "cuda" else 0)
+    probe = inputs.batch(np.arange(2))
+    student = build_student(student_spec, 2 if split.modality == "text" else 10, tokenizer=split.tokenizer,
+                            seed=0, sample=probe)
+    student.model.to(device).train()
+    teacher.model.to(device).eval()
+    optimizer = build_optimizer("adamw", student.model, lr=1e-4, weight_decay=0.0)
+    order = np.random.default_rng(0).permutation(len(inputs))
+    batches = [order[a:a + batch_size] for a in range(0, len(order), batch_size)]
+    rows, start = 0, None
+    for epoch in range(epochs + 1):  # epoch 0 warms up
+        if epoch == 1:
+            _sync(device)
+            start = time.perf_counter()
+        for _, x, labels in inputs.epoch(batches, epoch=epoch, train=True):
+            labels = labels.to(device)
+            with torch.inference_mode(), autocast(device, precision):
+                target = teacher(x).float()
+            with autocast(device, precision):
+                out = student(x)
+            loss = vanilla_kd_loss(out.float(), target.clone(), labels, temperature=4.0, alpha=0.5)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            rows += len(labels) if epoch else 0
+    _sync(device)
+    return rows / (time.perf_counter() - start)
+
+
+def bare_forward(teacher, split, batch_size: int, device: torch.device, precision: str) -> float:
+    """The teacher alone over the rows in order, through the same input pipeline: rows/s."""
+    inputs = StudentInputs(split, device, workers=4 if device.type == "cuda" else 0, keep_bytes=0)
+    teacher.model.to(device).eval()
+    rows = np.arange(len(inputs))
+    batches = [rows[a:a + batch_size] for a in range(0, len(rows), batch_size)]
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(device, precision):
+        for _, x, _ in inputs.epoch(batches):
+            out = teacher(x)
+            out.float().cpu()
+    _sync(device)
+    return len(rows) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="sizes for a 2-core CPU (a few minutes)")
+    parser.add_argument("--out", type=Path, default=None, help="append the table (Markdown) to this file")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    precision = "bf16" if gpu else "fp32"
+    size = dict(cifar_rows=2000 if args.quick else 20000, text_rows=800 if args.quick else 8000,
+                epochs=1 if args.quick else 2, teacher_cnn="resnet20" if args.quick else "resnet110",
+                teacher_bert=(4, 128) if args.quick else (24, 1024), sweep_epochs=1 if args.quick else 2)
+    rows_out: list[list[str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cifar = write_cifar(tmp / "cifar", size["cifar_rows"], test_rows=500)
+        text, tok = write_text_task(tmp / "text", size["text_rows"])
+        student_bert = tmp / "bert4.json"
+        student_bert.write_text('{"model_type": "bert", "hidden_size": 256, "num_hidden_layers": 4, '
+                                '"num_attention_heads": 4, "intermediate_size": 1024}')
+        torch.manual_seed(0)
+        cnn_teacher = save_model_dir(build_model(size["teacher_cnn"], 10), tmp / "cnn-teacher",
+                                     architecture=size["teacher_cnn"], num_classes=10, kwargs={})
+        bert_teacher = bert(tmp / "bert-teacher", *size["teacher_bert"], tok)
+        settings = (("ResNet-8, CIFAR-10", "resnet8", "cifar10", cifar, cnn_teacher, 128, {}),
+                    ("BERT-4L, SST-2", str(student_bert), "sst2", text, bert_teacher, 32,
+                     {"tokenizer": str(tok)}))
+        for name, student, task, data, teacher_dir, batch, extra in settings:
+            start = time.perf_counter()
+            cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher_dir), task=task, data=str(data),
+                                                     out=tmp / f"{task}.kdcache", splits=("train", "validation"
+                                                     if task == "sst2" else "test"), device=str(device),
+                                                     precision=precision, progress=False, batch_size=256))
+            capture = size["cifar_rows" if task == "cifar10" else "text_rows"] / (time.perf_counter() - start)
+            common = dict(student=student, epochs=size["epochs"], batch_size=batch, device=str(device),
+                          precision=precision, progress=False, lr=1e-3 if task == "sst2" else 0.05)
+            rates = {}
+            for label, cfg in (("warm-up", dict(cache=cache, method="ce")),
+                               ("train", dict(task=task, data=str(data), method="ce", **extra)),
+                               ("distill", dict(cache=cache, method="continuation"))):
+                summary = distill(DistillConfig(out=tmp / f"{task}-{label}", **common, **cfg))
+                rates[label] = summary["samples_per_second"]
+            split = load_split(task, data, "train", options=DataOptions(), tokenizer=None if task == "cifar10"
+                               else _tokenizer(tok))
+            from kdcache.models import load_teacher
+
+            teacher = load_teacher(str(teacher_dir))
+            online = online_kd(teacher, student, split, size["epochs"], batch, device, precision)
+            bare = bare_forward(teacher, split, 256, device, precision)
+            rows_out.append([name, f"{rates['train']:,.0f}", f"{rates['distill']:,.0f}",
+                             f"{rates['distill'] / rates['train']:.2f}x", f"{online:,.0f}",
+                             f"{rates['distill'] / online:.1f}x", f"{capture:,.0f}", f"{bare:,.0f}",
+                             f"{capture / bare:.2f}x"])
+            print(rows_out[-1], flush=True)
+        # sweep of 8 students vs 8 lone runs (ResNet-8, CIFAR-10)
+        margins = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
+        base = DistillConfig(student="resnet8", cache=tmp / "cifar10.kdcache", epochs=size["sweep_epochs"],
+                             batch_size=128, device=str(device), precision=precision, progress=False, lr=0.05,
+                             out=tmp / "sweep")
+        start = time.perf_counter()
+        sweep(SweepConfig(base, {"margin": margins}, [0]))
+        swept = time.perf_counter() - start
+        start = time.perf_counter()
+        for m in margins:
+            distill(DistillConfig(**{**base.__dict__, "margin": m, "out": tmp / f"lone-{m}"}))
+        lone = time.perf_counter() - start
+        with open(tmp / "sweep" / "results.csv") as f:
+            assert len(list(csv.DictReader(f))) == 8
+    header = ["setting", "train samples/s", "distill samples/s", "distill / train", "online KD samples/s",
+              "distill / online", "cache-teacher rows/s", "bare teacher forward rows/s", "cache-teacher / bare"]
+    lines = [f"device {device} ({torch.cuda.get_device_name() if gpu else 'CPU'}), precision {precision}, "
+             f"teachers {size['teacher_cnn']} and BERT-{size['teacher_bert'][0]}L, {size['epochs']} epoch(s)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows_out]
+    lines += ["", f"sweep of 8 ResNet-8 students (8 margins, {size['sweep_epochs']} epoch(s)): {swept:.1f} s; "
+              f"8 sequential distill runs: {lone:.1f} s; speed-up {lone / swept:.2f}x"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out is not None:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+if __name__ == "__main__":
+    main()
