@@ -486,6 +486,15 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+def _peer_gone(exc: BaseException) -> bool:
+    """Under torchrun, a collective that failed because another process of the run stopped (it prints why)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return False
+    text = str(exc)
+    return "Dist" in type(exc).__name__ or any(s in text for s in ("Connection closed by peer", "[gloo]", "NCCL",
+                                                                   "Connection reset by peer", "Broken pipe"))
+
+
 def main() -> None:
     """Console-script entry point: usage errors exit 2 (Typer's own), bad input one line and exit 1, Ctrl-C 130."""
     _quiet_libraries()
@@ -495,7 +504,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the user sees one line; --debug shows the traceback
         if _state["debug"]:
             raise
-        if isinstance(exc, SharedError):  # every torchrun process raised it: rank 0 says it once
+        if isinstance(exc, SharedError) or _peer_gone(exc):  # torchrun: said once, by the process that knows
             pass
         elif isinstance(exc, KDCacheError):
             print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ Features, and the flags that control them:
   and summary.json; `--resume` continues from last.pt with the same batches and schedules as an uninterrupted run;
   `--precision bf16|fp16` autocast; `--device auto`;
 - several processes (`torchrun --nproc-per-node N $(which kdcache) distill ...`): each takes its share of every
-  batch, gradients summed over them, rank 0 writes the run folder (kdcache/train/distributed.py).
+  batch, gradients summed over them, rank 0 writes the run folder (kdcache/train/dist.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     try:
         device = resolve_device(device_name)
         method = _method(cfg)
+        if world.distributed and cfg.reduction == "batch":
+            raise world.fail("--reduction batch is one hinge on the whole batch's mean distance, which a process "
+                             "that sees a share of the batch cannot compute: use sample or element under torchrun")
         world.agree(lambda: _fresh_or_resumed(cfg, Path(cfg.out)))
         data = load_data(cfg, world, device)  # 1. the data
         run = open_run(cfg, data, world, device, method)  # 2-4. hyper-parameters, student, run folder
@@ -170,20 +174,38 @@ def open_folder(run: StudentRun, data: RunData) -> None:
         _restore(run.state, run.stepper, run.run_dir, data, run.progress)
 
 
+def targets_plan(run: StudentRun, data: RunData) -> tuple[str, int | None] | None:
+    """How this run's teacher targets are held, which decides its batch order: as its interrupted run held them
+    (whatever this machine's memory or --memory-budget would choose now), else as its own arrays fit the budget;
+    under torchrun decided once, on rank 0, so every rank cuts the same global batches."""
+    if data.train.cache is None:
+        return None
+    if run.state and run.state.get("targets"):
+        held = run.state["targets"]
+        return held["mode"], held["window_chunks"]
+    cfg, world = run.cfg, run.stepper.world
+    return tuple(world.agree(lambda: TeacherTargets.choose(data.train.cache, run.stepper.method.arrays(),
+                                                           cfg.stream_mode, _budget(cfg))))
+
+
+def _budget(cfg: DistillConfig) -> int:
+    """--memory-budget, or the default share of RAM split between the processes torchrun started on this host."""
+    budget = parse_budget(cfg.memory_budget)
+    return budget if cfg.memory_budget is not None else budget // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def attach_targets(runs: list[StudentRun], data: RunData) -> None:
-    """The batches of runs trained together (same seed and batch size) and the teacher's targets for them, held
-    once: in host memory, or by windows of chunks (the order depends on which, so a resumed run replays how its
-    interrupted run held them, whatever this machine's memory or --memory-budget would choose now)."""
+    """The batches of runs trained together (same seed, batch size and targets plan) and the teacher's targets
+    for them, held once (for the union of the arrays their methods read)."""
     first = runs[0]
     cfg, device = first.cfg, first.stepper.device
     if data.train.cache is None:
         order, targets = EpochOrder(len(data.train.inputs), first.batch_size, seed=cfg.seed), None
     else:
         arrays = tuple(dict.fromkeys(a for run in runs for a in run.stepper.method.arrays()))
-        held = next((run.state.get("targets") for run in runs if run.state and run.state.get("targets")), None)
-        mode, window = (held["mode"], held["window_chunks"]) if held else (cfg.stream_mode, None)
+        mode, window = targets_plan(first, data)
         targets = TeacherTargets(data.train.cache, arrays, device=device, mode=mode, window_chunks=window,
-                                 budget_bytes=parse_budget(cfg.memory_budget))
+                                 budget_bytes=_budget(cfg))
         order = targets.order(first.batch_size, seed=cfg.seed)
     for run in runs:
         run.order, run.targets = order, targets
@@ -274,6 +296,7 @@ def _end_epoch(run: StudentRun, data: RunData, epoch: int, result: Any, seconds:
     unchecked = _unchecked(data)  # rows not yet compared with the cache: no model trained on them is kept
     if unchecked:
         progress["unchecked_rows"] = unchecked
+    world.sync_buffers(stepper.student.model)  # each rank's batch-norm statistics: the same model everywhere
     scores = evaluate(stepper.student, data.selection.inputs, data.selection.labels, task=data.task,
                       kind=data.kind, device=stepper.device, precision=cfg.precision,
                       batch_size=run.batch_size, world=world)  # a batch that trains fits in evaluation
@@ -345,8 +368,8 @@ def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, 
     trained_by = int(state.get("world_size", 1))
     if trained_by != s.world.size:  # each rank's share of a batch, and its random stream, depend on the count
         launch = f"torchrun --nproc-per-node {trained_by}" if trained_by > 1 else "one process (no torchrun)"
-        raise KDCacheError(f"{run_dir.last}: this run was trained by {trained_by} process(es), not {s.world.size}; "
-                           f"resume it with {launch}, or start a new --out")
+        raise s.world.fail(f"{run_dir.last}: this run was trained by {trained_by} process(es), not "
+                           f"{s.world.size}; resume it with {launch}, or start a new --out")
     s.student.model.load_state_dict(state["model"])
     s.method.load_state_dict(state["method"])
     s.optimizer.load_state_dict(state["optimizer"])

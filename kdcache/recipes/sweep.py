@@ -30,11 +30,14 @@ from kdcache.runtime import resolve_device
 from kdcache.train.config import HYPERPARAMETERS, DistillConfig
 from kdcache.train.dist import World
 from kdcache.train.run_dir import rng_state
-from kdcache.recipes.distill import StudentRun, attach_targets, build_run, close_run, load_data, open_folder, run_epochs
+from kdcache.recipes.distill import (StudentRun, attach_targets, build_run, close_run, load_data, open_folder,
+                                     run_epochs, targets_plan)
 
 #: DistillConfig fields a sweep may vary: what a run computes, never where its data lies.
 SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "schedule_unit", "kd_loss", "phase_epochs", "layer_map",
-             "checkpoint", "student", "preset", "augment")
+             "checkpoint", "student", "preset")
+#: Flags whose values hold commas: swept from a sweep file's lists, not `--grid NAME=V1,V2`.
+COMMA_VALUES = ("phase_epochs", "layer_map")
 
 
 @dataclass
@@ -55,6 +58,9 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if not sep or not values.strip():
             raise KDCacheError(f"--grid {item!r}: expected NAME=V1,V2,... (e.g. --grid margin=0,0.5,1)")
         key = _field(name)
+        if key in COMMA_VALUES:
+            raise KDCacheError(f"--grid {name}: its values hold commas (5,5 or 2:1,4:2); list them in a --sweep-file "
+                               f"(grid: {{{name.strip().lstrip('-')}: [\"5,5\", \"3,7\"]}})")
         if key in grid:
             raise KDCacheError(f"--grid {name}: given twice; list every value in one --grid")
         grid[key] = [_typed(key, v.strip()) for v in values.split(",")]
@@ -133,9 +139,12 @@ def _typed(key: str, value: str) -> Any:
 def expand(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
     """(name, overrides) of every run: the grid crossed with the seeds, or the explicit runs."""
     if cfg.runs is not None:
-        points = [dict(run) for run in cfg.runs]
-        for run in points:
-            run.setdefault("seed", cfg.seeds[0] if cfg.seeds else cfg.base.seed)
+        if cfg.grid:
+            raise KDCacheError("a sweep file's runs: list every run; a grid (grid: or --grid) cannot be crossed with "
+                               "it: put the grid's values into the runs")
+        # a run with its own seed is that run; a run without one is run once per seed
+        points = [dict(run) if "seed" in run else {**run, "seed": seed}
+                  for run in cfg.runs for seed in ([None] if "seed" in run else cfg.seeds or [cfg.base.seed])]
     else:
         keys = list(cfg.grid)
         points = [{**dict(zip(keys, values)), "seed": seed}
@@ -184,21 +193,34 @@ def sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
         if run.state is not None:  # resumed: the stream its interrupted run saved
             run.progress["rng"] = run.state["rng"]
 
-    # 3. Students that see the same batches train together.
+    # 3. Students that see the same batches train together: same seed, batch size, epochs, and teacher targets
+    #    held the same way (memory or windows of chunks: the order depends on it), as each would be alone.
     groups: dict[tuple, list[StudentRun]] = {}
     for run in runs:
-        groups.setdefault((run.cfg.seed, run.batch_size, run.epochs, run.cfg.stream_mode), []).append(run)
+        groups.setdefault((run.cfg.seed, run.batch_size, run.epochs, targets_plan(run, data)), []).append(run)
     summaries: dict[str, dict[str, Any]] = {}
     for group in groups.values():
+        _as_if_alone(data, group[0].cfg)
         attach_targets(group, data)
         run_epochs(group, data, progress=cfg.base.progress, where=f"{out} (every run's last.pt)")
         for run in group:
             summaries[run.run_dir.out.name] = close_run(run, data)
+            run.stepper = run.targets = run.order = run.state = None  # this group's memory, freed for the next
 
     # 4. The tables.
     ordered = [(name, point, summaries[name]) for name, point in named]
     write_results(out, ordered, list(cfg.grid) if cfg.runs is None else sorted({k for _, p in named for k in p} - {"seed"}))
     return [summary for _, _, summary in ordered]
+
+
+def _as_if_alone(data: Any, cfg: DistillConfig) -> None:
+    """The shared inputs as a lone run of this group would read them: its seed draws the augmented views, and
+    with --max-steps a group checks (and counts as unchecked) only the rows it reads itself, so a cut run keeps a
+    model exactly when its lone run would."""
+    inputs = data.train.inputs
+    inputs.seed = cfg.seed
+    if cfg.max_steps is not None:
+        inputs.forget()
 
 
 def _prepare_folder(out: Path, spec: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
@@ -243,7 +265,8 @@ def write_results(out: Path, rows: list[tuple[str, dict[str, Any], dict[str, Any
         mean = f"{statistics.fmean(got):.4f}" if got else "-"
         sd = f"{statistics.stdev(got):.4f}" if len(got) > 1 else "-"
         low, high = (f"{min(got):.4f}", f"{max(got):.4f}") if got else ("-", "-")
-        lines.append(f"| {' | '.join(map(str, key)) or 'all'} | {len(values)} | {mean} | {sd} | {low} | {high} |")
+        shown = ["-" if v is None else str(v) for v in key]
+        lines.append(f"| {' | '.join(shown) or 'all'} | {len(values)} | {mean} | {sd} | {low} | {high} |")
     (out / "results.md").write_text(f"Best validation {metric} of each run, over seeds per grid point "
                                     f"(results.csv has every run).\n\n" + "\n".join(lines) + "\n")
     _plot(out / "results.png", groups, swept, metric)

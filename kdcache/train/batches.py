@@ -113,24 +113,31 @@ class TeacherTargets:
             if name not in cache.arrays:
                 cache.read(name, 0, 0)  # raises the one-line error naming the arrays the split has
         self.rows, self.chunk_rows = len(cache), cache.chunk_rows
-        budget = parse_budget(budget_bytes) if budget_bytes is None else int(budget_bytes)
-        split_bytes = sum(cache.arrays[n].nbytes for n in self.arrays) + cache.labels.nbytes
-        if mode == "auto":
-            mode = "memory" if split_bytes <= budget else "chunks"
-        self.mode = mode
-        if mode == "chunks":
-            chunk_bytes = max(1, split_bytes // max(1, -(-self.rows // self.chunk_rows)))
-            fits = window_chunks if window_chunks is not None else budget // 2 // chunk_bytes
-            if fits < 1:
-                raise KDCacheError(f"a memory budget of {budget:,} bytes holds no chunk of {cache.path}/{cache.split} "
-                                   f"(two windows of at least {chunk_bytes:,} bytes each are needed); raise "
-                                   "--memory-budget")
-            self.window_chunks = int(fits)
-        else:
-            self.window_chunks = None
+        self.mode, self.window_chunks = self.choose(cache, self.arrays, mode, budget_bytes, window_chunks)
+        if self.mode == "memory":
             # host memory, as stored (float16 stays float16); every read is checked
             self._floats = {n: torch.from_numpy(cache.read(n)) for n in self.arrays}
             self._labels = torch.from_numpy(cache.read("labels"))
+
+    @staticmethod
+    def choose(cache: TeacherCache, arrays: tuple[str, ...], mode: str = "auto", budget_bytes: int | None = None,
+               window_chunks: int | None = None) -> tuple[str, int | None]:
+        """(mode, window_chunks) these arrays would be held in under this budget, without reading them: the
+        batch order depends on it, so a sweep groups by it and torchrun decides it once, on rank 0."""
+        budget = parse_budget(budget_bytes) if budget_bytes is None else int(budget_bytes)
+        split_bytes = sum(cache.arrays[n].nbytes for n in arrays) + cache.labels.nbytes
+        if mode == "auto":
+            mode = "memory" if split_bytes <= budget else "chunks"
+        if mode != "chunks":
+            return mode, None
+        rows = len(cache)
+        chunk_bytes = max(1, split_bytes // max(1, -(-rows // cache.chunk_rows)))
+        fits = window_chunks if window_chunks is not None else budget // 2 // chunk_bytes
+        if fits < 1:
+            raise KDCacheError(f"a memory budget of {budget:,} bytes holds no chunk of {cache.path}/{cache.split} "
+                               f"(two windows of at least {chunk_bytes:,} bytes each are needed); raise "
+                               "--memory-budget")
+        return mode, int(fits)
 
     def order(self, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = False) -> EpochOrder:
         """The epoch order these targets can serve (windows of chunks in chunk mode)."""

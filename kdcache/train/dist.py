@@ -57,20 +57,48 @@ class World:
         return slice(a, b), (b - a) / len(rows)
 
     def sum_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """Gradients of the weighted shares, summed over the ranks: the global batch's gradient on every rank."""
+        """Gradients of the weighted shares, summed over the ranks: the global batch's gradient on every rank. A
+        parameter no rank used in this step (curriculum's head during a projection phase) keeps no gradient, as in
+        one process, so the optimiser leaves it alone (no weight decay, no momentum, no Adam step)."""
         if not self.distributed:
             return
         params = [p for p in parameters if p.requires_grad]
-        for p in params:
-            if p.grad is None:  # unused in this step here: it may be used on another rank
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if not params:
+            return
+        used = [p.grad is not None for p in params]
+        device = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+        flat = torch.cat([*(p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device,
+                                                                                       dtype=p.dtype)
+                            for p in params), torch.tensor(used, dtype=params[0].dtype, device=device)])
         torch.distributed.all_reduce(flat)
         offset = 0
-        for p in params:
+        # which parameters any rank used: read back (a wait for the device) only when this rank left some unused
+        anywhere = [1.0] * len(params) if all(used) else flat[-len(params):].tolist()
+        for p, count in zip(params, anywhere):
             n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            if count > 0:
+                p.grad = flat[offset:offset + n].view_as(p).clone() if p.grad is None else \
+                    p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            else:
+                p.grad = None
             offset += n
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Batch norm's running statistics averaged over the ranks (each updated them from its own shares), so
+        every rank evaluates, and rank 0 saves, the same model."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            for buffer in module.buffers():
+                if buffer.is_floating_point():
+                    torch.distributed.all_reduce(buffer)
+                    buffer.div_(self.size)
+                else:  # counters (num_batches_tracked): equal on every rank anyway
+                    torch.distributed.broadcast(buffer, src=0)
+
+    def fail(self, message: str) -> KDCacheError:
+        """An error every rank finds by itself (a resume under another world size, divergence): told by rank 0."""
+        return KDCacheError(message) if self.main else SharedError(message)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over the ranks (loss and row counts for the log)."""

@@ -118,6 +118,14 @@ class StudentInputs:
         """Whether every row is kept decoded (later epochs need no decoding at all)."""
         return self._kept is not None and bool(self._filled.all())
 
+    def forget(self) -> None:
+        """Back to a fresh pipeline's state: no row checked, nothing kept (a sweep's group that must count its own
+        unchecked rows as its lone run would)."""
+        if self.check is not None:
+            self.check.seen[:] = False
+        self._kept, self._keep = None, True
+        self._filled[:] = False
+
     def batch(self, rows: torch.Tensor | np.ndarray) -> Any:
         """Model input for these rows, decoded in this process (for probes; unchecked, never augmented)."""
         rows = np.asarray(rows, dtype=np.int64)

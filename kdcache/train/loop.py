@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kdcache.errors import Interrupted, KDCacheError
+from kdcache.errors import Interrupted
 from kdcache.methods import Method
 from kdcache.runtime import autocast
 from kdcache.train.dist import World
@@ -121,7 +121,7 @@ def train_together(members: list[Member], order: Any, targets: Any, inputs: Stud
                 t.rows += len(rows)
             on_step(i, loss)
             if log_every and m.step % log_every == 0:
-                _check_finite(float(world.sum(t.loss_sum)), epoch, t.first_unread, m.step)
+                _check_finite(float(world.sum(t.loss_sum)), epoch, t.first_unread, m.step, world)
                 t.first_unread = m.step
             t.stopped = max_steps is not None and m.step >= max_steps
         if all(t.stopped for t in tallies):
@@ -130,7 +130,7 @@ def train_together(members: list[Member], order: Any, targets: Any, inputs: Stud
     for m, t in zip(members, tallies):
         sums = torch.stack([t.loss_sum.double(), torch.tensor(float(t.rows), dtype=torch.float64, device=m.s.device)])
         total, rows_seen = (float(v) for v in world.sum(sums))
-        _check_finite(total, epoch, t.first_unread, m.step)
+        _check_finite(total, epoch, t.first_unread, m.step, world)
         results.append(EpochResult(m.step, total / max(rows_seen, 1), int(rows_seen),
                                    t.plan.values if t.plan else {}, t.lr, t.stopped))
     return results
@@ -159,9 +159,9 @@ def _step(m: Member, t: _Tally, epoch: int, model_input: Any, target: Any, label
     return loss
 
 
-def _check_finite(value: float, epoch: int, first: int, last: int) -> None:
-    if not math.isfinite(value):
-        raise KDCacheError(f"training diverged: the loss became {value} in epoch {epoch} (steps {first + 1}-{last}); "
+def _check_finite(value: float, epoch: int, first: int, last: int, world: World = World()) -> None:
+    if not math.isfinite(value):  # (the sum over every rank: each finds it, rank 0 says it)
+        raise world.fail(f"training diverged: the loss became {value} in epoch {epoch} (steps {first + 1}-{last}); "
                            "lower --lr (or use --max-grad-norm)")
 
 

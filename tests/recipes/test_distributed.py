@@ -138,3 +138,84 @@ def test_shares_cover_each_batch_once_and_weigh_by_size():
         assert covered.tolist() == batch.tolist()
         assert sum(w for _, w in shares) == pytest.approx(1.0)
         assert all(batch[s].size == 1 for s, w in shares if not w)  # a stand-in row, weight 0
+
+
+@pytest.fixture(scope="module")
+def projection_cache(tmp_path_factory):
+    """Digits cached by a small MLP teacher with projections of its two hidden layers (curriculum's arrays)."""
+    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+    from kdcache.recipes.distill import distill
+    from kdcache.train.config import DistillConfig
+
+    root = tmp_path_factory.mktemp("proj")
+    distill(DistillConfig(student="mlp", student_kwargs={"hidden": 16, "depth": 2}, task="digits", method="ce",
+                          out=root / "teacher", epochs=1, device="cpu", progress=False))
+    return cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher" / "best"), task="digits", out=root / "c.kdcache",
+                                            splits=("train", "validation"), device="cpu", progress=False,
+                                            hidden_layers="1,2", proj_dim=4, chunk_rows=64))
+
+
+def test_parameters_no_process_used_stay_untouched_as_in_one_process(tmp_path, projection_cache):
+    """Curriculum's projection phases leave the student's head without gradients: under torchrun they must keep
+    none (no weight decay, no momentum), as in one process."""
+    args = ["distill", "--cache", projection_cache, "--student", "mlp", "--student-kwargs",
+            '{"hidden": 8, "depth": 2}', "--method", "curriculum", "--phase-epochs", "1,1", "--epochs", "4",
+            "--batch-size", "32", "--device", "cpu", "--no-progress", "--num-workers", "0", "--optimizer", "adamw",
+            "--weight-decay", "0.1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _launch(1, *args, "--out", one)
+    _launch(2, *args, "--out", two)
+    _close(_metrics(one), _metrics(two))
+
+
+_SYNC_BUFFERS = """
+import torch
+from kdcache.train.dist import close_world, init_world
+
+world, _ = init_world("cpu")
+bn = torch.nn.BatchNorm1d(3)
+bn.running_mean.fill_(float(world.rank))  # each rank's own statistics, as its shares left them
+bn.num_batches_tracked.fill_(7)
+world.sync_buffers(bn)
+import os, pathlib
+pathlib.Path(os.environ["OUT_DIR"], f"rank{world.rank}.txt").write_text(
+    f"rank {world.rank}: {bn.running_mean.tolist()} {int(bn.num_batches_tracked)}")
+close_world(world)
+"""
+
+
+def test_batch_norm_statistics_are_the_same_on_every_rank_before_evaluation(tmp_path):
+    script = tmp_path / "sync.py"
+    script.write_text(_SYNC_BUFFERS)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OUT_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [
+        "rank 0: [0.5, 0.5, 0.5] 7", "rank 1: [0.5, 0.5, 0.5] 7"]
+
+
+def test_refusals_every_rank_finds_are_said_once(tmp_path, cache):
+    batch = _launch(2, *_distill(cache, tmp_path / "b", "--reduction", "batch"), check=False)
+    assert batch.returncode != 0
+    assert batch.stderr.count("error: ") == 1 and "--reduction batch" in batch.stderr
+    alone = tmp_path / "alone"
+    _launch(1, *_distill(cache, alone, "--stop-after-epoch", "1"))
+    refused = _launch(2, *_distill(cache, alone, "--resume"), check=False)
+    assert refused.returncode != 0
+    assert refused.stderr.count("error: ") == 1 and "trained by 1 process(es), not 2" in refused.stderr
+
+
+def test_a_changed_row_one_rank_meets_is_one_line(tmp_path):
+    import numpy as np
+
+    data, _, cache = tabular_cache(tmp_path, rows=(("train", 96), ("validation", 16)), features=16, chunk_rows=16)
+    with np.load(data / "train.npz") as npz:
+        x, y = npz["x"].copy(), npz["y"]
+    x[50, 3] += 1.0
+    np.savez(data / "train.npz", x=x, y=y)
+    proc = _launch(2, *_distill(cache, tmp_path / "run"), check=False)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "row 50 " in errors[0] and "does not match the cache" in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "last.pt").exists()

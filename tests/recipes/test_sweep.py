@@ -84,6 +84,8 @@ def test_a_killed_sweep_resumes_every_run(tmp_path, capsys, monkeypatch, cache):
     (["--grid", "epochs=0,2"], ["--epochs must be at least 1"]),
     (["--grid", "method=continuation,prokd"], ["sweep run method-prokd", "checkpoint"]),
     (["--seeds", "0,x"], ["--seeds", "integers"]),
+    (["--grid", "augment=none,cifar"], ["--grid augment", "not a flag a sweep can vary"]),
+    (["--grid", "phase-epochs=1,1"], ["--grid phase-epochs", "hold commas", "--sweep-file"]),
 ])
 def test_a_bad_grid_is_one_line_before_anything_trains(tmp_path, capsys, monkeypatch, cache, grid, needles):
     out = tmp_path / "bad"
@@ -94,15 +96,75 @@ def test_a_bad_grid_is_one_line_before_anything_trains(tmp_path, capsys, monkeyp
 def test_a_sweep_file_lists_irregular_runs(tmp_path, capsys, monkeypatch, cache):
     spec = tmp_path / "grid.yaml"
     spec.write_text("runs:\n  - {method: vanilla, temperature: 2}\n  - {method: continuation, margin: 1, seed: 3}\n"
-                    "seeds: [5]\n")
+                    "seeds: [5, 6]\n")
     out = tmp_path / "sweep"
     code, _, err = run_cli(["sweep", *_common(cache, out), "--sweep-file", spec], capsys, monkeypatch)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["method-continuation_margin-1.0_seed-3",
-                                                                 "method-vanilla_temperature-2.0_seed-5"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [  # a run without its own seed: once per seed
+        "method-continuation_margin-1.0_seed-3", "method-vanilla_temperature-2.0_seed-5",
+        "method-vanilla_temperature-2.0_seed-6"]
     summary = json.loads((out / "method-vanilla_temperature-2.0_seed-5" / "summary.json").read_text())
     assert summary["hyperparameters"]["temperature"] == 2.0 and summary["method"] == "vanilla"
+    assert "None" not in (out / "results.md").read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text("- just\n- a list\n")
     _one_error_line(*run_cli(["sweep", *_common(cache, tmp_path / "b"), "--sweep-file", bad], capsys,
                              monkeypatch)[::2], "bad.yaml", "sweep file")
+    both = tmp_path / "both.yaml"
+    both.write_text("runs:\n  - {method: vanilla}\ngrid: {margin: [0, 1]}\n")
+    _one_error_line(*run_cli(["sweep", *_common(cache, tmp_path / "c"), "--sweep-file", both], capsys,
+                             monkeypatch)[::2], "runs:", "grid")
+
+
+def test_runs_cut_by_max_steps_count_their_unchecked_rows_as_lone_runs_do(tmp_path, capsys, monkeypatch, cache):
+    out = tmp_path / "sweep"
+    assert run_cli(["sweep", *_common(cache, out, "--max-steps", "3"), "--seeds", "0,1"], capsys,
+                   monkeypatch)[0] == 0
+    for seed in (0, 1):
+        lone = tmp_path / f"lone-{seed}"
+        assert run_cli(["distill", *_common(cache, lone, "--max-steps", "3", "--seed", str(seed))], capsys,
+                       monkeypatch)[0] == 0
+        swept = json.loads((out / f"seed-{seed}" / "summary.json").read_text())
+        alone = json.loads((lone / "summary.json").read_text())
+        assert swept["unchecked_rows"] == alone["unchecked_rows"] > 0
+        assert (out / f"seed-{seed}" / "best").exists() == (lone / "best").exists()
+
+
+@pytest.fixture(scope="module")
+def projection_cache(tmp_path_factory):
+    """Digits cached by a small MLP teacher with projections of its two hidden layers (curriculum's arrays)."""
+    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+    from kdcache.recipes.distill import distill
+    from kdcache.train.config import DistillConfig
+
+    root = tmp_path_factory.mktemp("proj")
+    distill(DistillConfig(student="mlp", student_kwargs={"hidden": 16, "depth": 2}, task="digits", method="ce",
+                          out=root / "teacher", epochs=1, device="cpu", progress=False))
+    return cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher" / "best"), task="digits", out=root / "c.kdcache",
+                                            splits=("train", "validation"), device="cpu", progress=False,
+                                            hidden_layers="1,2", proj_dim=4, chunk_rows=64))
+
+
+def test_a_run_grouped_with_a_method_reading_more_arrays_keeps_its_own_batch_order(tmp_path, capsys, monkeypatch,
+                                                                                     projection_cache):
+    """Alone, continuation's logits fit the budget (memory: a full shuffle); curriculum's arrays do not (windows of
+    chunks): the two are not stepped together, and each equals its lone run."""
+    spec = tmp_path / "runs.yaml"
+    spec.write_text('runs:\n  - {method: continuation}\n  - {method: curriculum, phase_epochs: "1,1"}\n')
+    common = ["--cache", projection_cache, "--student", "mlp", "--student-kwargs", '{"hidden": 8, "depth": 2}',
+              "--epochs", "3", "--batch-size", "32", "--device", "cpu", "--no-progress", "--num-workers", "0",
+              "--memory-budget", "60KiB"]
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(["sweep", *common, "--out", out, "--sweep-file", spec], capsys, monkeypatch)
+    assert code == 0, err
+    for name, flags in (("method-continuation_seed-0", ["--method", "continuation"]),
+                        ("method-curriculum_phase-epochs-1,1_seed-0", ["--method", "curriculum", "--phase-epochs",
+                                                                       "1,1"])):
+        lone = tmp_path / f"lone-{name}"
+        assert run_cli(["distill", *common, "--out", lone, *flags], capsys, monkeypatch)[0] == 0
+        swept = json.loads((out / name / "summary.json").read_text())
+        assert swept["teacher_targets"] == json.loads((lone / "summary.json").read_text())["teacher_targets"]
+        assert _metrics(out / name) == _metrics(lone), name
+    modes = {json.loads((out / n / "summary.json").read_text())["teacher_targets"]["mode"]
+             for n in ("method-continuation_seed-0", "method-curriculum_phase-epochs-1,1_seed-0")}
+    assert modes == {"memory", "chunks"}  # the case this test is about
