@@ -7,7 +7,8 @@
 Every step is a `kdcache` command run as a subprocess (train the teacher, cache-teacher, distill; TAKD as
 distill -> cache-teacher -> distill through an assistant), so the numbers are what a user of the CLI gets.
 Each experiment prints and writes `results.csv` (one row per run), `summary.csv` (mean and std over seeds of
-the best-checkpoint and last-epoch metric and the wall time, per method), `summary.md` and a bar chart
+the best-checkpoint and last-epoch metric and the wall time, per method), `summary.md` (that table, then every
+pair of methods seed by seed: mean difference, paired t-test, sign test) and a bar chart
 `summary.png`, plus every command it ran in `commands.txt`. Scales: `tiny` is a seconds-long smoke test
 (CI), `cpu` fits in under 30 minutes on a 2-core machine, `full` is the paper's setting for a GPU.
 """
@@ -124,10 +125,46 @@ def write_results(out: Path, title: str, results: list[Result], notes: list[str]
              "|---|---|---|---|---|"]
     table += [f"| {m} | {n} | {a:.4f} ± {b:.4f} | {c:.4f} ± {d:.4f} | {e:.0f} |" for m, n, k, a, b, c, d, e in rows]
     table += ["", f"Metric: {rows[0][2]}."] + notes
+    table += ["", *paired_table(results)]
     text = "\n".join(table) + "\n"
     (out / "summary.md").write_text(text)
     _bar_chart(out / "summary.png", title, rows)
     return text
+
+
+def paired(results: list[Result], a: str, b: str) -> dict[str, Any]:
+    """Method a against method b on the seeds both ran: the seed-paired differences of the best checkpoint's metric,
+    their mean, a paired t-test and a two-sided sign test (ties dropped). p is None where a test is undefined
+    (fewer than 2 pairs; every difference equal)."""
+    from scipy import stats
+
+    by_seed = {(r.method, r.seed): r.best for r in results}
+    seeds = sorted({r.seed for r in results if (a, r.seed) in by_seed and (b, r.seed) in by_seed})
+    diffs = [by_seed[(a, seed)] - by_seed[(b, seed)] for seed in seeds]
+    t_p = None
+    if len(diffs) > 1 and statistics.pstdev(diffs) > 0:
+        t_p = float(stats.ttest_rel([by_seed[(a, s)] for s in seeds], [by_seed[(b, s)] for s in seeds]).pvalue)
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    sign_p = float(stats.binomtest(wins, wins + losses, 0.5).pvalue) if wins + losses else None
+    return {"pairs": len(diffs), "mean": statistics.fmean(diffs) if diffs else None, "t_p": t_p, "wins": wins,
+            "losses": losses, "ties": len(diffs) - wins - losses, "sign_p": sign_p}
+
+
+def paired_table(results: list[Result]) -> list[str]:
+    """Every method against every other (and so against `ce`, training from scratch on labels), seed-paired: what
+    a reviewer asks before believing a difference of means."""
+    methods = list(dict.fromkeys(r.method for r in results))
+    fmt = lambda p: "-" if p is None else f"{p:.3f}"
+    lines = ["Seed-paired differences of the best checkpoint's metric (row minus column method):", "",
+             "| methods | pairs | mean difference | paired t-test p | sign test (+/-/=) p |", "|---|---|---|---|---|"]
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            d = paired(results, a, b)
+            if not d["pairs"]:
+                continue
+            lines.append(f"| {a} - {b} | {d['pairs']} | {d['mean']:+.4f} | {fmt(d['t_p'])} | "
+                         f"{d['wins']}/{d['losses']}/{d['ties']} {fmt(d['sign_p'])} |")
+    return lines
 
 
 def _bar_chart(path: Path, title: str, rows: list[tuple]) -> None:

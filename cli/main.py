@@ -284,7 +284,8 @@ def distill_cmd(
     out: o.RunOut, method: o.Method = "continuation", epochs: o.Epochs = None, data: o.DataMoved = None,
     preset: o.Preset = "auto", t_max: o.TMax = None, margin: o.Margin = None, psi: o.Psi = None,
     reduction: o.Reduction = "sample", alpha: o.Alpha = None, temperature: o.Temperature = None,
-    anneal_epochs: o.AnnealEpochs = None, lr: o.Lr = None, batch_size: o.BatchSize = None,
+    anneal_epochs: o.AnnealEpochs = None, anneal_continuous: o.AnnealContinuous = False, lr: o.Lr = None,
+    batch_size: o.BatchSize = None,
     optimizer: o.Optimizer = None, weight_decay: o.WeightDecay = None, momentum: o.Momentum = None,
     lr_schedule: o.LrSchedule = None, warmup_ratio: o.WarmupRatio = None, max_grad_norm: o.MaxGradNorm = None,
     schedule_unit: o.ScheduleUnit = "epoch", val_split: o.ValSplit = None, seed: o.Seed = 0,
@@ -321,6 +322,7 @@ def _distill_config(p: dict[str, Any]) -> Any:
               "phase_epochs", "layer_map", "trust_model_code", "augment", "num_workers", "memory_budget",
               "keep_inputs", "check_first", "log_every", "max_steps", "compile")
     return _training("--student-kwargs", p["student_kwargs"], **{k: p[k] for k in fields}, stream_mode=p["stream"],
+                     anneal_continuous=p["anneal_continuous"] or None,
                      storage_options=_storage(p["storage_option"]))
 
 

@@ -98,6 +98,8 @@ Reduction = Annotated[str, _O(help="Continuation hinge: sample | batch | element
 Alpha = Annotated[Optional[float], _O(help="Vanilla KD: weight of the hard-label term.")]
 Temperature = Annotated[Optional[float], _O(help="Vanilla KD: softening temperature.")]
 AnnealEpochs = Annotated[Optional[int], _O(help="Annealing-KD: stage-1 epochs K (default: the preset's share).")]
+AnnealContinuous = Annotated[bool, _O(help="Annealing-KD: stage 2 keeps stage 1's optimiser and learning-rate "
+                                           "schedule (default: both start afresh, as the authors' code trains it).")]
 ScheduleUnit = Annotated[str, _O(help="epoch | step: when T and psi move.")]
 Stream = Annotated[str, _O(help="Logit reading: auto | memory | chunks.")]
 Checkpoint = Annotated[Optional[str], _O(help="Distil from this cached teacher checkpoint (see kdcache info).")]

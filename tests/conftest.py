@@ -134,3 +134,18 @@ def s3_bucket(s3_server, request) -> str:
 
     name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:48].strip("-") or "bucket"
     return s3_server.make_bucket(f"t-{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def projection_cache(tmp_path_factory):
+    """Digits cached by a small MLP teacher with projections of its two hidden layers (curriculum's arrays)."""
+    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+    from kdcache.recipes.distill import distill
+    from kdcache.train.config import DistillConfig
+
+    root = tmp_path_factory.mktemp("proj")
+    distill(DistillConfig(student="mlp", student_kwargs={"hidden": 16, "depth": 2}, task="digits", method="ce",
+                          out=root / "teacher", epochs=1, device="cpu", progress=False))
+    return cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher" / "best"), task="digits", out=root / "c.kdcache",
+                                            splits=("train", "validation"), device="cpu", progress=False,
+                                            hidden_layers="1,2", proj_dim=4, chunk_rows=64))

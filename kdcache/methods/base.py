@@ -31,6 +31,7 @@ class MethodOptions:
     phase_epochs: str | None = None  # curriculum: epochs per projection phase; prokd: per checkpoint
     layer_map: str | None = None  # curriculum: teacher layer -> student layer
     reduction: str = "sample"  # continuation's hinge reduction (docs/methods.md)
+    anneal_continuous: bool | None = None  # annealing: stage 2 keeps stage 1's optimiser and schedule (not the authors')
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None and k != "reduction"}
@@ -93,6 +94,11 @@ class Method:
     def arrays(self) -> tuple[str, ...]:
         """Every cached float array the run reads (served by the batches)."""
         return (self.teacher_array,)
+
+    def restart_epochs(self) -> tuple[int, ...]:
+        """Epochs at which the optimiser and its learning-rate schedule start afresh, each phase trained as its own
+        run (Annealing-KD's stage 2, as its authors train it); none by default."""
+        return ()
 
     def epoch_arrays(self, epoch: int) -> tuple[str, ...]:
         """The arrays one epoch reads: those of its first step."""
@@ -162,7 +168,7 @@ class Method:
 def check_options(method: type[Method], options: MethodOptions, registry: dict[str, type[Method]]) -> None:
     """A method-specific flag given to a method that does not use it is an error naming who does use it."""
     flags = {"checkpoint": "--checkpoint", "kd_loss": "--kd-loss", "phase_epochs": "--phase-epochs",
-             "layer_map": "--layer-map"}
+             "layer_map": "--layer-map", "anneal_continuous": "--anneal-continuous"}
     for name in options.given():
         if name in method.accepts:
             continue

@@ -84,6 +84,7 @@ class StudentRun:
     progress: dict[str, Any]
     state: dict[str, Any] | None  # last.pt of the interrupted run being resumed
     teacher_val: dict[str, float] | None = None  # the teacher's own scores on the selection split
+    new_optimiser: Any = None  # epoch -> (optimiser, schedule) for the phase that begins there
     order: Any = None
     targets: Any = None
 
@@ -94,7 +95,7 @@ class StudentRun:
 
 def _method(cfg: DistillConfig) -> Any:
     method = make_method(cfg.method, MethodOptions(cfg.checkpoint, cfg.kd_loss, cfg.phase_epochs, cfg.layer_map,
-                                                   cfg.reduction))
+                                                   cfg.reduction, cfg.anneal_continuous))
     if cfg.cache is None and method.needs_cache:
         raise KDCacheError(f"method {cfg.method!r} needs a teacher cache (--cache)")
     return method
@@ -151,11 +152,19 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     if world.distributed:  # rank 0's weights everywhere; then each rank its own random stream (dropout)
         world.broadcast_parameters(trainable)
         torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
-    optimizer = build_optimizer(hp["optimizer"], trainable, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]),
-                                momentum=float(hp["momentum"]), compiling=cfg.compile)
-    total_steps = n * steps_per_epoch
-    scheduler = build_lr_schedule(hp["lr_schedule"], optimizer, total_steps=total_steps,
-                                  warmup_steps=int(round(float(hp["warmup_ratio"]) * total_steps)))
+
+    def new_optimiser(first: int) -> tuple[Any, Any]:
+        """The optimiser and its learning-rate schedule for the phase that begins at epoch `first`: the whole run,
+        unless the method restarts them (Annealing-KD's stage 2)."""
+        last = min([r - 1 for r in method.restart_epochs() if r > first] + [n])
+        steps = (last - first + 1) * steps_per_epoch
+        optimizer = build_optimizer(hp["optimizer"], trainable, lr=float(hp["lr"]),
+                                    weight_decay=float(hp["weight_decay"]), momentum=float(hp["momentum"]),
+                                    compiling=cfg.compile)
+        return optimizer, build_lr_schedule(hp["lr_schedule"], optimizer, total_steps=steps,
+                                            warmup_steps=int(round(float(hp["warmup_ratio"]) * steps)))
+
+    optimizer, scheduler = new_optimiser(1)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda")
     stepper = Stepper(student, method, optimizer, scheduler, scaler, device, cfg.precision, hp["max_grad_norm"],
                       list(trainable.parameters()), world)
@@ -163,7 +172,7 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     progress = {"epoch": 0, "step": 0, "best": None,
                 "totals": {"train_seconds": 0.0, "train_samples": 0, "wall_seconds": 0.0}}
     return StudentRun(cfg, hp, preset, n, stepper, RunDir(Path(cfg.out), _identity(cfg, hp, preset, data, method)),
-                      progress, None, _teacher_metrics(data, method.teacher_array))
+                      progress, None, _teacher_metrics(data, method.teacher_array), new_optimiser)
 
 
 def open_folder(run: StudentRun, data: RunData) -> None:
@@ -171,7 +180,7 @@ def open_folder(run: StudentRun, data: RunData) -> None:
     legacy = (lambda: _legacy_digest(data, run.batch_size)) if data.train.cache is None else None
     run.state = _prepare(run.run_dir, run.cfg, run.stepper.world, legacy)
     if run.state is not None:
-        _restore(run.state, run.stepper, run.run_dir, data, run.progress)
+        _restore(run.state, run.stepper, run.run_dir, data, run.progress, run.new_optimiser)
 
 
 def targets_plan(run: StudentRun, data: RunData) -> tuple[str, int | None] | None:
@@ -265,6 +274,9 @@ def run_epochs(runs: list[StudentRun], data: RunData, *, progress: bool, where: 
             if not todo:
                 continue
             started = time.perf_counter()
+            for run in todo:  # a phase trained as its own run (Annealing-KD's stage 2): a fresh optimiser
+                if epoch in run.stepper.method.restart_epochs() and run.new_optimiser is not None:
+                    run.stepper.optimizer, run.stepper.scheduler = run.new_optimiser(epoch)
             members = [Member(run.stepper, run.progress["step"], run.progress.get("rng")) for run in todo]
             results = train_together(members, order, first_run.targets, data.train.inputs, epoch,
                                      on_step=_bar(bar, task, epoch, n, len(todo)), log_every=cfg.log_every,
@@ -364,7 +376,8 @@ def _snapshot(s: Stepper, progress: dict[str, Any], targets: Any, data: RunData)
             **({"rng_ranks": s.world.gather(rng_state())} if s.world.distributed else {})}
 
 
-def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, progress: dict[str, Any]) -> None:
+def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, progress: dict[str, Any],
+             new_optimiser: Any = None) -> None:
     trained_by = int(state.get("world_size", 1))
     if trained_by != s.world.size:  # each rank's share of a batch, and its random stream, depend on the count
         launch = f"torchrun --nproc-per-node {trained_by}" if trained_by > 1 else "one process (no torchrun)"
@@ -372,6 +385,9 @@ def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, 
                            f"{s.world.size}; resume it with {launch}, or start a new --out")
     s.student.model.load_state_dict(state["model"])
     s.method.load_state_dict(state["method"])
+    begun = [r for r in s.method.restart_epochs() if r <= state["epoch"]]
+    if begun and new_optimiser is not None:  # saved inside a later phase: its optimiser and schedule, then their state
+        s.optimizer, s.scheduler = new_optimiser(max(begun))
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:  # empty when the run began where fp16 scaling was off (e.g. on the CPU)

@@ -60,3 +60,25 @@ def test_glue_tiny_with_a_small_bert_in_place_of_minilm(tmp_path, shared_data, m
     reproduce.glue(reproduce.Runner(tmp_path / "run", "cpu", in_process=True), "tiny", 1, "mrpc", teacher_dir=str(encoder))
     _check(tmp_path / "run", reproduce.METHODS)
     assert "f1" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_seed_paired_statistics_of_two_methods():
+    """Differences are paired by seed: the paired t-test's p from the differences by hand, the sign test's from the
+    binomial distribution; a method beaten on every one of 5 seeds has sign-test p = 2 / 2^5."""
+    from scipy import stats
+
+    best = {"continuation": [0.71, 0.72, 0.70, 0.74, 0.73], "vanilla": [0.70, 0.70, 0.69, 0.71, 0.72]}
+    results = [reproduce.Result(m, seed, v, v, 1.0, "accuracy") for m, vs in best.items() for seed, v in enumerate(vs)]
+    d = reproduce.paired(results, "continuation", "vanilla")
+    diffs = [a - b for a, b in zip(best["continuation"], best["vanilla"])]
+    t = sum(diffs) / 5 / (stats.tstd(diffs) / math.sqrt(5))
+    assert d["pairs"] == 5 and d["mean"] == pytest.approx(sum(diffs) / 5)
+    assert d["t_p"] == pytest.approx(2 * stats.t.sf(abs(t), df=4))
+    assert (d["wins"], d["losses"], d["ties"]) == (5, 0, 0) and d["sign_p"] == pytest.approx(2 / 2**5)
+    # a seed only one method ran is not paired; equal differences leave the t-test undefined
+    results.append(reproduce.Result("continuation", 5, 0.9, 0.9, 1.0, "accuracy"))
+    assert reproduce.paired(results, "continuation", "vanilla")["pairs"] == 5
+    same = [reproduce.Result(m, s, 0.5 + (0.1 if m == "a" else 0), 0.5, 1.0, "accuracy") for m in "ab" for s in range(3)]
+    assert reproduce.paired(same, "a", "b")["t_p"] is None
+    table = "\n".join(reproduce.paired_table(results))
+    assert "| continuation - vanilla | 5 |" in table and "5/0/0 0.062" in table

@@ -125,6 +125,29 @@ def test_annealing_runs_two_stages_and_restarts_from_the_best_stage_1_student(tm
     assert state["method"]["stage1_best"]["epoch"] == stage1["epoch"]
 
 
+@pytest.mark.parametrize("cut", [2, 4])
+def test_annealing_stage_2_is_a_run_of_its_own_and_resumes_inside_it(tmp_path, digits_cache, cut):
+    """As the authors train it, stage 2 starts a fresh optimiser and learning-rate schedule over its own epochs (the
+    logged lr, the epoch's last step's, jumps back up); --anneal-continuous keeps stage 1's. A run cut at the
+    boundary or inside stage 2 resumes to the uninterrupted run's numbers."""
+    kw = dict(epochs=6, anneal_epochs=2, t_max=2, lr_schedule="cosine", optimizer="sgd", lr=0.05)
+    _digits_run(digits_cache, tmp_path / "full", "annealing", **kw)
+    lrs = [r["lr"] for r in _metrics(tmp_path / "full")]  # stage 1: 2 epochs, stage 2: 4, each its own schedule
+    assert lrs[0] > lrs[1] and lrs[2] > lrs[1] and lrs[2] > lrs[3] > lrs[4] > lrs[5]
+    _digits_run(digits_cache, tmp_path / "continuous", "annealing", anneal_continuous=True, **kw)
+    continuous = [r["lr"] for r in _metrics(tmp_path / "continuous")]
+    assert all(a > b for a, b in zip(continuous, continuous[1:]))  # one schedule over the whole run
+    _digits_run(digits_cache, tmp_path / "cut", "annealing", stop_after_epoch=cut, **kw)
+    _digits_run(digits_cache, tmp_path / "cut", "annealing", resume=True, **kw)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in rows]
+    assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "full"))
+
+
+def test_anneal_continuous_is_refused_by_other_methods(tmp_path, digits_cache):
+    with pytest.raises(KDCacheError, match="--anneal-continuous applies to --method annealing only"):
+        _digits_run(digits_cache, tmp_path / "run", "continuation", anneal_continuous=True)
+
+
 def test_train_and_distill_ce_see_the_same_batches(tmp_path, digits_cache):
     """`train` (no cache) and `distill --method ce` share the loop: same seed, same student, same numbers."""
     a = _digits_run(digits_cache, tmp_path / "a", "ce", epochs=3)

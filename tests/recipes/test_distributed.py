@@ -140,21 +140,6 @@ def test_shares_cover_each_batch_once_and_weigh_by_size():
         assert all(batch[s].size == 1 for s, w in shares if not w)  # a stand-in row, weight 0
 
 
-@pytest.fixture(scope="module")
-def projection_cache(tmp_path_factory):
-    """Digits cached by a small MLP teacher with projections of its two hidden layers (curriculum's arrays)."""
-    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
-    from kdcache.recipes.distill import distill
-    from kdcache.train.config import DistillConfig
-
-    root = tmp_path_factory.mktemp("proj")
-    distill(DistillConfig(student="mlp", student_kwargs={"hidden": 16, "depth": 2}, task="digits", method="ce",
-                          out=root / "teacher", epochs=1, device="cpu", progress=False))
-    return cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher" / "best"), task="digits", out=root / "c.kdcache",
-                                            splits=("train", "validation"), device="cpu", progress=False,
-                                            hidden_layers="1,2", proj_dim=4, chunk_rows=64))
-
-
 def test_parameters_no_process_used_stay_untouched_as_in_one_process(tmp_path, projection_cache):
     """Curriculum's projection phases leave the student's head without gradients: under torchrun they must keep
     none (no weight decay, no momentum), as in one process."""

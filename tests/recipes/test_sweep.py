@@ -130,21 +130,6 @@ def test_runs_cut_by_max_steps_count_their_unchecked_rows_as_lone_runs_do(tmp_pa
         assert (out / f"seed-{seed}" / "best").exists() == (lone / "best").exists()
 
 
-@pytest.fixture(scope="module")
-def projection_cache(tmp_path_factory):
-    """Digits cached by a small MLP teacher with projections of its two hidden layers (curriculum's arrays)."""
-    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
-    from kdcache.recipes.distill import distill
-    from kdcache.train.config import DistillConfig
-
-    root = tmp_path_factory.mktemp("proj")
-    distill(DistillConfig(student="mlp", student_kwargs={"hidden": 16, "depth": 2}, task="digits", method="ce",
-                          out=root / "teacher", epochs=1, device="cpu", progress=False))
-    return cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher" / "best"), task="digits", out=root / "c.kdcache",
-                                            splits=("train", "validation"), device="cpu", progress=False,
-                                            hidden_layers="1,2", proj_dim=4, chunk_rows=64))
-
-
 def test_a_run_grouped_with_a_method_reading_more_arrays_keeps_its_own_batch_order(tmp_path, capsys, monkeypatch,
                                                                                      projection_cache):
     """Alone, continuation's logits fit the budget (memory: a full shuffle); curriculum's arrays do not (windows of

@@ -496,7 +496,8 @@ def test_resolve_refuses_unknown_presets():
         config.resolve("imagenet", "image", METHODS["ce"], config.DistillConfig("mlp", "out"))
 
 
-@pytest.mark.parametrize("preset,epochs,expected", [("cifar", 200, 150), ("glue", 30, 20), ("small", 3, 2),
+@pytest.mark.parametrize("preset,epochs,expected", [("cifar", 200, 133), ("cifar", 300, 200), ("glue", 30, 23),
+                                                    ("glue", 13, 10), ("small", 3, 2),
                                                     ("glue", 2, 1)])
 def test_anneal_epochs_default_fraction(preset, epochs, expected):
     assert anneal_epochs(ANNEAL_FRACTION[preset], epochs, None) == expected
