@@ -150,6 +150,7 @@ def cache_teacher_cmd(
     max_length: o.MaxLength = 128, text_column: o.TextColumn = None, text_pair_column: o.TextPairColumn = None,
     label_column: o.LabelColumn = None, label_names: o.LabelNames = None, regression: o.Regression = False,
     normalize: o.Normalize = None, image_size: o.ImageSize = None, limit: o.Limit = None, subset: o.Subset = None,
+    holdout: o.Holdout = None,
     checkpoints: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint folders or a glob "
                                                                   "('run/checkpoints/epoch-*'), stored in training "
                                                                   "order for Pro-KD; repeatable.")] = None,
@@ -174,7 +175,7 @@ def cache_teacher_cmd(
 
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
-                            normalize=normalize, image_size=image_size, limit=limit, subset=subset)
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
     storage = _storage(storage_option)
     cfg = CacheTeacherConfig(
         teacher=teacher, task=task, out=out, data=data, splits=tuple(split), weights=str(weights) if weights else None,
@@ -378,8 +379,8 @@ def train_cmd(
     save_every: o.SaveEvery = None, max_length: o.MaxLength = 128, text_column: o.TextColumn = None,
     text_pair_column: o.TextPairColumn = None, label_column: o.LabelColumn = None, label_names: o.LabelNames = None,
     regression: o.Regression = False, normalize: o.Normalize = None, image_size: o.ImageSize = None,
-    limit: o.Limit = None, subset: o.Subset = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
-    stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
+    limit: o.Limit = None, subset: o.Subset = None, holdout: o.Holdout = None, resume: o.Resume = False,
+    overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
     keep_inputs: o.KeepInputs = None, log_every: o.LogEvery = 0, max_steps: o.MaxSteps = None,
     compile: o.Compile = False, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
 ) -> None:
@@ -393,7 +394,7 @@ def train_cmd(
 
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
-                            normalize=normalize, image_size=image_size, limit=limit, subset=subset)
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
     cfg = _training(
         "--model-kwargs", model_kwargs, cache=None, student=model, task=task, out=out, method="ce", data=data,
         epochs=epochs, tokenizer=tokenizer, preset=preset, lr=lr, batch_size=batch_size, optimizer=optimizer,

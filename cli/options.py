@@ -59,6 +59,8 @@ ImageSize = Annotated[Optional[int], _O(help="Images: shorter side to this size,
                                                    "(imagenet: 224).")]
 Limit = Annotated[Optional[int], _O(help="Use only the first N rows of each split.")]
 Subset = Annotated[Optional[int], _O(help="Use N rows spread evenly over each split (after --limit).")]
+Holdout = Annotated[Optional[int], _O(help="Hold out N training rows (evenly spaced, after --subset) as the "
+                                           "'validation' split; the rest stay 'train' (for datasets without one).")]
 
 # --- training: None means the preset's (or the method's) value -------------------------------------------------------
 Epochs = Annotated[Optional[int], _O(help="Epochs n (preset: cifar 200, glue 30, small 30).")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class DataOptions:
     image_size: int | None = None
     limit: int | None = None
     subset: int | None = None  # keep this many rows, evenly spaced over the split (class-balanced enough for sorted folders)
+    holdout: int | None = None  # this many train rows (evenly spaced) are the `validation` split, the rest `train`
 
 
 def recorded_options(dataset: dict[str, Any], task: dict[str, Any]) -> DataOptions:
@@ -33,7 +35,7 @@ def recorded_options(dataset: dict[str, Any], task: dict[str, Any]) -> DataOptio
     the task's kind and label names), so re-reading gives the very same rows: the contract between the loaders,
     which write `preprocess`, and every reader of a cache (distill, verify)."""
     pre = dataset.get("preprocess") or {}
-    options = DataOptions(limit=pre.get("limit"), subset=pre.get("subset"))
+    options = DataOptions(limit=pre.get("limit"), subset=pre.get("subset"), holdout=pre.get("holdout"))
     if dataset.get("modality") == "text":
         options.max_length = int(pre.get("max_length", 128))
         if dataset.get("task") == "text":
@@ -60,12 +62,42 @@ def load_split(task: str, data: str | Path | None, split: str, *, tokenizer: Any
                options: DataOptions | None = None) -> SplitData:
     """Read one split of a dataset as fingerprinted rows in source order; tokenizer is needed for text."""
     opts = options or DataOptions()
-    if opts.subset is not None and (isinstance(opts.subset, bool) or not isinstance(opts.subset, int) or opts.subset < 1):
-        raise KDCacheError(f"subset must be a positive integer, got {opts.subset!r}")
+    for name in ("subset", "holdout"):
+        value = getattr(opts, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise KDCacheError(f"{name} must be a positive integer, got {value!r}")
+    if opts.holdout is not None and split in ("train", "validation"):
+        return held_out(load_split(task, data, "train", tokenizer=tokenizer,
+                                   options=dataclasses.replace(opts, holdout=None)), opts.holdout, split)
     loaded = _load_split(task, data, split, tokenizer, opts)
     if opts.subset is None or loaded.preprocess.get("subset") == opts.subset:  # text picks its rows before tokenising
         return loaded
     return evenly_spaced_subset(loaded, opts.subset)
+
+
+#: How --holdout picks the validation rows out of train (recorded in each split's preprocess).
+HOLDOUT_RULE = "validation: evenly spaced linspace(0, n-1, holdout) of the train rows (after --subset); train: the rest"
+
+
+def held_out(train: SplitData, size: int, split: str) -> SplitData:
+    """A validation split carved out of the training rows (CIFAR and ImageNet-style datasets ship none, and
+    selecting checkpoints on the test split reports an optimistic test score): `size` rows evenly spaced over
+    train (every class of a class-sorted folder), the rest stay `train`. Rows keep their source index and
+    fingerprint, so the two splits are disjoint by construction and a cache records which rows each holds."""
+    import numpy as np
+    import torch
+
+    from kdcache.data.base import evenly_spaced_rows
+
+    n = len(train)
+    if size >= n:
+        raise KDCacheError(f"{train.source}: --holdout {size} leaves no training rows (the train split has {n})")
+    chosen = evenly_spaced_rows(n, size)
+    rows = chosen if split == "validation" else np.setdiff1d(np.arange(n), chosen)
+    train.dataset = torch.utils.data.Subset(train.dataset, rows.tolist())
+    train.split = split
+    train.preprocess = {**train.preprocess, "holdout": size, "holdout_rule": HOLDOUT_RULE}
+    return train
 
 
 def evenly_spaced_subset(split: SplitData, size: int) -> SplitData:
