@@ -297,7 +297,7 @@ def distill_cmd(
     resume: o.Resume = False, overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None,
     augment: o.Augment = None, num_workers: o.NumWorkers = None, memory_budget: o.MemoryBudget = None,
     keep_inputs: o.KeepInputs = None, check_first: o.CheckFirst = False, log_every: o.LogEvery = 0,
-    max_steps: o.MaxSteps = None, compile: o.Compile = False,
+    max_steps: o.MaxSteps = None, compile: o.Compile = False, report_split: o.ReportSplit = None,
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
 ) -> None:
     """Train a student against a teacher cache (the teacher is never loaded)."""
@@ -321,7 +321,7 @@ def _distill_config(p: dict[str, Any]) -> Any:
               "lr_schedule", "warmup_ratio", "max_grad_norm", "schedule_unit", "val_split", "seed", "precision",
               "device", "save_every", "resume", "overwrite", "stop_after_epoch", "progress", "checkpoint", "kd_loss",
               "phase_epochs", "layer_map", "trust_model_code", "augment", "num_workers", "memory_budget",
-              "keep_inputs", "check_first", "log_every", "max_steps", "compile")
+              "keep_inputs", "check_first", "log_every", "max_steps", "compile", "report_split")
     return _training("--student-kwargs", p["student_kwargs"], **{k: p[k] for k in fields}, stream_mode=p["stream"],
                      anneal_continuous=p["anneal_continuous"] or None,
                      storage_options=_storage(p["storage_option"]))

@@ -59,6 +59,8 @@ ImageSize = Annotated[Optional[int], _O(help="Images: shorter side to this size,
                                                    "(imagenet: 224).")]
 Limit = Annotated[Optional[int], _O(help="Use only the first N rows of each split.")]
 Subset = Annotated[Optional[int], _O(help="Use N rows spread evenly over each split (after --limit).")]
+ReportSplit = Annotated[Optional[str], _O(help="Also score this split every epoch, never selecting on it (the test "
+                                                 "split): summary.json gives its score at the best epoch.")]
 Holdout = Annotated[Optional[int], _O(help="Hold out N training rows (evenly spaced, after --subset) as the "
                                            "'validation' split; the rest stay 'train' (for datasets without one).")]
 

@@ -108,7 +108,8 @@ def load_data(cfg: DistillConfig, world: World, device: torch.device) -> RunData
     reading = input_options(cfg, device)
     if cfg.cache is not None:
         data = world.all_ok(lambda: load_run_data(cfg.cache, storage_options=cfg.storage_options, data=cfg.data,
-                                                  val_split=cfg.val_split, device=device, options=reading))
+                                                  val_split=cfg.val_split, device=device, options=reading,
+                                                  report_split=cfg.report_split))
     else:
         tokenizer_source = cfg.tokenizer or (cfg.student if Path(cfg.student).is_dir() else None)
         data = world.all_ok(lambda: load_dataset_only(cfg.task, cfg.data, cfg.data_options,
@@ -313,11 +314,17 @@ def _end_epoch(run: StudentRun, data: RunData, epoch: int, result: Any, seconds:
                       kind=data.kind, device=stepper.device, precision=cfg.precision,
                       batch_size=run.batch_size, world=world)  # a batch that trains fits in evaluation
     world.merge_seen(data.selection.inputs.check)
+    reported = {}
+    if data.report is not None:  # scored, never selected on: the test score of whichever epoch is best
+        report = evaluate(stepper.student, data.report.inputs, data.report.labels, task=data.task, kind=data.kind,
+                          device=stepper.device, precision=cfg.precision, batch_size=run.batch_size, world=world)
+        world.merge_seen(data.report.inputs.check)
+        reported = {"report_split": data.report.name, "report_metric": report["metric"]}
     if world.main:
         run_dir.append_metrics({
             "epoch": epoch, "loss": result.loss, **result.values, "lr": result.lr,
             "metric_name": primary_metric(data.task, data.kind), **{k: v for k, v in scores.items() if k != "rows"},
-            "split": data.selection.name, "seconds": round(seconds, 3),
+            "split": data.selection.name, **reported, "seconds": round(seconds, 3),
             "samples_per_second": round(result.rows / max(seconds, 1e-9), 1)})
     improved = stepper.method.eligible(epoch) and not unchecked and (
         progress["best"] is None or scores["metric"] > progress["best"]["metric"])
@@ -488,7 +495,18 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
                            "cache: no model was kept (--check-first checks every row first)"
                            if progress.get("unchecked_rows") else None),
         "teacher_targets": progress.get("teacher_targets"), "world_size": s.world.size,
+        **_reported(data, finished, best),
     }
+
+
+def _reported(data: RunData, finished: list[dict[str, Any]], best: dict[str, Any] | None) -> dict[str, Any]:
+    """--report-split's score at the best epoch (the number to report: selected on validation, scored on test)
+    and at the last."""
+    if data.report is None:
+        return {}
+    at = {r["epoch"]: r.get("report_metric") for r in finished}
+    return {"report_split": data.report.name, "report_metric_at_best": at.get(best["epoch"]) if best else None,
+            "report_metric_last": finished[-1].get("report_metric") if finished else None}
 
 
 __all__ = ["DistillConfig", "distill"]

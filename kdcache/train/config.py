@@ -33,7 +33,7 @@ HYPERPARAMETERS = ("epochs", "t_max", "margin", "psi", "alpha", "temperature", "
 #: and data are identified by their digests, so a moved run or cache resumes.
 NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
-                "log_every", "max_steps", "compile")
+                "log_every", "max_steps", "compile", "report_split")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
 OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous")
 
@@ -94,6 +94,7 @@ class DistillConfig:
     check_first: bool = False  # compare every row with the cache before training, not as rows are decoded
     log_every: int = 0  # read the loss back (and check it) every N steps; 0: once per epoch
     max_steps: int | None = None  # stop after N optimiser steps (evaluating once): smoke runs and benchmarks
+    report_split: str | None = None  # also score this split every epoch (never selecting on it): the test split
     compile: bool = False  # torch.compile the student
 
     def identity(self) -> dict[str, Any]:

@@ -390,6 +390,7 @@ class RunData:
     val: RunSplit | None
     tokenizer: Any = None
     teacher: dict[str, Any] = field(default_factory=dict)  # what the cache records about its teacher
+    report: RunSplit | None = None  # --report-split: scored every epoch, never selects (the test split)
 
     @property
     def selection(self) -> RunSplit:
@@ -404,7 +405,8 @@ class RunData:
 
 
 def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data: str | None, val_split: str | None,
-                  device: torch.device, options: InputOptions | None = None) -> RunData:
+                  device: torch.device, options: InputOptions | None = None,
+                  report_split: str | None = None) -> RunData:
     """The cache's own dataset, each split checked row by row against the cache (inputs and labels) as its rows
     are first decoded, or up front with `check_first`; a split of another length is refused at once."""
     reading = options or InputOptions()
@@ -420,8 +422,14 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
     if "train" not in splits:
         raise KDCacheError(f"{cache.store}: no 'train' split to distil from (splits: {', '.join(splits) or 'none'})")
     val_name = _val_split_name(val_split, splits, str(cache.store))
+    if report_split is not None:
+        if report_split not in splits:
+            raise KDCacheError(f"{cache.store}: no split {report_split!r} to report on (splits: {', '.join(splits)})")
+        if report_split in ("train", val_name):
+            raise KDCacheError(f"--report-split {report_split}: the split the run {'trains' if report_split == 'train' else 'selects'} "
+                               "on; report on another one (the test split)")
     loaded = {}
-    for name in ["train"] + ([val_name] if val_name else []):
+    for name in ["train"] + ([val_name] if val_name else []) + ([report_split] if report_split else []):
         split_cache = cache.split(name)
         dataset = split_cache.split_attrs.get("dataset") or {}
         options = recorded_options(dataset, task_info.to_attrs())
@@ -437,7 +445,7 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
             check_alignment(inputs, split_cache, split.source)
         loaded[name] = RunSplit(name, inputs, check.labels, split_cache)
     return RunData(task, kind, modality, task_info.label_names, loaded["train"], loaded.get(val_name), tokenizer,
-                   cache.header.teacher)
+                   cache.header.teacher, loaded.get(report_split) if report_split else None)
 
 
 def load_dataset_only(task: str | None, data: str | None, options: Any, *, tokenizer_source: str | None,

@@ -30,6 +30,12 @@ def test_vision_tiny(tmp_path, shared_data, monkeypatch):
     monkeypatch.setattr(reproduce, "DATA", shared_data)
     reproduce.vision(reproduce.Runner(tmp_path, "cpu", in_process=True), "tiny", 1)
     _check(tmp_path, reproduce.METHODS)
+    # selected on the held-out validation images, scored on test: a test column for every run
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert rows and all(0 <= float(r["test"]) <= 1 for r in rows)
+    assert "test at the best validation epoch" in (tmp_path / "summary.md").read_text()
+    summary = reproduce.Runner(tmp_path, "cpu").summary(tmp_path / "continuation-seed0")
+    assert summary["validation_split"] == "validation" and summary["report_split"] == "test"
 
 
 def test_cifar100_configuration_on_pickles_the_test_writes(tmp_path, monkeypatch):

@@ -62,3 +62,26 @@ def test_a_holdout_that_leaves_no_training_rows_is_one_line(tmp_path, capsys, mo
                               "train", "--holdout", "200", "--out", out, "--device", "cpu", "--no-progress"], capsys,
                              monkeypatch)[::2], "train.npz", "--holdout 200 leaves no training rows")
     assert not out.exists()
+
+
+def test_the_test_split_is_scored_every_epoch_and_reported_at_the_best_validation_epoch(tmp_path, capsys, monkeypatch):
+    data, teacher, cache = _table(tmp_path), _teacher(tmp_path), tmp_path / "c.kdcache"
+    assert run_cli(["cache-teacher", "--teacher", teacher, "--task", "tabular", "--data", data, "--split", "train",
+                    "--split", "validation", "--split", "test", "--holdout", "40", "--out", cache, "--device", "cpu",
+                    "--no-progress"], capsys, monkeypatch)[0] == 0
+    run = tmp_path / "run"
+    code, _, err = run_cli(["distill", "--cache", cache, "--student", "mlp", "--epochs", "4", "--lr", "0.01", "--out",
+                            run, "--device", "cpu", "--no-progress", "--report-split", "test"], capsys, monkeypatch)
+    assert code == 0, err
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["split"] == "validation" and r["report_split"] == "test" for r in lines)
+    summary = json.loads((run / "summary.json").read_text())
+    best = next(r for r in lines if r["epoch"] == summary["best_epoch"])
+    assert summary["report_metric_at_best"] == best["report_metric"] and summary["report_split"] == "test"
+    assert summary["report_metric_last"] == lines[-1]["report_metric"]
+    for split, needle in (("validation", "the split the run selects on"), ("train", "the split the run trains on"),
+                          ("dev", "no split 'dev' to report on")):
+        _one_error_line(*run_cli(["distill", "--cache", cache, "--student", "mlp", "--epochs", "1", "--out",
+                                  tmp_path / f"bad-{split}", "--device", "cpu", "--no-progress", "--report-split", split],
+                                 capsys, monkeypatch)[::2], f"--report-split {split}" if split != "dev" else "c.kdcache",
+                        needle)
