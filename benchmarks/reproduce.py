@@ -133,20 +133,20 @@ def write_results(out: Path, title: str, results: list[Result], notes: list[str]
             xs = [r.test for r in tested if r.method == method]
             table.append(f"| {method} | {statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f} |")
     table += ["", f"Metric: {rows[0][2]}."] + notes
-    table += ["", *paired_table(results)]
+    table += ["", *paired_table(results)] + (["", *paired_table(results, "test")] if tested else [])
     text = "\n".join(table) + "\n"
     (out / "summary.md").write_text(text)
     _bar_chart(out / "summary.png", title, rows)
     return text
 
 
-def paired(results: list[Result], a: str, b: str) -> dict[str, Any]:
+def paired(results: list[Result], a: str, b: str, key: str = "best") -> dict[str, Any]:
     """Method a against method b on the seeds both ran: the seed-paired differences of the best checkpoint's metric,
     their mean, a paired t-test and a two-sided sign test (ties dropped). p is None where a test is undefined
     (fewer than 2 pairs; every difference equal)."""
     from scipy import stats
 
-    by_seed = {(r.method, r.seed): r.best for r in results}
+    by_seed = {(r.method, r.seed): getattr(r, key) for r in results if getattr(r, key) is not None}
     seeds = sorted({r.seed for r in results if (a, r.seed) in by_seed and (b, r.seed) in by_seed})
     diffs = [by_seed[(a, seed)] - by_seed[(b, seed)] for seed in seeds]
     t_p = None
@@ -158,16 +158,18 @@ def paired(results: list[Result], a: str, b: str) -> dict[str, Any]:
             "losses": losses, "ties": len(diffs) - wins - losses, "sign_p": sign_p}
 
 
-def paired_table(results: list[Result]) -> list[str]:
+def paired_table(results: list[Result], key: str = "best") -> list[str]:
     """Every method against every other (and so against `ce`, training from scratch on labels), seed-paired: what
-    a reviewer asks before believing a difference of means."""
+    a reviewer asks before believing a difference of means. `key`: the best checkpoint's selection metric, or
+    `test`, that checkpoint's score on the reported split."""
     methods = list(dict.fromkeys(r.method for r in results))
     fmt = lambda p: "-" if p is None else f"{p:.3f}"
-    lines = ["Seed-paired differences of the best checkpoint's metric (row minus column method):", "",
+    what = "the best checkpoint's metric" if key == "best" else "the best checkpoint's test score"
+    lines = [f"Seed-paired differences of {what} (row minus column method):", "",
              "| methods | pairs | mean difference | paired t-test p | sign test (+/-/=) p |", "|---|---|---|---|---|"]
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            d = paired(results, a, b)
+            d = paired(results, a, b, key)
             if not d["pairs"]:
                 continue
             lines.append(f"| {a} - {b} | {d['pairs']} | {d['mean']:+.4f} | {fmt(d['t_p'])} | "
