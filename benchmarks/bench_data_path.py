@@ -305,7 +305,7 @@ def throughput(args: argparse.Namespace) -> None:
         setups.append(("ResNet-8, CIFAR-10 5k", cifar, ["--task", "cifar10", "--data", data],
                        ["--student", "resnet8"], ["--model", "resnet8"], ["--epochs", "2", "--batch-size", "128"]))
         # BERT-2L on real SST-2 (first 4,000 rows), tiny WordPiece tokenizer.
-        from conftest import make_tiny_tokenizer
+        from teachers_for_tests import make_tiny_tokenizer
         from transformers import BertConfig, BertForSequenceClassification
 
         tok = make_tiny_tokenizer(tmp / "tok")

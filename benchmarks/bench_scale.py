@@ -51,13 +51,13 @@ def _sync(device: torch.device) -> None:
 
 def write_text_task(folder: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     """An SST-2-shaped folder (train.tsv, dev.tsv) of random sentences, and a tiny WordPiece tokenizer."""
-    from conftest import _WORDS, make_tiny_tokenizer
+    from teachers_for_tests import WORDS, make_tiny_tokenizer  # (no pytest: runs on a bare device)
 
     rng = np.random.default_rng(seed)
     data = folder / "SST-2"
     data.mkdir(parents=True)
     for name, n in (("train.tsv", rows), ("dev.tsv", max(64, rows // 10))):
-        lines = ["sentence\tlabel"] + [" ".join(rng.choice(_WORDS, rng.integers(8, 40))) + f"\t{rng.integers(0, 2)}"
+        lines = ["sentence\tlabel"] + [" ".join(rng.choice(WORDS, rng.integers(8, 40))) + f"\t{rng.integers(0, 2)}"
                                        for _ in range(n)]
         (data / name).write_text("\n".join(lines) + "\n")
     make_tiny_tokenizer(folder / "tokenizer")

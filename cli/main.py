@@ -316,14 +316,15 @@ def _distill_config(p: dict[str, Any]) -> Any:
                     cache=p["cache"], student=p["student"], data=p["data"], epochs=p["epochs"],
                     batch_size=p["batch_size"], max_steps=p["max_steps"], log_every=p["log_every"],
                     num_workers=p["num_workers"], keep_inputs=p["keep_inputs"], memory_budget=p["memory_budget"])
-    fields = ("cache", "student", "out", "method", "epochs", "data", "preset", "t_max", "margin", "psi", "reduction",
-              "alpha", "temperature", "anneal_epochs", "lr", "batch_size", "optimizer", "weight_decay", "momentum",
-              "lr_schedule", "warmup_ratio", "max_grad_norm", "schedule_unit", "val_split", "seed", "precision",
-              "device", "save_every", "resume", "overwrite", "stop_after_epoch", "progress", "checkpoint", "kd_loss",
-              "phase_epochs", "layer_map", "trust_model_code", "augment", "num_workers", "memory_budget",
-              "keep_inputs", "check_first", "log_every", "max_steps", "compile", "report_split")
-    return _training("--student-kwargs", p["student_kwargs"], **{k: p[k] for k in fields}, stream_mode=p["stream"],
-                     anneal_continuous=p["anneal_continuous"] or None,
+    import dataclasses
+
+    from kdcache.train.config import DistillConfig
+
+    # every flag named as its config field goes across as is; the few named otherwise, or given another form, below
+    renamed = ("student_kwargs", "anneal_continuous")
+    same = {f.name for f in dataclasses.fields(DistillConfig)} - set(renamed)
+    return _training("--student-kwargs", p["student_kwargs"], **{k: v for k, v in p.items() if k in same},
+                     stream_mode=p["stream"], anneal_continuous=p["anneal_continuous"] or None,
                      storage_options=_storage(p["storage_option"]))
 
 

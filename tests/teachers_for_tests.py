@@ -77,3 +77,29 @@ class LinearDigitsThatDies(nn.Sequential):
 
 def linear_digits_that_dies(num_classes: int = 10) -> nn.Module:
     return LinearDigitsThatDies(nn.Flatten(), nn.Linear(64, num_classes))
+
+
+#: The vocabulary of the tiny tokenizer (and of synthetic sentences built from it).
+WORDS = (
+    "the a an of and to in is it that this was for on with as but not no film movie story good bad great "
+    "best worst funny boring love hate one all more most very too its his her he she they we you i be have "
+    "has had are were been being do does did can could would should will may might must than then there "
+    "their what which who whom how why when where so if or by from at about into over after before under"
+).split()
+
+
+def make_tiny_tokenizer(directory: Path):
+    """A real BERT WordPiece tokenizer over ~150 words and single characters: small, offline, deterministic."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'\"-:;()&$%/")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + chars + ["##" + c for c in chars]
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    try:  # transformers >= 5 builds the WordPiece model from a vocabulary mapping
+        tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab_file.read_text().split())})
+    except TypeError:  # transformers 4.x reads the vocabulary file
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer.save_pretrained(str(directory))
+    return AutoTokenizer.from_pretrained(str(directory))

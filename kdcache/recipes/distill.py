@@ -271,7 +271,7 @@ def run_epochs(runs: list[StudentRun], data: RunData, *, progress: bool, where: 
         task = bar.add_task(label, total=n * len(order), completed=(first - 1) * len(order), rate="")
         for epoch in range(first, n + 1):
             current["epoch"] = epoch
-            todo = [run for run in runs if run.progress["epoch"] < epoch and not run.progress.get("stopped")]
+            todo = [run for run in runs if run.progress["epoch"] < epoch and "stopped_at_step" not in run.progress]
             if not todo:
                 continue
             started = time.perf_counter()
@@ -290,7 +290,7 @@ def run_epochs(runs: list[StudentRun], data: RunData, *, progress: bool, where: 
                 run.progress["totals"]["wall_seconds"] = walls[runs.index(run)] + time.perf_counter() - wall_start
                 _end_epoch(run, data, epoch, result, seconds)
             stop = cfg.stop_after_epoch is not None and cfg.stop_after_epoch <= epoch < n
-            if all(run.progress.get("stopped") for run in runs) or stop:
+            if all("stopped_at_step" in run.progress for run in runs) or stop:
                 break
     for run, wall in zip(runs, walls):  # the last evaluation included
         if run.progress["epoch"] >= first:
@@ -305,7 +305,6 @@ def _end_epoch(run: StudentRun, data: RunData, epoch: int, result: Any, seconds:
     totals["train_samples"] += result.rows
     if result.stopped:  # cut by --max-steps
         progress["stopped_at_step"] = result.step
-        progress["stopped"] = True
     unchecked = _unchecked(data)  # rows not yet compared with the cache: no model trained on them is kept
     if unchecked:
         progress["unchecked_rows"] = unchecked

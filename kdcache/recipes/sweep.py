@@ -93,9 +93,7 @@ def read_sweep_file(path: Path) -> tuple[dict[str, list[Any]], list[int] | None,
             import yaml
 
             spec = yaml.safe_load(text)
-    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's parse errors are ValueErrors or not:
-        raise KDCacheError(f"{path}: not a sweep file ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # noqa: BLE001 - yaml's errors: one line naming the file
+    except Exception as exc:  # noqa: BLE001 - json's ValueError or yaml's YAMLError: one line naming the file
         raise KDCacheError(f"{path}: not a sweep file ({str(exc).splitlines()[0]})") from None
     if not isinstance(spec, dict) or not set(spec) <= {"grid", "seeds", "runs"} or not spec:
         raise KDCacheError(f"{path}: a sweep file is a mapping with `grid`, `seeds` and/or `runs`")

@@ -50,6 +50,8 @@ class World:
         """This rank's contiguous share of a global batch and the weight of its mean loss (its share of the
         rows). A rank left without rows (a last batch smaller than the world) takes the first row with weight 0,
         so every rank runs the same number of steps and collectives."""
+        if not self.distributed:  # (every batch of every epoch: nothing to compute for one process)
+            return slice(None), 1.0
         bounds = np.linspace(0, len(rows), self.size + 1).round().astype(int)
         a, b = int(bounds[self.rank]), int(bounds[self.rank + 1])
         if a == b:
@@ -134,7 +136,7 @@ class World:
         if error is not None:
             raise error
         if status == "error":
-            raise SharedError(value)
+            raise self.fail(value)
         return value
 
     def all_ok(self, work: Callable[[], T]) -> T:
@@ -150,8 +152,7 @@ class World:
         failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
         if failed:
             rank, text = failed[0]
-            raise SharedError(f"rank {rank} of {self.size}: {text}") if not self.main else KDCacheError(
-                f"rank {rank} of {self.size}: {text}")
+            raise self.fail(f"rank {rank} of {self.size}: {text}")
         return value
 
     def broadcast_parameters(self, module: torch.nn.Module) -> None:

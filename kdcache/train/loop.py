@@ -49,20 +49,6 @@ class EpochResult:
     stopped: bool = False  # --max-steps was reached within the epoch
 
 
-def train_epoch(s: Stepper, order: Any, targets: Any, inputs: StudentInputs, epoch: int, step: int, *,
-                on_step: Callable[[torch.Tensor], None] = lambda loss: None, log_every: int = 0,
-                max_steps: int | None = None, on_batch: Callable[[], None] = lambda: None) -> EpochResult:
-    """Run the minibatches of `epoch` (an order fixed by the seed and the epoch) starting at global step `step`.
-
-    Nothing waits for the device within a step: the loss is summed on the device and read back every `log_every`
-    steps (and at the end of the epoch), where a non-finite value stops the run. `on_step` receives the step's
-    loss tensor (a progress bar reads it a few times a second, not every step); `on_batch` is called as each
-    step begins, its batch decoded and on the device (the recipe times its start-up there). Under torchrun each
-    process trains on its share of every batch (`World.shard`) and the log's loss is the mean over all rows."""
-    return train_together([Member(s, step)], order, targets, inputs, epoch, on_step=lambda i, loss: on_step(loss),
-                          log_every=log_every, max_steps=max_steps, on_batch=on_batch)[0]
-
-
 @dataclass
 class Member:
     """One student of those stepped on the same batches: its stepper, the global step it starts the epoch at,
@@ -87,8 +73,16 @@ class _Tally:
 def train_together(members: list[Member], order: Any, targets: Any, inputs: StudentInputs, epoch: int, *,
                    on_step: Callable[[int, torch.Tensor], None] = lambda i, loss: None, log_every: int = 0,
                    max_steps: int | None = None, on_batch: Callable[[], None] = lambda: None) -> list[EpochResult]:
-    """`train_epoch` for several students at once (`kdcache sweep`): each batch of inputs is decoded, checked and
-    moved to the device once, and the teacher's rows for it gathered once, then every student takes its step."""
+    """Run the minibatches of `epoch` (an order fixed by the seed and the epoch) for one student, or several on the
+    same batches (`kdcache sweep`): each batch is decoded, checked and moved to the device once, the teacher's rows
+    for it gathered once, then every student takes its step, starting at its own global step.
+
+    Nothing waits for the device within a step: the loss is summed on the device and read back every `log_every`
+    steps (and at the end of the epoch), where a non-finite value stops the run. `on_step` receives each student's
+    index and loss tensor (a progress bar reads it a few times a second, not every step); `on_batch` is called as
+    each batch's steps begin, the batch decoded and on the device (the recipe times its start-up there). Under
+    torchrun each process trains on its share of every batch (`World.shard`) and the log's loss is the mean over
+    all rows."""
     world = members[0].s.world
     for m in members:
         m.s.student.model.train()
@@ -177,4 +171,4 @@ def on_interrupt(last: str, current: Callable[[], int], n: int) -> Iterator[None
                           "continue") from None
 
 
-__all__ = ["EpochResult", "Member", "Stepper", "on_interrupt", "train_epoch", "train_together"]
+__all__ = ["EpochResult", "Member", "Stepper", "on_interrupt", "train_together"]
