@@ -4,10 +4,12 @@
     python benchmarks/bench_scale.py --device cpu --quick     # the same ratios, sized for a 2-core CPU
 
 1. distill (Continuation-KD, cached logits) vs CE-only `train` of the same student: training samples/s
-   (evaluation excluded), ResNet-8 on CIFAR-10-shaped pickles and a 4-layer BERT on an SST-2-shaped TSV;
+   (evaluation excluded), ResNet-8 on CIFAR-10-shaped pickles (batch 128) and a 4-layer BERT on an SST-2-shaped
+   TSV (batch 64, the paper's GLUE batch);
 2. distill vs online KD (the teacher's forward in the loop): ResNet-110 -> ResNet-8 and a 24-layer -> 4-layer BERT;
 3. `sweep` of 8 students (8 margins, one seed) vs 8 sequential `distill` runs of the same flags: wall seconds;
-4. `cache-teacher` vs the bare teacher forward over the same inputs: rows/s.
+4. `cache-teacher` vs the bare teacher forward over the same inputs: rows/s;
+5. the floor: the student alone, CE steps on one batch already on the device (no data path, no loop of ours).
 
 The data is synthetic (random pixels, random words from a 150-word vocabulary) and the teachers untrained: only
 speed is measured. Nothing is downloaded; `../shared` is not needed (the device machine does not have it).
@@ -20,6 +22,7 @@ import csv
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +113,32 @@ def online_kd(teacher, student_spec: str, split, tokenizer, epochs: int, batch_s
     return rows / (time.perf_counter() - start)
 
 
+def student_alone(student_spec: str, split, tokenizer, batch_size: int, device: torch.device, precision: str,
+                  steps: int = 100) -> float:
+    """The floor: CE steps of the student on one batch already on the device (no data path, no loop of ours)."""
+    from kdcache.models import build_student
+
+    inputs = StudentInputs(split, device, workers=0)
+    _, x, labels = next(inputs.epoch([np.arange(batch_size)], train=True))
+    labels = labels.to(device)
+    student = build_student(student_spec, 2 if split.modality == "text" else 10, tokenizer=tokenizer, seed=0,
+                            sample=inputs.batch(np.arange(2)))
+    student.model.to(device).train()
+    optimizer = build_optimizer("adamw", student.model, lr=1e-4, weight_decay=0.0)
+    for i in range(steps + 10):  # 10 warm-up steps
+        if i == 10:
+            _sync(device)
+            start = time.perf_counter()
+        with autocast(device, precision):
+            out = student(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
 def bare_forward(teacher, split, batch_size: int, device: torch.device, precision: str) -> float:
     """The teacher alone over the rows in order, through the same input pipeline: rows/s."""
     inputs = StudentInputs(split, device, workers=4 if device.type == "cuda" else 0, keep_bytes=0)
@@ -130,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="sizes for a 2-core CPU (a few minutes)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: does every part run (a minute on a CPU)")
     parser.add_argument("--out", type=Path, default=None, help="append the table (Markdown) to this file")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -138,6 +168,9 @@ def main() -> None:
     size = dict(cifar_rows=2000 if args.quick else 20000, text_rows=800 if args.quick else 8000,
                 epochs=1 if args.quick else 2, teacher_cnn="resnet56" if args.quick else "resnet110",
                 teacher_bert=(12, 256) if args.quick else (24, 1024), sweep_epochs=1 if args.quick else 2)
+    if args.smoke:
+        size = dict(cifar_rows=300, text_rows=200, epochs=1, teacher_cnn="resnet20", teacher_bert=(2, 64),
+                    sweep_epochs=1)
     rows_out: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -147,56 +180,32 @@ def main() -> None:
         student_bert.write_text('{"model_type": "bert", "hidden_size": 256, "num_hidden_layers": 4, '
                                 '"num_attention_heads": 4, "intermediate_size": 1024}')
         torch.manual_seed(0)
-        cnn_teacher = save_model_dir(build_model(size["teacher_cnn"], 10), tmp / "cnn-teacher",
+        cnn_teacher = save_model_dir(_settled(build_model(size["teacher_cnn"], 10)), tmp / "cnn-teacher",
                                      architecture=size["teacher_cnn"], num_classes=10, kwargs={})
         bert_teacher = bert(tmp / "bert-teacher", *size["teacher_bert"], tok)
         settings = (("ResNet-8, CIFAR-10", "resnet8", "cifar10", cifar, cnn_teacher, 128, {}),
-                    ("BERT-4L, SST-2", str(student_bert), "sst2", text, bert_teacher, 32,
+                    ("BERT-4L, SST-2", str(student_bert), "sst2", text, bert_teacher, 64,
                      {"tokenizer": str(tok)}))
         for name, student, task, data, teacher_dir, batch, extra in settings:
-            cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher_dir), task=task, data=str(data),
-                                                     out=tmp / f"{task}.kdcache", splits=("train", "validation"
-                                                     if task == "sst2" else "test"), device=str(device),
-                                                     precision=precision, progress=False, batch_size=256))
-            # the teacher pass as the cache records it (loading the teacher and opening the data excluded, as
-            # they are for the bare forward below)
-            capture = describe_cache(cache)["throughput"]["train"]["rows_per_second"]
-            common = dict(student=student, epochs=size["epochs"], batch_size=batch, device=str(device),
-                          precision=precision, progress=False, lr=1e-3 if task == "sst2" else 0.05)
-            rates = {}
-            for label, cfg in (("warm-up", dict(cache=cache, method="ce")),
-                               ("train", dict(task=task, data=str(data), method="ce", **extra)),
-                               ("distill", dict(cache=cache, method="continuation"))):
-                summary = distill(DistillConfig(out=tmp / f"{task}-{label}", **common, **cfg))
-                rates[label] = summary["samples_per_second"]
-            tokenizer = None if task == "cifar10" else _tokenizer(tok)
-            split = load_split(task, data, "train", options=DataOptions(), tokenizer=tokenizer)
-            from kdcache.models import load_teacher
-
-            teacher = load_teacher(str(teacher_dir))
-            online = online_kd(teacher, student, split, tokenizer, size["epochs"], batch, device, precision)
-            bare = bare_forward(teacher, split, 256, device, precision)
-            rows_out.append([name, f"{rates['train']:,.0f}", f"{rates['distill']:,.0f}",
-                             f"{rates['distill'] / rates['train']:.2f}x", f"{online:,.0f}",
-                             f"{rates['distill'] / online:.1f}x", f"{capture:,.0f}", f"{bare:,.0f}",
-                             f"{capture / bare:.2f}x"])
-            print(rows_out[-1], flush=True)
+            began = time.perf_counter()
+            try:
+                rows_out.append(_setting(tmp, name, student, task, data, teacher_dir, batch, extra, size, device,
+                                         precision, tok))
+            except Exception as exc:  # one failed setting must not cost the rest of a borrowed GPU's minutes
+                traceback.print_exc()
+                rows_out.append([name] + [f"failed: {type(exc).__name__}"] + ["-"] * 8)
+            print(rows_out[-1], f"({time.perf_counter() - began:.0f} s)", flush=True)
+            _save(args.out, [" | ".join(rows_out[-1])])
         # sweep of 8 students vs 8 lone runs (ResNet-8, CIFAR-10)
-        margins = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
-        base = DistillConfig(student="resnet8", cache=tmp / "cifar10.kdcache", epochs=size["sweep_epochs"],
-                             batch_size=128, device=str(device), precision=precision, progress=False, lr=0.05,
-                             out=tmp / "sweep")
-        start = time.perf_counter()
-        sweep(SweepConfig(base, {"margin": margins}, [0]))
-        swept = time.perf_counter() - start
-        start = time.perf_counter()
-        for m in margins:
-            distill(DistillConfig(**{**base.__dict__, "margin": m, "out": tmp / f"lone-{m}"}))
-        lone = time.perf_counter() - start
-        with open(tmp / "sweep" / "results.csv") as f:
-            assert len(list(csv.DictReader(f))) == 8
+        swept = lone = float("nan")
+        try:
+            swept, lone = _sweep_vs_lone(tmp, size, device, precision)
+        except Exception:
+            traceback.print_exc()
+        _save(args.out, [f"sweep {swept:.1f} s, lone {lone:.1f} s"])
     header = ["setting", "train samples/s", "distill samples/s", "distill / train", "online KD samples/s",
-              "distill / online", "cache-teacher rows/s", "bare teacher forward rows/s", "cache-teacher / bare"]
+              "distill / online", "cache-teacher rows/s", "bare teacher forward rows/s", "cache-teacher / bare",
+              "student alone samples/s"]
     lines = [f"device {device} ({torch.cuda.get_device_name() if gpu else 'CPU'}), precision {precision}, "
              f"teachers {size['teacher_cnn']} and BERT-{size['teacher_bert'][0]}L, {size['epochs']} epoch(s)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -208,6 +217,79 @@ def main() -> None:
     if args.out is not None:
         with open(args.out, "a") as f:
             f.write(text + "\n")
+
+
+def _setting(tmp: Path, name: str, student: str, task: str, data: Path, teacher_dir: Path, batch: int,
+             extra: dict, size: dict, device: torch.device, precision: str, tok: Path) -> list[str]:
+    """One row of the table: train, distill, online KD, cache-teacher and the bare teacher forward."""
+    cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher_dir), task=task, data=str(data),
+                                             out=tmp / f"{task}.kdcache", splits=("train", "validation"
+                                             if task == "sst2" else "test"), device=str(device),
+                                             precision=precision, progress=False, batch_size=256))
+    # the teacher pass as the cache records it (loading the teacher and opening the data excluded, as
+    # they are for the bare forward below)
+    capture = describe_cache(cache)["throughput"]["train"]["rows_per_second"]
+    common = dict(student=student, epochs=size["epochs"], batch_size=batch, device=str(device),
+                  precision=precision, progress=False, lr=1e-3 if task == "sst2" else 0.05)
+    rates = {}
+    for label, cfg in (("warm-up", dict(cache=cache, method="ce")),
+                       ("train", dict(task=task, data=str(data), method="ce", **extra)),
+                       ("distill", dict(cache=cache, method="continuation"))):
+        summary = distill(DistillConfig(out=tmp / f"{task}-{label}", **common, **cfg))
+        rates[label] = summary["samples_per_second"]
+    tokenizer = None if task == "cifar10" else _tokenizer(tok)
+    split = load_split(task, data, "train", options=DataOptions(), tokenizer=tokenizer)
+    from kdcache.models import load_teacher
+
+    teacher = load_teacher(str(teacher_dir))
+    online = online_kd(teacher, student, split, tokenizer, size["epochs"], batch, device, precision)
+    bare = bare_forward(teacher, split, 256, device, precision)
+    alone = student_alone(student, split, tokenizer, batch, device, precision)
+    return [name, f"{rates['train']:,.0f}", f"{rates['distill']:,.0f}",
+                     f"{rates['distill'] / rates['train']:.2f}x", f"{online:,.0f}",
+                     f"{rates['distill'] / online:.1f}x", f"{capture:,.0f}", f"{bare:,.0f}",
+                     f"{capture / bare:.2f}x", f"{alone:,.0f}"]
+
+
+def _sweep_vs_lone(tmp: Path, size: dict, device: torch.device, precision: str) -> tuple[float, float]:
+    """Wall seconds of a sweep of 8 ResNet-8 students (8 margins) and of 8 sequential distill runs."""
+    margins = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
+    base = DistillConfig(student="resnet8", cache=tmp / "cifar10.kdcache", epochs=size["sweep_epochs"],
+                         batch_size=128, device=str(device), precision=precision, progress=False, lr=0.05,
+                         out=tmp / "sweep")
+    start = time.perf_counter()
+    sweep(SweepConfig(base, {"margin": margins}, [0]))
+    swept = time.perf_counter() - start
+    start = time.perf_counter()
+    for m in margins:
+        distill(DistillConfig(**{**base.__dict__, "margin": m, "out": tmp / f"lone-{m}"}))
+    lone = time.perf_counter() - start
+    with open(tmp / "sweep" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+    return swept, lone
+
+
+def _settled(model: torch.nn.Module) -> torch.nn.Module:
+    """An untrained deep CNN with its batch-norm statistics measured on a few random batches: with the initial
+    ones (mean 0, variance 1) ResNet-110's logits reach 1e8 in eval mode, which a float16 cache rightly refuses."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(256, 3, 32, 32))
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def _save(out: Path | None, lines: list[str]) -> None:
+    """Append as results come, so a run cut short by the device's time limit still leaves what it measured."""
+    if out is not None:
+        with open(out, "a") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def _tokenizer(folder: Path):

@@ -98,7 +98,10 @@ Method = Annotated[str, _O(help="continuation | vanilla | annealing | ce | prokd
 TMax = Annotated[Optional[int], _O(help="Continuation/Annealing: maximum temperature T_max.")]
 Margin = Annotated[Optional[float], _O(help="Continuation: hinge margin m.")]
 Psi = Annotated[Optional[str], _O(help="Continuation: psi schedule cifar | glue | linear:E | step:K | constant:V.")]
-Reduction = Annotated[str, _O(help="Continuation hinge: sample | batch | element.")]
+Reduction = Annotated[str, _O(help="Continuation hinge: sample | batch | element | mse (the authors' code); "
+                                    "annealing: element or mse average stage 1 over the outputs.")]
+PhiOn = Annotated[Optional[str], _O(help="Continuation: what phi anneals, both (Eq. 4) | teacher | margin | none "
+                                         "(the paper's Table 7 ablation).")]
 Alpha = Annotated[Optional[float], _O(help="Vanilla KD: weight of the hard-label term.")]
 Temperature = Annotated[Optional[float], _O(help="Vanilla KD: softening temperature.")]
 AnnealEpochs = Annotated[Optional[int], _O(help="Annealing-KD: stage-1 epochs K (default: the preset's share).")]

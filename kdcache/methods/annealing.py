@@ -58,7 +58,8 @@ class AnnealingKD(Method):
              plan: StepPlan) -> torch.Tensor:
         if plan.values["stage"] == 2:
             return losses.ce(output, labels, kind=self.run.kind)
-        return losses.annealing_kd_loss(output, target, phi=plan.values["phi"])
+        return losses.annealing_kd_loss(output, target, phi=plan.values["phi"],
+                                        mean_outputs=self.options.reduction in ("element", "mse"))
 
     def start_epoch(self, epoch: int, student: Any) -> None:
         if epoch == self.k + 1 and self.stage1_best is not None:

@@ -30,8 +30,9 @@ class MethodOptions:
     kd_loss: str | None = None  # prokd / curriculum's logits phase: vanilla (default) or continuation
     phase_epochs: str | None = None  # curriculum: epochs per projection phase; prokd: per checkpoint
     layer_map: str | None = None  # curriculum: teacher layer -> student layer
-    reduction: str = "sample"  # continuation's hinge reduction (docs/methods.md)
+    reduction: str = "sample"  # continuation's hinge reduction; annealing's stage 1 mean over outputs (docs/methods.md)
     anneal_continuous: bool | None = None  # annealing: stage 2 keeps stage 1's optimiser and schedule (not the authors')
+    phi_on: str | None = None  # continuation: what phi anneals, both (Eq. 4) | teacher | margin | none (Table 7)
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None and k != "reduction"}
@@ -67,7 +68,7 @@ class Method:
     name: ClassVar[str]
     #: whether the method reads a teacher cache (every one but `ce`)
     needs_cache: ClassVar[bool] = True
-    #: the MethodOptions fields this method accepts (besides `reduction`, which only continuation uses)
+    #: the MethodOptions fields this method accepts (besides `reduction`, which only continuation and annealing use)
     accepts: ClassVar[tuple[str, ...]] = ("checkpoint",)
     #: what to say when a flag this method does not accept is given, when the generic line would mislead
     refusals: ClassVar[dict[str, str]] = {}
@@ -168,7 +169,7 @@ class Method:
 def check_options(method: type[Method], options: MethodOptions, registry: dict[str, type[Method]]) -> None:
     """A method-specific flag given to a method that does not use it is an error naming who does use it."""
     flags = {"checkpoint": "--checkpoint", "kd_loss": "--kd-loss", "phase_epochs": "--phase-epochs",
-             "layer_map": "--layer-map", "anneal_continuous": "--anneal-continuous"}
+             "layer_map": "--layer-map", "anneal_continuous": "--anneal-continuous", "phi_on": "--phi-on"}
     for name in options.given():
         if name in method.accepts:
             continue

@@ -21,6 +21,7 @@ ANNEALED_DEFAULTS = {
 
 class ContinuationKD(Method):
     name = "continuation"
+    accepts = ("checkpoint", "phi_on")
     defaults = ANNEALED_DEFAULTS
 
     def setup(self, run: Run) -> None:
@@ -35,10 +36,16 @@ class ContinuationKD(Method):
             position = schedules.epoch_position(step, per_epoch)
         else:
             T, position = schedules.temperature(epoch, n, t_max), epoch
-        return {"T": T, "phi": schedules.phi(T, t_max), "psi": schedules.psi(self.run.hp["psi"], position, n)}
+        values = {"T": T, "phi": schedules.phi(T, t_max), "psi": schedules.psi(self.run.hp["psi"], position, n)}
+        on = self.options.phi_on or "both"
+        if on != "both":  # Table 7's ablation: phi anneals only the teacher, only the margin, or neither
+            values["phi_teacher"] = values["phi"] if on == "teacher" else 1.0
+            values["phi_margin"] = values["phi"] if on == "margin" else 1.0
+        return values
 
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,
              plan: StepPlan) -> torch.Tensor:
-        return losses.continuation_kd_loss(output, target, labels, phi=plan.values["phi"], psi=plan.values["psi"],
+        v = plan.values
+        return losses.continuation_kd_loss(output, target, labels, phi=v.get("phi_teacher", v["phi"]), psi=v["psi"],
                                            margin=float(self.run.hp["margin"]), reduction=self.options.reduction,
-                                           kind=self.run.kind)
+                                           kind=self.run.kind, phi_margin=v.get("phi_margin"))

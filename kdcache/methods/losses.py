@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from kdcache.errors import KDCacheError
 
 KINDS = ("classification", "regression")
-REDUCTIONS = ("sample", "batch", "element")
+REDUCTIONS = ("sample", "batch", "element", "mse")
 
 
 # --- checks and shared pieces -------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def vanilla_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
                          phi: float, psi: float, margin: float, reduction: str = "sample",
-                         kind: str = "classification") -> torch.Tensor:
+                         kind: str = "classification", phi_margin: float | None = None) -> torch.Tensor:
     """Continuation-KD (Jafari et al., 2022), Eqs. 3-4: a hinge on the distance to the annealed teacher.
 
     L = psi * CE(z_S, y) + (1 - psi) * L_CNT, with d_b = ||z_S[b] - phi z_T[b]||_2^2 = sum_c (z_S - phi z_T)[b,c]^2
@@ -141,6 +141,7 @@ def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
         "sample"  (default): L_CNT = (1/B) sum_b max(0, d_b - m phi)       hinge per sample (Eq. 4 per example)
         "batch":             L_CNT = max(0, (1/B) sum_b d_b - m phi)       one hinge on the batch mean
         "element":           L_CNT = (1/B) sum_b max(0, d_b / C - m phi)   per-output MSE, hinge per sample
+        "mse":               L_CNT = max(0, (1/(B C)) sum_b d_b - m phi)   the authors' code: F.mse_loss, one hinge
     For regression CE is the MSE to the labels; L_CNT is unchanged (it already regresses outputs, C = 1).
 
     psi = 0 computes no label term at all (a batch of unlabelled rows is fine); psi = 1 computes no teacher
@@ -153,14 +154,17 @@ def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
         phi: phi(T_i) = 1 - (T_i - 1) / T_max in [0, 1] (`kdcache.schedules.phi`); scales teacher and margin.
         psi: psi(i) in [0, 1] (`kdcache.schedules.psi`), the weight of the hard-label term.
         margin: m >= 0, the hinge margin before annealing by phi.
-        reduction: "sample", "batch" or "element" (see above).
+        reduction: "sample", "batch", "element" or "mse" (see above).
         kind: "classification" or "regression".
+        phi_margin: the margin's coefficient when it differs from the teacher's (`phi`): the paper's Table 7
+            ablation anneals one and fixes the other at 1. None: `phi`, as Eq. 4.
     """
     _check_kind(kind)
     if reduction not in REDUCTIONS:
         raise KDCacheError(f"unknown reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
     phi = _check_unit("phi", phi)
     psi = _check_unit("psi", psi)
+    phi_m = phi if phi_margin is None else _check_unit("phi_margin", phi_margin)
     margin = float(margin)
     if not (margin >= 0 and math.isfinite(margin)):
         raise KDCacheError(f"margin must be a non-negative number, got {margin}")
@@ -168,31 +172,38 @@ def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     if psi == 1.0:
         return ce(student_logits, labels, kind=kind)
     distance = _squared_distance(z_s, z_t, phi)
+    allowed = margin * phi_m
     if reduction == "sample":
-        hinge = torch.clamp(distance - margin * phi, min=0).mean()
+        hinge = torch.clamp(distance - allowed, min=0).mean()
     elif reduction == "batch":
-        hinge = torch.clamp(distance.mean() - margin * phi, min=0)
+        hinge = torch.clamp(distance.mean() - allowed, min=0)
+    elif reduction == "element":
+        hinge = torch.clamp(distance / z_s.shape[-1] - allowed, min=0).mean()
     else:
-        hinge = torch.clamp(distance / z_s.shape[-1] - margin * phi, min=0).mean()
+        hinge = torch.clamp(distance.mean() / z_s.shape[-1] - allowed, min=0)
     if psi == 0.0:
         return hinge
     return psi * ce(student_logits, labels, kind=kind) + (1.0 - psi) * hinge
 
 
-def annealing_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, phi: float) -> torch.Tensor:
+def annealing_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, phi: float,
+                      mean_outputs: bool = False) -> torch.Tensor:
     """Annealing-KD (Jafari et al., 2021) stage 1, Eq. 2: regress the student onto the annealed teacher.
 
     L = (1/B) sum_b ||z_S[b] - phi z_T[b]||_2^2, the squared norm summed over the C outputs; no label term.
+    `mean_outputs` divides by C: the authors' code (F.mse_loss, a mean over batch and outputs).
     Stage 2 is plain `ce` on the hard labels.
 
     Args:
         student_logits: (B, C).
         teacher_logits: (B, C), same shape.
         phi: phi(T_i) = 1 - (T_i - 1) / T_max in [0, 1] (`kdcache.schedules.phi`).
+        mean_outputs: average over the C outputs instead of summing them.
     """
     phi = _check_unit("phi", phi)
     z_s, z_t = _student_teacher(student_logits, teacher_logits)
-    return _squared_distance(z_s, z_t, phi).mean()
+    loss = _squared_distance(z_s, z_t, phi).mean()
+    return loss / z_s.shape[-1] if mean_outputs else loss
 
 
 def projection_loss(student_projection: torch.Tensor, teacher_projection: torch.Tensor) -> torch.Tensor:

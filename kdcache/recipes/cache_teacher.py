@@ -437,8 +437,8 @@ def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device, sta
             stop: int | None = None) -> torch.utils.data.DataLoader:
     """Batches of rows `start:stop` only: a process decodes (images) and tokenises (text) no other rows."""
     workers = cfg.workers
-    if workers is None:  # images decode in workers; tokenised text and digits are already in memory
-        workers = min(8, os.cpu_count() or 1) if split.modality == "image" and device.type == "cuda" else 0
+    if workers is None:  # on a GPU, images decode and text tokenises in workers, beside the teacher's forward
+        workers = min(8, os.cpu_count() or 1) if split.modality in ("image", "text") and device.type == "cuda" else 0
     stop = len(split) if stop is None else stop
     dataset = split.dataset if (start, stop) == (0, len(split)) else torch.utils.data.Subset(split.dataset,
                                                                                             range(start, stop))

@@ -57,9 +57,10 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     try:
         device = resolve_device(device_name)
         method = _method(cfg)
-        if world.distributed and cfg.reduction == "batch":
-            raise world.fail("--reduction batch is one hinge on the whole batch's mean distance, which a process "
-                             "that sees a share of the batch cannot compute: use sample or element under torchrun")
+        if world.distributed and cfg.reduction in ("batch", "mse") and cfg.method == "continuation":
+            raise world.fail(f"--reduction {cfg.reduction} is one hinge on the whole batch's mean distance, which a "
+                             "process that sees a share of the batch cannot compute: use sample or element under "
+                             "torchrun")
         world.agree(lambda: _fresh_or_resumed(cfg, Path(cfg.out)))
         data = load_data(cfg, world, device)  # 1. the data
         run = open_run(cfg, data, world, device, method)  # 2-4. hyper-parameters, student, run folder
@@ -95,7 +96,7 @@ class StudentRun:
 
 def _method(cfg: DistillConfig) -> Any:
     method = make_method(cfg.method, MethodOptions(cfg.checkpoint, cfg.kd_loss, cfg.phase_epochs, cfg.layer_map,
-                                                   cfg.reduction, cfg.anneal_continuous))
+                                                   cfg.reduction, cfg.anneal_continuous, cfg.phi_on))
     if cfg.cache is None and method.needs_cache:
         raise KDCacheError(f"method {cfg.method!r} needs a teacher cache (--cache)")
     return method

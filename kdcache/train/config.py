@@ -35,7 +35,7 @@ NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
                 "log_every", "max_steps", "compile", "report_split")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
-OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous")
+OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on")
 
 
 @dataclass
@@ -80,6 +80,7 @@ class DistillConfig:
     phase_epochs: str | None = None  # curriculum: epochs per projection phase ("5,5"); prokd: per checkpoint
     layer_map: str | None = None  # curriculum: teacher layer -> student layer, e.g. "2:1,4:2"
     anneal_continuous: bool | None = None  # annealing: stage 2 keeps stage 1's optimiser and LR schedule
+    phi_on: str | None = None  # continuation: what phi anneals (both, as Eq. 4 | teacher | margin | none)
     resume: bool = False
     overwrite: bool = False
     stop_after_epoch: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from pathlib import Path
@@ -28,8 +29,16 @@ def _check(out: Path, methods: tuple[str, ...]) -> None:
 
 def test_vision_tiny(tmp_path, shared_data, monkeypatch):
     monkeypatch.setattr(reproduce, "DATA", shared_data)
-    reproduce.vision(reproduce.Runner(tmp_path, "cpu", in_process=True), "tiny", 1)
-    _check(tmp_path, reproduce.METHODS)
+    methods = (*reproduce.METHODS, *reproduce.VARIANTS)
+    reproduce.vision(reproduce.Runner(tmp_path, "cpu", in_process=True), "tiny", 1, methods=methods)
+    _check(tmp_path, methods)
+    # each variant ran its method with its flags, after the preset's (so its --psi wins)
+    commands = (tmp_path / "commands.txt").read_text().splitlines()
+    for name, (method, flags) in reproduce.VARIANTS.items():
+        line = next(c for c in commands if f"/{name}-seed0 " in c)
+        assert f"--method {method} " in line and line.endswith(" ".join(flags))
+    ablated = [json.loads(x) for x in (tmp_path / "continuation-phi-margin-only-seed0" / "metrics.jsonl").open()]
+    assert all(r["phi_teacher"] == 1.0 and r["phi_margin"] == r["phi"] and r["psi"] == 0.5 for r in ablated)
     # selected on the held-out validation images, scored on test: a test column for every run
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert rows and all(0 <= float(r["test"]) <= 1 for r in rows)

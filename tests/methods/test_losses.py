@@ -135,10 +135,35 @@ def test_vanilla_kd_bad_hyperparameters(kwargs, match):
     ("element", 0.0, 3.0),    # mean(5/3, 13/3)
     ("element", 2.0, 2.0),    # m phi = 1: mean(5/3 - 1, 13/3 - 1) = mean(2/3, 10/3)
     ("element", 8.0, 1 / 6),  # m phi = 4: mean(max(0, 5/3 - 4), 13/3 - 4) = mean(0, 1/3)
+    ("mse", 0.0, 3.0),        # the authors' F.mse_loss: (5 + 13) / (2 * 3)
+    ("mse", 2.0, 2.0),        # max(0, 3 - 1)
+    ("mse", 8.0, 0.0),        # max(0, 3 - 4): one hinge on the batch, unlike element's 1/6
 ])
 def test_continuation_kd_hinge_by_hand(reduction, margin, expected):
     student, teacher, labels = example()
     got = continuation_kd_loss(student, teacher, labels, phi=0.5, psi=0.0, margin=margin, reduction=reduction)
+    assert got.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_continuation_kd_mse_is_the_authors_mse_loss_hinge():
+    """`mse` is what the authors' code computes: max(0, F.mse_loss(z_S, phi z_T) - m phi)."""
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    for margin in (0.0, 0.3, 5.0):
+        want = torch.clamp(torch.nn.functional.mse_loss(student, 0.4 * teacher) - margin * 0.4, min=0)
+        got = continuation_kd_loss(student, teacher, labels, phi=0.4, psi=0.0, margin=margin, reduction="mse")
+        assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("phi_margin,expected", [
+    (None, 5.0),  # Eq. 4: phi = 0.5 on the teacher and the margin: m phi = 4, mean(5 - 4, 13 - 4)
+    (1.0, 2.5),   # margin fixed (coefficient 1): m = 8, mean(max(0, 5 - 8), 13 - 8) = mean(0, 5)
+    (0.25, 7.0),  # m phi_margin = 2: mean(3, 11)
+])
+def test_continuation_kd_margin_coefficient_apart_from_the_teacher(phi_margin, expected):
+    """Table 7's ablation anneals the teacher and the margin apart: phi scales z_T, phi_margin scales m."""
+    student, teacher, labels = example()
+    got = continuation_kd_loss(student, teacher, labels, phi=0.5, psi=0.0, margin=8.0, phi_margin=phi_margin)
     assert got.item() == pytest.approx(expected, abs=1e-12)
 
 
@@ -237,6 +262,8 @@ def test_annealing_kd_by_hand():
     assert annealing_kd_loss(student, teacher, phi=0.5).item() == pytest.approx(9.0)  # mean(5, 13)
     # phi = 1: z_S - z_T = [[-1, 2, -2], [-4, -1, 3]] -> d = [9, 26]
     assert annealing_kd_loss(student, teacher, phi=1.0).item() == pytest.approx(17.5)
+    # the authors' F.mse_loss averages over the C = 3 outputs too
+    assert annealing_kd_loss(student, teacher, phi=1.0, mean_outputs=True).item() == pytest.approx(17.5 / 3)
 
 
 @pytest.mark.parametrize("reduction", ["sample", "batch"])

@@ -148,6 +148,31 @@ def test_anneal_continuous_is_refused_by_other_methods(tmp_path, digits_cache):
         _digits_run(digits_cache, tmp_path / "run", "continuation", anneal_continuous=True)
 
 
+@pytest.mark.parametrize("phi_on", ["none", "teacher", "margin"])
+def test_phi_on_anneals_only_what_table_7_names(tmp_path, digits_cache, phi_on):
+    """The paper's Table 7 ablation: phi anneals the teacher only, the margin only, or neither (psi still moves);
+    the coefficients each epoch used are logged, and a different --phi-on is a different run."""
+    _digits_run(digits_cache, tmp_path / "run", epochs=3, t_max=3, psi="linear:3", margin=0.5, phi_on=phi_on)
+    rows = _metrics(tmp_path / "run")
+    phis = [schedules.phi(schedules.temperature(i, 3, 3), 3) for i in (1, 2, 3)]
+    assert [r["phi_teacher"] for r in rows] == (phis if phi_on == "teacher" else [1.0] * 3)
+    assert [r["phi_margin"] for r in rows] == (phis if phi_on == "margin" else [1.0] * 3)
+    assert [r["psi"] for r in rows] == [0.0, 0.5, 1.0]
+    both = _digits_run(digits_cache, tmp_path / "both", epochs=3, t_max=3, psi="linear:3", margin=0.5)
+    assert "phi_teacher" not in _metrics(tmp_path / "both")[0]
+    if phi_on != "margin":  # (with m = 0.5 inside every distance, the margin's coefficient may change nothing)
+        assert [r["loss"] for r in rows] != [r["loss"] for r in _metrics(tmp_path / "both")]
+    with pytest.raises(KDCacheError, match="differs in config.phi_on"):  # not the run already in the folder
+        _digits_run(digits_cache, tmp_path / "both", epochs=3, t_max=3, psi="linear:3", margin=0.5, phi_on=phi_on,
+                    resume=True)
+    assert both["complete"]
+
+
+def test_phi_on_is_refused_by_other_methods(tmp_path, digits_cache):
+    with pytest.raises(KDCacheError, match="--phi-on applies to --method continuation only"):
+        _digits_run(digits_cache, tmp_path / "run", "vanilla", phi_on="none")
+
+
 def test_train_and_distill_ce_see_the_same_batches(tmp_path, digits_cache):
     """`train` (no cache) and `distill --method ce` share the loop: same seed, same student, same numbers."""
     a = _digits_run(digits_cache, tmp_path / "a", "ce", epochs=3)
