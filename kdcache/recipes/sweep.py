@@ -35,7 +35,7 @@ from kdcache.recipes.distill import (StudentRun, attach_targets, build_run, clos
 
 #: DistillConfig fields a sweep may vary: what a run computes, never where its data lies.
 SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "schedule_unit", "kd_loss", "phase_epochs", "layer_map",
-             "checkpoint", "student", "preset")
+             "checkpoint", "student", "student_layers", "preset")
 #: Flags whose values hold commas: swept from a sweep file's lists, not `--grid NAME=V1,V2`.
 COMMA_VALUES = ("phase_epochs", "layer_map")
 
