@@ -97,7 +97,7 @@ def _check_training(**flags: Any) -> None:
         parse_psi(flags["psi"])
     for flag in ("cache", "student", "model", "data", "tokenizer"):
         _exists(f"--{flag}", flags.get(flag))
-    for flag in ("epochs", "batch_size", "max_steps"):
+    for flag in ("epochs", "batch_size", "max_steps", "student_layers"):
         if flags.get(flag) is not None and flags[flag] < 1:
             raise KDCacheError(f"--{flag.replace('_', '-')} must be at least 1, got {flags[flag]}")
     for flag in ("log_every", "num_workers"):
@@ -255,7 +255,8 @@ def _report_run(summary: dict) -> None:
     else:
         best = f"best {metric} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}"
     last = f"{summary['last_metric']:.4f}" if summary["last_metric"] is not None else "-"
-    _out.print(f"{summary.get('objective') or summary['method']} {summary['student']}: {best} (last {last}"
+    layers = f" (first {summary['student_layers']} layers)" if summary.get("student_layers") else ""
+    _out.print(f"{summary.get('objective') or summary['method']} {summary['student']}{layers}: {best} (last {last}"
                + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
                + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
                f"{summary['wall_seconds']:.1f} s")
@@ -292,7 +293,8 @@ def distill_cmd(
     schedule_unit: o.ScheduleUnit = "epoch", val_split: o.ValSplit = None, seed: o.Seed = 0,
     precision: o.Precision = "fp32", device: o.Device = "auto",
     student_kwargs: Annotated[Optional[str], typer.Option(help="JSON arguments for an architecture-name student.")] = None,
-    stream: o.Stream = "auto", save_every: o.SaveEvery = None, checkpoint: o.Checkpoint = None,
+    student_layers: o.StudentLayers = None, stream: o.Stream = "auto", save_every: o.SaveEvery = None,
+    checkpoint: o.Checkpoint = None,
     kd_loss: o.KdLoss = None, phase_epochs: o.PhaseEpochs = None, layer_map: o.LayerMap = None,
     resume: o.Resume = False, overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None,
     augment: o.Augment = None, num_workers: o.NumWorkers = None, memory_budget: o.MemoryBudget = None,
@@ -314,8 +316,8 @@ def _distill_config(p: dict[str, Any]) -> Any:
                     precision=p["precision"], optimizer=p["optimizer"], lr_schedule=p["lr_schedule"],
                     reduction=p["reduction"], schedule_unit=p["schedule_unit"], augment=p["augment"], psi=p["psi"],
                     phi_on=p["phi_on"],
-                    cache=p["cache"], student=p["student"], data=p["data"], epochs=p["epochs"],
-                    batch_size=p["batch_size"], max_steps=p["max_steps"], log_every=p["log_every"],
+                    cache=p["cache"], student=p["student"], student_layers=p["student_layers"], data=p["data"],
+                    epochs=p["epochs"], batch_size=p["batch_size"], max_steps=p["max_steps"], log_every=p["log_every"],
                     num_workers=p["num_workers"], keep_inputs=p["keep_inputs"], memory_budget=p["memory_budget"])
     import dataclasses
 
@@ -378,7 +380,8 @@ def train_cmd(
     weight_decay: o.WeightDecay = None, momentum: o.Momentum = None, lr_schedule: o.LrSchedule = None,
     warmup_ratio: o.WarmupRatio = None, max_grad_norm: o.MaxGradNorm = None, val_split: o.ValSplit = None,
     seed: o.Seed = 0, precision: o.Precision = "fp32", device: o.Device = "auto", model_kwargs: o.ModelKwargs = None,
-    save_every: o.SaveEvery = None, max_length: o.MaxLength = 128, text_column: o.TextColumn = None,
+    student_layers: o.StudentLayers = None, save_every: o.SaveEvery = None, max_length: o.MaxLength = 128,
+    text_column: o.TextColumn = None,
     text_pair_column: o.TextPairColumn = None, label_column: o.LabelColumn = None, label_names: o.LabelNames = None,
     regression: o.Regression = False, normalize: o.Normalize = None, image_size: o.ImageSize = None,
     limit: o.Limit = None, subset: o.Subset = None, holdout: o.Holdout = None, resume: o.Resume = False,
@@ -390,15 +393,16 @@ def train_cmd(
     without a cache)."""
     _check_training(task=task, preset=preset, precision=precision, optimizer=optimizer, lr_schedule=lr_schedule,
                     augment=augment, model=model, data=data, tokenizer=tokenizer, epochs=epochs,
-                    batch_size=batch_size, max_steps=max_steps, log_every=log_every, num_workers=num_workers,
-                    keep_inputs=keep_inputs)
+                    student_layers=student_layers, batch_size=batch_size, max_steps=max_steps, log_every=log_every,
+                    num_workers=num_workers, keep_inputs=keep_inputs)
     from kdcache.recipes.distill import distill
 
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
                             normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
     cfg = _training(
-        "--model-kwargs", model_kwargs, cache=None, student=model, task=task, out=out, method="ce", data=data,
+        "--model-kwargs", model_kwargs, cache=None, student=model, student_layers=student_layers, task=task, out=out,
+        method="ce", data=data,
         epochs=epochs, tokenizer=tokenizer, preset=preset, lr=lr, batch_size=batch_size, optimizer=optimizer,
         weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, val_split=val_split, seed=seed, precision=precision, device=device,

@@ -35,6 +35,9 @@ TrustModelCode = Annotated[bool, _O(help="Let a module:factory architecture (nam
                                          "kdcache-model.json) import and run its Python code; only for code you "
                                          "trust.")]
 ModelKwargs = Annotated[Optional[str], _O(help="JSON arguments for an architecture-name model.")]
+StudentLayers = Annotated[Optional[int], _O(help="Keep only the first N transformer layers of a pre-trained Hugging "
+                                                 "Face model folder (distill --student, train --model): a shallower "
+                                                 "student initialised from its lower layers, with a fresh head.")]
 
 TeacherBatchSize = Annotated[int, _O("--batch-size", help="Rows per teacher forward pass.")]
 

@@ -21,6 +21,22 @@ def make_tiny_bert(directory: Path, tokenizer, *, num_labels: int = 2, seed: int
     return directory
 
 
+def make_tiny_encoder(directory: Path, tokenizer, *, layers: int = 4, model_type: str = "bert", seed: int = 0) -> Path:
+    """A pre-trained-encoder stand-in: a bare `layers`-layer encoder (no classification head, like the
+    sentence-transformers MiniLM folder) built from a config, saved with its tokenizer as a HF folder."""
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(seed)
+    sizes = ({"dim": 32, "n_layers": layers, "n_heads": 2, "hidden_dim": 64} if model_type == "distilbert" else
+             {"hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 2, "intermediate_size": 64})
+    if model_type == "roberta":
+        sizes["pad_token_id"] = 0  # the tiny tokenizer's [PAD]
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), max_position_embeddings=256, **sizes)
+    AutoModel.from_config(config).eval().save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
 class NaNOnBrightRows(nn.Module):
     """Linear on flattened input, but NaN for rows whose mean input exceeds a threshold: a broken teacher."""
 

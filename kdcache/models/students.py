@@ -5,6 +5,10 @@ a fresh head when the folder is a bare encoder such as all-MiniLM-L6-v2), a Hugg
 (`*.json`, e.g. a 4-layer BERT, randomly initialised), a kdcache model folder (what `distill` and `train`
 save), or an architecture name (`resnet8`, `mlp`, a torchvision name, `package.module:factory`). Saved
 students are teacher folders, so teacher -> assistant -> student (TAKD) is two caches and two distills.
+
+A Hugging Face folder may be truncated to its first N transformer layers (`--student-layers N`,
+`truncate_layers`): the pre-trained, shallower students of DistilBERT / BERT-small style, initialised from a
+deeper encoder's lower layers instead of at random.
 """
 
 from __future__ import annotations
@@ -45,15 +49,18 @@ class Student:
 
 
 def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None = None, tokenizer: Any = None,
-                  seed: int = 0, trust_model_code: bool = False, sample: Any = None) -> Student:
+                  seed: int = 0, trust_model_code: bool = False, sample: Any = None,
+                  layers: int | None = None) -> Student:
     """A freshly initialised (seeded) or loaded student with `num_outputs` outputs, or a one-line error saying why not;
     `trust_model_code` lets a `module:factory` architecture import and run (see kdcache.models.build_model).
-    `sample` (one batch of model input) sizes an architecture to the data and refuses a text model on tensors."""
+    `sample` (one batch of model input) sizes an architecture to the data and refuses a text model on tensors.
+    `layers` keeps only the first N transformer layers of a pre-trained Hugging Face folder (`truncate_layers`)."""
     kwargs = dict(kwargs or {})
+    check_student_layers(spec, layers)
     torch.manual_seed(seed)
     path = Path(spec)
     if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
-        student = _hf_folder(path, num_outputs)
+        student = _hf_folder(path, num_outputs, layers)
     elif path.is_file() and path.suffix == ".json":
         student = _hf_config_file(path, num_outputs, tokenizer)
     elif path.is_dir() and (path / MODEL_DIR_FILE).is_file():
@@ -80,7 +87,86 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
     return student
 
 
-def _hf_folder(path: Path, num_outputs: int) -> Student:
+def check_student_layers(spec: str, layers: int | None) -> None:
+    """`--student-layers N` keeps layers of a pre-trained Hugging Face folder, so anything else, or an N outside
+    1..its depth, is one line before any data is read (its config alone is read, not its weights)."""
+    if layers is None:
+        return
+    if layers < 1:
+        raise KDCacheError(f"--student-layers must be at least 1, got {layers}")
+    path = Path(spec)
+    if not (path.is_dir() and (path / HF_CONFIG_FILE).is_file()):
+        if not path.exists() and ("/" in spec or spec.startswith(".") or spec.endswith(".json")):
+            raise KDCacheError(f"{spec}: no such student folder or config file")
+        raise KDCacheError(f"--student-layers keeps the first layers of a pre-trained Hugging Face model folder, but "
+                           f"student {spec} is {_what_student(path)}, with no pre-trained layers to keep")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise KDCacheError(f"{path / HF_CONFIG_FILE}: unreadable Hugging Face config ({exc})".splitlines()[0]) from exc
+    depth = getattr(config, "num_hidden_layers", None)
+    if isinstance(depth, int) and layers > depth:
+        raise KDCacheError(f"--student-layers {layers}: student {spec} has {depth} transformer layers "
+                           f"(keep 1 to {depth})")
+
+
+def _what_student(path: Path) -> str:
+    """What a student spec that is not a Hugging Face folder is, in words (for --student-layers' refusal)."""
+    if path.is_file() and path.suffix == ".json":
+        return "a config file (randomly initialised)"
+    if path.is_dir() and (path / MODEL_DIR_FILE).is_file():
+        return "a kdcache model folder"
+    if path.is_dir():
+        return f"a folder without a {HF_CONFIG_FILE}"
+    if path.is_file():
+        return "a file"
+    return "an architecture name"
+
+
+#: Where a Hugging Face encoder keeps its list of transformer layers, under `model.base_model`: BERT, RoBERTa,
+#: ELECTRA, XLM-R and most encoders (encoder.layer); DistilBERT (transformer.layer).
+LAYER_LISTS = ("encoder.layer", "transformer.layer")
+
+
+def transformer_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | None:
+    """The module holding a Hugging Face model's transformer layers, the attribute's name and the list itself,
+    found by the generic paths of LAYER_LISTS under `base_model`; None when the model keeps them elsewhere."""
+    base = getattr(model, "base_model", model)
+    for dotted in LAYER_LISTS:
+        holder: Any = base
+        *parents, name = dotted.split(".")
+        for part in parents:
+            holder = getattr(holder, part, None)
+        stack = getattr(holder, name, None) if holder is not None else None
+        if isinstance(stack, nn.ModuleList) and len(stack) > 0:
+            return holder, name, stack
+    return None
+
+
+def truncate_layers(model: nn.Module, layers: int, where: str) -> nn.Module:
+    """Keep the first `layers` transformer layers (the DistilBERT / BERT-small way of initialising a shallower
+    student from pre-trained lower layers); the config says so too, so save_pretrained reloads this depth."""
+    found = transformer_layers(model)
+    if found is None:
+        raise KDCacheError(f"--student-layers: student {where} ({type(model).__name__}) keeps no transformer layer "
+                           f"list at base_model.{' or base_model.'.join(LAYER_LISTS)}")
+    holder, name, stack = found
+    if not 1 <= layers <= len(stack):
+        raise KDCacheError(f"--student-layers {layers}: student {where} has {len(stack)} transformer layers "
+                           f"(keep 1 to {len(stack)})")
+    setattr(holder, name, nn.ModuleList(list(stack)[:layers]))
+    config = model.config
+    config.num_hidden_layers = layers
+    for key in ("layer_types",):  # per-layer lists of newer configs must match the depth
+        value = getattr(config, key, None)
+        if isinstance(value, list) and len(value) > layers:
+            setattr(config, key, value[:layers])
+    return model
+
+
+def _hf_folder(path: Path, num_outputs: int, layers: int | None = None) -> Student:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
@@ -95,6 +181,8 @@ def _hf_folder(path: Path, num_outputs: int) -> Student:
             str(path), local_files_only=True, num_labels=num_outputs)
     except Exception as exc:  # noqa: BLE001
         raise KDCacheError(f"{path}: cannot load a Hugging Face model ({exc})".splitlines()[0]) from exc
+    if layers is not None:
+        truncate_layers(model, layers, str(path))
     return Student(model, str(path), "huggingface")
 
 

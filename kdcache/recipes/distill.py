@@ -35,7 +35,7 @@ import torch
 
 from kdcache.errors import KDCacheError
 from kdcache.methods import MethodOptions, Run, make_method
-from kdcache.models import build_student
+from kdcache.models import build_student, check_student_layers
 from kdcache.progress import progress_bar
 from kdcache.runtime import command_line, process_start_time, resolve_device, utc_now
 from kdcache.names import parse_budget
@@ -62,6 +62,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                              "process that sees a share of the batch cannot compute: use sample or element under "
                              "torchrun")
         world.agree(lambda: _fresh_or_resumed(cfg, Path(cfg.out)))
+        world.agree(lambda: check_student_layers(cfg.student, cfg.student_layers))  # before the data is read
         data = load_data(cfg, world, device)  # 1. the data
         run = open_run(cfg, data, world, device, method)  # 2-4. hyper-parameters, student, run folder
         attach_targets([run], data)
@@ -140,7 +141,8 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     n, batch_size = int(hp["epochs"]), int(hp["batch_size"])
     probe = probe_batch(data.train.inputs)
     student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
-                            seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe)
+                            seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe,
+                            layers=cfg.student_layers)
     student.model.to(device)
     if device.type == "cuda" and data.modality == "image":  # convolutions run fastest on NHWC on the GPU
         student.model.to(memory_format=torch.channels_last)
@@ -475,7 +477,8 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
     finished, best, totals = run_dir.read_metrics(), progress["best"], progress["totals"]
     return {
         "method": cfg.method, "objective": s.method.display_name(data.kind), "student": s.student.spec,
-        "student_parameters": s.student.parameters_count(), "cache": str(cfg.cache) if cfg.cache else None,
+        "student_layers": cfg.student_layers, "student_parameters": s.student.parameters_count(),
+        "cache": str(cfg.cache) if cfg.cache else None,
         "task": data.task, "preset": preset, "epochs": n, "epochs_done": len(finished),
         "complete": len(finished) == n and "stopped_at_step" not in progress, "metric_name": finished[-1]["metric_name"] if finished else None,
         "best_metric": best["metric"] if best else None, "best_epoch": best["epoch"] if best else None,

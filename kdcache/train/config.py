@@ -35,7 +35,8 @@ NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
                 "log_every", "max_steps", "compile", "report_split")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
-OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on")
+OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
+                   "student_layers")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class DistillConfig:
     precision: str = "fp32"
     device: str = "auto"
     student_kwargs: dict[str, Any] = field(default_factory=dict)
+    student_layers: int | None = None  # keep the first N transformer layers of a pre-trained HF student folder
     save_every: int | None = None
     stream_mode: str = "auto"
     checkpoint: str | None = None  # distil from this cached teacher checkpoint instead of the trained teacher

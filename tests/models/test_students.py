@@ -10,7 +10,7 @@ import torch
 from kdcache.errors import KDCacheError
 from kdcache.models.students import Student, build_student, save_student
 from kdcache.models.teachers import MODEL_DIR_FILE, load_teacher
-from teachers_for_tests import make_tiny_bert
+from teachers_for_tests import make_tiny_bert, make_tiny_encoder
 
 TINY_BERT = {
     "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -266,3 +266,95 @@ def test_hf_round_trip_through_save_student_and_load_teacher(tmp_path, tiny_toke
     # and the saved folder is a student again, with the same head
     again = build_student(str(folder), 3, tokenizer=tiny_tokenizer, seed=77)
     assert _same_state(again.model, student.model)
+
+
+# --- pre-trained, truncated students (--student-layers) -------------------------------------------------------
+
+
+def _layer_prefix(model_type: str) -> str:
+    return "transformer.layer." if model_type == "distilbert" else "encoder.layer."
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
+def test_student_layers_keep_the_first_layers_of_a_pretrained_encoder(tmp_path, tiny_tokenizer, model_type):
+    from transformers import AutoModel
+
+    folder = make_tiny_encoder(tmp_path / "encoder", tiny_tokenizer, layers=4, model_type=model_type)
+    pretrained = AutoModel.from_pretrained(str(folder)).state_dict()
+    student = build_student(str(folder), 3, tokenizer=tiny_tokenizer, seed=0, layers=2)
+    model = student.model
+    assert student.is_huggingface and type(model).__name__.endswith("ForSequenceClassification")
+    assert model.config.num_hidden_layers == 2 and model.config.num_labels == 3
+    kept = model.base_model.state_dict()
+    prefix = _layer_prefix(model_type)
+    layers = {k[len(prefix):].split(".")[0] for k in kept if k.startswith(prefix)}
+    assert layers == {"0", "1"}
+    # every kept weight (embeddings, layers 0 and 1) is the pre-trained folder's, bit for bit
+    assert all(torch.equal(t, pretrained[k]) for k, t in kept.items() if k in pretrained)
+    assert not [k for k in kept if k not in pretrained and not k.startswith("pooler")]
+    # and not the deeper layers': the first two, in order
+    w1 = [k for k in kept if k.startswith(f"{prefix}1.attention") and k.endswith("weight")][0]
+    assert not torch.equal(kept[w1], pretrained[w1.replace(f"{prefix}1.", f"{prefix}3.")])
+    enc = _text_input(tiny_tokenizer)
+    if model_type == "distilbert":  # DistilBERT reads no token types
+        enc.pop("token_type_ids")
+    model.eval()
+    assert student(enc).shape == (2, 3)
+
+
+def test_a_truncated_student_saves_and_loads_back_at_its_depth(tmp_path, tiny_tokenizer):
+    folder = make_tiny_encoder(tmp_path / "encoder", tiny_tokenizer, layers=4)
+    student = build_student(str(folder), 2, tokenizer=tiny_tokenizer, seed=1, layers=3)
+    saved = save_student(student, tmp_path / "best", num_outputs=2, label_names=None, tokenizer=tiny_tokenizer)
+    assert json.loads((saved / "config.json").read_text())["num_hidden_layers"] == 3
+    teacher = load_teacher(str(saved))  # e.g. cache-teacher --teacher RUN/best: a TAKD assistant
+    assert teacher.model.config.num_hidden_layers == 3 and len(teacher.model.bert.encoder.layer) == 3
+    assert _same_state(teacher.model, student.model)
+    # as a student again (a next hop), without --student-layers: the saved depth
+    again = build_student(str(saved), 2, tokenizer=tiny_tokenizer)
+    assert len(again.model.bert.encoder.layer) == 3 and _same_state(again.model, student.model)
+
+
+def test_a_truncated_students_head_is_seeded_and_its_layers_are_not(tmp_path, tiny_tokenizer):
+    folder = make_tiny_encoder(tmp_path / "encoder", tiny_tokenizer, layers=4)
+    a, b, c = (build_student(str(folder), 2, tokenizer=tiny_tokenizer, seed=s, layers=2) for s in (5, 5, 6))
+    assert _same_state(a.model, b.model)
+    assert not torch.equal(a.model.classifier.weight, c.model.classifier.weight)
+    assert _same_state(a.model.bert, c.model.bert)  # the encoder comes from the folder, whatever the seed
+
+
+@pytest.mark.parametrize("layers, needles", [(0, ["at least 1", "0"]), (-1, ["at least 1", "-1"]),
+                                             (5, ["--student-layers 5", "has 4 transformer layers", "1 to 4"])])
+def test_student_layers_outside_the_encoders_depth_are_refused(tmp_path, tiny_tokenizer, layers, needles):
+    folder = make_tiny_encoder(tmp_path / "encoder", tiny_tokenizer, layers=4)
+    with pytest.raises(KDCacheError) as excinfo:
+        build_student(str(folder), 2, tokenizer=tiny_tokenizer, layers=layers)
+    message = _one_line_error(excinfo)
+    assert all(n in message for n in needles), message
+
+
+@pytest.mark.parametrize("kind, what", [("config", "a config file"), ("architecture", "an architecture name"),
+                                        ("kdcache", "a kdcache model folder")])
+def test_student_layers_on_a_student_without_pretrained_layers_are_refused(tmp_path, monkeypatch, kind, what):
+    monkeypatch.chdir(tmp_path)
+    spec = {"config": lambda: str(_write_config(tmp_path / "s.json")), "architecture": lambda: "mlp",
+            "kdcache": lambda: str(save_student(build_student("mlp", 2), tmp_path / "m", num_outputs=2,
+                                                label_names=None))}[kind]()
+    with pytest.raises(KDCacheError) as excinfo:
+        build_student(spec, 2, layers=1)
+    message = _one_line_error(excinfo)
+    assert "--student-layers" in message and "pre-trained Hugging Face model folder" in message
+    assert spec in message and what in message
+
+
+def test_a_model_without_a_layer_list_is_refused_in_one_line(tmp_path, tiny_tokenizer):
+    """ALBERT shares one layer group across its depth: there is no list of layers to cut."""
+    from transformers import AlbertConfig, AlbertModel
+
+    config = AlbertConfig(vocab_size=len(tiny_tokenizer), embedding_size=16, hidden_size=32, num_hidden_layers=4,
+                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    AlbertModel(config).save_pretrained(str(tmp_path / "albert"))
+    with pytest.raises(KDCacheError) as excinfo:
+        build_student(str(tmp_path / "albert"), 2, layers=2)
+    message = _one_line_error(excinfo)
+    assert "--student-layers" in message and "base_model.encoder.layer" in message
