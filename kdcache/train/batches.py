@@ -103,7 +103,7 @@ class TeacherTargets:
 
     def __init__(self, cache: TeacherCache, arrays: tuple[str, ...] = ("logits",), *,
                  device: torch.device | str = "cpu", mode: str = "auto", budget_bytes: int | None = None,
-                 window_chunks: int | None = None) -> None:
+                 window_chunks: int | None = None, device_bytes: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.cache, self.arrays, self.device = cache, tuple(arrays), torch.device(device)
@@ -114,10 +114,17 @@ class TeacherTargets:
                 cache.read(name, 0, 0)  # raises the one-line error naming the arrays the split has
         self.rows, self.chunk_rows = len(cache), cache.chunk_rows
         self.mode, self.window_chunks = self.choose(cache, self.arrays, mode, budget_bytes, window_chunks)
+        self.on_device = False
         if self.mode == "memory":
             # host memory, as stored (float16 stays float16); every read is checked
             self._floats = {n: torch.from_numpy(cache.read(n)) for n in self.arrays}
             self._labels = torch.from_numpy(cache.read("labels"))
+            held = sum(t.nbytes for t in self._floats.values()) + self._labels.nbytes
+            if held <= (device_room(self.device) if device_bytes is None else device_bytes):
+                # on the training device when they fit (CIFAR-10's logits: 1 MB): a batch is then a gather there,
+                # with no copy from the host per step
+                self._floats = {n: t.to(self.device) for n, t in self._floats.items()}
+                self._labels, self.on_device = self._labels.to(self.device), True
 
     @staticmethod
     def choose(cache: TeacherCache, arrays: tuple[str, ...], mode: str = "auto", budget_bytes: int | None = None,
@@ -155,10 +162,14 @@ class TeacherTargets:
             yield (floats[0] if len(picked) == 1 else dict(zip(picked, floats))), labels
 
     def _memory(self, plan: EpochPlan, picked: tuple[str, ...]) -> Iterator[tuple[list, torch.Tensor]]:
+        if self.on_device:
+            for index in epoch_index(plan.batches, self.device):
+                yield [self._floats[n].index_select(0, index).float() for n in picked], \
+                    self._labels.index_select(0, index)
+            return
         for rows in plan.batches:
             index = torch.from_numpy(rows)
-            floats = [self._floats[n][index].to(self.device, non_blocking=True).float() for n in picked]
-            yield floats, self._labels[index].to(self.device, non_blocking=True)
+            yield self._batch(pinned([self._floats[n][index] for n in picked] + [self._labels[index]], self.device))
 
     def _streamed(self, plan: EpochPlan, picked: tuple[str, ...]) -> Iterator[tuple[list, torch.Tensor]]:
         """Batches cut from the windows in turn; a batch that straddles two windows is the only copy made, and
@@ -216,6 +227,35 @@ class TeacherTargets:
 
 
 _DONE = object()
+
+
+def device_room(device: torch.device) -> int:
+    """Bytes of the training device that targets (or kept inputs) may take: an eighth of what is free on a GPU,
+    none elsewhere (host memory already is the device)."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 8
+
+
+def epoch_index(batches: list[np.ndarray], device: torch.device) -> Iterator[torch.Tensor]:
+    """Each batch's row positions as a tensor on `device`, the epoch's order uploaded once: an index copied from
+    pageable host memory every step makes the host wait for the device (CUDA runs such a copy in stream order),
+    so a launch-bound student would lose the host's running ahead of the device."""
+    flat = torch.from_numpy(np.concatenate(batches).astype(np.int64)) if batches else torch.zeros(0, dtype=torch.int64)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    start = 0
+    for rows in batches:
+        yield flat[start:start + len(rows)]
+        start += len(rows)
+
+
+def pinned(parts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors about to be copied to a GPU, in pinned memory, so that the non_blocking copy does not wait."""
+    return [t.pin_memory() for t in parts] if device.type == "cuda" else parts
 
 
 def _prefetch(read, items: list) -> Iterator[Any]:

@@ -21,6 +21,7 @@ from kdcache.data.augment import augment
 from kdcache.data.base import Batch, SplitData, row_labels
 from kdcache.errors import KDCacheError, SplitMissing
 from kdcache.fingerprint import labels_equal
+from kdcache.train.batches import epoch_index
 
 #: Decoded inputs of a split are kept (after their first decode) while they take at most this many bytes.
 DEFAULT_KEEP_BYTES = 2 * 1024**3
@@ -107,6 +108,7 @@ class StudentInputs:
         self.keep_bytes, self.augment, self.seed, self.check = keep_bytes, augment, seed, check
         self.labels = row_labels(split.dataset)  # every row's label, without decoding a row
         self._kept: torch.Tensor | _KeptTokens | None = None  # decoded inputs, filled as rows are first decoded
+        self._labels_there: torch.Tensor | None = None  # the labels on the kept inputs' device
         self._filled = np.zeros(len(split), dtype=bool)
         self._keep = True
 
@@ -149,11 +151,13 @@ class StudentInputs:
     def _decoded(self, batches: list[np.ndarray], *, fresh: bool = False) -> Iterator[tuple[np.ndarray, Batch]]:
         """Decoded batches: gathered from the kept inputs once they are complete (unless `fresh`), else decoded."""
         if self.complete and not fresh:
-            for rows in batches:
-                index = torch.from_numpy(rows)
-                kept = self._kept.gather(rows) if isinstance(self._kept, _KeptTokens) else \
-                    self._kept[index.to(self._kept.device)]
-                yield rows, Batch(kept, torch.from_numpy(self.labels[rows]), index, None)
+            where = self._kept.device
+            if self._labels_there is None or self._labels_there.device != where:  # every row's label, beside them
+                self._labels_there = torch.from_numpy(self.labels).to(where)
+            for rows, index in zip(batches, epoch_index(batches, where)):
+                kept = self._kept.gather(rows, index) if isinstance(self._kept, _KeptTokens) else \
+                    self._kept.index_select(0, index)
+                yield rows, Batch(kept, self._labels_there.index_select(0, index), torch.from_numpy(rows), None)
             return
         loader = torch.utils.data.DataLoader(
             _Named(self.split.dataset, self.split.source), batch_sampler=_Rows(batches),
@@ -209,6 +213,8 @@ class _KeptTokens:
 
     def __init__(self, ids: dict[str, torch.Tensor], rows: int) -> None:
         self.ids, self.lengths = ids, np.zeros(rows, dtype=np.int64)
+        self.device = next(iter(ids.values())).device
+        self._lengths_there: torch.Tensor | None = None  # `lengths` on the device, once every row is put
 
     @classmethod
     def make(cls, split: SplitData, batch: Batch, keep_bytes: int, where: torch.device) -> "_KeptTokens | None":
@@ -229,15 +235,16 @@ class _KeptTokens:
         for k, kept in self.ids.items():
             kept[index.to(kept.device), :width] = inputs[k].to(kept.device, torch.int32)
         self.lengths[rows] = inputs["attention_mask"].sum(1).cpu().numpy()
+        self._lengths_there = None
 
-    def gather(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        lengths = self.lengths[rows]
-        width = int(lengths.max()) if len(rows) else 0  # from host memory: no wait for the device
-        device = next(iter(self.ids.values())).device
-        index = torch.from_numpy(rows).to(device)
-        out = {k: kept[index, :width].long() for k, kept in self.ids.items()}
-        out["attention_mask"] = (torch.arange(width, device=device)[None, :] <
-                                 torch.from_numpy(lengths).to(device)[:, None]).long()
+    def gather(self, rows: np.ndarray, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch of `rows`, `index` being the same positions already on the device (`epoch_index`)."""
+        width = int(self.lengths[rows].max()) if len(rows) else 0  # from host memory: no wait for the device
+        if self._lengths_there is None:
+            self._lengths_there = torch.from_numpy(self.lengths).to(self.device)
+        out = {k: kept.index_select(0, index)[:, :width].long() for k, kept in self.ids.items()}
+        out["attention_mask"] = (torch.arange(width, device=self.device)[None, :] <
+                                 self._lengths_there.index_select(0, index)[:, None]).long()
         return out
 
 

@@ -144,6 +144,24 @@ def test_cuda_batches_live_on_the_device_and_match_the_cache(cache, mode):
     assert np.array_equal(np.sort(torch.cat(seen).numpy()), np.arange(N))
 
 
+@pytest.mark.parametrize("device_bytes", [0, 1 << 30])
+def test_targets_held_on_the_device_serve_what_the_host_gather_serves(cache, device_bytes):
+    """Targets that fit the device's room are held there and gathered by an index uploaded once per epoch (no
+    copy from the host per step); both ways serve every batch's own rows, in the epoch's order."""
+    from kdcache.train.batches import TeacherTargets
+
+    stored_logits, stored_labels = cache.logits[:], cache.labels[:]
+    targets = TeacherTargets(cache, device="cpu", mode="memory", device_bytes=device_bytes)
+    assert targets.on_device == bool(device_bytes)
+    plan = targets.order(BATCH, seed=3).plan(2)
+    served = list(targets.epoch(plan))
+    assert len(served) == len(plan.batches)
+    for rows, (logits, labels) in zip(plan.batches, served):
+        assert logits.dtype == torch.float32 and logits.shape == (len(rows), C)
+        np.testing.assert_array_equal(logits.numpy(), stored_logits[rows].astype(np.float32))
+        np.testing.assert_array_equal(labels.numpy(), stored_labels[rows])
+
+
 def test_read_throughput_is_positive(cache):
     assert read_throughput(cache, BATCH, "chunks") > 0
 
