@@ -114,10 +114,11 @@ def online_kd(teacher, student_spec: str, split, tokenizer, epochs: int, batch_s
 
 
 def student_alone(student_spec: str, split, tokenizer, batch_size: int, device: torch.device, precision: str,
-                  steps: int = 100) -> float:
+                  steps: int | None = None) -> float:
     """The floor: CE steps of the student on one batch already on the device (no data path, no loop of ours)."""
     from kdcache.models import build_student
 
+    steps = steps or (100 if device.type == "cuda" else 10)
     inputs = StudentInputs(split, device, workers=0)
     _, x, labels = next(inputs.epoch([np.arange(batch_size)], train=True))
     labels = labels.to(device)
@@ -125,8 +126,9 @@ def student_alone(student_spec: str, split, tokenizer, batch_size: int, device: 
                             sample=inputs.batch(np.arange(2)))
     student.model.to(device).train()
     optimizer = build_optimizer("adamw", student.model, lr=1e-4, weight_decay=0.0)
-    for i in range(steps + 10):  # 10 warm-up steps
-        if i == 10:
+    warm = 10 if device.type == "cuda" else 2
+    for i in range(steps + warm):  # warm-up steps first
+        if i == warm:
             _sync(device)
             start = time.perf_counter()
         with autocast(device, precision):
@@ -195,14 +197,14 @@ def main() -> None:
                 traceback.print_exc()
                 rows_out.append([name] + [f"failed: {type(exc).__name__}"] + ["-"] * 8)
             print(rows_out[-1], f"({time.perf_counter() - began:.0f} s)", flush=True)
-            _save(args.out, [" | ".join(rows_out[-1])])
+            _save(args.out, ["partial: | " + " | ".join(rows_out[-1]) + " |"])
         # sweep of 8 students vs 8 lone runs (ResNet-8, CIFAR-10)
         swept = lone = float("nan")
         try:
             swept, lone = _sweep_vs_lone(tmp, size, device, precision)
         except Exception:
             traceback.print_exc()
-        _save(args.out, [f"sweep {swept:.1f} s, lone {lone:.1f} s"])
+        _save(args.out, [f"partial: sweep {swept:.1f} s, lone {lone:.1f} s", ""])
     header = ["setting", "train samples/s", "distill samples/s", "distill / train", "online KD samples/s",
               "distill / online", "cache-teacher rows/s", "bare teacher forward rows/s", "cache-teacher / bare",
               "student alone samples/s"]

@@ -128,6 +128,7 @@ RESULT_COLUMNS = ["method", "seed", "metric", "best", "last", "seconds", "test"]
 
 
 def _row(r: Result) -> list[str]:
+    """One run as a results.csv row (written as each run ends, and again whole at the end)."""
     return [r.method, str(r.seed), r.metric, f"{r.best:.6f}", f"{r.last:.6f}", f"{r.seconds:.1f}",
             "" if r.test is None else f"{r.test:.6f}"]
 
@@ -190,7 +191,8 @@ def paired_table(results: list[Result], key: str = "best") -> list[str]:
     `test`, that checkpoint's score on the reported split."""
     methods = list(dict.fromkeys(r.method for r in results))
     fmt = lambda p: "-" if p is None else f"{p:.3f}"
-    what = "the best checkpoint's metric" if key == "best" else "the best checkpoint's test score"
+    what = {"best": "the best checkpoint's metric", "test": "the best checkpoint's test score",
+            "last": "the last epoch's metric"}[key]
     lines = [f"Seed-paired differences of {what} (row minus column method):", "",
              "| methods | pairs | mean difference | paired t-test p | sign test (+/-/=) p |", "|---|---|---|---|---|"]
     for i, a in enumerate(methods):
@@ -415,6 +417,8 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}")
+    if args.experiment == "noise" and args.methods != parser.get_default("methods"):
+        parser.error("--methods: the noise toy has its own rows (vanilla, and Continuation-KD by margin)")
     name = args.experiment + (f"-{args.task}" if args.experiment == "glue" else "") + ("-cifar100" if args.cifar100 else "")
     out = args.out or REPO / "benchmarks" / "results" / f"{name}-{args.scale}"
     kd = Runner(out, args.device, in_process=args.in_process)

@@ -103,8 +103,8 @@ Margin = Annotated[Optional[float], _O(help="Continuation: hinge margin m.")]
 Psi = Annotated[Optional[str], _O(help="Continuation: psi schedule cifar | glue | linear:E | step:K | constant:V.")]
 Reduction = Annotated[str, _O(help="Continuation hinge: sample | batch | element | mse (the authors' code); "
                                     "annealing: element or mse average stage 1 over the outputs.")]
-PhiOn = Annotated[Optional[str], _O(help="Continuation: what phi anneals, both (Eq. 4) | teacher | margin | none "
-                                         "(the paper's Table 7 ablation).")]
+PhiOn = Annotated[Optional[str], _O(help="Continuation: what phi anneals, both (Eq. 4, the default) | teacher | "
+                                         "margin | none (the paper's Table 7 ablation).")]
 Alpha = Annotated[Optional[float], _O(help="Vanilla KD: weight of the hard-label term.")]
 Temperature = Annotated[Optional[float], _O(help="Vanilla KD: softening temperature.")]
 AnnealEpochs = Annotated[Optional[int], _O(help="Annealing-KD: stage-1 epochs K (default: the preset's share).")]

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from kdcache.errors import KDCacheError
 from kdcache.methods import losses, schedules
+from kdcache.names import PHI_ON
 from kdcache.methods.base import Method, Run, StepPlan
 
 #: The paper's presets (section 5): CIFAR T_max 20 and psi Eq. 7, GLUE T_max 10 and psi Eq. 8; the margin m is
@@ -27,6 +29,8 @@ class ContinuationKD(Method):
     def setup(self, run: Run) -> None:
         super().setup(run)
         schedules.parse_psi(run.hp["psi"])  # a bad spec is one line before any work
+        if self.options.phi_on not in (None, *PHI_ON):  # (the CLI checks too; the API and sweep files come here)
+            raise KDCacheError(f"--phi-on {self.options.phi_on!r} is not one of {', '.join(PHI_ON)}")
 
     def values(self, epoch: int, step: int, n: int) -> dict[str, Any]:
         """T_i, phi(T_i) and psi(i); per step, T counts down over the run's steps and psi reads the real position."""

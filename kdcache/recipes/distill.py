@@ -57,7 +57,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     try:
         device = resolve_device(device_name)
         method = _method(cfg)
-        if world.distributed and cfg.reduction in ("batch", "mse") and cfg.method == "continuation":
+        hinge = cfg.method == "continuation" or cfg.kd_loss == "continuation"
+        if world.distributed and cfg.reduction in ("batch", "mse") and hinge:
             raise world.fail(f"--reduction {cfg.reduction} is one hinge on the whole batch's mean distance, which a "
                              "process that sees a share of the batch cannot compute: use sample or element under "
                              "torchrun")
@@ -96,8 +97,9 @@ class StudentRun:
 
 
 def _method(cfg: DistillConfig) -> Any:
-    method = make_method(cfg.method, MethodOptions(cfg.checkpoint, cfg.kd_loss, cfg.phase_epochs, cfg.layer_map,
-                                                   cfg.reduction, cfg.anneal_continuous, cfg.phi_on))
+    method = make_method(cfg.method, MethodOptions(
+        checkpoint=cfg.checkpoint, kd_loss=cfg.kd_loss, phase_epochs=cfg.phase_epochs, layer_map=cfg.layer_map,
+        reduction=cfg.reduction, anneal_continuous=cfg.anneal_continuous, phi_on=cfg.phi_on))
     if cfg.cache is None and method.needs_cache:
         raise KDCacheError(f"method {cfg.method!r} needs a teacher cache (--cache)")
     return method

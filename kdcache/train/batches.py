@@ -7,8 +7,10 @@ chosen by size against a host-memory budget (`mode="auto"`, default a quarter of
 
 - memory: every target array of the split is read once (one Zarr read, chunks fetched concurrently) and kept in
   host memory as stored (float16 stays float16); each epoch is a full shuffle (`torch.randperm` seeded from
-  (seed, epoch)) and a batch is a gather, converted to float32 and moved to the device per batch (so a host
-  budget never fills a GPU).
+  (seed, epoch)) and a batch is a gather, converted to float32. On a GPU, arrays that also fit an eighth of its
+  free memory are held there and gathered by the epoch's order, uploaded once; larger ones are gathered on the
+  host into pinned memory and copied per batch, so the host budget never fills a GPU and no step waits on a copy
+  from pageable memory.
 - chunks: for caches larger than the budget. Each epoch shuffles the order of the stored chunks, takes them in
   windows of as many chunks as half the budget holds (two windows are in memory: one being read ahead on a
   thread, which starts on the next only once the loop has taken the last, and one in use), shuffles the rows
@@ -230,8 +232,8 @@ _DONE = object()
 
 
 def device_room(device: torch.device) -> int:
-    """Bytes of the training device that targets (or kept inputs) may take: an eighth of what is free on a GPU,
-    none elsewhere (host memory already is the device)."""
+    """Bytes of the training device that teacher targets may take: an eighth of what is free on a GPU, none
+    elsewhere (host memory already is the device)."""
     if device.type != "cuda":
         return 0
     free, _ = torch.cuda.mem_get_info(device)

@@ -100,6 +100,10 @@ class DistillConfig:
     report_split: str | None = None  # also score this split every epoch (never selecting on it): the test split
     compile: bool = False  # torch.compile the student
 
+    def __post_init__(self) -> None:
+        if self.phi_on == "both":  # Eq. 4, the default: the same run whether the flag is given or not
+            self.phi_on = None
+
     def identity(self) -> dict[str, Any]:
         """The fields that decide what the run computes, as plain JSON values."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()

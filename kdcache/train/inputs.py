@@ -153,7 +153,7 @@ class StudentInputs:
         if self.complete and not fresh:
             where = self._kept.device
             if self._labels_there is None or self._labels_there.device != where:  # every row's label, beside them
-                self._labels_there = torch.from_numpy(self.labels).to(where)
+                self._labels_there = torch.as_tensor(np.array(self.labels)).to(where)  # (a writable copy)
             for rows, index in zip(batches, epoch_index(batches, where)):
                 kept = self._kept.gather(rows, index) if isinstance(self._kept, _KeptTokens) else \
                     self._kept.index_select(0, index)
@@ -221,7 +221,7 @@ class _KeptTokens:
         """Storage for every row, or None when the split has no fixed max_length or does not fit keep_bytes."""
         width = split.preprocess.get("max_length")
         names = [k for k in batch.inputs if k != "attention_mask"]
-        if not isinstance(width, int) or "attention_mask" not in batch.inputs or \
+        if not names or not isinstance(width, int) or "attention_mask" not in batch.inputs or \
                 len(split) * width * 4 * len(names) > keep_bytes:
             return None
         pad = int(getattr(split.collate, "pad_id", 0))
@@ -242,7 +242,7 @@ class _KeptTokens:
         width = int(self.lengths[rows].max()) if len(rows) else 0  # from host memory: no wait for the device
         if self._lengths_there is None:
             self._lengths_there = torch.from_numpy(self.lengths).to(self.device)
-        out = {k: kept.index_select(0, index)[:, :width].long() for k, kept in self.ids.items()}
+        out = {k: kept[:, :width].index_select(0, index).long() for k, kept in self.ids.items()}
         out["attention_mask"] = (torch.arange(width, device=self.device)[None, :] <
                                  self._lengths_there.index_select(0, index)[:, None]).long()
         return out

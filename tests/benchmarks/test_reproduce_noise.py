@@ -13,7 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import reproduce  # noqa: E402
-from noise_toy import NOISE_SCALES, clean_signal, make_data, noise, table_teacher  # noqa: E402
+from noise_toy import ROWS, clean_signal, pick_margin, make_data, noise, table_teacher  # noqa: E402
 
 
 def test_table_teacher_returns_the_noisy_value_of_the_nearest_point():
@@ -31,6 +31,11 @@ def test_table_teacher_returns_the_noisy_value_of_the_nearest_point():
     assert 0.2 < np.sqrt(np.mean(noisy ** 2)) < 0.35  # 0.4 sin(...): rms 0.28
 
 
+def test_the_margin_by_validation_is_the_grids_best_fit_to_the_noisy_targets():
+    assert pick_margin({0.001: 0.30, 0.01: 0.21, 0.1: 0.25, 1.0: 0.40}) == 0.01
+    assert pick_margin({1.0: 0.2, 0.1: 0.2}) == 0.1  # a tie: the smaller margin
+
+
 def test_noise_tiny_runs_end_to_end(tmp_path):
     kd = reproduce.Runner(tmp_path / "noise-tiny", device="cpu", in_process=True)  # same CLI entry point
     text = noise(kd, "tiny", 1)
@@ -40,7 +45,10 @@ def test_noise_tiny_runs_end_to_end(tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader(open(out / "results.csv")))
     methods = {r["method"] for r in rows}
-    assert methods == {f"{m} [sine]" for m in ("vanilla", *NOISE_SCALES["tiny"]["margins"])}
+    assert methods == {f"{m} [sine]" for m in ROWS}
+    # the margin by validation is one of the grid's, each margin's student a run of one sweep per seed
+    assert "Margins chosen by validation, per seed: sine noise 0.1." in text
+    assert "kdcache sweep" in (out / "commands.txt").read_text() and "--grid margin=0,0.1,0.16" in text
     for r in rows:
         assert r["metric"].startswith("rmse to clean signal")
         assert all(math.isfinite(float(r[k])) and float(r[k]) >= 0 for k in ("best", "last", "seconds")), r

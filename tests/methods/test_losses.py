@@ -266,6 +266,23 @@ def test_annealing_kd_by_hand():
     assert annealing_kd_loss(student, teacher, phi=1.0, mean_outputs=True).item() == pytest.approx(17.5 / 3)
 
 
+@pytest.mark.parametrize("reduction,scale", [("sample", 1.0), ("batch", 1.0), ("element", 1 / 3), ("mse", 1 / 3)])
+def test_annealing_stage_1_follows_the_reduction(reduction, scale):
+    """--reduction element or mse makes Annealing-KD's stage 1 the authors' F.mse_loss (a mean over the outputs
+    too), which is also Continuation-KD's mse hinge with m = 0 and psi = 0."""
+    from kdcache.methods.annealing import AnnealingKD
+    from kdcache.methods.base import MethodOptions, StepPlan
+
+    student, teacher, labels = example()
+    method = AnnealingKD(MethodOptions(reduction=reduction))
+    method.run = type("R", (), {"kind": "classification"})()
+    got = method.loss(student, teacher, labels, StepPlan("logits", {"stage": 1, "phi": 0.5})).item()
+    assert got == pytest.approx(9.0 * scale)
+    if reduction == "mse":
+        assert got == pytest.approx(continuation_kd_loss(student, teacher, labels, phi=0.5, psi=0.0, margin=0.0,
+                                                         reduction="mse").item())
+
+
 @pytest.mark.parametrize("reduction", ["sample", "batch"])
 def test_continuation_kd_with_margin_0_and_step_psi_is_annealing_kd(reduction):
     """Section 4 of the paper: m = 0 and psi = step:K (Eq. 6) turn Continuation-KD into Annealing-KD.

@@ -160,12 +160,18 @@ def test_phi_on_anneals_only_what_table_7_names(tmp_path, digits_cache, phi_on):
     assert [r["psi"] for r in rows] == [0.0, 0.5, 1.0]
     both = _digits_run(digits_cache, tmp_path / "both", epochs=3, t_max=3, psi="linear:3", margin=0.5)
     assert "phi_teacher" not in _metrics(tmp_path / "both")[0]
-    if phi_on != "margin":  # (with m = 0.5 inside every distance, the margin's coefficient may change nothing)
-        assert [r["loss"] for r in rows] != [r["loss"] for r in _metrics(tmp_path / "both")]
+    assert [r["loss"] for r in rows] != [r["loss"] for r in _metrics(tmp_path / "both")]
     with pytest.raises(KDCacheError, match="differs in config.phi_on"):  # not the run already in the folder
         _digits_run(digits_cache, tmp_path / "both", epochs=3, t_max=3, psi="linear:3", margin=0.5, phi_on=phi_on,
                     resume=True)
     assert both["complete"]
+
+
+def test_phi_on_both_is_the_default_run_and_a_bad_value_is_one_line(tmp_path, digits_cache):
+    _digits_run(digits_cache, tmp_path / "run", epochs=2, stop_after_epoch=1)
+    assert _digits_run(digits_cache, tmp_path / "run", epochs=2, phi_on="both", resume=True)["complete"]
+    with pytest.raises(KDCacheError, match="--phi-on 'teachr' is not one of both, teacher, margin, none"):
+        _digits_run(digits_cache, tmp_path / "bad", phi_on="teachr")
 
 
 def test_phi_on_is_refused_by_other_methods(tmp_path, digits_cache):

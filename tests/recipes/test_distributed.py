@@ -184,6 +184,10 @@ def test_refusals_every_rank_finds_are_said_once(tmp_path, cache):
     batch = _launch(2, *_distill(cache, tmp_path / "b", "--reduction", "batch"), check=False)
     assert batch.returncode != 0
     assert batch.stderr.count("error: ") == 1 and "--reduction batch" in batch.stderr
+    # the authors' mse is one hinge on the batch too, for Pro-KD's continuation loss as much as for the method
+    mse = _launch(2, *_distill(cache, tmp_path / "m", "--method", "prokd", "--kd-loss", "continuation",
+                               "--reduction", "mse"), check=False)
+    assert mse.returncode != 0 and mse.stderr.count("error: ") == 1 and "--reduction mse" in mse.stderr
     alone = tmp_path / "alone"
     _launch(1, *_distill(cache, alone, "--stop-after-epoch", "1"))
     refused = _launch(2, *_distill(cache, alone, "--resume"), check=False)
