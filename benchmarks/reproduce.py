@@ -93,13 +93,13 @@ class Result:
 
 def distill_methods(kd: Runner, *, cache: Path, student: list[str], work: Path, seeds: int, epochs: int,
                     flags: dict[str, list[str]], takd: Callable[[int], tuple[Path, float]] | None,
-                    methods: tuple[str, ...] = METHODS) -> list[Result]:
+                    methods: tuple[str, ...] = METHODS, first_seed: int = 0) -> list[Result]:
     """Every method x seed against one teacher cache; TAKD distils from the assistant cache `takd(seed)` gives.
     Each run's row is appended to results.csv as it ends, so a cut run keeps what it measured."""
     results = []
     with open(work / "results.csv", "w", newline="") as f:
         csv.writer(f).writerow(RESULT_COLUMNS)
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for method in methods:
             run = work / f"{method}-seed{seed}"
             extra_seconds, source, kd_method = 0.0, cache, method
@@ -244,7 +244,7 @@ VISION_SCALES = {
 
 
 def vision(kd: Runner, scale: str, seeds: int, cifar100: Path | None = None,
-           methods: tuple[str, ...] = METHODS) -> str:
+           methods: tuple[str, ...] = METHODS, first_seed: int = 0) -> str:
     """CIFAR-10 as JPEG folders (or CIFAR-100 python pickles); teacher -> cache -> students; the `cifar` preset
     scaled to the run's length."""
     s = VISION_SCALES[scale]
@@ -287,7 +287,7 @@ def vision(kd: Runner, scale: str, seeds: int, cifar100: Path | None = None,
         return work / "assistant.kdcache", 0.0
 
     results = distill_methods(kd, cache=cache, student=["--student", "resnet8"], work=work, seeds=seeds, epochs=n,
-                              flags=flags, takd=takd, methods=methods)
+                              flags=flags, takd=takd, methods=methods, first_seed=first_seed)
     notes = [f"Teacher {s['teacher']} trained on {s['teacher_rows']} images for {s['teacher_epochs']} epochs: best "
              f"accuracy {teacher['best_metric']:.4f} on {s['holdout']} held-out training images ({teacher_seconds:.0f} s to "
              f"train); cache-teacher {cache_seconds:.0f} s; TAKD assistant {s['assistant']} (vanilla KD from the "
@@ -341,7 +341,7 @@ GLUE_TASK_SCALES = {
 
 
 def glue(kd: Runner, scale: str, seeds: int, task: str, teacher_dir: str | None = None,
-         methods: tuple[str, ...] = METHODS) -> str:
+         methods: tuple[str, ...] = METHODS, first_seed: int = 0) -> str:
     """A real pretrained encoder fine-tuned as teacher; its first layers, pre-trained, as students and assistant."""
     s = {"teacher_rows": GLUE_SCALES[scale]["rows"], "teacher_lr": "5e-5", **GLUE_SCALES[scale],
          **GLUE_TASK_SCALES.get((scale, task), {})}
@@ -384,7 +384,7 @@ def glue(kd: Runner, scale: str, seeds: int, task: str, teacher_dir: str | None 
         return assistants[0][0], 0.0
 
     results = distill_methods(kd, cache=cache, student=student, work=work, seeds=seeds, epochs=n,
-                              flags=flags, takd=takd, methods=methods)
+                              flags=flags, takd=takd, methods=methods, first_seed=first_seed)
     notes = [f"Teacher all-MiniLM-L6-v2 (6 layers, 22.7M parameters) fine-tuned {s['teacher_epochs']} epochs at lr "
              f"{s['teacher_lr']} on {s['teacher_rows'] or 'all'} training rows (students and cache: "
              f"{s['rows'] or 'all'} rows): best dev {teacher['metric_name']} {teacher['best_metric']:.4f} "
@@ -398,11 +398,42 @@ def glue(kd: Runner, scale: str, seeds: int, task: str, teacher_dir: str | None 
                                f"fine-tuned MiniLM-L6 teacher", results, notes)
 
 
+def merge_results(out: Path, parts: list[Path]) -> str:
+    """One experiment's seeds run in several processes (`--first-seed`), as one table: every part's results.csv
+    (a run met twice is kept once), the notes of the part that finished its summary.md."""
+    results: dict[tuple[str, int], Result] = {}
+    title, notes = "", []
+    for part in parts:
+        for row in csv.DictReader(open(part / "results.csv")):
+            key = (row["method"], int(row["seed"]))
+            results.setdefault(key, Result(row["method"], int(row["seed"]), float(row["best"]), float(row["last"]),
+                                           float(row["seconds"]), row["metric"],
+                                           test=float(row["test"]) if row["test"] else None))
+        summary = part / "summary.md"
+        if summary.is_file() and not notes:
+            lines = summary.read_text().splitlines()
+            title = lines[0].strip("*")
+            start = next(i for i, line in enumerate(lines) if line.startswith("Metric:")) + 1
+            notes = lines[start:lines.index("", start)]
+    if not notes:
+        raise SystemExit(f"none of {', '.join(map(str, parts))} has a summary.md to take the notes from")
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(dict.fromkeys(method for method, _ in results))
+    ordered = sorted(results.values(), key=lambda r: (r.seed, methods.index(r.method)))
+    notes = notes + [f"Seeds run in {len(parts)} processes (`--first-seed`), merged: "
+                     + ", ".join(f"`{p}`" for p in parts) + "."]
+    return write_results(out, title, ordered, notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", choices=["vision", "glue", "noise"])
     parser.add_argument("--scale", choices=["tiny", "cpu", "full"], default="cpu")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds FIRST..FIRST+SEEDS-1: one experiment's seeds split over processes (the teacher "
+                             "side is deterministic, so each process trains the same one); merge their "
+                             "results.csv with merge_results()")
     parser.add_argument("--task", choices=sorted(GLUE_FOLDERS), default="sst2", help="GLUE task")
     parser.add_argument("--teacher-dir", help="GLUE: a pretrained encoder folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--cifar100", type=Path, help="vision: a cifar-100-python folder, instead of CIFAR-10")
@@ -424,9 +455,9 @@ def main() -> None:
     kd = Runner(out, args.device, in_process=args.in_process)
     start = time.perf_counter()
     if args.experiment == "vision":
-        text = vision(kd, args.scale, args.seeds, args.cifar100, methods)
+        text = vision(kd, args.scale, args.seeds, args.cifar100, methods, args.first_seed)
     elif args.experiment == "glue":
-        text = glue(kd, args.scale, args.seeds, args.task, args.teacher_dir, methods)
+        text = glue(kd, args.scale, args.seeds, args.task, args.teacher_dir, methods, args.first_seed)
     else:
         from noise_toy import noise
 

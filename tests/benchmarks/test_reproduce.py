@@ -97,3 +97,21 @@ def test_seed_paired_statistics_of_two_methods():
     assert reproduce.paired(same, "a", "b")["t_p"] is None
     table = "\n".join(reproduce.paired_table(results))
     assert "| continuation - vanilla | 5 |" in table and "5/0/0 0.062" in table
+
+
+def test_seeds_split_over_processes_merge_into_one_table(tmp_path):
+    """`--first-seed` splits an experiment's seeds over processes; merge_results makes the one table of them."""
+    notes = "**Title**\n\n| x |\n\nMetric: accuracy.\nTeacher line.\nStudents line.\n\nSeed-paired ...\n"
+    for part, seeds in (("a", (0, 1)), ("b", (2,))):
+        (tmp_path / part).mkdir()
+        rows = [["method", "seed", "metric", "best", "last", "seconds", "test"]]
+        rows += [[m, s, "accuracy", f"{0.5 + 0.1 * (m == 'continuation') + 0.01 * s:.6f}", "0.5", "1.0", ""]
+                 for s in seeds for m in ("ce", "continuation")]
+        with open(tmp_path / part / "results.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    (tmp_path / "b" / "summary.md").write_text(notes)
+    text = reproduce.merge_results(tmp_path / "all", [tmp_path / "a", tmp_path / "b"])
+    rows = list(csv.DictReader(open(tmp_path / "all" / "results.csv")))
+    assert [(r["method"], r["seed"]) for r in rows] == [("ce", "0"), ("continuation", "0"), ("ce", "1"),
+                                                        ("continuation", "1"), ("ce", "2"), ("continuation", "2")]
+    assert text.startswith("**Title**") and "Teacher line." in text and "| ce - continuation | 3 | -0.1000 |" in text
