@@ -11,7 +11,8 @@
 #   .data/    glue/{SST-2,CoLA,MRPC}/{train,dev}.tsv from ../shared/data
 # (see docs/benchmarks.md for the commands), then:  device run (carry .whl .minilm .data):
 #   bash benchmarks/gpu_glue.sh [SECONDS_PER_TASK]
-# Results land in $OUT/glue-<task>/ (summary.md, results.csv, commands.txt, each run's metrics and summary).
+# Results land in $OUT/glue-<task>.tar.gz (summary.md, results.csv, commands.txt, log.txt, each run's metrics
+# and summary): one file per task, since the tool brings back at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-420}
@@ -52,8 +53,9 @@ for task in sst2 mrpc cola; do
         > "$work/glue-$task.log" 2>&1 &
 done
 wait
+# the device tool returns at most 8 files from $OUT, 2 folders deep: one archive per task
 for task in sst2 mrpc cola; do
-    dst=$out/glue-$task
+    dst=$work/out-$task/glue-$task
     mkdir -p "$dst/runs"
     grep -v -E "Writing model shards|Loading weights" "$work/glue-$task.log" | tail -60 > "$dst/log.txt"
     for f in summary.md summary.csv results.csv commands.txt; do
@@ -63,8 +65,8 @@ for task in sst2 mrpc cola; do
         name=$(basename "$run")
         [ -f "$run/metrics.jsonl" ] || continue
         mkdir -p "$dst/runs/$name"
-        cp "$run/metrics.jsonl" "$dst/runs/$name/" 2>/dev/null
-        cp "$run/summary.json" "$dst/runs/$name/" 2>/dev/null
+        cp "$run/metrics.jsonl" "$run/summary.json" "$dst/runs/$name/" 2>/dev/null
     done
+    tar -czf "$out/glue-$task.tar.gz" -C "$work/out-$task" "glue-$task"
     echo "== $task"; tail -4 "$dst/log.txt"
 done
