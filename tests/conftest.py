@@ -73,6 +73,24 @@ def digits_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sst2_cache(tmp_path_factory, sst2_copy, tiny_tokenizer):
+    """A tiny BERT teacher cached on the SST-2 slice; the teacher's folder is deleted afterwards (distill must never
+    need the teacher)."""
+    import shutil
+
+    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+    from teachers_for_tests import make_tiny_bert
+
+    root = tmp_path_factory.mktemp("sst2cache")
+    teacher = make_tiny_bert(root / "teacher", tiny_tokenizer)
+    cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher), task="sst2", data=str(sst2_copy),
+                                             out=root / "c.kdcache", splits=("train", "validation"), batch_size=16,
+                                             device="cpu", progress=False))
+    shutil.rmtree(teacher)
+    return cache
+
+
+@pytest.fixture(scope="module")
 def sst2_copy(tmp_path_factory, glue_dir):
     """The first 60 rows of real SST-2 train and dev, in a folder of our own (so tests can edit or delete it)."""
     folder = tmp_path_factory.mktemp("sst2") / "SST-2"

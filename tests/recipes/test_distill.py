@@ -33,18 +33,6 @@ def _digits_run(cache, out, method="continuation", **kw):
     return distill(DistillConfig(**args))
 
 
-@pytest.fixture(scope="module")
-def sst2_cache(tmp_path_factory, sst2_copy, tiny_tokenizer):
-    """A tiny BERT teacher cached on the SST-2 slice; the teacher's folder is deleted afterwards."""
-    root = tmp_path_factory.mktemp("sst2cache")
-    teacher = make_tiny_bert(root / "teacher", tiny_tokenizer)
-    cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher), task="sst2", data=str(sst2_copy),
-                                             out=root / "c.kdcache", splits=("train", "validation"), batch_size=16,
-                                             device="cpu", progress=False))
-    shutil.rmtree(teacher)  # distill must never need the teacher
-    return cache
-
-
 # --- end to end on real data -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", METHODS)

@@ -5,28 +5,15 @@ and resumed, and it is one line where it cannot apply."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
 from helpers import _metrics, _one_error_line, run_cli
-from teachers_for_tests import make_tiny_bert, make_tiny_encoder
+from teachers_for_tests import make_tiny_encoder
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sst2_cache(tmp_path_factory, sst2_copy, tiny_tokenizer):
-    """A tiny BERT teacher cached on the real SST-2 slice (60 rows); the teacher's folder is deleted afterwards."""
-    root = tmp_path_factory.mktemp("layers-cache")
-    teacher = make_tiny_bert(root / "teacher", tiny_tokenizer)
-    cache = cache_teacher(CacheTeacherConfig(teacher=str(teacher), task="sst2", data=str(sst2_copy),
-                                             out=root / "c.kdcache", splits=("train", "validation"), batch_size=16,
-                                             device="cpu", progress=False))
-    shutil.rmtree(teacher)
-    return cache
 
 
 @pytest.fixture(scope="module")
