@@ -89,6 +89,7 @@ STUDENT_KWARGS = {"in_features": 1, "hidden": 128, "depth": 2}
 #: the noise's size went into them), picked per seed by the last epoch's mean squared error to the NOISY
 #: validation targets. Beside it, m = 0 (the annealing alone) and the oracle m = s^2 (chosen knowing the noise).
 MARGIN_GRID = {"tiny": (0.1,), "cpu": (0.001, 0.01, 0.1, 1.0), "full": (0.001, 0.01, 0.1, 1.0)}
+ORACLE_MARGIN = round(NOISE_SCALE ** 2, 6)  # m = s^2, chosen knowing the noise (0.4 ** 2 is 0.16000000000000003)
 ROWS = ("vanilla", "continuation m=0", "continuation m by validation", "continuation m=s^2 (oracle)")
 
 NOISE_SCALES = {
@@ -216,8 +217,7 @@ def noise(kd: Runner, scale: str, seeds: int) -> str:
     common = ["--student", "mlp", "--student-kwargs", json.dumps(STUDENT_KWARGS), "--epochs", n, "--lr", "1e-3",
               "--batch-size", 64, "--optimizer", "adamw", "--weight-decay", 0, "--lr-schedule", "constant",
               "--save-every", n, "--device", kd.device, "--no-progress", "--overwrite"]
-    oracle = round(NOISE_SCALE ** 2, 6)  # (0.4 ** 2 is 0.16000000000000003)
-    margins = sorted({0.0, *MARGIN_GRID[scale], oracle})
+    margins = sorted({0.0, *MARGIN_GRID[scale], ORACLE_MARGIN})
     continuation = ["--method", "continuation", "--psi", "constant:0", "--t-max", 10]
     chosen: dict[str, list[float]] = {}
     by_margin: dict[tuple[str, float], list[float]] = {}
@@ -244,24 +244,22 @@ def noise(kd: Runner, scale: str, seeds: int) -> str:
             """The run's row, and its last epoch's mean squared error to the noisy validation targets."""
             summary = kd.summary(run)
             best = predict(run / "best", grid)
-            last = predict(run / "checkpoints" / f"epoch-{n:04d}", grid)
-            curves[f"{kind}/{method}/seed{seed}/best"] = best
-            curves[f"{kind}/{method}/seed{seed}/last"] = last
-            val_mse = float(np.mean((predict(run / "checkpoints" / f"epoch-{n:04d}", x_val) - y_val) ** 2))
+            last, val = np.split(predict(run / "checkpoints" / f"epoch-{n:04d}", np.concatenate([grid, x_val])),
+                                 [len(grid)])  # the last epoch's student loaded once for both
+            curves[f"{kind}/{method}/seed{seed}/best"], curves[f"{kind}/{method}/seed{seed}/last"] = best, last
+            val_mse = float(np.mean((val - y_val) ** 2))
             return Result(f"{method} [{kind}]", seed, rmse(best, clean), rmse(last, clean), seconds, METRIC,
                           {"best_epoch": summary["best_epoch"], "val_pearson": summary["best_metric"],
                            "val_mse": val_mse}), val_mse
 
         for seed in range(seeds):
-            with _subprocess_env():
-                seconds = kd("distill", "--cache", cache, *common, "--method", "vanilla", "--alpha", 0, "--seed",
-                             seed, "--out", root / f"vanilla-seed{seed}")
-            rows = {"vanilla": student("vanilla", seed, root / f"vanilla-seed{seed}", seconds)[0]}
-            # every margin in one `kdcache sweep`: one pass over the cache per epoch, students stepped together
             sweep_dir = root / f"continuation-seed{seed}"
-            with _subprocess_env():
+            with _subprocess_env():  # vanilla, then every margin in one `kdcache sweep` (students stepped together)
+                alone = kd("distill", "--cache", cache, *common, "--method", "vanilla", "--alpha", 0, "--seed",
+                           seed, "--out", root / f"vanilla-seed{seed}")
                 seconds = kd("sweep", "--cache", cache, *common, *continuation, "--grid",
                              "margin=" + ",".join(f"{m:g}" for m in margins), "--seeds", seed, "--out", sweep_dir)
+            rows = {"vanilla": student("vanilla", seed, root / f"vanilla-seed{seed}", alone)[0]}
             grid_rows = {}
             for m in margins:
                 run = sweep_dir / f"margin-{float(m)}_seed-{seed}"
@@ -270,7 +268,7 @@ def noise(kd: Runner, scale: str, seeds: int) -> str:
             pick = pick_margin({m: grid_rows[m][1] for m in MARGIN_GRID[scale]})
             chosen.setdefault(kind, []).append(pick)
             for name, m in (("continuation m=0", 0.0), ("continuation m by validation", pick),
-                            ("continuation m=s^2 (oracle)", oracle)):
+                            ("continuation m=s^2 (oracle)", ORACLE_MARGIN)):
                 r = grid_rows[m][0]
                 rows[name] = Result(f"{name} [{kind}]", seed, r.best, r.last, r.seconds, METRIC,
                                     {**r.extra, "margin": m})
@@ -282,7 +280,18 @@ def noise(kd: Runner, scale: str, seeds: int) -> str:
                       f"last {r.last:.4f} ({r.seconds:.0f} s)", flush=True)
     np.savez(work / "curves.npz", **{k.replace("/", "__"): v for k, v in curves.items()})
     _figure(work / "noise.png", grid, clean, teachers, curves, ["vanilla", "continuation m by validation"], n)
-    notes = [
+    notes = _notes(scale, teachers, margins, chosen, by_margin, results, seeds)
+    title = f"Noise toy ({scale} scale): students of a noisy sinusoid teacher"
+    text = write_results(work, title, results, notes)
+    _summary_chart(work / "summary.png", title, results)
+    return text
+
+
+def _notes(scale: str, teachers: dict[str, dict[str, Any]], margins: list[float], chosen: dict[str, list[float]],
+           by_margin: dict[tuple[str, float], list[float]], results: list[Result], seeds: int) -> list[str]:
+    """summary.md's notes: the data, the students, the margins picked and every margin's result, the pairings."""
+    s, n, oracle = NOISE_SCALES[scale], NOISE_SCALES[scale]["epochs"], ORACLE_MARGIN
+    return [
         "Teacher RMSE to the clean signal (its training points): "
         + "; ".join(f"{k} noise {v['rmse']:.4f}" for k, v in teachers.items()) + ".",
         f"Data: clean sin(2 pi {SIGNAL_FREQUENCY:g} x), x ~ U[0, 1]; {s['train']} training and {s['validation']} "
@@ -291,7 +300,8 @@ def noise(kd: Runner, scale: str, seeds: int) -> str:
         "(`noise_toy:table_teacher`), cached as float32.",
         f"Students: mlp 1-128-128-1, AdamW lr 1e-3, batch 64, {n} epochs. vanilla = `--method vanilla --alpha 0` "
         "(MSE to the teacher's outputs); continuation = `--method continuation --psi constant:0 --t-max 10 "
-        f"--margin m`, every m of one seed in one `kdcache sweep --grid margin={','.join(f'{m:g}' for m in margins)}`. "
+        "--margin m`, every m of one seed in one `kdcache sweep --grid "
+        f"margin={','.join(f'{m:g}' for m in margins)}`. "
         f"m by validation: of the grid {', '.join(f'{m:g}' for m in MARGIN_GRID[scale])} (decades, fixed in "
         "advance), the m whose last-epoch student has the lowest mean squared error to the noisy validation "
         f"targets (all a user has); m = 0: the annealing alone; oracle m = s^2 = {oracle:g}, chosen knowing the "
@@ -311,10 +321,6 @@ def noise(kd: Runner, scale: str, seeds: int) -> str:
         *_paired(results, seeds),
         "", *paired_table(results, "last"),
     ]
-    title = f"Noise toy ({scale} scale): students of a noisy sinusoid teacher"
-    text = write_results(work, title, results, notes)
-    _summary_chart(work / "summary.png", title, results)
-    return text
 
 
 def _paired(results: list[Result], seeds: int) -> list[str]:

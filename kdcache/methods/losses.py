@@ -27,6 +27,8 @@ from kdcache.errors import KDCacheError
 
 KINDS = ("classification", "regression")
 REDUCTIONS = ("sample", "batch", "element", "mse")
+#: reductions with one hinge on the whole batch's mean: a process holding a share of the batch cannot compute them
+WHOLE_BATCH = ("batch", "mse")
 
 
 # --- checks and shared pieces -------------------------------------------------------------------------

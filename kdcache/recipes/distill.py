@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from kdcache.errors import KDCacheError
-from kdcache.methods import MethodOptions, Run, make_method
+from kdcache.methods import MethodOptions, Run, losses, make_method
 from kdcache.models import build_student, check_student_layers
 from kdcache.progress import progress_bar
 from kdcache.runtime import command_line, process_start_time, resolve_device, utc_now
@@ -58,7 +58,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         device = resolve_device(device_name)
         method = _method(cfg)
         hinge = cfg.method == "continuation" or cfg.kd_loss == "continuation"
-        if world.distributed and cfg.reduction in ("batch", "mse") and hinge:
+        if world.distributed and cfg.reduction in losses.WHOLE_BATCH and hinge:
             raise world.fail(f"--reduction {cfg.reduction} is one hinge on the whole batch's mean distance, which a "
                              "process that sees a share of the batch cannot compute: use sample or element under "
                              "torchrun")
