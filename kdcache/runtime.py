@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -102,19 +104,54 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-#: Storage options whose values are secrets: never recorded in a cache or a run folder.
-_SECRET = ("key", "secret", "token", "password", "credential", "session")
+#: Storage options whose values are secrets: never recorded in a cache or a run folder. A name holding any of these
+#: words is a secret at any depth (`key=`, `client_kwargs={"aws_secret_access_key": ...}`, `a.b.session_token=`).
+_SECRET = ("key", "secret", "token", "password", "passwd", "credential", "session", "auth", "signature")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/@\s]+@")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a storage option (or a key nested in one) names a secret: its value must never be recorded."""
+    return any(word in str(name).lower() for word in _SECRET)
+
+
+def redact_value(value: Any) -> Any:
+    """`value` with every secret-named key at any depth, and any user:password@ in a URL, replaced by ***."""
+    if isinstance(value, dict):
+        return {k: "***" if is_secret_name(k) else redact_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_value(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(r"\1***@", value)
+    return value
+
+
+def _redact_option(option: str) -> str:
+    name, eq, raw = option.partition("=")
+    if not eq:
+        return option
+    if is_secret_name(name):
+        return f"{name}=***"
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return f"{name}={redact_value(raw)}"
+    if not isinstance(parsed, (dict, list)):
+        return f"{name}={redact_value(raw)}"
+    return f"{name}={json.dumps(redact_value(parsed), separators=(',', ':'))}"
 
 
 def redact(argv: list[str]) -> list[str]:
-    """The command line with the values of secret --storage-option flags replaced by ***."""
+    """The command line with the secrets of --storage-option flags (names like key, secret, token, password or
+    credential, at any depth of a JSON value) and of URLs (user:password@) replaced by ***."""
     out, expect = [], False
     for arg in argv:
-        if expect or arg.startswith("--storage-option="):
-            head, sep, value = arg.partition("--storage-option=") if not expect else ("", "", arg)
-            name, eq, _ = value.partition("=")
-            if eq and any(word in name.lower() for word in _SECRET):
-                arg = f"{head}{sep}{name}=***"
+        if expect:
+            arg = _redact_option(arg)
+        elif arg.startswith("--storage-option="):
+            arg = "--storage-option=" + _redact_option(arg[len("--storage-option="):])
+        else:
+            arg = redact_value(arg)
         expect = arg == "--storage-option"
         out.append(arg)
     return out

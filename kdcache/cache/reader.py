@@ -366,7 +366,8 @@ def open_cache(location: str | Path | CacheStore, split: str = "train", *, allow
     return TeacherCache(location, split, allow_incomplete=allow_incomplete, storage_options=storage_options)
 
 
-def load_cache_tokenizer(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None) -> Any:
+def load_cache_tokenizer(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None, *,
+                         trust_model_code: bool = False) -> Any:
     """The teacher's tokenizer as stored in a text cache, so students read exactly the token ids the teacher saw.
 
     The blob must be the one recorded (its sha256), and neither it nor the files it unpacks to may exceed
@@ -392,14 +393,16 @@ def load_cache_tokenizer(location: str | Path | CacheStore, storage_options: dic
     if recorded is not None and hashlib.sha256(blob).hexdigest() != recorded:
         raise KDCacheError(f"{where}: the stored tokenizer's sha256 differs from the one recorded beside it (its chunk "
                            f"was replaced); {RECREATE_HINT}")
-    from transformers import AutoTokenizer
+    from kdcache.models.hf import check_no_custom_code, load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         _unzip_bounded(blob, Path(tmp), where)
-        try:
-            return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - transformers raises many types
-            raise KDCacheError(f"{where}: cannot load the stored tokenizer ({_first_line(exc)})") from exc
+        try:  # a data file never runs code unless the user trusts it (--trust-model-code)
+            check_no_custom_code(tmp, trust_model_code)
+            return load_tokenizer(tmp, trust_model_code=trust_model_code)
+        except KDCacheError as exc:
+            message = str(exc).replace(tmp, "")
+            raise KDCacheError(f"{where}: cannot load the stored tokenizer ({message.lstrip('/: ')})") from exc
 
 
 def _unzip_bounded(blob: bytes, folder: Path, where: str) -> None:
@@ -458,8 +461,8 @@ class Cache:
     def split(self, name: str, *, check_chunks: bool | None = None) -> TeacherCache:
         return TeacherCache(self.store, name, allow_incomplete=self.allow_incomplete, check_chunks=check_chunks)
 
-    def tokenizer(self) -> Any:
-        return load_cache_tokenizer(self.store)
+    def tokenizer(self, *, trust_model_code: bool = False) -> Any:
+        return load_cache_tokenizer(self.store, trust_model_code=trust_model_code)
 
 
 __all__ = ["Cache", "RECREATE_HINT", "TeacherCache", "as_store", "chunk_file_problems", "load_cache_tokenizer",

@@ -56,11 +56,11 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
     `sample` (one batch of model input) sizes an architecture to the data and refuses a text model on tensors.
     `layers` keeps only the first N transformer layers of a pre-trained Hugging Face folder (`truncate_layers`)."""
     kwargs = dict(kwargs or {})
-    check_student_layers(spec, layers)
+    check_student_layers(spec, layers, trust_model_code)
     torch.manual_seed(seed)
     path = Path(spec)
     if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
-        student = _hf_folder(path, num_outputs, layers)
+        student = _hf_folder(path, num_outputs, layers, trust_model_code)
     elif path.is_file() and path.suffix == ".json":
         student = _hf_config_file(path, num_outputs, tokenizer)
     elif path.is_dir() and (path / MODEL_DIR_FILE).is_file():
@@ -87,7 +87,7 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
     return student
 
 
-def check_student_layers(spec: str, layers: int | None) -> None:
+def check_student_layers(spec: str, layers: int | None, trust_model_code: bool = False) -> None:
     """`--student-layers N` keeps layers of a pre-trained Hugging Face folder, so anything else, or an N outside
     1..its depth, is one line before any data is read (its config alone is read, not its weights)."""
     if layers is None:
@@ -100,12 +100,9 @@ def check_student_layers(spec: str, layers: int | None) -> None:
             raise KDCacheError(f"{spec}: no such student folder or config file")
         raise KDCacheError(f"--student-layers keeps the first layers of a pre-trained Hugging Face model folder, but "
                            f"student {spec} is {_what_student(path)}, with no pre-trained layers to keep")
-    from transformers import AutoConfig
+    from kdcache.models.hf import load_config
 
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types
-        raise KDCacheError(f"{path / HF_CONFIG_FILE}: unreadable Hugging Face config ({exc})".splitlines()[0]) from exc
+    config = load_config(path, trust_model_code=trust_model_code)
     depth = getattr(config, "num_hidden_layers", None)
     if isinstance(depth, int) and layers > depth:
         raise KDCacheError(f"--student-layers {layers}: student {spec} has {depth} transformer layers "
@@ -166,21 +163,20 @@ def truncate_layers(model: nn.Module, layers: int, where: str) -> nn.Module:
     return model
 
 
-def _hf_folder(path: Path, num_outputs: int, layers: int | None = None) -> Student:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def _hf_folder(path: Path, num_outputs: int, layers: int | None = None, trust_model_code: bool = False) -> Student:
+    from kdcache.models.hf import load_classifier, load_config, unexpected_missing
 
-    try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types
-        raise KDCacheError(f"{path / HF_CONFIG_FILE}: unreadable Hugging Face config ({exc})".splitlines()[0]) from exc
+    config = load_config(path, trust_model_code=trust_model_code)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if has_head and config.num_labels != num_outputs:
         raise KDCacheError(f"student {path} has {config.num_labels} outputs but the cache's teacher has {num_outputs}")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), local_files_only=True, num_labels=num_outputs)
-    except Exception as exc:  # noqa: BLE001
-        raise KDCacheError(f"{path}: cannot load a Hugging Face model ({exc})".splitlines()[0]) from exc
+    model, missing = load_classifier(path, trust_model_code=trust_model_code, num_labels=num_outputs)
+    lacking = unexpected_missing(missing, keep_layers=layers)
+    if lacking:  # transformers would initialise them at random, and the student would not be the pre-trained one
+        kept = f"the first {layers} layers of " if layers is not None else ""
+        raise KDCacheError(f"student {path}: its weights lack {len(lacking)} tensors of {kept}the model its config.json "
+                           f"describes ({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}); "
+                           "they would be random, not pre-trained")
     if layers is not None:
         truncate_layers(model, layers, str(path))
     return Student(model, str(path), "huggingface")

@@ -135,20 +135,17 @@ def check_model_dir_code(directory: Path, architecture: str, trust_model_code: b
                            f"(module:factory), not a registered architecture; {TRUST_HINT}")
 
 
-def _load_hf(directory: Path, tokenizer: str | None) -> Teacher:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _load_hf(directory: Path, tokenizer: str | None, trust_model_code: bool = False) -> Teacher:
+    from kdcache.models.hf import load_classifier, load_tokenizer
 
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(directory), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError...
-        raise KDCacheError(f"{directory}: cannot load a Hugging Face sequence-classification model ({exc})".splitlines()[0]) from exc
+    model, missing = load_classifier(directory, trust_model_code=trust_model_code, what="sequence-classification model")
+    if missing:
+        raise KDCacheError(f"{directory}: the teacher's weights lack {len(missing)} tensors ({', '.join(missing[:3])}"
+                           f"{', ...' if len(missing) > 3 else ''}), which would be random; a teacher must be trained")
     tok_dir = Path(tokenizer) if tokenizer else directory
     tok = None
     if any((tok_dir / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json")):
-        try:
-            tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise KDCacheError(f"{tok_dir}: cannot load the tokenizer ({exc})".splitlines()[0]) from exc
+        tok = load_tokenizer(tok_dir, trust_model_code=trust_model_code)
     id2label = getattr(model.config, "id2label", None) or {}
     names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
     if names and all(n == f"LABEL_{i}" for i, n in enumerate(names)):
@@ -186,7 +183,7 @@ def load_teacher(
     path = Path(spec)
     if path.is_dir():
         if (path / HF_CONFIG_FILE).is_file():
-            teacher = _load_hf(path, tokenizer)
+            teacher = _load_hf(path, tokenizer, trust_model_code)
         elif (path / MODEL_DIR_FILE).is_file():
             teacher = _load_model_dir(path, trust_model_code)
         else:
@@ -203,12 +200,9 @@ def load_teacher(
         load_state_dict_file(model, weights, what=f"architecture {spec} with {num_outputs} outputs")
         teacher = Teacher(model, spec, "architecture", weights_sha256(model), None, None, weights=str(weights))
     if tokenizer and teacher.tokenizer is None:
-        from transformers import AutoTokenizer
+        from kdcache.models.hf import load_tokenizer
 
-        try:
-            teacher.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise KDCacheError(f"{tokenizer}: cannot load the tokenizer ({exc})".splitlines()[0]) from exc
+        teacher.tokenizer = load_tokenizer(tokenizer, trust_model_code=trust_model_code)
     teacher.model.eval()
     return teacher
 
@@ -239,12 +233,10 @@ def check_teacher_spec(spec: str, modality: str, tokenizer: str | None) -> None:
                            "(or an architecture name with --weights and --tokenizer DIR)")
 
 
-def standalone_tokenizer(name: str | None) -> Any:
+def standalone_tokenizer(name: str | None, trust_model_code: bool = False) -> Any:
+    """The `--tokenizer` folder of an architecture-name teacher (which has none of its own)."""
     if name is None:
         return None
-    from transformers import AutoTokenizer
+    from kdcache.models.hf import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise KDCacheError(f"{name}: cannot load the tokenizer ({exc})".splitlines()[0]) from exc
+    return load_tokenizer(name, trust_model_code=trust_model_code)

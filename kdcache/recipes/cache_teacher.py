@@ -328,7 +328,7 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
         check_teacher_spec(cfg.teacher, modality_of(cfg.task), cfg.tokenizer)
     teacher = final.teacher if final else load_teacher(
         cfg.teacher, tokenizer=cfg.tokenizer, trust_model_code=cfg.trust_model_code) if is_folder else None
-    tokenizer = teacher.tokenizer if teacher else standalone_tokenizer(cfg.tokenizer)
+    tokenizer = teacher.tokenizer if teacher else standalone_tokenizer(cfg.tokenizer, cfg.trust_model_code)
     splits = [load_split(cfg.task, cfg.data, s, tokenizer=tokenizer, options=cfg.data_options) for s in cfg.splits]
     if teacher is None:
         if splits[0].kind == "classification" and not splits[0].label_names:

@@ -63,7 +63,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                              "process that sees a share of the batch cannot compute: use sample or element under "
                              "torchrun")
         world.agree(lambda: _fresh_or_resumed(cfg, Path(cfg.out)))
-        world.agree(lambda: check_student_layers(cfg.student, cfg.student_layers))  # before the data is read
+        world.agree(lambda: check_student_layers(cfg.student, cfg.student_layers, cfg.trust_model_code))  # before the data is read
         data = load_data(cfg, world, device)  # 1. the data
         run = open_run(cfg, data, world, device, method)  # 2-4. hyper-parameters, student, run folder
         attach_targets([run], data)
@@ -113,12 +113,14 @@ def load_data(cfg: DistillConfig, world: World, device: torch.device) -> RunData
     if cfg.cache is not None:
         data = world.all_ok(lambda: load_run_data(cfg.cache, storage_options=cfg.storage_options, data=cfg.data,
                                                   val_split=cfg.val_split, device=device, options=reading,
-                                                  report_split=cfg.report_split))
+                                                  report_split=cfg.report_split,
+                                                  trust_model_code=cfg.trust_model_code))
     else:
         tokenizer_source = cfg.tokenizer or (cfg.student if Path(cfg.student).is_dir() else None)
         data = world.all_ok(lambda: load_dataset_only(cfg.task, cfg.data, cfg.data_options,
                                                       tokenizer_source=tokenizer_source, val_split=cfg.val_split,
-                                                      device=device, reading=reading))
+                                                      device=device, reading=reading,
+                                                      trust_model_code=cfg.trust_model_code))
         for split in filter(None, (data.train, data.val)):  # no cache to check against: record what is read
             split.inputs.check = RowRecord(len(split.inputs))
     if not has_labels(data.selection.labels, data.kind):

@@ -71,7 +71,7 @@ def verify_cache(location: str | Path, *, teacher: str | None = None, weights: s
     d_rtol, d_atol = tolerance(cache.header.storage.logits_dtype, cache.header.inference.get("precision", "fp32"))
     tol = (d_rtol if rtol is None else rtol, d_atol if atol is None else atol)
     modality = cache.header.task.modality or modality_of(cache.header.task.name)
-    tokenizer = cache.tokenizer() if modality == "text" else None
+    tokenizer = cache.tokenizer(trust_model_code=trust_model_code) if modality == "text" else None
     for name, split in splits.items():
         if split.split_attrs.get("complete") is True:
             _check_sample(report, cache, split, loaded, tokenizer, data=data, sample=sample, seed=seed, device=dev,

@@ -413,7 +413,7 @@ class RunData:
 
 def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data: str | None, val_split: str | None,
                   device: torch.device, options: InputOptions | None = None,
-                  report_split: str | None = None) -> RunData:
+                  report_split: str | None = None, trust_model_code: bool = False) -> RunData:
     """The cache's own dataset, each split checked row by row against the cache (inputs and labels) as its rows
     are first decoded, or up front with `check_first`; a split of another length is refused at once."""
     reading = options or InputOptions()
@@ -424,7 +424,7 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
     task_info = cache.header.task
     task, kind = task_info.name, task_info.kind
     modality = task_info.modality or modality_of(task)
-    tokenizer = cache.tokenizer() if modality == "text" else None
+    tokenizer = cache.tokenizer(trust_model_code=trust_model_code) if modality == "text" else None
     splits = cache.header.splits
     if "train" not in splits:
         raise KDCacheError(f"{cache.store}: no 'train' split to distil from (splits: {', '.join(splits) or 'none'})")
@@ -456,7 +456,8 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
 
 
 def load_dataset_only(task: str | None, data: str | None, options: Any, *, tokenizer_source: str | None,
-                      val_split: str | None, device: torch.device, reading: InputOptions | None = None) -> RunData:
+                      val_split: str | None, device: torch.device, reading: InputOptions | None = None,
+                      trust_model_code: bool = False) -> RunData:
     """`kdcache train`: the dataset alone, no cache; the validation split when the dataset has one."""
     reading = reading or InputOptions()
     from kdcache.data import load_split, modality_of
@@ -464,7 +465,7 @@ def load_dataset_only(task: str | None, data: str | None, options: Any, *, token
     if task is None:
         raise KDCacheError("kdcache train needs --task")
     modality = modality_of(task)
-    tokenizer = _train_tokenizer(task, tokenizer_source) if modality == "text" else None
+    tokenizer = _train_tokenizer(task, tokenizer_source, trust_model_code) if modality == "text" else None
     split = load_split(task, data, "train", tokenizer=tokenizer, options=options)
     inputs = reading.inputs(split, device, train=True, check=None)
     train = RunSplit("train", inputs, inputs.labels)
@@ -483,15 +484,12 @@ def load_dataset_only(task: str | None, data: str | None, options: Any, *, token
     return RunData(task, split.kind, modality, split.label_names, train, val, tokenizer)
 
 
-def _train_tokenizer(task: str, source: str | None) -> Any:
-    from transformers import AutoTokenizer
+def _train_tokenizer(task: str, source: str | None, trust_model_code: bool = False) -> Any:
+    from kdcache.models.hf import load_tokenizer
 
     if source is None:
         raise KDCacheError(f"text task {task!r} needs a tokenizer: pass --tokenizer DIR")
-    try:
-        return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise KDCacheError(f"{source}: cannot load a tokenizer ({exc})".splitlines()[0]) from exc
+    return load_tokenizer(source, trust_model_code=trust_model_code, what="a tokenizer")
 
 
 def _val_split_name(wanted: str | None, splits: list[str], where: str) -> str | None:

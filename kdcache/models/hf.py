@@ -1,0 +1,115 @@
+"""Every Hugging Face load of kdcache (config, model, tokenizer) goes through here, so that no folder, and no
+tokenizer stored inside a cache, can run its own Python code or make transformers ask on stdin whether to run it.
+
+transformers asks "Do you wish to run the custom code? [y/N]" when `trust_remote_code` is left unset and a folder's
+`config.json` or `tokenizer_config.json` names code (`auto_map`): one keystroke then imports the folder's files. Here
+the flag is always passed, False unless the user said `--trust-model-code`, and a folder that names code is refused
+in one line before transformers is even asked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kdcache.errors import KDCacheError
+
+#: The files in which a Hugging Face folder can name Python code of its own (`auto_map`, `tokenizer_class` of a
+#: module); both are read by transformers when a config, a model or a tokenizer is loaded.
+CODE_NAMING_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+#: What a loaded model reports as newly initialised without being a fault: a classifier head of another width (or
+#: none: a bare encoder gets a fresh, seeded one) and the pooler some encoders are saved without.
+FRESH_PREFIXES = ("classifier.", "score.", "pre_classifier.", "qa_outputs.", "pooler.", "bert.pooler.",
+                  "roberta.pooler.", "electra.pooler.")
+
+
+def check_no_custom_code(folder: str | Path, trust_model_code: bool) -> None:
+    """Refuse, in one line, a folder whose metadata names Python code unless the user trusts it: loading a folder is
+    reading data, and data must never run code by being read."""
+    if trust_model_code:
+        return
+    from kdcache.models.builders import TRUST_HINT
+
+    folder = Path(folder)
+    for name in CODE_NAMING_FILES:
+        path = folder / name
+        try:
+            if not path.is_file() or path.stat().st_size > 16 * 1024**2:
+                continue
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # unreadable metadata is transformers' one-line error to give, with trust_remote_code=False
+        if isinstance(values, dict) and values.get("auto_map"):
+            raise KDCacheError(f"{path}: this model folder needs its own Python code (auto_map "
+                               f"{_names(values['auto_map'])}); {TRUST_HINT}")
+
+
+def _names(auto_map: Any) -> str:
+    if isinstance(auto_map, dict):
+        return ", ".join(f"{k} -> {v}" for k, v in list(auto_map.items())[:3])
+    return repr(auto_map)[:120]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_config(folder: str | Path, *, trust_model_code: bool = False) -> Any:
+    """A folder's `AutoConfig`, or one line naming its config.json."""
+    from transformers import AutoConfig
+
+    check_no_custom_code(folder, trust_model_code)
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_model_code)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise KDCacheError(f"{Path(folder) / 'config.json'}: unreadable Hugging Face config ({_first_line(exc)})") from exc
+
+
+def load_classifier(folder: str | Path, *, trust_model_code: bool = False, what: str = "model",
+                    **kwargs: Any) -> tuple[Any, list[str]]:
+    """A folder's sequence classifier and the names of the weights it did not hold (initialised at random by
+    transformers, whose own report of them is muted), so the caller can refuse a model that is not what it claims."""
+    from transformers import AutoModelForSequenceClassification
+
+    check_no_custom_code(folder, trust_model_code)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_model_code, output_loading_info=True,
+            **kwargs)
+    except KDCacheError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError...
+        raise KDCacheError(f"{folder}: cannot load a Hugging Face {what} ({_first_line(exc)})") from exc
+    return model, sorted(str(k) for k in (info.get("missing_keys") or []))
+
+
+def load_tokenizer(source: str | Path, *, trust_model_code: bool = False, what: str = "the tokenizer") -> Any:
+    """A tokenizer from a folder, or one line naming the folder."""
+    from transformers import AutoTokenizer
+
+    check_no_custom_code(source, trust_model_code)
+    try:
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=trust_model_code)
+    except Exception as exc:  # noqa: BLE001
+        raise KDCacheError(f"{source}: cannot load {what} ({_first_line(exc)})") from exc
+
+
+def unexpected_missing(missing: list[str], *, keep_layers: int | None = None) -> list[str]:
+    """The missing weights that make a loaded model other than it claims: anything but a fresh head or pooler, and,
+    when only the first `keep_layers` transformer layers are kept, nothing of the layers that are dropped."""
+    import re
+
+    found = []
+    for key in missing:
+        bare = key.split(".", 1)[1] if key.split(".", 1)[0] in ("bert", "roberta", "electra", "distilbert",
+                                                                  "deberta", "albert", "model") else key
+        if key.startswith(FRESH_PREFIXES) or bare.startswith(FRESH_PREFIXES):
+            continue
+        layer = re.search(r"\.layer\.(\d+)\.", f".{key}")
+        if keep_layers is not None and layer is not None and int(layer.group(1)) >= keep_layers:
+            continue
+        found.append(key)
+    return found
