@@ -226,3 +226,41 @@ def test_redaction_reaches_every_depth_and_urls():
     text = " ".join(redact(argv))
     assert not any(f"T{i}" in text for i in range(1, 5)), text
     assert '"region_name":"r"' in text and "anon=true" in text and "127.0.0.1:9000" in text
+
+
+# --- 10. bounded inputs ------------------------------------------------------------------------------------------
+
+LAUGHS = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] +
+                   [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)] +
+                   ["grid: {margin: *i}"])
+
+
+@pytest.mark.parametrize("text, needles", [
+    (LAUGHS, ("YAML aliases (*name) are not accepted",)),
+    ("grid:\n" + "".join(f"  {flag}: [{', '.join(str(v) for v in range(1, 11))}]\n" for flag in
+                         ("margin", "t-max", "lr", "alpha", "temperature", "epochs", "batch-size", "weight-decay",
+                          "momentum", "warmup-ratio")), ("describes 10,000,000,000 runs", "limit of 10,000")),
+])
+def test_a_sweep_file_that_expands_without_bound_is_one_short_line(tmp_path, capsys, monkeypatch, text, needles,
+                                                                     digits_cache):
+    """Aliases are refused before anything is built from them, and the runs are counted before any is expanded."""
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(text)
+    assert len(text) < 700
+    code, _, err = run_cli(["sweep", "--cache", digits_cache, "--student", "mlp", "--sweep-file",
+                            sweep_file, "--out", tmp_path / "runs", "--device", "cpu", "--no-progress"],
+                           capsys, monkeypatch)
+    _one_error_line(code, err, *needles)
+    assert len(err) < 400 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_sweep_file_that_is_a_fifo_or_dev_zero_is_refused(tmp_path, capsys, monkeypatch, kind, digits_cache):
+    sweep_file = tmp_path / "grid.yaml"
+    if kind == "fifo":
+        os.mkfifo(sweep_file)
+    else:
+        sweep_file.symlink_to("/dev/zero")
+    code, _, err = run_cli(["sweep", "--cache", digits_cache, "--student", "mlp", "--sweep-file",
+                            sweep_file, "--out", tmp_path / "runs"], capsys, monkeypatch)
+    _one_error_line(code, err, str(sweep_file), "not a regular file")

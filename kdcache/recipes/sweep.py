@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "phi_on", "schedule_unit",
              "layer_map", "checkpoint", "student", "student_layers", "preset")
 #: Flags whose values hold commas: swept from a sweep file's lists, not `--grid NAME=V1,V2`.
 COMMA_VALUES = ("phase_epochs", "layer_map")
+#: The most runs one sweep may hold, counted before any is expanded: a few bytes of grid can describe 10^10.
+MAX_RUNS = 10_000
+#: The largest sweep file read: a sweep is a few lines, and YAML aliases are refused (they expand without bound).
+MAX_SWEEP_FILE_BYTES = 1024**2
 
 
 @dataclass
@@ -82,22 +87,26 @@ def parse_seeds(text: str | None) -> list[int]:
 def read_sweep_file(path: Path) -> tuple[dict[str, list[Any]], list[int] | None, list[dict[str, Any]] | None]:
     """A sweep file (YAML or JSON): `grid: {name: [values]}`, `seeds: [..]`, and/or `runs: [{name: value, ...}]`
     for anything irregular (each run may carry its own `seed`)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise KDCacheError(f"{path}: cannot read the sweep file ({(exc.strerror or str(exc)).lower()})") from None
+    text = _read_bounded(Path(path))
     try:
         if Path(path).suffix == ".json":
             spec = json.loads(text)
         else:
             import yaml
 
+            if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+                raise KDCacheError(f"{path}: YAML aliases (*name) are not accepted in a sweep file (they can expand "
+                                   "without bound); write the values out")
             spec = yaml.safe_load(text)
+    except KDCacheError:
+        raise
     except Exception as exc:  # noqa: BLE001 - json's ValueError or yaml's YAMLError: one line naming the file
-        raise KDCacheError(f"{path}: not a sweep file ({str(exc).splitlines()[0]})") from None
+        raise KDCacheError(f"{path}: not a sweep file ({_short(str(exc).splitlines()[0] if str(exc) else exc)})") from None
     if not isinstance(spec, dict) or not set(spec) <= {"grid", "seeds", "runs"} or not spec:
         raise KDCacheError(f"{path}: a sweep file is a mapping with `grid`, `seeds` and/or `runs`")
     grid = {}
+    if not isinstance(spec.get("grid") or {}, dict):
+        raise KDCacheError(f"{path}: `grid` must be a mapping of flag to a list of values")
     for name, values in (spec.get("grid") or {}).items():
         values = values if isinstance(values, list) else [values]
         grid[_field(name)] = [_typed(_field(name), str(v)) for v in values]
@@ -108,9 +117,44 @@ def read_sweep_file(path: Path) -> tuple[dict[str, list[Any]], list[int] | None,
     if spec.get("runs") is not None:
         if not isinstance(spec["runs"], list) or not all(isinstance(r, dict) for r in spec["runs"]):
             raise KDCacheError(f"{path}: `runs` must be a list of mappings of flag to value")
-        runs = [{(k if k == "seed" else _field(k)): (int(v) if k == "seed" else _typed(_field(k), str(v)))
+        runs = [{(k if k == "seed" else _field(str(k))): (_seed(v, path) if k == "seed" else _typed(_field(str(k)), str(v)))
                  for k, v in run.items()} for run in spec["runs"]]
     return grid, seeds, runs
+
+
+def _read_bounded(path: Path) -> str:
+    """The sweep file's text, read only if it is a regular file of at most MAX_SWEEP_FILE_BYTES (a FIFO or a link
+    to /dev/zero would otherwise hang or fill the memory)."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise KDCacheError(f"{path}: not a regular file; a sweep file is a YAML or JSON file")
+            if info.st_size > MAX_SWEEP_FILE_BYTES:
+                raise KDCacheError(f"{path}: {info.st_size:,} bytes, more than a sweep file's limit of "
+                                   f"{MAX_SWEEP_FILE_BYTES:,}")
+            data = os.read(fd, MAX_SWEEP_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+        return data.decode("utf-8")
+    except OSError as exc:
+        raise KDCacheError(f"{path}: cannot read the sweep file ({(exc.strerror or str(exc)).lower()})") from None
+    except UnicodeDecodeError:
+        raise KDCacheError(f"{path}: not a sweep file (not UTF-8 text)") from None
+
+
+def _seed(value: Any, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KDCacheError(f"{path}: a run's seed must be an integer, got {_short(repr(value))}")
+    return value
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A value quoted in an error line, cut so that a hostile input cannot make the line itself huge."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _field(name: str) -> str:
@@ -130,7 +174,7 @@ def _typed(key: str, value: str) -> Any:
             return float(value)
     except ValueError:
         what = "an integer" if kind.startswith("int") else "a number"
-        raise KDCacheError(f"--grid {key.replace('_', '-')}={value}: {value!r} is not {what}") from None
+        raise KDCacheError(f"--grid {key.replace('_', '-')}={_short(value)}: {_short(repr(value))} is not {what}") from None
     return value
 
 
@@ -141,10 +185,17 @@ def expand(cfg: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
             raise KDCacheError("a sweep file's runs: list every run; a grid (grid: or --grid) cannot be crossed with "
                                "it: put the grid's values into the runs")
         # a run with its own seed is that run; a run without one is run once per seed
+        count = sum(1 if "seed" in run else len(cfg.seeds or [cfg.base.seed]) for run in cfg.runs)
+        if count > MAX_RUNS:
+            raise KDCacheError(f"the sweep lists {count:,} runs, more than the limit of {MAX_RUNS:,}; split it")
         points = [dict(run) if "seed" in run else {**run, "seed": seed}
                   for run in cfg.runs for seed in ([None] if "seed" in run else cfg.seeds or [cfg.base.seed])]
     else:
         keys = list(cfg.grid)
+        count = math.prod(len(cfg.grid[k]) for k in keys) * len(cfg.seeds)
+        if count > MAX_RUNS:
+            raise KDCacheError(f"the sweep describes {count:,} runs ({' x '.join(str(len(cfg.grid[k])) for k in keys)} "
+                               f"values x {len(cfg.seeds)} seeds), more than the limit of {MAX_RUNS:,}; split it")
         points = [{**dict(zip(keys, values)), "seed": seed}
                   for values in itertools.product(*(cfg.grid[k] for k in keys)) for seed in cfg.seeds]
     named = [(_name(point), point) for point in points]
