@@ -97,12 +97,7 @@ def _check_training(**flags: Any) -> None:
         parse_psi(flags["psi"])
     for flag in ("cache", "student", "model", "data", "tokenizer"):
         _exists(f"--{flag}", flags.get(flag))
-    for flag in ("epochs", "batch_size", "max_steps", "student_layers"):
-        if flags.get(flag) is not None and flags[flag] < 1:
-            raise KDCacheError(f"--{flag.replace('_', '-')} must be at least 1, got {flags[flag]}")
-    for flag in ("log_every", "num_workers"):
-        if flags.get(flag) is not None and flags[flag] < 0:
-            raise KDCacheError(f"--{flag.replace('_', '-')} must be 0 or more, got {flags[flag]}")
+    names.check_numbers(**flags)  # finite and in range: lr, seed, warmup-ratio, epochs, ...
     for flag in ("memory_budget", "keep_inputs"):
         if flags.get(flag) is not None:
             names.parse_budget(flags[flag], f"--{flag.replace('_', '-')}")
@@ -167,6 +162,9 @@ def cache_teacher_cmd(
     names.check("--task", task, names.TASKS)
     names.check("--dtype", dtype, names.LOGIT_DTYPES)
     names.check("--precision", precision, names.PRECISIONS)
+    names.check_numbers(batch_size=batch_size, chunk_rows=chunk_rows, workers=workers, max_length=max_length,
+                        image_size=image_size, limit=limit, subset=subset, holdout=holdout, proj_dim=proj_dim,
+                        proj_seed=proj_seed)
     for flag, value in (("--teacher", teacher), ("--data", data), ("--weights", weights), ("--tokenizer", tokenizer)):
         _exists(flag, value)
     from kdcache.cache import codecs
@@ -319,6 +317,9 @@ def _distill_config(p: dict[str, Any]) -> Any:
                     cache=p["cache"], student=p["student"], student_layers=p["student_layers"], data=p["data"],
                     epochs=p["epochs"], batch_size=p["batch_size"], max_steps=p["max_steps"], log_every=p["log_every"],
                     num_workers=p["num_workers"], keep_inputs=p["keep_inputs"], memory_budget=p["memory_budget"])
+    from kdcache import names
+
+    names.check_numbers(**p)  # every numeric flag: lr, seed, warmup-ratio, weight-decay, ...
     import dataclasses
 
     from kdcache.train.config import DistillConfig
@@ -391,6 +392,9 @@ def train_cmd(
 ) -> None:
     """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline (distill's `ce` method
     without a cache)."""
+    from kdcache import names
+
+    names.check_numbers(**locals())  # every numeric flag as given: lr, seed, warmup-ratio, weight-decay, ...
     _check_training(task=task, preset=preset, precision=precision, optimizer=optimizer, lr_schedule=lr_schedule,
                     augment=augment, model=model, data=data, tokenizer=tokenizer, epochs=epochs,
                     student_layers=student_layers, batch_size=batch_size, max_steps=max_steps, log_every=log_every,
@@ -431,8 +435,10 @@ def verify_cmd(
 ) -> None:
     """Check a cache: structure, completeness, every chunk's checksum and place, digests; with --teacher, recompute a
     sample."""
+    from kdcache import names
     from kdcache.recipes.verify import verify_cache
 
+    names.check_numbers(sample=sample, seed=seed, batch_size=batch_size, rtol=rtol, atol=atol)
     with _interrupts():
         report = verify_cache(cache, teacher=teacher, weights=weights, data=data, sample=sample, seed=seed,
                               device=device, batch_size=batch_size, rtol=rtol, atol=atol,
@@ -452,8 +458,10 @@ def demo_cmd(
     student_epochs: Annotated[Optional[int], typer.Option(help="Student epochs (default 60).")] = None,
 ) -> None:
     """The embedded default: digits teacher -> cache -> one student per method, and a table of the results."""
+    from kdcache import names
     from kdcache.recipes.demo import run_demo
 
+    names.check_numbers(epochs=epochs, student_epochs=student_epochs)
     with _interrupts():
         result = run_demo(workdir, epochs=epochs, student_epochs=student_epochs, console=_out)
     _print_info(result["cache"])

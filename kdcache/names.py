@@ -35,6 +35,49 @@ def check(flag: str, value: object, choices: tuple[str, ...]) -> None:
         raise KDCacheError(f"{flag} {value!r} is not one of {', '.join(choices)}")
 
 
+#: The range of every numeric flag, checked where it is parsed: (low, low included, high, high included), None
+#: for no bound. NaN and infinities are refused everywhere (a NaN compares False with every bound, so a range alone
+#: would let it through).
+NUMBER_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "lr": (0, False, None, False), "weight_decay": (0, True, None, False), "momentum": (0, True, 1, False),
+    "warmup_ratio": (0, True, 1, False), "max_grad_norm": (0, True, None, False), "margin": (0, True, None, False),
+    "alpha": (0, True, 1, True), "temperature": (0, False, None, False), "rtol": (0, True, None, False),
+    "atol": (0, True, None, False), "seed": (0, True, 2**32 - 1, True), "proj_seed": (0, True, 2**32 - 1, True),
+    "t_max": (1, True, None, False), "anneal_epochs": (1, True, None, False), "save_every": (1, True, None, False),
+    "stop_after_epoch": (1, True, None, False), "epochs": (1, True, None, False), "batch_size": (1, True, None, False),
+    "max_steps": (1, True, None, False), "student_layers": (1, True, None, False), "chunk_rows": (1, True, None, False),
+    "workers": (0, True, None, False), "num_workers": (0, True, None, False), "log_every": (0, True, None, False),
+    "max_length": (1, True, None, False), "image_size": (1, True, None, False), "limit": (1, True, None, False),
+    "subset": (1, True, None, False), "holdout": (1, True, None, False), "proj_dim": (1, True, None, False),
+    "sample": (0, True, None, False), "student_epochs": (1, True, None, False),
+}
+
+
+def check_numbers(**flags: object) -> None:
+    """Every numeric flag given (not None) finite and inside its NUMBER_RANGES range, or a one-line error naming
+    the flag and the range; flags without a range are left alone."""
+    import math
+
+    for name, value in flags.items():
+        if name not in NUMBER_RANGES or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, low_in, high, high_in = NUMBER_RANGES[name]
+        ok = math.isfinite(value) and (low is None or value > low or (low_in and value == low)) and \
+            (high is None or value < high or (high_in and value == high))
+        if not ok:
+            raise _error(f"--{name.replace('_', '-')} must be {_describe(low, low_in, high, high_in)}, got {value}")
+
+
+def _describe(low: float | None, low_in: bool, high: float | None, high_in: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'at least' if low_in else 'more than'} {low:g}" if low else
+                     ("0 or more" if low_in else "more than 0"))
+    if high is not None:
+        parts.append(f"{'at most' if high_in else 'less than'} {high:g}" if high < 1e9 else f"at most {int(high):,}")
+    return " and ".join(parts) if parts else "a finite number"
+
+
 #: The default host-memory budget for a split's teacher targets, as a share of this machine's RAM.
 DEFAULT_BUDGET_SHARE = 0.25
 _UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3,

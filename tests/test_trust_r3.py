@@ -238,8 +238,9 @@ LAUGHS = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] +
 @pytest.mark.parametrize("text, needles", [
     (LAUGHS, ("YAML aliases (*name) are not accepted",)),
     ("grid:\n" + "".join(f"  {flag}: [{', '.join(str(v) for v in range(1, 11))}]\n" for flag in
-                         ("margin", "t-max", "lr", "alpha", "temperature", "epochs", "batch-size", "weight-decay",
-                          "momentum", "warmup-ratio")), ("describes 10,000,000,000 runs", "limit of 10,000")),
+                         ("margin", "t-max", "lr", "anneal-epochs", "temperature", "epochs", "batch-size",
+                          "weight-decay", "max-grad-norm", "student-layers")),
+     ("describes 10,000,000,000 runs", "limit of 10,000")),
 ])
 def test_a_sweep_file_that_expands_without_bound_is_one_short_line(tmp_path, capsys, monkeypatch, text, needles,
                                                                      digits_cache):
@@ -264,3 +265,95 @@ def test_a_sweep_file_that_is_a_fifo_or_dev_zero_is_refused(tmp_path, capsys, mo
     code, _, err = run_cli(["sweep", "--cache", digits_cache, "--student", "mlp", "--sweep-file",
                             sweep_file, "--out", tmp_path / "runs"], capsys, monkeypatch)
     _one_error_line(code, err, str(sweep_file), "not a regular file")
+
+
+# --- 11. one line, never "internal error" --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seed", "-1"], "--seed must be 0 or more and at most 4,294,967,295, got -1"),
+    (["--seed", str(10**20)], "--seed must be 0 or more and at most 4,294,967,295"),
+    (["--warmup-ratio", "nan"], "--warmup-ratio must be 0 or more and less than 1, got nan"),
+    (["--warmup-ratio", "7"], "--warmup-ratio must be 0 or more and less than 1, got 7.0"),
+    (["--weight-decay", "nan"], "--weight-decay must be 0 or more, got nan"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be 0 or more, got nan"),
+    (["--lr", "inf"], "--lr must be more than 0, got inf"),
+    (["--momentum", "1.5"], "--momentum must be 0 or more and less than 1"),
+])
+@pytest.mark.parametrize("command", ["distill", "train", "sweep"])
+def test_every_numeric_flag_is_finite_and_in_range_and_nothing_is_left_behind(tmp_path, capsys, monkeypatch,
+                                                                              digits_cache, command, flags, needle):
+    out = tmp_path / "run"
+    args = {"distill": ["distill", "--cache", digits_cache, "--student", "mlp"],
+            "train": ["train", "--model", "mlp", "--task", "digits"],
+            "sweep": ["sweep", "--cache", digits_cache, "--student", "mlp", "--grid", "margin=0,1"]}[command]
+    _one_error_line(*run_cli([*args, *flags, "--out", out, "--device", "cpu", "--no-progress"], capsys,
+                             monkeypatch)[::2], needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["distill", "--cache", "{cache}", "--student", "mlp", "--method", "vanilla", "--temperature", "0", "--out",
+      "{tmp}/c.kdcache"], "--temperature must be more than 0"),
+    (["sweep", "--cache", "{cache}", "--student", "mlp", "--grid", "alpha=0.5,1.5", "--out", "{tmp}/c.kdcache"],
+     "--alpha must be 0 or more and at most 1, got 1.5"),
+    (["sweep", "--cache", "{cache}", "--student", "mlp", "--seeds", "0,-2", "--out", "{tmp}/c.kdcache"],
+     "--seed must be 0 or more"),
+    (["verify", "{cache}", "--rtol", "nan"], "--rtol must be 0 or more, got nan"),
+    (["verify", "{cache}", "--atol", "-1"], "--atol must be 0 or more"),
+    (["cache-teacher", "--teacher", "mlp", "--task", "digits", "--out", "{tmp}/c.kdcache", "--proj-seed", "-3"],
+     "--proj-seed must be 0 or more"),
+    (["cache-teacher", "--teacher", "mlp", "--task", "digits", "--out", "{tmp}/c.kdcache", "--chunk-rows", "0"],
+     "--chunk-rows must be at least 1"),
+    (["demo", "--workdir", "{tmp}/demo", "--epochs", "1"], "--epochs must be at least 2"),
+    (["demo", "--workdir", "{tmp}/demo", "--student-epochs", "1"], "--student-epochs must be at least 2"),
+])
+def test_numeric_flags_of_the_other_commands(tmp_path, capsys, monkeypatch, digits_cache, args, needle):
+    args = [str(a).format(cache=digits_cache, tmp=tmp_path) for a in args]
+    _one_error_line(*run_cli(args, capsys, monkeypatch)[::2], needle)
+    assert not (tmp_path / "c.kdcache").exists()
+
+
+def test_the_demo_runs_with_few_epochs(tmp_path):
+    """The demo saves a Pro-KD checkpoint before the teacher's last epoch at any length (it needed 6 or more)."""
+    from kdcache.recipes.demo import run_demo
+    from rich.console import Console
+
+    result = run_demo(tmp_path / "demo", epochs=3, student_epochs=2, console=Console(file=io.StringIO()))
+    assert result["epochs"] == 2 and {r["method"] for r in result["runs"]} >= {"prokd", "curriculum", "annealing"}
+    assert all(0 < r["best_accuracy"] <= 1 for r in result["runs"])
+
+
+def test_nan_logits_in_a_cache_are_named_not_called_divergence(tmp_path, capsys, monkeypatch, digits_cache):
+    import numpy as np
+    import zarr
+
+    from cache_edits import refresh_manifest
+
+    copy = tmp_path / "nan.kdcache"
+    shutil.copytree(digits_cache, copy)
+    logits = zarr.open_group(str(copy), mode="r+")["train"]["logits"]
+    logits[10, 2] = np.nan
+    refresh_manifest(copy)  # a writer that also rewrote the manifest: only the values tell
+    for stream in ("memory", "chunks"):
+        code, _, err = run_cli(["distill", "--cache", copy, "--student", "mlp", "--epochs", "1", "--stream", stream,
+                                "--out", tmp_path / f"run-{stream}", "--device", "cpu", "--no-progress"],
+                               capsys, monkeypatch)
+        _one_error_line(code, err, "split 'train', array 'logits', row 10", "NaN or infinite")
+        assert "diverged" not in err
+    with pytest.raises(KDCacheError, match="row 10: NaN or infinite"):
+        kdcache.open_cache(copy).read("logits")
+
+
+def test_a_model_too_large_for_the_machine_is_one_line_before_any_memory_is_taken(tmp_path, capsys, monkeypatch,
+                                                                                 digits_cache):
+    code, _, err = run_cli(["distill", "--cache", digits_cache, "--student", "mlp", "--student-kwargs",
+                            json.dumps({"hidden": 10**8, "depth": 2}), "--out", tmp_path / "run", "--device", "cpu",
+                            "--no-progress"], capsys, monkeypatch)
+    _one_error_line(code, err, "model 'mlp'", "parameters need about", "GiB to train", "choose smaller sizes")
+    config = tmp_path / "huge.json"
+    config.write_text(json.dumps({"model_type": "bert", "hidden_size": 2**16, "num_hidden_layers": 48,
+                                  "num_attention_heads": 64, "intermediate_size": 2**18}))
+    from kdcache.models import build_student
+
+    with pytest.raises(KDCacheError, match=f"student {config}: .* parameters need about"):
+        build_student(str(config), 2)

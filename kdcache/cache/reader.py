@@ -129,13 +129,14 @@ def chunk_file_problems(array: zarr.Array, store: CacheStore, prefix: str, where
 
 
 def read_checked(array: zarr.Array, store: CacheStore, prefix: str, where: str, start: int = 0,
-                 stop: int | None = None, digests: list[str] | None = None) -> np.ndarray:
+                 stop: int | None = None, digests: list[str] | None = None, *, finite: bool = True) -> np.ndarray:
     """Rows start:stop of `array` (stored under `prefix`), every chunk checked against its CRC32C, its file's
     presence and, given the split's chunk manifest (`digests`, one per chunk), the digest of its place.
 
     A failure is a KDCacheError naming the chunk and its file (found by re-reading chunk by chunk), never Zarr's
     bare codec error, never a silent fill value, never a chunk that belongs elsewhere. With a manifest, whole
-    chunks are read (a chunk's digest covers all its rows) and the rows asked for are cut from them.
+    chunks are read (a chunk's digest covers all its rows) and the rows asked for are cut from them. A float array
+    holding NaN or Inf (`finite`) is refused too: the writer never stores one, so a student never trains on it.
     """
     n, rows = array.shape[0], array.chunks[0]
     start, stop, _ = slice(start, stop).indices(n)
@@ -160,6 +161,10 @@ def read_checked(array: zarr.Array, store: CacheStore, prefix: str, where: str, 
                 raise KDCacheError(f"{where}, chunk {c} (rows {a}:{b}): {_damage(inner)} "
                                    f"(file {store.display(key(c))}); {RECREATE_HINT}") from exc
         raise KDCacheError(f"{where}, rows {start}:{stop}: read failed ({_first_line(exc)})") from exc
+    if finite and block.dtype.kind == "f" and not np.isfinite(block).all():  # never written: a teacher's NaN stops the writer
+        bad = int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0]) + first
+        raise KDCacheError(f"{where}, row {bad}: NaN or infinite values, which kdcache never writes (the cache was "
+                           f"edited or damaged; kdcache verify lists the rows); {RECREATE_HINT}")
     if digests is None:
         return block
     for c in chunks:
@@ -258,13 +263,14 @@ class TeacherCache:
     def chunk_rows(self) -> int:
         return int(self.logits.chunks[0])
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read(self, name: str, start: int = 0, stop: int | None = None, *, finite: bool = True) -> np.ndarray:
         """Rows start:stop of array `name`, checksum-verified and checked against the split's chunk manifest: damage
-        or a chunk out of place is one KDCacheError line naming the chunk file."""
+        or a chunk out of place is one KDCacheError line naming the chunk file. `finite=False` lets NaN through (to
+        `verify`, which counts such rows instead of stopping at the first)."""
         digests = self.chunk_digests.get(name) if self.chunk_digests is not None else None
         with remote_errors(self.store.location):
             return read_checked(self._array(name), self.store, f"{self.split}/{name}", self.where(name), start, stop,
-                                digests)
+                                digests, finite=finite)
 
     def _manifest_problems(self) -> list[str]:
         """A chunk manifest must name one digest per chunk of every array (a split refuses one that does not), and

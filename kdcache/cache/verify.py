@@ -174,7 +174,7 @@ def _scan(split: TeacherCache) -> _Scan:
         for c in present:
             a, b = c * split.chunk_rows, min((c + 1) * split.chunk_rows, len(split))
             try:
-                values = split.read(array_name, a, b)
+                values = split.read(array_name, a, b, finite=False)
             except KDCacheError as exc:
                 scan.damaged.append(str(exc))
                 if array_name == "fingerprint":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -213,9 +213,70 @@ def data_kwargs(name: str, kwargs: dict[str, Any], sample: Any) -> dict[str, Any
     return {**kwargs, **derived}
 
 
+#: Bytes a parameter costs in training: float32 weights, gradients and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_model_size(make: Callable[[], nn.Module], what: str) -> None:
+    """Build the model on the meta device (no memory) and refuse, in one line, one whose training state could not fit
+    in this machine's memory: `--student-kwargs '{"hidden": 10**9}'` must not end in an allocator's traceback."""
+    from kdcache.names import total_memory
+
+    try:
+        with torch.device("meta"):
+            probe = make()
+    except KDCacheError:
+        raise
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is sized by its real build instead
+        return
+    count = sum(p.numel() for p in probe.parameters())
+    need, have = count * TRAINING_BYTES_PER_PARAMETER, total_memory()
+    if cuda_free := _cuda_total():
+        have = max(have, cuda_free)
+    if need > have:
+        raise KDCacheError(f"{what}: {count:,} parameters need about {need / 1024**3:,.1f} GiB to train (weights, "
+                           f"gradients, optimiser state), more than this machine's {have / 1024**3:,.1f} GiB; "
+                           "choose smaller sizes")
+
+
+def _cuda_total() -> int:
+    try:
+        return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def allocation_guard(what: str) -> Any:
+    """Turn an allocator's failure while building a model into one line naming the model."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
+        try:
+            yield
+        except (MemoryError, torch.OutOfMemoryError) as exc:
+            raise KDCacheError(f"{what}: out of memory while building it; choose smaller sizes") from exc
+        except RuntimeError as exc:
+            if "allocate" not in str(exc):
+                raise
+            raise KDCacheError(f"{what}: out of memory while building it ({str(exc).splitlines()[0][-120:]}); "
+                               "choose smaller sizes") from exc
+
+    return guard()
+
+
 def build_model(name: str, num_classes: int, *, trust_model_code: bool = False, **kwargs: Any) -> nn.Module:
     """Build an untrained classifier by name: a kdcache name, then a torchvision name, then `module:factory`,
-    which imports and runs user code and so needs `trust_model_code`."""
+    which imports and runs user code and so needs `trust_model_code`. Sizes that could not train on this machine
+    are refused before any memory is taken."""
+    what = f"model {name!r}" + (f" with {kwargs}" if kwargs else "")
+    if ":" not in name:
+        check_model_size(lambda: _build_by_name(name, num_classes, trust_model_code, kwargs), what)
+    with allocation_guard(what):
+        return _build_by_name(name, num_classes, trust_model_code, kwargs)
+
+
+def _build_by_name(name: str, num_classes: int, trust_model_code: bool, kwargs: dict[str, Any]) -> nn.Module:
     if name in _KDCACHE_MODELS:
         try:
             return _KDCACHE_MODELS[name](num_classes=num_classes, **kwargs)

@@ -197,9 +197,18 @@ def _hf_config_file(path: Path, num_outputs: int, tokenizer: Any) -> Student:
     values.pop("id2label", None), values.pop("label2id", None)
     if tokenizer is not None and "vocab_size" not in values:
         values["vocab_size"] = len(tokenizer)
+    from kdcache.models.builders import allocation_guard, check_model_size
+
     try:
         config = AutoConfig.for_model(model_type, **values)
-        model = AutoModelForSequenceClassification.from_config(config)
+    except Exception as exc:  # noqa: BLE001
+        raise KDCacheError(f"{path}: cannot build a model from this config ({exc})".splitlines()[0]) from exc
+    check_model_size(lambda: AutoModelForSequenceClassification.from_config(config), f"student {path}")
+    try:
+        with allocation_guard(f"student {path}"):
+            model = AutoModelForSequenceClassification.from_config(config)
+    except KDCacheError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise KDCacheError(f"{path}: cannot build a model from this config ({exc})".splitlines()[0]) from exc
     return Student(model, str(path), "huggingface")

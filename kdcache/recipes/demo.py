@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from kdcache.data import load_split
+from kdcache.errors import KDCacheError
 from kdcache.cache.info import describe_cache
 from kdcache.models import build_model
 from kdcache.cache import open_cache
@@ -80,8 +81,16 @@ def run_demo(workdir: Path, *, epochs: int = 30, student_epochs: int | None = No
     console = console or Console()
     workdir = Path(workdir)
     start = time.perf_counter()
+    if epochs < 2:
+        raise KDCacheError(f"demo: --epochs must be at least 2 (Pro-KD follows a checkpoint saved before the "
+                           f"teacher's last epoch), got {epochs}")
+    if student_epochs is not None and student_epochs < 2:
+        raise KDCacheError(f"demo: --student-epochs must be at least 2 (Annealing-KD has two stages), got {student_epochs}")
     shutil.rmtree(workdir / "teacher" / "checkpoints", ignore_errors=True)  # a rerun's checkpoints, not an older run's
-    accuracy = train_digits_teacher(workdir / "teacher", epochs=epochs, checkpoint_every=CHECKPOINT_EVERY)
+    # about five checkpoints before the last epoch, at least one, and no more than Pro-KD has student epochs to follow
+    student_n = student_epochs or STUDENT_FLAGS["epochs"]
+    every = max(1, min(CHECKPOINT_EVERY, epochs // 6), -(-(epochs - 1) // (student_n - 1)))
+    accuracy = train_digits_teacher(workdir / "teacher", epochs=epochs, checkpoint_every=every)
     console.print(f"trained teacher ({TEACHER_ARCH} {TEACHER_KWARGS}) in {time.perf_counter() - start:.1f} s: "
                   f"validation accuracy {accuracy:.4f}")
     cache_path = workdir / "digits.kdcache"

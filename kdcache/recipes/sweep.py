@@ -79,6 +79,10 @@ def parse_seeds(text: str | None) -> list[int]:
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise KDCacheError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    from kdcache import names
+
+    for seed in seeds:
+        names.check_numbers(seed=seed)
     if len(set(seeds)) != len(seeds):
         raise KDCacheError(f"--seeds {text!r}: a seed is listed twice")
     return seeds
