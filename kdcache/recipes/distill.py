@@ -48,12 +48,14 @@ from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, h
 from kdcache.train.loop import Member, Stepper, on_interrupt, train_together
 from kdcache.train.metrics import compute_metrics, primary_metric
 from kdcache.train.optim import build_lr_schedule, build_optimizer
-from kdcache.train.run_dir import IDENTITY_VERSION, RunDir, rng_state, set_rng_state
+from kdcache.train.run_dir import (IDENTITY_VERSION, RunDir, check_overwrite, rng_state, run_folder_lock,
+                                   set_rng_state)
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """Run the recipe; returns the summary also written to RUN_DIR/summary.json (by rank 0 under torchrun)."""
     world, device_name = init_world(cfg.device)
+    held = contextlib.ExitStack()  # the run folder, this process's alone until it ends
     try:
         device = resolve_device(device_name)
         method = _method(cfg)
@@ -62,7 +64,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             raise world.fail(f"--reduction {cfg.reduction} is one hinge on the whole batch's mean distance, which a "
                              "process that sees a share of the batch cannot compute: use sample or element under "
                              "torchrun")
-        world.agree(lambda: _fresh_or_resumed(cfg, Path(cfg.out)))
+        world.agree(lambda: _claim(cfg, Path(cfg.out), held))
         world.agree(lambda: check_student_layers(cfg.student, cfg.student_layers, cfg.trust_model_code))  # before the data is read
         data = load_data(cfg, world, device)  # 1. the data
         run = open_run(cfg, data, world, device, method)  # 2-4. hyper-parameters, student, run folder
@@ -70,6 +72,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         run_epochs([run], data, progress=cfg.progress, where=str(run.run_dir.last))  # 5. the loop
         return close_run(run, data)  # 6. the summary
     finally:
+        held.close()
         close_world(world)
 
 
@@ -240,9 +243,15 @@ def close_run(run: StudentRun, data: RunData) -> dict[str, Any]:
     return summary
 
 
-def _fresh_or_resumed(cfg: DistillConfig, out: Path) -> None:
-    if not cfg.resume and not cfg.overwrite and out.exists() and any(out.iterdir()):
+def _claim(cfg: DistillConfig, out: Path, held: contextlib.ExitStack) -> None:
+    """The run folder locked for this process (rank 0 under torchrun) until `held` closes, then a taken --out that
+    the flags neither resume nor may replace refused: both before the data is read."""
+    held.enter_context(run_folder_lock(out))
+    if cfg.resume or not (out.exists() and any(out.iterdir())):
+        return
+    if not cfg.overwrite:
         raise KDCacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    check_overwrite(out)
 
 
 def _prepare(run_dir: RunDir, cfg: DistillConfig, world: World, legacy: Any) -> dict[str, Any] | None:

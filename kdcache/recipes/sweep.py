@@ -15,12 +15,14 @@ each swept value) sum the sweep up. `--resume` continues every run where it stop
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from kdcache.errors import KDCacheError
 from kdcache.runtime import resolve_device
 from kdcache.train.config import HYPERPARAMETERS, DistillConfig
 from kdcache.train.dist import World
-from kdcache.train.run_dir import rng_state
+from kdcache.train.run_dir import not_a_run, rng_state, run_folder_lock
 from kdcache.recipes.distill import (StudentRun, attach_targets, build_run, close_run, load_data, open_folder,
                                      run_epochs, targets_plan)
 
@@ -223,7 +225,15 @@ def sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     out = Path(cfg.base.out)
     named = expand(cfg)
     spec = {"grid": cfg.grid, "seeds": cfg.seeds, "runs": cfg.runs, "names": [name for name, _ in named]}
-    _prepare_folder(out, spec, resume=cfg.base.resume, overwrite=cfg.base.overwrite)
+    with contextlib.ExitStack() as held:  # the sweep's folder and each of its runs', this process's alone
+        held.enter_context(run_folder_lock(out, "sweep folder"))
+        _prepare_folder(out, spec, held, resume=cfg.base.resume, overwrite=cfg.base.overwrite)
+        return _sweep(cfg, out, named, spec)
+
+
+def _sweep(cfg: SweepConfig, out: Path, named: list[tuple[str, dict[str, Any]]], spec: dict[str, Any]
+           ) -> list[dict[str, Any]]:
+    """The sweep in its folder, once this process holds it and every run's."""
     world, device = World(), resolve_device(cfg.base.device)
 
     # 1. The data, once for every run (a grid never varies where the data lies).
@@ -276,7 +286,11 @@ def _as_if_alone(data: Any, cfg: DistillConfig) -> None:
         inputs.forget()
 
 
-def _prepare_folder(out: Path, spec: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+def _prepare_folder(out: Path, spec: dict[str, Any], held: contextlib.ExitStack, *, resume: bool,
+                    overwrite: bool) -> None:
+    """The sweep's folder checked (a resume of this very sweep, or a fresh or replaceable folder), each of its runs'
+    folders locked in `held`, and the folder emptied when replacing it (but for the locks held, so no other process
+    can take a run meanwhile)."""
     recorded = out / "sweep.json"
     if resume:
         if recorded.is_file():
@@ -284,17 +298,67 @@ def _prepare_folder(out: Path, spec: dict[str, Any], *, resume: bool, overwrite:
             if old.get("names") != spec["names"]:
                 raise KDCacheError(f"{recorded}: a sweep of other runs; resume it with the same --grid, --seeds and "
                                    "sweep file, or start a new --out")
+        _lock_runs(out, spec["names"], held)
         return
-    if out.exists() and any(out.iterdir()):
+    replace = out.exists() and any(out.iterdir())
+    if replace:
         if not overwrite:
             raise KDCacheError(f"{out}: already holds a sweep or a run; pass --resume to continue it or --overwrite "
                                "to replace it")
-        if not recorded.is_file():
-            raise KDCacheError(f"{out}: refusing to overwrite: it is not a kdcache sweep folder")
-        import shutil
-
-        shutil.rmtree(out)
+        why = not_a_sweep(out)
+        if why:
+            raise KDCacheError(f"{out}: refusing to overwrite: not a kdcache sweep folder ({why}); nothing was "
+                               "deleted: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(spec["names"] + (_names(out) if replace else [])))  # the old runs too: deleted
+    _lock_runs(out, names, held)
+    if replace:
+        for entry in out.iterdir():
+            if entry.name not in {f"{name}.lock" for name in names}:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _lock_runs(out: Path, names: list[str], held: contextlib.ExitStack) -> None:
+    for name in names:
+        held.enter_context(run_folder_lock(out / name))
+
+
+def _names(out: Path) -> list[str]:
+    """The runs a sweep's sweep.json lists."""
+    return json.loads((out / "sweep.json").read_text())["names"]
+
+
+#: What a sweep writes at the top of its folder beside its runs' folders (and their locks).
+SWEEP_ENTRIES = frozenset({"sweep.json", "results.csv", "results.md", "results.png"})
+
+
+def not_a_sweep(out: Path) -> str | None:
+    """Why `out` is not a sweep's folder that --overwrite may delete (None when it is one): its sweep.json lists its
+    runs, each a run folder, and it holds nothing else a sweep never writes."""
+    if out.is_symlink():
+        return "it is a symbolic link"
+    try:
+        spec = json.loads((out / "sweep.json").read_text())
+    except FileNotFoundError:
+        return "it has no sweep.json"
+    except (OSError, ValueError):
+        spec = None
+    if (not isinstance(spec, dict) or set(spec) != {"grid", "seeds", "runs", "names"}
+            or not isinstance(spec["names"], list) or not all(isinstance(n, str) and n for n in spec["names"])):
+        return "its sweep.json is not a kdcache sweep's"
+    names = spec["names"]
+    known = SWEEP_ENTRIES | set(names) | {f"{name}.lock" for name in names}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in known)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        return f"it holds what a sweep never writes: {', '.join(foreign[:3])}{more}"
+    for name in names:
+        run = out / name
+        if run.is_symlink() or (run.exists() and (not run.is_dir() or any(run.iterdir()))):
+            why = not_a_run(run)
+            if why:
+                return f"its run {name}: {why}"
+    return None
 
 
 def write_results(out: Path, rows: list[tuple[str, dict[str, Any], dict[str, Any]]], swept: list[str]) -> None:
@@ -354,5 +418,5 @@ def _plot(path: Path, groups: dict[tuple, list[float]], swept: list[str], metric
     plt.close(fig)
 
 
-__all__ = ["SWEEPABLE", "SweepConfig", "expand", "parse_grid", "parse_seeds", "read_sweep_file", "sweep",
+__all__ = ["SWEEPABLE", "SweepConfig", "expand", "not_a_sweep", "parse_grid", "parse_seeds", "read_sweep_file", "sweep",
            "write_results"]

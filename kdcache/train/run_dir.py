@@ -1,14 +1,16 @@
 """A run's folder: who the run is (config.json), what it did (metrics.jsonl, summary.json), where it is (last.pt),
 and its best student (best/, a teacher folder for cache-teacher).
 
-    RUN_DIR/config.json      identity (config, hyper-parameters, teacher and data digests), command, software
+    RUN_DIR/config.json      identity (config, hyper-parameters, teacher and data digests), command, software, and
+                             `"format": "kdcache.run"`, the mark --overwrite looks for before it deletes anything
     RUN_DIR/metrics.jsonl    one line per finished epoch
     RUN_DIR/last.pt          everything a resume needs, written atomically after every epoch (weights-only loadable)
     RUN_DIR/best/            the best student so far (a kdcache or Hugging Face model folder)
     RUN_DIR/checkpoints/     epoch-NNNN/ every --save-every epochs
     RUN_DIR/summary.json     written at the end
 
-Every write is one line on failure (a full disk, a read-only folder) naming the file.
+Every write is one line on failure (a full disk, a read-only folder) naming the file. One process writes a run
+folder at a time: it holds `RUN_DIR.lock` (beside the folder, so --overwrite never deletes a lock that is held).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -23,9 +27,89 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from kdcache.cache.store import LocalLock
 from kdcache.errors import KDCacheError
 from kdcache.models import CHECKPOINT_FILE, save_student
 from kdcache.runtime import save_torch, software_versions, utc_now
+
+log = logging.getLogger("kdcache")
+
+#: config.json's mark of a kdcache run folder (as a cache's root attributes carry its `format`).
+RUN_FORMAT = "kdcache.run"
+#: config.json of every release before the mark: exactly these keys (0.1.0 had no identity_version; cached_sources
+#: only where a method read more than the logits), so a run of an earlier release is still known for what it is.
+LEGACY_RUN_KEYS = frozenset({"config", "hyperparameters", "preset", "teacher_sha256", "data_digest", "command",
+                             "software", "started"})
+LEGACY_RUN_OPTIONAL = frozenset({"identity_version", "cached_sources"})
+#: What a run writes at the top of its folder, with the temporaries of its atomic writes: --overwrite deletes a
+#: folder holding nothing else.
+RUN_ENTRIES = frozenset({"config.json", "metrics.jsonl", "metrics.jsonl.tmp", "last.pt", "last.pt.tmp", "summary.json",
+                         "best", "best.tmp", "best.old", "checkpoints"})
+
+
+def not_a_run(out: Path) -> str | None:
+    """Why the folder `out` is not a kdcache run folder that --overwrite may delete (None when it is one): its
+    config.json must say so (or hold exactly what an earlier release wrote), and it holds nothing a run never writes."""
+    if out.is_symlink():
+        return "it is a symbolic link"
+    config = out / "config.json"
+    if not config.is_file():
+        return "it has no config.json"
+    try:
+        recorded = json.loads(config.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return "its config.json is not a kdcache run's (not a JSON object)"
+    keys = set(recorded)
+    legacy = LEGACY_RUN_KEYS <= keys <= LEGACY_RUN_KEYS | LEGACY_RUN_OPTIONAL
+    if recorded.get("format") != RUN_FORMAT and not legacy:
+        if {"model_type", "architectures"} & keys:
+            return "its config.json is a Hugging Face model's"
+        return "its config.json is not a kdcache run's"
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        return f"it holds what a run never writes: {', '.join(foreign[:3])}{more}"
+    return None
+
+
+def check_overwrite(out: Path) -> None:
+    """--overwrite deletes a run folder and nothing else: anything else is refused in one line, untouched."""
+    why = not_a_run(out)
+    if why:
+        raise KDCacheError(f"{out}: refusing to overwrite: not a kdcache run folder ({why}); nothing was deleted: "
+                           "choose another --out")
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: str | Path, what: str = "run folder") -> Iterator[None]:
+    """Hold the run folder (or a sweep's folder) for this process alone, as the cache writer holds a cache: a second
+    process on it is refused in one line, and the OS drops the lock when this process ends, however it ends."""
+    lock = LocalLock(out)
+    try:
+        lock.acquire()
+    except KDCacheError as exc:
+        if not isinstance(exc.__context__, BlockingIOError):  # the lock file is a link or unusable: its own line
+            raise
+        raise KDCacheError(f"{out}: {what} is in use by another process ({_holder(lock.file)}); wait for it "
+                           "to finish or stop it") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _holder(file: Path) -> str:
+    """Who holds a lock: what its holder wrote in it (`pid N`)."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+    except OSError:
+        return "another process"
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -149,13 +233,12 @@ class RunDir:
                 if not overwrite:
                     raise KDCacheError(f"{self.out}: already holds a run; pass --resume to continue it or "
                                        "--overwrite to replace it")
-                if not (self.out / "config.json").is_file():
-                    raise KDCacheError(f"{self.out}: refusing to overwrite: it is not a kdcache run folder")
+                check_overwrite(self.out)
                 shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(
-                {**self.identity, "command": command, "software": software_versions(), "started": utc_now()},
-                indent=2, default=str) + "\n")
+                {"format": RUN_FORMAT, **self.identity, "command": command, "software": software_versions(),
+                 "started": utc_now()}, indent=2, default=str) + "\n")
         return None
 
     def _resume(self, legacy_digest: Callable[[], str] | None = None) -> dict[str, Any] | None:
@@ -189,19 +272,64 @@ class RunDir:
         save_torch({"identity": self.identity, **state}, self.last)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """One epoch's line, whole or not at all: appended and synced, and a write the file system takes only part
+        of (a full disk) taken back before the error is raised, so no half line is left for a resume to trip on."""
+        path = self.out / "metrics.jsonl"
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        size = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(line):
+                done += os.write(fd, line[done:])
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        finally:
+            os.close(fd)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The epochs' lines; a last line that was never finished (no newline, or not a whole record: a crash or a
+        full disk while it was written by an earlier release) is left out."""
+        return self._metrics()[0]
+
+    def _metrics(self) -> tuple[list[dict[str, Any]], bool]:
+        """(the whole lines, whether a torn last line was left out); a damaged line before the last is one line."""
         path = self.out / "metrics.jsonl"
         if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return [], False
+        text = path.read_text(errors="replace")
+        lines = text.split("\n")
+        torn = lines.pop()  # after the last newline: empty unless the last line was cut short
+        records = []
+        for number, line in enumerate(lines, 1):
+            record = _record(line)
+            if record is not None:
+                records.append(record)
+            elif number == len(lines) and not torn:
+                torn = line
+            elif line.strip():
+                raise KDCacheError(f"{path}: line {number} is not an epoch's record (the file was edited or damaged); "
+                                   "remove that line, or start a new --out")
+        return records, bool(torn.strip())
 
     def truncate_metrics(self, last_epoch: int) -> None:
-        """Drop metric lines of epochs after the checkpoint (an epoch that ran but was not checkpointed reruns)."""
-        kept = [r for r in self.read_metrics() if r["epoch"] <= last_epoch]
-        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        """Drop metric lines of epochs after the checkpoint (an epoch that ran but was not checkpointed reruns) and a
+        torn last line, rewriting the file through a temporary file and a rename."""
+        records, torn = self._metrics()
+        path = self.out / "metrics.jsonl"
+        if torn:
+            log.info(f"{path}: dropped its last line, cut short when the run stopped (its epoch runs again)")
+        kept = "".join(json.dumps(r) + "\n" for r in records if r["epoch"] <= last_epoch)
+        tmp = path.with_name(path.name + ".tmp")
+        with self.writes():
+            with open(tmp, "w") as f:
+                f.write(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
 
     def save_model(self, student: Any, directory: Path, *, num_outputs: int, label_names: list[str] | None,
                    tokenizer: Any, extra: dict[str, Any] | None = None) -> None:
@@ -234,4 +362,14 @@ class RunDir:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-__all__ = ["RunDir", "differences", "load_checkpoint", "rng_state", "set_rng_state"]
+def _record(line: str) -> dict[str, Any] | None:
+    """A metrics line's record, or None when the line is not a whole one (an object with its epoch)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
+
+
+__all__ = ["RUN_FORMAT", "RunDir", "check_overwrite", "differences", "load_checkpoint", "not_a_run", "rng_state", "run_folder_lock",
+           "set_rng_state"]
