@@ -31,9 +31,9 @@ Task = Annotated[str, _O(help=TASKS)]
 # --- models ---------------------------------------------------------------------------------------------------------
 Weights = Annotated[Optional[Path], _O(help="State-dict file for an architecture-name teacher.")]
 Tokenizer = Annotated[Optional[str], _O(help="Tokenizer folder, when the model folder has none.")]
-TrustModelCode = Annotated[bool, _O(help="Let a module:factory architecture (named by a flag or in a "
-                                         "kdcache-model.json) import and run its Python code; only for code you "
-                                         "trust.")]
+TrustModelCode = Annotated[bool, _O(help="Let Python code named by a model run: a module:factory architecture "
+                                         "(a flag or a kdcache-model.json), a Hugging Face folder's or a cache's "
+                                         "tokenizer's auto_map; only for code you trust.")]
 ModelKwargs = Annotated[Optional[str], _O(help="JSON arguments for an architecture-name model.")]
 StudentLayers = Annotated[Optional[int], _O(help="Keep only the first N transformer layers of a pre-trained Hugging "
                                                  "Face model folder (distill --student, train --model): a shallower "
