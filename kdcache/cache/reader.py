@@ -343,19 +343,20 @@ class TeacherCache:
         codec chain) must be the one the root and split attributes imply (`schema.split_arrays`): a logits dtype
         edited from float16 to int16 keeps the bytes and the chunk manifest, and would read as wrong numbers."""
         storage, kind = self.header.storage, self.header.task.kind
-        specs = schema.split_arrays(self.num_outputs, kind, storage.logits_dtype, self.extra_widths)
+        dtype, codec, source = self._float_storage()
+        specs = schema.split_arrays(self.num_outputs, kind, dtype, self.extra_widths)
         rows = self.split_header.rows
         for name, array in self.arrays.items():
             spec = specs[name]
-            codec = storage.codec if spec.is_target else codecs.DEFAULT_CODEC
+            codec = codec if spec.is_target else codecs.DEFAULT_CODEC
             expected = {
-                "dtype": (str(spec.dtype), f"storage.logits_dtype {storage.logits_dtype!r}" if spec.is_target else
+                "dtype": (str(spec.dtype), f"{source}logits_dtype {dtype!r}" if spec.is_target else
                           f"task.kind {kind!r}" if name == "labels" else "the format"),
                 "shape": (list(spec.shape(rows)), f"rows {rows} of the split" + (
                     f" and {spec.width} columns" if spec.is_target else "")),
                 "chunk shape": ([self.chunk_rows, *spec.shape(rows)[1:]], f"storage.chunk_rows {self.chunk_rows}"),
                 "codecs": (codecs.pipeline(codec, spec.dtype.itemsize),
-                           f"storage.codec {codec!r}" if spec.is_target else f"the format's {codec!r}"),
+                           f"{source}codec {codec!r}" if spec.is_target else f"the format's {codec!r}"),
             }
             found = {"dtype": str(array.dtype), "shape": list(array.shape), "chunk shape": list(array.chunks),
                      "codecs": [c.to_dict() for c in array.metadata.codecs]}
@@ -364,6 +365,23 @@ class TeacherCache:
                     raise KDCacheError(f"{self.store.display(f'{self.split}/{name}/zarr.json')}: split {self.split!r}, "
                                        f"array {name!r} has {key} {_shown(found[key])} in its zarr.json, but the cache "
                                        f"records {_shown(value)} ({why}); {RECREATE_HINT}")
+
+    def _float_storage(self) -> tuple[str, str, str]:
+        """The dtype and codec of the float arrays, and where they are recorded: the root's `storage`, bound to the
+        `write_settings.storage` cache-teacher records; a cache a script wrote through CacheWriter without write
+        settings records neither reliably, so its logits array says, if its dtype and codec chain are kdcache's."""
+        if isinstance(self.header.write_settings.get("storage"), dict):
+            return self.header.storage.logits_dtype, self.header.storage.codec, "storage."
+        file, logits = self.store.display(f"{self.split}/logits/zarr.json"), self.logits
+        if str(logits.dtype) not in schema.LOGIT_DTYPES:
+            raise KDCacheError(f"{file}: split {self.split!r}, array 'logits' has dtype {logits.dtype} in its zarr.json, "
+                               f"not one of {', '.join(schema.LOGIT_DTYPES)}; {RECREATE_HINT}")
+        chain = [c.to_dict() for c in logits.metadata.codecs]
+        for name in codecs.CODECS:
+            if codecs.pipeline(name, logits.dtype.itemsize) == chain:
+                return str(logits.dtype), name, "the logits' "
+        raise KDCacheError(f"{file}: split {self.split!r}, array 'logits' has codecs {_shown(chain)} in its zarr.json, "
+                           f"not a kdcache codec chain; {RECREATE_HINT}")
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:

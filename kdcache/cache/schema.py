@@ -481,15 +481,15 @@ class SplitHeader(_Header):
         for key, mine, theirs in (("task", dataset.task, task.name), ("modality", dataset.modality, task.modality),
                                   ("label_names", dataset.label_names, task.label_names)):
             if mine is not None and theirs is not None and mine != theirs:
-                raise KDCacheError(f"{file}: attribute dataset.{key} is {mine!r}, but the root's task.{key if key != 'task' else 'name'} is "
-                                   f"{theirs!r}; the attributes were edited")
-        data = root.write_settings.get("data")
+                raise KDCacheError(f"{file}: attribute dataset.{key} is {mine!r}, but the root's "
+                                   f"task.{'name' if key == 'task' else key} is {theirs!r}; the attributes were edited")
+        if "data" not in root.write_settings:  # a cache a script wrote through CacheWriter without write settings
+            return
+        data = root.write_settings["data"]
         recorded = data.get(self.split) if isinstance(data, dict) else None
         if recorded is None:
-            if root.chunk_manifests and self.complete:
-                raise KDCacheError(f"{file}: the root's write_settings.data records nothing for split {self.split!r}, "
-                                   "but the cache was written with it (it was removed); the attributes were edited")
-            return
+            raise KDCacheError(f"{file}: the root's write_settings.data records nothing for split {self.split!r} (it "
+                               "was removed); the attributes were edited")
         before = recorded.get("preprocess") if isinstance(recorded, dict) else None
         if not isinstance(before, dict):
             raise KDCacheError(f"{file}: the root's write_settings.data.{self.split}.preprocess must be an object, got "
