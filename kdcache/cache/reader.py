@@ -374,8 +374,8 @@ class TeacherCache:
             return self.header.storage.logits_dtype, self.header.storage.codec, "storage."
         file, logits = self.store.display(f"{self.split}/logits/zarr.json"), self.logits
         if str(logits.dtype) not in schema.LOGIT_DTYPES:
-            raise KDCacheError(f"{file}: split {self.split!r}, array 'logits' has dtype {logits.dtype} in its zarr.json, "
-                               f"not one of {', '.join(schema.LOGIT_DTYPES)}; {RECREATE_HINT}")
+            raise KDCacheError(f"{file}: split {self.split!r}, array 'logits' has dtype {logits.dtype} in its "
+                               f"zarr.json, not one of {', '.join(schema.LOGIT_DTYPES)}; {RECREATE_HINT}")
         chain = [c.to_dict() for c in logits.metadata.codecs]
         for name in codecs.CODECS:
             if codecs.pipeline(name, logits.dtype.itemsize) == chain:

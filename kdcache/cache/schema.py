@@ -500,9 +500,9 @@ class SplitHeader(_Header):
             keys = sorted(k for k in set(now) | set(before) if now.get(k, "(absent)") != before.get(k, "(absent)"))
             shown = ", ".join(f"{k} {now.get(k, '(absent)')!r} here, {before.get(k, '(absent)')!r} there"
                               for k in keys[:3])
-            raise KDCacheError(f"{file}: attribute dataset.preprocess differs from the root's "
-                               f"write_settings.data.{self.split}.preprocess, recorded when the writing began ({shown}); "
-                               "the attributes were edited")
+            raise KDCacheError(f"{file}: attribute dataset.preprocess differs from the root's write_settings.data."
+                               f"{self.split}.preprocess, recorded when the writing began ({shown}); the attributes "
+                               "were edited")
 
     @property
     def array_names(self) -> tuple[str, ...]:
@@ -511,5 +511,6 @@ class SplitHeader(_Header):
 
 __all__ = ["ArraySpec", "BASE_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
            "FORMAT_NAME", "FORMAT_VERSION", "PROGRESS_FOLDER", "Projections", "RootHeader", "SplitHeader", "StorageInfo",
-           "TaskInfo",
-           "chain_digest", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key", "split_arrays"]
+           "TaskInfo", "PREPROCESS_TYPES", "TEACHER_TYPES", "MODALITIES",
+           "chain_digest", "check_type", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key",
+           "split_arrays", "task_modality"]
