@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
 CODECS: dict[str, Callable[[int], list[Any]]] = {
     "none": lambda itemsize: [],
@@ -32,9 +32,15 @@ def compressors(codec: str, itemsize: int) -> list:
     return [*CODECS[codec](itemsize), Crc32cCodec()]
 
 
+def pipeline(codec: str, itemsize: int) -> list[dict[str, Any]]:
+    """The whole codec chain of an array as its zarr.json records it (little-endian bytes, the compressor, CRC32C):
+    what a reader compares an array's metadata with."""
+    return [c.to_dict() for c in (BytesCodec(endian="little"), *compressors(codec, itemsize))]
+
+
 def has_checksum(codecs: tuple) -> bool:
     """Whether an array's codec chain ends in the CRC32C every kdcache array carries."""
     return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
-__all__ = ["CODECS", "DEFAULT_CODEC", "compressors", "has_checksum"]
+__all__ = ["CODECS", "DEFAULT_CODEC", "compressors", "has_checksum", "pipeline"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from kdcache.cache import schema
+from kdcache.cache import codecs, schema
 from kdcache.cache.schema import RootHeader, SplitHeader
 from kdcache.cache.store import CacheStore, as_store, remote_errors
 from kdcache.errors import KDCacheError
@@ -27,6 +27,13 @@ RECREATE_HINT = "recreate the cache with kdcache cache-teacher --overwrite"
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _shown(value: Any) -> str:
+    """An array attribute in a message: a codec chain by its codecs' names and settings, anything else as it is."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return "[" + ", ".join(f"{c.get('name')}{c.get('configuration') or ''}" for c in value) + "]"
+    return str(value)
 
 
 def _damage(exc: BaseException) -> str:
@@ -48,7 +55,7 @@ def read_header(store: CacheStore, *, allow_incomplete: bool = False) -> tuple[R
             raise KDCacheError(f"{store}: no such cache")
         raise KDCacheError(f"{store}: not a Zarr v3 group (no readable zarr.json)")
     attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
-    header = RootHeader.from_attrs(attrs, str(store))
+    header = RootHeader.from_attrs(attrs, str(store), file=store.display("zarr.json"))
     if not allow_incomplete and header.complete is not True:
         raise KDCacheError(f"{store}: cache is incomplete (its writer did not finish); rerun cache-teacher")
     return header, attrs
@@ -67,9 +74,18 @@ def open_root(store: CacheStore) -> zarr.Group:
 
 def metadata_error(store: CacheStore, exc: BaseException) -> KDCacheError:
     """A one-line error for damaged Zarr metadata, naming the first zarr.json that does not parse."""
+    from zarr.core.metadata.v3 import ArrayV3Metadata
+
     for key in sorted(k for k in store.list_files() if k.endswith("zarr.json")):
-        if store.read_json(key) is None:
+        meta = store.read_json(key)
+        if meta is None:
             return KDCacheError(f"{store.display(key)}: unreadable Zarr metadata; {RECREATE_HINT}")
+        if isinstance(meta, dict) and meta.get("node_type") == "array":
+            try:  # parses as JSON, but Zarr refuses it: a dtype edited to one its fill value does not fit
+                ArrayV3Metadata.from_dict(meta)
+            except Exception as inner:  # noqa: BLE001 - zarr raises many types for damaged metadata
+                return KDCacheError(f"{store.display(key)}: unreadable Zarr metadata ({_first_line(inner)}); "
+                                    f"{RECREATE_HINT}")
     return KDCacheError(f"{store}: unreadable Zarr metadata ({_first_line(exc)})")
 
 
@@ -215,9 +231,11 @@ class TeacherCache:
             self.split = split
             self.group = root[split]
             self.split_attrs = dict(self.group.attrs)
-            self.split_header = SplitHeader.from_attrs(self.split_attrs, self.store.display(f"{split}/zarr.json"))
+            meta = self.store.display(f"{split}/zarr.json")
+            self.split_header = SplitHeader.from_attrs(self.split_attrs, meta)
             if not allow_incomplete and self.split_header.complete is not True:
                 raise KDCacheError(f"{self.path}: split {split!r} is incomplete; rerun cache-teacher")
+            self.split_header.check_binding(self.header, meta)
             #: every array of the split: the four of format v1, then the optional float arrays (teacher
             #: checkpoints' logits, hidden-state projections) named in the split's `extra_arrays` attribute
             self.names: tuple[str, ...] = self.split_header.array_names
@@ -324,6 +342,52 @@ class TeacherCache:
                 raise KDCacheError(f"{self.path}/{self.split}: array {name!r} has shape {array.shape} in chunks of "
                                    f"{array.chunks[0]} rows; its attributes say {columns} columns in chunks of "
                                    f"{self.logits.chunks[0]}")
+        self._check_array_metadata()
+
+    def _check_array_metadata(self) -> None:
+        """Every attribute of every array's zarr.json that decides how its bytes are read (dtype, shape, chunk shape,
+        codec chain) must be the one the root and split attributes imply (`schema.split_arrays`): a logits dtype
+        edited from float16 to int16 keeps the bytes and the chunk manifest, and would read as wrong numbers."""
+        storage, kind = self.header.storage, self.header.task.kind
+        dtype, codec, source = self._float_storage()
+        specs = schema.split_arrays(self.num_outputs, kind, dtype, self.extra_widths)
+        rows = self.split_header.rows
+        for name, array in self.arrays.items():
+            spec = specs[name]
+            codec = codec if spec.is_target else codecs.DEFAULT_CODEC
+            expected = {
+                "dtype": (str(spec.dtype), f"{source}logits_dtype {dtype!r}" if spec.is_target else
+                          f"task.kind {kind!r}" if name == "labels" else "the format"),
+                "shape": (list(spec.shape(rows)), f"rows {rows} of the split" + (
+                    f" and {spec.width} columns" if spec.is_target else "")),
+                "chunk shape": ([self.chunk_rows, *spec.shape(rows)[1:]], f"storage.chunk_rows {self.chunk_rows}"),
+                "codecs": (codecs.pipeline(codec, spec.dtype.itemsize),
+                           f"{source}codec {codec!r}" if spec.is_target else f"the format's {codec!r}"),
+            }
+            found = {"dtype": str(array.dtype), "shape": list(array.shape), "chunk shape": list(array.chunks),
+                     "codecs": [c.to_dict() for c in array.metadata.codecs]}
+            for key, (value, why) in expected.items():
+                if found[key] != value:
+                    raise KDCacheError(f"{self.store.display(f'{self.split}/{name}/zarr.json')}: split {self.split!r}, "
+                                       f"array {name!r} has {key} {_shown(found[key])} in its zarr.json, but the cache "
+                                       f"records {_shown(value)} ({why}); {RECREATE_HINT}")
+
+    def _float_storage(self) -> tuple[str, str, str]:
+        """The dtype and codec of the float arrays, and where they are recorded: the root's `storage`, bound to the
+        `write_settings.storage` cache-teacher records; a cache a script wrote through CacheWriter without write
+        settings records neither reliably, so its logits array says, if its dtype and codec chain are kdcache's."""
+        if isinstance(self.header.write_settings.get("storage"), dict):
+            return self.header.storage.logits_dtype, self.header.storage.codec, "storage."
+        file, logits = self.store.display(f"{self.split}/logits/zarr.json"), self.logits
+        if str(logits.dtype) not in schema.LOGIT_DTYPES:
+            raise KDCacheError(f"{file}: split {self.split!r}, array 'logits' has dtype {logits.dtype} in its "
+                               f"zarr.json, not one of {', '.join(schema.LOGIT_DTYPES)}; {RECREATE_HINT}")
+        chain = [c.to_dict() for c in logits.metadata.codecs]
+        for name in codecs.CODECS:
+            if codecs.pipeline(name, logits.dtype.itemsize) == chain:
+                return str(logits.dtype), name, "the logits' "
+        raise KDCacheError(f"{file}: split {self.split!r}, array 'logits' has codecs {_shown(chain)} in its zarr.json, "
+                           f"not a kdcache codec chain; {RECREATE_HINT}")
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:

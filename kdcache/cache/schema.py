@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import KDCacheError
+from kdcache.names import FEATURE_TASKS, GLUE_TASKS, IMAGE_TASKS
 
 FORMAT_NAME = "kdcache.teacher-cache"
 FORMAT_VERSION = 1
@@ -126,6 +129,85 @@ def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int]
     return specs
 
 
+# --- attribute types ----------------------------------------------------------------------------------------------
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether a value read from JSON has the type a header field is annotated with (ints are not bools, floats may
+    be ints, a nested header is an object)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if origin is list or kind is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or kind is dict:
+        return isinstance(value, dict) and (not args or all(_fits(k, args[0]) and _fits(v, args[1])
+                                                            for k, v in value.items()))
+    if isinstance(kind, type) and issubclass(kind, _Header):
+        return isinstance(value, (dict, kind))
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    """A field's type in words, for the one-line error."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list or kind is list:
+        plural = {str: "strings", int: "integers", float: "numbers"}
+        return f"a list of {plural[args[0]]}" if args and args[0] in plural else "a list"
+    if origin is dict or kind is dict or (isinstance(kind, type) and issubclass(kind, _Header)):
+        return "an object"
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        kind, getattr(kind, "__name__", str(kind)))
+
+
+def check_type(value: Any, kind: Any, where: str, attribute: str) -> None:
+    """One attribute of a zarr.json against its type: a hand-edited `teacher: []` or `limit: "10"` is one line naming
+    the file and the attribute, never an internal error later on."""
+    if not _fits(value, kind):
+        raise KDCacheError(f"{where}: attribute {attribute} must be {_type_name(kind)}, got {value!r}; the attributes "
+                           "were edited")
+
+
+#: The keys of a split's `dataset.preprocess` that readers act on (kdcache.data.recorded_options) and their types;
+#: the others describe the data in words and decide nothing.
+PREPROCESS_TYPES: dict[str, Any] = {
+    "limit": int | None, "subset": int | None, "holdout": int | None, "max_length": int | None,
+    "image_size": int | None, "normalize": str | None, "text_column": str | None, "text_pair_column": str | None,
+    "label_column": str | None, "split_used": str | None,
+}
+#: The keys of the root `teacher` that readers act on, and their types.
+TEACHER_TYPES: dict[str, Any] = {"num_outputs": int | None, "label_names": list[str] | None}
+MODALITIES = ("text", "image", "features")
+#: Records of a split's preprocessing that describe the source file rather than the rows written (a text file's row
+#: count is unknown when --limit stops reading early): a resumed write may record another value (writer._INFORMATIONAL).
+INFORMATIONAL_PREPROCESS = ("rows_in_file",)
+
+
+def task_modality(task: str | None) -> str | None:
+    """The modality a task name implies (None for a name this kdcache does not know): a cache's recorded modality must
+    agree with its task's, since the modality picks the distillation preset."""
+    if task in GLUE_TASKS or task == "text":
+        return "text"
+    if task in IMAGE_TASKS:
+        return "image"
+    if task in FEATURE_TASKS:
+        return "features"
+    return None
+
+
 # --- headers ------------------------------------------------------------------------------------------------------
 
 class _Header:
@@ -147,11 +229,16 @@ class _Header:
         return {**getattr(self, "extra", {}), **out}
 
     @classmethod
-    def from_attrs(cls, attrs: Any, where: str) -> Any:
+    def from_attrs(cls, attrs: Any, where: str, *, file: str | None = None, prefix: str = "") -> Any:
+        """The header from a zarr.json's attributes, each known key checked against its type (`file` names the
+        zarr.json in that error, `prefix` the enclosing attribute, e.g. `task.`)."""
         if not isinstance(attrs, dict):
             raise KDCacheError(f"{where}: expected an object of attributes, got {type(attrs).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         known = {k: v for k, v in attrs.items() if k in names and k != "extra"}
+        hints = typing.get_type_hints(cls)
+        for key, value in known.items():
+            check_type(value, hints[key], file or where, f"{prefix}{key}")
         try:
             header = cls(**known)
         except TypeError as exc:
@@ -242,8 +329,10 @@ class RootHeader(_Header):
         return out
 
     @classmethod
-    def from_attrs(cls, attrs: Any, where: str) -> "RootHeader":
-        """Check the format name and version first (a newer cache is refused), then read the rest leniently."""
+    def from_attrs(cls, attrs: Any, where: str, *, file: str | None = None, prefix: str = "") -> "RootHeader":
+        """Check the format name and version first (a newer cache is refused), then read the rest leniently: keys
+        this version does not know are kept, the known ones must have their types (errors name `file`, the root's
+        zarr.json) and agree with each other (`check_binding`)."""
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             found = attrs.get("format") if isinstance(attrs, dict) else None
             raise KDCacheError(f"{where}: not a kdcache cache (format attribute is {found!r})")
@@ -253,14 +342,55 @@ class RootHeader(_Header):
         if version > FORMAT_VERSION:
             raise KDCacheError(f"{where}: cache format version {version} is newer than this kdcache reads "
                                f"({FORMAT_VERSION}); upgrade kdcache")
-        header = super().from_attrs(attrs, where)
-        header.task = TaskInfo.from_attrs(attrs.get("task") or {}, f"{where}: task")
-        header.storage = StorageInfo.from_attrs(attrs.get("storage") or {}, f"{where}: storage")
-        header.checkpoints = [CheckpointEntry.from_attrs(c, f"{where}: checkpoints")
+        file = file or where
+        header = super().from_attrs(attrs, where, file=file)
+        header.task = TaskInfo.from_attrs(attrs.get("task") or {}, f"{where}: task", file=file, prefix="task.")
+        header.storage = StorageInfo.from_attrs(attrs.get("storage") or {}, f"{where}: storage", file=file,
+                                                prefix="storage.")
+        header.checkpoints = [CheckpointEntry.from_attrs(c, f"{where}: checkpoints", file=file, prefix="checkpoints[].")
                               for c in attrs.get("checkpoints") or []]
         hidden = attrs.get("hidden_projections")
-        header.hidden_projections = Projections.from_attrs(hidden, f"{where}: hidden_projections") if hidden else None
+        header.hidden_projections = Projections.from_attrs(hidden, f"{where}: hidden_projections", file=file,
+                                                           prefix="hidden_projections.") if hidden else None
+        for key, kind in TEACHER_TYPES.items():
+            check_type(header.teacher.get(key), kind, file, f"teacher.{key}")
+        header.check_binding(file)
         return header
+
+    def check_binding(self, file: str) -> None:
+        """The root attributes that decide how the cache is read must agree with each other: the task's kind names a
+        labels dtype, its modality is the task's own (it picks the distillation preset), the storage is a known dtype
+        and codec, and task and storage are those recorded in `write_settings` when the writing began."""
+        task, storage, settings = self.task, self.storage, self.write_settings
+        if task.kind not in LABEL_DTYPE:
+            raise KDCacheError(f"{file}: attribute task.kind is {task.kind!r}, not one of {', '.join(LABEL_DTYPE)}; "
+                               "the attributes were edited")
+        implied = task_modality(task.name)
+        if task.modality is not None and task.modality not in MODALITIES or (
+                implied is not None and task.modality not in (None, implied)):
+            expected = f"task {task.name!r} is read as {implied!r}" if implied else f"one of {', '.join(MODALITIES)}"
+            raise KDCacheError(f"{file}: attribute task.modality is {task.modality!r}, but {expected}; the attributes "
+                               "were edited")
+        if storage.logits_dtype not in LOGIT_DTYPES:
+            raise KDCacheError(f"{file}: attribute storage.logits_dtype is {storage.logits_dtype!r}, not one of "
+                               f"{', '.join(LOGIT_DTYPES)}; the attributes were edited")
+        from kdcache.cache.codecs import CODECS
+
+        if storage.codec not in CODECS:
+            raise KDCacheError(f"{file}: attribute storage.codec is {storage.codec!r}, not a kdcache codec; the "
+                               "attributes were edited")
+        if storage.chunk_rows is not None and storage.chunk_rows < 1:
+            raise KDCacheError(f"{file}: attribute storage.chunk_rows is {storage.chunk_rows}, not a positive integer")
+        if "task" in settings and settings["task"] != task.name:
+            raise KDCacheError(f"{file}: attribute task.name is {task.name!r}, but write_settings.task records "
+                               f"{settings['task']!r}; the attributes were edited")
+        recorded = settings.get("storage")
+        if isinstance(recorded, dict):
+            for key in ("logits_dtype", "codec", "chunk_rows"):
+                if key in recorded and recorded[key] != getattr(storage, key):
+                    raise KDCacheError(f"{file}: attribute storage.{key} is {getattr(storage, key)!r}, but "
+                                       f"write_settings.storage.{key} records {recorded[key]!r}; the attributes were "
+                                       "edited")
 
     @property
     def num_outputs(self) -> int | None:
@@ -311,22 +441,68 @@ class SplitHeader(_Header):
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_attrs(cls, attrs: Any, where: str) -> "SplitHeader":
-        header = super().from_attrs(attrs, where)
+    def from_attrs(cls, attrs: Any, where: str, *, file: str | None = None, prefix: str = "") -> "SplitHeader":
+        """`where` names the split's zarr.json. A chunk manifest that is no object is kept for the reader to report
+        (`TeacherCache.manifest_problems`)."""
+        file = file or where
+        if isinstance(attrs, dict):  # a manifest or extra_arrays of the wrong type are reported below, in their words
+            header = super().from_attrs({k: v for k, v in attrs.items() if k not in ("chunk_digests", "extra_arrays")},
+                                        where, file=file)
+            header.extra_arrays = attrs.get("extra_arrays", {})
+        else:
+            header = super().from_attrs(attrs, where, file=file)
         extras = header.extra_arrays
         if not isinstance(extras, dict) or not all(
                 isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in extras.values()):
             raise KDCacheError(f"{where}: attribute extra_arrays must map array names to positive integer widths, "
                                f"got {extras!r}")
         if isinstance(attrs.get("dataset"), dict):
-            header.dataset = DatasetInfo.from_attrs(attrs["dataset"], f"{where}: dataset")
+            header.dataset = DatasetInfo.from_attrs(attrs["dataset"], f"{where}: dataset", file=file,
+                                                    prefix="dataset.")
+            for key, kind in PREPROCESS_TYPES.items():
+                check_type(header.dataset.preprocess.get(key), kind, file, f"dataset.preprocess.{key}")
         manifest = attrs.get("chunk_digests")
         header.chunk_digests = None
-        if isinstance(manifest, dict) and "arrays" in manifest:
-            header.chunk_digests = ChunkManifest.from_attrs(manifest, f"{where}: chunk_digests")
+        if isinstance(manifest, dict) and "arrays" in manifest and isinstance(manifest["arrays"], dict):
+            header.chunk_digests = ChunkManifest.from_attrs(manifest, f"{where}: chunk_digests", file=file,
+                                                            prefix="chunk_digests.")
         elif manifest is not None:
             header.chunk_digests = ChunkManifest(arrays=manifest)  # type: ignore[arg-type] - reported by the reader
         return header
+
+    def check_binding(self, root: RootHeader, file: str) -> None:
+        """What the split records about how its data is read must agree with the root: the task, its modality and
+        label names, and the preprocessing recorded in the root's `write_settings` when the writing began (a
+        normalisation edited in one place is refused, never trained on)."""
+        dataset = self.dataset
+        if dataset is None:
+            return
+        task = root.task
+        for key, mine, theirs in (("task", dataset.task, task.name), ("modality", dataset.modality, task.modality),
+                                  ("label_names", dataset.label_names, task.label_names)):
+            if mine is not None and theirs is not None and mine != theirs:
+                raise KDCacheError(f"{file}: attribute dataset.{key} is {mine!r}, but the root's "
+                                   f"task.{'name' if key == 'task' else key} is {theirs!r}; the attributes were edited")
+        if "data" not in root.write_settings:  # a cache a script wrote through CacheWriter without write settings
+            return
+        data = root.write_settings["data"]
+        recorded = data.get(self.split) if isinstance(data, dict) else None
+        if recorded is None:
+            raise KDCacheError(f"{file}: the root's write_settings.data records nothing for split {self.split!r} (it "
+                               "was removed); the attributes were edited")
+        before = recorded.get("preprocess") if isinstance(recorded, dict) else None
+        if not isinstance(before, dict):
+            raise KDCacheError(f"{file}: the root's write_settings.data.{self.split}.preprocess must be an object, got "
+                               f"{before!r}; the attributes were edited")
+        now, before = ({k: v for k, v in p.items() if k not in INFORMATIONAL_PREPROCESS}
+                       for p in (dataset.preprocess, before))
+        if now != before:
+            keys = sorted(k for k in set(now) | set(before) if now.get(k, "(absent)") != before.get(k, "(absent)"))
+            shown = ", ".join(f"{k} {now.get(k, '(absent)')!r} here, {before.get(k, '(absent)')!r} there"
+                              for k in keys[:3])
+            raise KDCacheError(f"{file}: attribute dataset.preprocess differs from the root's write_settings.data."
+                               f"{self.split}.preprocess, recorded when the writing began ({shown}); the attributes "
+                               "were edited")
 
     @property
     def array_names(self) -> tuple[str, ...]:
@@ -335,5 +511,6 @@ class SplitHeader(_Header):
 
 __all__ = ["ArraySpec", "BASE_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
            "FORMAT_NAME", "FORMAT_VERSION", "PROGRESS_FOLDER", "Projections", "RootHeader", "SplitHeader", "StorageInfo",
-           "TaskInfo",
-           "chain_digest", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key", "split_arrays"]
+           "TaskInfo", "PREPROCESS_TYPES", "TEACHER_TYPES", "MODALITIES",
+           "chain_digest", "check_type", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key",
+           "split_arrays", "task_modality"]
