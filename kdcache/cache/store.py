@@ -14,7 +14,8 @@ repeatable `--storage-option KEY=VALUE`), which take precedence.
 
 The writer's lock: on a local disk an `flock` that dies with its process (`LocalLock`); on an object store a
 lease object beside the cache (`<cache>.lock`) holding its owner and an expiry, renewed while the writer runs
-and taken over by a new writer only once it has expired (`Lease`).
+and taken over by a new writer only once it has expired (`Lease`), and a writer's metadata writes fenced by it
+(`_FencedFsspecStore`). Metadata files are read bounded, plain files only (`MAX_METADATA_BYTES`).
 """
 
 from __future__ import annotations
@@ -132,12 +133,26 @@ class CacheStore:
         (MAX_METADATA_BYTES, plain files only); given the writer's `lock`, its metadata writes are fenced (see
         `_FencedFsspecStore`)."""
         if self.is_local:
+            self.check_metadata_files()
             return _GuardedLocalStore(str(self.path), read_only=read_only)
         with remote_errors(self.location):
             _apply_fsspec_env()
             zstore = _FencedFsspecStore.from_url(self.location, storage_options=self.options, read_only=read_only)
         zstore.fence, zstore.location = lock, self.location
         return zstore
+
+    def check_metadata_files(self) -> None:
+        """Refuse a local cache's metadata file that is no plain file or too large before Zarr reads any: Zarr reads
+        a group's members concurrently, and an error raised in one of its reads leaves the others pending (noise
+        on stderr). Costs a walk of the root, split and array folders, never of the chunk folders."""
+        if not self.path.is_dir():
+            return
+        for folder, dirs, files in os.walk(self.path):
+            depth = len(Path(folder).relative_to(self.path).parts)
+            dirs[:] = [d for d in dirs if depth < 2 and d != "c" and not d.startswith(".")]
+            for name in files:
+                if name in _METADATA_NAMES:
+                    read_local_metadata(Path(folder) / name, check_only=True)
 
     def check(self) -> None:
         """For a URL, one request proving the endpoint answers, the credentials are accepted and the bucket exists,
@@ -382,8 +397,11 @@ class Lease:
     the lease this writer last wrote. A thread renews it every third of its lifetime. The writer checks before
     each write (`check`) that its last renewal is younger than the lifetime less a margin, and that no renewal
     found the lease taken: a writer that stalled, lost its connection or was frozen stops rather than write
-    beside a new owner. Filesystems without conditional writes (e.g. `memory://`) get write-then-read-back, which
-    is enough for one process.
+    beside a new owner; and since that check can race with a freeze, the writer's metadata writes are fenced too
+    (`_FencedFsspecStore`). The record and its ETag are read from one response; a damaged record (`_lease_damage`)
+    is refused with one line, never taken over, as nothing in it tells whether a live writer holds the cache.
+    Filesystems without conditional writes (e.g. `memory://`) get write-then-read-back, which is enough for one
+    process.
     """
 
     SAFETY = 0.8  # a lease older than this share of its lifetime, unrenewed, counts as lost by its own writer
@@ -396,8 +414,8 @@ class Lease:
         except (TypeError, ValueError):
             self.seconds = float("nan")
         if not 0 < self.seconds <= MAX_LEASE_SECONDS:
-            raise KDCacheError(f"KDCACHE_LEASE_SECONDS={raw!r}: the writer's lease lifetime must be a number of seconds "
-                               f"above 0 and at most {MAX_LEASE_SECONDS:.0f}")
+            raise KDCacheError(f"KDCACHE_LEASE_SECONDS={raw!r}: the writer's lease lifetime must be a number of "
+                               f"seconds above 0 and at most {MAX_LEASE_SECONDS:.0f}")
         if store.protocol in _BUCKET_PROTOCOLS and "/" not in store.root.strip("/"):
             raise KDCacheError(f"{store.location}: a cache needs a name under the bucket "
                                "(e.g. s3://bucket/name.kdcache)")
@@ -584,10 +602,10 @@ def _check_size(where: object, size: int, limit: int) -> None:
                            "the cache is damaged or hostile (recreate it)")
 
 
-def read_local_metadata(path: Path, limit: int | None = None) -> bytes | None:
+def read_local_metadata(path: Path, limit: int | None = None, *, check_only: bool = False) -> bytes | None:
     """A local metadata file's bytes, None when absent (or a folder, as Zarr sees it). Opened without blocking and
     checked with fstat before any read: a FIFO, a device (a link to /dev/zero) or a file over `limit`
-    (MAX_METADATA_BYTES) is one line, never a hang or a read until memory runs out."""
+    (MAX_METADATA_BYTES) is one line, never a hang or a read until memory runs out. `check_only`: no read."""
     limit = MAX_METADATA_BYTES if limit is None else limit
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -601,6 +619,8 @@ def read_local_metadata(path: Path, limit: int | None = None) -> bytes | None:
             raise KDCacheError(f"{path}: not a plain file (a FIFO, a device or a socket, or a link to one), where the "
                                "cache's metadata belongs; the cache is damaged or hostile (recreate it)")
         _check_size(path, info.st_size, limit)
+        if check_only:
+            return None
         parts, total = [], 0
         while total <= limit:
             part = os.read(fd, min(limit + 1 - total, 1 << 20))
@@ -627,7 +647,8 @@ async def fetch_remote(fs: Any, path: str, where: str, limit: int | None = None)
         return data, None
     bucket, key, version = fs.split_path(path)
     try:
-        response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **({"VersionId": version} if version else {}))
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                     **({"VersionId": version} if version else {}))
     except FileNotFoundError:
         return None
     body = response["Body"]
@@ -665,8 +686,11 @@ class _FencedFsspecStore(FsspecStore):
     for one it never saw). A writer frozen past its lease, whose own check raced with the takeover, can then never
     replace metadata a newer writer wrote: its write is refused and it stops."""
 
-    fence: Any = None
-    location: str = ""
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fence: Any = None  # the writer's lock (a Lease fences; a LocalLock or None does not)
+        self.location = ""  # the cache's URL, as messages name it
+        self._etags: dict[str, str | None] = {}  # metadata key -> ETag of the version this writer last read or wrote
 
     def with_read_only(self, read_only: bool = False) -> "_FencedFsspecStore":
         other = super().with_read_only(read_only)
@@ -679,12 +703,6 @@ class _FencedFsspecStore(FsspecStore):
     def _path(self, key: str) -> str:
         root = self.path.rstrip("/")  # as Zarr's FsspecStore names its objects
         return f"{root}/{key}" if root else key
-
-    @property
-    def _etags(self) -> dict[str, str | None]:
-        if "_seen" not in self.__dict__:
-            self._seen: dict[str, str | None] = {}
-        return self._seen
 
     async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
         if byte_range is not None or not is_metadata(key):
@@ -802,5 +820,5 @@ def remote_errors(location: str) -> Iterator[None]:
         raise
 
 
-__all__ = ["CacheStore", "as_store", "DEFAULT_LEASE_SECONDS", "Lease", "LocalLock", "WRITER_MARKER", "parse_storage_options",
-           "remote_errors"]
+__all__ = ["CacheStore", "as_store", "DEFAULT_LEASE_SECONDS", "Lease", "LocalLock", "MAX_METADATA_BYTES", "WRITER_MARKER",
+           "parse_storage_options", "remote_errors"]
