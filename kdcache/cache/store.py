@@ -14,15 +14,18 @@ repeatable `--storage-option KEY=VALUE`), which take precedence.
 
 The writer's lock: on a local disk an `flock` that dies with its process (`LocalLock`); on an object store a
 lease object beside the cache (`<cache>.lock`) holding its owner and an expiry, renewed while the writer runs
-and taken over by a new writer only once it has expired (`Lease`).
+and taken over by a new writer only once it has expired (`Lease`), and a writer's metadata writes fenced by it
+(`_FencedFsspecStore`). Metadata files are read bounded, plain files only (`MAX_METADATA_BYTES`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -34,6 +37,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore, LocalStore
+
 from kdcache.errors import KDCacheError
 
 #: A file a new cache folder (or prefix) receives before anything else, removed once `zarr.json` is in place:
@@ -42,6 +48,15 @@ WRITER_MARKER = ".kdcache-writer"
 #: How long a lease on an object store stays valid without renewal; a killed writer's cache can be taken over
 #: after this long. The writer renews it every third of this (environment variable KDCACHE_LEASE_SECONDS).
 DEFAULT_LEASE_SECONDS = 60.0
+#: The longest lease a writer takes (KDCACHE_LEASE_SECONDS); a lease record expiring later than this from now was not
+#: written by kdcache and counts as damaged.
+MAX_LEASE_SECONDS = 24 * 3600.0
+#: No metadata file of a cache (`zarr.json`) is read past this many bytes: a split's chunk manifest, its largest,
+#: holds about 40 bytes per chunk and array (a million chunk digests fit). A larger file, or one that is no plain
+#: file (a FIFO, a link to /dev/zero), is refused before it is read, so it can neither hang nor exhaust memory.
+MAX_METADATA_BYTES = 64 * 1024**2
+_MAX_LEASE_BYTES = 64 * 1024
+_METADATA_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 _BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SCHEME_WITHOUT_SLASHES = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):(?!//)")
@@ -113,15 +128,31 @@ class CacheStore:
 
     # --- Zarr ----------------------------------------------------------------------------------------------------
 
-    def zarr_store(self, *, read_only: bool) -> Any:
-        """The Zarr store of the cache: every array and attribute goes through it."""
-        from zarr.storage import FsspecStore, LocalStore
-
+    def zarr_store(self, *, read_only: bool, lock: "LocalLock | Lease | None" = None) -> Any:
+        """The Zarr store of the cache: every array and attribute goes through it. Its metadata reads are bounded
+        (MAX_METADATA_BYTES, plain files only); given the writer's `lock`, its metadata writes are fenced (see
+        `_FencedFsspecStore`)."""
         if self.is_local:
-            return LocalStore(str(self.path), read_only=read_only)
+            self.check_metadata_files()
+            return _GuardedLocalStore(str(self.path), read_only=read_only)
         with remote_errors(self.location):
             _apply_fsspec_env()
-            return FsspecStore.from_url(self.location, storage_options=self.options, read_only=read_only)
+            zstore = _FencedFsspecStore.from_url(self.location, storage_options=self.options, read_only=read_only)
+        zstore.fence, zstore.location = lock, self.location
+        return zstore
+
+    def check_metadata_files(self) -> None:
+        """Refuse a local cache's metadata file that is no plain file or too large before Zarr reads any: Zarr reads
+        a group's members concurrently, and an error raised in one of its reads leaves the others pending (noise
+        on stderr). Costs a walk of the root, split and array folders, never of the chunk folders."""
+        if not self.path.is_dir():
+            return
+        for folder, dirs, files in os.walk(self.path):
+            depth = len(Path(folder).relative_to(self.path).parts)
+            dirs[:] = [d for d in dirs if depth < 2 and d != "c" and not d.startswith(".")]
+            for name in files:
+                if name in _METADATA_NAMES:
+                    read_local_metadata(Path(folder) / name, check_only=True)
 
     def check(self) -> None:
         """For a URL, one request proving the endpoint answers, the credentials are accepted and the bucket exists,
@@ -184,14 +215,33 @@ class CacheStore:
         return True
 
     def read_json(self, key: str) -> Any | None:
-        """A small JSON file of the cache (`zarr.json`), or None when it is absent or does not parse."""
+        """A small JSON file of the cache (`zarr.json`), or None when it is absent or does not parse; read within
+        MAX_METADATA_BYTES, and refused (one line) when it is larger or no plain file."""
         try:
             if self.is_local:
-                return json.loads((self.path / key).read_text())
-            with remote_errors(self.location):
-                return json.loads(self.fs.cat_file(f"{self.root}/{key}"))
+                data = read_local_metadata(self.path / key)
+            else:
+                with remote_errors(self.location):
+                    found = self.fetch(f"{self.root}/{key}", self.display(key))
+                data = None if found is None else found[0]
+            return None if data is None else json.loads(data)
         except (OSError, ValueError):
             return None
+
+    def fetch(self, path: str, where: str, limit: int | None = None) -> tuple[bytes, str | None] | None:
+        """An object's bytes (at most `limit`, MAX_METADATA_BYTES by default) and, on S3, its ETag, both from one
+        response, so bytes and ETag always belong to the same version; None when there is no such object."""
+        if getattr(self.fs, "async_impl", False):
+            from fsspec.asyn import sync
+
+            return sync(self.fs.loop, fetch_remote, self.fs, path, where, limit)
+        limit = MAX_METADATA_BYTES if limit is None else limit
+        try:
+            data = self.fs.cat_file(path, start=0, end=limit + 1)
+        except FileNotFoundError:
+            return None
+        _check_size(where, len(data), limit)
+        return data, None
 
     def write_json(self, key: str, value: Any) -> None:
         """A small JSON file of the cache, whole or not at all (a renamed temporary file on a local disk, one PUT on
@@ -347,16 +397,25 @@ class Lease:
     the lease this writer last wrote. A thread renews it every third of its lifetime. The writer checks before
     each write (`check`) that its last renewal is younger than the lifetime less a margin, and that no renewal
     found the lease taken: a writer that stalled, lost its connection or was frozen stops rather than write
-    beside a new owner. Filesystems without conditional writes (e.g. `memory://`) get write-then-read-back, which
-    is enough for one process.
+    beside a new owner; and since that check can race with a freeze, the writer's metadata writes are fenced too
+    (`_FencedFsspecStore`). The record and its ETag are read from one response; a damaged record (`_lease_damage`)
+    is refused with one line, never taken over, as nothing in it tells whether a live writer holds the cache.
+    Filesystems without conditional writes (e.g. `memory://`) get write-then-read-back, which is enough for one
+    process.
     """
 
     SAFETY = 0.8  # a lease older than this share of its lifetime, unrenewed, counts as lost by its own writer
 
     def __init__(self, store: CacheStore, seconds: float | None = None) -> None:
         self.store = store
-        self.seconds = float(seconds if seconds is not None else os.environ.get("KDCACHE_LEASE_SECONDS",
-                                                                              DEFAULT_LEASE_SECONDS))
+        raw = seconds if seconds is not None else os.environ.get("KDCACHE_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)
+        try:
+            self.seconds = float(raw)
+        except (TypeError, ValueError):
+            self.seconds = float("nan")
+        if not 0 < self.seconds <= MAX_LEASE_SECONDS:
+            raise KDCacheError(f"KDCACHE_LEASE_SECONDS={raw!r}: the writer's lease lifetime must be a number of "
+                               f"seconds above 0 and at most {MAX_LEASE_SECONDS:.0f}")
         if store.protocol in _BUCKET_PROTOCOLS and "/" not in store.root.strip("/"):
             raise KDCacheError(f"{store.location}: a cache needs a name under the bucket "
                                "(e.g. s3://bucket/name.kdcache)")
@@ -370,18 +429,28 @@ class Lease:
         self._thread: threading.Thread | None = None
         self.lost: str | None = None
 
-    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
-        """The lease record and its ETag (None, None when there is no lease)."""
-        try:
-            data = self.store.fs.cat_file(self.key)
-            etag = self.store.fs.info(self.key).get("ETag") if self.conditional else None
-        except FileNotFoundError:
-            return None, None
-        try:
-            return json.loads(data), etag
-        except ValueError:
-            return {"expires": 0}, etag  # unreadable: treat as expired
+    @property
+    def display(self) -> str:
+        """The lease object's URL, as messages name it."""
+        return f"{self.store.location.rstrip('/')}.lock"
 
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The lease record and its ETag, both from one response (a record is never paired with another version's
+        ETag); (None, None) when there is no lease. A damaged record is one line (`_damage`)."""
+        found = self.store.fetch(self.key, self.display, _MAX_LEASE_BYTES)
+        if found is None:
+            return None, None
+        data, etag = found
+        try:
+            record = json.loads(data)
+        except ValueError:
+            record = data
+        problem = _lease_damage(record)
+        if problem:
+            raise KDCacheError(f"{self.display}: the writer's lease object is damaged ({problem}), so whether a "
+                               "cache-teacher still writes this cache cannot be told; if none does, delete that "
+                               "object (e.g. aws s3 rm URL) and rerun")
+        return record, etag
     def _write(self, *, create: bool = False, match: str | None = None) -> None:
         """Write this writer's record: only if absent (`create`), or only over the object with ETag `match`."""
         data = json.dumps({**self.owner, "expires": time.time() + self.seconds}).encode()
@@ -398,7 +467,7 @@ class Lease:
 
     def _held_by_other(self, record: dict[str, Any] | None) -> bool:
         """A live lease of another writer: unexpired, and (when taken on this machine) its process alive."""
-        if not record or record.get("id") == self.owner["id"] or float(record.get("expires", 0)) <= time.time():
+        if not record or record.get("id") == self.owner["id"] or record["expires"] <= time.time():
             return False
         if record.get("machine") == self.owner["machine"] and isinstance(record.get("pid"), int):
             try:
@@ -432,7 +501,7 @@ class Lease:
 
     def _taken_message(self, record: dict[str, Any] | None, raced: bool = False) -> str:
         holder = f"{(record or {}).get('host')} pid {(record or {}).get('pid')}"
-        left = max(0.0, float((record or {}).get("expires", 0)) - time.time())
+        left = max(0.0, (record or {}).get("expires", 0) - time.time())
         when = "took the lease on this cache at the same moment" if raced else \
             f"holds the lease on this cache for {left:.0f} s more"
         return (f"{self.store.location}: another cache-teacher ({holder}) {when}; wait for it to finish, or for its "
@@ -452,7 +521,10 @@ class Lease:
                 continue  # transient refusals are retried; the lifetime is the real limit
             except Exception as exc:  # noqa: BLE001 - a failed precondition: the lease is someone else's now
                 if _precondition_failed(exc) or "taken" in str(exc):
-                    record, _ = self._read()
+                    try:
+                        record, _ = self._read()
+                    except Exception:  # noqa: BLE001 - gone or damaged: the holder is unknown
+                        record = None
                     self.lost = (f"{self.store.location}: the writer's lease was taken by "
                                  f"{(record or {}).get('host')} pid {(record or {}).get('pid')}")
                     return
@@ -485,6 +557,19 @@ class Lease:
         self.release()
 
 
+def _lease_damage(record: Any) -> str | None:
+    """What is wrong with a lease record kdcache cannot have written, or None: it must be a JSON object whose
+    `expires` is a finite time no further ahead than the longest lease (MAX_LEASE_SECONDS)."""
+    if not isinstance(record, dict):
+        return "not JSON" if isinstance(record, bytes) else f"not a JSON object but {json.dumps(record)[:40]}"
+    expires = record.get("expires")
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not math.isfinite(expires):
+        return f"expires is {json.dumps(expires)[:40]}, not a time"
+    if expires > time.time() + MAX_LEASE_SECONDS + 3600:
+        return f"expires {expires:.4g} is more than {MAX_LEASE_SECONDS:.0f} s away"
+    return None
+
+
 def _precondition_failed(exc: BaseException) -> bool:
     """A conditional write refused (S3's 412 PreconditionFailed, as botocore and s3fs word it)."""
     text = str(exc).lower()
@@ -502,6 +587,162 @@ def machine_id() -> str:
     with contextlib.suppress(OSError):
         ident += f":pidns{os.stat('/proc/self/ns/pid').st_ino}"
     return ident or f"host:{socket.gethostname()}"
+
+
+# --- metadata: bounded reads, fenced writes ------------------------------------------------------------------------
+
+def is_metadata(key: str) -> bool:
+    """Whether a store key names a metadata file (`zarr.json`, or Zarr v2's) rather than a chunk."""
+    return key.rsplit("/", 1)[-1] in _METADATA_NAMES
+
+
+def _check_size(where: object, size: int, limit: int) -> None:
+    if size > limit:
+        raise KDCacheError(f"{where}: {size:,} bytes or more, more than the {limit:,} bytes a metadata file may hold; "
+                           "the cache is damaged or hostile (recreate it)")
+
+
+def read_local_metadata(path: Path, limit: int | None = None, *, check_only: bool = False) -> bytes | None:
+    """A local metadata file's bytes, None when absent (or a folder, as Zarr sees it). Opened without blocking and
+    checked with fstat before any read: a FIFO, a device (a link to /dev/zero) or a file over `limit`
+    (MAX_METADATA_BYTES) is one line, never a hang or a read until memory runs out. `check_only`: no read."""
+    limit = MAX_METADATA_BYTES if limit is None else limit
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            raise KDCacheError(f"{path}: not a plain file (a FIFO, a device or a socket, or a link to one), where the "
+                               "cache's metadata belongs; the cache is damaged or hostile (recreate it)")
+        _check_size(path, info.st_size, limit)
+        if check_only:
+            return None
+        parts, total = [], 0
+        while total <= limit:
+            part = os.read(fd, min(limit + 1 - total, 1 << 20))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+        _check_size(path, total, limit)  # it grew while read
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+async def fetch_remote(fs: Any, path: str, where: str, limit: int | None = None) -> tuple[bytes, str | None] | None:
+    """`CacheStore.fetch` on an async filesystem: on S3 one GET whose response gives the size (checked before the
+    body is read), the bytes and the ETag together; elsewhere a read of at most `limit` + 1 bytes."""
+    limit = MAX_METADATA_BYTES if limit is None else limit
+    if not hasattr(fs, "_call_s3"):
+        try:
+            data = await fs._cat_file(path, start=0, end=limit + 1)
+        except FileNotFoundError:
+            return None
+        _check_size(where, len(data), limit)
+        return data, None
+    bucket, key, version = fs.split_path(path)
+    try:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                     **({"VersionId": version} if version else {}))
+    except FileNotFoundError:
+        return None
+    body = response["Body"]
+    try:
+        _check_size(where, int(response.get("ContentLength") or 0), limit)
+        parts, total = [], 0
+        while total <= limit:
+            part = await body.read(limit + 1 - total)
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+    finally:
+        body.close()
+    _check_size(where, total, limit)
+    return b"".join(parts), response.get("ETag")
+
+
+class _GuardedLocalStore(LocalStore):
+    """Zarr's LocalStore, its metadata reads bounded (`read_local_metadata`)."""
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        if byte_range is not None or not is_metadata(key):
+            return await super().get(key, prototype, byte_range)
+        if not self._is_open:
+            await self._open()
+        data = await asyncio.to_thread(read_local_metadata, self.root / key)
+        return None if data is None else (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+
+
+class _FencedFsspecStore(FsspecStore):
+    """Zarr's FsspecStore, its metadata reads bounded (`fetch_remote`) and, given the writer's lock (`fence`), its
+    metadata writes fenced: right before each one the lease is checked (`Lease.check`), and on S3 the write is
+    conditional on the version this writer last read or wrote of that object (If-Match on its ETag; If-None-Match
+    for one it never saw). A writer frozen past its lease, whose own check raced with the takeover, can then never
+    replace metadata a newer writer wrote: its write is refused and it stops."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fence: Any = None  # the writer's lock (a Lease fences; a LocalLock or None does not)
+        self.location = ""  # the cache's URL, as messages name it
+        self._etags: dict[str, str | None] = {}  # metadata key -> ETag of the version this writer last read or wrote
+
+    def with_read_only(self, read_only: bool = False) -> "_FencedFsspecStore":
+        other = super().with_read_only(read_only)
+        other.fence, other.location = self.fence, self.location
+        return other
+
+    def _where(self, key: str) -> str:
+        return f"{self.location.rstrip('/')}/{key}"
+
+    def _path(self, key: str) -> str:
+        root = self.path.rstrip("/")  # as Zarr's FsspecStore names its objects
+        return f"{root}/{key}" if root else key
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        if byte_range is not None or not is_metadata(key):
+            return await super().get(key, prototype, byte_range)
+        if not self._is_open:
+            await self._open()
+        found = await fetch_remote(self.fs, self._path(key), self._where(key))
+        if found is None:
+            self._etags.pop(key, None)
+            return None
+        self._etags[key] = found[1]
+        return (prototype or default_buffer_prototype()).buffer.from_bytes(found[0])
+
+    async def set(self, key: str, value: Any, byte_range: Any = None) -> None:
+        if self.fence is None or not is_metadata(key):
+            return await super().set(key, value, byte_range)
+        self.fence.check()  # (1) the lease, right before every metadata write
+        if not getattr(self.fence, "conditional", False):
+            return await super().set(key, value, byte_range)
+        self._check_writable()
+        seen = self._etags.get(key)
+        try:  # (2) and only over the version this writer knows
+            response = await self.fs._pipe_file(self._path(key), value.to_bytes(),
+                                                **({"IfMatch": seen} if seen else {"mode": "create"}))
+        except Exception as exc:  # noqa: BLE001 - s3fs words a refused precondition in several ways
+            if not (isinstance(exc, FileExistsError) or _precondition_failed(exc)):
+                raise
+            raise KDCacheError(f"{self._where(key)}: another writer changed this cache's metadata since this writer "
+                               "last read it (its lease was taken over while it was stalled or frozen); this run "
+                               "stopped without writing further") from None
+        self._etags[key] = (response or {}).get("ETag")
+
+    async def delete(self, key: str) -> None:
+        self._etags.pop(key, None)
+        await super().delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        for key in [k for k in self._etags if k.startswith(prefix.rstrip("/") + "/")]:
+            del self._etags[key]
+        await super().delete_dir(prefix)
 
 
 # --- fsspec --------------------------------------------------------------------------------------------------------
@@ -579,5 +820,5 @@ def remote_errors(location: str) -> Iterator[None]:
         raise
 
 
-__all__ = ["CacheStore", "as_store", "DEFAULT_LEASE_SECONDS", "Lease", "LocalLock", "WRITER_MARKER", "parse_storage_options",
-           "remote_errors"]
+__all__ = ["CacheStore", "as_store", "DEFAULT_LEASE_SECONDS", "Lease", "LocalLock", "MAX_METADATA_BYTES", "WRITER_MARKER",
+           "parse_storage_options", "remote_errors"]

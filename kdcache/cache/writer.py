@@ -379,8 +379,10 @@ class SplitWriter:
                     self._flushed, self._filled = stop, 0
                     return
                 chain = schema.chain_digest(self._chain, block)
-                # after the data: a crash before it just rewrites this block. One metadata write for both keys
-                # (zarr's attrs.update writes once per key: a kill between the two would part them)
+                # after the data: a crash before it just rewrites this block. Like every metadata write of a writer,
+                # fenced by the store (the lease checked right before it; on S3 conditional on the version this
+                # writer last saw), so a writer frozen past its lease cannot undo a newer writer's work. One metadata
+                # write for both keys (zarr's attrs.update writes once per key: a kill between the two would part them)
                 self.group.update_attributes({"rows_done": stop, "chunk_chain": chain})
         except KDCacheError:
             raise
@@ -459,8 +461,8 @@ class CacheWriter:
         try:
             store.prepare()
             store.write_marker()
-            self.root = zarr.create_group(store=store.zarr_store(read_only=False), overwrite=False, zarr_format=3,
-                                          attributes=header.to_attrs())  # refuses an existing zarr.json
+            self.root = zarr.create_group(store=store.zarr_store(read_only=False, lock=lock), overwrite=False,
+                                          zarr_format=3, attributes=header.to_attrs())  # refuses an existing zarr.json
             store.remove_marker()  # zarr.json is in place: from now on the location is a (resumable) cache
         except KDCacheError:
             raise
@@ -480,7 +482,8 @@ class CacheWriter:
         self.store.remove_marker()  # killed just after zarr.json was written
         # a cache begun before chunks were chained has no chain to check its stored chunks against
         self.require_chain = bool((meta.get("attributes") or {}).get("chunk_manifests"))
-        self.root = zarr.open_group(store=self.store.zarr_store(read_only=False), mode="r+", zarr_format=3)
+        self.root = zarr.open_group(store=self.store.zarr_store(read_only=False, lock=self.lock), mode="r+",
+                                    zarr_format=3)
 
     def add_split(self, name: str, specs: dict[str, ArraySpec] | None = None, *, num_outputs: int | None = None,
                   kind: str = "classification", dtype: str = "float16", extras: dict[str, int] | None = None,
