@@ -72,23 +72,43 @@ def dropout_mlp(num_classes: int = 2, in_features: int = 16) -> nn.Module:
 class LinearDigitsThatDies(nn.Sequential):
     """`linear_digits` (same weights, same outputs) whose process kills itself with SIGKILL once it has computed
     KDCACHE_TEST_KILL_AFTER rows, on the torchrun rank KDCACHE_TEST_KILL_RANK only: a deterministic crash of one
-    rank mid-capture. Without those variables it is `linear_digits`."""
+    rank mid-capture. With KDCACHE_TEST_KILL_ONCE_STORED (the cache's path) it waits, before the kill, until some
+    rows of the train split are stored there, however slowly the background writer runs. Without those variables it
+    is `linear_digits`."""
 
     rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import os
         import signal
-        import time
 
         out = super().forward(x)
         rank, after = os.environ.get("KDCACHE_TEST_KILL_RANK"), os.environ.get("KDCACHE_TEST_KILL_AFTER")
         if rank is not None and after is not None and os.environ.get("RANK", "0") == rank:
             self.rows += len(x)
             if self.rows >= int(after):
-                time.sleep(1.0)  # the background writer stores the chunks finished so far
+                cache = os.environ.get("KDCACHE_TEST_KILL_ONCE_STORED")
+                if cache:
+                    _wait_until_train_rows_are_stored(Path(cache))
                 os.kill(os.getpid(), signal.SIGKILL)
         return out
+
+
+def _wait_until_train_rows_are_stored(cache: Path, limit_s: float = 120.0) -> None:
+    """Until a chunk of the train split is recorded (several processes) or its rows_done is above 0 (one process)."""
+    import json
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if any((cache / ".kdcache-progress" / "train").glob("*.json")):
+            return
+        try:
+            if json.loads((cache / "train" / "zarr.json").read_text())["attributes"].get("rows_done", 0) > 0:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
 
 
 def linear_digits_that_dies(num_classes: int = 10) -> nn.Module:

@@ -17,6 +17,16 @@ from teachers_for_tests import make_tiny_bert  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+def slices(tmp_path_factory, glue_dir, cifar10_zip) -> Path:
+    """The committed slices in the full data's layout, which the harness reads (its tiny scale needs no more)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "glue").symlink_to(glue_dir, target_is_directory=True)
+    (root / "cifar10-jpg").mkdir()
+    (root / "cifar10-jpg" / "cifar10-jpg-d7d0561.zip").symlink_to(cifar10_zip)
+    return root
+
+
 def _check(out: Path, methods: tuple[str, ...]) -> None:
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert [r["method"] for r in rows] == list(methods)
@@ -27,8 +37,8 @@ def _check(out: Path, methods: tuple[str, ...]) -> None:
     assert commands[0].startswith("kdcache train") and any(c.startswith("kdcache cache-teacher") for c in commands)
 
 
-def test_vision_tiny(tmp_path, shared_data, monkeypatch):
-    monkeypatch.setattr(reproduce, "DATA", shared_data)
+def test_vision_tiny(tmp_path, slices, monkeypatch):
+    monkeypatch.setattr(reproduce, "DATA", slices)
     methods = (*reproduce.METHODS, *reproduce.VARIANTS)
     reproduce.vision(reproduce.Runner(tmp_path, "cpu", in_process=True), "tiny", 1, methods=methods)
     _check(tmp_path, methods)
@@ -69,8 +79,8 @@ def test_cifar100_configuration_on_pickles_the_test_writes(tmp_path, monkeypatch
     assert "--margin 10" in (tmp_path / "run" / "commands.txt").read_text()
 
 
-def test_glue_tiny_with_a_small_bert_in_place_of_minilm(tmp_path, shared_data, monkeypatch, tiny_tokenizer):
-    monkeypatch.setattr(reproduce, "DATA", shared_data)
+def test_glue_tiny_with_a_small_bert_in_place_of_minilm(tmp_path, slices, monkeypatch, tiny_tokenizer):
+    monkeypatch.setattr(reproduce, "DATA", slices)
     encoder = make_tiny_bert(tmp_path / "encoder", tiny_tokenizer)
     reproduce.glue(reproduce.Runner(tmp_path / "run", "cpu", in_process=True), "tiny", 1, "mrpc", teacher_dir=str(encoder))
     _check(tmp_path / "run", reproduce.METHODS)

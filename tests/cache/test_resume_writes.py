@@ -63,7 +63,34 @@ def sst2_teacher(tmp_path_factory, tiny_tokenizer):
     return make_tiny_bert(tmp_path_factory.mktemp("teacher"), tiny_tokenizer)
 
 
+def _complete(out: Path) -> bool:
+    try:
+        return json.loads((out / "zarr.json").read_text())["attributes"].get("complete") is True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of the process is stopped (SIGSTOP has landed), or it is gone."""
+    try:
+        states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in Path(f"/proc/{pid}/task").iterdir()]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return all(state in "TtZX" for state in states)
+
+
+def _freeze(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGSTOP)
+    while not _stopped(proc.pid):
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread states from /proc (Linux)")
 def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, sst2_teacher, glue_dir):
+    """The writer is frozen (SIGSTOP) at whatever point it has reached, every few milliseconds; once the rows it has
+    stored pass a random target it is killed (SIGKILL) right there, frozen: each kill lands at the state just read,
+    mid-write or between writes, and never after the end. Then one resume; the bytes are those of an uninterrupted
+    run, wherever the kills landed."""
     data = glue_dir / "SST-2"
     reference = tmp_path / "reference.kdcache"
     subprocess.run(_kdcache(*_args(sst2_teacher, data, reference)), check=True, capture_output=True, timeout=300)
@@ -73,25 +100,25 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path, sst2_t
     kills = []
     targets = sorted(rng.choice(np.arange(1, 2 * ROWS - 128), size=4, replace=False))
     for target in targets:
-        # kill once the cache has passed a random row (of either split), plus a random few milliseconds
         if sum(_rows_done(out).values()) >= target:
             continue
         proc = subprocess.Popen(_kdcache(*_args(sst2_teacher, data, out)), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
-            if sum(_rows_done(out).values()) >= target:
-                time.sleep(float(rng.uniform(0, 0.01)))
+            _freeze(proc)
+            done = _rows_done(out)
+            if sum(done.values()) >= target and not _complete(out):
                 proc.send_signal(signal.SIGKILL)
+                kills.append(done)
                 break
-            time.sleep(0.005)
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(float(rng.uniform(0.001, 0.01)))
         code = proc.wait(timeout=300)
         if code == 0:
-            break  # finished within the few milliseconds before the kill: nothing left to resume
+            break  # ran to the end between two freezes: nothing left to resume
         assert code == -signal.SIGKILL, proc.stderr.read().decode()
-        if kdcache.Cache(out, allow_incomplete=True).header.complete:
-            break  # the kill landed after the last write: nothing left to resume
-        kills.append(_rows_done(out))
+        assert _rows_done(out) == kills[-1]  # the kill landed where the writer was frozen
         with pytest.raises(KDCacheError, match="incomplete"):
             kdcache.open_cache(out)  # a killed cache is never used silently
     subprocess.run(_kdcache(*_args(sst2_teacher, data, out, "--resume")), check=True, capture_output=True, timeout=300)

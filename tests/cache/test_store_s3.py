@@ -116,20 +116,25 @@ def _kdcache(*args: str) -> list[str]:
     return [sys.executable, "-c", "from kdcache.cli.main import main; main()", *args]
 
 
+def _split_attrs(fs: s3fs.S3FileSystem, root: str, split: str) -> dict:
+    try:
+        return json.loads(fs.cat_file(f"{root}/{split}/zarr.json"))["attributes"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return {}
+
+
 def test_sigkill_mid_write_then_resume_is_byte_identical_on_s3(tmp_path, capsys, monkeypatch, s3_server, s3_bucket,
                                                                 digits_teacher):
+    """Killed once 256 rows are stored: wherever the kill lands after that, the rerun resumes each split at the row
+    the cache recorded, and the bytes end as those of an uninterrupted run."""
     root, fs = f"{s3_bucket}/killed.kdcache", _fs(s3_server)
     url = f"s3://{root}"
     args = _capture(digits_teacher, url, "--batch-size", "16", "--chunk-rows", "64", "--device", "cpu")
     env = _subprocess_env(s3_server)
     proc = subprocess.Popen(_kdcache(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    rows_done, deadline = 0, time.monotonic() + 120
+    deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            rows_done = json.loads(fs.cat_file(f"{root}/train/zarr.json"))["attributes"]["rows_done"]
-        except (FileNotFoundError, ValueError, KeyError):
-            rows_done = 0
-        if rows_done >= 256:
+        if _split_attrs(fs, root, "train").get("rows_done", 0) >= 256:
             proc.send_signal(signal.SIGKILL)
             break
         fs.invalidate_cache()
@@ -137,9 +142,16 @@ def test_sigkill_mid_write_then_resume_is_byte_identical_on_s3(tmp_path, capsys,
     assert proc.wait(timeout=60) == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     with pytest.raises(KDCacheError, match="incomplete"):
         kdcache.open_cache(url, storage_options=s3_server.options)  # a killed cache is never used silently
+    fs.invalidate_cache()
+    recorded = {split: _split_attrs(fs, root, split) for split in ("train", "validation")}  # as the kill left them
+    assert recorded["train"].get("rows_done", 0) >= 256
     done = subprocess.run(_kdcache(*args), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resuming split 'train' at row {rows_done}" in done.stderr
+    for split, attrs in recorded.items():
+        if attrs.get("complete") or not attrs.get("rows_done"):
+            assert f"resuming split '{split}'" not in done.stderr  # finished before the kill, or not started
+        else:
+            assert f"resuming split '{split}' at row {attrs['rows_done']} of " in done.stderr, (split, done.stderr)
     reference = tmp_path / "reference.kdcache"
     assert run_cli(_capture(digits_teacher, str(reference), "--batch-size", "16", "--chunk-rows", "64"),
                    capsys, monkeypatch)[0] == 0

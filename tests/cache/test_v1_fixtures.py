@@ -42,7 +42,7 @@ def test_verify_passes(fixture_cache):
     assert report.ok, report.lines()
 
 
-def test_a_student_trains_on_it(fixture_cache, tmp_path, shared_data, tiny_tokenizer):
+def test_a_student_trains_on_it(fixture_cache, tmp_path, glue_dir, tiny_tokenizer):
     name, path = fixture_cache
     if name.startswith("digits"):
         cfg = DistillConfig(student="mlp", student_kwargs={"in_features": 64, "hidden": 8, "depth": 1}, cache=path,
@@ -51,7 +51,7 @@ def test_a_student_trains_on_it(fixture_cache, tmp_path, shared_data, tiny_token
         student = tmp_path / "bert.json"
         student.write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 16,
                                        "num_attention_heads": 2, "intermediate_size": 32}))
-        cfg = DistillConfig(student=str(student), cache=path, data=str(shared_data / "glue" / "SST-2"),
+        cfg = DistillConfig(student=str(student), cache=path, data=str(glue_dir / "SST-2"),
                             out=tmp_path / "run", epochs=1, batch_size=16, device="cpu", progress=False)
     summary = distill(cfg)
     assert summary["epochs_done"] == cfg.epochs and summary["best_metric"] is not None

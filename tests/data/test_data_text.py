@@ -83,11 +83,22 @@ def test_mrpc_real_slice_is_sentence_pairs(glue_dir, tiny_tokenizer, split, file
     ("cola", "CoLA", 1043, {0: 322, 1: 721}),
     ("mrpc", "MRPC", 408, {0: 129, 1: 279}),
 ])
-def test_full_dev_files(glue_dir, tiny_tokenizer, task, folder, n, counts):
-    data = load_text_split(task, glue_dir / folder, "validation", tiny_tokenizer)
+def test_full_dev_files(shared_data, tiny_tokenizer, task, folder, n, counts):
+    data = load_text_split(task, shared_data / "glue" / folder, "validation", tiny_tokenizer)
     assert len(data) == n
     labels = np.array(_labels(data))
     assert {k: int((labels == k).sum()) for k in counts} == counts
+
+
+@pytest.mark.parametrize("task,folder,header,label_col,n", [("sst2", "SST-2", True, 1, 640),
+                                                            ("cola", "CoLA", False, 1, 200), ("mrpc", "MRPC", True, 0, 200)])
+def test_whole_dev_slices_load_every_row(glue_dir, tiny_tokenizer, task, folder, header, label_col, n):
+    """Without a limit every row of the file is read, each with its own label (the committed slices' rows)."""
+    rows = _read_tsv(glue_dir / folder / "dev.tsv", header=header)
+    data = load_text_split(task, glue_dir / folder, "validation", tiny_tokenizer)
+    assert len(data) == len(rows) == n
+    assert _labels(data) == [int(r[label_col]) for r in rows]
+    assert set(_labels(data)) == {0, 1}
 
 
 def test_glue_test_files_have_no_labels(glue_dir, tiny_tokenizer):

@@ -5,7 +5,6 @@ unlabeled and integer-labelled text, the progress bar, and a writer that never h
 from __future__ import annotations
 
 import threading
-import time
 import zipfile
 
 import numpy as np
@@ -271,16 +270,18 @@ def test_background_writer_lets_compute_run_ahead_of_the_disk():
     """While the sink is stuck on a slow write, the producer keeps handing over batches without waiting."""
     release, written = threading.Event(), []
 
-    def slow_sink(arrays):
-        release.wait(5)
+    def stuck_sink(arrays):
+        release.wait()  # stuck until the producer has handed over every batch: a put that waited would never return
         written.append(int(arrays["x"][0]))
 
-    writer = BackgroundWriter(slow_sink, max_pending=4)
-    start = time.perf_counter()
-    for i in range(4):
-        writer.put({"x": torch.tensor([i])})
-    assert time.perf_counter() - start < 1.0 and written == []  # nothing waited for the stuck write
-    release.set()
+    writer = BackgroundWriter(stuck_sink, max_pending=4)
+    producer = threading.Thread(target=lambda: [writer.put({"x": torch.tensor([i])}) for i in range(4)])
+    producer.start()
+    producer.join(timeout=120)
+    stuck, early = producer.is_alive(), list(written)
+    release.set()  # let a stuck producer finish either way
+    producer.join()
+    assert not stuck and early == []  # the four puts returned while the first write was still stuck
     writer.close()
     assert written == [0, 1, 2, 3]  # in order, all of them, once close returns
 

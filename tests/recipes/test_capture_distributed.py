@@ -97,9 +97,11 @@ def test_two_processes_write_the_bytes_one_process_writes(tmp_path, weights, ref
 
 
 def _killed(tmp_path: Path, weights: Path, nproc: int, rank: int) -> Path:
-    """A capture whose rank `rank` killed itself (SIGKILL) after 62 rows of the train split (2 of them the probe)."""
+    """A capture whose rank `rank` killed itself (SIGKILL) after 62 rows of the train split (2 of them the probe),
+    once some of its rows were stored."""
     out = tmp_path / "c.kdcache"
-    proc = _capture(nproc, weights, out, check=False, KDCACHE_TEST_KILL_RANK=str(rank), KDCACHE_TEST_KILL_AFTER="62")
+    proc = _capture(nproc, weights, out, check=False, KDCACHE_TEST_KILL_RANK=str(rank), KDCACHE_TEST_KILL_AFTER="62",
+                    KDCACHE_TEST_KILL_ONCE_STORED=str(out))
     assert proc.returncode != 0
     with pytest.raises(KDCacheError, match="incomplete"):
         kdcache.open_cache(out)  # a half-written cache is never readable as complete
@@ -123,7 +125,8 @@ def test_a_capture_of_two_processes_resumes_with_one_and_one_of_one_with_two(tmp
     _assert_same(out, reference)
 
     out = tmp_path / "b" / "c.kdcache"  # one process killed: rows_done, no records; finished by two
-    proc = _capture(1, weights, out, check=False, KDCACHE_TEST_KILL_RANK="0", KDCACHE_TEST_KILL_AFTER="62")
+    proc = _capture(1, weights, out, check=False, KDCACHE_TEST_KILL_RANK="0", KDCACHE_TEST_KILL_AFTER="62",
+                    KDCACHE_TEST_KILL_ONCE_STORED=str(out))
     assert proc.returncode != 0
     assert 0 < json.loads((out / "train" / "zarr.json").read_text())["attributes"]["rows_done"] < 203
     _capture(2, weights, out)
