@@ -25,6 +25,18 @@ AUGMENTS = ("none", "cifar", "imagenet")
 LOGIT_DTYPES = ("float16", "float32")
 
 
+def task_modality(task: str | None) -> str | None:
+    """The modality a task name implies (None for a name this kdcache does not know): the data loaders read by it,
+    and a cache's recorded modality must agree with it, since the modality picks the distillation preset."""
+    if task in GLUE_TASKS or task == "text":
+        return "text"
+    if task in IMAGE_TASKS:
+        return "image"
+    if task in FEATURE_TASKS:
+        return "features"
+    return None
+
+
 def check(flag: str, value: object, choices: tuple[str, ...]) -> None:
     """A flag's value among its choices, or the one-line error naming them (None: not given)."""
     if value is not None and value not in choices:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.errors import KDCacheError
-from kdcache.names import FEATURE_TASKS, GLUE_TASKS, IMAGE_TASKS
+from kdcache.names import task_modality
 
 FORMAT_NAME = "kdcache.teacher-cache"
 FORMAT_VERSION = 1
@@ -194,18 +194,6 @@ MODALITIES = ("text", "image", "features")
 #: Records of a split's preprocessing that describe the source file rather than the rows written (a text file's row
 #: count is unknown when --limit stops reading early): a resumed write may record another value (writer._INFORMATIONAL).
 INFORMATIONAL_PREPROCESS = ("rows_in_file",)
-
-
-def task_modality(task: str | None) -> str | None:
-    """The modality a task name implies (None for a name this kdcache does not know): a cache's recorded modality must
-    agree with its task's, since the modality picks the distillation preset."""
-    if task in GLUE_TASKS or task == "text":
-        return "text"
-    if task in IMAGE_TASKS:
-        return "image"
-    if task in FEATURE_TASKS:
-        return "features"
-    return None
 
 
 # --- headers ------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 from kdcache.data.base import Batch, SplitData
 from kdcache.errors import KDCacheError
 
-from kdcache.names import FEATURE_TASKS, GLUE_TASKS, IMAGE_TASKS, TASKS
+from kdcache.names import FEATURE_TASKS, GLUE_TASKS, IMAGE_TASKS, TASKS, task_modality
 
 
 @dataclass
@@ -49,13 +49,11 @@ def recorded_options(dataset: dict[str, Any], task: dict[str, Any]) -> DataOptio
 
 
 def modality_of(task: str) -> str:
-    if task in GLUE_TASKS or task == "text":
-        return "text"
-    if task in IMAGE_TASKS:
-        return "image"
-    if task in FEATURE_TASKS:
-        return "features"
-    raise KDCacheError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    """The modality of a task kdcache knows, or one line naming the tasks it knows."""
+    modality = task_modality(task)
+    if modality is None:
+        raise KDCacheError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return modality
 
 
 def load_split(task: str, data: str | Path | None, split: str, *, tokenizer: Any = None,
