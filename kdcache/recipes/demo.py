@@ -87,9 +87,10 @@ def run_demo(workdir: Path, *, epochs: int = 30, student_epochs: int | None = No
     if student_epochs is not None and student_epochs < 2:
         raise KDCacheError(f"demo: --student-epochs must be at least 2 (Annealing-KD has two stages), got {student_epochs}")
     shutil.rmtree(workdir / "teacher" / "checkpoints", ignore_errors=True)  # a rerun's checkpoints, not an older run's
-    # about five checkpoints before the last epoch, at least one, and no more than Pro-KD has student epochs to follow
+    # every CHECKPOINT_EVERY epochs, at least one checkpoint before the last epoch, and no more checkpoints than
+    # Pro-KD has student epochs to follow them
     student_n = student_epochs or STUDENT_FLAGS["epochs"]
-    every = max(1, min(CHECKPOINT_EVERY, epochs // 6), -(-(epochs - 1) // (student_n - 1)))
+    every = max(min(CHECKPOINT_EVERY, epochs - 1), -(-(epochs - 1) // (student_n - 1)))
     accuracy = train_digits_teacher(workdir / "teacher", epochs=epochs, checkpoint_every=every)
     console.print(f"trained teacher ({TEACHER_ARCH} {TEACHER_KWARGS}) in {time.perf_counter() - start:.1f} s: "
                   f"validation accuracy {accuracy:.4f}")
