@@ -192,12 +192,13 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     else:
         log_p, log_p_tail = topk_teacher_log_probs(values, lse_t, temperature)
-        lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
-        log_q = s.gather(-1, ids) - lse_s
+        log_q_all = F.log_softmax(s, dim=-1)
+        log_q = log_q_all.gather(-1, ids)
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
         if ids.shape[-1] < z_s.shape[-1]:
-            # at least one output is unkept, so the masked log-sum-exp is finite and so is its gradient
-            log_q_tail = torch.logsumexp(s.scatter(-1, ids, -math.inf), dim=-1) - lse_s.squeeze(-1)
+            # A log-sum-exp over the unkept outputs, not log(1 - sum q_k): exact however small the student's tail.
+            # At least one output is unkept, so it is finite and so is its gradient.
+            log_q_tail = torch.logsumexp(log_q_all.scatter(-1, ids, -math.inf), dim=-1)
             has_tail = torch.isfinite(log_p_tail)
             log_p_tail = torch.where(has_tail, log_p_tail, torch.zeros_like(log_p_tail))
             kl = kl + torch.where(has_tail, log_p_tail.exp() * (log_p_tail - log_q_tail), torch.zeros_like(kl))
@@ -263,7 +264,8 @@ def topk_continuation_kd_loss(student_logits: torch.Tensor, topk_values: torch.T
     """Continuation-KD (`continuation_kd_loss`) against a top-k target: the same hinge and reductions on the
     distance of `topk_squared_distance`, which is the dense distance when K = C.
 
-    L = psi CE(z_S, y) + (1 - psi) L_CNT(d),  d_r = sum_k (z_S[r, i_k] - phi v_k)^2 + sum_{j not kept} relu(z_S[r, j] - phi v_K)^2
+    L = psi CE(z_S, y) + (1 - psi) L_CNT(d),
+    d_r = sum_k (z_S[r, i_k] - phi v_k)^2 + sum_{j not kept} relu(z_S[r, j] - phi v_K)^2
     with v_K the row's smallest kept value; `element` and `mse` divide by C, the student's outputs.
 
     Args:

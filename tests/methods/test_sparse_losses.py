@@ -198,6 +198,20 @@ def test_float16_values_that_round_the_kept_mass_above_1_stay_finite():
     assert loss.item() == pytest.approx(want, abs=1e-2)
 
 
+def test_a_student_tail_below_float32s_range_is_still_exact():
+    """The student's tail is a log-sum-exp over its unkept outputs, not log(1 - sum q_k): a tail of e^-100
+    (under float32's smallest normal) still gives the finite, exact loss."""
+    teacher = torch.tensor([[2.0, 1.0, 1.0, 0.5]])
+    values, indices, lse = topk_target(teacher, 2, temperatures=(1.0,))
+    student = torch.tensor([[100.0, 100.0, 0.0, 0.0]], requires_grad=True)
+    loss = topk_kd_loss(student, values, indices, lse, torch.tensor([-1]), temperature=1.0, temperatures=(1.0,),
+                        alpha=0.0)
+    loss.backward()
+    want = merged_kl(student.detach().double(), teacher.double(), indices, 1.0).item()
+    assert loss.item() == pytest.approx(want, rel=1e-5) and want > 25
+    assert torch.isfinite(student.grad).all()
+
+
 # --- top-k: temperatures ------------------------------------------------------------------------------------
 
 def test_a_temperature_that_was_not_recorded_is_refused_listing_the_recorded_ones():
