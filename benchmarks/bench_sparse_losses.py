@@ -4,8 +4,8 @@
                                              [--threads 1] [--steps 50] [--repeats 7] [--device cpu]
 
 The student's outputs are a leaf tensor (no model), so the table is the loss's own cost per step, the part of a
-distill step that the target kind changes. Each row: median over `--repeats` runs of `--steps` steps, in ms per
-step, and its ratio to dense Vanilla KD (T = 4, alpha = 0.5) on the same rows. Sampled targets are N draws at
+distill step that the target kind changes. Each row: ms per step and its ratio to dense Vanilla KD (T = 4,
+alpha = 0.5) on the same rows, medians over `--repeats` rounds that take every case in turn for `--steps` steps. Sampled targets are N draws at
 T_s = 1 stored at width N (unused slots at count 0), as capture stores them.
 """
 
@@ -33,22 +33,25 @@ def sampled_target(teacher: torch.Tensor, draws: int, generator: torch.Generator
     return ids, counts, log_p
 
 
-def step_ms(loss_fn: Callable[[torch.Tensor], torch.Tensor], student: torch.Tensor, steps: int, repeats: int) -> float:
-    """Median ms for one forward + backward of `loss_fn` over `repeats` timed runs of `steps` steps."""
-    def run(n: int) -> None:
-        for _ in range(n):
-            student.grad = None
-            loss_fn(student).backward()
-        if student.device.type == "cuda":
-            torch.cuda.synchronize()
+def steps_ms(loss_fn: Callable[[torch.Tensor], torch.Tensor], student: torch.Tensor, steps: int) -> float:
+    """Mean ms for one forward + backward of `loss_fn` over `steps` steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        student.grad = None
+        loss_fn(student).backward()
+    if student.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
 
-    run(5)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(steps)
-        times.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(times)
+
+def measure(cases: list[Callable], student: torch.Tensor, steps: int, repeats: int) -> list[tuple[float, float]]:
+    """(median ms, median ratio to cases[0]) per case. Rounds take every case in turn, and each ratio is taken
+    within a round, so a load that changes over time (a shared machine) moves the baseline with the rest."""
+    for fn in cases:
+        steps_ms(fn, student, 5)  # warm-up
+    rounds = [[steps_ms(fn, student, steps) for fn in cases] for _ in range(repeats)]
+    return [(statistics.median(r[i] for r in rounds), statistics.median(r[i] / r[0] for r in rounds))
+            for i in range(len(cases))]
 
 
 def main() -> None:
@@ -96,16 +99,13 @@ def main() -> None:
         cases.append(("Continuation-KD", f"top-{k}", lambda s, v=values, i=indices:
                       topk_continuation_kd_loss(s, v, i, labels, **cnt)))
 
-    baseline = None
     print(f"B = {rows}, C = {outputs}, float32, {args.device}, {args.threads} thread(s); "
-          f"median of {args.repeats} x {args.steps} steps")
+          f"median of {args.repeats} rounds of {args.steps} steps per case")
     print("| loss | target | ms / step (fwd + bwd) | x dense Vanilla KD |")
     print("|---|---|---|---|")
-    for loss, target, fn in cases:
-        ms = step_ms(fn, student, args.steps, args.repeats)
-        baseline = baseline or ms
-        print(f"| {loss} | {target} | {ms:.3f} | {ms / baseline:.2f} |", flush=True)
-
+    for (loss, target, _), (ms, ratio) in zip(cases, measure([fn for *_, fn in cases], student, args.steps,
+                                                              args.repeats)):
+        print(f"| {loss} | {target} | {ms:.2f} | {ratio:.2f} |")
 
 if __name__ == "__main__":
     main()
