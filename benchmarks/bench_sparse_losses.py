@@ -4,8 +4,9 @@
                                              [--threads 1] [--steps 50] [--repeats 7] [--device cpu]
 
 The student's outputs are a leaf tensor (no model), so the table is the loss's own cost per step, the part of a
-distill step that the target kind changes. Each row: ms per step and its ratio to dense Vanilla KD (T = 4,
-alpha = 0.5) on the same rows, medians over `--repeats` rounds that take every case in turn for `--steps` steps. Sampled targets are N draws at
+distill step that the target kind changes. Each row: ms per step, its ratio to dense Vanilla KD (T = 4,
+alpha = 0.5) on the same rows and to its own dense sibling (Continuation-KD's for the top-k Continuation rows),
+medians over `--repeats` rounds that take every case in turn for `--steps` steps. Sampled targets are N draws at
 T_s = 1 stored at width N (unused slots at count 0), as capture stores them.
 """
 
@@ -44,14 +45,16 @@ def steps_ms(loss_fn: Callable[[torch.Tensor], torch.Tensor], student: torch.Ten
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def measure(cases: list[Callable], student: torch.Tensor, steps: int, repeats: int) -> list[tuple[float, float]]:
-    """(median ms, median ratio to cases[0]) per case. Rounds take every case in turn, and each ratio is taken
-    within a round, so a load that changes over time (a shared machine) moves the baseline with the rest."""
+def measure(cases: list[Callable], siblings: list[int], student: torch.Tensor, steps: int,
+            repeats: int) -> list[tuple[float, float, float]]:
+    """(median ms, median ratio to cases[0], median ratio to its dense sibling) per case. Rounds take every case
+    in turn and each ratio is taken within a round, so a load that changes over time (a shared machine) moves the
+    baselines with the rest."""
     for fn in cases:
         steps_ms(fn, student, 5)  # warm-up
     rounds = [[steps_ms(fn, student, steps) for fn in cases] for _ in range(repeats)]
-    return [(statistics.median(r[i] for r in rounds), statistics.median(r[i] / r[0] for r in rounds))
-            for i in range(len(cases))]
+    return [(statistics.median(r[i] for r in rounds), statistics.median(r[i] / r[0] for r in rounds),
+             statistics.median(r[i] / r[siblings[i]] for r in rounds)) for i in range(len(cases))]
 
 
 def main() -> None:
@@ -99,13 +102,16 @@ def main() -> None:
         cases.append(("Continuation-KD", f"top-{k}", lambda s, v=values, i=indices:
                       topk_continuation_kd_loss(s, v, i, labels, **cnt)))
 
+    # each case's dense sibling: the dense row of its family (RS-KD's: Vanilla KD)
+    dense_of = {loss: i for i, (loss, target, _) in enumerate(cases) if target == "dense"}
+    siblings = [dense_of.get(loss, 0) for loss, _, _ in cases]
     print(f"B = {rows}, C = {outputs}, float32, {args.device}, {args.threads} thread(s); "
           f"median of {args.repeats} rounds of {args.steps} steps per case")
-    print("| loss | target | ms / step (fwd + bwd) | x dense Vanilla KD |")
-    print("|---|---|---|---|")
-    for (loss, target, _), (ms, ratio) in zip(cases, measure([fn for *_, fn in cases], student, args.steps,
-                                                              args.repeats)):
-        print(f"| {loss} | {target} | {ms:.2f} | {ratio:.2f} |")
+    print("| loss | target | ms / step (fwd + bwd) | x dense Vanilla KD | x its dense sibling |")
+    print("|---|---|---|---|---|")
+    results = measure([fn for *_, fn in cases], siblings, student, args.steps, args.repeats)
+    for (loss, target, _), (ms, ratio, sibling) in zip(cases, results):
+        print(f"| {loss} | {target} | {ms:.2f} | {ratio:.2f} | {sibling:.2f} |")
 
 if __name__ == "__main__":
     main()
