@@ -143,8 +143,8 @@ def topk_squared_distance(z_s: torch.Tensor, topk_values: torch.Tensor, topk_ind
 # --- losses -----------------------------------------------------------------------------------------
 
 def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
-                 logsumexp: torch.Tensor, labels: torch.Tensor, *, temperature: float,
-                 temperatures: Sequence[float], alpha: float, tail: str = "bucket",
+                 logsumexp: torch.Tensor | None, labels: torch.Tensor, *, temperature: float,
+                 temperatures: Sequence[float] = (), alpha: float, tail: str = "bucket",
                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """Vanilla KD (`vanilla_kd_loss`) against a top-k target, exact at every recorded T: the C outputs are
     grouped into the K kept ids and one tail bucket, for the teacher and the student alike.
@@ -164,10 +164,11 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
         student_logits: (R, C).
         topk_values: (R, K) raw teacher logits.
         topk_indices: (R, K) int64 ids.
-        logsumexp: (R, L) float32, one column per recorded temperature (T = 1 first), or (R,) for T = 1 alone.
+        logsumexp: (R, L) float32, one column per recorded temperature (T = 1 first), or (R,) for T = 1 alone;
+            unused (may be None) with tail="renormalised".
         labels: (R,) int64, -1 = missing.
         temperature: T > 0; with tail="bucket" it must be one of `temperatures`.
-        temperatures: the recorded temperatures, in `logsumexp`'s column order.
+        temperatures: the recorded temperatures, in `logsumexp`'s column order (unused when renormalised).
         alpha: weight of the hard-label term, in [0, 1].
         tail: "bucket" (exact) or "renormalised".
         mask: (R,) bool rows that count, or None.
@@ -178,6 +179,9 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
     temperature = _check_temperature("temperature", temperature)
     z_s = _sparse_rows(student_logits, topk_indices, topk_values, mask=mask)
     if tail == "bucket":
+        if logsumexp is None or not temperatures:
+            raise KDCacheError("the exact tail needs the cache's logsumexp and its recorded temperatures: "
+                               "capture with --topk (which stores them), or use the renormalised tail")
         lse = logsumexp.unsqueeze(-1) if logsumexp.dim() == 1 else logsumexp
         if lse.shape != (z_s.shape[0], len(temperatures)):
             raise KDCacheError(f"logsumexp {tuple(logsumexp.shape)} does not hold {z_s.shape[0]} rows of "

@@ -225,9 +225,12 @@ def test_a_temperature_that_was_not_recorded_is_refused_listing_the_recorded_one
     with pytest.raises(KDCacheError, match="not recorded"):
         topk_kd_loss(student, values, indices, lse, torch.zeros(3, dtype=torch.long), temperature=3.0,
                      temperatures=TEMPERATURES, alpha=1.0)
-    # the renormalised variant reads no log-sum-exp: any T
-    topk_kd_loss(student, values, indices, lse, torch.full((3,), -1), temperature=3.0, temperatures=TEMPERATURES,
-                 alpha=0.0, tail="renormalised")
+    # the renormalised variant reads no log-sum-exp: any T, and none need be stored
+    loss = topk_kd_loss(student, values, indices, None, torch.full((3,), -1), temperature=3.0, alpha=0.0,
+                        tail="renormalised")
+    assert loss.item() > 0
+    with pytest.raises(KDCacheError, match="exact tail needs the cache's logsumexp"):
+        topk_kd_loss(student, values, indices, None, torch.full((3,), -1), temperature=1.0, alpha=0.0)
 
 
 def test_each_temperature_reads_its_own_column_and_a_1d_logsumexp_is_t_1():
