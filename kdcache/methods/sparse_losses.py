@@ -16,7 +16,8 @@ R = batch * positions and pass `mask` to drop the padded positions, as torchtune
   softmax(z_T / T_s), how many times each was drawn (summing to N on every row; unused slots have count 0 and
   an arbitrary id and log-prob), and each id's teacher log-softmax at T = 1 (float32);
 - `labels`: (R,) int64 class ids, -1 = no label;
-- `mask`: (R,) bool, the rows that count, or None for all of them.
+- `mask`: (R,) bool, the rows that count, or None for all of them. The rows it drops must still hold finite
+  targets (zeros will do): a NaN there would reach their gradient as 0 x NaN.
 
 Teacher targets are detached; every loss returns a scalar in at least float32, connected to `student_logits`.
 Teacher terms average over the rows `mask` keeps (0 when it keeps none); label terms over the kept, labelled ones.
