@@ -66,6 +66,33 @@ def _squared_distance(z_s: torch.Tensor, z_t: torch.Tensor, phi: float) -> torch
     return (z_s - phi * z_t).pow(2).sum(dim=-1)
 
 
+def continuation_hinge(distance: torch.Tensor, *, outputs: int, allowed: float, reduction: str,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Continuation-KD's L_CNT from the per-row squared distances, so a sparse target that computes its own
+    distance (`kdcache.methods.sparse_losses`) shares the dense loss's hinge and reductions exactly.
+
+    Args:
+        distance: (B,) d_b, summed over the C outputs.
+        outputs: C, the divisor of `element` and `mse`.
+        allowed: m phi, the hinge's tolerance.
+        reduction: "sample", "batch", "element" or "mse" (see `continuation_kd_loss`).
+        mask: (B,) bool, the rows that count (token-level: the valid positions); None: all B rows.
+    """
+    if reduction in ("element", "mse"):
+        distance = distance / outputs
+    if reduction in ("sample", "element"):
+        return masked_mean(torch.clamp(distance - allowed, min=0), mask)
+    return torch.clamp(masked_mean(distance, mask) - allowed, min=0)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B,) -> scalar: the mean over the rows `mask` keeps (0 when it keeps none), without a host sync."""
+    if mask is None:
+        return values.mean()
+    kept = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return kept / mask.sum().clamp(min=1).to(values.dtype)
+
+
 # --- losses -----------------------------------------------------------------------------------------
 
 def ce(student_logits: torch.Tensor, labels: torch.Tensor, *, kind: str = "classification") -> torch.Tensor:
@@ -173,16 +200,8 @@ def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     z_s, z_t = _student_teacher(student_logits, teacher_logits)
     if psi == 1.0:
         return ce(student_logits, labels, kind=kind)
-    distance = _squared_distance(z_s, z_t, phi)
-    allowed = margin * phi_m
-    if reduction == "sample":
-        hinge = torch.clamp(distance - allowed, min=0).mean()
-    elif reduction == "batch":
-        hinge = torch.clamp(distance.mean() - allowed, min=0)
-    elif reduction == "element":
-        hinge = torch.clamp(distance / z_s.shape[-1] - allowed, min=0).mean()
-    else:
-        hinge = torch.clamp(distance.mean() / z_s.shape[-1] - allowed, min=0)
+    hinge = continuation_hinge(_squared_distance(z_s, z_t, phi), outputs=z_s.shape[-1], allowed=margin * phi_m,
+                               reduction=reduction)
     if psi == 0.0:
         return hinge
     return psi * ce(student_logits, labels, kind=kind) + (1.0 - psi) * hinge
