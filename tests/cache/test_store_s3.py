@@ -221,19 +221,26 @@ def test_credentials_are_never_recorded(tmp_path, capsys, monkeypatch, s3_server
 
 def test_a_second_writer_is_refused_while_the_lease_is_held_and_takes_over_once_it_expires(
         tmp_path, capsys, monkeypatch, s3_server, s3_bucket, digits_teacher):
-    url = f"s3://{s3_bucket}/leased.kdcache"
-    env = {**_subprocess_env(s3_server), "KDCACHE_LEASE_SECONDS": "3"}
+    """Event-driven, never timed: the holder's renewal is awaited (the lease object changes), and its expiry is the
+    frozen holder's record set in the past, as the clock would; the 10 s lease leaves a loaded machine its margin."""
+    url, fs = f"s3://{s3_bucket}/leased.kdcache", _fs(s3_server)
+    key = f"{s3_bucket}/leased.kdcache.lock"
+    env = {**_subprocess_env(s3_server), "KDCACHE_LEASE_SECONDS": "10"}
     holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(url=url)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
-        monkeypatch.setenv("KDCACHE_LEASE_SECONDS", "3")
-        time.sleep(3.5)  # longer than the lease: a live holder renews it, so it is still held
+        first = json.loads(fs.cat_file(key))
+        deadline = time.monotonic() + 120
+        while json.loads(fs.cat_file(key))["expires"] == first["expires"]:  # a live holder renews its lease
+            assert time.monotonic() < deadline, "the holder never renewed its lease"
+            time.sleep(0.05)
         code, _, err = run_cli(_capture(digits_teacher, url, *_options(s3_server)), capsys, monkeypatch)
         _one_error_line(code, err, url, "another cache-teacher", "holds the lease on this cache")
-        assert not _fs(s3_server).exists(f"{s3_bucket}/leased.kdcache/zarr.json")  # nothing was written
+        assert not fs.exists(f"{s3_bucket}/leased.kdcache/zarr.json")  # nothing was written
         holder.send_signal(signal.SIGSTOP)  # alive but frozen, as a writer on a machine that dropped off: no renewal
-        time.sleep(3.5)  # its lease expires
+        record = json.loads(fs.cat_file(key))
+        fs.pipe_file(key, json.dumps({**record, "expires": record["expires"] - 3600}).encode())  # its lease expired
         code, _, err = run_cli(_capture(digits_teacher, url, *_options(s3_server)), capsys, monkeypatch)
         assert code == 0, err
         holder.send_signal(signal.SIGCONT)  # the old writer wakes up: it must know it no longer holds the cache
@@ -241,7 +248,7 @@ def test_a_second_writer_is_refused_while_the_lease_is_held_and_takes_over_once_
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert not _fs(s3_server).exists(f"{s3_bucket}/leased.kdcache.lock")  # released at the end
+    assert not fs.exists(key)  # released at the end
 
 
 def test_a_flipped_byte_in_a_remote_chunk_is_named(tmp_path, capsys, monkeypatch, s3_server, s3_bucket,
