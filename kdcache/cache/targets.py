@@ -136,7 +136,8 @@ class TargetSpec(_Header):
     def check(self, where: str) -> None:
         """The description must be one this kdcache can read and agree with itself (an edited attribute is one line)."""
         def bad(problem: str) -> KDCacheError:
-            return KDCacheError(f"{where}: attribute target {problem}; the attributes were edited")
+            gap = "" if problem.startswith(".") else " "
+            return KDCacheError(f"{where}: attribute target{gap}{problem}; the attributes were edited")
 
         if self.kind not in KINDS:
             raise bad(f".kind is {self.kind!r}, not one of {', '.join(KINDS)}")
