@@ -195,7 +195,9 @@ def cache_teacher_cmd(
     summary = describe_cache(location, storage)
     for s in summary["splits"]:
         rate = (summary["throughput"] or {}).get(s["name"], {}).get("rows_per_second")
-        _out.print(f"cached {s['name']}: {s['rows']} rows, {summary['target']['description']}, "
+        target = summary["target"]
+        kind = "" if target["kind"] == "dense" else f" stored as {target['description']}"
+        _out.print(f"cached {s['name']}: {s['rows']} rows x {target['outputs']} outputs{kind}, "
                    f"{s['bytes_per_sample']} bytes/sample, {rate} rows/s")
     _out.print(f"wrote {location}")
 

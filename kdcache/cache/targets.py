@@ -36,7 +36,7 @@ KINDS = ("dense", "topk", "sampled")
 ROW_AXES = ["rows"]
 #: The codecs of the arrays whose codec the format fixes (chosen by benchmarks/bench_target_codecs.py; the table is
 #: in docs/cache-format.md). The values arrays (`logits`, `topk_values`) take the cache's --codec.
-TARGET_CODECS = {"topk_indices": "blosc-zstd3-shuffle", "logsumexp": "zstd3", "sampled_ids": "blosc-zstd3-shuffle",
+TARGET_CODECS = {"topk_indices": "zstd3", "logsumexp": "blosc-zstd3-shuffle", "sampled_ids": "blosc-zstd3-shuffle",
                  "sampled_counts": "zstd3", "sampled_logprobs": "blosc-zstd3-shuffle"}
 #: Capture measures the kept mass and KL of a sparse target on the rows at positions 0..QUALITY_ROWS-1 of each split,
 #: whichever process computes them (a resumed run that does not recompute them records none).
