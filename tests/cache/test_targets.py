@@ -247,3 +247,13 @@ def test_default_temperatures_make_every_presets_schedule_exact():
     spec = TargetSpec.topk(1000, 32, "float16", temps)
     assert spec.dtypes == {"topk_values": "float16", "topk_indices": "uint16", "logsumexp": "float32"}
     assert spec.row_bytes == 32 * 2 + 32 * 2 + 20 * 4
+
+
+def test_info_names_a_few_labels_and_counts_the_rest(topk_cache, capsys, monkeypatch):
+    from cli.main import _labels
+
+    code, out, _ = run_cli(["info", topk_cache], capsys, monkeypatch)
+    assert code == 0 and "labels: 0, 1, 2, 3, 4, 5, 6, 7, ... (10 labels)" in out, out
+    names = [f"class_{i}" for i in range(1000)]
+    assert _labels(names) == "class_0, class_1, class_2, class_3, class_4, class_5, class_6, class_7, ... (1000 labels)"
+    assert _labels(["a", "b"]) == "a, b" and _labels(None) == "-"
