@@ -154,9 +154,11 @@ def cache_teacher_cmd(
                                                               "names.")] = None,
     proj_dim: Annotated[Optional[int], typer.Option(help="With --hidden-layers: dimension D of each projection.")] = None,
     proj_seed: Annotated[int, typer.Option(help="With --hidden-layers: seed of the Gaussian projection matrices.")] = 0,
+    topk: o.TopK = None, lse_temperatures: o.LseTemperatures = None, dense_fallback: o.DenseFallback = True,
+    sample_tokens: o.SampleTokens = None, sample_temperature: o.SampleTemperature = 1.0, sample_seed: o.SampleSeed = 0,
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
 ) -> None:
-    """Run a teacher once over a dataset and store its outputs in a Zarr cache."""
+    """Run a teacher once over a dataset and store its outputs (dense, top-k or sampled) in a Zarr cache."""
     from kdcache import names
 
     names.check("--task", task, names.TASKS)
@@ -169,8 +171,10 @@ def cache_teacher_cmd(
         _exists(flag, value)
     from kdcache.cache import codecs
     from kdcache.cache.info import describe_cache
+    from kdcache.cache.targets import parse_temperatures
     from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
 
+    temperatures = tuple(parse_temperatures(lse_temperatures)) if lse_temperatures is not None else None
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
                             normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
@@ -181,7 +185,9 @@ def cache_teacher_cmd(
         overwrite=overwrite, resume=resume, codec=codec or codecs.DEFAULT_CODEC, chunk_rows=chunk_rows, workers=workers,
         data_options=options, progress=progress, command=_command(),
         checkpoints=tuple(checkpoints or ()), hidden_layers=hidden_layers, proj_dim=proj_dim, proj_seed=proj_seed,
-        trust_model_code=trust_model_code, storage_options=storage)
+        trust_model_code=trust_model_code, storage_options=storage, topk=topk, lse_temperatures=temperatures,
+        dense_fallback=dense_fallback, sample_tokens=sample_tokens, sample_temperature=sample_temperature,
+        sample_seed=sample_seed)
     with _interrupts():
         location = cache_teacher(cfg)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the capture
@@ -189,7 +195,9 @@ def cache_teacher_cmd(
     summary = describe_cache(location, storage)
     for s in summary["splits"]:
         rate = (summary["throughput"] or {}).get(s["name"], {}).get("rows_per_second")
-        _out.print(f"cached {s['name']}: {s['rows']} rows x {s['logits_shape'][1]} outputs, "
+        target = summary["target"]
+        kind = "" if target["kind"] == "dense" else f" stored as {target['description']}"
+        _out.print(f"cached {s['name']}: {s['rows']} rows x {target['outputs']} outputs{kind}, "
                    f"{s['bytes_per_sample']} bytes/sample, {rate} rows/s")
     _out.print(f"wrote {location}")
 
@@ -214,13 +222,28 @@ def _human(n: float) -> str:
     return str(n)
 
 
+#: `kdcache info` names this many labels, then counts the rest (a 1000-class cache is not 1,000 names long)
+_LABELS_SHOWN = 8
+
+
+def _labels(names: list | None) -> str:
+    """A cache's label names in one short line: all of a few, the first few and the count of many."""
+    if not names:
+        return "-"
+    if len(names) <= _LABELS_SHOWN:
+        return ", ".join(map(str, names))
+    return f"{', '.join(map(str, names[:_LABELS_SHOWN]))}, ... ({len(names)} labels)"
+
+
 def _print_info(s: dict) -> None:
     teacher, task, storage = s.get("teacher") or {}, s.get("task") or {}, s.get("storage") or {}
     status = "[green]complete[/]" if s["complete"] else "[red]INCOMPLETE (not usable)[/]"
     _out.print(f"[bold]{s['path']}[/]  {s['format']} v{s['format_version']}  {status}")
     _out.print(f"teacher  {teacher.get('spec')}  ({teacher.get('source')}, {teacher.get('class')}, "
                f"{teacher.get('num_outputs')} outputs, sha256 {str(teacher.get('sha256'))[:16]}...)")
-    _out.print(f"task     {task.get('name')} ({task.get('kind')}), labels: {', '.join(task.get('label_names') or []) or '-'}")
+    _out.print(f"task     {task.get('name')} ({task.get('kind')}), labels: {_labels(task.get('label_names'))}")
+    target = s.get("target") or {}
+    _out.print(f"target   {target.get('description')}")
     _out.print(f"storage  {storage.get('logits_dtype')}, codec {storage.get('codec')} + {storage.get('checksum')}, "
                f"{storage.get('chunk_rows')} rows/chunk; {_human(s['size_on_disk'])} on disk")
     _out.print(f"created  {s.get('created')} by {s.get('command')}")
@@ -233,14 +256,19 @@ def _print_info(s: dict) -> None:
         widths = ", ".join(f"{k}: {w}" for k, w in (hidden.get("widths") or {}).items())
         _out.print(f"hidden   layers {', '.join(map(str, hidden['layers']))} projected to {hidden['dim']} dims "
                    f"(seed {hidden['seed']}; layer widths {widths})")
-    table = Table("split", "rows", "logits", "complete", "bytes/sample", "ratio", "source")
+    table = Table("split", "rows", "target", "complete", "bytes/sample", "ratio", "kept mass", "KL", "source")
     for sp in s["splits"]:
         if sp.get("missing_arrays"):  # the writer stopped before creating this split's arrays
-            table.add_row(sp["name"], str(sp["rows"]), "missing: " + ", ".join(sp["missing_arrays"]), "no", "-", "-", "-")
+            table.add_row(sp["name"], str(sp["rows"]), "missing: " + ", ".join(sp["missing_arrays"]), "no", "-", "-",
+                          "-", "-", "-")
             continue
-        table.add_row(sp["name"], str(sp["rows"]), f"{sp['logits_shape']} {sp['logits_dtype']}",
-                      "yes" if sp["complete"] else "no", str(sp["bytes_per_sample"]), f"{sp['compression_ratio']}x",
-                      str(sp["source"]))
+        shapes = ", ".join(f"{'' if a == 'logits' else a + ' '}{v['shape']} {v['dtype']}"
+                           for a, v in (sp.get("target_arrays") or {}).items())
+        quality = sp.get("target_quality") or {}
+        kept = "-" if quality.get("kept_mass") is None else f"{quality['kept_mass']:.4f}"
+        kl = "-" if quality.get("kl") is None else f"{quality['kl']:.4g}"
+        table.add_row(sp["name"], str(sp["rows"]), shapes, "yes" if sp["complete"] else "no",
+                      str(sp["bytes_per_sample"]), f"{sp['compression_ratio']}x", kept, kl, str(sp["source"]))
     _out.print(table)
 
 

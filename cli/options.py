@@ -41,6 +41,21 @@ StudentLayers = Annotated[Optional[int], _O(help="Keep only the first N transfor
 
 TeacherBatchSize = Annotated[int, _O("--batch-size", help="Rows per teacher forward pass.")]
 
+# --- the stored target (cache-teacher) ------------------------------------------------------------------------------
+TopK = Annotated[Optional[int], _O("--topk", help="Store the K largest logits per row, their ids and the log-sum-exp "
+                                                 "over all outputs (format version 2); K >= the teacher's outputs "
+                                                 "stores dense logits.")]
+LseTemperatures = Annotated[Optional[str], _O(help="With --topk: temperatures to record the log-sum-exp at, e.g. "
+                                                   "1,2,4 (T = 1 always; default: 1 and every preset's "
+                                                   "temperatures, 1..20).")]
+DenseFallback = Annotated[bool, _O(help="With --topk: store dense logits when K is not below the teacher's outputs "
+                                        "(--no-dense-fallback refuses instead).")]
+SampleTokens = Annotated[Optional[int], _O(help="Store RS-KD targets: N draws per row from softmax(z/T), kept as "
+                                                "unique ids, counts and log-probs (format version 2).")]
+SampleTemperature = Annotated[float, _O(help="With --sample-tokens: the temperature T drawn at.")]
+SampleSeed = Annotated[int, _O(help="With --sample-tokens: the seed; each row draws from (seed, its row), so a "
+                                    "resume or torchrun capture draws the same.")]
+
 # --- how to run -----------------------------------------------------------------------------------------------------
 Device = Annotated[str, _O(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 Precision = Annotated[str, _O(help="fp32, or bf16/fp16 autocast.")]

@@ -35,7 +35,8 @@ def compressors(codec: str, itemsize: int) -> list:
 def pipeline(codec: str, itemsize: int) -> list[dict[str, Any]]:
     """The whole codec chain of an array as its zarr.json records it (little-endian bytes, the compressor, CRC32C):
     what a reader compares an array's metadata with."""
-    return [c.to_dict() for c in (BytesCodec(endian="little"), *compressors(codec, itemsize))]
+    endian = None if itemsize == 1 else "little"  # Zarr records no byte order for one-byte types (a target's ids)
+    return [c.to_dict() for c in (BytesCodec(endian=endian), *compressors(codec, itemsize))]
 
 
 def has_checksum(codecs: tuple) -> bool:

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.reader import Cache
+from kdcache.cache.schema import ROW_ARRAYS
 from kdcache.cache.store import CacheStore
 
 _SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
                "digest", "logits_bytes_raw", "logits_bytes_stored", "compression_ratio", "bytes_per_sample",
-               "missing_arrays")
+               "missing_arrays", "target_arrays", "target_quality")
 
 
 def describe_cache(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -19,8 +20,9 @@ def describe_cache(location: str | Path | CacheStore, storage_options: dict[str,
     claim 10^12 rows is a one-line error, never a summary that calls it complete."""
     cache = Cache(location, allow_incomplete=True, storage_options=storage_options)
     sizes = cache.store.list_files()
-    splits = [_describe_split(cache, name, sizes) for name in cache.splits]
     header = cache.header
+    target = header.target_spec()
+    splits = [_describe_split(cache, name, sizes, target) for name in cache.splits]
     return {
         "path": str(cache.store), "format": header.format, "format_version": header.format_version,
         "complete": header.complete is True, "created": header.created, "completed": header.completed,
@@ -28,13 +30,15 @@ def describe_cache(location: str | Path | CacheStore, storage_options: dict[str,
         "inference": header.inference, "software": header.software, "command": header.command,
         "throughput": header.throughput, "checkpoints": [c.to_attrs() for c in header.checkpoints],
         "hidden_projections": header.hidden_projections.to_attrs() if header.hidden_projections else None,
+        "target": {**target.to_attrs(), "description": target.describe()},
         "size_on_disk": sum(sizes.values()), "splits": splits,
     }
 
 
-def _describe_split(cache: Cache, name: str, sizes: dict[str, int]) -> dict[str, Any]:
+def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any) -> dict[str, Any]:
+    """One split; the bytes are those of the target's arrays (dense: `logits`), raw and as stored."""
     group = cache.root[name]
-    wanted = ("logits", "labels", "index", "fingerprint", *(group.attrs.get("extra_arrays") or {}))
+    wanted = (*target.arrays, *ROW_ARRAYS, *(group.attrs.get("extra_arrays") or {}))
     complete = group.attrs.get("complete") is True
     if not complete and not set(wanted) <= set(group.array_keys()):
         # The writer stopped (e.g. a full disk) before it had created this split's arrays.
@@ -42,12 +46,16 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int]) -> dict[str,
         return {**dict.fromkeys(_SPLIT_KEYS), "name": name, "rows": group.attrs.get("rows"), "complete": False,
                 "missing_arrays": missing}
     split = cache.split(name, check_chunks=complete)
-    raw = split.logits.nbytes
-    stored = sum(size for key, size in sizes.items() if key.startswith(f"{name}/logits/"))
+    arrays = {a: split.arrays[a] for a in split.target.arrays}
+    raw = sum(a.nbytes for a in arrays.values())
+    stored = sum(size for key, size in sizes.items() for a in arrays if key.startswith(f"{name}/{a}/"))
     dataset = split.split_header.dataset
+    dense = split.target.kind == "dense"
     return {
-        "name": name, "rows": len(split), "logits_shape": list(split.logits.shape),
-        "logits_dtype": str(split.logits.dtype), "labels_dtype": str(split.labels.dtype),
+        "name": name, "rows": len(split), "logits_shape": list(split.logits.shape) if dense else None,
+        "logits_dtype": str(split.logits.dtype) if dense else None, "labels_dtype": str(split.labels.dtype),
+        "target_arrays": {a: {"shape": list(v.shape), "dtype": str(v.dtype)} for a, v in arrays.items()},
+        "target_quality": split.target_quality,
         "chunk_rows": split.chunk_rows, "complete": complete,
         "source": dataset.source if dataset else None, "digest": dataset.digest if dataset else None,
         "logits_bytes_raw": raw, "logits_bytes_stored": stored,

@@ -236,14 +236,20 @@ class TeacherCache:
             if not allow_incomplete and self.split_header.complete is not True:
                 raise KDCacheError(f"{self.path}: split {split!r} is incomplete; rerun cache-teacher")
             self.split_header.check_binding(self.header, meta)
-            #: every array of the split: the four of format v1, then the optional float arrays (teacher
-            #: checkpoints' logits, hidden-state projections) named in the split's `extra_arrays` attribute
-            self.names: tuple[str, ...] = self.split_header.array_names
+            #: the stored target (targets.TargetSpec): dense logits for a cache of format version 1
+            self.target = self.header.target_spec()
+            #: every array of the split: the target's (format v1: `logits`), the per-row columns, then the optional
+            #: float arrays (teacher checkpoints' logits, hidden-state projections) named in `extra_arrays`
+            self.names: tuple[str, ...] = self.split_header.arrays_for(self.target)
             missing = [name for name in self.names if name not in self.group.array_keys()]
             if missing:
                 raise KDCacheError(f"{self.path}/{split}: missing array(s) {', '.join(missing)}")
             self.arrays: dict[str, zarr.Array] = {name: self.group[name] for name in self.names}
-        self.logits: zarr.Array = self.arrays["logits"]
+        #: the target's first array (dense: `logits`; top-k: `topk_values`; sampled: `sampled_ids`): its rows and
+        #: chunks are the split's. Read a sparse target by its arrays' names (`read`), never as logits.
+        self.logits: zarr.Array = self.arrays[self.target.arrays[0]]
+        if not self.target.outputs:  # a dense cache a script wrote without recording the teacher's width
+            self.target = self.header.target_spec(outputs=int(self.logits.shape[1]))
         self.labels: zarr.Array = self.arrays["labels"]
         self.index: zarr.Array = self.arrays["index"]
         self.fingerprint: zarr.Array = self.arrays["fingerprint"]
@@ -328,10 +334,10 @@ class TeacherCache:
                                    f"{recorded} rows per chunk (and no chunk may exceed "
                                    f"{schema.MAX_CHUNK_BYTES:,} bytes); {RECREATE_HINT}")
         width = self.header.num_outputs
-        if width is not None and self.logits.shape[1] != width:
+        if width is not None and self.target.kind == "dense" and self.logits.shape[1] != width:
             raise KDCacheError(f"{self.path}/{self.split}: logits have {self.logits.shape[1]} columns but the teacher "
                                f"has {width} outputs")
-        described = self.header.extra_arrays(width or self.logits.shape[1])
+        described = self.header.extra_arrays(width or self.target.outputs)
         if described != self.extra_widths:
             raise KDCacheError(f"{self.store.display(f'{self.split}/zarr.json')}: attribute extra_arrays "
                                f"{self.extra_widths} disagrees with the root's checkpoints and hidden_projections, "
@@ -350,19 +356,21 @@ class TeacherCache:
         edited from float16 to int16 keeps the bytes and the chunk manifest, and would read as wrong numbers."""
         storage, kind = self.header.storage, self.header.task.kind
         dtype, codec, source = self._float_storage()
-        specs = schema.split_arrays(self.num_outputs, kind, dtype, self.extra_widths)
+        specs = schema.split_arrays(self.num_outputs, kind, dtype, self.extra_widths, self.target, codec)
         rows = self.split_header.rows
+        cache_codec = codec
         for name, array in self.arrays.items():
             spec = specs[name]
-            codec = codec if spec.is_target else codecs.DEFAULT_CODEC
+            codec = spec.codec_name(cache_codec)
             expected = {
-                "dtype": (str(spec.dtype), f"{source}logits_dtype {dtype!r}" if spec.is_target else
+                "dtype": (str(spec.dtype), f"target.dtypes.{name}" if name in self.target.dtypes and name != "logits"
+                          else f"{source}logits_dtype {dtype!r}" if spec.is_target else
                           f"task.kind {kind!r}" if name == "labels" else "the format"),
                 "shape": (list(spec.shape(rows)), f"rows {rows} of the split" + (
                     f" and {spec.width} columns" if spec.is_target else "")),
                 "chunk shape": ([self.chunk_rows, *spec.shape(rows)[1:]], f"storage.chunk_rows {self.chunk_rows}"),
                 "codecs": (codecs.pipeline(codec, spec.dtype.itemsize),
-                           f"{source}codec {codec!r}" if spec.is_target else f"the format's {codec!r}"),
+                           f"the format's {codec!r}" if spec.codec or not spec.is_target else f"{source}codec {codec!r}"),
             }
             found = {"dtype": str(array.dtype), "shape": list(array.shape), "chunk shape": list(array.chunks),
                      "codecs": [c.to_dict() for c in array.metadata.codecs]}
@@ -415,7 +423,8 @@ class TeacherCache:
 
     @property
     def num_outputs(self) -> int:
-        return int(self.logits.shape[1])
+        """The teacher's outputs C (a sparse target stores fewer columns)."""
+        return int(self.target.outputs)
 
     @property
     def label_names(self) -> list[str] | None:
@@ -425,8 +434,14 @@ class TeacherCache:
     def task_kind(self) -> str:
         return self.header.task.kind
 
+    @property
+    def target_quality(self) -> dict[str, Any] | None:
+        """What capture measured of a sparse target on a sample of this split's rows (kept mass, KL), or None."""
+        return self.split_attrs.get("target_quality")
+
     def __repr__(self) -> str:
-        return f"TeacherCache({self.path!r}, split={self.split!r}, rows={len(self)}, outputs={self.num_outputs})"
+        return (f"TeacherCache({self.path!r}, split={self.split!r}, rows={len(self)}, outputs={self.num_outputs}, "
+                f"target={self.target.kind!r})")
 
 
 def open_cache(location: str | Path | CacheStore, split: str = "train", *, allow_incomplete: bool = False,

@@ -1,14 +1,17 @@
-"""The cache format in code, version 1: the root and split headers, the arrays of a split, the chunk manifest.
+"""The cache format in code, version 2: the root and split headers, the arrays of a split, the chunk manifest.
 
-A cache is a Zarr v3 group. Its root attributes (`RootHeader`) describe the teacher, the task, the storage and
-the software; one subgroup per split (`SplitHeader`) holds the arrays of `split_arrays`: `logits` [N, C],
-`labels` [N], `index` [N], `fingerprint` [N] and optional float arrays of the same rows (teacher checkpoints,
-hidden-state projections). Every chunk ends in a CRC32C; every complete split records a digest per chunk
-(`ChunkManifest`); `complete: true` is written last. The specification in words is docs/cache-format.md; the
-writer writes these headers and the reader reads them, so the two cannot drift apart.
+A cache is a Zarr v3 group. Its root attributes (`RootHeader`) describe the teacher, the task, the stored target
+(`target`: a `kdcache.cache.targets.TargetSpec`), the storage and the software; one subgroup per split
+(`SplitHeader`) holds the arrays of `split_arrays`: the target's arrays (dense: `logits` [N, C]; top-k and
+sampled: see targets.py), `labels` [N], `index` [N], `fingerprint` [N] and optional float arrays of the same rows
+(teacher checkpoints, hidden-state projections). Every chunk ends in a CRC32C; every complete split records a
+digest per chunk (`ChunkManifest`); `complete: true` is written last. The specification in words is
+docs/cache-format.md; the writer writes these headers and the reader reads them, so the two cannot drift apart.
 
-Headers are read leniently (keys a newer writer added are kept in `extra`, keys an older writer lacked take
-their defaults), so a reader built from this module opens every v1 cache.
+A dense cache is written as format version 1 (no `target` attribute is needed to read it, so every kdcache reads
+it); a sparse target makes it version 2, which a version-1 reader refuses by its version check. Headers are read
+leniently (keys a newer writer added are kept in `extra`, keys an older writer lacked take their defaults), so a
+reader built from this module opens every v1 cache, as dense.
 """
 
 from __future__ import annotations
@@ -28,9 +31,15 @@ from kdcache.errors import KDCacheError
 from kdcache.names import task_modality
 
 FORMAT_NAME = "kdcache.teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this kdcache reads and writes (a dense cache is still written as 1)
+#: The version a dense cache is written as: unchanged from version 1, so older readers open it.
+DENSE_FORMAT_VERSION = 1
 
-BASE_ARRAYS = ("logits", "labels", "index", "fingerprint")
+BASE_ARRAYS = ("logits", "labels", "index", "fingerprint")  # a dense split's (format version 1's) four arrays
+ROW_ARRAYS = ("labels", "index", "fingerprint")  # the per-row columns every split holds after its target
+#: Every array name a target kind stores (targets.TargetSpec.dtypes): never an optional (extra) array's name.
+TARGET_ARRAYS = ("logits", "topk_values", "topk_indices", "logsumexp", "sampled_ids", "sampled_counts",
+                 "sampled_logprobs")
 LOGIT_DTYPES = ("float16", "float32")
 LABEL_DTYPE = {"classification": "int64", "regression": "float32"}
 INDEX_DTYPE = "int64"
@@ -100,32 +109,46 @@ def chain_digest(previous: str, digests: list[str]) -> str:
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One array of a split: a float target ([N, width]: logits, a checkpoint's logits, a projection) or a
-    per-row column ([N]: labels, index, fingerprint)."""
+    """One array of a split: a teacher output ([N, width] or [N]: logits, a sparse target's arrays, a checkpoint's
+    logits, a projection) or a per-row column ([N]: labels, index, fingerprint)."""
 
     name: str
     dtype: np.dtype
     width: int | None = None  # None: one value per row
     fill: float | None = None
+    target: bool = False  # a teacher output: floats are refused when not finite, and stored in the cache's codec
+    codec: str | None = None  # the codec the format fixes for this array (None: the cache's codec for a teacher
+    #                           output, the format's default for a per-row column)
 
     @property
     def is_target(self) -> bool:
-        return self.width is not None
+        return self.target
+
+    def codec_name(self, cache_codec: str) -> str:
+        """The codec this array is stored with in a cache whose --codec is `cache_codec`."""
+        from kdcache.cache.codecs import DEFAULT_CODEC
+
+        return self.codec or (cache_codec if self.target else DEFAULT_CODEC)
 
     def shape(self, rows: int) -> tuple[int, ...]:
         return (rows,) if self.width is None else (rows, self.width)
 
 
-def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int]) -> dict[str, ArraySpec]:
-    """Every array of a split in storage order: the four base arrays, then the optional float arrays."""
+def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int], target: Any = None,
+                 codec: str | None = None) -> dict[str, ArraySpec]:
+    """Every array of a split in storage order: the target's arrays (`target`, a targets.TargetSpec; None: dense
+    `logits`), the three per-row columns, then the optional float arrays. `codec`: the cache's codec."""
     floats = logits_dtype(dtype)
-    specs = {
-        "logits": ArraySpec("logits", floats, num_outputs, FLOAT_FILL),
+    if target is None or target.kind == "dense":
+        specs = {"logits": ArraySpec("logits", floats, num_outputs, FLOAT_FILL, target=True)}
+    else:
+        specs = target.array_specs(codec)
+    specs.update({
         "labels": ArraySpec("labels", np.dtype(LABEL_DTYPE[kind])),
         "index": ArraySpec("index", np.dtype(INDEX_DTYPE)),
         "fingerprint": ArraySpec("fingerprint", np.dtype(FINGERPRINT_DTYPE)),
-    }
-    specs.update({name: ArraySpec(name, floats, int(width), FLOAT_FILL) for name, width in extras.items()})
+    })
+    specs.update({name: ArraySpec(name, floats, int(width), FLOAT_FILL, target=True) for name, width in extras.items()})
     return specs
 
 
@@ -305,6 +328,8 @@ class RootHeader(_Header):
     chunk_manifests: bool | None = _optional()
     checkpoints: list[CheckpointEntry] = field(default_factory=list, metadata={"optional": True})
     hidden_projections: Projections | None = _optional()
+    #: the stored target (a targets.TargetSpec); absent in a version-1 cache, which holds dense logits
+    target: Any = _optional()
     completed: str | None = _optional()
     throughput: dict[str, Any] | None = _optional()
     resumed: str | None = _optional()
@@ -340,6 +365,10 @@ class RootHeader(_Header):
         hidden = attrs.get("hidden_projections")
         header.hidden_projections = Projections.from_attrs(hidden, f"{where}: hidden_projections", file=file,
                                                            prefix="hidden_projections.") if hidden else None
+        if attrs.get("target") is not None:
+            from kdcache.cache.targets import TargetSpec
+
+            header.target = TargetSpec.from_attrs(attrs["target"], f"{where}: target", file=file)
         for key, kind in TEACHER_TYPES.items():
             check_type(header.teacher.get(key), kind, file, f"teacher.{key}")
         header.check_binding(file)
@@ -367,6 +396,24 @@ class RootHeader(_Header):
         if storage.codec not in CODECS:
             raise KDCacheError(f"{file}: attribute storage.codec is {storage.codec!r}, not a kdcache codec; the "
                                "attributes were edited")
+        target = self.target
+        if target is not None:
+            if self.num_outputs is not None and target.outputs != self.num_outputs:
+                raise KDCacheError(f"{file}: attribute target.outputs is {target.outputs}, but teacher.num_outputs is "
+                                   f"{self.num_outputs}; the attributes were edited")
+            if self.format_version < target.format_version:
+                raise KDCacheError(f"{file}: a {target.kind} target needs format_version {target.format_version}, but "
+                                   f"the cache says {self.format_version}; the attributes were edited")
+            values = target.dtypes.get("logits", target.dtypes.get("topk_values"))
+            if values is not None and values != storage.logits_dtype:
+                raise KDCacheError(f"{file}: attribute target.dtypes stores values as {values!r}, but "
+                                   f"storage.logits_dtype is {storage.logits_dtype!r}; the attributes were edited")
+            if target.kind != "dense" and task.kind != "classification":
+                raise KDCacheError(f"{file}: a {target.kind} target on a {task.kind} task; the attributes were edited")
+        recorded_target = settings.get("target")
+        if recorded_target is not None and (target is None or recorded_target != target.to_attrs()):
+            raise KDCacheError(f"{file}: attribute target differs from write_settings.target, recorded when the "
+                               "writing began; the attributes were edited")
         if storage.chunk_rows is not None and storage.chunk_rows < 1:
             raise KDCacheError(f"{file}: attribute storage.chunk_rows is {storage.chunk_rows}, not a positive integer")
         if "task" in settings and settings["task"] != task.name:
@@ -383,6 +430,15 @@ class RootHeader(_Header):
     @property
     def num_outputs(self) -> int | None:
         return self.teacher.get("num_outputs")
+
+    def target_spec(self, outputs: int | None = None) -> Any:
+        """The stored target (targets.TargetSpec): the recorded one, or dense logits for a cache without the attribute
+        (format version 1); `outputs` is the logits' width when the header does not record the teacher's."""
+        from kdcache.cache.targets import TargetSpec
+
+        if self.target is not None:
+            return self.target
+        return TargetSpec.dense(int(self.num_outputs or outputs or 0), self.storage.logits_dtype)
 
     def extra_arrays(self, width: int) -> dict[str, int]:
         """The optional arrays (name -> width) that every split of this cache holds, as the header describes them."""
@@ -494,10 +550,15 @@ class SplitHeader(_Header):
 
     @property
     def array_names(self) -> tuple[str, ...]:
+        """The arrays of a dense split (format version 1)."""
         return (*BASE_ARRAYS, *self.extra_arrays)
 
+    def arrays_for(self, target: Any) -> tuple[str, ...]:
+        """The arrays of this split in storage order, for the root's target (a targets.TargetSpec)."""
+        return (*target.arrays, *ROW_ARRAYS, *self.extra_arrays)
 
-__all__ = ["ArraySpec", "BASE_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
+
+__all__ = ["ArraySpec", "BASE_ARRAYS", "DENSE_FORMAT_VERSION", "ROW_ARRAYS", "TARGET_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
            "FORMAT_NAME", "FORMAT_VERSION", "PROGRESS_FOLDER", "Projections", "RootHeader", "SplitHeader", "StorageInfo",
            "TaskInfo", "PREPROCESS_TYPES", "TEACHER_TYPES", "MODALITIES",
            "chain_digest", "check_type", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key",

@@ -95,8 +95,9 @@ class SplitWriter:
     def __init__(self, group: zarr.Group, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int,
                  codec: str, chunk_rows: int, source: str | None = None, resume: bool = False,
                  lock: Any = None, require_chain: bool = True, records: bool = False, attach: bool = False) -> None:
-        """`specs` are the split's arrays (`schema.split_arrays`): the four base arrays and the optional float
-        arrays (teacher checkpoints' logits, hidden-state projections), written row for row, in the same chunks.
+        """`specs` are the split's arrays (`schema.split_arrays`): the target's arrays (dense `logits`, or a sparse
+        target's), the per-row columns and the optional float arrays (teacher checkpoints' logits, hidden-state
+        projections), written row for row, in the same chunks.
 
         `records`: the chunk-record form of several writers (see the module's docstring): rows are written from
         where `seek` puts the writer, and each finished chunk is recorded by itself instead of advancing
@@ -108,7 +109,7 @@ class SplitWriter:
         self._end = rows  # records: the writer stops at this row (the end of its run of chunks)
         self._compare_skipped = True  # whether the rows skipped at a seek are stored and must be compared
         self._compare_after = False  # records: whether rows computed past _end are stored and must be compared
-        self.extras = {k: s.width for k, s in specs.items() if k not in schema.BASE_ARRAYS}
+        self.extras = {k: s.width for k, s in specs.items() if k not in (*schema.TARGET_ARRAYS, *schema.ROW_ARRAYS)}
         self.source = source  # the data file or folder the rows come from, named in error messages
         self._filled = 0  # rows in the buffer
         self._flushed = 0  # rows already stored
@@ -130,7 +131,7 @@ class SplitWriter:
         self.group = group.create_group(name, attributes=header.to_attrs())
         self.arrays: dict[str, zarr.Array] = {}
         for key, spec in specs.items():
-            codec_name = codec if spec.is_target else codecs.DEFAULT_CODEC
+            codec_name = spec.codec_name(codec)
             self.arrays[key] = self.group.create_array(
                 key, shape=spec.shape(rows), chunks=(chunk_rows, *spec.shape(rows)[1:]), dtype=spec.dtype,
                 compressors=codecs.compressors(codec_name, spec.dtype.itemsize), fill_value=spec.fill,
@@ -243,10 +244,10 @@ class SplitWriter:
                                    "--overwrite to start again")
         return [k for k in range(self.chunk_count) if k not in records]
 
-    def finish_records(self, dataset: DatasetInfo | dict[str, Any]) -> str:
+    def finish_records(self, dataset: DatasetInfo | dict[str, Any], attributes: dict[str, Any] | None = None) -> str:
         """Once every process has finished: the split's manifest, chain and dataset digest from the chunk records,
-        in chunk order, written as one process writes them (`rows_done`, `chunk_chain`, `dataset`, `chunk_digests`
-        and `complete` in one metadata write), then the records removed. Returns the dataset digest."""
+        in chunk order, written as one process writes them (`rows_done`, `chunk_chain`, `dataset`, `chunk_digests`,
+        `attributes` and `complete` in one metadata write), then the records removed. Returns the dataset digest."""
         if isinstance(dataset, dict):
             dataset = DatasetInfo.from_attrs(dataset, self.store.display(self.name))
         records = self._records()
@@ -264,7 +265,7 @@ class SplitWriter:
             with remote_errors(self.store.location):
                 fingerprints = np.asarray(self.arrays["fingerprint"][:])
                 dataset.digest = hashlib.sha256(np.ascontiguousarray(fingerprints, dtype="<u8").tobytes()).hexdigest()
-                self.group.update_attributes({"rows_done": self.rows, "chunk_chain": chain,
+                self.group.update_attributes({**(attributes or {}), "rows_done": self.rows, "chunk_chain": chain,
                                               "dataset": dataset.to_attrs(),
                                               "chunk_digests": ChunkManifest(arrays=manifest).to_attrs(),
                                               "complete": True})
@@ -334,10 +335,19 @@ class SplitWriter:
                                "start again")
 
     def _stored(self, key: str, values: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """`values` in the storage dtype, refused (with the row named) when not finite or beyond float16's range."""
+        """`values` in the storage dtype, refused (with the row named) when not finite or beyond float16's range;
+        integer outputs (a sparse target's ids and counts) are refused when they do not fit their dtype."""
+        dtype = self.specs[key].dtype
+        if dtype.kind != "f":
+            values = np.asarray(values)
+            limits = np.iinfo(dtype)
+            if len(values) and (values.min() < limits.min or values.max() > limits.max):
+                raise KDCacheError(f"{self._where()}split {self.name!r}: teacher output {key!r} holds values outside "
+                                   f"{dtype}{self._left()}")
+            return values.astype(dtype)
         values = np.asarray(values, dtype=np.float32)
         what = "teacher output" if key == "logits" else f"teacher output {key!r}"
-        bad = ~np.isfinite(values).all(axis=1)
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise KDCacheError(
@@ -345,9 +355,9 @@ class SplitWriter:
                 f"{what} contains NaN or Inf{self._left()}"
             )
         with np.errstate(over="ignore"):  # overflow is detected just below, with a better message
-            stored = values.astype(self.specs[key].dtype)
+            stored = values.astype(dtype)
         if not np.isfinite(stored).all():
-            row = int(np.flatnonzero(~np.isfinite(stored).all(axis=1))[0])
+            row = int(np.flatnonzero(~np.isfinite(stored.reshape(len(stored), -1)).all(axis=1))[0])
             value = "logit" if key == "logits" else f"value of {key!r}"
             raise KDCacheError(
                 f"{self._where()}split {self.name!r}, row {self.rows_written + row} (source index {int(index[row])}): "
@@ -394,8 +404,9 @@ class SplitWriter:
         self._chain = chain
         self._flushed, self._filled = stop, 0
 
-    def close(self, dataset: DatasetInfo | dict[str, Any]) -> str:
-        """Write the last partial chunk, the split's dataset description and chunk manifest; returns the digest."""
+    def close(self, dataset: DatasetInfo | dict[str, Any], attributes: dict[str, Any] | None = None) -> str:
+        """Write the last partial chunk, the split's dataset description and chunk manifest (and `attributes`, e.g.
+        the measured `target_quality`); returns the digest."""
         if isinstance(dataset, dict):
             dataset = DatasetInfo.from_attrs(dataset, self.store.display(self.name))
         self._flush()
@@ -405,9 +416,9 @@ class SplitWriter:
         dataset.digest = digest
         try:
             with remote_errors(self.store.location):
-                self.group.update_attributes({"dataset": dataset.to_attrs(),
-                                         "chunk_digests": ChunkManifest(arrays=self._chunk_digests).to_attrs(),
-                                         "complete": True})
+                self.group.update_attributes({**(attributes or {}), "dataset": dataset.to_attrs(),
+                                              "chunk_digests": ChunkManifest(arrays=self._chunk_digests).to_attrs(),
+                                              "complete": True})
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -458,6 +469,7 @@ class CacheWriter:
         if not store.is_empty():  # check_destination let through only a kdcache cache to replace
             store.delete_all()
         header.complete, header.splits, header.chunk_manifests = False, [], True
+        header.format_version = header.target_spec().format_version  # dense stays 1: every reader opens it
         try:
             store.prepare()
             store.write_marker()

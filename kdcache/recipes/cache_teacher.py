@@ -19,6 +19,13 @@ Features, and the flags that control them:
   data and storage settings (`--resume` insists on it), from the same batch boundaries, byte-identical;
 - teacher checkpoints (Pro-KD): `--checkpoints 'run/checkpoints/epoch-*'` stores every checkpoint's logits too,
   in training order (`checkpoint_0`, ...); the last one is the trained teacher, stored as `logits`;
+- sparse targets (format version 2): `--topk K` stores the K largest raw logits per row (`topk_values`), their ids
+  (`topk_indices`) and the log-sum-exp over all outputs at T = 1 and each `--lse-temperatures` value (default: 1
+  and every temperature the methods' presets use), so kept probabilities and tail mass are exact at those T;
+  `--sample-tokens N [--sample-temperature T] [--sample-seed S]` stores RS-KD targets (unique ids of N draws from
+  softmax(z/T), their counts and log-probs), drawn per row from (seed, row) so a resume or torchrun capture draws
+  the same; K >= C stores dense logits (refused by `--no-dense-fallback`); each split records the kept mass and KL
+  measured on its first rows (`target_quality`);
 - hidden-state projections (curriculum extraction): `--hidden-layers 2,4,6 --proj-dim D --proj-seed S` stores,
   per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`);
 - several processes (torchrun): each runs the teacher on its own share of each split's chunks and writes them
@@ -42,9 +49,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kdcache.cache import codecs, schema
+from kdcache.cache import codecs, schema, targets
 from kdcache.cache.schema import CheckpointEntry, DatasetInfo, Projections, RootHeader, StorageInfo, TaskInfo
 from kdcache.cache.store import CacheStore
+from kdcache.cache.targets import QualitySum, TargetSpec
 from kdcache.cache.writer import (BackgroundWriter, CacheWriter, SplitWriter, check_destination, has_chunk_records,
                                   join_capture)
 from kdcache.data import DataOptions, SplitData, load_split, modality_of
@@ -93,6 +101,12 @@ class CacheTeacherConfig:
     proj_seed: int = 0
     trust_model_code: bool = False  # let a module:factory architecture (flag or model folder) import and run
     storage_options: dict[str, Any] = field(default_factory=dict)  # for an fsspec URL --out
+    topk: int | None = None  # store the top K logits, their ids and the log-sum-exps (format version 2)
+    lse_temperatures: tuple[float, ...] | None = None  # with topk; None: 1 and the presets' temperatures
+    dense_fallback: bool = True  # K >= the teacher's outputs stores dense logits (False: refused)
+    sample_tokens: int | None = None  # RS-KD: N draws per row, stored as unique ids, counts and log-probs
+    sample_temperature: float = 1.0
+    sample_seed: int = 0
 
 
 @dataclass
@@ -106,6 +120,7 @@ class _Job:
     layers: list
     tap: Any
     projections: dict[Any, torch.Tensor]
+    target: TargetSpec
 
 
 def cache_teacher(cfg: CacheTeacherConfig) -> str | Path:
@@ -137,7 +152,7 @@ def _cache_alone(cfg: CacheTeacherConfig, device_name: str) -> str | Path:
         job = _prepare(cfg, device, checkpoint_dirs, layers)
 
         # 2. The cache header: who the teacher is, what the task is, how it is stored, by what software.
-        chunk_rows = cfg.chunk_rows or schema.default_chunk_rows(job.width, np.dtype(cfg.dtype).itemsize)
+        chunk_rows = cfg.chunk_rows or schema.default_chunk_rows(job.target.row_bytes, 1)
         writer = CacheWriter(store, _header(cfg, job, device, chunk_rows), overwrite=cfg.overwrite, resume=resuming,
                              lock=lock)
         if job.splits[0].modality == "text" and job.teacher.tokenizer is not None:
@@ -151,7 +166,7 @@ def _cache_alone(cfg: CacheTeacherConfig, device_name: str) -> str | Path:
         throughput = {}
         with progress_bar(cfg.progress) as bar:
             for split in job.splits:
-                specs = schema.split_arrays(job.width, split.kind, cfg.dtype, extras)
+                specs = schema.split_arrays(job.width, split.kind, cfg.dtype, extras, job.target, cfg.codec)
                 sink = writer.add_split(split.split, specs, rows=len(split), codec=cfg.codec, chunk_rows=chunk_rows,
                                         source=split.source)
                 throughput[split.split] = _capture(cfg, job, split, sink, bar, device, writer.resumed)
@@ -180,10 +195,11 @@ def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> st
 
         resuming = world.agree(take)
         job = world.all_ok(lambda: _prepare(cfg, device, checkpoint_dirs, layers))
-        chunk_rows = cfg.chunk_rows or schema.default_chunk_rows(job.width, np.dtype(cfg.dtype).itemsize)
+        chunk_rows = cfg.chunk_rows or schema.default_chunk_rows(job.target.row_bytes, 1)
         extras = {f"checkpoint_{k}": job.width for k in range(len(job.checkpoints))}
         extras.update({hidden.array_name(key): cfg.proj_dim for key in job.layers})
-        specs = {s.split: schema.split_arrays(job.width, s.kind, cfg.dtype, extras) for s in job.splits}
+        specs = {s.split: schema.split_arrays(job.width, s.kind, cfg.dtype, extras, job.target, cfg.codec)
+                 for s in job.splits}
         sinks: dict[str, SplitWriter] = {}
         writer: CacheWriter | None = None
 
@@ -224,14 +240,17 @@ def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> st
                     continue
                 mine = _chunk_share(todo, world)
                 done = set(range(sink.chunk_count)) - set(todo)
-                start = time.perf_counter()
-                rows = world.all_ok(lambda: _capture_chunks(cfg, job, split, sink, mine, done, bar, device))
+                start, quality = time.perf_counter(), QualitySum()
+                rows = world.all_ok(lambda: _capture_chunks(cfg, job, split, sink, mine, done, bar, device, quality))
                 seconds = time.perf_counter() - start
-                counts = world.gather((rows, seconds))
+                counts = world.gather((rows, seconds, quality))
                 dataset = DatasetInfo(split.task, split.source, split.split, len(split), split.modality,
                                       split.label_names, split.preprocess)
-                digest = world.agree(lambda: sink.finish_records(dataset))
-                computed, seconds = sum(r for r, _ in counts), max(t for _, t in counts)
+                measured = QualitySum()
+                for _, _, part in counts:
+                    measured = measured.merge(part)
+                digest = world.agree(lambda: sink.finish_records(dataset, _quality_attrs(job, measured)))
+                computed, seconds = sum(r for r, _, _ in counts), max(t for _, t, _ in counts)
                 throughput[split.split] = {
                     "rows": computed, "seconds": round(seconds, 3),
                     "rows_per_second": round(computed / max(seconds, 1e-9), 1), "digest": digest,
@@ -259,7 +278,7 @@ def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
 
 
 def _capture_chunks(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWriter, chunks: list[int],
-                    stored: set[int], bar: Any, device: torch.device) -> int:
+                    stored: set[int], bar: Any, device: torch.device, quality: QualitySum) -> int:
     """The teacher over this rank's chunks of one split, a run of consecutive chunks at a time; returns the rows
     written. Every batch is the one a single process computes (batches start at multiples of the batch size, which
     decide text padding and so the last bits of a logit): a run starts computing at the batch boundary at or before
@@ -281,7 +300,7 @@ def _capture_chunks(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: 
         sink.seek(start, end, begin, compare_before=before, compare_after=after)
         with _on_interrupt(sink, split), BackgroundWriter(sink.write) as background, torch.inference_mode():
             for batch_rows in _loader(split, cfg, device, start=begin, stop=stop):
-                background.put(_teacher_outputs(job, split, batch_rows, cfg, device))
+                background.put(_teacher_outputs(job, split, batch_rows, cfg, device, begin, quality))
                 kept = min(end, begin + len(batch_rows.index)) - max(start, begin)
                 begin += len(batch_rows.index)
                 done += max(kept, 0)
@@ -309,8 +328,60 @@ def _check_flags(cfg: CacheTeacherConfig) -> list:
         raise KDCacheError("--hidden-layers needs --proj-dim D (D >= 1), the width of the random projections")
     if cfg.proj_dim is not None and not layers:
         raise KDCacheError("--proj-dim given without --hidden-layers")
+    _check_target_flags(cfg)
     modality_of(cfg.task)  # an unknown task is one line before anything loads
     return layers
+
+
+def _check_target_flags(cfg: CacheTeacherConfig) -> None:
+    """The sparse-target flags that are wrong on their own (those that need the teacher's width: `_target`)."""
+    if cfg.topk is not None and cfg.sample_tokens is not None:
+        raise KDCacheError("--topk and --sample-tokens are two target kinds; pass one")
+    if cfg.topk is not None and cfg.topk <= 0:
+        raise KDCacheError(f"--topk must be at least 1, got {cfg.topk}")
+    if cfg.sample_tokens is not None and cfg.sample_tokens <= 0:
+        raise KDCacheError(f"--sample-tokens must be at least 1, got {cfg.sample_tokens}")
+    if not cfg.sample_temperature > 0:
+        raise KDCacheError(f"--sample-temperature must be positive, got {cfg.sample_temperature}")
+    if cfg.sample_tokens is None and (cfg.sample_temperature != 1.0 or cfg.sample_seed != 0):
+        raise KDCacheError("--sample-temperature and --sample-seed need --sample-tokens N")
+    if cfg.lse_temperatures is not None:
+        if cfg.topk is None:
+            raise KDCacheError("--lse-temperatures needs --topk K (a dense cache is exact at every temperature)")
+        if not cfg.lse_temperatures or not all(t > 0 for t in cfg.lse_temperatures):
+            raise KDCacheError(f"--lse-temperatures must be positive numbers, got {list(cfg.lse_temperatures)}")
+    if not cfg.dense_fallback and cfg.topk is None:
+        raise KDCacheError("--no-dense-fallback needs --topk K")
+
+
+def _target(cfg: CacheTeacherConfig, outputs: int, kind: str) -> TargetSpec:
+    """The target this capture stores, now that the teacher's width and the task's kind are known."""
+    if cfg.sample_tokens is not None:
+        if kind != "classification":
+            raise KDCacheError(f"--sample-tokens draws classes from the teacher's softmax; task {cfg.task!r} is "
+                               f"{kind} (store its dense outputs: drop --sample-tokens)")
+        return TargetSpec.sampled(outputs, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_seed)
+    if cfg.topk is None:
+        return TargetSpec.dense(outputs, cfg.dtype)
+    if cfg.topk >= outputs:
+        if not cfg.dense_fallback:
+            raise KDCacheError(f"--topk {cfg.topk} keeps every one of the teacher's {outputs} outputs, and "
+                               "--no-dense-fallback refuses dense logits; choose K below the teacher's outputs")
+        log.warning("--topk %d is not below the teacher's %d outputs: storing dense logits (exact at every "
+                    "temperature)", cfg.topk, outputs)
+        return TargetSpec.dense(outputs, cfg.dtype)
+    if kind != "classification":
+        raise KDCacheError(f"--topk on task {cfg.task!r}, which is {kind}: its outputs are values, not logits")
+    temps = list(cfg.lse_temperatures) if cfg.lse_temperatures is not None else default_lse_temperatures()
+    return TargetSpec.topk(outputs, cfg.topk, cfg.dtype, [1.0, *(float(t) for t in temps if float(t) != 1.0)])
+
+
+def default_lse_temperatures() -> list[float]:
+    """T = 1 and every temperature a method preset uses (Vanilla's T; 1..T_max of Continuation and Annealing, whose
+    schedules step T down from T_max in integers): a top-k cache is exact for every preset's schedule."""
+    from kdcache.methods.registry import METHODS
+
+    return targets.default_temperatures({name: cls.defaults for name, cls in METHODS.items()})
 
 
 def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: list[Path], layers: list) -> _Job:
@@ -353,7 +424,7 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
         checkpoint.teacher.model.to(device)
     projections = {key: torch.from_numpy(hidden.projection_matrix(cfg.proj_seed, key, w, cfg.proj_dim)).to(device)
                    for key, w in zip(layers, hidden_widths)}
-    return _Job(teacher, splits, width, checkpoints, layers, tap, projections)
+    return _Job(teacher, splits, width, checkpoints, layers, tap, projections, _target(cfg, width, first.kind))
 
 
 def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows: int) -> RootHeader:
@@ -361,7 +432,7 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
     teacher, first = job.teacher, job.splits[0]
     header = RootHeader(
         teacher=teacher.describe(),
-        task=TaskInfo(cfg.task, first.kind, first.modality, first.label_names),
+        task=TaskInfo(cfg.task, first.kind, first.modality, first.label_names), target=job.target,
         storage=StorageInfo(cfg.dtype, cfg.codec, "crc32c", chunk_rows),
         inference={"device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size},
         fingerprint_algorithm=FINGERPRINT_ALGORITHM, digest_algorithm=DIGEST_ALGORITHM,
@@ -382,6 +453,7 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
         "teacher_sha256": teacher.sha256, "task": cfg.task, "splits": list(cfg.splits), "precision": cfg.precision,
         "batch_size": cfg.batch_size,  # batch boundaries decide text padding, and so the last bits of a logit
         "storage": {"logits_dtype": cfg.dtype, "codec": cfg.codec, "chunk_rows": chunk_rows},
+        "target": job.target.to_attrs(),
         "data": {s.split: {"source": s.source, "n": len(s), "preprocess": s.preprocess} for s in job.splits},
         **({"checkpoints_sha256": [c.teacher.sha256 for c in job.checkpoints]} if job.checkpoints else {}),
         **({"hidden": {"layers": [str(k) for k in job.layers], "dim": cfg.proj_dim, "seed": cfg.proj_seed}}
@@ -405,32 +477,41 @@ def _capture(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWr
         log.info("resuming split %r at row %d of %d (rows 0-%d are stored; the teacher recomputes from row %d, and "
                  "those rows must match)", split.split, sink.rows_done, len(split), sink.rows_done - 1, first)
     task_id = bar.add_task(f"{split.split}", total=len(split), completed=first, rate="")
-    start, done = time.perf_counter(), 0
+    start, done, quality = time.perf_counter(), 0, QualitySum()
     with _on_interrupt(sink, split), BackgroundWriter(sink.write) as background, torch.inference_mode():
         for batch in _loader(split, cfg, device, start=first):
-            background.put(_teacher_outputs(job, split, batch, cfg, device))
+            background.put(_teacher_outputs(job, split, batch, cfg, device, first + done, quality))
             done += len(batch.index)
             bar.update(task_id, advance=len(batch.index),
                        rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} rows/s")
     seconds = time.perf_counter() - start
     digest = sink.close(DatasetInfo(split.task, split.source, split.split, len(split), split.modality,
-                                    split.label_names, split.preprocess))
+                                    split.label_names, split.preprocess), _quality_attrs(job, quality))
     return {"rows": len(split) - first, "seconds": round(seconds, 3),
             "rows_per_second": round((len(split) - first) / max(seconds, 1e-9), 1), "digest": digest,
             **({"resumed_at_row": first} if resumed else {})}
 
 
-def _teacher_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherConfig,
-                     device: torch.device) -> dict[str, Any]:
-    """One batch through the teacher (and its checkpoints and projections): the arrays of its rows."""
+def _quality_attrs(job: _Job, quality: QualitySum) -> dict[str, Any]:
+    """The split attributes that record what a sparse target keeps (none for a dense one)."""
+    record = quality.record(job.target)
+    return {"target_quality": record} if record is not None else {}
+
+
+def _teacher_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherConfig, device: torch.device,
+                     first_row: int, quality: QualitySum) -> dict[str, Any]:
+    """One batch through the teacher (and its checkpoints and projections): the arrays of its rows, whose first is
+    row `first_row` of the split (a sampled target's draws depend on it); a sparse target is measured here."""
     check_batch_labels(split, batch.labels, batch.index, job.width)
     inputs = split.prepare(batch, device)
     with autocast(device, cfg.precision):
         logits, pooled = job.tap(inputs) if job.tap is not None else (job.teacher(inputs), [])
         arrays = {f"checkpoint_{k}": c.teacher(inputs).float() for k, c in enumerate(job.checkpoints)}
     arrays.update({hidden.array_name(key): p.float() @ job.projections[key] for key, p in zip(job.layers, pooled)})
-    return {"logits": logits.float(), "labels": batch.labels, "index": batch.index, "fingerprint": batch.fingerprint,
-            **arrays}
+    logits = logits.float()
+    target = targets.target_arrays(job.target, logits, first_row)
+    quality.add(job.target, logits, target, first_row)
+    return {**target, "labels": batch.labels, "index": batch.index, "fingerprint": batch.fingerprint, **arrays}
 
 
 def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device, start: int = 0,

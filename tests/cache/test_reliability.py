@@ -229,14 +229,14 @@ def test_a_consistent_wrong_n_within_the_last_chunk_is_caught_by_the_data_and_th
 
 def test_a_cache_from_a_newer_format_version_is_refused_by_every_command(tmp_path, capsys, monkeypatch, digits_cache):
     copy = _copy(digits_cache, tmp_path)
-    _edit_json(copy / "zarr.json", lambda meta: meta["attributes"].__setitem__("format_version", 2))
-    _one_error_line(*run_cli(_distill_args(copy, tmp_path / "r"), capsys, monkeypatch)[::2], "version 2", "upgrade")
-    _one_error_line(*_verify([copy], capsys, monkeypatch)[::2], "version 2", "upgrade")
-    _one_error_line(*run_cli(["info", copy], capsys, monkeypatch)[::2], "version 2")
+    _edit_json(copy / "zarr.json", lambda meta: meta["attributes"].__setitem__("format_version", 3))  # kdcache reads 2
+    _one_error_line(*run_cli(_distill_args(copy, tmp_path / "r"), capsys, monkeypatch)[::2], "version 3", "upgrade")
+    _one_error_line(*_verify([copy], capsys, monkeypatch)[::2], "version 3", "upgrade")
+    _one_error_line(*run_cli(["info", copy], capsys, monkeypatch)[::2], "version 3")
     monkeypatch.setattr("sys.argv", ["kdcache", "--debug", "verify", str(copy)])
     from kdcache.cli.main import main
 
-    with pytest.raises(KDCacheError, match="version 2"):  # --debug: the traceback, not the one line
+    with pytest.raises(KDCacheError, match="version 3"):  # --debug: the traceback, not the one line
         main()
 
 
