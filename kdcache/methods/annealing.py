@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from kdcache.errors import KDCacheError
-from kdcache.methods import losses, schedules
+from kdcache.methods import losses, schedules, sparse_losses
 from kdcache.methods.base import Method, Run, StepPlan
+from kdcache.methods.targets import TopKTarget
 from kdcache.methods.continuation import ANNEALED_DEFAULTS
 
 #: Stage 1's share of the run when --anneal-epochs is not given, as the authors' code splits it
@@ -32,6 +33,7 @@ class AnnealingKD(Method):
     name = "annealing"
     accepts = ("checkpoint", "anneal_continuous")
     defaults = {p: {"t_max": v["t_max"], "anneal_fraction": ANNEAL_FRACTION[p]} for p, v in ANNEALED_DEFAULTS.items()}
+    target_kinds = ("dense", "topk")
 
     def setup(self, run: Run) -> None:
         super().setup(run)
@@ -54,10 +56,12 @@ class AnnealingKD(Method):
             T = schedules.temperature(epoch, self.k, t_max)
         return {"stage": 1, "T": T, "phi": schedules.phi(T, t_max), "psi": 0.0}
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,
-             plan: StepPlan) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, target: Any, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         if plan.values["stage"] == 2:
             return losses.ce(output, labels, kind=self.run.kind)
+        if isinstance(target, TopKTarget):
+            return sparse_losses.topk_annealing_kd_loss(output, target.values, target.indices, phi=plan.values["phi"],
+                                                        mean_outputs=self.options.reduction in ("element", "mse"))
         return losses.annealing_kd_loss(output, target, phi=plan.values["phi"],
                                         mean_outputs=self.options.reduction in ("element", "mse"))
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import KDCacheError
+from kdcache.methods import targets
 
 
 @dataclass
@@ -74,10 +75,13 @@ class Method:
     refusals: ClassVar[dict[str, str]] = {}
     #: this method's own hyper-parameters per preset (the training ones live in kdcache/train/config.py)
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the kinds of teacher target (kdcache.methods.targets) this method's loss can use
+    target_kinds: ClassVar[tuple[str, ...]] = ("dense",)
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()
         self.teacher_array = "logits"
+        self.target_kind = "dense"
 
     # --- before any work ---------------------------------------------------------------------------------------
 
@@ -90,10 +94,15 @@ class Method:
         """Fix everything the run's steps depend on, checking it against the cache (a one-line error otherwise)."""
         self.run = run
         if self.options.checkpoint is not None and run.cache is not None:
-            self.teacher_array = run.cache.checkpoint_array(self.options.checkpoint)
+            self.teacher_array = run.cache.checkpoint_array(self.options.checkpoint)  # checkpoints are dense logits
+        elif run.cache is not None and self.needs_cache:
+            self.target_kind = targets.target_kind(run.cache)
+            targets.check_kind(self.target_kind, self.target_kinds, self.name, run.where)
 
     def arrays(self) -> tuple[str, ...]:
-        """Every cached float array the run reads (served by the batches)."""
+        """Every cached array the run reads (served by the batches): the target's arrays."""
+        if self.target_kind != "dense":
+            return targets.KIND_ARRAYS[self.target_kind]
         return (self.teacher_array,)
 
     def restart_epochs(self) -> tuple[int, ...]:
@@ -102,7 +111,9 @@ class Method:
         return ()
 
     def epoch_arrays(self, epoch: int) -> tuple[str, ...]:
-        """The arrays one epoch reads: those of its first step."""
+        """The arrays one epoch reads: those of its first step (every array of a sparse target)."""
+        if self.target_kind != "dense":
+            return targets.KIND_ARRAYS[self.target_kind]
         plan = self.plan(epoch, (epoch - 1) * self.run.steps_per_epoch)
         return (plan.array,) if plan.array is not None else ()
 
@@ -123,6 +134,13 @@ class Method:
     def values(self, epoch: int, step: int, n: int) -> dict[str, Any]:
         """The schedule's values at (epoch, step) of a run of n epochs (T, phi, psi, alpha, stage, ...)."""
         return {}
+
+    def target_of(self, served: Any, plan: StepPlan) -> Any:
+        """The step's target from the batch's served arrays: the plan's array for a dense target (a tensor), else
+        the typed value of the cache's kind (kdcache.methods.targets), which the loss dispatches on."""
+        if self.target_kind != "dense":
+            return targets.served_target(self.run.cache, served)
+        return served[plan.array] if isinstance(served, dict) else served
 
     def forward(self, student: Any, inputs: Any, plan: StepPlan) -> torch.Tensor:
         """What the loss compares with the step's target: the student's logits."""

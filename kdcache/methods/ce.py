@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kdcache.methods import losses
+from kdcache.methods import losses, targets
 from kdcache.methods.base import Method, Run, StepPlan
 
 
@@ -20,6 +20,8 @@ class CrossEntropy(Method):
         super().setup(run)
         if run.cache is None:
             self.teacher_array = None  # `kdcache train`: labels only
+        elif self.options.checkpoint is None and targets.target_kind(run.cache) != "dense":
+            self.teacher_array = run.cache.target.arrays[0]  # served beside the labels, never read by the loss
 
     def arrays(self) -> tuple[str, ...]:
         return () if self.teacher_array is None else (self.teacher_array,)

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from kdcache.errors import KDCacheError
-from kdcache.methods import losses, schedules
+from kdcache.methods import losses, schedules, sparse_losses
 from kdcache.names import PHI_ON
 from kdcache.methods.base import Method, Run, StepPlan
+from kdcache.methods.targets import TopKTarget
 
 #: The paper's presets (section 5): CIFAR T_max 20 and psi Eq. 7, GLUE T_max 10 and psi Eq. 8; the margin m is
 #: not given by the paper (docs/methods.md says why 1.0).
@@ -25,6 +26,7 @@ class ContinuationKD(Method):
     name = "continuation"
     accepts = ("checkpoint", "phi_on")
     defaults = ANNEALED_DEFAULTS
+    target_kinds = ("dense", "topk")  # a sampled row proves no logit distance (docs/methods.md)
 
     def setup(self, run: Run) -> None:
         super().setup(run)
@@ -47,9 +49,12 @@ class ContinuationKD(Method):
             values["phi_margin"] = values["phi"] if on == "margin" else 1.0
         return values
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,
-             plan: StepPlan) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, target: Any, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         v = plan.values
+        if isinstance(target, TopKTarget):  # the kept logits, and the others held below the smallest kept one
+            return sparse_losses.topk_continuation_kd_loss(
+                output, target.values, target.indices, labels, phi=v.get("phi_teacher", v["phi"]), psi=v["psi"],
+                margin=float(self.run.hp["margin"]), reduction=self.options.reduction, phi_margin=v.get("phi_margin"))
         return losses.continuation_kd_loss(output, target, labels, phi=v.get("phi_teacher", v["phi"]), psi=v["psi"],
                                            margin=float(self.run.hp["margin"]), reduction=self.options.reduction,
                                            kind=self.run.kind, phi_margin=v.get("phi_margin"))

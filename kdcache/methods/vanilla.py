@@ -6,19 +6,28 @@ from typing import Any
 
 import torch
 
-from kdcache.methods import losses
+from kdcache.methods import losses, sparse_losses
 from kdcache.methods.base import Method, StepPlan
+from kdcache.methods.targets import SampledTarget, TopKTarget
 
 
 class VanillaKD(Method):
     name = "vanilla"
     # Hinton et al. leave T and alpha to the task; T = 4, alpha = 0.5 are the common choice (docs/methods.md)
     defaults = {preset: {"temperature": 4.0, "alpha": 0.5} for preset in ("cifar", "glue", "small")}
+    # top-k: the KL with the tail as one exact bucket; sampled: the RS-KD estimator, which is defined at T = 1
+    target_kinds = ("dense", "topk", "sampled")
 
     def values(self, epoch: int, step: int, n: int) -> dict[str, Any]:
-        return {"T": float(self.run.hp["temperature"]), "alpha": float(self.run.hp["alpha"])}
+        T = 1.0 if self.target_kind == "sampled" else float(self.run.hp["temperature"])
+        return {"T": T, "alpha": float(self.run.hp["alpha"])}
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,
-             plan: StepPlan) -> torch.Tensor:
-        return losses.vanilla_kd_loss(output, target, labels, temperature=plan.values["T"],
-                                      alpha=plan.values["alpha"], kind=self.run.kind)
+    def loss(self, output: torch.Tensor, target: Any, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        v = plan.values
+        if isinstance(target, TopKTarget):
+            return sparse_losses.topk_kd_loss(output, target.values, target.indices, target.logsumexp, labels,
+                                              temperature=v["T"], temperatures=target.temperatures, alpha=v["alpha"])
+        if isinstance(target, SampledTarget):
+            return sparse_losses.sampled_kd_loss(output, target.ids, target.counts, target.logprobs, labels,
+                                                 alpha=v["alpha"], sample_temperature=target.sample_temperature)
+        return losses.vanilla_kd_loss(output, target, labels, temperature=v["T"], alpha=v["alpha"], kind=self.run.kind)
