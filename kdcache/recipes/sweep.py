@@ -33,8 +33,8 @@ from kdcache.runtime import resolve_device
 from kdcache.train.config import HYPERPARAMETERS, DistillConfig
 from kdcache.train.dist import World
 from kdcache.train.run_dir import not_a_run, rng_state, run_folder_lock
-from kdcache.recipes.distill import (StudentRun, attach_targets, build_run, close_run, load_data, open_folder,
-                                     run_epochs, targets_plan)
+from kdcache.train.fit import run_epochs
+from kdcache.train.run import StudentRun, attach_targets, build_run, close_run, load_data, open_folder, targets_plan
 
 #: DistillConfig fields a sweep may vary: what a run computes, never where its data lies.
 SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "phi_on", "schedule_unit", "kd_loss", "phase_epochs",
