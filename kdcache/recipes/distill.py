@@ -31,7 +31,7 @@ from kdcache.models import check_student_layers
 from kdcache.runtime import resolve_device
 from kdcache.train.config import DistillConfig
 from kdcache.train.dist import close_world, init_world
-from kdcache.train.fit import run_epochs
+from kdcache.train.fit import fit
 from kdcache.train.run import attach_targets, close_run, load_data, method_for, open_run
 from kdcache.train.run_dir import check_overwrite, run_folder_lock
 
@@ -53,7 +53,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         data = load_data(cfg, world, device)  # 1. the data
         run = open_run(cfg, data, world, device, method)  # 2-4. hyper-parameters, student, run folder
         attach_targets([run], data)
-        run_epochs([run], data, progress=cfg.progress, where=str(run.run_dir.last))  # 5. the loop
+        fit([run], data, progress=cfg.progress, where=str(run.run_dir.last))  # 5. the loop
         return close_run(run, data)  # 6. the summary
     finally:
         held.close()

@@ -1,5 +1,6 @@
-"""The epochs of one run, or of several runs on the same batches: train, then for each run evaluate, record,
-keep the best and save last.pt.
+"""The epochs of one run, or of several runs on the same batches (`kdcache sweep`): `fit` reads as one epoch,
+top to bottom; the steps themselves are kdcache/train/loop.py's, the run's set-up and summary
+kdcache/train/run.py's.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from kdcache.train.metrics import primary_metric
 from kdcache.train.run import StudentRun, save_model, snapshot
 
 
-def run_epochs(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) -> None:
-    """Epochs after each run's last saved one: train (the runs together, on the same batches), then for each run
-    evaluate, record, keep the best, save last.pt. `where` names what a Ctrl-C leaves to resume."""
-    first_run = runs[0]
-    cfg, world, n, order = first_run.cfg, first_run.stepper.world, first_run.epochs, first_run.order
+def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) -> None:
+    """The epochs after each run's last saved one, in one place: the runs' steps together on the same batches
+    (kdcache/train/loop.py), then for each run its evaluation, metrics line, best student and last.pt. `where`
+    names what a Ctrl-C leaves to resume."""
+    lead = runs[0]  # runs trained together share its flags' seed and batch size, epochs, batches and targets
+    cfg, world, n, order = lead.cfg, lead.stepper.world, lead.epochs, lead.order
     first = min(run.progress["epoch"] for run in runs) + 1
     wall_start = time.perf_counter()
     walls = [run.progress["totals"]["wall_seconds"] for run in runs]
     current = {"epoch": first}
-    label = (f"{first_run.stepper.method.display_name(data.kind)} {first_run.stepper.student.spec}" if len(runs) == 1
+    label = (f"{lead.stepper.method.display_name(data.kind)} {lead.stepper.student.spec}" if len(runs) == 1
              else f"{len(runs)} students")
     with progress_bar(progress and world.main) as bar, contextlib.ExitStack() as writes, \
             on_interrupt(where, lambda: current["epoch"], n):
@@ -40,21 +42,53 @@ def run_epochs(runs: list[StudentRun], data: RunData, *, progress: bool, where: 
             todo = [run for run in runs if run.progress["epoch"] < epoch and "stopped_at_step" not in run.progress]
             if not todo:
                 continue
+            # 1. The steps: each batch decoded, checked and moved once, then every run's step on it.
             started = time.perf_counter()
             for run in todo:  # a phase trained as its own run (Annealing-KD's stage 2): a fresh optimiser
                 if epoch in run.stepper.method.restart_epochs() and run.new_optimiser is not None:
                     run.stepper.optimizer, run.stepper.scheduler = run.new_optimiser(epoch)
             members = [Member(run.stepper, run.progress["step"], run.progress.get("rng")) for run in todo]
-            results = train_together(members, order, first_run.targets, data.train.inputs, epoch,
+            results = train_together(members, order, lead.targets, data.train.inputs, epoch,
                                      on_step=_bar(bar, task, epoch, n, len(todo)), log_every=cfg.log_every,
                                      max_steps=cfg.max_steps, on_batch=lambda: [_started(r.progress) for r in todo])
             seconds = time.perf_counter() - started
             world.merge_seen(data.train.inputs.check)  # each rank checked the rows it read
+            # 2. Each run: its totals, its scores and metrics line, its best student, then last.pt.
             for run, member, result in zip(todo, members, results):
+                s, done, totals = run.stepper, run.progress, run.progress["totals"]
                 if member.rng is not None:
-                    run.progress["rng"] = member.rng
-                run.progress["totals"]["wall_seconds"] = walls[runs.index(run)] + time.perf_counter() - wall_start
-                _end_epoch(run, data, epoch, result, seconds)
+                    done["rng"] = member.rng
+                totals["wall_seconds"] = walls[runs.index(run)] + time.perf_counter() - wall_start
+                totals["train_seconds"] += seconds
+                totals["train_samples"] += result.rows
+                if result.stopped:  # cut by --max-steps
+                    done["stopped_at_step"] = result.step
+                unchecked = _unchecked(data)  # rows not yet compared with the cache: no model trained on them is kept
+                if unchecked:
+                    done["unchecked_rows"] = unchecked
+                scores, reported = _scores(run, data)
+                if world.main:
+                    run.run_dir.append_metrics({
+                        "epoch": epoch, "loss": result.loss, **result.values, "lr": result.lr,
+                        "metric_name": primary_metric(data.task, data.kind),
+                        **{k: v for k, v in scores.items() if k != "rows"}, "split": data.selection.name,
+                        **reported, "seconds": round(seconds, 3),
+                        "samples_per_second": round(result.rows / max(seconds, 1e-9), 1)})
+                improved = s.method.eligible(epoch) and not unchecked and (
+                    done["best"] is None or scores["metric"] > done["best"]["metric"])
+                if improved:
+                    done["best"] = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
+                s.method.end_epoch(epoch, s.student, scores["metric"])
+                if run.cfg.save_every and epoch % run.cfg.save_every == 0 and not unchecked and world.main:
+                    save_model(run.run_dir, data, s, run.run_dir.out / "checkpoints" / f"epoch-{epoch:04d}",
+                               {"epoch": epoch, "metric": scores["metric"]})
+                done.update(epoch=epoch, step=result.step)
+                if not result.stopped:  # a run cut by --max-steps inside an epoch keeps no last.pt to resume from
+                    state = snapshot(s, done, run.targets, data)  # (every rank: it gathers their RNG states)
+                    if world.main:
+                        run.run_dir.save_state(state)
+                if improved and world.main:  # after last.pt, so a resume can always tell whether best/ is up to date
+                    save_model(run.run_dir, data, s, run.run_dir.out / "best", {"epoch": epoch})
             stop = cfg.stop_after_epoch is not None and cfg.stop_after_epoch <= epoch < n
             if all("stopped_at_step" in run.progress for run in runs) or stop:
                 break
@@ -63,49 +97,21 @@ def run_epochs(runs: list[StudentRun], data: RunData, *, progress: bool, where: 
             run.progress["totals"]["wall_seconds"] = wall + time.perf_counter() - wall_start
 
 
-def _end_epoch(run: StudentRun, data: RunData, epoch: int, result: Any, seconds: float) -> None:
-    """One run's epoch after its steps: evaluate, record, keep the best, save last.pt."""
-    cfg, stepper, run_dir, progress = run.cfg, run.stepper, run.run_dir, run.progress
-    world, totals = stepper.world, progress["totals"]
-    totals["train_seconds"] += seconds
-    totals["train_samples"] += result.rows
-    if result.stopped:  # cut by --max-steps
-        progress["stopped_at_step"] = result.step
-    unchecked = _unchecked(data)  # rows not yet compared with the cache: no model trained on them is kept
-    if unchecked:
-        progress["unchecked_rows"] = unchecked
-    world.sync_buffers(stepper.student.model)  # each rank's batch-norm statistics: the same model everywhere
-    scores = evaluate(stepper.student, data.selection.inputs, data.selection.labels, task=data.task,
-                      kind=data.kind, device=stepper.device, precision=cfg.precision,
+def _scores(run: StudentRun, data: RunData) -> tuple[dict[str, float], dict[str, Any]]:
+    """The student's scores on the selection split, and (--report-split) its score on the reported split, which
+    is never selected on: the test score of whichever epoch is best."""
+    s, world = run.stepper, run.stepper.world
+    world.sync_buffers(s.student.model)  # each rank's batch-norm statistics: the same model everywhere
+    scores = evaluate(s.student, data.selection.inputs, data.selection.labels, task=data.task,
+                      kind=data.kind, device=s.device, precision=run.cfg.precision,
                       batch_size=run.batch_size, world=world)  # a batch that trains fits in evaluation
     world.merge_seen(data.selection.inputs.check)
-    reported = {}
-    if data.report is not None:  # scored, never selected on: the test score of whichever epoch is best
-        report = evaluate(stepper.student, data.report.inputs, data.report.labels, task=data.task, kind=data.kind,
-                          device=stepper.device, precision=cfg.precision, batch_size=run.batch_size, world=world)
-        world.merge_seen(data.report.inputs.check)
-        reported = {"report_split": data.report.name, "report_metric": report["metric"]}
-    if world.main:
-        run_dir.append_metrics({
-            "epoch": epoch, "loss": result.loss, **result.values, "lr": result.lr,
-            "metric_name": primary_metric(data.task, data.kind), **{k: v for k, v in scores.items() if k != "rows"},
-            "split": data.selection.name, **reported, "seconds": round(seconds, 3),
-            "samples_per_second": round(result.rows / max(seconds, 1e-9), 1)})
-    improved = stepper.method.eligible(epoch) and not unchecked and (
-        progress["best"] is None or scores["metric"] > progress["best"]["metric"])
-    if improved:
-        progress["best"] = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
-    stepper.method.end_epoch(epoch, stepper.student, scores["metric"])
-    if cfg.save_every and epoch % cfg.save_every == 0 and not unchecked and world.main:
-        save_model(run_dir, data, stepper, run_dir.out / "checkpoints" / f"epoch-{epoch:04d}",
-                    {"epoch": epoch, "metric": scores["metric"]})
-    progress.update(epoch=epoch, step=result.step)
-    if not result.stopped:  # a run cut by --max-steps inside an epoch keeps no last.pt to resume from
-        state = snapshot(stepper, progress, run.targets, data)  # (every rank: it gathers their RNG states)
-        if world.main:
-            run_dir.save_state(state)
-    if improved and world.main:  # after last.pt, so a resume can always tell whether best/ is up to date
-        save_model(run_dir, data, stepper, run_dir.out / "best", {"epoch": epoch})
+    if data.report is None:
+        return scores, {}
+    report = evaluate(s.student, data.report.inputs, data.report.labels, task=data.task, kind=data.kind,
+                      device=s.device, precision=run.cfg.precision, batch_size=run.batch_size, world=world)
+    world.merge_seen(data.report.inputs.check)
+    return scores, {"report_split": data.report.name, "report_metric": report["metric"]}
 
 
 def _unchecked(data: RunData) -> int:
@@ -138,5 +144,4 @@ def _bar(bar: Any, task: Any, epoch: int, n: int, students: int = 1) -> Any:
     return on_step
 
 
-
-__all__ = ["run_epochs"]
+__all__ = ["fit"]

@@ -24,8 +24,8 @@ from kdcache.runtime import command_line, utc_now
 from kdcache.train.batches import EpochOrder, TeacherTargets
 from kdcache.train.config import DistillConfig, resolve
 from kdcache.train.dist import World
-from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, has_labels, input_options, load_dataset_only, load_run_data,
-                                  probe_batch, selection_note)
+from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, has_labels, input_options,
+                                  load_dataset_only, load_run_data, probe_batch, selection_note)
 from kdcache.train.loop import Stepper
 from kdcache.train.metrics import compute_metrics
 from kdcache.train.optim import build_lr_schedule, build_optimizer
