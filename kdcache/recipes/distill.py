@@ -17,6 +17,9 @@ Features, and the flags that control them:
   `--precision bf16|fp16` autocast; `--device auto`;
 - several processes (`torchrun --nproc-per-node N $(which kdcache) distill ...`): each takes its share of every
   batch, gradients summed over them, rank 0 writes the run folder (kdcache/train/dist.py).
+
+The run's pieces, shared with `kdcache sweep`: kdcache/train/run.py (the data, the student's run, its folder,
+its targets, its summary) and kdcache/train/fit.py (the epochs).
 """
 
 from __future__ import annotations

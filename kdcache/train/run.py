@@ -227,6 +227,8 @@ def snapshot(s: Stepper, progress: dict[str, Any], targets: Any, data: RunData) 
 
 def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, progress: dict[str, Any],
              new_optimiser: Any = None) -> None:
+    """The run where last.pt left it (weights, method, optimiser, random streams, progress), refused in one line
+    under another process count; best/ and metrics.jsonl brought back in step with it."""
     trained_by = int(state.get("world_size", 1))
     if trained_by != s.world.size:  # each rank's share of a batch, and its random stream, depend on the count
         launch = f"torchrun --nproc-per-node {trained_by}" if trained_by > 1 else "one process (no torchrun)"
@@ -255,6 +257,8 @@ def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, 
 
 
 def save_model(run_dir: RunDir, data: RunData, s: Stepper, directory: Path, extra: dict[str, Any]) -> None:
+    """The student as a model folder that loads alone (best/, checkpoints/epoch-NNNN/): its width, label names and
+    tokenizer with it."""
     run_dir.save_model(s.student, directory, num_outputs=data.num_outputs, label_names=data.label_names,
                        tokenizer=data.tokenizer, extra=extra)
 
