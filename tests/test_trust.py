@@ -433,9 +433,9 @@ def test_float_images_are_refused_in_one_line(tmp_path):
 # --- 11. interruptions -----------------------------------------------------------------------------------------
 
 def test_ctrl_c_in_distill_says_where_it_stopped_and_resume_finishes(tmp_path, capsys, monkeypatch, chunked_cache):
-    import kdcache.recipes.distill as recipe
+    import kdcache.train.fit as fit_module
 
-    real, calls = recipe.evaluate, {"n": 0}
+    real, calls = fit_module.evaluate, {"n": 0}
 
     def interrupted_in_epoch_two(*args, **kwargs):
         calls["n"] += 1
@@ -443,20 +443,20 @@ def test_ctrl_c_in_distill_says_where_it_stopped_and_resume_finishes(tmp_path, c
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "evaluate", interrupted_in_epoch_two)
+    monkeypatch.setattr(fit_module, "evaluate", interrupted_in_epoch_two)
     run = tmp_path / "run"
     code, _, err = run_cli(_distill_args(chunked_cache, run, "--epochs", "3"), capsys, monkeypatch)
     assert code == 130 and err.strip() == (f"interrupted: in epoch 2 of 3; epochs 1-1 are saved in {run / 'last.pt'}: "
                                            "rerun the same command with --resume to continue"), err
-    monkeypatch.setattr(recipe, "evaluate", real)
+    monkeypatch.setattr(fit_module, "evaluate", real)
     code, out, err = run_cli(_distill_args(chunked_cache, run, "--epochs", "3", "--resume"), capsys, monkeypatch)
     assert code == 0 and "3/3 epochs" in out, err
 
 
 def test_ctrl_c_before_the_first_epoch_is_saved_can_be_resumed(tmp_path, chunked_cache, monkeypatch):
-    import kdcache.recipes.distill as recipe
+    import kdcache.train.fit as fit_module
 
-    monkeypatch.setattr(recipe, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(fit_module, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     run = tmp_path / "run"
     cfg = DistillConfig(student="mlp", student_kwargs=STUDENT_KW, cache=chunked_cache, out=run, epochs=2,
                         device="cpu", progress=False)

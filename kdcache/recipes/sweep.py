@@ -33,8 +33,8 @@ from kdcache.runtime import resolve_device
 from kdcache.train.config import HYPERPARAMETERS, DistillConfig
 from kdcache.train.dist import World
 from kdcache.train.run_dir import not_a_run, rng_state, run_folder_lock
-from kdcache.recipes.distill import (StudentRun, attach_targets, build_run, close_run, load_data, open_folder,
-                                     run_epochs, targets_plan)
+from kdcache.train.fit import fit
+from kdcache.train.run import StudentRun, attach_targets, build_run, close_run, load_data, open_folder, targets_plan
 
 #: DistillConfig fields a sweep may vary: what a run computes, never where its data lies.
 SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "phi_on", "schedule_unit", "kd_loss", "phase_epochs",
@@ -265,7 +265,7 @@ def _sweep(cfg: SweepConfig, out: Path, named: list[tuple[str, dict[str, Any]]],
     for group in groups.values():
         _as_if_alone(data, group[0].cfg)
         attach_targets(group, data)
-        run_epochs(group, data, progress=cfg.base.progress, where=f"{out} (every run's last.pt)")
+        fit(group, data, progress=cfg.base.progress, where=f"{out} (every run's last.pt)")
         for run in group:
             summaries[run.run_dir.out.name] = close_run(run, data)
             run.stepper = run.targets = run.order = run.state = None  # this group's memory, freed for the next
