@@ -34,7 +34,8 @@ from kdcache.train.config import HYPERPARAMETERS, DistillConfig
 from kdcache.train.dist import World
 from kdcache.train.run_dir import not_a_run, rng_state, run_folder_lock
 from kdcache.train.fit import fit
-from kdcache.train.run import StudentRun, attach_targets, build_run, close_run, load_data, open_folder, targets_plan
+from kdcache.train.run import (StudentRun, attach_targets, build_run, close_run, load_data, method_for, open_folder,
+                               targets_plan)
 
 #: DistillConfig fields a sweep may vary: what a run computes, never where its data lies.
 SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "phi_on", "schedule_unit", "kd_loss", "phase_epochs",
@@ -235,6 +236,8 @@ def _sweep(cfg: SweepConfig, out: Path, named: list[tuple[str, dict[str, Any]]],
            ) -> list[dict[str, Any]]:
     """The sweep in its folder, once this process holds it and every run's."""
     world, device = World(), resolve_device(cfg.base.device)
+    for method in dict.fromkeys(point.get("method", cfg.base.method) for _, point in named):
+        method_for(dataclasses.replace(cfg.base, method=method))  # one the cache cannot serve: before the data
 
     # 1. The data, once for every run (a grid never varies where the data lies).
     data = load_data(cfg.base, world, device)

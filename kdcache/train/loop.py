@@ -135,7 +135,7 @@ def _step(m: Member, t: _Tally, epoch: int, model_input: Any, target: Any, label
     """One optimiser step of one student; returns its loss (on the device, not read)."""
     s = m.s
     t.plan = s.method.plan(epoch, m.step)
-    target = target[t.plan.array] if isinstance(target, dict) else target
+    target = s.method.target_of(target, t.plan)  # a tensor (dense), or the cache's kind of typed target
     with autocast(s.device, s.precision):
         output = s.method.forward(s.student, model_input, t.plan)
     loss = s.method.loss(output, target, labels, t.plan)

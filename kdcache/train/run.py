@@ -18,6 +18,7 @@ import torch
 
 from kdcache.errors import KDCacheError
 from kdcache.methods import MethodOptions, Run, make_method
+from kdcache.methods.targets import target_kind
 from kdcache.models import build_student
 from kdcache.names import parse_budget
 from kdcache.runtime import command_line, utc_now
@@ -62,6 +63,12 @@ def method_for(cfg: DistillConfig) -> Any:
         reduction=cfg.reduction, anneal_continuous=cfg.anneal_continuous, phi_on=cfg.phi_on))
     if cfg.cache is None and method.needs_cache:
         raise KDCacheError(f"method {cfg.method!r} needs a teacher cache (--cache)")
+    if cfg.cache is not None and method.needs_cache and cfg.checkpoint is None:  # before any data is read
+        from kdcache.cache.reader import as_store, read_header
+        from kdcache.methods.targets import check_kind
+
+        store = as_store(cfg.cache, cfg.storage_options)
+        check_kind(read_header(store)[0].target_spec().kind, type(method).target_kinds, cfg.method, str(store))
     return method
 
 
@@ -313,7 +320,9 @@ def _teacher_metrics(data: RunData, array: str | None) -> dict[str, float] | Non
     split = data.val
     if split is None or split.cache is None or array is None:
         return None
-    return compute_metrics(split.cache.read(array).astype(np.float32), split.labels, task=data.task, kind=data.kind)
+    from kdcache.methods.targets import teacher_scores
+
+    return compute_metrics(teacher_scores(split.cache, array), split.labels, task=data.task, kind=data.kind)
 
 
 def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, progress: dict[str, Any], hp: dict,
@@ -332,7 +341,9 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
         "wall_seconds": round(totals["wall_seconds"], 3), "train_seconds": round(totals["train_seconds"], 3),
         "samples_per_second": round(totals["train_samples"] / max(totals["train_seconds"], 1e-9), 1),
         "validation_split": data.selection.name, "selection_note": selection_note(data.selection.name),
-        "teacher_array": s.method.teacher_array if data.train.cache is not None else None,
+        "teacher_array": (s.method.teacher_array if s.method.target_kind == "dense" else ",".join(s.method.arrays()))
+        if data.train.cache is not None else None,
+        "teacher_target": target_kind(data.train.cache) if data.train.cache is not None else None,
         **s.method.describe(), "hyperparameters": hp, "device": str(device), "finished": utc_now(),
         "startup_seconds": progress.get("startup_seconds"), "max_steps": cfg.max_steps,
         "stopped_at_step": progress.get("stopped_at_step"),
