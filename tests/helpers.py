@@ -77,3 +77,19 @@ def tabular_cache(root: Path, *, rows=(("train", 120), ("validation", 40)), feat
                                              out=root / "c.kdcache", splits=tuple(s for s, _ in rows),
                                              device="cpu", progress=False, chunk_rows=chunk_rows))
     return data, teacher, cache
+
+
+def interrupt_autocast_at(monkeypatch, call: int) -> None:
+    """Make cache-teacher's `call`-th autocast (the first is the probe pass, then one per batch) a Ctrl-C: an
+    interruption placed by count, never by time."""
+    import kdcache.recipes.cache_teacher as recipe
+
+    real, calls = recipe.autocast, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "autocast", interrupted)

@@ -28,7 +28,7 @@ from kdcache.recipes.distill import DistillConfig, distill
 from kdcache.models.teachers import save_model_dir
 from kdcache.recipes.verify import verify_cache
 from kdcache.cache.store import LocalLock as WriteLock
-from helpers import _one_error_line, run_cli, tabular_cache
+from helpers import _one_error_line, interrupt_autocast_at, run_cli, tabular_cache
 
 STUDENT_KW = {"in_features": 64, "hidden": 16, "depth": 1}
 
@@ -498,21 +498,6 @@ def test_ctrl_c_in_cache_teacher_says_how_far_it_got_and_the_rerun_says_where_it
 
 # --- 12. review of #10: the fixes hold --------------------------------------------------------------------------
 
-def _interrupt_autocast_at(monkeypatch, call: int) -> None:
-    """Make cache-teacher's `call`-th autocast (the first is the probe pass, then one per batch) a Ctrl-C."""
-    import kdcache.recipes.cache_teacher as recipe
-
-    real, calls = recipe.autocast, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "autocast", interrupted)
-
-
 def _cache_teacher_args(teacher_dir, out):
     return ["cache-teacher", "--teacher", teacher_dir, "--task", "digits", "--split", "train", "--chunk-rows", "256",
             "--batch-size", "64", "--out", out, "--no-progress", "--device", "cpu"]
@@ -525,7 +510,7 @@ def test_a_resumed_capture_refuses_chunks_swapped_before_the_resume(tmp_path, ca
     out = tmp_path / "c.kdcache"
     args = _cache_teacher_args(teacher_dir, out)
     real = recipe.autocast
-    _interrupt_autocast_at(monkeypatch, 10)  # rows 512-575: chunks 0 and 1 are stored
+    interrupt_autocast_at(monkeypatch, 10)  # rows 512-575: chunks 0 and 1 are stored
     assert run_cli(args, capsys, monkeypatch)[0] == 130
     monkeypatch.setattr(recipe, "autocast", real)
     stored = TeacherCache(out, "train", allow_incomplete=True, check_chunks=False)
@@ -636,7 +621,7 @@ def test_an_edited_chunk_shape_is_refused_at_open(tmp_path, chunked_cache):
 def test_ctrl_c_in_cache_teacher_before_the_first_chunk_says_no_rows_are_stored(tmp_path, capsys, monkeypatch,
                                                                               teacher_dir):
     out = tmp_path / "c.kdcache"
-    _interrupt_autocast_at(monkeypatch, 2)  # the first batch after the probe: rows 0-63, no chunk stored yet
+    interrupt_autocast_at(monkeypatch, 2)  # the first batch after the probe: rows 0-63, no chunk stored yet
     code, _, err = run_cli(_cache_teacher_args(teacher_dir, out), capsys, monkeypatch)
     assert code == 130 and err.strip() == ("interrupted: after row 0 of 1437 of split 'train' (no rows are stored "
                                            "yet); rerun the same command to continue"), err

@@ -160,6 +160,21 @@ def vanilla_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return alpha * ce(student_logits, labels, kind=kind) + (1.0 - alpha) * soft
 
 
+def hinge_settings(reduction: str, phi: float, psi: float, phi_margin: float | None,
+                   margin: float) -> tuple[float, float, float, float]:
+    """The continuation hinge's settings checked once for its dense and sparse forms: (phi, psi, the margin's phi,
+    margin), or one line naming the bad one."""
+    if reduction not in REDUCTIONS:
+        raise KDCacheError(f"unknown reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
+    phi = _check_unit("phi", phi)
+    psi = _check_unit("psi", psi)
+    phi_m = phi if phi_margin is None else _check_unit("phi_margin", phi_margin)
+    margin = float(margin)
+    if not (margin >= 0 and math.isfinite(margin)):
+        raise KDCacheError(f"margin must be a non-negative number, got {margin}")
+    return phi, psi, phi_m, margin
+
+
 def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
                          phi: float, psi: float, margin: float, reduction: str = "sample",
                          kind: str = "classification", phi_margin: float | None = None) -> torch.Tensor:
@@ -189,14 +204,7 @@ def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
             ablation anneals one and fixes the other at 1. None: `phi`, as Eq. 4.
     """
     _check_kind(kind)
-    if reduction not in REDUCTIONS:
-        raise KDCacheError(f"unknown reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
-    phi = _check_unit("phi", phi)
-    psi = _check_unit("psi", psi)
-    phi_m = phi if phi_margin is None else _check_unit("phi_margin", phi_margin)
-    margin = float(margin)
-    if not (margin >= 0 and math.isfinite(margin)):
-        raise KDCacheError(f"margin must be a non-negative number, got {margin}")
+    phi, psi, phi_m, margin = hinge_settings(reduction, phi, psi, phi_margin, margin)
     z_s, z_t = _student_teacher(student_logits, teacher_logits)
     if psi == 1.0:
         return ce(student_logits, labels, kind=kind)

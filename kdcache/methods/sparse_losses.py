@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.errors import KDCacheError
-from kdcache.methods.losses import (REDUCTIONS, _as_float, _check_unit, ce, continuation_hinge, masked_mean)
+from kdcache.methods.losses import (_as_float, _check_unit, ce, continuation_hinge, hinge_settings,
+                                     masked_mean)
 
 #: how `topk_kd_loss` treats the teacher's mass outside the kept ids
 TAILS = ("bucket", "renormalised")
@@ -284,14 +285,7 @@ def topk_continuation_kd_loss(student_logits: torch.Tensor, topk_values: torch.T
         phi, psi, margin, reduction, phi_margin: as `continuation_kd_loss`.
         mask: (R,) bool rows that count, or None. `batch` and `mse` take one hinge on the kept rows' mean.
     """
-    if reduction not in REDUCTIONS:
-        raise KDCacheError(f"unknown reduction {reduction!r}: expected one of {', '.join(REDUCTIONS)}")
-    phi = _check_unit("phi", phi)
-    psi = _check_unit("psi", psi)
-    phi_m = phi if phi_margin is None else _check_unit("phi_margin", phi_margin)
-    margin = float(margin)
-    if not (margin >= 0 and math.isfinite(margin)):
-        raise KDCacheError(f"margin must be a non-negative number, got {margin}")
+    phi, psi, phi_m, margin = hinge_settings(reduction, phi, psi, phi_margin, margin)
     z_s = _sparse_rows(student_logits, topk_indices, topk_values, mask=mask)
     labels = _labels_in(labels, mask)
     if psi == 1.0:

@@ -17,7 +17,7 @@ from kdcache.cache import schema
 from kdcache.cache.targets import TargetSpec, default_temperatures, row_seed, sampled_arrays
 from kdcache.errors import KDCacheError
 from kdcache.methods.registry import METHODS
-from helpers import REPO, run_cli, write_tsv
+from helpers import REPO, interrupt_autocast_at, run_cli, write_tsv
 from teachers_for_tests import linear_digits, make_tiny_bert
 
 TEACHER = "teachers_for_tests:linear_digits"
@@ -135,27 +135,12 @@ def test_sampled_rows_hold_n_draws_whose_bytes_depend_on_seed_and_row_alone(tmp_
     assert row_seed(7, 100) != row_seed(7, 101) and row_seed(7, 100) != row_seed(8, 100)
 
 
-def _interrupt_at_batch(monkeypatch, call: int) -> None:
-    """Make cache-teacher's `call`-th autocast (the first is the probe pass, then one per batch) a Ctrl-C."""
-    import kdcache.recipes.cache_teacher as recipe
-
-    real, calls = recipe.autocast, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "autocast", interrupted)
-
-
 @pytest.mark.parametrize("kind", [("--topk", "3"), ("--sample-tokens", "20")])
 def test_an_interrupted_sparse_capture_resumes_to_the_same_bytes(tmp_path, weights, capsys, monkeypatch, kind):
     reference, out = tmp_path / "ref.kdcache", tmp_path / "c.kdcache"
     flags = ("--chunk-rows", "256", "--batch-size", "48", *kind)
     assert run_cli(_args(weights, reference, *flags), capsys, monkeypatch)[0] == 0
-    _interrupt_at_batch(monkeypatch, 13)  # batch 12: rows 528-575, after chunks 0 and 1 were stored
+    interrupt_autocast_at(monkeypatch, 13)  # batch 12: rows 528-575, after chunks 0 and 1 were stored
     code, _, err = run_cli(_args(weights, out, *flags), capsys, monkeypatch)
     assert code == 130 and "rows 0-511 are stored" in err, err
     monkeypatch.undo()
@@ -170,7 +155,7 @@ def test_an_interrupted_sparse_capture_resumes_to_the_same_bytes(tmp_path, weigh
 
 def test_resuming_with_another_target_is_refused(tmp_path, weights, capsys, monkeypatch):
     out = tmp_path / "c.kdcache"
-    _interrupt_at_batch(monkeypatch, 13)
+    interrupt_autocast_at(monkeypatch, 13)
     flags = ("--chunk-rows", "256", "--batch-size", "48")
     assert run_cli(_args(weights, out, *flags, "--topk", "3"), capsys, monkeypatch)[0] == 130
     monkeypatch.undo()
