@@ -17,7 +17,7 @@ def refresh_manifest(copy: Path) -> None:
     for name in root.group_keys():
         group = root[name]
         manifest = dict(group.attrs["chunk_digests"])
-        rows = group["logits"].chunks[0]
+        rows = group["labels"].chunks[0]  # every array of a split is chunked alike (dense or sparse targets)
         manifest["arrays"] = {key: [fmt.chunk_digest(np.asarray(group[key][a:a + rows]))
                                     for a in range(0, group[key].shape[0], rows)] for key in manifest["arrays"]}
         group.attrs["chunk_digests"] = manifest

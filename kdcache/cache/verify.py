@@ -172,8 +172,8 @@ def _scan(split: TeacherCache) -> _Scan:
                 continue
             if array_name == "fingerprint":
                 scan.fingerprints.append(values)
-            elif array_name == "logits" or array_name in split.extra_widths:
-                bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+            elif values.dtype.kind == "f" and array_name not in ("labels", "index"):  # logits, sparse, extras
+                bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
                 if len(bad) and scan.first_nonfinite is None:
                     scan.first_nonfinite = (array_name, a + int(bad[0]))
                 scan.nonfinite_rows += len(bad)

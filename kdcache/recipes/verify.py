@@ -97,7 +97,7 @@ def _check_sample(report: VerifyReport, cache: Cache, split: TeacherCache, teach
     rows = np.sort(np.random.default_rng(seed).choice(len(split), size=min(sample, len(split)), replace=False))
     try:
         stored_fp, stored_labels = split.read("fingerprint")[rows], split.read("labels")[rows]
-        stored = _stored_rows(split, rows)
+        stored = _stored_rows(split, rows) if split.target.kind == "dense" else None
     except KDCacheError as exc:
         report.add(f"{name}/sample", False, str(exc))
         return
@@ -113,9 +113,12 @@ def _check_sample(report: VerifyReport, cache: Cache, split: TeacherCache, teach
                f"{len(wrong)} of {len(rows)} sampled rows have another label in {source.source} than in the cache, "
                f"first row {int(rows[wrong[0]])} ({fresh_labels[wrong[0]]} vs {stored_labels[wrong[0]]})"
                if len(wrong) else f"the labels of {len(rows)} random rows of {source.source} match")
-    if fresh.shape[1] != stored.shape[1]:
+    if fresh.shape[1] != split.num_outputs:
         report.add(f"{name}/teacher logits", False,
-                   f"the teacher gives {fresh.shape[1]} outputs but the cache holds {stored.shape[1]}")
+                   f"the teacher gives {fresh.shape[1]} outputs but the cache holds {split.num_outputs}")
+        return
+    if split.target.kind != "dense":
+        _check_sparse(report, name, split, rows, fresh, tol)
         return
     diff = np.abs(stored.astype(np.float32) - fresh)
     diff[~np.isfinite(diff)] = np.inf
@@ -126,6 +129,42 @@ def _check_sample(report: VerifyReport, cache: Cache, split: TeacherCache, teach
     if over.any():
         detail += f"; {int(over.any(axis=1).sum())} row(s) beyond it"
     report.add(f"{name}/teacher logits", not over.any(), detail)
+
+
+def _check_sparse(report: VerifyReport, name: str, split: TeacherCache, rows: np.ndarray, fresh: np.ndarray,
+                  tol: tuple[float, float]) -> None:
+    """A sparse row against the teacher's recomputed logits: what the row claims of them must hold. Top-k: the kept
+    values at their ids, no unkept output above the smallest kept one, and each log-sum-exp; sampled: each drawn id's
+    log-probability. (The draws themselves are not redrawn: a logit a few ulps away may move one.)"""
+    spec, z = split.target, torch.from_numpy(fresh).double()
+    claims: list[tuple[str, np.ndarray, np.ndarray]] = []  # (what, stored, recomputed), compared under `tol`
+    if spec.kind == "topk":
+        ids = torch.from_numpy(_stored_rows(split, rows, "topk_indices").astype(np.int64))
+        values = _stored_rows(split, rows, "topk_values").astype(np.float64)
+        claims.append(("kept logit", values, z.gather(1, ids).numpy()))
+        unkept = z.scatter(1, ids, -np.inf).max(dim=1).values.numpy()
+        smallest = values.min(axis=1)
+        claims.append(("largest unkept logit (not above the smallest kept)", np.maximum(smallest, unkept)[:, None],
+                       smallest[:, None]))
+        lse = _stored_rows(split, rows, "logsumexp").astype(np.float64).reshape(len(rows), -1)
+        fresh_lse = torch.stack([torch.logsumexp(z / t, dim=1) for t in (spec.temperatures or [1.0])], 1)
+        claims.append(("log-sum-exp", lse, fresh_lse.numpy()))
+    else:
+        ids = torch.from_numpy(_stored_rows(split, rows, "sampled_ids").astype(np.int64))
+        used = _stored_rows(split, rows, "sampled_counts") > 0
+        logprobs = _stored_rows(split, rows, "sampled_logprobs").astype(np.float64)
+        fresh_lp = torch.log_softmax(z, dim=1).gather(1, ids).numpy()
+        claims.append(("log-probability", np.where(used, logprobs, 0.0), np.where(used, fresh_lp, 0.0)))
+    failed, worst = [], 0.0
+    for what, stored, recomputed in claims:
+        diff = np.abs(stored - recomputed)
+        worst = max(worst, float(diff.max(initial=0.0)))
+        over = np.flatnonzero((diff > tol[0] * np.abs(recomputed) + tol[1]).any(axis=1))
+        if len(over):
+            failed.append(f"{len(over)} row(s) of {len(rows)} differ in their {what}, first row {int(rows[over[0]])}")
+    detail = (f"largest |difference| {worst:.3g} over {len(rows)} recomputed {spec.kind} rows; tolerance "
+              f"{tol[0]:.3g}*|value| + {tol[1]:.3g}")
+    report.add(f"{name}/teacher {spec.kind} rows", not failed, "; ".join([*failed, detail]))
 
 
 def _recompute(source: Any, teacher: Teacher, rows: np.ndarray, device: torch.device, batch_size: int,
@@ -147,13 +186,14 @@ def _recompute(source: Any, teacher: Teacher, rows: np.ndarray, device: torch.de
     return np.concatenate(fingerprints), np.concatenate(logits), np.concatenate(labels)
 
 
-def _stored_rows(split: TeacherCache, rows: np.ndarray) -> np.ndarray:
-    """Stored logits of the sorted `rows`, reading only the chunks they fall in (checked reads)."""
-    out = np.empty((len(rows), split.num_outputs), dtype=split.logits.dtype)
+def _stored_rows(split: TeacherCache, rows: np.ndarray, array: str = "logits") -> np.ndarray:
+    """Stored rows of an array at the sorted `rows`, reading only the chunks they fall in (checked reads)."""
+    held = split.arrays[array]
+    out = np.empty((len(rows), *held.shape[1:]), dtype=held.dtype)
     chunks = rows // split.chunk_rows
     for c in np.unique(chunks):
         a = int(c) * split.chunk_rows
-        block = split.read("logits", a, a + split.chunk_rows)
+        block = split.read(array, a, a + split.chunk_rows)
         take = chunks == c
         out[take] = block[rows[take] - a]
     return out

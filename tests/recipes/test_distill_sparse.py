@@ -92,3 +92,35 @@ def test_a_method_the_cache_cannot_serve_is_refused_before_any_data_is_read(tmp_
         args = ["sweep", *args[1:], "--seeds", "0,1"]
     words = {"topk": "stores top-k logits with their log-sum-exp", "sampled": "stores sampled ids (RS-KD)"}[kind]
     _one_error_line(*run_cli(args, capsys, monkeypatch)[::2], str(caches[kind]), words, f"--method {method} {needs}")
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_verify_with_the_teacher_checks_what_a_sparse_row_claims(tmp_path, capsys, monkeypatch, caches, kind):
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    from cache_edits import refresh_manifest
+
+    teacher = caches["dense"].parent / "teacher"
+    code, out, _ = run_cli(["verify", caches[kind], "--teacher", teacher, "--sample", "2000", "--device", "cpu"],
+                           capsys, monkeypatch)
+    assert code == 0 and f"train/teacher {kind} rows" in out, out
+    copy = tmp_path / "edited.kdcache"
+    shutil.copytree(caches[kind], copy)
+    split = zarr.open_group(str(copy), mode="r+")["train"]
+    array = {"topk": "topk_values", "sampled": "sampled_logprobs"}[kind]
+    split[array][700, 0] = split[array][700, 0] + 3  # a value rewritten, its manifest recomputed to match
+    refresh_manifest(copy)
+    code, out, _ = run_cli(["verify", copy, "--teacher", teacher, "--sample", "2000", "--device", "cpu"], capsys,
+                           monkeypatch)
+    failed = [line for line in out.splitlines() if line.startswith("FAIL")]
+    what = {"topk": "kept logit", "sampled": "log-probability"}[kind]
+    assert code == 1 and any(f"train/teacher {kind} rows" in line and what in line and "first row 700" in line
+                             for line in failed), out
+    split["logsumexp" if kind == "topk" else array][5] = np.nan  # what capture never writes
+    refresh_manifest(copy)
+    code, out, _ = run_cli(["verify", copy], capsys, monkeypatch)
+    assert code == 1 and any("train/logits finite" in line and "row 5" in line
+                             for line in out.splitlines() if line.startswith("FAIL")), out
