@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kdcache.errors import KDCacheError
-from kdcache.methods import schedules
+from kdcache.methods import schedules, targets
 from kdcache.methods.base import Method, MethodOptions, Run, StepPlan
 from kdcache.methods.continuation import ContinuationKD
 from kdcache.methods.vanilla import VanillaKD
@@ -82,6 +82,9 @@ class ProKD(Method):
     accepts = ("kd_loss", "phase_epochs")
     refusals = {"checkpoint": "--checkpoint picks one teacher checkpoint; --method prokd follows all of them in turn"}
     defaults = both_defaults()
+    # the checkpoints are stored dense; the trained teacher's own phase reads the cache's top-k rows (both logit
+    # losses accept them; a sampled cache would train its last phase at RS-KD's T = 1, its others at T)
+    target_kinds = ("dense", "topk")
 
     def setup(self, run: Run) -> None:
         super().setup(run)
@@ -95,13 +98,22 @@ class ProKD(Method):
         run.hp["kd_loss"] = self.inner.name
         self.inner.setup(run)
 
+    def _served(self, array: str) -> tuple[str, ...]:
+        """The arrays one phase reads: a checkpoint's dense logits, or the trained teacher's target."""
+        return targets.KIND_ARRAYS[self.target_kind] if array == "logits" and self.target_kind != "dense" else (array,)
+
     def arrays(self) -> tuple[str, ...]:
-        return tuple(self.order)
+        return tuple(a for array in self.order for a in self._served(array))
 
     def epoch_arrays(self, epoch: int) -> tuple[str, ...]:
         if self.run.unit == "step" and self.lengths is None:  # equal blocks of steps switch within an epoch
-            return tuple(self.order)
-        return super().epoch_arrays(epoch)
+            return self.arrays()
+        return self._served(self.plan(epoch, (epoch - 1) * self.run.steps_per_epoch).array)
+
+    def target_of(self, served: Any, plan: StepPlan) -> Any:
+        if plan.array == "logits" and self.target_kind != "dense":
+            return targets.served_target(self.run.cache, served)
+        return served[plan.array] if isinstance(served, dict) else served
 
     def plan(self, epoch: int, step: int) -> StepPlan:
         k = checkpoint_position(epoch, self.run.epochs, step, self.run.steps_per_epoch, len(self.order),

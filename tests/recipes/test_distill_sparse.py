@@ -74,7 +74,7 @@ def test_a_temperature_the_cache_did_not_record_is_one_line(tmp_path, capsys, mo
 
 @pytest.mark.parametrize("kind, method, needs", [
     ("topk", "curriculum", "needs dense logits"),
-    ("topk", "prokd", "needs dense logits"),
+    ("sampled", "prokd", "needs dense logits, top-k logits with their log-sum-exp"),
     ("sampled", "continuation", "needs dense logits, top-k logits with their log-sum-exp"),
     ("sampled", "annealing", "needs dense logits, top-k logits with their log-sum-exp"),
 ])
@@ -124,3 +124,21 @@ def test_verify_with_the_teacher_checks_what_a_sparse_row_claims(tmp_path, capsy
     code, out, _ = run_cli(["verify", copy], capsys, monkeypatch)
     assert code == 1 and any("train/logits finite" in line and "row 5" in line
                              for line in out.splitlines() if line.startswith("FAIL")), out
+
+
+@pytest.mark.parametrize("kd_loss", ["vanilla", "continuation"])
+def test_prokd_follows_dense_checkpoints_then_the_teachers_top_k_rows(tmp_path, capsys, monkeypatch, kd_loss):
+    root = tmp_path
+    train_digits_teacher(root / "teacher", epochs=4, checkpoint_every=2)  # epoch-0002, then the trained teacher
+    cache = cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher"), task="digits", out=root / "c.kdcache",
+                                             splits=("train", "validation"), device="cpu", progress=False,
+                                             checkpoints=(str(root / "teacher" / "checkpoints" / "epoch-*"),),
+                                             topk=3, lse_temperatures=(1.0, 4.0)))
+    out = tmp_path / "run"
+    code, _, err = run_cli(_distill(cache, out, "--method", "prokd", "--kd-loss", kd_loss, "--epochs", "2",
+                                    *(["--temperature", "4"] if kd_loss == "vanilla" else ["--t-max", "2"])),
+                           capsys, monkeypatch)
+    assert code == 0, err
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["checkpoint"] for line in lines] == ["epoch-0002", "teacher"], lines
+    assert json.loads((out / "summary.json").read_text())["best_metric"] > 0.5
