@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from kdcache.methods import losses, sparse_losses
-from kdcache.methods.base import Method, StepPlan
+from kdcache.methods.base import Method, Run, StepPlan
 from kdcache.methods.targets import SampledTarget, TopKTarget
 
 
@@ -17,6 +17,11 @@ class VanillaKD(Method):
     defaults = {preset: {"temperature": 4.0, "alpha": 0.5} for preset in ("cifar", "glue", "small")}
     # top-k: the KL with the tail as one exact bucket; sampled: the RS-KD estimator, which is defined at T = 1
     target_kinds = ("dense", "topk", "sampled")
+
+    def setup(self, run: Run) -> None:
+        super().setup(run)
+        if self.target_kind == "topk":  # a T the cache did not record: one line before the run folder is made
+            sparse_losses.recorded_temperature(run.cache.target.temperatures or [1.0], float(run.hp["temperature"]))
 
     def values(self, epoch: int, step: int, n: int) -> dict[str, Any]:
         T = 1.0 if self.target_kind == "sampled" else float(self.run.hp["temperature"])

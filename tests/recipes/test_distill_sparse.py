@@ -70,6 +70,7 @@ def test_a_temperature_the_cache_did_not_record_is_one_line(tmp_path, capsys, mo
     code, _, err = run_cli(_distill(caches["topk"], tmp_path / "run", "--method", "vanilla", "--temperature", "3"),
                            capsys, monkeypatch)
     _one_error_line(code, err, "temperature 3 was not recorded", "recorded: 1, 4")
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made: a rerun is not blocked
 
 
 @pytest.mark.parametrize("kind, method, needs", [
