@@ -143,3 +143,21 @@ def test_prokd_follows_dense_checkpoints_then_the_teachers_top_k_rows(tmp_path, 
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["checkpoint"] for line in lines] == ["epoch-0002", "teacher"], lines
     assert json.loads((out / "summary.json").read_text())["best_metric"] > 0.5
+
+
+def test_takd_chains_through_sparse_caches(tmp_path, capsys, monkeypatch, caches):
+    """Teacher -> assistant -> student with top-k caches at both links: the assistant's best/ is a teacher folder."""
+    assistant = tmp_path / "assistant"
+    code, _, err = run_cli(_distill(caches["topk"], assistant, "--method", "vanilla", "--temperature", "4"), capsys,
+                           monkeypatch)
+    assert code == 0, err
+    second = tmp_path / "assistant.kdcache"
+    code, _, err = run_cli(["cache-teacher", "--teacher", assistant / "best", "--task", "digits", "--split", "train",
+                            "--split", "validation", "--topk", "3", "--lse-temperatures", "1,4", "--out", second,
+                            "--device", "cpu", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_cli(_distill(second, tmp_path / "student", "--method", "vanilla", "--temperature", "4"), capsys,
+                           monkeypatch)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "student" / "summary.json").read_text())
+    assert summary["teacher_target"] == "topk" and summary["best_metric"] > 0.5, summary
