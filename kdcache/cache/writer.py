@@ -94,37 +94,19 @@ class SplitWriter:
 
     def __init__(self, group: zarr.Group, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int,
                  codec: str, chunk_rows: int, source: str | None = None, resume: bool = False,
-                 lock: Any = None, require_chain: bool = True, records: bool = False, attach: bool = False) -> None:
+                 lock: Any = None, records: bool = False) -> None:
         """`specs` are the split's arrays (`schema.split_arrays`): the target's arrays (dense `logits`, or a sparse
         target's), the per-row columns and the optional float arrays (teacher checkpoints' logits, hidden-state
-        projections), written row for row, in the same chunks.
+        projections), written row for row, in the same chunks. `group` is the cache's root group.
 
         `records`: the chunk-record form of several writers (see the module's docstring): rows are written from
         where `seek` puts the writer, and each finished chunk is recorded by itself instead of advancing
-        `rows_done`. `attach`: open the split another process created (it is never created or checked here)."""
-        self.store, self.name, self.rows, self.chunk_rows = store, name, rows, chunk_rows
-        self.specs, self.lock = specs, lock
-        self.require_chain = require_chain  # False only for a split begun by a kdcache that recorded no chain
-        self.records = records
-        self._end = rows  # records: the writer stops at this row (the end of its run of chunks)
-        self._compare_skipped = True  # whether the rows skipped at a seek are stored and must be compared
-        self._compare_after = False  # records: whether rows computed past _end are stored and must be compared
-        self.extras = {k: s.width for k, s in specs.items() if k not in (*schema.TARGET_ARRAYS, *schema.ROW_ARRAYS)}
-        self.source = source  # the data file or folder the rows come from, named in error messages
-        self._filled = 0  # rows in the buffer
-        self._flushed = 0  # rows already stored
-        self._skip = 0  # rows still to drop from the next writes (recomputed rows that are already stored)
-        self._digest = hashlib.sha256()
-        self._chunk_digests: dict[str, list[str]] = {key: [] for key in specs}  # the split's chunk manifest
-        self._chain = ""  # the manifest so far, chained: recorded with rows_done
-        if attach:
-            self.group = group[name]
-            self.arrays = {key: self.group[key] for key in specs}
-            self._buffers = {key: np.empty((chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
-            return
+        `rows_done`. Another process's split is opened with `SplitWriter.join`."""
+        self._start(store, name, specs, rows=rows, chunk_rows=chunk_rows, source=source, lock=lock, records=records)
         if resume and name in group.group_keys():
             if all(key in group[name].array_keys() for key in specs):
-                self._reopen(group[name])
+                # a split begun by a kdcache that recorded no chain (no root `chunk_manifests`) has none to check
+                self._reopen(group[name], require_chain=bool(group.attrs.get("chunk_manifests")))
                 return
             store.delete_prefix(name)  # killed while creating its arrays: nothing of it was written yet
         header = SplitHeader(split=name, rows=rows, extra_arrays=self.extras)
@@ -139,7 +121,37 @@ class SplitWriter:
         self._buffers = {key: np.empty((chunk_rows, *spec.shape(rows)[1:]), dtype=spec.dtype)
                          for key, spec in specs.items()}
 
-    def _reopen(self, group: zarr.Group) -> None:
+    @classmethod
+    def join(cls, group: zarr.Group, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int,
+             chunk_rows: int, source: str | None = None) -> "SplitWriter":
+        """Open the split another process of the same capture created (it is never created or checked here), to
+        write some of its chunks in the chunk-record form."""
+        self = cls.__new__(cls)
+        self._start(store, name, specs, rows=rows, chunk_rows=chunk_rows, source=source, lock=None, records=True)
+        self.group = group[name]
+        self.arrays = {key: self.group[key] for key in specs}
+        self._buffers = {key: np.empty((chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
+        return self
+
+    def _start(self, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int, chunk_rows: int,
+               source: str | None, lock: Any, records: bool) -> None:
+        """The state of a writer before its split is created or opened."""
+        self.store, self.name, self.rows, self.chunk_rows = store, name, rows, chunk_rows
+        self.specs, self.lock = specs, lock
+        self.records = records
+        self._end = rows  # records: the writer stops at this row (the end of its run of chunks)
+        self._compare_skipped = True  # whether the rows skipped at a seek are stored and must be compared
+        self._compare_after = False  # records: whether rows computed past _end are stored and must be compared
+        self.extras = {k: s.width for k, s in specs.items() if k not in (*schema.TARGET_ARRAYS, *schema.ROW_ARRAYS)}
+        self.source = source  # the data file or folder the rows come from, named in error messages
+        self._filled = 0  # rows in the buffer
+        self._flushed = 0  # rows already stored
+        self._skip = 0  # rows still to drop from the next writes (recomputed rows that are already stored)
+        self._digest = hashlib.sha256()
+        self._chunk_digests: dict[str, list[str]] = {key: [] for key in specs}  # the split's chunk manifest
+        self._chain = ""  # the manifest so far, chained: recorded with rows_done
+
+    def _reopen(self, group: zarr.Group, require_chain: bool) -> None:
         """Continue an interrupted split: its first `rows_done` rows are stored, whole and checksummed."""
         self.group = group
         self.arrays = {key: group[key] for key in self.specs}
@@ -162,7 +174,7 @@ class SplitWriter:
                     self._chunk_digests[key].append(digest)
                 self._chain = schema.chain_digest(self._chain, block)
             recorded = group.attrs.get("chunk_chain")
-            if (recorded is not None or self.require_chain) and self._chain != recorded:
+            if (recorded is not None or require_chain) and self._chain != recorded:
                 raise KDCacheError(f"{self.store.display(self.name)}: the chunks stored before the interruption are not "
                                    "the ones that were written (a chunk file was swapped or replaced); pass "
                                    "--overwrite to start again")
@@ -458,7 +470,6 @@ class CacheWriter:
             header = RootHeader.from_attrs({"format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION,
                                             **header}, str(store))
         self.store, self.lock, self.records = store, lock, records
-        self.require_chain = True
         self.resumed = resume and check_destination(store, overwrite=False)
         self.splits: list[str] = []
         if self.resumed:
@@ -492,8 +503,6 @@ class CacheWriter:
                                f"{differ}); rerun with the same teacher, data and storage flags, or pass --overwrite")
         self.store.remove_partials()  # temporary files of writes the crash cut short
         self.store.remove_marker()  # killed just after zarr.json was written
-        # a cache begun before chunks were chained has no chain to check its stored chunks against
-        self.require_chain = bool((meta.get("attributes") or {}).get("chunk_manifests"))
         self.root = zarr.open_group(store=self.store.zarr_store(read_only=False, lock=self.lock), mode="r+",
                                     zarr_format=3)
 
@@ -509,7 +518,7 @@ class CacheWriter:
         self.splits.append(name)
         try:
             split = SplitWriter(self.root, self.store, name, specs, resume=self.resumed, lock=self.lock,
-                                require_chain=self.require_chain, records=self.records, **kwargs)
+                                records=self.records, **kwargs)
             if self.records and split.complete:  # killed between the split's last write and its records' removal
                 self.store.delete_prefix(f"{PROGRESS_FOLDER}/{name}")
             return split

@@ -226,9 +226,8 @@ def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> st
             root = join_capture(store, created)
             for split in job.splits:
                 if not world.main:
-                    sinks[split.split] = SplitWriter(root, store, split.split, specs[split.split], rows=len(split),
-                                                     codec=cfg.codec, chunk_rows=chunk_rows, source=split.source,
-                                                     records=True, attach=True)
+                    sinks[split.split] = SplitWriter.join(root, store, split.split, specs[split.split],
+                                                          rows=len(split), chunk_rows=chunk_rows, source=split.source)
 
         world.all_ok(join)
         throughput = {}
