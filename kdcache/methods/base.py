@@ -136,9 +136,10 @@ class Method:
         return {}
 
     def target_of(self, served: Any, plan: StepPlan) -> Any:
-        """The step's target from the batch's served arrays: the plan's array for a dense target (a tensor), else
-        the typed value of the cache's kind (kdcache.methods.targets), which the loss dispatches on."""
-        if self.target_kind != "dense":
+        """The step's target from the batch's served arrays: the typed value of the cache's kind
+        (kdcache.methods.targets) where the plan reads the trained teacher of a sparse cache, else the plan's array
+        (a tensor: dense logits, a checkpoint's, a projection)."""
+        if self.target_kind != "dense" and plan.array == self.teacher_array:
             return targets.served_target(self.run.cache, served)
         return served[plan.array] if isinstance(served, dict) else served
 

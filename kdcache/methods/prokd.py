@@ -100,7 +100,8 @@ class ProKD(Method):
 
     def _served(self, array: str) -> tuple[str, ...]:
         """The arrays one phase reads: a checkpoint's dense logits, or the trained teacher's target."""
-        return targets.KIND_ARRAYS[self.target_kind] if array == "logits" and self.target_kind != "dense" else (array,)
+        sparse = array == self.teacher_array and self.target_kind != "dense"
+        return targets.KIND_ARRAYS[self.target_kind] if sparse else (array,)
 
     def arrays(self) -> tuple[str, ...]:
         return tuple(a for array in self.order for a in self._served(array))
@@ -109,11 +110,6 @@ class ProKD(Method):
         if self.run.unit == "step" and self.lengths is None:  # equal blocks of steps switch within an epoch
             return self.arrays()
         return self._served(self.plan(epoch, (epoch - 1) * self.run.steps_per_epoch).array)
-
-    def target_of(self, served: Any, plan: StepPlan) -> Any:
-        if plan.array == "logits" and self.target_kind != "dense":
-            return targets.served_target(self.run.cache, served)
-        return served[plan.array] if isinstance(served, dict) else served
 
     def plan(self, epoch: int, step: int) -> StepPlan:
         k = checkpoint_position(epoch, self.run.epochs, step, self.run.steps_per_epoch, len(self.order),

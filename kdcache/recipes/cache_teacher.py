@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -245,9 +246,7 @@ def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> st
                 counts = world.gather((rows, seconds, quality))
                 dataset = DatasetInfo(split.task, split.source, split.split, len(split), split.modality,
                                       split.label_names, split.preprocess)
-                measured = QualitySum()
-                for _, _, part in counts:
-                    measured = measured.merge(part)
+                measured = functools.reduce(QualitySum.merge, (part for _, _, part in counts), QualitySum())
                 digest = world.agree(lambda: sink.finish_records(dataset, _quality_attrs(job, measured)))
                 computed, seconds = sum(r for r, _, _ in counts), max(t for _, t, _ in counts)
                 throughput[split.split] = {
