@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -339,15 +340,17 @@ def _check_target_flags(cfg: CacheTeacherConfig) -> None:
         raise KDCacheError(f"--topk must be at least 1, got {cfg.topk}")
     if cfg.sample_tokens is not None and cfg.sample_tokens <= 0:
         raise KDCacheError(f"--sample-tokens must be at least 1, got {cfg.sample_tokens}")
-    if not cfg.sample_temperature > 0:
-        raise KDCacheError(f"--sample-temperature must be positive, got {cfg.sample_temperature}")
+    if not 0 < cfg.sample_temperature < math.inf:
+        raise KDCacheError(f"--sample-temperature must be positive and finite, got {cfg.sample_temperature}")
+    if not 0 <= cfg.sample_seed <= 2**32 - 1:
+        raise KDCacheError(f"--sample-seed must be 0 or more and at most {2**32 - 1:,}, got {cfg.sample_seed}")
     if cfg.sample_tokens is None and (cfg.sample_temperature != 1.0 or cfg.sample_seed != 0):
         raise KDCacheError("--sample-temperature and --sample-seed need --sample-tokens N")
     if cfg.lse_temperatures is not None:
         if cfg.topk is None:
             raise KDCacheError("--lse-temperatures needs --topk K (a dense cache is exact at every temperature)")
-        if not cfg.lse_temperatures or not all(t > 0 for t in cfg.lse_temperatures):
-            raise KDCacheError(f"--lse-temperatures must be positive numbers, got {list(cfg.lse_temperatures)}")
+        if not cfg.lse_temperatures or not all(0 < t < math.inf for t in cfg.lse_temperatures):
+            raise KDCacheError(f"--lse-temperatures must be positive finite numbers, got {list(cfg.lse_temperatures)}")
     if not cfg.dense_fallback and cfg.topk is None:
         raise KDCacheError("--no-dense-fallback needs --topk K")
 
