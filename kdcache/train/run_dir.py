@@ -43,6 +43,8 @@ LEGACY_RUN_KEYS = frozenset({"config", "hyperparameters", "preset", "teacher_sha
 LEGACY_RUN_OPTIONAL = frozenset({"identity_version", "cached_sources"})
 #: What a run writes at the top of its folder, with the temporaries of its atomic writes: --overwrite deletes a
 #: folder holding nothing else.
+#: The largest config.json --overwrite reads to tell a run folder (a run's holds a few KB).
+MAX_CONFIG_BYTES = 16 * 1024**2
 RUN_ENTRIES = frozenset({"config.json", "metrics.jsonl", "metrics.jsonl.tmp", "last.pt", "last.pt.tmp", "summary.json",
                          "best", "best.tmp", "best.old", "checkpoints"})
 
@@ -53,8 +55,10 @@ def not_a_run(out: Path) -> str | None:
     if out.is_symlink():
         return "it is a symbolic link"
     config = out / "config.json"
-    if not config.is_file():
+    if not config.is_file():  # (a FIFO or a device is no file: never opened)
         return "it has no config.json"
+    if config.stat().st_size > MAX_CONFIG_BYTES:  # a run's is a few KB: a huge one is not read
+        return f"its config.json is not a kdcache run's ({config.stat().st_size:,} bytes)"
     try:
         recorded = json.loads(config.read_text())
     except (OSError, ValueError):

@@ -47,7 +47,14 @@ def _unreadable_config(folder):
     return "not a kdcache run's"
 
 
-@pytest.mark.parametrize("make", [_hugging_face_folder, _project_folder, _unreadable_config])
+def _huge_config(folder):
+    folder.mkdir()
+    with open(folder / "config.json", "wb") as f:  # sparse: 17 MiB on paper, nothing on disk, never read
+        f.truncate(17 * 1024**2)
+    return "17,825,792 bytes"
+
+
+@pytest.mark.parametrize("make", [_hugging_face_folder, _project_folder, _unreadable_config, _huge_config])
 def test_overwrite_refuses_a_folder_that_is_not_a_run_and_deletes_nothing(tmp_path, capsys, monkeypatch,
                                                                           digits_cache, make):
     folder = tmp_path / "model"
