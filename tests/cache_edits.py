@@ -34,3 +34,24 @@ def interrupted_at(cache: Path, split: str, rows_done: int) -> dict:
     for start in range(0, rows_done, rows):
         chain = schema.chain_digest(chain, [schema.chunk_digest(np.asarray(group[n][start:start + rows])) for n in names])
     return {"rows_done": rows_done, "chunk_chain": chain}
+
+
+def stored_rows(cache: Path, split: str) -> int:
+    """Rows of `split` a writer has stored so far, as a resume would find them: every row of a complete split, else
+    the rows of its recorded chunks (each record is written after its chunk)."""
+    import json
+
+    try:
+        attrs = json.loads((cache / split / "zarr.json").read_text())["attributes"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    if attrs.get("complete"):
+        return int(attrs["rows"])
+    rows = 0
+    for record in (cache / ".kdcache-progress" / split).glob("*.json"):
+        try:
+            start, stop = json.loads(record.read_text())["rows"]
+        except (OSError, ValueError, KeyError):
+            continue  # (a record is replaced whole: never seen half-written)
+        rows += stop - start
+    return rows

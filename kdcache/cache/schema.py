@@ -472,13 +472,15 @@ class ChunkManifest(_Header):
 
 @dataclass
 class SplitHeader(_Header):
-    """A split's attributes: rows_done advances as whole chunks land; complete is set last."""
+    """A split's attributes, written whole when the split closes (`complete` with them); while it is written, each
+    finished chunk has its own record instead (`progress_key`). `rows_done` and `chunk_chain` of an unfinished split
+    are what releases before the chunk records left: a resume checks and records those chunks."""
 
     split: str
     rows: int
     complete: bool = False
     rows_done: int = 0
-    chunk_chain: str = ""  # chain_digest over the stored chunks, advanced with rows_done
+    chunk_chain: str = ""  # chain_digest over the split's chunks, in chunk order
     extra_arrays: dict[str, int] = field(default_factory=dict)
     dataset: DatasetInfo | None = _optional()
     chunk_digests: ChunkManifest | None = _optional()

@@ -1,18 +1,16 @@
 """Writes a cache: named arrays in whole chunks, checksummed, with `complete: true` set only at the very end.
 
-Rows arrive in order, batch by batch, as a dict of named arrays checked against the split's schema; the writer
-buffers them into chunk-sized blocks so every store write is one whole chunk (a renamed file on a local disk,
-one object PUT on an object store). After every array's chunk of a block is stored, the split's `rows_done`
-attribute moves past it: a crash at any moment leaves `complete: false` and a `rows_done` whose rows are all
-stored, so a rerun resumes from there (`CacheWriter(..., resume=True)`). One writer at a time holds the store's
-lock (`CacheStore.lock`). `BackgroundWriter` runs the storage side on a thread so a GPU teacher never waits.
-
-Several processes writing one cache (`cache-teacher` under torchrun) use the chunk-record form instead
-(`records=True`): each process writes whole chunks of its own rows and records each finished chunk by itself
-(`schema.progress_key`: its rows and digests), never touching a shared attribute; the process holding the lock
-created the arrays, and once every process has finished it assembles the manifest, the chain and the dataset
-digest from the records in chunk order (`SplitWriter.finish_records`), exactly as one process would have written
-them, then removes the records.
+One write protocol serves one process and several (`cache-teacher` under torchrun). Rows arrive in order, batch
+by batch, as a dict of named arrays checked against the split's schema; a `SplitWriter` buffers them into whole
+chunks, so every store write is one whole chunk (a renamed file on a local disk, one object PUT on an object
+store), and records each finished chunk by itself after its data (`schema.progress_key`: its rows and digests),
+never touching a shared attribute. A crash at any moment leaves `complete: false` and records that each name a
+stored chunk, so a rerun (`CacheWriter(..., resume=True)`, `SplitWriter.pending_chunks`) writes only the chunks
+nobody recorded, with one process or several. Once every chunk is recorded, `SplitWriter.close` assembles the
+split's manifest, chain and dataset digest from the records in chunk order, the same whichever writers stored
+which chunks, writes them with `complete` in one metadata write, and removes the records. The process holding the
+store's lock (`CacheStore.lock`) creates the arrays and writes every attribute; `BackgroundWriter` runs the
+storage side on a thread so a GPU teacher never waits.
 """
 
 from __future__ import annotations
@@ -90,19 +88,16 @@ def storage_error(store: CacheStore, what: str, exc: BaseException) -> KDCacheEr
 
 
 class SplitWriter:
-    """Appends rows of one split in order and writes them a whole chunk at a time."""
+    """Writes whole chunks of one split, each recorded by itself once stored; one writer or several (torchrun)."""
 
     def __init__(self, group: zarr.Group, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int,
                  codec: str, chunk_rows: int, source: str | None = None, resume: bool = False,
-                 lock: Any = None, records: bool = False) -> None:
+                 lock: Any = None) -> None:
         """`specs` are the split's arrays (`schema.split_arrays`): the target's arrays (dense `logits`, or a sparse
         target's), the per-row columns and the optional float arrays (teacher checkpoints' logits, hidden-state
-        projections), written row for row, in the same chunks. `group` is the cache's root group.
-
-        `records`: the chunk-record form of several writers (see the module's docstring): rows are written from
-        where `seek` puts the writer, and each finished chunk is recorded by itself instead of advancing
-        `rows_done`. Another process's split is opened with `SplitWriter.join`."""
-        self._start(store, name, specs, rows=rows, chunk_rows=chunk_rows, source=source, lock=lock, records=records)
+        projections), written row for row, in the same chunks. `group` is the cache's root group. Rows are written
+        from row 0, or from where `seek` puts the writer; another process's split is opened with `SplitWriter.join`."""
+        self._start(store, name, specs, rows=rows, chunk_rows=chunk_rows, source=source, lock=lock)
         if resume and name in group.group_keys():
             if all(key in group[name].array_keys() for key in specs):
                 # a split begun by a kdcache that recorded no chain (no root `chunk_manifests`) has none to check
@@ -125,34 +120,33 @@ class SplitWriter:
     def join(cls, group: zarr.Group, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int,
              chunk_rows: int, source: str | None = None) -> "SplitWriter":
         """Open the split another process of the same capture created (it is never created or checked here), to
-        write some of its chunks in the chunk-record form."""
+        write some of its chunks."""
         self = cls.__new__(cls)
-        self._start(store, name, specs, rows=rows, chunk_rows=chunk_rows, source=source, lock=None, records=True)
+        self._start(store, name, specs, rows=rows, chunk_rows=chunk_rows, source=source, lock=None)
         self.group = group[name]
         self.arrays = {key: self.group[key] for key in specs}
         self._buffers = {key: np.empty((chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
         return self
 
     def _start(self, store: CacheStore, name: str, specs: dict[str, ArraySpec], *, rows: int, chunk_rows: int,
-               source: str | None, lock: Any, records: bool) -> None:
+               source: str | None, lock: Any) -> None:
         """The state of a writer before its split is created or opened."""
         self.store, self.name, self.rows, self.chunk_rows = store, name, rows, chunk_rows
         self.specs, self.lock = specs, lock
-        self.records = records
-        self._end = rows  # records: the writer stops at this row (the end of its run of chunks)
+        self._end = rows  # the writer stops at this row (the end of its run of chunks)
         self._compare_skipped = True  # whether the rows skipped at a seek are stored and must be compared
-        self._compare_after = False  # records: whether rows computed past _end are stored and must be compared
+        self._compare_after = False  # whether rows computed past _end are stored and must be compared
         self.extras = {k: s.width for k, s in specs.items() if k not in (*schema.TARGET_ARRAYS, *schema.ROW_ARRAYS)}
         self.source = source  # the data file or folder the rows come from, named in error messages
         self._filled = 0  # rows in the buffer
-        self._flushed = 0  # rows already stored
+        self._flushed = 0  # the next row to store
         self._skip = 0  # rows still to drop from the next writes (recomputed rows that are already stored)
-        self._digest = hashlib.sha256()
-        self._chunk_digests: dict[str, list[str]] = {key: [] for key in specs}  # the split's chunk manifest
-        self._chain = ""  # the manifest so far, chained: recorded with rows_done
+        self.recorded: list[int] = []  # the chunks this writer stored and recorded
 
     def _reopen(self, group: zarr.Group, require_chain: bool) -> None:
-        """Continue an interrupted split: its first `rows_done` rows are stored, whole and checksummed."""
+        """Open an interrupted split. One that a release before the chunk records left (its first `rows_done` rows
+        stored, chained in `chunk_chain`) has its stored chunks checked against that chain and recorded, so every
+        resume continues in the one form."""
         self.group = group
         self.arrays = {key: group[key] for key in self.specs}
         for key, spec in self.specs.items():
@@ -162,47 +156,25 @@ class SplitWriter:
                                    f"{array.shape} in chunks of {array.chunks[0]} rows, not {spec.shape(self.rows)} "
                                    f"in {self.chunk_rows}; pass --overwrite to start again")
         self._buffers = {key: np.empty((self.chunk_rows, *a.shape[1:]), dtype=a.dtype) for key, a in self.arrays.items()}
-        self._flushed = int(group.attrs.get("rows_done", 0))
-        if self._flushed and not self.complete:
-            done = np.asarray(self.arrays["fingerprint"][: self._flushed])
-            self._digest.update(np.ascontiguousarray(done, dtype="<u8").tobytes())
-            # the manifest of the chunks already stored (each read back through its CRC32C), which must chain to
-            # the digest recorded as they were written: a chunk swapped or replaced meanwhile is refused
-            for start in range(0, self._flushed, self.chunk_rows):
-                block = [schema.chunk_digest(np.asarray(a[start:start + self.chunk_rows])) for a in self.arrays.values()]
-                for key, digest in zip(self.arrays, block):
-                    self._chunk_digests[key].append(digest)
-                self._chain = schema.chain_digest(self._chain, block)
-            recorded = group.attrs.get("chunk_chain")
-            if (recorded is not None or require_chain) and self._chain != recorded:
-                raise KDCacheError(f"{self.store.display(self.name)}: the chunks stored before the interruption are not "
-                                   "the ones that were written (a chunk file was swapped or replaced); pass "
-                                   "--overwrite to start again")
-            if self.records:  # begun by one process, continued by several: its stored rows become chunk records
-                for k, start in enumerate(range(0, self._flushed, self.chunk_rows)):
-                    stop = min(start + self.chunk_rows, self._flushed)
-                    self._record(k, start, stop, [self._chunk_digests[key][k] for key in self.arrays])
-
-    @property
-    def rows_done(self) -> int:
-        """Rows safely stored: a resumed run starts computing at (or a little before) this row."""
-        return self._flushed
+        done = int(group.attrs.get("rows_done", 0))
+        if not done or self.complete:
+            return
+        chain, blocks = "", []
+        for start in range(0, done, self.chunk_rows):  # each chunk read back through its CRC32C
+            blocks.append([schema.chunk_digest(np.asarray(a[start:start + self.chunk_rows]))
+                           for a in self.arrays.values()])
+            chain = schema.chain_digest(chain, blocks[-1])
+        recorded = group.attrs.get("chunk_chain")
+        if (recorded is not None or require_chain) and chain != recorded:
+            raise KDCacheError(f"{self.store.display(self.name)}: the chunks stored before the interruption are not "
+                               "the ones that were written (a chunk file was swapped or replaced); pass --overwrite "
+                               "to start again")
+        for k, block in enumerate(blocks):
+            self._record(k, k * self.chunk_rows, min(done, (k + 1) * self.chunk_rows), block)
 
     @property
     def complete(self) -> bool:
         return self.group.attrs.get("complete") is True
-
-    def skip(self, rows: int, compare: bool = True) -> None:
-        """Drop the next `rows` rows written: a resume recomputes from a batch boundary before rows_done.
-
-        The dropped rows are not wasted: their fingerprints and labels must equal the stored ones, which proves
-        the data read now continues the data the interrupted run read (`compare`; False for rows that another
-        process stores, computed only because a batch begins before this writer's first chunk)."""
-        self._skip = rows
-        self._skip_at = self._flushed - rows
-        self._compare_skipped = compare
-
-    # --- the chunk-record form (several writers) -------------------------------------------------------------------
 
     @property
     def chunk_count(self) -> int:
@@ -212,17 +184,18 @@ class SplitWriter:
         """Write rows `start:end` (whole chunks; `end` may be the split's last row) from a teacher that starts
         computing at `compute_from` (a batch boundary at or before `start`) and may compute past `end` to finish
         its last batch. The extra rows are dropped; those already stored (`compare_before`, `compare_after`) are
-        compared with the stored ones first."""
-        if not self.records or self._filled or start % self.chunk_rows or not compute_from <= start <= end:
+        compared with the stored ones first, which proves the data read now continues the data stored."""
+        if self._filled or start % self.chunk_rows or not compute_from <= start <= end:
             raise ValueError(f"split {self.name!r}: cannot seek to rows {start}:{end} from {compute_from}")
         self._flushed, self._end, self._compare_after = start, end, compare_after
-        self.skip(start - compute_from, compare=compare_before)
+        self._skip, self._skip_at, self._compare_skipped = start - compute_from, compute_from, compare_before
 
     def _record(self, chunk: int, start: int, stop: int, digests: list[str]) -> None:
         """Record one finished chunk: after its data, so a record always means the chunk is stored."""
         self.store.write_json(schema.progress_key(self.name, chunk),
                               {"split": self.name, "chunk": chunk, "rows": [start, stop], "arrays": list(self.arrays),
                                "digests": digests})
+        self.recorded.append(chunk)
 
     def _records(self) -> dict[int, list[str]]:
         """The recorded chunks of this split and their digests (one per array, in storage order); records that do not
@@ -242,7 +215,7 @@ class SplitWriter:
         return found
 
     def pending_chunks(self) -> list[int]:
-        """The chunks no process has recorded yet, in order, after reading every recorded chunk back (through its
+        """The chunks no writer has recorded yet, in order, after reading every recorded chunk back (through its
         CRC32C) and comparing it with its recorded digests: a chunk swapped or replaced meanwhile is refused."""
         if self.complete:
             return []
@@ -255,38 +228,6 @@ class SplitWriter:
                                    "not the ones that were written (a chunk file was swapped or replaced); pass "
                                    "--overwrite to start again")
         return [k for k in range(self.chunk_count) if k not in records]
-
-    def finish_records(self, dataset: DatasetInfo | dict[str, Any], attributes: dict[str, Any] | None = None) -> str:
-        """Once every process has finished: the split's manifest, chain and dataset digest from the chunk records,
-        in chunk order, written as one process writes them (`rows_done`, `chunk_chain`, `dataset`, `chunk_digests`,
-        `attributes` and `complete` in one metadata write), then the records removed. Returns the dataset digest."""
-        if isinstance(dataset, dict):
-            dataset = DatasetInfo.from_attrs(dataset, self.store.display(self.name))
-        records = self._records()
-        missing = [k for k in range(self.chunk_count) if k not in records]
-        if missing:
-            raise KDCacheError(f"{self.store.display(self.name)}: chunks {', '.join(map(str, missing[:5]))} of split "
-                               f"{self.name!r} were not recorded by any process{self._left()}")
-        manifest: dict[str, list[str]] = {key: [] for key in self.arrays}
-        chain = ""
-        for chunk in range(self.chunk_count):  # one block per chunk, as one process flushes them
-            for key, digest in zip(self.arrays, records[chunk]):
-                manifest[key].append(digest)
-            chain = schema.chain_digest(chain, records[chunk])
-        try:
-            with remote_errors(self.store.location):
-                fingerprints = np.asarray(self.arrays["fingerprint"][:])
-                dataset.digest = hashlib.sha256(np.ascontiguousarray(fingerprints, dtype="<u8").tobytes()).hexdigest()
-                self.group.update_attributes({**(attributes or {}), "rows_done": self.rows, "chunk_chain": chain,
-                                              "dataset": dataset.to_attrs(),
-                                              "chunk_digests": ChunkManifest(arrays=manifest).to_attrs(),
-                                              "complete": True})
-                self.store.delete_prefix(f"{PROGRESS_FOLDER}/{self.name}")
-        except KDCacheError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise storage_error(self.store, f"split {self.name!r} attributes", exc) from exc
-        return dataset.digest
 
     @property
     def rows_written(self) -> int:
@@ -302,8 +243,10 @@ class SplitWriter:
             arrays = self._drop_recomputed(arrays)
             if not len(arrays["index"]):
                 return
-        if self.records and self.rows_written + len(arrays["index"]) > self._end:  # the rest of the last batch
-            keep = self._end - self.rows_written
+        if self.rows_written + len(arrays["index"]) > self._end:
+            if self._end == self.rows:
+                raise KDCacheError(f"split {self.name!r}: more rows than the {self.rows} announced")
+            keep = self._end - self.rows_written  # the rest of a run's last batch, computed for its padding
             if self._compare_after:
                 self._compare_stored(self._end, {k: v[keep:] for k, v in arrays.items()})
             arrays = {k: v[:keep] for k, v in arrays.items()}
@@ -312,8 +255,6 @@ class SplitWriter:
         index = arrays["index"]
         columns = {k: (self._stored(k, v, index) if self.specs[k].is_target else v) for k, v in arrays.items()}
         count = len(index)
-        if self.rows_written + count > self.rows:
-            raise KDCacheError(f"split {self.name!r}: more rows than the {self.rows} announced")
         done = 0
         while done < count:
             take = min(self.chunk_rows - self._filled, count - done)
@@ -321,7 +262,7 @@ class SplitWriter:
                 self._buffers[key][self._filled : self._filled + take] = values[done : done + take]
             self._filled += take
             done += take
-            if self._filled == self.chunk_rows or (self.records and self.rows_written == self._end):
+            if self._filled == self.chunk_rows or self.rows_written == self._end:
                 self._flush()
 
     def _drop_recomputed(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -385,6 +326,7 @@ class SplitWriter:
         return f"; {self.store} is left incomplete and will not be used"
 
     def _flush(self) -> None:
+        """Store the buffered rows (one whole chunk, or a run's last rows) and record the chunk."""
         if not self._filled:
             return
         if self.lock is not None:
@@ -396,46 +338,55 @@ class SplitWriter:
                 for key, array in self.arrays.items():
                     array[start:stop] = self._buffers[key][: self._filled]
                     block.append(schema.chunk_digest(self._buffers[key][: self._filled]))
-                if self.records:  # one chunk per flush (seek starts at a chunk, a run ends at one or at the last row)
-                    self._record(start // self.chunk_rows, start, stop, block)
-                    self._flushed, self._filled = stop, 0
-                    return
-                chain = schema.chain_digest(self._chain, block)
-                # after the data: a crash before it just rewrites this block. Like every metadata write of a writer,
-                # fenced by the store (the lease checked right before it; on S3 conditional on the version this
-                # writer last saw), so a writer frozen past its lease cannot undo a newer writer's work. One metadata
-                # write for both keys (zarr's attrs.update writes once per key: a kill between the two would part them)
-                self.group.update_attributes({"rows_done": stop, "chunk_chain": chain})
+                if self.lock is not None:
+                    self.lock.check()  # again right before the record, which says the chunk is stored
+                self._record(start // self.chunk_rows, start, stop, block)
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001 - OSError on a disk, the store's own errors remotely
             raise storage_error(self.store, f"split {self.name!r} rows {start}:{stop}", exc) from exc
-        self._digest.update(np.ascontiguousarray(self._buffers["fingerprint"][: self._filled], dtype="<u8").tobytes())
-        for key, digest in zip(self.arrays, block):
-            self._chunk_digests[key].append(digest)
-        self._chain = chain
         self._flushed, self._filled = stop, 0
 
     def close(self, dataset: DatasetInfo | dict[str, Any], attributes: dict[str, Any] | None = None) -> str:
-        """Write the last partial chunk, the split's dataset description and chunk manifest (and `attributes`, e.g.
-        the measured `target_quality`); returns the digest."""
+        """Once every writer has finished: the split's manifest, chain and dataset digest from the chunk records, in
+        chunk order (`rows_done`, `chunk_chain`, `dataset`, `chunk_digests`, `attributes` such as the measured
+        `target_quality`, and `complete` in one metadata write, fenced like every metadata write), then the records
+        removed. Whichever writers stored which chunks, the split's bytes are the same. Returns the dataset digest."""
         if isinstance(dataset, dict):
             dataset = DatasetInfo.from_attrs(dataset, self.store.display(self.name))
         self._flush()
-        if self._flushed != self.rows:
-            raise KDCacheError(f"split {self.name!r}: wrote {self._flushed} rows but the dataset has {self.rows}")
-        digest = self._digest.hexdigest()
-        dataset.digest = digest
+        records = self._records()
+        missing = [k for k in range(self.chunk_count) if k not in records]
+        if missing:
+            meta = self.store.read_json(f"{self.name}/zarr.json") or {}
+            if (meta.get("attributes") or {}).get("complete") is True:  # finished meanwhile by whoever took over
+                for chunk in self.recorded:  # this writer's late records mean nothing to a finished split
+                    self.store.delete(schema.progress_key(self.name, chunk))
+                raise KDCacheError(f"{self.store.display(self.name)}: another writer finished this split while this "
+                                   "one was stalled or frozen (its lease was taken over); this run stopped without "
+                                   "writing further")
+            raise KDCacheError(f"{self.store.display(self.name)}: chunks {', '.join(map(str, missing[:5]))} of split "
+                               f"{self.name!r} were not recorded by any writer{self._left()}")
+        manifest: dict[str, list[str]] = {key: [] for key in self.arrays}
+        chain = ""
+        for chunk in range(self.chunk_count):  # one block per chunk
+            for key, digest in zip(self.arrays, records[chunk]):
+                manifest[key].append(digest)
+            chain = schema.chain_digest(chain, records[chunk])
         try:
             with remote_errors(self.store.location):
-                self.group.update_attributes({**(attributes or {}), "dataset": dataset.to_attrs(),
-                                              "chunk_digests": ChunkManifest(arrays=self._chunk_digests).to_attrs(),
+                fingerprints = np.asarray(self.arrays["fingerprint"][:])
+                dataset.digest = hashlib.sha256(np.ascontiguousarray(fingerprints, dtype="<u8").tobytes()).hexdigest()
+                self.group.update_attributes({**(attributes or {}), "rows_done": self.rows, "chunk_chain": chain,
+                                              "dataset": dataset.to_attrs(),
+                                              "chunk_digests": ChunkManifest(arrays=manifest).to_attrs(),
                                               "complete": True})
+                self.store.delete_prefix(f"{PROGRESS_FOLDER}/{self.name}")
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise storage_error(self.store, f"split {self.name!r} attributes", exc) from exc
-        return digest
+        return dataset.digest
 
 
 #: Records of a split's preprocessing that describe the source file rather than the rows written (a text file's
@@ -460,16 +411,15 @@ class CacheWriter:
     """Creates a cache and marks it complete only after every split is closed."""
 
     def __init__(self, location: str | Path | CacheStore, header: RootHeader | dict[str, Any], *,
-                 overwrite: bool = False, resume: bool = False, lock: Any = None, records: bool = False) -> None:
+                 overwrite: bool = False, resume: bool = False, lock: Any = None) -> None:
         """`header` is the root header (a dict of root attributes will do for scripts); its `write_settings` are
         what must not change across a resume (teacher hash, data, storage). `lock` is the store's writer lock, held
-        by the caller (CacheStore.lock). `records`: splits are written in the chunk-record form (several writers;
-        see the module's docstring)."""
+        by the caller (CacheStore.lock)."""
         store = as_store(location)
         if isinstance(header, dict):
             header = RootHeader.from_attrs({"format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION,
                                             **header}, str(store))
-        self.store, self.lock, self.records = store, lock, records
+        self.store, self.lock = store, lock
         self.resumed = resume and check_destination(store, overwrite=False)
         self.splits: list[str] = []
         if self.resumed:
@@ -518,8 +468,8 @@ class CacheWriter:
         self.splits.append(name)
         try:
             split = SplitWriter(self.root, self.store, name, specs, resume=self.resumed, lock=self.lock,
-                                records=self.records, **kwargs)
-            if self.records and split.complete:  # killed between the split's last write and its records' removal
+                                **kwargs)
+            if split.complete:  # killed between the split's last write and its records' removal
                 self.store.delete_prefix(f"{PROGRESS_FOLDER}/{name}")
             return split
         except KDCacheError:
@@ -549,20 +499,13 @@ class CacheWriter:
             self.lock.check()
         try:
             with remote_errors(self.store.location):
-                if self.records or self.store.is_local:  # empty by now (each split removed its own records), or
-                    self.store.delete_prefix(PROGRESS_FOLDER)  # left empty by several processes, then one finished
+                self.store.delete_prefix(PROGRESS_FOLDER)  # empty by now: each split removed its own records
                 self.root.update_attributes({**(attrs or {}), "splits": self.splits, "completed": utc_now(),
                                         "complete": True})
         except KDCacheError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise storage_error(self.store, "the final attributes", exc) from exc
-
-
-def has_chunk_records(store: CacheStore) -> bool:
-    """Whether an interrupted cache was being written by several processes (chunk records): whoever resumes it, one
-    process or several, continues in that form."""
-    return bool(store.list_files(PROGRESS_FOLDER, limit=1))
 
 
 def join_capture(store: CacheStore, created: str | None) -> zarr.Group:
@@ -644,5 +587,5 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-__all__ = ["BackgroundWriter", "CacheWriter", "SplitWriter", "check_destination", "has_chunk_records", "join_capture",
+__all__ = ["BackgroundWriter", "CacheWriter", "SplitWriter", "check_destination", "join_capture",
            "storage_error"]

@@ -55,8 +55,7 @@ from kdcache.cache import codecs, schema, targets
 from kdcache.cache.schema import CheckpointEntry, DatasetInfo, Projections, RootHeader, StorageInfo, TaskInfo
 from kdcache.cache.store import CacheStore
 from kdcache.cache.targets import QualitySum, TargetSpec
-from kdcache.cache.writer import (BackgroundWriter, CacheWriter, SplitWriter, check_destination, has_chunk_records,
-                                  join_capture)
+from kdcache.cache.writer import BackgroundWriter, CacheWriter, SplitWriter, check_destination, join_capture
 from kdcache.data import DataOptions, SplitData, load_split, modality_of
 from kdcache.data.checks import check_batch_labels, check_splits_against_teacher
 from kdcache.data.text import tokenizer_zip
@@ -128,60 +127,21 @@ class _Job:
 def cache_teacher(cfg: CacheTeacherConfig) -> str | Path:
     """Run the recipe; returns the cache location. Raises KDCacheError on any bad input, before writing if it can.
 
-    Under torchrun (WORLD_SIZE > 1) every process runs it and the processes share the work (`_cache_shared`);
-    otherwise, and unless it resumes a cache several processes began, it is the one-process recipe below."""
+    One process, or several under torchrun (WORLD_SIZE > 1) sharing the work: the same recipe and the same bytes."""
     world, device_name = init_world(cfg.device)
     try:
-        if world.distributed:
-            return _cache_shared(cfg, world, device_name)
-        return _cache_alone(cfg, device_name)
+        return _capture(cfg, world, device_name)
     finally:
         close_world(world)
 
 
-def _cache_alone(cfg: CacheTeacherConfig, device_name: str) -> str | Path:
-    layers = _check_flags(cfg)
-    checkpoint_dirs = expand_checkpoints(cfg.checkpoints)  # a pattern that matches nothing fails here, in a second
-    device = resolve_device(device_name)
-    store = CacheStore(cfg.out, cfg.storage_options)
-    with store.lock() as lock:  # one writer per cache, released however this process ends
-        resuming = check_destination(store, cfg.overwrite, cfg.resume)  # a taken --out: refused before slow work
-        if resuming and has_chunk_records(store):  # begun by several processes: finished in their form, by one
-            lock.release()
-            return _cache_shared(cfg, World(), device_name)
-
-        # 1. Teacher and data, checked against each other before anything is written.
-        job = _prepare(cfg, device, checkpoint_dirs, layers)
-
-        # 2. The cache header: who the teacher is, what the task is, how it is stored, by what software.
-        chunk_rows = cfg.chunk_rows or schema.default_chunk_rows(job.target.row_bytes, 1)
-        writer = CacheWriter(store, _header(cfg, job, device, chunk_rows), overwrite=cfg.overwrite, resume=resuming,
-                             lock=lock)
-        if job.splits[0].modality == "text" and job.teacher.tokenizer is not None:
-            blob, files = tokenizer_zip(job.teacher.tokenizer)
-            writer.add_blob(schema.TOKENIZER_ARRAY, blob, {"format": "zip of save_pretrained files", "files": files,
-                                                           "class": type(job.teacher.tokenizer).__name__})
-
-        # 3. One pass per split: the teacher computes, the background writer stores.
-        extras = {f"checkpoint_{k}": job.width for k in range(len(job.checkpoints))}
-        extras.update({hidden.array_name(key): cfg.proj_dim for key in job.layers})
-        throughput = {}
-        with progress_bar(cfg.progress) as bar:
-            for split in job.splits:
-                specs = schema.split_arrays(job.width, split.kind, cfg.dtype, extras, job.target, cfg.codec)
-                sink = writer.add_split(split.split, specs, rows=len(split), codec=cfg.codec, chunk_rows=chunk_rows,
-                                        source=split.source)
-                throughput[split.split] = _capture(cfg, job, split, sink, bar, device, writer.resumed)
-        writer.finalize({"throughput": throughput, **({"resumed": utc_now()} if writer.resumed else {})})
-    return cfg.out
-
-
-def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> str | Path:
-    """The recipe run by several processes (or by one, finishing what several began), in the chunk-record form of
-    the writer: rank 0 holds the lock, checks the destination and creates every array; each rank then runs the
-    teacher over its share of each split's missing chunks and records each chunk it writes; rank 0 closes each
-    split from the records once every rank is done, and writes `complete` last. A refusal anywhere is one line
-    for every rank (`World.agree`, `World.all_ok`), naming the rank when it is not rank 0's."""
+def _capture(cfg: CacheTeacherConfig, world: World, device_name: str) -> str | Path:
+    """The recipe, for one process or several. The process of rank 0 holds the lock, checks the destination and
+    creates every array; each process runs the teacher over its share of each split's chunks that no one has
+    recorded yet (all of them in a fresh capture) and records each chunk it writes; rank 0 closes each split from
+    the records once every process is done, and writes `complete` last. With one process every agreement below is
+    a plain call. A refusal anywhere is one line for every rank (`World.agree`, `World.all_ok`), naming the rank
+    when it is not rank 0's."""
     layers = world.agree(lambda: _check_flags(cfg))
     checkpoint_dirs = world.agree(lambda: expand_checkpoints(cfg.checkpoints))
     device = resolve_device(device_name)
@@ -209,7 +169,7 @@ def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> st
             nonlocal writer
             # each rank on its own cuda:LOCAL_RANK: the header names the kind, as one process on `cuda` records it
             header = _header(cfg, job, torch.device(device.type) if world.distributed else device, chunk_rows)
-            writer = CacheWriter(store, header, overwrite=cfg.overwrite, resume=resuming, lock=lock, records=True)
+            writer = CacheWriter(store, header, overwrite=cfg.overwrite, resume=resuming, lock=lock)
             if job.splits[0].modality == "text" and job.teacher.tokenizer is not None:
                 blob, files = tokenizer_zip(job.teacher.tokenizer)
                 writer.add_blob(schema.TOKENIZER_ARRAY, blob, {"format": "zip of save_pretrained files",
@@ -241,14 +201,17 @@ def _cache_shared(cfg: CacheTeacherConfig, world: World, device_name: str) -> st
                     continue
                 mine = _chunk_share(todo, world)
                 done = set(range(sink.chunk_count)) - set(todo)
+                if done and world.main:
+                    log.info("%s", _resuming(split, sink, done, cfg.batch_size))
                 start, quality = time.perf_counter(), QualitySum()
-                rows = world.all_ok(lambda: _capture_chunks(cfg, job, split, sink, mine, done, bar, device, quality))
+                rows = world.all_ok(lambda: _capture_chunks(cfg, job, split, sink, mine, done, bar, device, quality,
+                                                                 not world.distributed))
                 seconds = time.perf_counter() - start
                 counts = world.gather((rows, seconds, quality))
                 dataset = DatasetInfo(split.task, split.source, split.split, len(split), split.modality,
                                       split.label_names, split.preprocess)
                 measured = functools.reduce(QualitySum.merge, (part for _, _, part in counts), QualitySum())
-                digest = world.agree(lambda: sink.finish_records(dataset, _quality_attrs(job, measured)))
+                digest = world.agree(lambda: sink.close(dataset, _quality_attrs(job, measured)))
                 computed, seconds = sum(r for r, _, _ in counts), max(t for _, t, _ in counts)
                 throughput[split.split] = {
                     "rows": computed, "seconds": round(seconds, 3),
@@ -277,13 +240,13 @@ def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
 
 
 def _capture_chunks(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWriter, chunks: list[int],
-                    stored: set[int], bar: Any, device: torch.device, quality: QualitySum) -> int:
+                    stored: set[int], bar: Any, device: torch.device, quality: QualitySum, alone: bool) -> int:
     """The teacher over this rank's chunks of one split, a run of consecutive chunks at a time; returns the rows
     written. Every batch is the one a single process computes (batches start at multiples of the batch size, which
     decide text padding and so the last bits of a logit): a run starts computing at the batch boundary at or before
     its first row and ends at the one at or after its last, and the rows beyond the run are dropped; those that are
     already stored (`stored` chunks: a resume) are compared with the stored ones first, and a run that follows a
-    stored chunk recomputes at least one stored batch, as a one-process resume does."""
+    stored chunk recomputes at least one stored batch. `alone`: no other process writes this split."""
     rows, size, batch = sink.rows, sink.chunk_rows, cfg.batch_size
     written = sum(min(rows, (k + 1) * size) - k * size for k in chunks)
     task_id = bar.add_task(f"{split.split}", total=written, rate="")
@@ -297,7 +260,8 @@ def _capture_chunks(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: 
         before = all(k in stored for k in range(begin // size, first_chunk))
         after = all(k in stored for k in range(end_chunk, -(-stop // size)))
         sink.seek(start, end, begin, compare_before=before, compare_after=after)
-        with _on_interrupt(sink, split), BackgroundWriter(sink.write) as background, torch.inference_mode():
+        with _on_interrupt(sink, split, stored, alone), BackgroundWriter(sink.write) as background, \
+                torch.inference_mode():
             for batch_rows in _loader(split, cfg, device, start=begin, stop=stop):
                 background.put(_teacher_outputs(job, split, batch_rows, cfg, device, begin, quality))
                 kept = min(end, begin + len(batch_rows.index)) - max(start, begin)
@@ -463,36 +427,6 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
     return header
 
 
-def _capture(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWriter, bar: Any,
-             device: torch.device, resumed: bool) -> dict[str, Any]:
-    """The teacher over one split, from where an interrupted run stopped; returns the split's throughput."""
-    if sink.complete:  # finished before the interruption
-        return {"rows": len(split), "resumed": "already complete"}
-    # Restart at the batch boundary at or before rows_done, so every batch (and its padding) is the one an
-    # uninterrupted run computes; rows already stored are recomputed, compared and dropped.
-    first = sink.rows_done - sink.rows_done % cfg.batch_size
-    if first and first == sink.rows_done:
-        first -= cfg.batch_size  # recompute one stored batch anyway: its fingerprints must match
-    sink.skip(sink.rows_done - first)
-    if sink.rows_done:
-        log.info("resuming split %r at row %d of %d (rows 0-%d are stored; the teacher recomputes from row %d, and "
-                 "those rows must match)", split.split, sink.rows_done, len(split), sink.rows_done - 1, first)
-    task_id = bar.add_task(f"{split.split}", total=len(split), completed=first, rate="")
-    start, done, quality = time.perf_counter(), 0, QualitySum()
-    with _on_interrupt(sink, split), BackgroundWriter(sink.write) as background, torch.inference_mode():
-        for batch in _loader(split, cfg, device, start=first):
-            background.put(_teacher_outputs(job, split, batch, cfg, device, first + done, quality))
-            done += len(batch.index)
-            bar.update(task_id, advance=len(batch.index),
-                       rate=f"{done / max(time.perf_counter() - start, 1e-9):,.0f} rows/s")
-    seconds = time.perf_counter() - start
-    digest = sink.close(DatasetInfo(split.task, split.source, split.split, len(split), split.modality,
-                                    split.label_names, split.preprocess), _quality_attrs(job, quality))
-    return {"rows": len(split) - first, "seconds": round(seconds, 3),
-            "rows_per_second": round((len(split) - first) / max(seconds, 1e-9), 1), "digest": digest,
-            **({"resumed_at_row": first} if resumed else {})}
-
-
 def _quality_attrs(job: _Job, quality: QualitySum) -> dict[str, Any]:
     """The split attributes that record what a sparse target keeps (none for a dense one)."""
     record = quality.record(job.target)
@@ -528,18 +462,38 @@ def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device, sta
                                        collate_fn=split.collate, pin_memory=device.type == "cuda")
 
 
+def _stored_prefix(split: SplitData, sink: SplitWriter, stored: set[int]) -> int | None:
+    """The rows stored when `stored` chunks are the split's first ones (what one process leaves), else None."""
+    first_missing = next(k for k in range(sink.chunk_count + 1) if k not in stored)
+    return min(len(split), first_missing * sink.chunk_rows) if stored == set(range(first_missing)) else None
+
+
+def _resuming(split: SplitData, sink: SplitWriter, stored: set[int], batch_size: int) -> str:
+    """The line a resume starts with: where the split continues, and which stored rows are recomputed to prove the
+    data is the data the interrupted run read."""
+    row = _stored_prefix(split, sink, stored)
+    if row is None:
+        return (f"resuming split {split.split!r}: {len(stored)} of {sink.chunk_count} chunks of {sink.chunk_rows} rows "
+                "are stored; the teacher computes the others (and the stored rows of their first and last batches, "
+                "which must match)")
+    first = row - row % batch_size if row % batch_size else row - batch_size
+    return (f"resuming split {split.split!r} at row {row} of {len(split)} (rows 0-{row - 1} are stored; the teacher "
+            f"recomputes from row {first}, and those rows must match)")
+
+
 @contextlib.contextmanager
-def _on_interrupt(sink: SplitWriter, split: SplitData) -> Iterator[None]:
-    """Ctrl-C says how far the split got (every row before rows_done is stored) and how to continue."""
+def _on_interrupt(sink: SplitWriter, split: SplitData, stored: set[int], alone: bool) -> Iterator[None]:
+    """Ctrl-C says how far the split got and how to continue (every recorded chunk is stored)."""
     try:
         yield
     except KeyboardInterrupt:
-        if sink.records:
+        row = _stored_prefix(split, sink, stored | set(sink.recorded)) if alone else None
+        if row is None:
             raise Interrupted(f"interrupted in split {split.split!r} (the chunks finished so far are stored); rerun "
                               "the same command to continue") from None
-        kept = f"rows 0-{sink.rows_done - 1} are stored" if sink.rows_done else "no rows are stored yet"
-        raise Interrupted(f"interrupted after row {sink.rows_done} of {len(split)} of split {split.split!r} "
-                          f"({kept}); rerun the same command to continue") from None
+        kept = f"rows 0-{row - 1} are stored" if row else "no rows are stored yet"
+        raise Interrupted(f"interrupted after row {row} of {len(split)} of split {split.split!r} ({kept}); rerun the "
+                          "same command to continue") from None
 
 
 __all__ = ["CacheTeacherConfig", "cache_teacher"]

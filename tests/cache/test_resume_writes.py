@@ -18,7 +18,7 @@ import kdcache
 from kdcache.errors import KDCacheError
 from kdcache.cache.store import LocalLock as WriteLock
 from teachers_for_tests import make_tiny_bert
-from cache_edits import interrupted_at
+from cache_edits import interrupted_at, stored_rows
 from helpers import _one_error_line, run_cli
 
 ROWS = 600  # of real SST-2 train; chunks of 64 rows, batches of 24: a resume restarts inside a batch
@@ -35,14 +35,7 @@ def _args(teacher, data, out, *extra):
 
 
 def _rows_done(out: Path) -> dict[str, int]:
-    done = {}
-    for split in ("train", "validation"):
-        try:
-            attrs = json.loads((out / split / "zarr.json").read_text())["attributes"]
-        except (OSError, ValueError, KeyError):
-            continue
-        done[split] = ROWS if attrs.get("complete") else int(attrs.get("rows_done", 0))
-    return done
+    return {split: stored_rows(out, split) for split in ("train", "validation")}
 
 
 def _arrays(out: Path) -> dict[str, bytes]:

@@ -123,6 +123,18 @@ def _split_attrs(fs: s3fs.S3FileSystem, root: str, split: str) -> dict:
         return {}
 
 
+def _stored_rows(fs: s3fs.S3FileSystem, root: str, split: str) -> int:
+    """Rows of `split` stored so far: all of a complete split, else those of its recorded chunks."""
+    attrs = _split_attrs(fs, root, split)
+    if attrs.get("complete"):
+        return int(attrs["rows"])
+    try:
+        records = fs.ls(f"{root}/.kdcache-progress/{split}", detail=False, refresh=True)
+    except FileNotFoundError:
+        return 0
+    return sum(b - a for a, b in (json.loads(fs.cat_file(r))["rows"] for r in records if r.endswith(".json")))
+
+
 def test_sigkill_mid_write_then_resume_is_byte_identical_on_s3(tmp_path, capsys, monkeypatch, s3_server, s3_bucket,
                                                                 digits_teacher):
     """Killed once 256 rows are stored: wherever the kill lands after that, the rerun resumes each split at the row
@@ -134,7 +146,7 @@ def test_sigkill_mid_write_then_resume_is_byte_identical_on_s3(tmp_path, capsys,
     proc = subprocess.Popen(_kdcache(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if _split_attrs(fs, root, "train").get("rows_done", 0) >= 256:
+        if _stored_rows(fs, root, "train") >= 256:
             proc.send_signal(signal.SIGKILL)
             break
         fs.invalidate_cache()
@@ -143,15 +155,16 @@ def test_sigkill_mid_write_then_resume_is_byte_identical_on_s3(tmp_path, capsys,
     with pytest.raises(KDCacheError, match="incomplete"):
         kdcache.open_cache(url, storage_options=s3_server.options)  # a killed cache is never used silently
     fs.invalidate_cache()
-    recorded = {split: _split_attrs(fs, root, split) for split in ("train", "validation")}  # as the kill left them
-    assert recorded["train"].get("rows_done", 0) >= 256
+    recorded = {split: (_split_attrs(fs, root, split).get("complete"), _stored_rows(fs, root, split))
+                for split in ("train", "validation")}  # as the kill left them
+    assert recorded["train"][1] >= 256
     done = subprocess.run(_kdcache(*args), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    for split, attrs in recorded.items():
-        if attrs.get("complete") or not attrs.get("rows_done"):
+    for split, (complete, rows) in recorded.items():
+        if complete or not rows:
             assert f"resuming split '{split}'" not in done.stderr  # finished before the kill, or not started
         else:
-            assert f"resuming split '{split}' at row {attrs['rows_done']} of " in done.stderr, (split, done.stderr)
+            assert f"resuming split '{split}' at row {rows} of " in done.stderr, (split, done.stderr)
     reference = tmp_path / "reference.kdcache"
     assert run_cli(_capture(digits_teacher, str(reference), "--batch-size", "16", "--chunk-rows", "64"),
                    capsys, monkeypatch)[0] == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 
 import kdcache
 from kdcache.errors import KDCacheError
+from cache_edits import interrupted_at
 from helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -124,12 +126,29 @@ def test_a_capture_of_two_processes_resumes_with_one_and_one_of_one_with_two(tmp
     _capture(1, weights, out)
     _assert_same(out, reference)
 
-    out = tmp_path / "b" / "c.kdcache"  # one process killed: rows_done, no records; finished by two
+    out = tmp_path / "b" / "c.kdcache"  # one process killed after recording its first chunks; finished by two
     proc = _capture(1, weights, out, check=False, KDCACHE_TEST_KILL_RANK="0", KDCACHE_TEST_KILL_AFTER="62",
                     KDCACHE_TEST_KILL_ONCE_STORED=str(out))
     assert proc.returncode != 0
-    assert 0 < json.loads((out / "train" / "zarr.json").read_text())["attributes"]["rows_done"] < 203
+    recorded = sorted(int(p.stem) for p in (out / ".kdcache-progress" / "train").glob("*.json"))
+    assert recorded and recorded == list(range(len(recorded))) and len(recorded) < 13  # the first chunks, in order
     _capture(2, weights, out)
+    _assert_same(out, reference)
+
+
+def test_a_cache_an_earlier_release_interrupted_is_finished_by_two_processes(tmp_path, weights, reference):
+    """Before the chunk records, one process advanced `rows_done` and `chunk_chain`: such a cache is checked against
+    its chain, its stored chunks recorded, and the rest written by whoever resumes it, to the same bytes."""
+    out = tmp_path / "c.kdcache"
+    shutil.copytree(reference, out)
+    for meta_file, extra in ((out / "zarr.json", {}), (out / "train" / "zarr.json", interrupted_at(out, "train", 64))):
+        meta = json.loads(meta_file.read_text())
+        meta["attributes"].update({"complete": False, **extra})
+        meta_file.write_text(json.dumps(meta))
+    for chunk in (p for p in (out / "train").glob("*/c/*") if int(p.name) >= 4):  # after rows_done: never written
+        shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
+    proc = _capture(2, weights, out)
+    assert "resuming split 'train' at row 64 of 203" in proc.stderr, proc.stderr
     _assert_same(out, reference)
 
 
