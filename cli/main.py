@@ -91,7 +91,8 @@ def _check_training(**flags: Any) -> None:
                           ("stream", names.STREAM_MODES), ("precision", names.PRECISIONS),
                           ("optimizer", names.OPTIMIZERS), ("lr_schedule", names.LR_SCHEDULES),
                           ("reduction", names.REDUCTIONS), ("schedule_unit", names.SCHEDULE_UNITS),
-                          ("augment", names.AUGMENTS), ("task", names.TASKS), ("phi_on", names.PHI_ON)):
+                          ("augment", names.AUGMENTS), ("task", names.TASKS), ("phi_on", names.PHI_ON),
+                          ("topk_tail", names.TOPK_TAILS)):
         names.check(f"--{flag.replace('_', '-')}", flags.get(flag), choices)
     if flags.get("psi") is not None:
         parse_psi(flags["psi"])
@@ -311,7 +312,7 @@ def distill_cmd(
                                               "architecture name.")],
     out: o.RunOut, method: o.Method = "continuation", epochs: o.Epochs = None, data: o.DataMoved = None,
     preset: o.Preset = "auto", t_max: o.TMax = None, margin: o.Margin = None, psi: o.Psi = None,
-    reduction: o.Reduction = "sample", phi_on: o.PhiOn = None, alpha: o.Alpha = None,
+    reduction: o.Reduction = "sample", phi_on: o.PhiOn = None, topk_tail: o.TopkTail = None, alpha: o.Alpha = None,
     temperature: o.Temperature = None, anneal_epochs: o.AnnealEpochs = None,
     anneal_continuous: o.AnnealContinuous = False, lr: o.Lr = None, batch_size: o.BatchSize = None,
     optimizer: o.Optimizer = None, weight_decay: o.WeightDecay = None, momentum: o.Momentum = None,
@@ -341,7 +342,7 @@ def _distill_config(p: dict[str, Any]) -> Any:
     _check_training(method=p["method"], kd_loss=p["kd_loss"], preset=p["preset"], stream=p["stream"],
                     precision=p["precision"], optimizer=p["optimizer"], lr_schedule=p["lr_schedule"],
                     reduction=p["reduction"], schedule_unit=p["schedule_unit"], augment=p["augment"], psi=p["psi"],
-                    phi_on=p["phi_on"],
+                    phi_on=p["phi_on"], topk_tail=p["topk_tail"],
                     cache=p["cache"], student=p["student"], student_layers=p["student_layers"], data=p["data"],
                     epochs=p["epochs"], batch_size=p["batch_size"], max_steps=p["max_steps"], log_every=p["log_every"],
                     num_workers=p["num_workers"], keep_inputs=p["keep_inputs"], memory_budget=p["memory_budget"])

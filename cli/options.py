@@ -120,6 +120,9 @@ Reduction = Annotated[str, _O(help="Continuation hinge: sample | batch | element
                                     "annealing: element or mse average stage 1 over the outputs.")]
 PhiOn = Annotated[Optional[str], _O(help="Continuation: what phi anneals, both (Eq. 4, the default) | teacher | "
                                          "margin | none (the paper's Table 7 ablation).")]
+TopkTail = Annotated[Optional[str], _O(help="Vanilla KD on a top-k cache: the outputs not kept as one exact bucket "
+                                             "(bucket, the default) or renormalised away (renormalised, DistillKit's "
+                                             "approximation, for comparison).")]
 Alpha = Annotated[Optional[float], _O(help="Vanilla KD: weight of the hard-label term.")]
 Temperature = Annotated[Optional[float], _O(help="Vanilla KD: softening temperature.")]
 AnnealEpochs = Annotated[Optional[int], _O(help="Annealing-KD: stage-1 epochs K (default: the preset's share).")]

@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 REDUCTIONS = ("sample", "batch", "element", "mse")
 PHI_ON = ("both", "teacher", "margin", "none")
+#: What vanilla KD on a top-k cache does with the outputs the cache did not keep (docs/methods.md).
+TOPK_TAILS = ("bucket", "renormalised")
 SCHEDULE_UNITS = ("epoch", "step")
 AUGMENTS = ("none", "cifar", "imagenet")
 LOGIT_DTYPES = ("float16", "float32")

@@ -34,6 +34,7 @@ class MethodOptions:
     reduction: str = "sample"  # continuation's hinge reduction; annealing's stage 1 mean over outputs (docs/methods.md)
     anneal_continuous: bool | None = None  # annealing: stage 2 keeps stage 1's optimiser and schedule (not the authors')
     phi_on: str | None = None  # continuation: what phi anneals, both (Eq. 4) | teacher | margin | none (Table 7)
+    topk_tail: str | None = None  # vanilla on a top-k cache: the tail one exact bucket (default) | renormalised away
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None and k != "reduction"}
@@ -188,7 +189,8 @@ class Method:
 def check_options(method: type[Method], options: MethodOptions, registry: dict[str, type[Method]]) -> None:
     """A method-specific flag given to a method that does not use it is an error naming who does use it."""
     flags = {"checkpoint": "--checkpoint", "kd_loss": "--kd-loss", "phase_epochs": "--phase-epochs",
-             "layer_map": "--layer-map", "anneal_continuous": "--anneal-continuous", "phi_on": "--phi-on"}
+             "layer_map": "--layer-map", "anneal_continuous": "--anneal-continuous", "phi_on": "--phi-on",
+             "topk_tail": "--topk-tail"}
     for name in options.given():
         if name in method.accepts:
             continue

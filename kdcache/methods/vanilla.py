@@ -8,7 +8,8 @@ import torch
 
 from kdcache.methods import losses, sparse_losses
 from kdcache.methods.base import Method, Run, StepPlan
-from kdcache.methods.targets import SampledTarget, TopKTarget
+from kdcache.errors import KDCacheError
+from kdcache.methods.targets import KIND_WORDS, SampledTarget, TopKTarget
 
 
 class VanillaKD(Method):
@@ -17,11 +18,17 @@ class VanillaKD(Method):
     defaults = {preset: {"temperature": 4.0, "alpha": 0.5} for preset in ("cifar", "glue", "small")}
     # top-k: the KL with the tail as one exact bucket; sampled: the RS-KD estimator, which is defined at T = 1
     target_kinds = ("dense", "topk", "sampled")
+    accepts = ("checkpoint", "topk_tail")
 
     def setup(self, run: Run) -> None:
         super().setup(run)
-        if self.target_kind == "topk":  # a T the cache did not record: one line before the run folder is made
-            sparse_losses.recorded_temperature(run.cache.target.temperatures or [1.0], float(run.hp["temperature"]))
+        self.tail = self.options.topk_tail or "bucket"
+        if self.options.topk_tail is not None and self.target_kind != "topk":
+            raise KDCacheError(f"{run.where}: --topk-tail applies to a top-k cache (cache-teacher --topk K); this "
+                               f"one stores {KIND_WORDS[self.target_kind]}")
+        if self.target_kind == "topk" and self.tail == "bucket":  # a T the cache did not record: one line before
+            sparse_losses.recorded_temperature(  # the run folder is made (the renormalised tail needs no lse)
+                run.cache.target.temperatures or [1.0], float(run.hp["temperature"]))
 
     def values(self, epoch: int, step: int, n: int) -> dict[str, Any]:
         T = 1.0 if self.target_kind == "sampled" else float(self.run.hp["temperature"])
@@ -31,7 +38,8 @@ class VanillaKD(Method):
         v = plan.values
         if isinstance(target, TopKTarget):
             return sparse_losses.topk_kd_loss(output, target.values, target.indices, target.logsumexp, labels,
-                                              temperature=v["T"], temperatures=target.temperatures, alpha=v["alpha"])
+                                              temperature=v["T"], temperatures=target.temperatures, alpha=v["alpha"],
+                                              tail=self.tail)
         if isinstance(target, SampledTarget):
             return sparse_losses.sampled_kd_loss(output, target.ids, target.counts, target.logprobs, labels,
                                                  alpha=v["alpha"], sample_temperature=target.sample_temperature)

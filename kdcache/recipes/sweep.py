@@ -38,7 +38,7 @@ from kdcache.train.run import (StudentRun, attach_targets, build_run, close_run,
                                targets_plan)
 
 #: DistillConfig fields a sweep may vary: what a run computes, never where its data lies.
-SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "phi_on", "schedule_unit", "kd_loss", "phase_epochs",
+SWEEPABLE = (*HYPERPARAMETERS, "method", "reduction", "phi_on", "topk_tail", "schedule_unit", "kd_loss", "phase_epochs",
              "layer_map", "checkpoint", "student", "student_layers", "preset")
 #: Flags whose values hold commas: swept from a sweep file's lists, not `--grid NAME=V1,V2`.
 COMMA_VALUES = ("phase_epochs", "layer_map")

@@ -36,6 +36,7 @@ NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device",
                 "log_every", "max_steps", "compile", "report_split")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
 OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
+                   "topk_tail",
                    "student_layers")
 
 
@@ -83,6 +84,7 @@ class DistillConfig:
     layer_map: str | None = None  # curriculum: teacher layer -> student layer, e.g. "2:1,4:2"
     anneal_continuous: bool | None = None  # annealing: stage 2 keeps stage 1's optimiser and LR schedule
     phi_on: str | None = None  # continuation: what phi anneals (both, as Eq. 4 | teacher | margin | none)
+    topk_tail: str | None = None  # vanilla on a top-k cache: bucket (exact, the default) | renormalised
     resume: bool = False
     overwrite: bool = False
     stop_after_epoch: int | None = None
@@ -103,6 +105,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.phi_on == "both":  # Eq. 4, the default: the same run whether the flag is given or not
             self.phi_on = None
+        if self.topk_tail == "bucket":  # likewise the exact tail
+            self.topk_tail = None
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what the run computes, as plain JSON values."""

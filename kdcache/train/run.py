@@ -60,7 +60,8 @@ def method_for(cfg: DistillConfig) -> Any:
     """The run's method, made from its flags; a method that reads a teacher cache refused without one."""
     method = make_method(cfg.method, MethodOptions(
         checkpoint=cfg.checkpoint, kd_loss=cfg.kd_loss, phase_epochs=cfg.phase_epochs, layer_map=cfg.layer_map,
-        reduction=cfg.reduction, anneal_continuous=cfg.anneal_continuous, phi_on=cfg.phi_on))
+        reduction=cfg.reduction, anneal_continuous=cfg.anneal_continuous, phi_on=cfg.phi_on,
+        topk_tail=cfg.topk_tail))
     if cfg.cache is None and method.needs_cache:
         raise KDCacheError(f"method {cfg.method!r} needs a teacher cache (--cache)")
     if cfg.cache is not None and method.needs_cache and cfg.checkpoint is None:  # before any data is read

@@ -161,3 +161,27 @@ def test_takd_chains_through_sparse_caches(tmp_path, capsys, monkeypatch, caches
     assert code == 0, err
     summary = json.loads((tmp_path / "student" / "summary.json").read_text())
     assert summary["teacher_target"] == "topk" and summary["best_metric"] > 0.5, summary
+
+
+def test_the_renormalised_tail_is_a_flag_and_another_run(tmp_path, capsys, monkeypatch, caches):
+    """--topk-tail renormalised trains DistillKit's approximation, for comparison: another loss than the exact bucket
+    at the same seed, any T (it needs no log-sum-exp), recorded in the run's config; refused where it means nothing."""
+    losses = {}
+    for tail, temperature in (("bucket", "4"), ("renormalised", "4"), ("renormalised", "3")):
+        out = tmp_path / f"{tail}-{temperature}"
+        code, _, err = run_cli(_distill(caches["topk"], out, "--method", "vanilla", "--temperature", temperature,
+                                        "--topk-tail", tail), capsys, monkeypatch)
+        assert code == 0, err
+        losses[tail, temperature] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        config = json.loads((out / "config.json").read_text())
+        assert config["config"].get("topk_tail") == (None if tail == "bucket" else tail), config["config"]
+    assert losses["bucket", "4"] != losses["renormalised", "4"]
+    code, _, err = run_cli(_distill(caches["dense"], tmp_path / "dense", "--method", "vanilla", "--topk-tail",
+                                    "renormalised"), capsys, monkeypatch)
+    _one_error_line(code, err, str(caches["dense"]), "--topk-tail applies to a top-k cache", "stores dense logits")
+    code, _, err = run_cli(_distill(caches["topk"], tmp_path / "cont", "--method", "continuation", "--topk-tail",
+                                    "renormalised"), capsys, monkeypatch)
+    _one_error_line(code, err, "--topk-tail applies to --method vanilla only")
+    code, _, err = run_cli(_distill(caches["topk"], tmp_path / "typo", "--topk-tail", "renormalized"), capsys,
+                           monkeypatch)
+    _one_error_line(code, err, "--topk-tail", "bucket, renormalised")
