@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -32,21 +33,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   # plain help, wrapped at the terminal's width (80 columns when there is none)
                   context_settings={"max_content_width": shutil.get_terminal_size((80, 24)).columns},
                   help="Knowledge distillation from an offline teacher cache.")
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "signal": None}
 _out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 @contextlib.contextmanager
 def _interrupts():
-    """Ctrl-C prints what the recipe kept and how to continue, then exits 130 (Typer alone would exit silently)."""
+    """Ctrl-C prints what the recipe kept and how to continue, then exits 130 (Typer alone would exit silently);
+    SIGTERM (a preempted job) is the same stop, said as such, exit 143. Under torchrun rank 0 alone says it."""
     try:
         yield
-    except Interrupted as exc:
-        print(f"interrupted: {str(exc).removeprefix('interrupted ')}", file=sys.stderr)
-        raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        stopped = _state.get("signal")
+        if os.environ.get("RANK", "0") == "0":
+            said = str(exc).removeprefix("interrupted ") if isinstance(exc, Interrupted) else ""
+            print(f"{'stopped by ' + stopped if stopped else 'interrupted'}{': ' + said if said else ''}",
+                  file=sys.stderr)
+        raise typer.Exit(143 if stopped else 130) from None
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM raises what Ctrl-C raises, so every recipe stops the way it stops for Ctrl-C: what it kept is kept
+    (last.pt, the chunks stored) and it says how to continue."""
+    _state["signal"] = signal.Signals(signum).name
+    raise KeyboardInterrupt
 
 
 def _version(value: bool) -> None:
@@ -544,6 +554,11 @@ def main() -> None:
     """Console-script entry point: usage errors exit 2 (Typer's own), bad input one line and exit 1, Ctrl-C 130."""
     _quiet_libraries()
     _log_to_stderr()
+    _state["signal"] = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread (an embedding caller): SIGTERM keeps its meaning there
+        previous = None
     try:
         app()  # standalone mode: Typer reports usage errors itself and exits
     except Exception as exc:  # noqa: BLE001 - the user sees one line; --debug shows the traceback
@@ -563,6 +578,9 @@ def main() -> None:
             print(f"error: {type(exc).__name__}: {detail} (internal error; rerun with --debug for the traceback)",
                   file=sys.stderr)
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
