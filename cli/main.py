@@ -337,6 +337,7 @@ def distill_cmd(
     keep_inputs: o.KeepInputs = None, check_first: o.CheckFirst = False, log_every: o.LogEvery = 0,
     max_steps: o.MaxSteps = None, compile: o.Compile = False, report_split: o.ReportSplit = None,
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
+    progress_every: o.ProgressEvery = None,
 ) -> None:
     """Train a student against a teacher cache (the teacher is never loaded)."""
     cfg = _distill_config(dict(locals()))
@@ -358,6 +359,8 @@ def _distill_config(p: dict[str, Any]) -> Any:
     from kdcache import names
 
     names.check_numbers(**p)  # every numeric flag: lr, seed, warmup-ratio, weight-decay, ...
+    if p.get("progress_every") is not None:
+        names.parse_interval(p["progress_every"])
     import dataclasses
 
     from kdcache.train.config import DistillConfig
@@ -427,12 +430,15 @@ def train_cmd(
     overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
     keep_inputs: o.KeepInputs = None, log_every: o.LogEvery = 0, max_steps: o.MaxSteps = None,
     compile: o.Compile = False, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
+    progress_every: o.ProgressEvery = None,
 ) -> None:
     """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline (distill's `ce` method
     without a cache)."""
     from kdcache import names
 
     names.check_numbers(**locals())  # every numeric flag as given: lr, seed, warmup-ratio, weight-decay, ...
+    if progress_every is not None:
+        names.parse_interval(progress_every)
     _check_training(task=task, preset=preset, precision=precision, optimizer=optimizer, lr_schedule=lr_schedule,
                     augment=augment, model=model, data=data, tokenizer=tokenizer, epochs=epochs,
                     student_layers=student_layers, batch_size=batch_size, max_steps=max_steps, log_every=log_every,
@@ -449,7 +455,8 @@ def train_cmd(
         weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, val_split=val_split, seed=seed, precision=precision, device=device,
         save_every=save_every, data_options=options, resume=resume, overwrite=overwrite,
-        stop_after_epoch=stop_after_epoch, progress=progress, trust_model_code=trust_model_code, augment=augment,
+        stop_after_epoch=stop_after_epoch, progress=progress, progress_every=progress_every,
+        trust_model_code=trust_model_code, augment=augment,
         num_workers=num_workers, keep_inputs=keep_inputs, log_every=log_every, max_steps=max_steps, compile=compile)
     with _interrupts():
         _report_run(distill(cfg))

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdcache.progress import progress_bar
+from kdcache.progress import Lines, progress_bar
 from kdcache.runtime import process_start_time
 from kdcache.train.evaluation import evaluate
 from kdcache.train.inputs import RowCheck, RunData
@@ -30,13 +31,13 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
     wall_start = time.perf_counter()
     walls = [run.progress["totals"]["wall_seconds"] for run in runs]
     current = {"epoch": first}
-    label = (f"{lead.stepper.method.display_name(data.kind)} {lead.stepper.student.spec}" if len(runs) == 1
+    label = (f"{lead.stepper.method.display_name(data.kind)} {Path(lead.stepper.student.spec).name}" if len(runs) == 1
              else f"{len(runs)} students")
-    with progress_bar(progress and world.main) as bar, contextlib.ExitStack() as writes, \
+    with progress_bar(progress and world.main, cfg.progress_every) as bar, contextlib.ExitStack() as writes, \
             on_interrupt(where, lambda: current["epoch"], n):
         for run in runs:
             writes.enter_context(run.run_dir.writes())
-        task = bar.add_task(label, total=n * len(order), completed=(first - 1) * len(order), rate="")
+        task = bar.add_task(label, total=n * len(order), completed=(first - 1) * len(order), rate="", unit=" steps")
         for epoch in range(first, n + 1):
             current["epoch"] = epoch
             todo = [run for run in runs if run.progress["epoch"] < epoch and "stopped_at_step" not in run.progress]
@@ -49,7 +50,8 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
                     run.stepper.optimizer, run.stepper.scheduler = run.new_optimiser(epoch)
             members = [Member(run.stepper, run.progress["step"], run.progress.get("rng")) for run in todo]
             results = train_together(members, order, lead.targets, data.train.inputs, epoch,
-                                     on_step=_bar(bar, task, epoch, n, len(todo)), log_every=cfg.log_every,
+                                     on_step=_bar(bar, task, epoch, n, len(todo), lead.batch_size),
+                                     log_every=cfg.log_every,
                                      max_steps=cfg.max_steps, on_batch=lambda: [_started(r.progress) for r in todo])
             seconds = time.perf_counter() - started
             world.merge_seen(data.train.inputs.check)  # each rank checked the rows it read
@@ -127,16 +129,24 @@ def _started(progress: dict[str, Any]) -> None:
         progress["startup_seconds"] = round(time.time() - process_start_time(), 3)
 
 
-def _bar(bar: Any, task: Any, epoch: int, n: int, students: int = 1) -> Any:
+def _bar(bar: Any, task: Any, epoch: int, n: int, students: int = 1, batch_size: int = 0) -> Any:
     """The progress bar's view of each step: it advances every batch (after its last student's step) but reads
-    the loss (a wait for the device) only a few times a second."""
-    last = {"read": 0.0}
+    the loss (a wait for the device) only a few times a second, or (plain lines in a log file) for each line,
+    with the samples per second since the last line."""
+    last = {"read": 0.0, "line": time.perf_counter(), "steps": 0}
+    lines = isinstance(bar, Lines)
 
     def on_step(i: int, loss: torch.Tensor) -> None:
         if i != students - 1:
             return
         now = time.perf_counter()
-        if now - last["read"] > 0.25 and not bar.disable:  # --no-progress: never wait for the device
+        last["steps"] += 1
+        if lines and bar.due(task):
+            rate = last["steps"] * batch_size / max(now - last["line"], 1e-9)
+            last.update(line=now, steps=0)
+            bar.update(task, advance=1, rate=f"epoch {epoch}/{n} loss {float(loss.detach()):.4f} "
+                                             f"{rate:,.0f} samples/s")
+        elif not lines and now - last["read"] > 0.25 and not bar.disable:  # --no-progress: never wait for the device
             last["read"] = now
             bar.update(task, advance=1, rate=f"epoch {epoch}/{n} loss {float(loss.detach()):.4f}")
         else:

@@ -30,12 +30,11 @@ import torch
 from kdcache.cache.store import LocalLock
 from kdcache.errors import KDCacheError
 from kdcache.models import CHECKPOINT_FILE, save_student
+from kdcache.names import RUN_FORMAT
 from kdcache.runtime import save_torch, software_versions, utc_now
 
 log = logging.getLogger("kdcache")
 
-#: config.json's mark of a kdcache run folder (as a cache's root attributes carry its `format`).
-RUN_FORMAT = "kdcache.run"
 #: config.json of every release before the mark: exactly these keys (0.1.0 had no identity_version; cached_sources
 #: only where a method read more than the logits), so a run of an earlier release is still known for what it is.
 LEGACY_RUN_KEYS = frozenset({"config", "hyperparameters", "preset", "teacher_sha256", "data_digest", "command",

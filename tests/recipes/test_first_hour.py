@@ -5,6 +5,7 @@ messages a new user met)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import numpy as np
@@ -53,3 +54,61 @@ def test_sigterm_in_cache_teacher_keeps_the_chunks_and_says_how_to_continue(tmp_
     monkeypatch.undo()
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0 and "resuming split 'train' at row 16" in err, err
+
+
+# --- 5. progress everywhere ------------------------------------------------------------------------------------
+
+_LINE = re.compile(r"kdcache: ce mlp (\d+)/16 steps \(\d+%\) epoch (\d)/2 loss \d+\.\d{4} [\d,]+ samples/s, "
+                   r"ETA \d+:\d\d:\d\d")
+
+
+def _train_args(data, out, *extra):
+    return ["train", "--model", "mlp", "--model-kwargs", json.dumps(STUDENT_KW), "--task", "tabular", "--data", data,
+            "--epochs", "2", "--batch-size", "16", "--out", out, "--device", "cpu", *extra]
+
+
+def test_a_log_file_gets_a_plain_progress_line_every_n_steps(tmp_path, table, capsys, monkeypatch):
+    """stderr is not a terminal here (as in a batch job's log): 120 rows in batches of 16 are 8 steps an epoch, so
+    a line every 4 steps is 4 lines, each with the epoch, the step, the loss, samples/s and the ETA."""
+    code, _, err = run_cli(_train_args(table[0], tmp_path / "run", "--progress-every", "4"), capsys, monkeypatch)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "steps" in line]
+    matches = [_LINE.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    assert [(int(m[1]), int(m[2])) for m in matches] == [(4, 1), (8, 1), (12, 2), (16, 2)]
+    code, _, err = run_cli(_train_args(table[0], tmp_path / "quiet", "--progress-every", "4", "--no-progress"),
+                           capsys, monkeypatch)
+    assert code == 0 and "steps" not in err, err
+
+
+def test_the_progress_interval_is_checked_and_reaches_cache_teacher_through_the_environment(
+        tmp_path, table, capsys, monkeypatch):
+    _one_error_line(*run_cli(_train_args(table[0], tmp_path / "run", "--progress-every", "5x"), capsys,
+                             monkeypatch)[::2], "--progress-every '5x'", "30s")
+    data, teacher, _ = table
+    monkeypatch.setenv("KDCACHE_PROGRESS_EVERY", "3")  # batches of 16: a line after batches 3 and 6 of 8, and the end
+    code, _, err = run_cli(["cache-teacher", "--teacher", teacher, "--task", "tabular", "--data", data, "--split",
+                            "train", "--batch-size", "16", "--out", tmp_path / "c", "--device", "cpu"], capsys,
+                           monkeypatch)
+    assert code == 0, err
+    assert [line.split(" (")[0] for line in err.splitlines()] == ["kdcache: train 48/120", "kdcache: train 96/120",
+                                                                 "kdcache: train 120/120"]
+
+
+def test_a_terminal_bar_keeps_its_numbers_however_long_the_student_path(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import kdcache.progress as progress
+
+    console = Console(force_terminal=True, width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(progress, "Console", lambda **kwargs: console)
+    bar = progress.progress_bar(True)
+    assert not isinstance(bar, progress.Lines)
+    bar.add_task("continuation /a/very/long/path/to/students/that/never/ends/bert-4layer-student.json", total=10,
+                 completed=3, rate="epoch 2/30 loss 0.1234")
+    console.print(bar.get_renderable())
+    shown = console.export_text()
+    assert "3/10" in shown and "epoch 2/30 loss 0.1234" in shown and "student.json" in shown, shown
+    assert len(shown.rstrip("\n")) <= 80
