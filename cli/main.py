@@ -296,7 +296,7 @@ def _report_run(summary: dict) -> None:
                + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
                + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
                f"{summary['wall_seconds']:.1f} s")
-    for note in ("selection_note", "unchecked_note"):
+    for note in ("selection_note", "unchecked_note", "baseline_note"):
         if summary.get(note):
             print(f"note: {summary[note]}", file=sys.stderr)
 

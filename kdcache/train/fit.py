@@ -6,6 +6,7 @@ kdcache/train/run.py's.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from kdcache.train.evaluation import evaluate
 from kdcache.train.inputs import RowCheck, RunData
 from kdcache.train.loop import Member, on_interrupt, train_together
 from kdcache.train.metrics import primary_metric
-from kdcache.train.run import StudentRun, save_model, snapshot
+from kdcache.train.run import StudentRun, baseline, save_model, snapshot
+
+log = logging.getLogger("kdcache")
 
 
 def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) -> None:
@@ -31,6 +34,7 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
     wall_start = time.perf_counter()
     walls = [run.progress["totals"]["wall_seconds"] for run in runs]
     current = {"epoch": first}
+    floor = baseline(data)["metric"]
     label = (f"{lead.stepper.method.display_name(data.kind)} {Path(lead.stepper.student.spec).name}" if len(runs) == 1
              else f"{len(runs)} students")
     with progress_bar(progress and world.main, cfg.progress_every) as bar, contextlib.ExitStack() as writes, \
@@ -81,6 +85,9 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
                 if improved:
                     done["best"] = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
                 s.method.end_epoch(epoch, s.student, scores["metric"])
+                warning = _falling(run, epoch, scores["metric"], floor, data, len(runs) > 1)
+                if warning and world.main:
+                    log.warning(warning)
                 if run.cfg.save_every and epoch % run.cfg.save_every == 0 and not unchecked and world.main:
                     save_model(run.run_dir, data, s, run.run_dir.out / "checkpoints" / f"epoch-{epoch:04d}",
                                {"epoch": epoch, "metric": scores["metric"]})
@@ -97,6 +104,30 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
     for run, wall in zip(runs, walls):  # the last evaluation included
         if run.progress["epoch"] >= first:
             run.progress["totals"]["wall_seconds"] = wall + time.perf_counter() - wall_start
+
+
+#: A validation metric below the midpoint between its best and a constant predictor's score (half its best when
+#: that score is 0) for this many epochs in a row is a run going wrong: one warning line (docs/methods.md).
+FALLING_EPOCHS = 3
+
+
+def _falling(run: StudentRun, epoch: int, metric: float, floor: float, data: RunData, named: bool) -> str | None:
+    """The warning, once per run, for a validation metric that has fallen far below its best and stayed there
+    (a diverging run whose loss never became NaN); recorded in the run's summary."""
+    done, best = run.progress, run.progress["best"]
+    if best is None or best["metric"] <= floor or done.get("warnings"):
+        return None
+    line = floor + (best["metric"] - floor) / 2
+    done["falling"] = done.get("falling", 0) + 1 if metric < line else 0
+    if done["falling"] < FALLING_EPOCHS:
+        return None
+    name = f"{data.selection.name} {primary_metric(data.task, data.kind)}"
+    warning = (f"warning: {name} {metric:.4f} at epoch {epoch} has stayed under {line:.4f}, half-way from its best "
+               f"({best['metric']:.4f}, epoch {best['epoch']}) to a constant predictor's ({floor:.4f}), for "
+               f"{FALLING_EPOCHS} epochs: the run is going wrong (lower --lr, or use --max-grad-norm); best/ keeps "
+               f"epoch {best['epoch']}")
+    done["warnings"] = [warning]
+    return f"{run.run_dir.out}: {warning}" if named else warning
 
 
 def _scores(run: StudentRun, data: RunData) -> tuple[dict[str, float], dict[str, Any]]:

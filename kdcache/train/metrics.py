@@ -48,6 +48,31 @@ def compute_metrics(outputs: np.ndarray, labels: np.ndarray, *, task: str, kind:
     return result
 
 
+#: A model whose best score is within this much of a constant predictor's is "no better" than it (one point of
+#: accuracy; a correlation of 0.01): said at the end of a run and recorded in summary.json (docs/methods.md).
+NO_BETTER_MARGIN = 0.01
+
+
+def constant_baseline(train_labels: np.ndarray, labels: np.ndarray, *, task: str, kind: str = "classification",
+                      label_names: list[str] | None = None) -> dict[str, object]:
+    """The score of a predictor that ignores its input (the training labels' majority class; for regression their
+    mean) on `labels`: the floor a trained model must clear to have learned anything at all."""
+    train_labels, labels = np.asarray(train_labels), np.asarray(labels)
+    if kind == "regression":
+        known = train_labels[~np.isnan(train_labels.astype(np.float64))]
+        value = float(known.mean()) if len(known) else 0.0
+        score = compute_metrics(np.full((len(labels), 1), value), labels, task=task, kind=kind)
+        return {"metric": score["metric"], "predictor": f"the constant {value:.4g} (the training labels' mean)"}
+    known = train_labels[train_labels != -1].astype(np.int64)
+    majority = int(np.bincount(known).argmax()) if len(known) else 0
+    width = max(majority, int(labels.max(initial=0))) + 1
+    outputs = np.zeros((len(labels), width))
+    outputs[:, majority] = 1.0
+    name = label_names[majority] if label_names and majority < len(label_names) else str(majority)
+    return {"metric": compute_metrics(outputs, labels, task=task, kind=kind)["metric"],
+            "predictor": f"always the majority class {name!r}"}
+
+
 def _f1(prediction: np.ndarray, target: np.ndarray, positive: int = 1) -> float:
     tp = float(np.sum((prediction == positive) & (target == positive)))
     fp = float(np.sum((prediction == positive) & (target != positive)))

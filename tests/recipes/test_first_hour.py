@@ -112,3 +112,91 @@ def test_a_terminal_bar_keeps_its_numbers_however_long_the_student_path(monkeypa
     shown = console.export_text()
     assert "3/10" in shown and "epoch 2/30 loss 0.1234" in shown and "student.json" in shown, shown
     assert len(shown.rstrip("\n")) <= 80
+
+
+# --- 2. say when training goes wrong ---------------------------------------------------------------------------
+
+def _scripted(monkeypatch, metrics):
+    """Each evaluation scores what `metrics` says, in order: a run whose validation metric takes a known path."""
+    import kdcache.train.fit as fit_module
+
+    left = list(metrics)
+    monkeypatch.setattr(fit_module, "evaluate",
+                        lambda *a, **k: {"accuracy": left[0], "metric": left.pop(0), "rows": 40})
+
+
+def test_a_metric_that_falls_far_below_its_best_warns_once(tmp_path, table, capsys, monkeypatch):
+    """The constant predictor scores 0.5 here (validation's share of the training majority), so the line is
+    half-way from the best 0.9 to 0.5: 0.7. Epochs 3, 4 and 5 stay under it: one warning, at epoch 5."""
+    _scripted(monkeypatch, [0.9, 0.75, 0.6, 0.55, 0.5, 0.5, 0.5])
+    run = tmp_path / "run"
+    code, out, err = run_cli(_distill_args(table[2], run, "--epochs", "7"), capsys, monkeypatch)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert warnings == [
+        "kdcache: warning: validation accuracy 0.5000 at epoch 5 has stayed under 0.7000, half-way from its best "
+        "(0.9000, epoch 1) to a constant predictor's (0.5000), for 3 epochs: the run is going wrong (lower --lr, "
+        "or use --max-grad-norm); best/ keeps epoch 1"], err
+    assert json.loads((run / "summary.json").read_text())["warnings"] == [warnings[0].removeprefix("kdcache: ")]
+
+
+def test_a_metric_that_recovers_or_dips_briefly_does_not_warn(tmp_path, table, capsys, monkeypatch):
+    _scripted(monkeypatch, [0.9, 0.6, 0.6, 0.85, 0.6, 0.6, 0.8])  # never 3 epochs in a row under 0.7
+    code, _, err = run_cli(_distill_args(table[2], tmp_path / "run", "--epochs", "7"), capsys, monkeypatch)
+    assert code == 0 and "warning" not in err, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"] == []
+
+
+def test_a_model_no_better_than_the_majority_class_is_said_and_recorded(tmp_path, table, capsys, monkeypatch):
+    """Every training label is 0, so the model learns to say 0: exactly the majority-class predictor."""
+    data = tmp_path / "table"
+    data.mkdir()
+    for split in ("train", "validation"):
+        arrays = dict(np.load(table[0] / f"{split}.npz"))
+        if split == "train":
+            arrays["y"] = np.zeros_like(arrays["y"])
+        np.savez(data / f"{split}.npz", **arrays)
+    run = tmp_path / "run"
+    code, out, err = run_cli(_train_args(data, run, "--lr", "0.05", "--epochs", "3", "--no-progress"), capsys,
+                             monkeypatch)
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    share = float(np.mean(np.load(data / "validation.npz")["y"] == 0))
+    assert summary["baseline_metric"] == pytest.approx(share)
+    assert summary["best_metric"] == pytest.approx(share) and summary["no_better_than_baseline"] is True
+    assert summary["baseline_predictor"] == "always the majority class '0'"
+    assert summary["teacher_no_better_than_baseline"] is None  # `train` has no cached teacher
+    note = f"note: {summary['baseline_note']}"
+    assert note in err.splitlines() and note.startswith(
+        f"note: the best model (validation accuracy {share:.4f}) is no better than always the majority class '0' "
+        f"({share:.4f}): check the learning rate")
+
+
+def test_a_chance_level_teacher_is_said_by_distill_and_a_good_student_is_not(tmp_path, table, capsys, monkeypatch):
+    """The fixture's teacher is an untrained MLP (validation accuracy under the majority class's)."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(_distill_args(table[2], run, "--lr", "0.01", "--epochs", "4"), capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teacher_metric"] < summary["baseline_metric"] and summary["teacher_no_better_than_baseline"]
+    assert "the teacher in the cache" in summary["baseline_note"] and "nothing to teach" in summary["baseline_note"]
+    assert f"note: {summary['baseline_note']}" in err.splitlines()
+    assert summary["no_better_than_baseline"] == (summary["best_metric"] <= summary["baseline_metric"] + 0.01)
+
+
+def test_selecting_on_the_test_split_is_said_at_the_start(tmp_path, table, capsys, monkeypatch):
+    data = tmp_path / "table"
+    data.mkdir()
+    for split, name in (("train", "train"), ("validation", "test")):
+        (data / f"{name}.npz").write_bytes((table[0] / f"{split}.npz").read_bytes())
+    import kdcache.train.fit as fit_module
+
+    said = []
+    real = fit_module.train_together
+    monkeypatch.setattr(fit_module, "train_together",
+                        lambda *a, **k: said.append(capsys.readouterr().err) or real(*a, **k))
+    code, _, err = run_cli(_train_args(data, tmp_path / "run", "--no-progress", "--val-split", "test"), capsys,
+                           monkeypatch)
+    assert code == 0, err
+    assert "kdcache: note: best checkpoint selected on the test split" in said[0]  # before the first step
+    assert "note: best checkpoint selected on the test split" in err  # and beside the result
