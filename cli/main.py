@@ -277,9 +277,12 @@ def _print_info(s: dict) -> None:
         quality = sp.get("target_quality") or {}
         kept = "-" if quality.get("kept_mass") is None else f"{quality['kept_mass']:.4f}"
         kl = "-" if quality.get("kl") is None else f"{quality['kl']:.4g}"
-        table.add_row(sp["name"], str(sp["rows"]), shapes, "yes" if sp["complete"] else "no",
-                      str(sp["bytes_per_sample"]), f"{sp['compression_ratio']}x", kept, kl, str(sp["source"]))
+        done = "yes" if sp["complete"] else f"no ({sp.get('rows_done') or 0} stored)"
+        table.add_row(sp["name"], str(sp["rows"]), shapes, done, str(sp["bytes_per_sample"]),
+                      f"{sp['compression_ratio']}x", kept, kl, str(sp["source"] or "-"))  # (recorded at its end)
     _out.print(table)
+    if not s["complete"]:
+        _out.print("incomplete: rerun the cache-teacher command above to finish it (it resumes where it stopped)")
 
 
 def _report_run(summary: dict) -> None:
@@ -548,6 +551,12 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    from kdcache.runtime import is_out_of_memory
+
+    return is_out_of_memory(exc)
+
+
 def _peer_gone(exc: BaseException) -> bool:
     """Under torchrun, a collective that failed because another process of the run stopped (it prints why)."""
     if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
@@ -577,9 +586,9 @@ def main() -> None:
             print(f"error: {exc}", file=sys.stderr)
         elif isinstance(exc, OSError) and exc.filename:  # a file the recipes did not expect to fail: still one line
             print(f"error: {exc.filename}: {(exc.strerror or str(exc)).lower()}", file=sys.stderr)
-        elif isinstance(exc, MemoryError):
-            print("error: out of memory (a cache or dataset larger than this machine can hold?); rerun with --debug "
-                  "for the traceback", file=sys.stderr)
+        elif isinstance(exc, MemoryError) or ("torch" in sys.modules and _out_of_memory(exc)):
+            print("error: out of memory (a model, batch, cache or dataset larger than this machine or device can "
+                  "hold: try a smaller --batch-size); rerun with --debug for the traceback", file=sys.stderr)
         else:
             detail = str(exc).splitlines()[0] if str(exc) else ""
             print(f"error: {type(exc).__name__}: {detail} (internal error; rerun with --debug for the traceback)",

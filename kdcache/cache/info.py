@@ -62,6 +62,7 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any)
         "compression_ratio": round(raw / stored, 2) if stored else None,
         "bytes_per_sample": round(stored / len(split), 2) if len(split) else None,
         "missing_arrays": [], "extra_arrays": split.extra_widths,
+        "rows_done": len(split) if complete else int(group.attrs.get("rows_done") or 0),
     }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kdcache.progress import Lines, progress_bar
-from kdcache.runtime import process_start_time
+from kdcache.runtime import out_of_memory_said, process_start_time
 from kdcache.train.evaluation import evaluate
 from kdcache.train.inputs import RowCheck, RunData
 from kdcache.train.loop import Member, on_interrupt, train_together
@@ -38,7 +38,9 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
     label = (f"{lead.stepper.method.display_name(data.kind)} {Path(lead.stepper.student.spec).name}" if len(runs) == 1
              else f"{len(runs)} students")
     with progress_bar(progress and world.main, cfg.progress_every) as bar, contextlib.ExitStack() as writes, \
-            on_interrupt(where, lambda: current["epoch"], n):
+            on_interrupt(where, lambda: current["epoch"], n), out_of_memory_said(
+                lambda: (f"training {label} on {lead.stepper.device} in epoch {current['epoch']} (batches of "
+                         f"{lead.batch_size})"), "lower --batch-size, use --precision bf16, or a smaller student"):
         for run in runs:
             writes.enter_context(run.run_dir.writes())
         task = bar.add_task(label, total=n * len(order), completed=(first - 1) * len(order), rate="", unit=" steps")

@@ -22,7 +22,7 @@ from kdcache.methods import MethodOptions, Run, make_method
 from kdcache.methods.targets import target_kind
 from kdcache.models import build_student
 from kdcache.names import parse_budget
-from kdcache.runtime import command_line, utc_now
+from kdcache.runtime import command_line, out_of_memory_said, utc_now
 from kdcache.train.batches import EpochOrder, TeacherTargets
 from kdcache.train.config import DistillConfig, resolve
 from kdcache.train.dist import World
@@ -127,10 +127,12 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
                             seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe,
                             layers=cfg.student_layers)
-    student.model.to(device)
-    if device.type == "cuda" and data.modality == "image":  # convolutions run fastest on NHWC on the GPU
-        student.model.to(memory_format=torch.channels_last)
-    check_student(student, probe, data.num_outputs)
+    with out_of_memory_said(f"student {student.spec} ({student.parameters_count():,} parameters) does not fit on "
+                            f"{device}", "choose a smaller student (or --device cpu)"):
+        student.model.to(device)
+        if device.type == "cuda" and data.modality == "image":  # convolutions run fastest on NHWC on the GPU
+            student.model.to(memory_format=torch.channels_last)
+        check_student(student, probe, data.num_outputs)
     if cfg.compile:
         student.model = torch.compile(student.model)
     steps_per_epoch = -(-len(data.train.inputs) // batch_size)

@@ -200,3 +200,94 @@ def test_selecting_on_the_test_split_is_said_at_the_start(tmp_path, table, capsy
     assert code == 0, err
     assert "kdcache: note: best checkpoint selected on the test split" in said[0]  # before the first step
     assert "note: best checkpoint selected on the test split" in err  # and beside the result
+
+
+# --- 7. the messages a new user met, each one line -------------------------------------------------------------
+
+_CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.2 "
+             "GiB is free. Including non-PyTorch memory, this process has 78.0 GiB memory in use. If reserved but "
+             "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+
+def test_a_student_too_large_for_the_device_is_one_line(tmp_path, table, capsys, monkeypatch):
+    """The allocator's failure is raised where a GPU raises it (placing the student, then a training step)."""
+    import kdcache.train.loop as loop
+    import kdcache.train.run as run_module
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError(_CUDA_OOM)
+
+    monkeypatch.setattr(run_module, "check_student", no_room)
+    code, _, err = run_cli(_distill_args(table[2], tmp_path / "a"), capsys, monkeypatch)
+    _one_error_line(code, err, "out of memory: student mlp (", "parameters) does not fit on cpu",
+                    "(it asked for 20.00 GiB more)", "choose a smaller student")
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "_step", no_room)
+    code, _, err = run_cli(_distill_args(table[2], tmp_path / "b", "--batch-size", "16"), capsys, monkeypatch)
+    _one_error_line(code, err, "out of memory: training continuation mlp on cpu in epoch 1 (batches of 16)",
+                    "lower --batch-size")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in err
+
+
+def test_a_cpu_allocator_failure_anywhere_else_is_one_line(tmp_path, table, capsys, monkeypatch):
+    import kdcache.cache.info as info
+
+    def no_room(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 10000000000000 bytes. Error code 12")
+
+    monkeypatch.setattr(info, "Cache", no_room)
+    code, _, err = run_cli(["info", table[2]], capsys, monkeypatch)
+    _one_error_line(code, err, "out of memory", "--batch-size", "--debug")
+
+
+def test_info_on_an_interrupted_cache_says_how_far_it_got_not_source_none(tmp_path, table, capsys, monkeypatch):
+    from helpers import interrupt_autocast_at
+
+    data, teacher, _ = table
+    interrupt_autocast_at(monkeypatch, 3)  # the probe pass, then batches 1 and 2: rows 0-15 are stored
+    out = tmp_path / "c.kdcache"
+    assert run_cli(["cache-teacher", "--teacher", teacher, "--task", "tabular", "--data", data, "--batch-size", "16",
+                    "--chunk-rows", "16", "--out", out, "--device", "cpu", "--no-progress"], capsys,
+                   monkeypatch)[0] == 130
+    code, shown, err = run_cli(["info", out], capsys, monkeypatch)
+    assert code == 0, err
+    assert "None" not in shown and "no (16 stored)" in shown, shown
+    assert shown.rstrip().splitlines()[-1].startswith("incomplete: rerun the cache-teacher command above")
+    code, shown, _ = run_cli(["info", out, "--json"], capsys, monkeypatch)
+    assert json.loads(shown)["splits"][0]["rows_done"] == 16
+
+
+@pytest.mark.parametrize("what", ["plain folder", "run folder", "model folder", "data folder"])
+def test_info_on_a_folder_that_is_not_a_cache_says_what_it_is(tmp_path, table, capsys, monkeypatch, what):
+    data, teacher, cache = table
+    if what == "run folder":
+        folder = tmp_path / "run"
+        assert run_cli(_distill_args(cache, folder, "--epochs", "1"), capsys, monkeypatch)[0] == 0
+    else:
+        folder = {"plain folder": tmp_path, "model folder": teacher, "data folder": data}[what]
+    said = {"plain folder": "no zarr.json; a cache is the --out folder of kdcache cache-teacher",
+            "data folder": "no zarr.json; a cache is the --out folder of kdcache cache-teacher",
+            "run folder": "it is a run folder of kdcache train/distill",
+            "model folder": "it is a kdcache model folder; make a cache of it with kdcache cache-teacher"}[what]
+    for args in (["info", folder], _distill_args(folder, tmp_path / "out")):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        _one_error_line(code, err, f"{folder}: not a kdcache cache ({said}")
+        assert "Zarr" not in err
+
+
+def test_a_run_folder_given_as_a_model_points_to_its_best_model(tmp_path, table, capsys, monkeypatch):
+    data, _, cache = table
+    run = tmp_path / "run"
+    assert run_cli(_distill_args(cache, run, "--epochs", "1"), capsys, monkeypatch)[0] == 0
+    said = f"{run}: is a kdcache run folder, not a model folder; its best model is {run / 'best'}"
+    for args in (["cache-teacher", "--teacher", run, "--task", "tabular", "--data", data, "--out", tmp_path / "c",
+                  "--device", "cpu", "--no-progress"],
+                 _distill_args(cache, tmp_path / "student", "--student", run),
+                 _train_args(data, tmp_path / "model", "--model", run)):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        _one_error_line(code, err, said)
+        assert "Hugging Face" not in err
+    code, _, err = run_cli(["cache-teacher", "--teacher", run / "best", "--task", "tabular", "--data", data, "--out",
+                            tmp_path / "c", "--device", "cpu", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err  # where the message points is a teacher that caches
