@@ -77,6 +77,20 @@ def not_a_run(out: Path) -> str | None:
     return None
 
 
+def never_trained(out: Path) -> bool:
+    """A run folder whose run stopped before it finished an epoch (data that did not match, a refusal, a stop in
+    epoch 1): it holds nothing a run wrote after starting, so a plain rerun, once the cause is fixed, replaces it
+    instead of asking for --resume or --overwrite."""
+    if not out.is_dir() or not_a_run(out) is not None:
+        return False
+    if any((out / name).exists() for name in ("last.pt", "best", "best.old", "summary.json", "checkpoints")):
+        return False
+    try:
+        return not RunDir(out, {}).read_metrics()
+    except KDCacheError:  # a damaged metrics.jsonl: not this function's to judge
+        return False
+
+
 def check_overwrite(out: Path) -> None:
     """--overwrite deletes a run folder and nothing else: anything else is refused in one line, untouched."""
     why = not_a_run(out)
@@ -233,10 +247,13 @@ class RunDir:
             if resume:
                 return self._resume(legacy_digest)
             if self.out.exists() and any(self.out.iterdir()):
-                if not overwrite:
+                fresh = never_trained(self.out)
+                if not overwrite and not fresh:
                     raise KDCacheError(f"{self.out}: already holds a run; pass --resume to continue it or "
                                        "--overwrite to replace it")
                 check_overwrite(self.out)
+                if fresh:
+                    log.info(f"{self.out}: starting again (the run there stopped before finishing an epoch)")
                 shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(
@@ -374,5 +391,5 @@ def _record(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
 
 
-__all__ = ["RUN_FORMAT", "RunDir", "check_overwrite", "differences", "load_checkpoint", "not_a_run", "rng_state", "run_folder_lock",
+__all__ = ["RUN_FORMAT", "RunDir", "check_overwrite", "differences", "load_checkpoint", "never_trained", "not_a_run", "rng_state", "run_folder_lock",
            "set_rng_state"]

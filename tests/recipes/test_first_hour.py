@@ -291,3 +291,25 @@ def test_a_run_folder_given_as_a_model_points_to_its_best_model(tmp_path, table,
     code, _, err = run_cli(["cache-teacher", "--teacher", run / "best", "--task", "tabular", "--data", data, "--out",
                             tmp_path / "c", "--device", "cpu", "--no-progress"], capsys, monkeypatch)
     assert code == 0, err  # where the message points is a teacher that caches
+
+
+def test_a_run_stopped_by_bad_data_reruns_as_typed_once_the_data_is_fixed(tmp_path, table, capsys, monkeypatch):
+    data, _, cache = table
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for split in ("train", "validation"):
+        arrays = dict(np.load(data / f"{split}.npz"))
+        if split == "train":
+            arrays["x"][100] += 1  # one row no longer the row the teacher saw
+        np.savez(moved / f"{split}.npz", **arrays)
+    run = tmp_path / "run"
+    args = _distill_args(cache, run, "--data", moved)
+    _one_error_line(*run_cli(args, capsys, monkeypatch)[::2], "row 100", "does not match the cache")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # the run never finished an epoch
+    for split in ("train", "validation"):  # the data fixed
+        (moved / f"{split}.npz").write_bytes((data / f"{split}.npz").read_bytes())
+    code, out, err = run_cli(args, capsys, monkeypatch)  # the same command, no --resume, no --overwrite
+    assert code == 0 and "2/2 epochs" in out, err
+    assert f"kdcache: {run}: starting again (the run there stopped before finishing an epoch)" in err
+    code, _, err = run_cli(args, capsys, monkeypatch)  # a run with a finished epoch is still never replaced silently
+    _one_error_line(code, err, "already holds a run", "--resume")
