@@ -551,6 +551,18 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, the one line also goes in the error file torchrun reads, so its own report of the failure
+    ends with kdcache's line (`traceback : kdcache: ...` under "Root Cause") rather than a link to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps({"message": f"kdcache: {message}", "timestamp": int(time.time())}))
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     from kdcache.runtime import is_out_of_memory
 
@@ -571,19 +583,23 @@ def main() -> None:
     _quiet_libraries()
     _log_to_stderr()
     _state["signal"] = None
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminated)
-    except ValueError:  # not the main thread (an embedding caller): SIGTERM keeps its meaning there
-        previous = None
+    previous = None
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks keep SIGTERM's default: they end at once, silent
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminated)
+        except ValueError:  # not the main thread (an embedding caller): SIGTERM keeps its meaning there
+            pass
     try:
         app()  # standalone mode: Typer reports usage errors itself and exits
     except Exception as exc:  # noqa: BLE001 - the user sees one line; --debug shows the traceback
         if _state["debug"]:
             raise
         if isinstance(exc, SharedError) or _peer_gone(exc):  # torchrun: said once, by the process that knows
-            pass
+            if isinstance(exc, SharedError):
+                _tell_torchrun(str(exc))
         elif isinstance(exc, KDCacheError):
             print(f"error: {exc}", file=sys.stderr)
+            _tell_torchrun(str(exc))
         elif isinstance(exc, OSError) and exc.filename:  # a file the recipes did not expect to fail: still one line
             print(f"error: {exc.filename}: {(exc.strerror or str(exc)).lower()}", file=sys.stderr)
         elif isinstance(exc, MemoryError) or ("torch" in sys.modules and _out_of_memory(exc)):

@@ -313,3 +313,28 @@ def test_a_run_stopped_by_bad_data_reruns_as_typed_once_the_data_is_fixed(tmp_pa
     assert f"kdcache: {run}: starting again (the run there stopped before finishing an epoch)" in err
     code, _, err = run_cli(args, capsys, monkeypatch)  # a run with a finished epoch is still never replaced silently
     _one_error_line(code, err, "already holds a run", "--resume")
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_one_line_ends_torchrun_s_own_report(tmp_path, table):
+    """Rank 0 says the line once; every rank hands it to torchrun's error file, so torchrun's report (which a child
+    cannot switch off) names it under Root Cause instead of a link to its docs."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    held = tmp_path / "run"
+    held.mkdir()
+    (held / "notes.txt").write_text("not a run\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "kdcache", *map(str, _distill_args(table[2], held, "--num-workers", "0"))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    said = f"{held}: already holds a run; pass --resume to continue it or --overwrite to replace it"
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [f"error: {said}"]
+    root_cause = proc.stderr.split("Root Cause")[1]
+    assert f"traceback : kdcache: {said}" in root_cause, proc.stderr[-3000:]
+    assert "To enable traceback" not in proc.stderr
