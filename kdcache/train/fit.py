@@ -18,7 +18,7 @@ from kdcache.runtime import out_of_memory_said, process_start_time
 from kdcache.train.evaluation import evaluate
 from kdcache.train.inputs import RowCheck, RunData
 from kdcache.train.loop import Member, on_interrupt, train_together
-from kdcache.train.metrics import primary_metric
+from kdcache.train.metrics import clearly_better, primary_metric
 from kdcache.train.run import StudentRun, baseline, save_model, snapshot
 
 log = logging.getLogger("kdcache")
@@ -117,8 +117,8 @@ def _falling(run: StudentRun, epoch: int, metric: float, floor: float, data: Run
     """The warning, once per run, for a validation metric that has fallen far below its best and stayed there
     (a diverging run whose loss never became NaN); recorded in the run's summary."""
     done, best = run.progress, run.progress["best"]
-    if best is None or best["metric"] <= floor or done.get("warnings"):
-        return None
+    if best is None or best["metric"] < clearly_better(floor) or done.get("warnings"):
+        return None  # (a run that never learned has no level to fall from: its end says so)
     line = floor + (best["metric"] - floor) / 2
     done["falling"] = done.get("falling", 0) + 1 if metric < line else 0
     if done["falling"] < FALLING_EPOCHS:

@@ -29,7 +29,7 @@ from kdcache.train.dist import World
 from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, has_labels, input_options,
                                   load_dataset_only, load_run_data, probe_batch, selection_note)
 from kdcache.train.loop import Stepper
-from kdcache.train.metrics import NO_BETTER_MARGIN, compute_metrics, constant_baseline, primary_metric
+from kdcache.train.metrics import clearly_better, compute_metrics, constant_baseline, primary_metric
 from kdcache.train.optim import build_lr_schedule, build_optimizer
 from kdcache.train.run_dir import IDENTITY_VERSION, RunDir, rng_state, set_rng_state
 
@@ -380,20 +380,21 @@ def _against_baseline(data: RunData, best: dict[str, Any] | None, teacher_val: d
     """The constant predictor's score beside the run's best (and the cached teacher's), and a note when either is
     no better: a chance-level teacher or student is said, never left for the user to discover."""
     floor = baseline(data)
-    metric, split = primary_metric(data.task, data.kind), data.selection.name
+    metric, split, bar = primary_metric(data.task, data.kind), data.selection.name, clearly_better(floor["metric"])
 
     def no_better(value: float | None) -> bool | None:
-        return None if value is None else bool(value <= floor["metric"] + NO_BETTER_MARGIN)
+        return None if value is None else bool(value < bar)
 
     student = no_better(best["metric"] if best else None)
     teacher = no_better(teacher_val["metric"] if teacher_val else None)
-    said = [f"the {who} ({split} {metric} {value:.4f}) is no better than {floor['predictor']} ({floor['metric']:.4f})"
+    said = [f"the {who} ({split} {metric} {value:.4f}) is not clearly better than {floor['predictor']} "
+            f"({floor['metric']:.4f}; clearly better starts at {bar:.4f})"
             for who, value, bad in (("best model" if training else "best student", best and best["metric"], student),
                                     ("teacher in the cache", teacher_val and teacher_val["metric"], teacher))
             if bad]
     hint = ("a teacher at this level has nothing to teach (train a better one first)" if teacher else
             "check the learning rate and the number of epochs")
-    return {"baseline_metric": floor["metric"], "baseline_predictor": floor["predictor"],
+    return {"baseline_metric": floor["metric"], "baseline_predictor": floor["predictor"], "clearly_better_from": bar,
             "no_better_than_baseline": student, "teacher_no_better_than_baseline": teacher,
             "baseline_note": f"{'; '.join(said)}: {hint}" if said else None}
 
