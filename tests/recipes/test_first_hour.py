@@ -342,3 +342,46 @@ def test_under_torchrun_the_one_line_ends_torchrun_s_own_report(tmp_path, table)
     root_cause = proc.stderr.split("Root Cause")[1]
     assert f"traceback : kdcache: {said}" in root_cause, proc.stderr[-3000:]
     assert "To enable traceback" not in proc.stderr
+
+
+_SIGNALS_ITS_GROUP = """
+import os, signal, sys
+import kdcache.train.loop as loop
+from kdcache.cli.main import main
+
+real, calls = loop._step, {"n": 0}
+def step(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 10:  # step 2 of epoch 2, its DataLoader worker running: the whole group, as a scheduler sends it
+        os.killpg(os.getpgid(0), signal.SIGTERM)
+    return real(*args, **kwargs)
+loop._step = step
+sys.argv = ["kdcache", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_stops_the_run_not_its_workers_first(tmp_path, table):
+    """A real process (its own session, so the signal reaches it and its DataLoader worker only) signals its whole
+    group at a counted step: the exit status, the one line and last.pt are those of the in-process test. (Which of
+    the two processes takes the signal first is the OS's choice; the worker ignores it, so either order ends here.)"""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    script = tmp_path / "signals_its_group.py"
+    script.write_text(_SIGNALS_ITS_GROUP)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), *map(str, _distill_args(table[2], run, "--epochs", "3",
+                                                                                "--num-workers", "1",
+                                                                                "--keep-inputs", "0",
+                                                                                "--batch-size", "16"))],
+                          env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"stopped by SIGTERM: in epoch 2 of 3; epochs 1-1 are saved in {run / 'last.pt'}: "
+                                   "rerun the same command with --resume to continue"), proc.stderr[-2000:]
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
