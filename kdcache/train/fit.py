@@ -109,7 +109,7 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
 
 
 #: A validation metric below the midpoint between its best and a constant predictor's score (half its best when
-#: that score is 0) for this many epochs in a row is a run going wrong: one warning line (docs/methods.md).
+#: that score is 0) for this many epochs in a row is a run going wrong: one warning line (docs/cli.md).
 FALLING_EPOCHS = 3
 
 

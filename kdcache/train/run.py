@@ -128,7 +128,8 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
                             seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe,
                             layers=cfg.student_layers)
     with out_of_memory_said(f"student {student.spec} ({student.parameters_count():,} parameters) does not fit on "
-                            f"{device}", "choose a smaller student (or --device cpu)"):
+                            f"{device}", "choose a smaller student" + (" (or --device cpu)" if device.type != "cpu"
+                                                                       else "")):
         student.model.to(device)
         if device.type == "cuda" and data.modality == "image":  # convolutions run fastest on NHWC on the GPU
             student.model.to(memory_format=torch.channels_last)
