@@ -56,6 +56,7 @@ def _terminated(signum: int, frame: Any) -> None:
     """SIGTERM raises what Ctrl-C raises, so every recipe stops the way it stops for Ctrl-C: what it kept is kept
     (last.pt, the chunks stored) and it says how to continue."""
     _state["signal"] = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM, while the run winds down, ends it at once
     raise KeyboardInterrupt
 
 
