@@ -385,3 +385,21 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_not_its_workers_first(
     assert proc.stderr.strip() == (f"stopped by SIGTERM: in epoch 2 of 3; epochs 1-1 are saved in {run / 'last.pt'}: "
                                    "rerun the same command with --resume to continue"), proc.stderr[-2000:]
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_plain_lines_every_n_seconds_follow_the_clock_they_are_given():
+    """The default interval is a time: here a clock the test moves, so no line depends on how fast the test runs."""
+    import io
+
+    from kdcache.progress import Lines
+
+    now, stream = {"t": 0.0}, io.StringIO()
+    lines = Lines(every_seconds=30, stream=stream, clock=lambda: now["t"])
+    task = lines.add_task("train", total=100, completed=20, rate="")  # a resumed capture: 20 rows were done
+    for t, rows in ((10, 10), (29, 10), (31, 10), (50, 10), (62, 10)):
+        now["t"] = t
+        lines.update(task, advance=rows, rate=f"{rows / 10:.0f} rows/s")
+    lines.__exit__(None, None, None)
+    # at 31 s: 30 rows in 31 s, 50 left; at 62 s: 50 rows in 62 s, 30 left; at the end, nothing new to say
+    assert stream.getvalue().splitlines() == ["kdcache: train 50/100 (50%) 1 rows/s, ETA 0:00:52",
+                                              "kdcache: train 70/100 (70%) 1 rows/s, ETA 0:00:37"]
