@@ -72,6 +72,7 @@ class _Task:
     first: float  # `completed` when the task was added (a resumed run starts part-way)
     last_line: float
     updates: int = 0
+    stale: bool = False  # its `rate` was already shown (the caller refreshes it only for a line)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Lines:
         for t in self.tasks:
             if t.updates:
                 t.updates = 0
+                if t.stale:
+                    t.fields["rate"] = ""
                 print(self.line(t), file=self.stream or sys.stderr, flush=True)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
@@ -112,10 +115,12 @@ class Lines:
         t = self.tasks[task]
         t.completed = completed if completed is not None else t.completed + advance
         t.fields.update(fields)
+        t.stale = t.stale and "rate" not in fields
         t.updates += 1
         if due:
             t.updates, t.last_line = 0, self.clock()
             print(self.line(t), file=self.stream or sys.stderr, flush=True)
+            t.stale = True
 
     def line(self, t: _Task) -> str:
         """`kdcache: ce mlp 150/4,500 steps (3%) epoch 2/30 loss 0.4123 1,234 samples/s, ETA 0:03:12`."""
@@ -123,7 +128,10 @@ class Lines:
         share = f" ({100 * t.completed / t.total:.0f}%)" if t.total else ""
         rate = f" {t.fields['rate']}" if t.fields.get("rate") else ""
         elapsed, moved = self.clock() - t.started, t.completed - t.first
-        eta = (f", ETA {_clock(elapsed / moved * (t.total - t.completed))}" if t.total and moved > 0 else "")
+        if t.total and t.completed >= t.total:
+            eta = f", done in {_clock(elapsed)}"
+        else:
+            eta = f", ETA {_clock(elapsed / moved * (t.total - t.completed))}" if t.total and moved > 0 else ""
         return f"kdcache: {t.description} {done}{share}{rate}{eta}"
 
 

@@ -59,7 +59,7 @@ def test_sigterm_in_cache_teacher_keeps_the_chunks_and_says_how_to_continue(tmp_
 # --- 5. progress everywhere ------------------------------------------------------------------------------------
 
 _LINE = re.compile(r"kdcache: ce mlp (\d+)/16 steps \(\d+%\) epoch (\d)/2 loss \d+\.\d{4} [\d,]+ samples/s, "
-                   r"ETA \d+:\d\d:\d\d")
+                   r"(ETA|done in) \d+:\d\d:\d\d")
 
 
 def _train_args(data, out, *extra):
@@ -76,6 +76,7 @@ def test_a_log_file_gets_a_plain_progress_line_every_n_steps(tmp_path, table, ca
     matches = [_LINE.fullmatch(line) for line in lines]
     assert all(matches), lines
     assert [(int(m[1]), int(m[2])) for m in matches] == [(4, 1), (8, 1), (12, 2), (16, 2)]
+    assert [m[3] for m in matches] == ["ETA", "ETA", "ETA", "done in"]
     code, _, err = run_cli(_train_args(table[0], tmp_path / "quiet", "--progress-every", "4", "--no-progress"),
                            capsys, monkeypatch)
     assert code == 0 and "steps" not in err, err
