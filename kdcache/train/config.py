@@ -31,9 +31,9 @@ HYPERPARAMETERS = ("epochs", "t_max", "margin", "psi", "alpha", "temperature", "
                    "optimizer", "weight_decay", "momentum", "lr_schedule", "warmup_ratio", "max_grad_norm")
 #: Fields that do not change what a run computes: a resume may differ in these. Paths are left out too: the cache
 #: and data are identified by their digests, so a moved run or cache resumes.
-NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "progress_every", "device", "command", "out", "cache", "data",
+NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
-                "log_every", "max_steps", "compile", "report_split")
+                "log_every", "max_steps", "compile", "report_split", "progress_every")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
 OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
                    "student_layers")

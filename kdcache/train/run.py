@@ -412,5 +412,5 @@ def _reported(data: RunData, finished: list[dict[str, Any]], best: dict[str, Any
 
 
 
-__all__ = ["StudentRun", "attach_targets", "baseline", "build_run", "close_run", "load_data", "method_for", "open_folder",
-           "open_run", "save_model", "snapshot", "targets_plan"]
+__all__ = ["StudentRun", "attach_targets", "baseline", "build_run", "close_run", "load_data", "method_for",
+           "open_folder", "open_run", "save_model", "snapshot", "targets_plan"]

@@ -391,5 +391,5 @@ def _record(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
 
 
-__all__ = ["RUN_FORMAT", "RunDir", "check_overwrite", "differences", "load_checkpoint", "never_trained", "not_a_run", "rng_state", "run_folder_lock",
-           "set_rng_state"]
+__all__ = ["RUN_FORMAT", "RunDir", "check_overwrite", "differences", "load_checkpoint", "never_trained", "not_a_run",
+           "rng_state", "run_folder_lock", "set_rng_state"]
