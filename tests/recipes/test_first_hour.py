@@ -177,7 +177,7 @@ def test_a_model_no_better_than_the_majority_class_is_said_and_recorded(tmp_path
         "rate and the number of epochs")
 
 
-def test_a_chance_level_teacher_is_said_by_distill_and_a_good_student_is_not(tmp_path, table, capsys, monkeypatch):
+def test_a_chance_level_teacher_is_said_by_distill(tmp_path, table, capsys, monkeypatch):
     """The fixture's teacher is an untrained MLP (validation accuracy under the majority class's)."""
     run = tmp_path / "run"
     code, _, err = run_cli(_distill_args(table[2], run, "--lr", "0.01", "--epochs", "4"), capsys, monkeypatch)
