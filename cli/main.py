@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -32,21 +33,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   # plain help, wrapped at the terminal's width (80 columns when there is none)
                   context_settings={"max_content_width": shutil.get_terminal_size((80, 24)).columns},
                   help="Knowledge distillation from an offline teacher cache.")
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "signal": None}
 _out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 @contextlib.contextmanager
 def _interrupts():
-    """Ctrl-C prints what the recipe kept and how to continue, then exits 130 (Typer alone would exit silently)."""
+    """Ctrl-C prints what the recipe kept and how to continue, then exits 130 (Typer alone would exit silently);
+    SIGTERM (a preempted job) is the same stop, said as such, exit 143. Under torchrun rank 0 alone says it."""
     try:
         yield
-    except Interrupted as exc:
-        print(f"interrupted: {str(exc).removeprefix('interrupted ')}", file=sys.stderr)
-        raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        stopped = _state.get("signal")
+        if os.environ.get("RANK", "0") == "0":
+            said = str(exc).removeprefix("interrupted ") if isinstance(exc, Interrupted) else ""
+            print(f"{'stopped by ' + stopped if stopped else 'interrupted'}{': ' + said if said else ''}",
+                  file=sys.stderr)
+        raise typer.Exit(143 if stopped else 130) from None
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM raises what Ctrl-C raises, so every recipe stops the way it stops for Ctrl-C: what it kept is kept
+    (last.pt, the chunks stored) and it says how to continue."""
+    _state["signal"] = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM, while the run winds down, ends it at once
+    raise KeyboardInterrupt
 
 
 def _version(value: bool) -> None:
@@ -268,9 +279,12 @@ def _print_info(s: dict) -> None:
         quality = sp.get("target_quality") or {}
         kept = "-" if quality.get("kept_mass") is None else f"{quality['kept_mass']:.4f}"
         kl = "-" if quality.get("kl") is None else f"{quality['kl']:.4g}"
-        table.add_row(sp["name"], str(sp["rows"]), shapes, "yes" if sp["complete"] else "no",
-                      str(sp["bytes_per_sample"]), f"{sp['compression_ratio']}x", kept, kl, str(sp["source"]))
+        done = "yes" if sp["complete"] else f"no ({sp.get('rows_done') or 0} stored)"
+        table.add_row(sp["name"], str(sp["rows"]), shapes, done, str(sp["bytes_per_sample"]),
+                      f"{sp['compression_ratio']}x", kept, kl, str(sp["source"] or "-"))  # (recorded at its end)
     _out.print(table)
+    if not s["complete"]:
+        _out.print("incomplete: rerun the cache-teacher command above to finish it (it resumes where it stopped)")
 
 
 def _report_run(summary: dict) -> None:
@@ -287,7 +301,7 @@ def _report_run(summary: dict) -> None:
                + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
                + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
                f"{summary['wall_seconds']:.1f} s")
-    for note in ("selection_note", "unchecked_note"):
+    for note in ("selection_note", "unchecked_note", "baseline_note"):
         if summary.get(note):
             print(f"note: {summary[note]}", file=sys.stderr)
 
@@ -328,6 +342,7 @@ def distill_cmd(
     keep_inputs: o.KeepInputs = None, check_first: o.CheckFirst = False, log_every: o.LogEvery = 0,
     max_steps: o.MaxSteps = None, compile: o.Compile = False, report_split: o.ReportSplit = None,
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
+    progress_every: o.ProgressEvery = None,
 ) -> None:
     """Train a student against a teacher cache (the teacher is never loaded)."""
     cfg = _distill_config(dict(locals()))
@@ -349,6 +364,8 @@ def _distill_config(p: dict[str, Any]) -> Any:
     from kdcache import names
 
     names.check_numbers(**p)  # every numeric flag: lr, seed, warmup-ratio, weight-decay, ...
+    if p.get("progress_every") is not None:
+        names.parse_interval(p["progress_every"])
     import dataclasses
 
     from kdcache.train.config import DistillConfig
@@ -418,12 +435,15 @@ def train_cmd(
     overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
     keep_inputs: o.KeepInputs = None, log_every: o.LogEvery = 0, max_steps: o.MaxSteps = None,
     compile: o.Compile = False, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
+    progress_every: o.ProgressEvery = None,
 ) -> None:
     """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline (distill's `ce` method
     without a cache)."""
     from kdcache import names
 
     names.check_numbers(**locals())  # every numeric flag as given: lr, seed, warmup-ratio, weight-decay, ...
+    if progress_every is not None:
+        names.parse_interval(progress_every)
     _check_training(task=task, preset=preset, precision=precision, optimizer=optimizer, lr_schedule=lr_schedule,
                     augment=augment, model=model, data=data, tokenizer=tokenizer, epochs=epochs,
                     student_layers=student_layers, batch_size=batch_size, max_steps=max_steps, log_every=log_every,
@@ -440,7 +460,8 @@ def train_cmd(
         weight_decay=weight_decay, momentum=momentum, lr_schedule=lr_schedule, warmup_ratio=warmup_ratio,
         max_grad_norm=max_grad_norm, val_split=val_split, seed=seed, precision=precision, device=device,
         save_every=save_every, data_options=options, resume=resume, overwrite=overwrite,
-        stop_after_epoch=stop_after_epoch, progress=progress, trust_model_code=trust_model_code, augment=augment,
+        stop_after_epoch=stop_after_epoch, progress=progress, progress_every=progress_every,
+        trust_model_code=trust_model_code, augment=augment,
         num_workers=num_workers, keep_inputs=keep_inputs, log_every=log_every, max_steps=max_steps, compile=compile)
     with _interrupts():
         _report_run(distill(cfg))
@@ -532,6 +553,24 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, the one line also goes in the error file torchrun reads, so its own report of the failure
+    ends with kdcache's line (`traceback : kdcache: ...` under "Root Cause") rather than a link to its docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import time
+
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps({"message": f"kdcache: {message}", "timestamp": int(time.time())}))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    from kdcache.runtime import is_out_of_memory
+
+    return is_out_of_memory(exc)
+
+
 def _peer_gone(exc: BaseException) -> bool:
     """Under torchrun, a collective that failed because another process of the run stopped (it prints why)."""
     if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
@@ -545,25 +584,37 @@ def main() -> None:
     """Console-script entry point: usage errors exit 2 (Typer's own), bad input one line and exit 1, Ctrl-C 130."""
     _quiet_libraries()
     _log_to_stderr()
+    _state["signal"] = None
+    previous = None
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks keep SIGTERM's default: they end at once, silent
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminated)
+        except ValueError:  # not the main thread (an embedding caller): SIGTERM keeps its meaning there
+            pass
     try:
         app()  # standalone mode: Typer reports usage errors itself and exits
     except Exception as exc:  # noqa: BLE001 - the user sees one line; --debug shows the traceback
         if _state["debug"]:
             raise
         if isinstance(exc, SharedError) or _peer_gone(exc):  # torchrun: said once, by the process that knows
-            pass
+            if isinstance(exc, SharedError):
+                _tell_torchrun(str(exc))
         elif isinstance(exc, KDCacheError):
             print(f"error: {exc}", file=sys.stderr)
+            _tell_torchrun(str(exc))
         elif isinstance(exc, OSError) and exc.filename:  # a file the recipes did not expect to fail: still one line
             print(f"error: {exc.filename}: {(exc.strerror or str(exc)).lower()}", file=sys.stderr)
-        elif isinstance(exc, MemoryError):
-            print("error: out of memory (a cache or dataset larger than this machine can hold?); rerun with --debug "
-                  "for the traceback", file=sys.stderr)
+        elif isinstance(exc, MemoryError) or ("torch" in sys.modules and _out_of_memory(exc)):
+            print("error: out of memory (a model, batch, cache or dataset larger than this machine or device can "
+                  "hold: try a smaller --batch-size); rerun with --debug for the traceback", file=sys.stderr)
         else:
             detail = str(exc).splitlines()[0] if str(exc) else ""
             print(f"error: {type(exc).__name__}: {detail} (internal error; rerun with --debug for the traceback)",
                   file=sys.stderr)
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

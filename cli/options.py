@@ -61,6 +61,9 @@ Device = Annotated[str, _O(help="auto (CUDA when present), cpu, cuda, cuda:N.")]
 Precision = Annotated[str, _O(help="fp32, or bf16/fp16 autocast.")]
 Seed = Annotated[int, _O(help="Seed (of the student's initialisation and the batch order; of the row sample).")]
 Progress = Annotated[bool, _O(help="Show a progress bar (on stderr).")]
+ProgressEvery = Annotated[Optional[str], _O(help="Where stderr is not a terminal (a log file): a progress line every "
+                                                 "N steps (100) or every 30s, 5m (default 30s, or "
+                                                 "$KDCACHE_PROGRESS_EVERY).")]
 Json = Annotated[bool, _O("--json", help="Print machine-readable JSON.")]
 Overwrite = Annotated[bool, _O(help="Replace what is at --out (only a kdcache cache or run folder).")]
 

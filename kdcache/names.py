@@ -124,6 +124,22 @@ def parse_budget(spec: str | None, flag: str = "--memory-budget", default_share:
     return int(value * _UNITS[unit])
 
 
+def parse_interval(spec: str, flag: str = "--progress-every") -> tuple[int | None, float | None]:
+    """(steps, seconds) of a progress interval: `100` steps, or `30s`, `5m`, `1h`; anything else is one line."""
+    text = str(spec).strip().lower()
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(s|m|h)?", text)
+    if not match or float(match.group(1)) <= 0 or (not match.group(2) and not match.group(1).isdigit()):
+        raise _error(f"{flag} {spec!r}: expected a number of steps (100) or of seconds, minutes or hours (30s, 5m, 1h)")
+    if not match.group(2):
+        return int(match.group(1)), None
+    return None, float(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+#: config.json's mark of a kdcache run folder (as a cache's root attributes carry its `format`): known here too,
+#: so a model loader can tell a run folder given where a model folder belongs.
+RUN_FORMAT = "kdcache.run"
+
+
 def _error(message: str) -> Exception:
     from kdcache.errors import KDCacheError
 

@@ -45,6 +45,28 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocator's failure (CUDA's, or the CPU allocator's RuntimeError), not a bug."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "DefaultCPUAllocator" in text)
+
+
+@contextlib.contextmanager
+def out_of_memory_said(what: Any, then: str) -> Any:
+    """An allocator's failure inside becomes one line: what ran out (`what`, or a callable saying it at the time),
+    how much was asked for, and what to change (`then`), instead of the allocator's paragraph."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only allocator failures are turned into the line
+        if not is_out_of_memory(exc):
+            raise
+        asked = re.search(r"(?i)tried to allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", str(exc))
+        detail = f" (it asked for {asked.group(1)} more)" if asked else ""
+        raise KDCacheError(f"out of memory: {what() if callable(what) else what}{detail}; {then}") from None
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)

@@ -93,3 +93,19 @@ def interrupt_autocast_at(monkeypatch, call: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(recipe, "autocast", interrupted)
+
+
+def signal_at(monkeypatch, module, name: str, call: int, signum: int) -> None:
+    """Make the `call`-th call of `module.name` send this process `signum` first: a signal placed by count, never
+    by time (Python runs the handler before the next line of the caller)."""
+    import signal
+
+    real, calls = getattr(module, name), {"n": 0}
+
+    def signalled(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, signalled)

@@ -11,7 +11,7 @@ from kdcache.cache.store import CacheStore
 
 _SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
                "digest", "logits_bytes_raw", "logits_bytes_stored", "compression_ratio", "bytes_per_sample",
-               "missing_arrays", "target_arrays", "target_quality")
+               "missing_arrays", "target_arrays", "target_quality", "rows_done")
 
 
 def describe_cache(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any)
         # The writer stopped (e.g. a full disk) before it had created this split's arrays.
         missing = [a for a in wanted if a not in set(group.array_keys())]
         return {**dict.fromkeys(_SPLIT_KEYS), "name": name, "rows": group.attrs.get("rows"), "complete": False,
-                "missing_arrays": missing}
+                "missing_arrays": missing, "rows_done": 0}
     split = cache.split(name, check_chunks=complete)
     arrays = {a: split.arrays[a] for a in split.target.arrays}
     raw = sum(a.nbytes for a in arrays.values())
@@ -62,6 +62,7 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any)
         "compression_ratio": round(raw / stored, 2) if stored else None,
         "bytes_per_sample": round(stored / len(split), 2) if len(split) else None,
         "missing_arrays": [], "extra_arrays": split.extra_widths,
+        "rows_done": len(split) if complete else int(group.attrs.get("rows_done") or 0),
     }
 
 

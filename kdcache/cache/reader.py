@@ -9,6 +9,7 @@ split's chunk manifest records for its place; a failure is one line naming the s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from kdcache.cache import codecs, schema
 from kdcache.cache.schema import RootHeader, SplitHeader
 from kdcache.cache.store import CacheStore, as_store, remote_errors
 from kdcache.errors import KDCacheError
+from kdcache.names import RUN_FORMAT
 
 #: What to do about a damaged chunk: the cache cannot be repaired in place, only written again.
 RECREATE_HINT = "recreate the cache with kdcache cache-teacher --overwrite"
@@ -46,6 +48,23 @@ def _damage(exc: BaseException) -> str:
     return f"the chunk cannot be decoded ({type(exc).__name__}: {text})"
 
 
+def _what_instead(store: CacheStore) -> str:
+    """What a folder given as a cache holds instead, in words that point to the right thing."""
+    config = store.path / "config.json" if store.is_local else None
+    if config is not None and config.is_file():
+        try:
+            values = json.loads(config.read_text())
+        except (OSError, ValueError):
+            values = None
+        if isinstance(values, dict) and values.get("format") == RUN_FORMAT:
+            return "it is a run folder of kdcache train/distill; a cache is the --out of kdcache cache-teacher"
+        if isinstance(values, dict) and {"model_type", "architectures"} & set(values):
+            return "it is a Hugging Face model folder; make a cache of it with kdcache cache-teacher --teacher"
+    if store.is_local and (store.path / "kdcache-model.json").is_file():  # (kdcache/models MODEL_DIR_FILE)
+        return "it is a kdcache model folder; make a cache of it with kdcache cache-teacher --teacher"
+    return "no zarr.json; a cache is the --out folder of kdcache cache-teacher"
+
+
 def read_header(store: CacheStore, *, allow_incomplete: bool = False) -> tuple[RootHeader, dict[str, Any]]:
     """The root header (and the raw attributes) after checking format name, version and completeness."""
     store.check()
@@ -53,7 +72,7 @@ def read_header(store: CacheStore, *, allow_incomplete: bool = False) -> tuple[R
     if meta is None:
         if not store.exists():
             raise KDCacheError(f"{store}: no such cache")
-        raise KDCacheError(f"{store}: not a Zarr v3 group (no readable zarr.json)")
+        raise KDCacheError(f"{store}: not a kdcache cache ({_what_instead(store)})")
     attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
     header = RootHeader.from_attrs(attrs, str(store), file=store.display("zarr.json"))
     if not allow_incomplete and header.complete is not True:

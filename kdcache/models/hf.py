@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.errors import KDCacheError
+from kdcache.names import RUN_FORMAT
 
 #: The files in which a Hugging Face folder can name Python code of its own (`auto_map`, `tokenizer_class` of a
 #: module); both are read by transformers when a config, a model or a tokenizer is loaded.
@@ -25,9 +26,24 @@ FRESH_PREFIXES = ("classifier.", "score.", "pre_classifier.", "qa_outputs.", "po
                   "roberta.pooler.", "electra.pooler.")
 
 
+def check_not_a_run_folder(folder: str | Path) -> None:
+    """A run folder has a config.json too, which transformers would misread: say what it is and where its model is."""
+    folder = Path(folder)
+    try:
+        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(values, dict) and values.get("format") == RUN_FORMAT:
+        best = folder / "best"
+        where = (f"its best model is {best}" if best.is_dir() else
+                 "it holds no best/ model yet (no epoch finished)")
+        raise KDCacheError(f"{folder}: is a kdcache run folder, not a model folder; {where}")
+
+
 def check_no_custom_code(folder: str | Path, trust_model_code: bool) -> None:
     """Refuse, in one line, a folder whose metadata names Python code unless the user trusts it: loading a folder is
     reading data, and data must never run code by being read."""
+    check_not_a_run_folder(folder)
     if trust_model_code:
         return
     from kdcache.models.builders import TRUST_HINT

@@ -36,7 +36,7 @@ from kdcache.train.config import DistillConfig
 from kdcache.train.dist import close_world, init_world
 from kdcache.train.fit import fit
 from kdcache.train.run import attach_targets, close_run, load_data, method_for, open_run
-from kdcache.train.run_dir import check_overwrite, run_folder_lock
+from kdcache.train.run_dir import check_overwrite, never_trained, run_folder_lock
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
@@ -67,8 +67,8 @@ def _claim(cfg: DistillConfig, out: Path, held: contextlib.ExitStack) -> None:
     """The run folder locked for this process (rank 0 under torchrun) until `held` closes, then a taken --out that
     the flags neither resume nor may replace refused: both before the data is read."""
     held.enter_context(run_folder_lock(out))
-    if cfg.resume or not (out.exists() and any(out.iterdir())):
-        return
+    if cfg.resume or not (out.exists() and any(out.iterdir())) or never_trained(out):
+        return  # (a run that stopped before finishing an epoch: the rerun replaces it)
     if not cfg.overwrite:
         raise KDCacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
     check_overwrite(out)

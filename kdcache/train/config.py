@@ -33,7 +33,7 @@ HYPERPARAMETERS = ("epochs", "t_max", "margin", "psi", "alpha", "temperature", "
 #: and data are identified by their digests, so a moved run or cache resumes.
 NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
-                "log_every", "max_steps", "compile", "report_split")
+                "log_every", "max_steps", "compile", "report_split", "progress_every")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
 OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
                    "topk_tail",
@@ -89,6 +89,7 @@ class DistillConfig:
     overwrite: bool = False
     stop_after_epoch: int | None = None
     progress: bool = True
+    progress_every: str | None = None  # plain progress lines (stderr not a terminal) every N steps or 30s, 5m
     command: str | None = None
     trust_model_code: bool = False  # let a module:factory student (flag or model folder) import and run
     storage_options: dict[str, Any] = field(default_factory=dict)  # for a cache named by an fsspec URL

@@ -6,18 +6,22 @@ kdcache/train/run.py's.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdcache.progress import progress_bar
-from kdcache.runtime import process_start_time
+from kdcache.progress import Lines, progress_bar
+from kdcache.runtime import out_of_memory_said, process_start_time
 from kdcache.train.evaluation import evaluate
 from kdcache.train.inputs import RowCheck, RunData
 from kdcache.train.loop import Member, on_interrupt, train_together
-from kdcache.train.metrics import primary_metric
-from kdcache.train.run import StudentRun, save_model, snapshot
+from kdcache.train.metrics import clearly_better, primary_metric
+from kdcache.train.run import StudentRun, baseline, save_model, snapshot
+
+log = logging.getLogger("kdcache")
 
 
 def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) -> None:
@@ -30,13 +34,16 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
     wall_start = time.perf_counter()
     walls = [run.progress["totals"]["wall_seconds"] for run in runs]
     current = {"epoch": first}
-    label = (f"{lead.stepper.method.display_name(data.kind)} {lead.stepper.student.spec}" if len(runs) == 1
+    floor = baseline(data)["metric"]
+    label = (f"{lead.stepper.method.display_name(data.kind)} {Path(lead.stepper.student.spec).name}" if len(runs) == 1
              else f"{len(runs)} students")
-    with progress_bar(progress and world.main) as bar, contextlib.ExitStack() as writes, \
-            on_interrupt(where, lambda: current["epoch"], n):
+    with progress_bar(progress and world.main, cfg.progress_every) as bar, contextlib.ExitStack() as writes, \
+            on_interrupt(where, lambda: current["epoch"], n), out_of_memory_said(
+                lambda: (f"training {label} on {lead.stepper.device} in epoch {current['epoch']} (batches of "
+                         f"{lead.batch_size})"), "lower --batch-size, use --precision bf16, or a smaller student"):
         for run in runs:
             writes.enter_context(run.run_dir.writes())
-        task = bar.add_task(label, total=n * len(order), completed=(first - 1) * len(order), rate="")
+        task = bar.add_task(label, total=n * len(order), completed=(first - 1) * len(order), rate="", unit=" steps")
         for epoch in range(first, n + 1):
             current["epoch"] = epoch
             todo = [run for run in runs if run.progress["epoch"] < epoch and "stopped_at_step" not in run.progress]
@@ -49,7 +56,8 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
                     run.stepper.optimizer, run.stepper.scheduler = run.new_optimiser(epoch)
             members = [Member(run.stepper, run.progress["step"], run.progress.get("rng")) for run in todo]
             results = train_together(members, order, lead.targets, data.train.inputs, epoch,
-                                     on_step=_bar(bar, task, epoch, n, len(todo)), log_every=cfg.log_every,
+                                     on_step=_bar(bar, task, epoch, n, len(todo), lead.batch_size),
+                                     log_every=cfg.log_every,
                                      max_steps=cfg.max_steps, on_batch=lambda: [_started(r.progress) for r in todo])
             seconds = time.perf_counter() - started
             world.merge_seen(data.train.inputs.check)  # each rank checked the rows it read
@@ -79,6 +87,9 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
                 if improved:
                     done["best"] = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
                 s.method.end_epoch(epoch, s.student, scores["metric"])
+                warning = _falling(run, epoch, scores["metric"], floor, data, len(runs) > 1)
+                if warning and world.main:
+                    log.warning(warning)
                 if run.cfg.save_every and epoch % run.cfg.save_every == 0 and not unchecked and world.main:
                     save_model(run.run_dir, data, s, run.run_dir.out / "checkpoints" / f"epoch-{epoch:04d}",
                                {"epoch": epoch, "metric": scores["metric"]})
@@ -95,6 +106,30 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
     for run, wall in zip(runs, walls):  # the last evaluation included
         if run.progress["epoch"] >= first:
             run.progress["totals"]["wall_seconds"] = wall + time.perf_counter() - wall_start
+
+
+#: A validation metric below the midpoint between its best and a constant predictor's score (half its best when
+#: that score is 0) for this many epochs in a row is a run going wrong: one warning line (docs/cli.md).
+FALLING_EPOCHS = 3
+
+
+def _falling(run: StudentRun, epoch: int, metric: float, floor: float, data: RunData, named: bool) -> str | None:
+    """The warning, once per run, for a validation metric that has fallen far below its best and stayed there
+    (a diverging run whose loss never became NaN); recorded in the run's summary."""
+    done, best = run.progress, run.progress["best"]
+    if best is None or best["metric"] < clearly_better(floor) or done.get("warnings"):
+        return None  # (a run that never learned has no level to fall from: its end says so)
+    line = floor + (best["metric"] - floor) / 2
+    done["falling"] = done.get("falling", 0) + 1 if metric < line else 0
+    if done["falling"] < FALLING_EPOCHS:
+        return None
+    name = f"{data.selection.name} {primary_metric(data.task, data.kind)}"
+    warning = (f"warning: {name} {metric:.4f} at epoch {epoch} has stayed under {line:.4f}, half-way from its best "
+               f"({best['metric']:.4f}, epoch {best['epoch']}) to a constant predictor's ({floor:.4f}), for "
+               f"{FALLING_EPOCHS} epochs: the run is going wrong (lower --lr, or use --max-grad-norm); best/ keeps "
+               f"epoch {best['epoch']}")
+    done["warnings"] = [warning]
+    return f"{run.run_dir.out}: {warning}" if named else warning
 
 
 def _scores(run: StudentRun, data: RunData) -> tuple[dict[str, float], dict[str, Any]]:
@@ -127,16 +162,24 @@ def _started(progress: dict[str, Any]) -> None:
         progress["startup_seconds"] = round(time.time() - process_start_time(), 3)
 
 
-def _bar(bar: Any, task: Any, epoch: int, n: int, students: int = 1) -> Any:
+def _bar(bar: Any, task: Any, epoch: int, n: int, students: int = 1, batch_size: int = 0) -> Any:
     """The progress bar's view of each step: it advances every batch (after its last student's step) but reads
-    the loss (a wait for the device) only a few times a second."""
-    last = {"read": 0.0}
+    the loss (a wait for the device) only a few times a second, or (plain lines in a log file) for each line,
+    with the samples per second since the last line."""
+    last = {"read": 0.0, "line": time.perf_counter(), "steps": 0}
+    lines = isinstance(bar, Lines)
 
     def on_step(i: int, loss: torch.Tensor) -> None:
         if i != students - 1:
             return
         now = time.perf_counter()
-        if now - last["read"] > 0.25 and not bar.disable:  # --no-progress: never wait for the device
+        last["steps"] += 1
+        if lines and bar.due(task):
+            rate = last["steps"] * batch_size / max(now - last["line"], 1e-9)
+            last.update(line=now, steps=0)
+            bar.update(task, advance=1, rate=f"epoch {epoch}/{n} loss {float(loss.detach()):.4f} "
+                                             f"{rate:,.0f} samples/s")
+        elif not lines and now - last["read"] > 0.25 and not bar.disable:  # --no-progress: never wait for the device
             last["read"] = now
             bar.update(task, advance=1, rate=f"epoch {epoch}/{n} loss {float(loss.detach()):.4f}")
         else:

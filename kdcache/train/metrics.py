@@ -48,6 +48,38 @@ def compute_metrics(outputs: np.ndarray, labels: np.ndarray, *, task: str, kind:
     return result
 
 
+#: A score has learned something only when it closes at least this share of the gap between a constant
+#: predictor's score and a perfect one (1 for every primary metric): below it a model is "not clearly better" than
+#: the constant, said at the end of a run; a run whose best never got there has no level to fall from
+#: (docs/cli.md, "When training goes wrong"). A tenth: noise on a few hundred validation rows stays under it.
+CLEAR_GAIN = 0.1
+
+
+def clearly_better(floor: float) -> float:
+    """The score a model must reach to be clearly better than a constant predictor scoring `floor`."""
+    return floor + CLEAR_GAIN * (1.0 - floor)
+
+
+def constant_baseline(train_labels: np.ndarray, labels: np.ndarray, *, task: str, kind: str = "classification",
+                      label_names: list[str] | None = None) -> dict[str, object]:
+    """The score of a predictor that ignores its input (the training labels' majority class; for regression their
+    mean) on `labels`: the floor a trained model must clear to have learned anything at all."""
+    train_labels, labels = np.asarray(train_labels), np.asarray(labels)
+    if kind == "regression":
+        known = train_labels[~np.isnan(train_labels.astype(np.float64))]
+        value = float(known.mean()) if len(known) else 0.0
+        score = compute_metrics(np.full((len(labels), 1), value), labels, task=task, kind=kind)
+        return {"metric": score["metric"], "predictor": f"the constant {value:.4g} (the training labels' mean)"}
+    known = train_labels[train_labels != -1].astype(np.int64)
+    majority = int(np.bincount(known).argmax()) if len(known) else 0
+    width = max(majority, int(labels.max(initial=0))) + 1
+    outputs = np.zeros((len(labels), width))
+    outputs[:, majority] = 1.0
+    name = label_names[majority] if label_names and majority < len(label_names) else str(majority)
+    return {"metric": compute_metrics(outputs, labels, task=task, kind=kind)["metric"],
+            "predictor": f"always the majority class {name!r}"}
+
+
 def _f1(prediction: np.ndarray, target: np.ndarray, positive: int = 1) -> float:
     tp = float(np.sum((prediction == positive) & (target == positive)))
     fp = float(np.sum((prediction == positive) & (target != positive)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,18 @@ from kdcache.methods import MethodOptions, Run, make_method
 from kdcache.methods.targets import target_kind
 from kdcache.models import build_student
 from kdcache.names import parse_budget
-from kdcache.runtime import command_line, utc_now
+from kdcache.runtime import command_line, out_of_memory_said, utc_now
 from kdcache.train.batches import EpochOrder, TeacherTargets
 from kdcache.train.config import DistillConfig, resolve
 from kdcache.train.dist import World
 from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, has_labels, input_options,
                                   load_dataset_only, load_run_data, probe_batch, selection_note)
 from kdcache.train.loop import Stepper
-from kdcache.train.metrics import compute_metrics
+from kdcache.train.metrics import clearly_better, compute_metrics, constant_baseline, primary_metric
 from kdcache.train.optim import build_lr_schedule, build_optimizer
 from kdcache.train.run_dir import IDENTITY_VERSION, RunDir, rng_state, set_rng_state
+
+log = logging.getLogger("kdcache")
 
 
 @dataclass
@@ -94,7 +97,17 @@ def load_data(cfg: DistillConfig, world: World, device: torch.device) -> RunData
     if not has_labels(data.selection.labels, data.kind):
         raise KDCacheError(f"split {data.selection.name!r} has no labels to select the best checkpoint on; "
                            "pass --val-split with a labelled split")
+    note = selection_note(data.selection.name)
+    if note and world.main:  # said before the first epoch, not only beside the result
+        log.info(f"note: {note}")
     return data
+
+
+def baseline(data: RunData) -> dict[str, Any]:
+    """A constant predictor's score on the selection split (the training labels' majority class, or their mean):
+    the floor a run must clear, against which a collapse is measured (kdcache/train/metrics.py)."""
+    return constant_baseline(data.train.labels, data.selection.labels, task=data.task, kind=data.kind,
+                             label_names=data.label_names)
 
 
 def open_run(cfg: DistillConfig, data: RunData, world: World, device: torch.device, method: Any = None) -> StudentRun:
@@ -115,10 +128,13 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
                             seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe,
                             layers=cfg.student_layers)
-    student.model.to(device)
-    if device.type == "cuda" and data.modality == "image":  # convolutions run fastest on NHWC on the GPU
-        student.model.to(memory_format=torch.channels_last)
-    check_student(student, probe, data.num_outputs)
+    with out_of_memory_said(f"student {student.spec} ({student.parameters_count():,} parameters) does not fit on "
+                            f"{device}", "choose a smaller student" + (" (or --device cpu)" if device.type != "cpu"
+                                                                       else "")):
+        student.model.to(device)
+        if device.type == "cuda" and data.modality == "image":  # convolutions run fastest on NHWC on the GPU
+            student.model.to(memory_format=torch.channels_last)
+        check_student(student, probe, data.num_outputs)
     if cfg.compile:
         student.model = torch.compile(student.model)
     steps_per_epoch = -(-len(data.train.inputs) // batch_size)
@@ -253,6 +269,7 @@ def _restore(state: dict[str, Any], s: Stepper, run_dir: RunDir, data: RunData, 
         s.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng_ranks"][s.world.rank] if s.world.distributed else state["rng"])
     progress.update({k: state[k] for k in ("epoch", "step", "best", "totals")})
+    progress.update({k: state[k] for k in ("falling", "warnings") if k in state})  # (runs of earlier releases: none)
     for split in filter(None, (data.train, data.val)):  # `train`: the rows must be those the run trained on
         recorded = (state.get("rows") or {}).get(split.name)
         if data.train.cache is None and recorded is not None:
@@ -354,8 +371,34 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
                            "cache: no model was kept (--check-first checks every row first)"
                            if progress.get("unchecked_rows") else None),
         "teacher_targets": progress.get("teacher_targets"), "world_size": s.world.size,
+        "warnings": list(progress.get("warnings", [])),
+        **_against_baseline(data, best, teacher_val, cfg.cache is None),
         **_reported(data, finished, best),
     }
+
+
+def _against_baseline(data: RunData, best: dict[str, Any] | None, teacher_val: dict | None,
+                      training: bool) -> dict[str, Any]:
+    """The constant predictor's score beside the run's best (and the cached teacher's), and a note when either is
+    no better: a chance-level teacher or student is said, never left for the user to discover."""
+    floor = baseline(data)
+    metric, split, bar = primary_metric(data.task, data.kind), data.selection.name, clearly_better(floor["metric"])
+
+    def no_better(value: float | None) -> bool | None:
+        return None if value is None else bool(value < bar)
+
+    student = no_better(best["metric"] if best else None)
+    teacher = no_better(teacher_val["metric"] if teacher_val else None)
+    said = [f"the {who} ({split} {metric} {value:.4f}) is not clearly better than {floor['predictor']} "
+            f"({floor['metric']:.4f}; clearly better starts at {bar:.4f})"
+            for who, value, bad in (("best model" if training else "best student", best and best["metric"], student),
+                                    ("teacher in the cache", teacher_val and teacher_val["metric"], teacher))
+            if bad]
+    hint = ("a teacher at this level has nothing to teach (train a better one first)" if teacher else
+            "check the learning rate and the number of epochs")
+    return {"baseline_metric": floor["metric"], "baseline_predictor": floor["predictor"], "clearly_better_from": bar,
+            "no_better_than_baseline": student, "teacher_no_better_than_baseline": teacher,
+            "baseline_note": f"{'; '.join(said)}: {hint}" if said else None}
 
 
 def _reported(data: RunData, finished: list[dict[str, Any]], best: dict[str, Any] | None) -> dict[str, Any]:
@@ -370,5 +413,5 @@ def _reported(data: RunData, finished: list[dict[str, Any]], best: dict[str, Any
 
 
 
-__all__ = ["StudentRun", "attach_targets", "build_run", "close_run", "load_data", "method_for", "open_folder",
-           "open_run", "save_model", "snapshot", "targets_plan"]
+__all__ = ["StudentRun", "attach_targets", "baseline", "build_run", "close_run", "load_data", "method_for",
+           "open_folder", "open_run", "save_model", "snapshot", "targets_plan"]

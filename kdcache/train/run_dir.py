@@ -30,12 +30,11 @@ import torch
 from kdcache.cache.store import LocalLock
 from kdcache.errors import KDCacheError
 from kdcache.models import CHECKPOINT_FILE, save_student
+from kdcache.names import RUN_FORMAT
 from kdcache.runtime import save_torch, software_versions, utc_now
 
 log = logging.getLogger("kdcache")
 
-#: config.json's mark of a kdcache run folder (as a cache's root attributes carry its `format`).
-RUN_FORMAT = "kdcache.run"
 #: config.json of every release before the mark: exactly these keys (0.1.0 had no identity_version; cached_sources
 #: only where a method read more than the logits), so a run of an earlier release is still known for what it is.
 LEGACY_RUN_KEYS = frozenset({"config", "hyperparameters", "preset", "teacher_sha256", "data_digest", "command",
@@ -76,6 +75,20 @@ def not_a_run(out: Path) -> str | None:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         return f"it holds what a run never writes: {', '.join(foreign[:3])}{more}"
     return None
+
+
+def never_trained(out: Path) -> bool:
+    """A run folder whose run stopped before it finished an epoch (data that did not match, a refusal, a stop in
+    epoch 1): it holds nothing a run wrote after starting, so a plain rerun, once the cause is fixed, replaces it
+    instead of asking for --resume or --overwrite."""
+    if not out.is_dir() or not_a_run(out) is not None:
+        return False
+    if any((out / name).exists() for name in ("last.pt", "best", "best.old", "summary.json", "checkpoints")):
+        return False
+    try:
+        return not RunDir(out, {}).read_metrics()
+    except KDCacheError:  # a damaged metrics.jsonl: not this function's to judge
+        return False
 
 
 def check_overwrite(out: Path) -> None:
@@ -234,10 +247,13 @@ class RunDir:
             if resume:
                 return self._resume(legacy_digest)
             if self.out.exists() and any(self.out.iterdir()):
-                if not overwrite:
+                fresh = never_trained(self.out)
+                if not overwrite and not fresh:
                     raise KDCacheError(f"{self.out}: already holds a run; pass --resume to continue it or "
                                        "--overwrite to replace it")
                 check_overwrite(self.out)
+                if fresh:
+                    log.info(f"{self.out}: starting again (the run there stopped before finishing an epoch)")
                 shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(
@@ -375,5 +391,5 @@ def _record(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
 
 
-__all__ = ["RUN_FORMAT", "RunDir", "check_overwrite", "differences", "load_checkpoint", "not_a_run", "rng_state", "run_folder_lock",
-           "set_rng_state"]
+__all__ = ["RUN_FORMAT", "RunDir", "check_overwrite", "differences", "load_checkpoint", "never_trained", "not_a_run",
+           "rng_state", "run_folder_lock", "set_rng_state"]
