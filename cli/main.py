@@ -279,7 +279,7 @@ def _print_info(s: dict) -> None:
         quality = sp.get("target_quality") or {}
         kept = "-" if quality.get("kept_mass") is None else f"{quality['kept_mass']:.4f}"
         kl = "-" if quality.get("kl") is None else f"{quality['kl']:.4g}"
-        done = "yes" if sp["complete"] else f"no ({sp.get('rows_done') or 0} stored)"
+        done = "yes" if sp["complete"] else f"no ({sp.get('rows_stored') or 0} stored)"
         table.add_row(sp["name"], str(sp["rows"]), shapes, done, str(sp["bytes_per_sample"]),
                       f"{sp['compression_ratio']}x", kept, kl, str(sp["source"] or "-"))  # (recorded at its end)
     _out.print(table)

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.reader import Cache
-from kdcache.cache.schema import ROW_ARRAYS
+from kdcache.cache.schema import PROGRESS_FOLDER, ROW_ARRAYS
 from kdcache.cache.store import CacheStore
 
 _SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
                "digest", "logits_bytes_raw", "logits_bytes_stored", "compression_ratio", "bytes_per_sample",
-               "missing_arrays", "target_arrays", "target_quality", "rows_done")
+               "missing_arrays", "target_arrays", "target_quality", "rows_stored")
 
 
 def describe_cache(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any)
         # The writer stopped (e.g. a full disk) before it had created this split's arrays.
         missing = [a for a in wanted if a not in set(group.array_keys())]
         return {**dict.fromkeys(_SPLIT_KEYS), "name": name, "rows": group.attrs.get("rows"), "complete": False,
-                "missing_arrays": missing, "rows_done": 0}
+                "missing_arrays": missing, "rows_stored": 0}
     split = cache.split(name, check_chunks=complete)
     arrays = {a: split.arrays[a] for a in split.target.arrays}
     raw = sum(a.nbytes for a in arrays.values())
@@ -62,8 +62,18 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any)
         "compression_ratio": round(raw / stored, 2) if stored else None,
         "bytes_per_sample": round(stored / len(split), 2) if len(split) else None,
         "missing_arrays": [], "extra_arrays": split.extra_widths,
-        "rows_done": len(split) if complete else int(group.attrs.get("rows_done") or 0),
+        "rows_stored": len(split) if complete else _rows_stored(name, len(split), split.chunk_rows, sizes, group),
     }
+
+
+def _rows_stored(name: str, rows: int, chunk_rows: int, sizes: dict[str, int], group: Any) -> int:
+    """The rows an interrupted split holds: those of its recorded chunks (each record is written after its chunk),
+    counted from the one listing; a split an earlier release interrupted says it in `rows_done`."""
+    prefix = f"{PROGRESS_FOLDER}/{name}/"
+    chunks = {int(k[len(prefix):-5]) for k in sizes if k.startswith(prefix) and k.endswith(".json")
+              and k[len(prefix):-5].isdigit()}
+    counted = sum(max(0, min(rows, (k + 1) * chunk_rows) - k * chunk_rows) for k in chunks)
+    return counted if chunks else int(group.attrs.get("rows_done") or 0)
 
 
 __all__ = ["describe_cache"]

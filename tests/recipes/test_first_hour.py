@@ -260,7 +260,7 @@ def test_info_on_an_interrupted_cache_says_how_far_it_got_not_source_none(tmp_pa
     assert "None" not in shown and "no (16 stored)" in shown, shown
     assert shown.rstrip().splitlines()[-1].startswith("incomplete: rerun the cache-teacher command above")
     code, shown, _ = run_cli(["info", out, "--json"], capsys, monkeypatch)
-    assert json.loads(shown)["splits"][0]["rows_done"] == 16
+    assert json.loads(shown)["splits"][0]["rows_stored"] == 16
 
 
 @pytest.mark.parametrize("what", ["plain folder", "run folder", "model folder", "data folder"])
