@@ -36,6 +36,24 @@ def interrupted_at(cache: Path, split: str, rows_done: int) -> dict:
     return {"rows_done": rows_done, "chunk_chain": chain}
 
 
+def interrupt_as_an_earlier_release(cache: Path, split: str, rows_done: int, *, drop_later_chunks: bool = False) -> None:
+    """Make a finished cache look as a kdcache before the chunk records left it, killed after `rows_done` rows of
+    `split`: the root and the split incomplete, the split's `rows_done` and `chunk_chain` as that release advanced
+    them (and, with `drop_later_chunks`, the chunks after `rows_done` never written)."""
+    import json
+    import shutil
+
+    for meta_file, extra in ((cache / "zarr.json", {}), (cache / split / "zarr.json",
+                                                         interrupted_at(cache, split, rows_done))):
+        meta = json.loads(meta_file.read_text())
+        meta["attributes"].update({"complete": False, **extra})
+        meta_file.write_text(json.dumps(meta))
+    if drop_later_chunks:
+        first = rows_done // zarr.open_group(str(cache), mode="r")[split]["labels"].chunks[0]
+        for chunk in [p for p in (cache / split).glob("*/c/*") if int(p.name) >= first]:
+            shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
+
+
 def stored_rows(cache: Path, split: str) -> int:
     """Rows of `split` a writer has stored so far, as a resume would find them: every row of a complete split, else
     the rows of its recorded chunks (each record is written after its chunk)."""

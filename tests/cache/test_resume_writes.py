@@ -18,7 +18,7 @@ import kdcache
 from kdcache.errors import KDCacheError
 from kdcache.cache.store import LocalLock as WriteLock
 from teachers_for_tests import make_tiny_bert
-from cache_edits import interrupted_at, stored_rows
+from cache_edits import interrupt_as_an_earlier_release, stored_rows
 from helpers import _one_error_line, run_cli
 
 ROWS = 600  # of real SST-2 train; chunks of 64 rows, batches of 24: a resume restarts inside a batch
@@ -167,12 +167,8 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_not_stuck(tmp_pat
 
 
 def _interrupt(out: Path, rows_done: int) -> None:
-    """Make a finished cache look interrupted after `rows_done` rows of train: root and train incomplete."""
-    split_attrs = interrupted_at(out, "train", rows_done)
-    for meta_file, extra in ((out / "zarr.json", {}), (out / "train" / "zarr.json", split_attrs)):
-        meta = json.loads(meta_file.read_text())
-        meta["attributes"].update({"complete": False, **extra})
-        meta_file.write_text(json.dumps(meta))
+    """Make a finished cache look interrupted after `rows_done` rows of train, as an earlier release left it."""
+    interrupt_as_an_earlier_release(out, "train", rows_done)
 
 
 def test_kills_before_any_row_was_written_resume_too(tmp_path, capsys, monkeypatch, sst2_teacher, glue_dir):

@@ -24,7 +24,7 @@ from kdcache.models.teachers import load_teacher, save_model_dir, weights_sha256
 from kdcache.recipes.verify import verify_cache
 from teachers_for_tests import make_tiny_bert
 from helpers import _one_error_line, run_cli
-from cache_edits import interrupted_at
+from cache_edits import interrupt_as_an_earlier_release
 from helpers import _metrics
 from kdcache.methods.prokd import ProKD
 
@@ -367,13 +367,7 @@ def test_an_interrupted_checkpoint_and_projection_cache_resumes_byte_identical(t
                                                                                teacher_run):
     out = tmp_path / "c.kdcache"
     shutil.copytree(curriculum_cache, out)
-    for meta_file, extra in ((out / "zarr.json", {}), (out / "train" / "zarr.json", interrupted_at(out, "train", 512))):
-        meta = json.loads(meta_file.read_text())
-        meta["attributes"].update({"complete": False, **extra})
-        meta_file.write_text(json.dumps(meta))
-    for array in ("logits", "checkpoint_0", "hidden_2"):  # chunks after rows_done were never written
-        for c in (2, 3, 4, 5):
-            (out / "train" / array / "c" / str(c) / "0").unlink()
+    interrupt_as_an_earlier_release(out, "train", 512, drop_later_chunks=True)
     _cache(out, teacher_run)
     for name in kdcache.open_cache(curriculum_cache).names:
         a, b = (np.asarray(zarr.open_array(str(p / "train" / name), mode="r")[:]) for p in (out, curriculum_cache))

@@ -17,7 +17,7 @@ import torch
 
 import kdcache
 from kdcache.errors import KDCacheError
-from cache_edits import interrupted_at
+from cache_edits import interrupt_as_an_earlier_release
 from helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -141,12 +141,7 @@ def test_a_cache_an_earlier_release_interrupted_is_finished_by_two_processes(tmp
     its chain, its stored chunks recorded, and the rest written by whoever resumes it, to the same bytes."""
     out = tmp_path / "c.kdcache"
     shutil.copytree(reference, out)
-    for meta_file, extra in ((out / "zarr.json", {}), (out / "train" / "zarr.json", interrupted_at(out, "train", 64))):
-        meta = json.loads(meta_file.read_text())
-        meta["attributes"].update({"complete": False, **extra})
-        meta_file.write_text(json.dumps(meta))
-    for chunk in (p for p in (out / "train").glob("*/c/*") if int(p.name) >= 4):  # after rows_done: never written
-        shutil.rmtree(chunk) if chunk.is_dir() else chunk.unlink()
+    interrupt_as_an_earlier_release(out, "train", 64, drop_later_chunks=True)
     proc = _capture(2, weights, out)
     assert "resuming split 'train' at row 64 of 203" in proc.stderr, proc.stderr
     _assert_same(out, reference)
