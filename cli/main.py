@@ -145,7 +145,7 @@ def cache_teacher_cmd(
     max_length: o.MaxLength = 128, text_column: o.TextColumn = None, text_pair_column: o.TextPairColumn = None,
     label_column: o.LabelColumn = None, label_names: o.LabelNames = None, regression: o.Regression = False,
     normalize: o.Normalize = None, image_size: o.ImageSize = None, limit: o.Limit = None, subset: o.Subset = None,
-    holdout: o.Holdout = None,
+    holdout: o.Holdout = None, holdout_test: o.HoldoutTest = None,
     checkpoints: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint folders or a glob "
                                                                   "('run/checkpoints/epoch-*'), stored in training "
                                                                   "order for Pro-KD; repeatable.")] = None,
@@ -166,7 +166,7 @@ def cache_teacher_cmd(
     names.check("--precision", precision, names.PRECISIONS)
     names.check_numbers(batch_size=batch_size, chunk_rows=chunk_rows, workers=workers, max_length=max_length,
                         image_size=image_size, limit=limit, subset=subset, holdout=holdout, proj_dim=proj_dim,
-                        proj_seed=proj_seed)
+                        holdout_test=holdout_test, proj_seed=proj_seed)
     for flag, value in (("--teacher", teacher), ("--data", data), ("--weights", weights), ("--tokenizer", tokenizer)):
         _exists(flag, value)
     from kdcache.cache import codecs
@@ -177,7 +177,8 @@ def cache_teacher_cmd(
     temperatures = tuple(parse_temperatures(lse_temperatures)) if lse_temperatures is not None else None
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
-                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout,
+                            holdout_test=holdout_test)
     storage = _storage(storage_option)
     cfg = CacheTeacherConfig(
         teacher=teacher, task=task, out=out, data=data, splits=tuple(split), weights=str(weights) if weights else None,
@@ -413,7 +414,8 @@ def train_cmd(
     text_column: o.TextColumn = None,
     text_pair_column: o.TextPairColumn = None, label_column: o.LabelColumn = None, label_names: o.LabelNames = None,
     regression: o.Regression = False, normalize: o.Normalize = None, image_size: o.ImageSize = None,
-    limit: o.Limit = None, subset: o.Subset = None, holdout: o.Holdout = None, resume: o.Resume = False,
+    limit: o.Limit = None, subset: o.Subset = None, holdout: o.Holdout = None, holdout_test: o.HoldoutTest = None,
+    resume: o.Resume = False,
     overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
     keep_inputs: o.KeepInputs = None, log_every: o.LogEvery = 0, max_steps: o.MaxSteps = None,
     compile: o.Compile = False, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
@@ -431,7 +433,8 @@ def train_cmd(
 
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
-                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout,
+                            holdout_test=holdout_test)
     cfg = _training(
         "--model-kwargs", model_kwargs, cache=None, student=model, student_layers=student_layers, task=task, out=out,
         method="ce", data=data,
