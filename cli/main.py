@@ -205,10 +205,15 @@ def cache_teacher_cmd(
 
 @app.command("info")
 def info_cmd(cache: o.CacheArg, as_json: o.Json = False, storage_option: o.StorageOption = None) -> None:
-    """Show what a cache holds: splits, shapes, teacher, dataset, size and completeness."""
+    """Show what a cache holds: splits, shapes, teacher (and its score on each labelled split), dataset, size and
+    completeness."""
     from kdcache.cache.info import describe_cache
+    from kdcache.recipes.compare import teacher_metrics
 
     summary = describe_cache(cache, _storage(storage_option))
+    scores = teacher_metrics(cache, _storage(storage_option))
+    for split in summary["splits"]:
+        split["teacher_metric"] = scores.get(split["name"])
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -257,19 +262,24 @@ def _print_info(s: dict) -> None:
         widths = ", ".join(f"{k}: {w}" for k, w in (hidden.get("widths") or {}).items())
         _out.print(f"hidden   layers {', '.join(map(str, hidden['layers']))} projected to {hidden['dim']} dims "
                    f"(seed {hidden['seed']}; layer widths {widths})")
-    table = Table("split", "rows", "target", "complete", "bytes/sample", "ratio", "kept mass", "KL", "source")
+    table = Table("split", "rows", "target", "complete", "bytes/sample", "ratio", "kept mass", "KL", "teacher",
+                  "source")
     for sp in s["splits"]:
         if sp.get("missing_arrays"):  # the writer stopped before creating this split's arrays
             table.add_row(sp["name"], str(sp["rows"]), "missing: " + ", ".join(sp["missing_arrays"]), "no", "-", "-",
-                          "-", "-", "-")
+                          "-", "-", "-", "-")
             continue
+        scored = sp.get("teacher_metric") or {}
+        partial = f" ({scored['rows_scored']:,} rows)" if scored and scored["rows_scored"] < sp["rows"] else ""
+        teacher_score = f"{scored['metric_name']} {scored['metric']:.4f}{partial}" if scored else "-"
         shapes = ", ".join(f"{'' if a == 'logits' else a + ' '}{v['shape']} {v['dtype']}"
                            for a, v in (sp.get("target_arrays") or {}).items())
         quality = sp.get("target_quality") or {}
         kept = "-" if quality.get("kept_mass") is None else f"{quality['kept_mass']:.4f}"
         kl = "-" if quality.get("kl") is None else f"{quality['kl']:.4g}"
         table.add_row(sp["name"], str(sp["rows"]), shapes, "yes" if sp["complete"] else "no",
-                      str(sp["bytes_per_sample"]), f"{sp['compression_ratio']}x", kept, kl, str(sp["source"]))
+                      str(sp["bytes_per_sample"]), f"{sp['compression_ratio']}x", kept, kl, teacher_score,
+                      str(sp["source"]))
     _out.print(table)
 
 
@@ -446,6 +456,52 @@ def train_cmd(
         num_workers=num_workers, keep_inputs=keep_inputs, log_every=log_every, max_steps=max_steps, compile=compile)
     with _interrupts():
         _report_run(distill(cfg))
+
+
+@app.command("runs")
+def runs_cmd(
+    folders: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding them.")],
+    sort: Annotated[Optional[str], typer.Option(help="Sort by a column: best, test, samples_s (best first), or run, "
+                                                     "method, student, params, seed, metric, epoch, wall_s, status.")] = None,
+    as_json: o.Json = False,
+) -> None:
+    """Compare runs, one line each: method, key hyper-parameters, seed, best validation metric and epoch, test score
+    at that epoch (--report-split), samples/s and wall time."""
+    from kdcache.recipes.compare import list_runs
+
+    rows = list_runs(folders, sort=sort)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    cells = [[r["run"], r["method"] or "-", r["student"] or "-", r["params"] or "-", _cell(r["seed"], "{}"),
+              r["metric"] or "-", _cell(r["best"], "{:.4f}"), _cell(r["epoch"], "{}"), _cell(r["test"], "{:.4f}"),
+              _cell(r["samples_s"], "{:,.0f}"), _cell(r["wall_s"], "{:.1f}"), r["status"]] for r in rows]
+    headers = ("run", "method", "student", "params", "seed", "metric", "best", "epoch", "test@best", "samples/s",
+               "wall s", "status")
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    # one line per run: on a narrow terminal the run, student and params give way (the start of a run's path, the
+    # end of the others goes), the numbers never do
+    room = max(18, _out.width - 3 * len(headers) - 1 - sum(w for i, w in enumerate(widths) if i not in (0, 2, 3)))
+    while widths[0] + widths[2] + widths[3] > room and max(widths[0], widths[2], widths[3]) > 6:
+        widest = max((0, 2, 3), key=lambda i: widths[i])
+        widths[widest] -= 1
+    table = Table()
+    for header, width in zip(headers, widths):
+        table.add_column(header, no_wrap=True, width=width)
+    for row in cells:
+        table.add_row(*(_fit(text, width, keep_end=i == 0) for i, (text, width) in enumerate(zip(row, widths))))
+    _out.print(table)
+
+
+def _cell(value: Any, form: str) -> str:
+    return "-" if value is None else form.format(value)
+
+
+def _fit(text: str, width: int, keep_end: bool = False) -> str:
+    """Text cut to `width` characters with an ellipsis where it was cut (a path keeps its end)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1:] if keep_end else text[:width - 1] + "…"
 
 
 @app.command("verify")
