@@ -5,6 +5,7 @@
     kdcache info CACHE [--json]
     kdcache distill --cache CACHE --student S --method continuation --epochs N --out RUN_DIR
     kdcache train --model M --task TASK --data D --epochs N --out RUN_DIR
+    kdcache runs RUN_DIR... [--sort best] [--json]  # runs side by side, one line each
 
 Errors print one line (`error: ...`) and exit 1; `kdcache --debug ...` shows the traceback instead.
 """
