@@ -19,6 +19,7 @@ def minilm():
     return encoder.get_model_path()
 
 
+@pytest.mark.slow
 def test_the_bench_encoder_fine_tunes_caches_and_distils_on_the_glue_slice(tmp_path, capsys, monkeypatch, minilm,
                                                                          glue_dir):
     data = ["--task", "sst2", "--data", glue_dir / "SST-2", "--subset", "48", "--max-length", "32"]
