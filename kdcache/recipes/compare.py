@@ -118,7 +118,8 @@ def describe_run(folder: Path) -> dict[str, Any]:
         "samples_s": _number(speed), "wall_s": _number(wall), "status": status,
         "task": (summary or {}).get("task") or settings.get("task"), "cache": settings.get("cache") or
         (summary or {}).get("cache"), "validation_split": (summary or {}).get("validation_split"),
-        "test_split": (summary or {}).get("report_split") or (settings.get("report_split")), "hyperparameters": hp,
+        "test_split": (summary or {}).get("report_split") or (settings.get("report_split")),
+        "teacher_metric": (summary or {}).get("teacher_metric"), "hyperparameters": hp,
     }
 
 
