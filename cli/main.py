@@ -5,6 +5,7 @@
     kdcache info CACHE [--json]
     kdcache distill --cache CACHE --student S --method continuation --epochs N --out RUN_DIR
     kdcache train --model M --task TASK --data D --epochs N --out RUN_DIR
+    kdcache runs RUN_DIR... [--sort best] [--json]  # runs side by side, one line each
 
 Errors print one line (`error: ...`) and exit 1; `kdcache --debug ...` shows the traceback instead.
 """
@@ -157,7 +158,7 @@ def cache_teacher_cmd(
     max_length: o.MaxLength = 128, text_column: o.TextColumn = None, text_pair_column: o.TextPairColumn = None,
     label_column: o.LabelColumn = None, label_names: o.LabelNames = None, regression: o.Regression = False,
     normalize: o.Normalize = None, image_size: o.ImageSize = None, limit: o.Limit = None, subset: o.Subset = None,
-    holdout: o.Holdout = None,
+    holdout: o.Holdout = None, holdout_test: o.HoldoutTest = None,
     checkpoints: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint folders or a glob "
                                                                   "('run/checkpoints/epoch-*'), stored in training "
                                                                   "order for Pro-KD; repeatable.")] = None,
@@ -178,7 +179,7 @@ def cache_teacher_cmd(
     names.check("--precision", precision, names.PRECISIONS)
     names.check_numbers(batch_size=batch_size, chunk_rows=chunk_rows, workers=workers, max_length=max_length,
                         image_size=image_size, limit=limit, subset=subset, holdout=holdout, proj_dim=proj_dim,
-                        proj_seed=proj_seed)
+                        holdout_test=holdout_test, proj_seed=proj_seed)
     for flag, value in (("--teacher", teacher), ("--data", data), ("--weights", weights), ("--tokenizer", tokenizer)):
         _exists(flag, value)
     from kdcache.cache import codecs
@@ -189,7 +190,8 @@ def cache_teacher_cmd(
     temperatures = tuple(parse_temperatures(lse_temperatures)) if lse_temperatures is not None else None
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
-                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout,
+                            holdout_test=holdout_test)
     storage = _storage(storage_option)
     cfg = CacheTeacherConfig(
         teacher=teacher, task=task, out=out, data=data, splits=tuple(split), weights=str(weights) if weights else None,
@@ -216,10 +218,15 @@ def cache_teacher_cmd(
 
 @app.command("info")
 def info_cmd(cache: o.CacheArg, as_json: o.Json = False, storage_option: o.StorageOption = None) -> None:
-    """Show what a cache holds: splits, shapes, teacher, dataset, size and completeness."""
+    """Show what a cache holds: splits, shapes, teacher (and its score on each labelled split), dataset, size and
+    completeness."""
     from kdcache.cache.info import describe_cache
+    from kdcache.recipes.compare import teacher_metrics
 
     summary = describe_cache(cache, _storage(storage_option))
+    scores = teacher_metrics(cache, _storage(storage_option))
+    for split in summary["splits"]:
+        split["teacher_metric"] = scores.get(split["name"])
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -268,12 +275,16 @@ def _print_info(s: dict) -> None:
         widths = ", ".join(f"{k}: {w}" for k, w in (hidden.get("widths") or {}).items())
         _out.print(f"hidden   layers {', '.join(map(str, hidden['layers']))} projected to {hidden['dim']} dims "
                    f"(seed {hidden['seed']}; layer widths {widths})")
-    table = Table("split", "rows", "target", "complete", "bytes/sample", "ratio", "kept mass", "KL", "source")
+    table = Table("split", "rows", "target", "complete", "bytes/sample", "ratio", "kept mass", "KL", "teacher",
+                  "source")
     for sp in s["splits"]:
         if sp.get("missing_arrays"):  # the writer stopped before creating this split's arrays
             table.add_row(sp["name"], str(sp["rows"]), "missing: " + ", ".join(sp["missing_arrays"]), "no", "-", "-",
-                          "-", "-", "-")
+                          "-", "-", "-", "-")
             continue
+        scored = sp.get("teacher_metric") or {}
+        partial = f" ({scored['rows_scored']:,} rows)" if scored and scored["rows_scored"] < sp["rows"] else ""
+        teacher_score = f"{scored['metric_name']} {scored['metric']:.4f}{partial}" if scored else "-"
         shapes = ", ".join(f"{'' if a == 'logits' else a + ' '}{v['shape']} {v['dtype']}"
                            for a, v in (sp.get("target_arrays") or {}).items())
         quality = sp.get("target_quality") or {}
@@ -281,7 +292,8 @@ def _print_info(s: dict) -> None:
         kl = "-" if quality.get("kl") is None else f"{quality['kl']:.4g}"
         done = "yes" if sp["complete"] else f"no ({sp.get('rows_stored') or 0} stored)"
         table.add_row(sp["name"], str(sp["rows"]), shapes, done, str(sp["bytes_per_sample"]),
-                      f"{sp['compression_ratio']}x", kept, kl, str(sp["source"] or "-"))  # (recorded at its end)
+                      f"{sp['compression_ratio']}x", kept, kl, teacher_score,
+                      str(sp["source"] or "-"))  # (recorded at its end)
     _out.print(table)
     if not s["complete"]:
         _out.print("incomplete: rerun the cache-teacher command above to finish it (it resumes where it stopped)")
@@ -431,7 +443,8 @@ def train_cmd(
     text_column: o.TextColumn = None,
     text_pair_column: o.TextPairColumn = None, label_column: o.LabelColumn = None, label_names: o.LabelNames = None,
     regression: o.Regression = False, normalize: o.Normalize = None, image_size: o.ImageSize = None,
-    limit: o.Limit = None, subset: o.Subset = None, holdout: o.Holdout = None, resume: o.Resume = False,
+    limit: o.Limit = None, subset: o.Subset = None, holdout: o.Holdout = None, holdout_test: o.HoldoutTest = None,
+    resume: o.Resume = False,
     overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
     keep_inputs: o.KeepInputs = None, log_every: o.LogEvery = 0, max_steps: o.MaxSteps = None,
     compile: o.Compile = False, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
@@ -452,7 +465,8 @@ def train_cmd(
 
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
-                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout,
+                            holdout_test=holdout_test)
     cfg = _training(
         "--model-kwargs", model_kwargs, cache=None, student=model, student_layers=student_layers, task=task, out=out,
         method="ce", data=data,
@@ -465,6 +479,52 @@ def train_cmd(
         num_workers=num_workers, keep_inputs=keep_inputs, log_every=log_every, max_steps=max_steps, compile=compile)
     with _interrupts():
         _report_run(distill(cfg))
+
+
+@app.command("runs")
+def runs_cmd(
+    folders: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding them.")],
+    sort: Annotated[Optional[str], typer.Option(help="Sort by a column: best, test, samples_s (best first), or run, "
+                                                     "method, student, params, seed, metric, epoch, wall_s, status.")] = None,
+    as_json: o.Json = False,
+) -> None:
+    """Compare runs, one line each: method, key hyper-parameters, seed, best validation metric and epoch, test score
+    at that epoch (--report-split), samples/s and wall time."""
+    from kdcache.recipes.compare import list_runs
+
+    rows = list_runs(folders, sort=sort)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    cells = [[r["run"], r["method"] or "-", r["student"] or "-", r["params"] or "-", _cell(r["seed"], "{}"),
+              r["metric"] or "-", _cell(r["best"], "{:.4f}"), _cell(r["epoch"], "{}"), _cell(r["test"], "{:.4f}"),
+              _cell(r["samples_s"], "{:,.0f}"), _cell(r["wall_s"], "{:.1f}"), r["status"]] for r in rows]
+    headers = ("run", "method", "student", "params", "seed", "metric", "best", "epoch", "test@best", "samples/s",
+               "wall s", "status")
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    # one line per run: on a narrow terminal the run, student and params give way (the start of a run's path, the
+    # end of the others goes), the numbers never do
+    room = max(18, _out.width - 3 * len(headers) - 1 - sum(w for i, w in enumerate(widths) if i not in (0, 2, 3)))
+    while widths[0] + widths[2] + widths[3] > room and max(widths[0], widths[2], widths[3]) > 6:
+        widest = max((0, 2, 3), key=lambda i: widths[i])
+        widths[widest] -= 1
+    table = Table()
+    for header, width in zip(headers, widths):
+        table.add_column(header, no_wrap=True, width=width)
+    for row in cells:
+        table.add_row(*(_fit(text, width, keep_end=i == 0) for i, (text, width) in enumerate(zip(row, widths))))
+    _out.print(table)
+
+
+def _cell(value: Any, form: str) -> str:
+    return "-" if value is None else form.format(value)
+
+
+def _fit(text: str, width: int, keep_end: bool = False) -> str:
+    """Text cut to `width` characters with an ellipsis where it was cut (a path keeps its end)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1:] if keep_end else text[:width - 1] + "…"
 
 
 @app.command("verify")

@@ -84,6 +84,8 @@ ReportSplit = Annotated[Optional[str], _O(help="Also score this split every epoc
                                                  "split): summary.json gives its score at the best epoch.")]
 Holdout = Annotated[Optional[int], _O(help="Hold out N training rows (evenly spaced, after --subset) as the "
                                            "'validation' split; the rest stay 'train' (for datasets without one).")]
+HoldoutTest = Annotated[Optional[int], _O(help="Hold out N more training rows (evenly spaced, after --holdout) as the "
+                                               "'test' split (for a dataset that is one file).")]
 
 # --- training: None means the preset's (or the method's) value -------------------------------------------------------
 Epochs = Annotated[Optional[int], _O(help="Epochs n (preset: cifar 200, glue 30, small 30).")]

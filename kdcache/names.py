@@ -62,7 +62,8 @@ NUMBER_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "max_steps": (1, True, None, False), "student_layers": (1, True, None, False), "chunk_rows": (1, True, None, False),
     "workers": (0, True, None, False), "num_workers": (0, True, None, False), "log_every": (0, True, None, False),
     "max_length": (1, True, None, False), "image_size": (1, True, None, False), "limit": (1, True, None, False),
-    "subset": (1, True, None, False), "holdout": (1, True, None, False), "proj_dim": (1, True, None, False),
+    "subset": (1, True, None, False), "holdout": (1, True, None, False),
+    "holdout_test": (1, True, None, False), "proj_dim": (1, True, None, False),
     "sample": (0, True, None, False), "student_epochs": (1, True, None, False),
 }
 

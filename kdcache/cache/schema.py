@@ -207,7 +207,8 @@ def check_type(value: Any, kind: Any, where: str, attribute: str) -> None:
 #: The keys of a split's `dataset.preprocess` that readers act on (kdcache.data.recorded_options) and their types;
 #: the others describe the data in words and decide nothing.
 PREPROCESS_TYPES: dict[str, Any] = {
-    "limit": int | None, "subset": int | None, "holdout": int | None, "max_length": int | None,
+    "limit": int | None, "subset": int | None, "holdout": int | None, "holdout_test": int | None,
+    "max_length": int | None,
     "image_size": int | None, "normalize": str | None, "text_column": str | None, "text_pair_column": str | None,
     "label_column": str | None, "split_used": str | None,
 }

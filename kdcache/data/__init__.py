@@ -28,6 +28,7 @@ class DataOptions:
     limit: int | None = None
     subset: int | None = None  # keep this many rows, evenly spaced over the split (class-balanced enough for sorted folders)
     holdout: int | None = None  # this many train rows (evenly spaced) are the `validation` split, the rest `train`
+    holdout_test: int | None = None  # this many more (evenly spaced over what --holdout left) are the `test` split
 
 
 def recorded_options(dataset: dict[str, Any], task: dict[str, Any]) -> DataOptions:
@@ -35,7 +36,8 @@ def recorded_options(dataset: dict[str, Any], task: dict[str, Any]) -> DataOptio
     the task's kind and label names), so re-reading gives the very same rows: the contract between the loaders,
     which write `preprocess`, and every reader of a cache (distill, verify)."""
     pre = dataset.get("preprocess") or {}
-    options = DataOptions(limit=pre.get("limit"), subset=pre.get("subset"), holdout=pre.get("holdout"))
+    options = DataOptions(limit=pre.get("limit"), subset=pre.get("subset"), holdout=pre.get("holdout"),
+                          holdout_test=pre.get("holdout_test"))
     if dataset.get("modality") == "text":
         options.max_length = int(pre.get("max_length", 128))
         if dataset.get("task") == "text":
@@ -60,13 +62,15 @@ def load_split(task: str, data: str | Path | None, split: str, *, tokenizer: Any
                options: DataOptions | None = None) -> SplitData:
     """Read one split of a dataset as fingerprinted rows in source order; tokenizer is needed for text."""
     opts = options or DataOptions()
-    for name in ("subset", "holdout"):
+    for name in ("subset", "holdout", "holdout_test"):
         value = getattr(opts, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise KDCacheError(f"{name} must be a positive integer, got {value!r}")
-    if opts.holdout is not None and split in ("train", "validation"):
-        return held_out(load_split(task, data, "train", tokenizer=tokenizer,
-                                   options=dataclasses.replace(opts, holdout=None)), opts.holdout, split)
+    carved = {"train"} | ({"validation"} if opts.holdout else set()) | ({"test"} if opts.holdout_test else set())
+    if (opts.holdout or opts.holdout_test) and split in carved:
+        whole = dataclasses.replace(opts, holdout=None, holdout_test=None)
+        return held_out(load_split(task, data, "train", tokenizer=tokenizer, options=whole), opts.holdout, split,
+                        test_size=opts.holdout_test)
     loaded = _load_split(task, data, split, tokenizer, opts)
     if opts.subset is None or loaded.preprocess.get("subset") == opts.subset:  # text picks its rows before tokenising
         return loaded
@@ -75,27 +79,57 @@ def load_split(task: str, data: str | Path | None, split: str, *, tokenizer: Any
 
 #: How --holdout picks the validation rows out of train (recorded in each split's preprocess).
 HOLDOUT_RULE = "validation: evenly spaced linspace(0, n-1, holdout) of the train rows (after --subset); train: the rest"
+#: How --holdout-test picks the test rows (recorded beside HOLDOUT_RULE when it is used).
+HOLDOUT_TEST_RULE = ("test: evenly spaced linspace(0, m-1, holdout_test) of the m train rows --holdout left; "
+                     "train: the rest")
 
 
-def held_out(train: SplitData, size: int, split: str) -> SplitData:
-    """A validation split carved out of the training rows (CIFAR and ImageNet-style datasets ship none, and
-    selecting checkpoints on the test split reports an optimistic test score): `size` rows evenly spaced over
-    train (every class of a class-sorted folder), the rest stay `train`. Rows keep their source index and
-    fingerprint, so the two splits are disjoint by construction and a cache records which rows each holds."""
+def held_out(train: SplitData, size: int | None, split: str, *, test_size: int | None = None) -> SplitData:
+    """A validation split (and with `test_size` a test split) carved out of the training rows, for datasets that
+    ship none or ship one file (selecting checkpoints on the test split, or on the training rows, reports an
+    optimistic score): `size` rows evenly spaced over train (every class of a class-sorted folder), then
+    `test_size` evenly spaced over the rest; what is left stays `train`. Rows keep their source index and
+    fingerprint, so the splits are disjoint by construction and a cache records which rows each holds."""
     import numpy as np
     import torch
 
     from kdcache.data.base import evenly_spaced_rows
 
     n = len(train)
-    if size >= n:
-        raise KDCacheError(f"{train.source}: --holdout {size} leaves no training rows (the train split has {n})")
-    chosen = evenly_spaced_rows(n, size)
-    rows = chosen if split == "validation" else np.setdiff1d(np.arange(n), chosen)
+    validation = evenly_spaced_rows(n, size) if size else np.empty(0, dtype=np.int64)
+    rest = np.setdiff1d(np.arange(n), validation)
+    test = rest[evenly_spaced_rows(len(rest), test_size)] if test_size and len(rest) else np.empty(0, dtype=np.int64)
+    kept = np.setdiff1d(rest, test)
+    if not len(kept):
+        flags = " ".join(f"--{f} {v}" for f, v in (("holdout", size), ("holdout-test", test_size)) if v)
+        raise KDCacheError(f"{train.source}: {flags} leaves no training rows (the train split has {n})")
+    rows = {"validation": validation, "test": test}.get(split, kept)
     train.dataset = torch.utils.data.Subset(train.dataset, rows.tolist())
     train.split = split
-    train.preprocess = {**train.preprocess, "holdout": size, "holdout_rule": HOLDOUT_RULE}
+    train.preprocess = {**train.preprocess, **({"holdout": size, "holdout_rule": HOLDOUT_RULE} if size else {}),
+                        **({"holdout_test": test_size, "holdout_test_rule": HOLDOUT_TEST_RULE} if test_size else {})}
     return train
+
+
+def check_distinct_splits(splits: list[SplitData], hint: str = "") -> None:
+    """Two splits read from one file are the same rows (a run would select on its own training rows) unless
+    --holdout/--holdout-test carved them apart: refused in one line that says how to carve them."""
+    import os
+
+    seen: dict[str, SplitData] = {}
+    for split in splits:
+        if split.modality == "image" or not os.path.isfile(split.source):  # image splits are folders of one source
+            continue
+        first = seen.setdefault(split.source, split)
+        if first is not split and not (_carved(first) and _carved(split) and first.split != split.split):
+            raise KDCacheError(
+                f"{split.source}: splits {first.split!r} and {split.split!r} would be the same rows (both read this "
+                "one file); carve them out of it with --holdout N (validation) and --holdout-test N (test)" + hint)
+
+
+def _carved(split: SplitData) -> bool:
+    """Whether --holdout or --holdout-test picked this split's rows out of the training file."""
+    return "holdout_rule" in split.preprocess or "holdout_test_rule" in split.preprocess
 
 
 def evenly_spaced_subset(split: SplitData, size: int) -> SplitData:
@@ -140,4 +174,5 @@ def _load_split(task: str, data: str | Path | None, split: str, tokenizer: Any, 
     return load_image_split(task, data, split, normalize=opts.normalize, image_size=opts.image_size, limit=opts.limit)
 
 
-__all__ = ["Batch", "DataOptions", "recorded_options", "SplitData", "TASKS", "GLUE_TASKS", "IMAGE_TASKS", "FEATURE_TASKS", "load_split", "modality_of"]
+__all__ = ["Batch", "DataOptions", "recorded_options", "SplitData", "TASKS", "GLUE_TASKS", "IMAGE_TASKS", "FEATURE_TASKS", "load_split", "modality_of",
+           "check_distinct_splits", "held_out"]

@@ -93,19 +93,20 @@ def served_target(cache: Any, served: Any, dense_array: str = "logits") -> Targe
                          served["sampled_logprobs"].float(), float(spec.sample_temperature or 1.0))
 
 
-def teacher_scores(cache: Any, dense_array: str = "logits") -> Any:
-    """The teacher's scores of a split as an (rows, C) float32 array whose argmax is the teacher's prediction, for its
-    own metrics beside the student's: the logits; a top-k row's kept logits (the others below them); a sampled row's
-    log-probabilities at its sampled ids (the argmax is then the most probable id drawn)."""
+def teacher_scores(cache: Any, dense_array: str = "logits", start: int = 0, stop: int | None = None) -> Any:
+    """The teacher's scores of a split (rows start:stop) as an (rows, C) float32 array whose argmax is the teacher's
+    prediction, for its own metrics beside the student's: the logits; a top-k row's kept logits (the others below
+    them); a sampled row's log-probabilities at its sampled ids (the argmax is then the most probable id drawn)."""
     import numpy as np
 
     kind = target_kind(cache)
     if kind == "dense":
-        return cache.read(dense_array).astype(np.float32)
+        return cache.read(dense_array, start, stop).astype(np.float32)
     ids_name, values_name = ("topk_indices", "topk_values") if kind == "topk" else ("sampled_ids", "sampled_logprobs")
-    ids, values = cache.read(ids_name).astype(np.int64), cache.read(values_name).astype(np.float32)
+    ids, values = (cache.read(ids_name, start, stop).astype(np.int64),
+                   cache.read(values_name, start, stop).astype(np.float32))
     if kind == "sampled":
-        values = np.where(cache.read("sampled_counts") > 0, values, np.finfo(np.float32).min)
+        values = np.where(cache.read("sampled_counts", start, stop) > 0, values, np.finfo(np.float32).min)
     scores = np.full((len(ids), int(cache.target.outputs)), np.finfo(np.float32).min, dtype=np.float32)
     np.maximum.at(scores, (np.arange(len(ids))[:, None], ids), values)  # a sampled row's unused slots lose
     return scores

@@ -56,7 +56,7 @@ from kdcache.cache.schema import CheckpointEntry, DatasetInfo, Projections, Root
 from kdcache.cache.store import CacheStore
 from kdcache.cache.targets import QualitySum, TargetSpec
 from kdcache.cache.writer import BackgroundWriter, CacheWriter, SplitWriter, check_destination, join_capture
-from kdcache.data import DataOptions, SplitData, load_split, modality_of
+from kdcache.data import DataOptions, SplitData, check_distinct_splits, load_split, modality_of
 from kdcache.data.checks import check_batch_labels, check_splits_against_teacher
 from kdcache.data.text import tokenizer_zip
 from kdcache.errors import Interrupted, KDCacheError
@@ -366,6 +366,7 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
         cfg.teacher, tokenizer=cfg.tokenizer, trust_model_code=cfg.trust_model_code) if is_folder else None
     tokenizer = teacher.tokenizer if teacher else standalone_tokenizer(cfg.tokenizer, cfg.trust_model_code)
     splits = [load_split(cfg.task, cfg.data, s, tokenizer=tokenizer, options=cfg.data_options) for s in cfg.splits]
+    check_distinct_splits(splits)
     if teacher is None:
         if splits[0].kind == "classification" and not splits[0].label_names:
             raise KDCacheError(f"{splits[0].source}: split {splits[0].split!r} has no labels, so the head of "

@@ -78,6 +78,18 @@ def train_digits_teacher(directory: Path, *, epochs: int = 30, seed: int = 0, ch
 def run_demo(workdir: Path, *, epochs: int = 30, student_epochs: int | None = None, seed: int = 0,
              console: Console | None = None) -> dict:
     """Teacher -> cache -> one student per method; returns the cache summary and the methods' table."""
+    threads = torch.get_num_threads()
+    # The demo's models hold a few thousand weights: more than one intra-op thread only adds overhead, and on a
+    # busy machine the threads wait on each other (2 cores, load average 10: 582 s with torch's default of 2
+    # threads, 66 s with one; docs/benchmarks.md).
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(workdir, epochs=epochs, student_epochs=student_epochs, seed=seed, console=console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(workdir: Path, *, epochs: int, student_epochs: int | None, seed: int, console: Console | None) -> dict:
     console = console or Console()
     workdir = Path(workdir)
     start = time.perf_counter()

@@ -111,8 +111,11 @@ class DistillConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what the run computes, as plain JSON values."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()
-                if k not in NOT_IDENTITY and not (k in OPTIONAL_FIELDS and v is None)}
+        values = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()
+                  if k not in NOT_IDENTITY and not (k in OPTIONAL_FIELDS and v is None)}
+        if values["data_options"].get("holdout_test") is None:  # added after runs existed: they still resume
+            values["data_options"].pop("holdout_test", None)
+        return values
 
 
 def preset_name(preset: str, modality: str) -> str:

@@ -461,7 +461,7 @@ def load_dataset_only(task: str | None, data: str | None, options: Any, *, token
                       trust_model_code: bool = False) -> RunData:
     """`kdcache train`: the dataset alone, no cache; the validation split when the dataset has one."""
     reading = reading or InputOptions()
-    from kdcache.data import load_split, modality_of
+    from kdcache.data import check_distinct_splits, load_split, modality_of
 
     if task is None:
         raise KDCacheError("kdcache train needs --task")
@@ -479,6 +479,7 @@ def load_dataset_only(task: str | None, data: str | None, options: Any, *, token
                 raise
             val_data = None  # no validation split in this dataset: select on train, and say so in the summary
         if val_data is not None:
+            check_distinct_splits([split, val_data], hint=", or pass --val-split none to select on the training rows")
             val_inputs = reading.inputs(val_data, device, train=False, check=None)
             used = val_data.preprocess.get("split_used") or name  # e.g. CIFAR's validation is its test split
             val = RunSplit(str(used), val_inputs, val_inputs.labels)

@@ -25,3 +25,26 @@ def test_demo_command_prints_the_cache_and_the_table(tmp_path, capsys, monkeypat
     assert code == 0, err
     assert "checkpoint  epoch-0005  epoch 5" in out and "hidden   layers 2 projected to 32 dims" in out
     assert "distill curriculum" in out and "distill prokd" in out
+
+
+def test_demo_trains_on_one_thread_and_gives_the_callers_threads_back(tmp_path, monkeypatch):
+    """Its models are tiny: on a busy machine, intra-op threads only wait on each other."""
+    import torch
+
+    import kdcache.recipes.demo as demo
+
+    seen, real = [], demo.distill
+
+    def counting(cfg):
+        seen.append(torch.get_num_threads())
+        return real(cfg)
+
+    monkeypatch.setattr(demo, "distill", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_demo(tmp_path, epochs=3, student_epochs=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
