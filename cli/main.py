@@ -145,7 +145,7 @@ def cache_teacher_cmd(
     max_length: o.MaxLength = 128, text_column: o.TextColumn = None, text_pair_column: o.TextPairColumn = None,
     label_column: o.LabelColumn = None, label_names: o.LabelNames = None, regression: o.Regression = False,
     normalize: o.Normalize = None, image_size: o.ImageSize = None, limit: o.Limit = None, subset: o.Subset = None,
-    holdout: o.Holdout = None,
+    holdout: o.Holdout = None, seq_len: o.SeqLen = None,
     checkpoints: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint folders or a glob "
                                                                   "('run/checkpoints/epoch-*'), stored in training "
                                                                   "order for Pro-KD; repeatable.")] = None,
@@ -166,7 +166,7 @@ def cache_teacher_cmd(
     names.check("--precision", precision, names.PRECISIONS)
     names.check_numbers(batch_size=batch_size, chunk_rows=chunk_rows, workers=workers, max_length=max_length,
                         image_size=image_size, limit=limit, subset=subset, holdout=holdout, proj_dim=proj_dim,
-                        proj_seed=proj_seed)
+                        proj_seed=proj_seed, seq_len=seq_len)
     for flag, value in (("--teacher", teacher), ("--data", data), ("--weights", weights), ("--tokenizer", tokenizer)):
         _exists(flag, value)
     from kdcache.cache import codecs
@@ -177,7 +177,8 @@ def cache_teacher_cmd(
     temperatures = tuple(parse_temperatures(lse_temperatures)) if lse_temperatures is not None else None
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
-                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout)
+                            normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout,
+                            seq_len=seq_len)
     storage = _storage(storage_option)
     cfg = CacheTeacherConfig(
         teacher=teacher, task=task, out=out, data=data, splits=tuple(split), weights=str(weights) if weights else None,
@@ -244,6 +245,11 @@ def _print_info(s: dict) -> None:
     _out.print(f"task     {task.get('name')} ({task.get('kind')}), labels: {_labels(task.get('label_names'))}")
     target = s.get("target") or {}
     _out.print(f"target   {target.get('description')}")
+    tokens = s.get("tokens")
+    if tokens:
+        _out.print(f"tokens   tokenizer {tokens.get('tokenizer_class')} (sha256 {str(tokens.get('tokenizer_sha256'))[:16]}"
+                   f"...), vocabulary {tokens.get('vocab_size')}, model outputs {tokens.get('outputs')}, "
+                   f"{tokens.get('seq_len')} tokens a row, EOS {tokens.get('eos_id')}; position j predicts token j + 1")
     _out.print(f"storage  {storage.get('logits_dtype')}, codec {storage.get('codec')} + {storage.get('checksum')}, "
                f"{storage.get('chunk_rows')} rows/chunk; {_human(s['size_on_disk'])} on disk")
     _out.print(f"created  {s.get('created')} by {s.get('command')}")

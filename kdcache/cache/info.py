@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.reader import Cache
-from kdcache.cache.schema import ROW_ARRAYS
+from kdcache.cache.schema import ROW_ARRAYS, TOKEN_ARRAYS
 from kdcache.cache.store import CacheStore
 
 _SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
@@ -31,6 +31,7 @@ def describe_cache(location: str | Path | CacheStore, storage_options: dict[str,
         "throughput": header.throughput, "checkpoints": [c.to_attrs() for c in header.checkpoints],
         "hidden_projections": header.hidden_projections.to_attrs() if header.hidden_projections else None,
         "target": {**target.to_attrs(), "description": target.describe()},
+        "tokens": header.tokens.to_attrs() if header.tokens is not None else None,
         "size_on_disk": sum(sizes.values()), "splits": splits,
     }
 
@@ -38,7 +39,8 @@ def describe_cache(location: str | Path | CacheStore, storage_options: dict[str,
 def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any) -> dict[str, Any]:
     """One split; the bytes are those of the target's arrays (dense: `logits`), raw and as stored."""
     group = cache.root[name]
-    wanted = (*target.arrays, *ROW_ARRAYS, *(group.attrs.get("extra_arrays") or {}))
+    wanted = (*target.arrays, *ROW_ARRAYS, *(TOKEN_ARRAYS if target.positions else ()),
+              *(group.attrs.get("extra_arrays") or {}))
     complete = group.attrs.get("complete") is True
     if not complete and not set(wanted) <= set(group.array_keys()):
         # The writer stopped (e.g. a full disk) before it had created this split's arrays.

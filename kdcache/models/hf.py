@@ -86,6 +86,27 @@ def load_classifier(folder: str | Path, *, trust_model_code: bool = False, what:
     return model, sorted(str(k) for k in (info.get("missing_keys") or []))
 
 
+def load_causal_lm(folder: str | Path, *, trust_model_code: bool = False) -> Any:
+    """A folder's causal language model (`AutoModelForCausalLM`), refused in one line when the folder holds another
+    kind of model: transformers would build a causal head for some encoders (BERT) and fill it at random."""
+    from transformers import AutoModelForCausalLM
+
+    check_no_custom_code(folder, trust_model_code)
+    config = load_config(folder, trust_model_code=trust_model_code)
+    architectures = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_model_code, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - an unknown model type is a ValueError, a bad file an OSError
+        raise KDCacheError(f"{folder}: not a causal language model ({architectures}): {_first_line(exc)}") from exc
+    missing = sorted(str(k) for k in (info.get("missing_keys") or []))
+    if missing:
+        raise KDCacheError(f"{folder}: not a causal language model ({architectures}): its weights lack "
+                           f"{len(missing)} tensors of the language-model head ({', '.join(missing[:2])}"
+                           f"{', ...' if len(missing) > 2 else ''}); --task lm needs an AutoModelForCausalLM folder")
+    return model
+
+
 def load_tokenizer(source: str | Path, *, trust_model_code: bool = False, what: str = "the tokenizer") -> Any:
     """A tokenizer from a folder, or one line naming the folder."""
     from transformers import AutoTokenizer
