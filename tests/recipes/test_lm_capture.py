@@ -196,3 +196,30 @@ def test_bad_lm_input_is_one_line(tmp_path, teacher, corpus, tiny_tokenizer, cap
         code, _, err = run_cli(args, capsys, monkeypatch)
         _one_error_line(code, err, *needles)
         assert not out.exists(), args  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_two_processes_store_the_lm_bytes_one_process_stores(tmp_path, teacher, corpus):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    def capture(nproc: int, out) -> None:
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        args = _args(teacher, corpus, out, "--split", "train", "--split", "validation", "--topk", "3",
+                     "--chunk-rows", "4")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, *launcher, "-m", "kdcache", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    capture(1, tmp_path / "one.kdcache")
+    capture(2, tmp_path / "two.kdcache")
+    for split in ("train", "validation"):
+        one, two = (kdcache.open_cache(tmp_path / name, split) for name in ("one.kdcache", "two.kdcache"))
+        assert one.names == two.names and one.target.positions == SEQ
+        for name in one.names:
+            assert np.array_equal(one.read(name), two.read(name)), (split, name)
+        assert one.chunk_digests == two.chunk_digests
