@@ -1,7 +1,8 @@
 """Language-model data: a split is one token stream cut into fixed windows, the rows of a token-level cache.
 
 Input is plain text (`.txt`, one document per non-empty line), JSONL (one object per line, the text in
-`--text-column`, default `text`) or Parquet (the same column; needs pyarrow), as a file (the train split) or a
+`--text-column`, default `text`) or Parquet (the same column; needs pyarrow), as a file (read for the split asked
+for, usually train) or a
 folder holding `train.*`, `validation.*` (or `dev.*`, `val.*`, `valid.*`) and `test.*`. Every document is tokenised
 without special tokens and followed by the tokenizer's EOS; the concatenation is cut into windows of `seq_len`
 tokens, the last one shorter (schema.WINDOW_RULE). Row n is window n; its label is the token that follows it (the
@@ -31,15 +32,12 @@ _TOKENIZE_BATCH = 1024
 
 
 def lm_file(data: Path, split: str) -> Path:
-    """The file of one split: `data` itself (the train split), or `<split>.{txt,jsonl,parquet}` in the folder."""
+    """The file of one split: `data` itself, or `<split>.{txt,jsonl,parquet}` in the folder."""
     if data.is_file():
         if data.suffix.lower().lstrip(".") not in LM_FORMATS:
             raise KDCacheError(f"{data}: unsupported file type {data.suffix!r} for --task lm; use .txt, .jsonl or "
                                ".parquet")
-        if split != "train":
-            raise SplitMissing(f"{data}: a single file is the train split; split {split!r} needs a folder holding "
-                               f"{split}.txt (or .jsonl, .parquet)")
-        return data
+        return data  # the split asked for (as task `text` reads a file); a cache records each split's own file
     if not data.is_dir():
         raise KDCacheError(f"{data}: no such file or folder; --task lm reads a .txt/.jsonl/.parquet file or a folder "
                            "of them")

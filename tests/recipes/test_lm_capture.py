@@ -223,3 +223,21 @@ def test_two_processes_store_the_lm_bytes_one_process_stores(tmp_path, teacher, 
         for name in one.names:
             assert np.array_equal(one.read(name), two.read(name)), (split, name)
         assert one.chunk_digests == two.chunk_digests
+
+
+def test_verify_recomputes_an_lm_cache_position_by_position(topk_cache, teacher, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["verify", topk_cache, "--teacher", teacher, "--sample", "6", "--device", "cpu"], capsys,
+                             monkeypatch)
+    assert code == 0 and "train/teacher topk rows" in out and "verdict: ok" in out, out + err
+    other = make_tiny_gpt2(tmp_path / "other", CORPUS, vocab_size=300, positions=32, seed=1)
+    code, out, _ = run_cli(["verify", topk_cache, "--teacher", other, "--sample", "6", "--device", "cpu"], capsys,
+                           monkeypatch)
+    assert code != 0 and "differ in their kept logit" in out, out
+
+
+def test_distilling_from_an_lm_cache_is_refused_until_students_exist(topk_cache):
+    from kdcache.errors import KDCacheError
+    from kdcache.train.inputs import load_run_data
+
+    with pytest.raises(KDCacheError, match="a --task lm cache .* not implemented yet"):
+        load_run_data(topk_cache, storage_options={}, data=None, val_split=None, device=torch.device("cpu"))
