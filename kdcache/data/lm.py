@@ -160,6 +160,19 @@ def _prepare(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
 
 
+def next_token_targets(input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
+                       ignore: int = -100) -> torch.Tensor:
+    """The token each position predicts, by the cache's alignment rule (schema.ALIGNMENT_RULE): input_ids[j + 1]
+    within a row, the row's label (the next row's first token) at its last position, `ignore` past the row's length
+    and after the stream's end. [B, S] int64."""
+    rows, positions = input_ids.shape
+    j = torch.arange(positions, device=input_ids.device)[None, :]
+    shifted = torch.cat([input_ids[:, 1:].long(), torch.zeros_like(input_ids[:, :1]).long()], dim=1)
+    last = (lengths.long() - 1)[:, None]
+    targets = torch.where(j == last, labels.long()[:, None].expand(rows, positions), shifted)
+    return torch.where((j > last) | (targets < 0), torch.full_like(targets, ignore), targets)
+
+
 def load_lm_split(data: str | Path, split: str, tokenizer: Any, *, seq_len: int | None,
                   text_column: str | None = None) -> SplitData:
     """Tokenise one split into its stream and windows up front: the row count is the stream's, so it is known before
@@ -187,4 +200,4 @@ def load_lm_split(data: str | Path, split: str, tokenizer: Any, *, seq_len: int 
                      preprocess=preprocess)
 
 
-__all__ = ["LM_FORMATS", "load_lm_split", "read_documents", "token_stream"]
+__all__ = ["LM_FORMATS", "load_lm_split", "next_token_targets", "read_documents", "token_stream"]

@@ -241,3 +241,40 @@ def test_distilling_from_an_lm_cache_is_refused_until_students_exist(topk_cache)
 
     with pytest.raises(KDCacheError, match="a --task lm cache .* not implemented yet"):
         load_run_data(topk_cache, storage_options={}, data=None, val_split=None, device=torch.device("cpu"))
+
+
+def test_next_token_targets_follow_the_recorded_alignment_rule(topk_cache, teacher):
+    from kdcache.data.lm import next_token_targets
+
+    cache = kdcache.open_cache(topk_cache, "train")
+    ids, lengths, labels = (torch.from_numpy(cache.read(a).astype(np.int64)) for a in ("input_ids", "lengths", "labels"))
+    targets = next_token_targets(ids, lengths, labels)
+    # every position's target, in stream order, is the stream shifted by one; nothing follows the last EOS
+    assert np.array_equal(targets[targets != -100].numpy(), _stream(teacher, CORPUS[:30])[1:])
+    assert targets[-1, int(lengths[-1]) - 1] == -100 and (targets[-1, int(lengths[-1]):] == -100).all()
+
+
+def test_train_task_lm_makes_a_teacher_that_cache_teacher_loads(tmp_path, teacher, corpus, capsys, monkeypatch):
+    config = tmp_path / "gpt.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_positions": 32, "n_embd": 32, "n_layer": 1, "n_head": 2}))
+    run = tmp_path / "run"
+    code, out, err = run_cli(["train", "--task", "lm", "--model", config, "--tokenizer", teacher, "--data", corpus,
+                              "--seq-len", SEQ, "--epochs", "3", "--lr", "3e-3", "--batch-size", "8", "--out", run,
+                              "--device", "cpu", "--no-progress"], capsys, monkeypatch)
+    assert code == 0 and "validation perplexity" in out, err
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert metrics[-1]["val_perplexity"] < 300  # below a uniform guess over the 300 outputs
+    cache = tmp_path / "c.kdcache"
+    assert run_cli(_args(run / "model", corpus / "train.txt", cache, "--topk", "4"), capsys, monkeypatch)[0] == 0
+    assert kdcache.open_cache(cache, "train").header.tokens.vocab_size == 300
+    # bad input: one line each, before any training
+    code, _, err = run_cli(["train", "--task", "lm", "--model", config, "--tokenizer", teacher, "--data", corpus,
+                            "--out", tmp_path / "r2", "--device", "cpu"], capsys, monkeypatch)
+    _one_error_line(code, err, "train --task lm needs --seq-len")
+    code, _, err = run_cli(["train", "--task", "lm", "--model", config, "--tokenizer", teacher, "--data", corpus,
+                            "--seq-len", "64", "--out", tmp_path / "r2", "--device", "cpu"], capsys, monkeypatch)
+    _one_error_line(code, err, "--seq-len 64 is beyond", "32 positions")
+    code, _, err = run_cli(["train", "--task", "lm", "--model", config, "--tokenizer", teacher, "--data", corpus,
+                            "--seq-len", SEQ, "--out", run, "--device", "cpu"], capsys, monkeypatch)
+    _one_error_line(code, err, "already exists")
