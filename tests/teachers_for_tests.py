@@ -136,9 +136,10 @@ def make_tiny_tokenizer(directory: Path):
 
 
 def make_tiny_gpt2(directory: Path, corpus: list[str], *, vocab_size: int = 120, positions: int = 32, seed: int = 0,
-                   tie: bool = True) -> Path:
+                   tie: bool = True, outputs: int | None = None) -> Path:
     """A causal language model teacher for --task lm, offline: a byte-level BPE trained here on `corpus` (EOS
-    `<|endoftext|>`) and a 2-layer GPT-2 of random, seeded weights, saved together as a HF folder."""
+    `<|endoftext|>`) and a 2-layer GPT-2 of random, seeded weights (`outputs`: its head's width, by default the
+    tokenizer's vocabulary), saved together as a HF folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -149,7 +150,7 @@ def make_tiny_gpt2(directory: Path, corpus: list[str], *, vocab_size: int = 120,
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=outputs or len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         tie_word_embeddings=tie)
     GPT2LMHeadModel(config).eval().save_pretrained(str(directory))

@@ -417,11 +417,8 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
     blob = tokenizer_zip(teacher.tokenizer) if first.modality == "text" and teacher.tokenizer is not None else None
     tokens = None
     if lm:
-        vocab = len(teacher.tokenizer)
-        if vocab > width:
-            raise KDCacheError(f"{teacher.spec}: the tokenizer has {vocab} tokens but the model only {width} outputs; "
-                               "the tokenizer is not this model's")
-        tokens = TokenInfo(int(cfg.data_options.seq_len or 0), width, vocab, int(teacher.tokenizer.eos_token_id),
+        _check_vocabulary(teacher, width)
+        tokens = TokenInfo(int(cfg.data_options.seq_len or 0), width, len(teacher.tokenizer), int(teacher.tokenizer.eos_token_id),
                            hashlib.sha256(blob[0]).hexdigest(), type(teacher.tokenizer).__name__)
     return _Job(teacher, splits, width, checkpoints, layers, tap, projections, _target(cfg, width, first.kind),
                 tokens, blob)
@@ -438,6 +435,16 @@ def _check_lm_teacher(teacher: Teacher, seq_len: int) -> None:
     if positions is not None and seq_len > positions:
         raise KDCacheError(f"--seq-len {seq_len} is beyond teacher {teacher.spec}'s {positions} positions; choose "
                            f"--seq-len {positions} or less")
+    embeddings = teacher.model.get_input_embeddings()
+    _check_vocabulary(teacher, getattr(embeddings, "num_embeddings", None))
+
+
+def _check_vocabulary(teacher: Teacher, width: int | None) -> None:
+    """Every token id of the tokenizer must be one the model reads and scores (a head may be wider: Qwen2.5's)."""
+    vocab = len(teacher.tokenizer)
+    if width is not None and vocab > width:
+        raise KDCacheError(f"{teacher.spec}: the tokenizer has {vocab} tokens but the model only {width} outputs; "
+                           "the tokenizer is not this model's")
 
 
 def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows: int) -> RootHeader:

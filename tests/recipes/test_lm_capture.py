@@ -179,6 +179,7 @@ def test_bad_lm_input_is_one_line(tmp_path, teacher, corpus, tiny_tokenizer, cap
     (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
     (tmp_path / "broken.jsonl").write_text('{"text": "my lord"}\n{"text": "to be\n', encoding="utf-8")
     (tmp_path / "other.jsonl").write_text('{"body": "my lord"}\n', encoding="utf-8")
+    (tmp_path / "corpus.csv").write_text("text\nmy lord\n", encoding="utf-8")
     train = corpus / "train.txt"
     cases = [
         (_args(bert, train, out), ("not a causal language model", "BertForSequenceClassification")),
@@ -191,6 +192,9 @@ def test_bad_lm_input_is_one_line(tmp_path, teacher, corpus, tiny_tokenizer, cap
         (_args(teacher, train, out, "--topk", "301"), ("--topk 301",)),
         ([a for a in _args(teacher, train, out) if a not in ("--seq-len", str(SEQ))], ("--task lm needs --seq-len",)),
         (_args(teacher, train, out, "--limit", "3"), ("--task lm does not take --limit",)),
+        (_args(make_tiny_gpt2(tmp_path / "narrow", CORPUS, vocab_size=300, outputs=280), train, out),
+         ("the tokenizer has 300 tokens but the model only 280",)),
+        (_args(teacher, tmp_path / "corpus.csv", out), ("unsupported file type '.csv' for --task lm",)),
     ]
     for args, needles in cases:
         code, _, err = run_cli(args, capsys, monkeypatch)
@@ -278,3 +282,22 @@ def test_train_task_lm_makes_a_teacher_that_cache_teacher_loads(tmp_path, teache
     code, _, err = run_cli(["train", "--task", "lm", "--model", config, "--tokenizer", teacher, "--data", corpus,
                             "--seq-len", SEQ, "--out", run, "--device", "cpu"], capsys, monkeypatch)
     _one_error_line(code, err, "already exists")
+
+
+def test_a_parquet_corpus_reads_its_text_column_or_says_it_needs_pyarrow(tmp_path, teacher):
+    from kdcache.data.lm import read_documents
+    from kdcache.errors import KDCacheError
+
+    path = tmp_path / "train.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # the optional reader: without pyarrow a Parquet corpus is one line saying so
+        path.write_bytes(b"PAR1")
+        with pytest.raises(KDCacheError, match="reading Parquet needs pyarrow"):
+            read_documents(path, None)
+        return
+    pq.write_table(pa.table({"body": CORPUS[:5], "n": list(range(5))}), path)
+    assert read_documents(path, "body") == CORPUS[:5]
+    with pytest.raises(KDCacheError, match="no text column 'text'"):
+        read_documents(path, None)
