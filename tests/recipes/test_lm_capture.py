@@ -301,3 +301,26 @@ def test_a_parquet_corpus_reads_its_text_column_or_says_it_needs_pyarrow(tmp_pat
     assert read_documents(path, "body") == CORPUS[:5]
     with pytest.raises(KDCacheError, match="no text column 'text'"):
         read_documents(path, None)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda a: a.pop("tokens"), "the tokens attribute disagree"),
+    (lambda a: a["task"].update(kind="classification"), "the tokens attribute disagree"),
+    (lambda a: a["tokens"].update(seq_len=8), "attribute tokens (outputs 300, seq_len 8) disagrees with target"),
+    (lambda a: a["target"].update(positions=8), "disagrees with target (outputs 300, positions 8)"),
+    (lambda a: (a["target"].update(positions=8), a["tokens"].update(seq_len=8)), "differs from write_settings.target"),
+    (lambda a: a["target"].update(axes=["rows"]), "attribute target.axes is ['rows'] with positions 16"),
+])
+def test_an_edited_token_axis_is_one_line(topk_cache, tmp_path, edit, needle):
+    import shutil
+
+    from kdcache.errors import KDCacheError
+
+    copy = tmp_path / "c.kdcache"
+    shutil.copytree(topk_cache, copy)
+    meta = json.loads((copy / "zarr.json").read_text())
+    edit(meta["attributes"])
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(KDCacheError) as caught:
+        kdcache.open_cache(copy, "train")
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
