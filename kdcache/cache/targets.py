@@ -12,6 +12,9 @@ is docs/cache-format.md (version 2).
     sampled  sampled_ids [rows, W]  (W = min(N, C); ids ascending, unused slots last: id 0, count 0, logprob 0)
              sampled_counts [rows, W] (sum N per row)           smallest unsigned int holding N
              sampled_logprobs [rows, W]                         float32 log-softmax at T = 1
+
+A token-level (language-model) target has `positions` = S and every array gains that axis after the rows:
+[rows, S, width] (`logsumexp` [rows, S] or [rows, S, temps]); each position is computed as a row of its own.
 """
 
 from __future__ import annotations

@@ -418,8 +418,9 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
     tokens = None
     if lm:
         _check_vocabulary(teacher, width)
-        tokens = TokenInfo(int(cfg.data_options.seq_len or 0), width, len(teacher.tokenizer), int(teacher.tokenizer.eos_token_id),
-                           hashlib.sha256(blob[0]).hexdigest(), type(teacher.tokenizer).__name__)
+        tokens = TokenInfo(int(cfg.data_options.seq_len or 0), width, len(teacher.tokenizer),
+                           int(teacher.tokenizer.eos_token_id), hashlib.sha256(blob[0]).hexdigest(),
+                           type(teacher.tokenizer).__name__)
     return _Job(teacher, splits, width, checkpoints, layers, tap, projections, _target(cfg, width, first.kind),
                 tokens, blob)
 
