@@ -247,7 +247,8 @@ def _print_info(s: dict) -> None:
     _out.print(f"target   {target.get('description')}")
     tokens = s.get("tokens")
     if tokens:
-        _out.print(f"tokens   tokenizer {tokens.get('tokenizer_class')} (sha256 {str(tokens.get('tokenizer_sha256'))[:16]}"
+        sha = str(tokens.get("tokenizer_sha256"))[:16]
+        _out.print(f"tokens   tokenizer {tokens.get('tokenizer_class')} (sha256 {sha}"
                    f"...), vocabulary {tokens.get('vocab_size')}, model outputs {tokens.get('outputs')}, "
                    f"{tokens.get('seq_len')} tokens a row, EOS {tokens.get('eos_id')}; position j predicts token j + 1")
     _out.print(f"storage  {storage.get('logits_dtype')}, codec {storage.get('codec')} + {storage.get('checksum')}, "
@@ -462,10 +463,9 @@ def _train_lm(**flags: Any) -> None:
              "max_grad_norm", "val_split", "seed", "device", "text_column", "overwrite", "max_steps", "progress",
              "seq_len", "preset", "precision", "max_length", "log_every", "compile", "regression", "trust_model_code"}
     given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if k not in reads and v not in (None, False)]
-    fixed = [f"--{k.replace('_', '-')}" for k, default in (("preset", "auto"), ("precision", "fp32"), ("compile", False),
-                                                         ("max_length", 128), ("log_every", 0),
-                                                         ("regression", False), ("trust_model_code", False))
-             if flags[k] != default]
+    defaults = (("preset", "auto"), ("precision", "fp32"), ("compile", False), ("max_length", 128), ("log_every", 0),
+                ("regression", False), ("trust_model_code", False))
+    fixed = [f"--{k.replace('_', '-')}" for k, default in defaults if flags[k] != default]
     if given or fixed:
         raise KDCacheError(f"train --task lm does not take {', '.join(given + fixed)} (see docs/cli.md)")
     for flag in ("data", "tokenizer", "seq_len"):

@@ -429,7 +429,8 @@ def _check_lm_teacher(teacher: Teacher, seq_len: int) -> None:
     """What a language-model capture needs of its teacher before any data is read: its tokenizer, and as many
     positions as a window has."""
     if teacher.tokenizer is None:
-        raise KDCacheError(f"{teacher.spec}: no tokenizer in the teacher folder; pass --tokenizer DIR (the model's own)")
+        raise KDCacheError(f"{teacher.spec}: no tokenizer in the teacher folder; pass --tokenizer DIR (the model's "
+                           "own)")
     config = getattr(teacher.model, "config", None)
     positions = next((getattr(config, k) for k in ("n_positions", "max_position_embeddings", "n_ctx")
                       if isinstance(getattr(config, k, None), int)), None)

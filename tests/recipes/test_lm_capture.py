@@ -251,7 +251,8 @@ def test_next_token_targets_follow_the_recorded_alignment_rule(topk_cache, teach
     from kdcache.data.lm import next_token_targets
 
     cache = kdcache.open_cache(topk_cache, "train")
-    ids, lengths, labels = (torch.from_numpy(cache.read(a).astype(np.int64)) for a in ("input_ids", "lengths", "labels"))
+    ids, lengths, labels = (torch.from_numpy(cache.read(a).astype(np.int64))
+                            for a in ("input_ids", "lengths", "labels"))
     targets = next_token_targets(ids, lengths, labels)
     # every position's target, in stream order, is the stream shifted by one; nothing follows the last EOS
     assert np.array_equal(targets[targets != -100].numpy(), _stream(teacher, CORPUS[:30])[1:])
