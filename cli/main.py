@@ -424,7 +424,7 @@ def train_cmd(
     overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
     keep_inputs: o.KeepInputs = None, log_every: o.LogEvery = 0, max_steps: o.MaxSteps = None,
     compile: o.Compile = False, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
-    seq_len: o.SeqLen = None,
+    seq_len: o.SeqLen = None, vocab_size: o.VocabSize = None,
 ) -> None:
     """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline (distill's `ce` method
     without a cache); `--task lm`: a causal language model from a config JSON, on next-token cross-entropy."""
@@ -435,7 +435,7 @@ def train_cmd(
                     augment=augment, model=model, data=data, tokenizer=tokenizer, epochs=epochs,
                     student_layers=student_layers, batch_size=batch_size, max_steps=max_steps, log_every=log_every,
                     num_workers=num_workers, keep_inputs=keep_inputs)
-    if task == "lm" or seq_len is not None:
+    if task == "lm" or seq_len is not None or vocab_size is not None:
         return _train_lm(**{k: v for k, v in locals().items() if k != "names"})
     from kdcache.recipes.distill import distill
 
@@ -458,17 +458,18 @@ def train_cmd(
 def _train_lm(**flags: Any) -> None:
     """`train --task lm`: the flags that recipe reads; any other given is refused in one line."""
     if flags["task"] != "lm":
-        raise KDCacheError(f"--seq-len applies to --task lm, not {flags['task']!r} (text tasks take --max-length)")
+        raise KDCacheError(f"--seq-len and --vocab-size apply to --task lm, not {flags['task']!r}")
     reads = {"model", "task", "out", "data", "epochs", "tokenizer", "lr", "batch_size", "weight_decay", "warmup_ratio",
              "max_grad_norm", "val_split", "seed", "device", "text_column", "overwrite", "max_steps", "progress",
-             "seq_len", "preset", "precision", "max_length", "log_every", "compile", "regression", "trust_model_code"}
+             "seq_len", "vocab_size", "preset", "precision", "max_length", "log_every", "compile", "regression",
+             "trust_model_code"}
     given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if k not in reads and v not in (None, False)]
     defaults = (("preset", "auto"), ("precision", "fp32"), ("compile", False), ("max_length", 128), ("log_every", 0),
                 ("regression", False), ("trust_model_code", False))
     fixed = [f"--{k.replace('_', '-')}" for k, default in defaults if flags[k] != default]
     if given or fixed:
         raise KDCacheError(f"train --task lm does not take {', '.join(given + fixed)} (see docs/cli.md)")
-    for flag in ("data", "tokenizer", "seq_len"):
+    for flag in ("data", "seq_len"):
         if flags[flag] is None:
             raise KDCacheError(f"train --task lm needs --{flag.replace('_', '-')}")
     if not str(flags["model"]).endswith(".json"):
@@ -479,7 +480,8 @@ def _train_lm(**flags: Any) -> None:
                                    "max_steps", "val_split", "text_column") if flags[k] is not None}
     cfg = TrainLMConfig(model=flags["model"], tokenizer=flags["tokenizer"], data=flags["data"], out=flags["out"],
                         seq_len=flags["seq_len"], seed=flags["seed"], device=flags["device"],
-                        overwrite=flags["overwrite"], progress=flags["progress"], **given)
+                        overwrite=flags["overwrite"], progress=flags["progress"], vocab_size=flags["vocab_size"],
+                        **given)
     with _interrupts():
         summary = train_lm(cfg)
     final = summary["final"] or {}

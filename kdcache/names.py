@@ -63,6 +63,7 @@ NUMBER_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "max_length": (1, True, None, False), "image_size": (1, True, None, False), "limit": (1, True, None, False),
     "subset": (1, True, None, False), "holdout": (1, True, None, False), "proj_dim": (1, True, None, False),
     "sample": (0, True, None, False), "student_epochs": (1, True, None, False), "seq_len": (1, True, None, False),
+    "vocab_size": (257, True, None, False),
 }
 
 

@@ -160,6 +160,27 @@ def _prepare(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
 
 
+#: The end-of-document token of a tokenizer `train_byte_bpe` makes (GPT-2's spelling).
+EOS_TOKEN = "<|endoftext|>"
+
+
+def train_byte_bpe(docs: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE of `vocab_size` tokens (the 256 bytes, EOS, and merges learnt from `docs`), made here with
+    `tokenizers`: an LM can be trained, cached and distilled with nothing downloaded. Every text is encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 257:
+        raise KDCacheError(f"--vocab-size {vocab_size}: a byte-level BPE holds the 256 bytes and EOS at least (257)")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN)
+
+
 def next_token_targets(input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
                        ignore: int = -100) -> torch.Tensor:
     """The token each position predicts, by the cache's alignment rule (schema.ALIGNMENT_RULE): input_ids[j + 1]
@@ -200,4 +221,4 @@ def load_lm_split(data: str | Path, split: str, tokenizer: Any, *, seq_len: int 
                      preprocess=preprocess)
 
 
-__all__ = ["LM_FORMATS", "load_lm_split", "next_token_targets", "read_documents", "token_stream"]
+__all__ = ["EOS_TOKEN", "LM_FORMATS", "load_lm_split", "next_token_targets", "train_byte_bpe", "read_documents", "token_stream"]

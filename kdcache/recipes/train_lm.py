@@ -1,11 +1,13 @@
 """Recipe: train a GPT-style causal language model from a config, on next-token cross-entropy: a teacher to cache.
 
-    kdcache train --task lm --model gpt.json --tokenizer tok/ --data corpus/ --seq-len 128 --epochs 4 --out runs/gpt
+    kdcache train --task lm --model gpt.json --vocab-size 2048 --data corpus/ --seq-len 128 --epochs 4 --out runs/gpt
     kdcache cache-teacher --task lm --teacher runs/gpt/model --data corpus/ --seq-len 128 --topk 32 --out lm.kdcache
 
 Features, and the flags that control them:
 - model: a Hugging Face config JSON (`--model`, any built-in `model_type` with a causal-LM class: gpt2, llama, ...),
-  `vocab_size` defaulting to the tokenizer's (`--tokenizer DIR`), weights seeded by `--seed`;
+  `vocab_size` defaulting to the tokenizer's, weights seeded by `--seed`;
+- tokenizer: a folder (`--tokenizer DIR`), or a byte-level BPE of `--vocab-size N` tokens trained here on the train
+  split (`kdcache.data.lm.train_byte_bpe`), saved with the model;
 - data: the windows `cache-teacher --task lm` caches (`--data`, `--seq-len`, `--text-column`): the same token streams,
   the same rows, and the same alignment rule (`kdcache.data.lm.next_token_targets`): every position is trained, the
   last one of a row on the next row's first token;
@@ -49,7 +51,7 @@ class TrainLMConfig:
     """Everything `train --task lm` needs; the CLI fills it from flags, scripts build it directly."""
 
     model: str  # a Hugging Face config JSON
-    tokenizer: str
+    tokenizer: str | None  # a tokenizer folder; None: a byte-level BPE of `vocab_size` is trained on the train split
     data: str
     out: str | Path
     seq_len: int
@@ -66,6 +68,7 @@ class TrainLMConfig:
     text_column: str | None = None
     overwrite: bool = False
     progress: bool = True
+    vocab_size: int | None = None  # without `tokenizer`: the BPE's vocabulary
 
 
 def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
@@ -74,7 +77,10 @@ def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
 
     out = Path(cfg.out)
     _claim(out, cfg.overwrite)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    if (cfg.tokenizer is None) == (cfg.vocab_size is None):
+        raise KDCacheError("train --task lm needs --tokenizer DIR, or --vocab-size N to train a byte-level BPE on the "
+                           "train split (one of the two)")
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _bpe(cfg)
     model = causal_lm_from_config(cfg.model, len(tokenizer), seed=cfg.seed)
     positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.seq_len > positions:
@@ -129,6 +135,15 @@ def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
                "completed": utc_now()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _bpe(cfg: TrainLMConfig) -> Any:
+    """A byte-level BPE trained on the train split's documents, saved with the model (and so stored in every cache
+    of that model)."""
+    from kdcache.data.lm import lm_file, read_documents, train_byte_bpe
+
+    docs = read_documents(lm_file(Path(cfg.data).expanduser(), "train"), cfg.text_column)
+    return train_byte_bpe(docs, int(cfg.vocab_size or 0))
 
 
 def _loss(model: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:

@@ -325,3 +325,24 @@ def test_an_edited_token_axis_is_one_line(topk_cache, tmp_path, edit, needle):
     with pytest.raises(KDCacheError) as caught:
         kdcache.open_cache(copy, "train")
     assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_train_task_lm_trains_its_own_byte_level_bpe_when_given_a_vocabulary_size(tmp_path, corpus, capsys,
+                                                                                  monkeypatch):
+    from transformers import AutoTokenizer
+
+    config = tmp_path / "gpt.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 1}))
+    base = ["train", "--task", "lm", "--model", config, "--data", corpus / "train.txt", "--seq-len", SEQ,
+            "--device", "cpu", "--no-progress"]
+    code, _, err = run_cli([*base, "--out", tmp_path / "r0"], capsys, monkeypatch)
+    _one_error_line(code, err, "needs --tokenizer DIR, or --vocab-size N")
+    code, _, err = run_cli([*base, "--vocab-size", "100", "--out", tmp_path / "r0"], capsys, monkeypatch)
+    _one_error_line(code, err, "--vocab-size must be at least 257")
+    code, out, err = run_cli([*base, "--vocab-size", "280", "--max-steps", "2", "--out", tmp_path / "run"], capsys,
+                             monkeypatch)
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "model"))
+    assert 257 < len(tok) <= 280 and tok.decode(tok("my lord, to be!")["input_ids"]) == "my lord, to be!"
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["vocab_size"] == len(tok)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
