@@ -94,11 +94,17 @@ def load_causal_lm(folder: str | Path, *, trust_model_code: bool = False) -> Any
     check_no_custom_code(folder, trust_model_code)
     config = load_config(folder, trust_model_code=trust_model_code)
     architectures = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_model_code:
+        raise KDCacheError(f"{folder}: not a causal language model ({architectures}: model type "
+                           f"{config.model_type!r} has no AutoModelForCausalLM class)")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=trust_model_code, output_loading_info=True)
-    except Exception as exc:  # noqa: BLE001 - an unknown model type is a ValueError, a bad file an OSError
-        raise KDCacheError(f"{folder}: not a causal language model ({architectures}): {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable weights, an unknown model type
+        raise KDCacheError(f"{folder}: cannot load a causal language model ({architectures}): "
+                           f"{_first_line(exc)}") from exc
     missing = sorted(str(k) for k in (info.get("missing_keys") or []))
     if missing:
         raise KDCacheError(f"{folder}: not a causal language model ({architectures}): its weights lack "
