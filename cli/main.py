@@ -198,8 +198,9 @@ def cache_teacher_cmd(
         rate = (summary["throughput"] or {}).get(s["name"], {}).get("rows_per_second")
         target = summary["target"]
         kind = "" if target["kind"] == "dense" else f" stored as {target['description']}"
-        _out.print(f"cached {s['name']}: {s['rows']} rows x {target['outputs']} outputs{kind}, "
-                   f"{s['bytes_per_sample']} bytes/sample, {rate} rows/s")
+        size = f"{s['bytes_per_token']} bytes/token" if s.get("bytes_per_token") else \
+            f"{s['bytes_per_sample']} bytes/sample"
+        _out.print(f"cached {s['name']}: {s['rows']} rows x {target['outputs']} outputs{kind}, {size}, {rate} rows/s")
     _out.print(f"wrote {location}")
 
 
@@ -275,7 +276,9 @@ def _print_info(s: dict) -> None:
         kept = "-" if quality.get("kept_mass") is None else f"{quality['kept_mass']:.4f}"
         kl = "-" if quality.get("kl") is None else f"{quality['kl']:.4g}"
         table.add_row(sp["name"], str(sp["rows"]), shapes, "yes" if sp["complete"] else "no",
-                      str(sp["bytes_per_sample"]), f"{sp['compression_ratio']}x", kept, kl, str(sp["source"]))
+                      str(sp["bytes_per_sample"]) + (f" ({sp['bytes_per_token']}/token)"
+                                                     if sp.get("bytes_per_token") else ""),
+                      f"{sp['compression_ratio']}x", kept, kl, str(sp["source"]))
     _out.print(table)
 
 

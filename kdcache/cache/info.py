@@ -11,7 +11,7 @@ from kdcache.cache.store import CacheStore
 
 _SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
                "digest", "logits_bytes_raw", "logits_bytes_stored", "compression_ratio", "bytes_per_sample",
-               "missing_arrays", "target_arrays", "target_quality")
+               "missing_arrays", "target_arrays", "target_quality", "tokens", "bytes_per_token")
 
 
 def describe_cache(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -64,7 +64,17 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any)
         "compression_ratio": round(raw / stored, 2) if stored else None,
         "bytes_per_sample": round(stored / len(split), 2) if len(split) else None,
         "missing_arrays": [], "extra_arrays": split.extra_widths,
+        **_token_sizes(split, stored),
     }
+
+
+def _token_sizes(split: Any, stored: int) -> dict[str, Any]:
+    """A language-model split's tokens (the stream's, padding excluded) and its target's stored bytes per token."""
+    dataset = split.split_header.dataset
+    tokens = (dataset.preprocess or {}).get("tokens") if dataset is not None and split.target.positions else None
+    if not isinstance(tokens, int) or tokens < 1:
+        return {"tokens": None, "bytes_per_token": None}
+    return {"tokens": tokens, "bytes_per_token": round(stored / tokens, 2)}
 
 
 __all__ = ["describe_cache"]

@@ -124,7 +124,7 @@ def test_the_schema_records_the_alignment_rule_the_tokenizer_and_both_widths(top
     assert hashlib.sha256(blob).hexdigest() == tokens.tokenizer_sha256
 
 
-def test_info_names_the_task_the_tokenizer_and_the_target_kind(topk_cache, capsys, monkeypatch):
+def test_info_names_the_task_the_tokenizer_and_the_target_kind(topk_cache, teacher, capsys, monkeypatch):
     code, out, err = run_cli(["info", topk_cache], capsys, monkeypatch)
     assert code == 0, err
     assert "task     lm (lm)" in out and "top-4 of 300 per token (16 positions a row)" in out
@@ -133,6 +133,9 @@ def test_info_names_the_task_the_tokenizer_and_the_target_kind(topk_cache, capsy
     summary = json.loads(out)
     assert summary["task"]["name"] == "lm" and summary["target"]["kind"] == "topk"
     assert summary["target"]["axes"] == ["rows", "positions"] and summary["tokens"]["seq_len"] == SEQ
+    train = summary["splits"][0]
+    assert train["tokens"] == len(_stream(teacher, CORPUS[:30]))
+    assert train["bytes_per_token"] == round(train["logits_bytes_stored"] / train["tokens"], 2)
 
 
 @pytest.mark.parametrize("kind", ["dense", "sampled"])
