@@ -198,6 +198,7 @@ def test_bad_lm_input_is_one_line(tmp_path, teacher, corpus, tiny_tokenizer, cap
         (_args(make_tiny_gpt2(tmp_path / "narrow", CORPUS, vocab_size=300, outputs=280), train, out),
          ("the tokenizer has 300 tokens but the model only 280",)),
         (_args(teacher, tmp_path / "corpus.csv", out), ("unsupported file type '.csv' for --task lm",)),
+        (_args(teacher, train, out, "--tokenizer", tiny_tokenizer.name_or_path), ("the tokenizer has no EOS token",)),
     ]
     for args, needles in cases:
         code, _, err = run_cli(args, capsys, monkeypatch)
