@@ -69,8 +69,9 @@ def main() -> None:
     from teachers_for_tests import make_tiny_gpt2
 
     kinds = {"dense": {"dtype": "float16"},
-             "top-32, T = 1": {"topk": 32, "lse_temperatures": (1.0,)},
-             "top-32, T = 1..20 (default)": {"topk": 32},
+             "top-32, T = 1 (the default)": {"topk": 32},
+             "top-32, T = 1..20 (the presets' temperatures)": {"topk": 32,
+                                                               "lse_temperatures": tuple(map(float, range(1, 21)))},
              "top-8, T = 1": {"topk": 8, "lse_temperatures": (1.0,)},
              "sampled, N = 12": {"sample_tokens": 12}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -342,7 +342,10 @@ def _target(cfg: CacheTeacherConfig, outputs: int, kind: str) -> TargetSpec:
         if cfg.topk is not None and cfg.topk >= outputs:
             raise KDCacheError(f"--topk {cfg.topk} is not below the teacher's {outputs} outputs (its vocabulary); "
                                f"choose K < {outputs}, or drop --topk to store dense logits per token")
-        return _target(cfg, outputs, "classification").per_token(int(cfg.data_options.seq_len or 0))
+        # the log-sum-exp at T = 1 alone by default: 20 more a token would cost more than the top-k itself
+        # (docs/benchmarks.md), and no per-token method reads another T yet
+        per_row = dataclasses.replace(cfg, lse_temperatures=cfg.lse_temperatures or (1.0,))
+        return _target(per_row, outputs, "classification").per_token(int(cfg.data_options.seq_len or 0))
     if cfg.sample_tokens is not None:
         if kind != "classification":
             raise KDCacheError(f"--sample-tokens draws classes from the teacher's softmax; task {cfg.task!r} is "

@@ -171,6 +171,8 @@ def test_an_interrupted_lm_capture_resumes_to_the_same_bytes(tmp_path, teacher, 
     assert code == 0 and "resuming split 'train' at row 20" in err, err
     ref, got = kdcache.open_cache(reference, "train"), kdcache.open_cache(out, "train")
     assert got.names == ref.names and "input_ids" in got.names
+    # without --lse-temperatures an LM cache records the log-sum-exp at T = 1 alone: [N, S]
+    assert got.target.temperatures == [1.0] and got.read("logsumexp").shape == (len(got), SEQ)
     for name in got.names:
         assert np.array_equal(got.read(name), ref.read(name)), name
     assert got.chunk_digests == ref.chunk_digests
