@@ -158,7 +158,7 @@ def cache_teacher_cmd(
     max_length: o.MaxLength = 128, text_column: o.TextColumn = None, text_pair_column: o.TextPairColumn = None,
     label_column: o.LabelColumn = None, label_names: o.LabelNames = None, regression: o.Regression = False,
     normalize: o.Normalize = None, image_size: o.ImageSize = None, limit: o.Limit = None, subset: o.Subset = None,
-    holdout: o.Holdout = None, holdout_test: o.HoldoutTest = None,
+    holdout: o.Holdout = None, holdout_test: o.HoldoutTest = None, seq_len: o.SeqLen = None,
     checkpoints: Annotated[Optional[list[str]], typer.Option(help="Teacher checkpoint folders or a glob "
                                                                   "('run/checkpoints/epoch-*'), stored in training "
                                                                   "order for Pro-KD; repeatable.")] = None,
@@ -179,7 +179,7 @@ def cache_teacher_cmd(
     names.check("--precision", precision, names.PRECISIONS)
     names.check_numbers(batch_size=batch_size, chunk_rows=chunk_rows, workers=workers, max_length=max_length,
                         image_size=image_size, limit=limit, subset=subset, holdout=holdout, proj_dim=proj_dim,
-                        holdout_test=holdout_test, proj_seed=proj_seed)
+                        holdout_test=holdout_test, proj_seed=proj_seed, seq_len=seq_len)
     for flag, value in (("--teacher", teacher), ("--data", data), ("--weights", weights), ("--tokenizer", tokenizer)):
         _exists(flag, value)
     from kdcache.cache import codecs
@@ -191,7 +191,7 @@ def cache_teacher_cmd(
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
                             label_column=label_column, label_names=label_names, regression=regression,
                             normalize=normalize, image_size=image_size, limit=limit, subset=subset, holdout=holdout,
-                            holdout_test=holdout_test)
+                            holdout_test=holdout_test, seq_len=seq_len)
     storage = _storage(storage_option)
     cfg = CacheTeacherConfig(
         teacher=teacher, task=task, out=out, data=data, splits=tuple(split), weights=str(weights) if weights else None,
@@ -211,8 +211,9 @@ def cache_teacher_cmd(
         rate = (summary["throughput"] or {}).get(s["name"], {}).get("rows_per_second")
         target = summary["target"]
         kind = "" if target["kind"] == "dense" else f" stored as {target['description']}"
-        _out.print(f"cached {s['name']}: {s['rows']} rows x {target['outputs']} outputs{kind}, "
-                   f"{s['bytes_per_sample']} bytes/sample, {rate} rows/s")
+        size = f"{s['bytes_per_token']} bytes/token" if s.get("bytes_per_token") else \
+            f"{s['bytes_per_sample']} bytes/sample"
+        _out.print(f"cached {s['name']}: {s['rows']} rows x {target['outputs']} outputs{kind}, {size}, {rate} rows/s")
     _out.print(f"wrote {location}")
 
 
@@ -263,6 +264,12 @@ def _print_info(s: dict) -> None:
     _out.print(f"task     {task.get('name')} ({task.get('kind')}), labels: {_labels(task.get('label_names'))}")
     target = s.get("target") or {}
     _out.print(f"target   {target.get('description')}")
+    tokens = s.get("tokens")
+    if tokens:
+        sha = str(tokens.get("tokenizer_sha256"))[:16]
+        _out.print(f"tokens   tokenizer {tokens.get('tokenizer_class')} (sha256 {sha}"
+                   f"...), vocabulary {tokens.get('vocab_size')}, model outputs {tokens.get('outputs')}, "
+                   f"{tokens.get('seq_len')} tokens a row, EOS {tokens.get('eos_id')}; position j predicts token j + 1")
     _out.print(f"storage  {storage.get('logits_dtype')}, codec {storage.get('codec')} + {storage.get('checksum')}, "
                f"{storage.get('chunk_rows')} rows/chunk; {_human(s['size_on_disk'])} on disk")
     _out.print(f"created  {s.get('created')} by {s.get('command')}")
@@ -291,7 +298,8 @@ def _print_info(s: dict) -> None:
         kept = "-" if quality.get("kept_mass") is None else f"{quality['kept_mass']:.4f}"
         kl = "-" if quality.get("kl") is None else f"{quality['kl']:.4g}"
         done = "yes" if sp["complete"] else f"no ({sp.get('rows_stored') or 0} stored)"
-        table.add_row(sp["name"], str(sp["rows"]), shapes, done, str(sp["bytes_per_sample"]),
+        per_token = f" ({sp['bytes_per_token']}/token)" if sp.get("bytes_per_token") else ""
+        table.add_row(sp["name"], str(sp["rows"]), shapes, done, str(sp["bytes_per_sample"]) + per_token,
                       f"{sp['compression_ratio']}x", kept, kl, teacher_score,
                       str(sp["source"] or "-"))  # (recorded at its end)
     _out.print(table)
@@ -448,10 +456,10 @@ def train_cmd(
     overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None, augment: o.Augment = None, num_workers: o.NumWorkers = None,
     keep_inputs: o.KeepInputs = None, log_every: o.LogEvery = 0, max_steps: o.MaxSteps = None,
     compile: o.Compile = False, trust_model_code: o.TrustModelCode = False, progress: o.Progress = True,
-    progress_every: o.ProgressEvery = None,
+    progress_every: o.ProgressEvery = None, seq_len: o.SeqLen = None, vocab_size: o.VocabSize = None,
 ) -> None:
     """Train a model on hard labels alone: a teacher to cache, or the from-scratch baseline (distill's `ce` method
-    without a cache)."""
+    without a cache); `--task lm`: a causal language model from a config JSON, on next-token cross-entropy."""
     from kdcache import names
 
     names.check_numbers(**locals())  # every numeric flag as given: lr, seed, warmup-ratio, weight-decay, ...
@@ -461,6 +469,8 @@ def train_cmd(
                     augment=augment, model=model, data=data, tokenizer=tokenizer, epochs=epochs,
                     student_layers=student_layers, batch_size=batch_size, max_steps=max_steps, log_every=log_every,
                     num_workers=num_workers, keep_inputs=keep_inputs)
+    if task == "lm" or seq_len is not None or vocab_size is not None:
+        return _train_lm(**{k: v for k, v in locals().items() if k != "names"})
     from kdcache.recipes.distill import distill
 
     options = _data_options(max_length=max_length, text_column=text_column, text_pair_column=text_pair_column,
@@ -525,6 +535,41 @@ def _fit(text: str, width: int, keep_end: bool = False) -> str:
     if len(text) <= width:
         return text
     return "…" + text[len(text) - width + 1:] if keep_end else text[:width - 1] + "…"
+
+
+def _train_lm(**flags: Any) -> None:
+    """`train --task lm`: the flags that recipe reads; any other given is refused in one line."""
+    if flags["task"] != "lm":
+        raise KDCacheError(f"--seq-len and --vocab-size apply to --task lm, not {flags['task']!r}")
+    reads = {"model", "task", "out", "data", "epochs", "tokenizer", "lr", "batch_size", "weight_decay", "warmup_ratio",
+             "max_grad_norm", "val_split", "seed", "device", "text_column", "overwrite", "max_steps", "progress",
+             "seq_len", "vocab_size", "preset", "precision", "max_length", "log_every", "compile", "regression",
+             "trust_model_code"}
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if k not in reads and v not in (None, False)]
+    defaults = (("preset", "auto"), ("precision", "fp32"), ("compile", False), ("max_length", 128), ("log_every", 0),
+                ("regression", False), ("trust_model_code", False))
+    fixed = [f"--{k.replace('_', '-')}" for k, default in defaults if flags[k] != default]
+    if given or fixed:
+        raise KDCacheError(f"train --task lm does not take {', '.join(given + fixed)} (see docs/cli.md)")
+    for flag in ("data", "seq_len"):
+        if flags[flag] is None:
+            raise KDCacheError(f"train --task lm needs --{flag.replace('_', '-')}")
+    if not str(flags["model"]).endswith(".json"):
+        raise KDCacheError(f"--model {flags['model']}: train --task lm builds a model from a Hugging Face config JSON")
+    from kdcache.recipes.train_lm import TrainLMConfig, train_lm
+
+    given = {k: flags[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "warmup_ratio", "max_grad_norm",
+                                   "max_steps", "val_split", "text_column") if flags[k] is not None}
+    cfg = TrainLMConfig(model=flags["model"], tokenizer=flags["tokenizer"], data=flags["data"], out=flags["out"],
+                        seq_len=flags["seq_len"], seed=flags["seed"], device=flags["device"],
+                        overwrite=flags["overwrite"], progress=flags["progress"], vocab_size=flags["vocab_size"],
+                        **given)
+    with _interrupts():
+        summary = train_lm(cfg)
+    final = summary["final"] or {}
+    ppl = f", validation perplexity {final['val_perplexity']:.2f}" if "val_perplexity" in final else ""
+    _out.print(f"trained {summary['parameters']:,} parameters for {summary['steps']} steps{ppl}; wrote "
+               f"{summary['model']}")
 
 
 @app.command("verify")

@@ -69,7 +69,11 @@ Overwrite = Annotated[bool, _O(help="Replace what is at --out (only a kdcache ca
 
 # --- reading data ---------------------------------------------------------------------------------------------------
 MaxLength = Annotated[int, _O(help="Text: truncate token sequences to this length.")]
-TextColumn = Annotated[Optional[str], _O(help="Text task: column with the text.")]
+TextColumn = Annotated[Optional[str], _O(help="Text task: column with the text (--task lm JSONL/Parquet: default "
+                                                "'text').")]
+VocabSize = Annotated[Optional[int], _O(help="train --task lm without --tokenizer: train a byte-level BPE of this "
+                                            "many tokens on the train split.")]
+SeqLen = Annotated[Optional[int], _O(help="--task lm: tokens per row (window of the token stream).")]
 TextPairColumn = Annotated[Optional[str], _O(help="Text task: column with the second text of a pair.")]
 LabelColumn = Annotated[Optional[str], _O(help="Text task: column with the label.")]
 LabelNames = Annotated[Optional[str], _O(help="Text task: comma-separated label names, in id order.")]

@@ -13,7 +13,8 @@ PRESETS = ("auto", "cifar", "glue", "small")
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb", "qnli", "qqp", "mnli")
 IMAGE_TASKS = ("cifar10", "cifar100", "imagefolder", "mnist", "fashion-mnist", "svhn", "imagenet")
 FEATURE_TASKS = ("digits", "tabular")
-TASKS = (*GLUE_TASKS, "text", *IMAGE_TASKS, *FEATURE_TASKS)
+LM_TASKS = ("lm",)  # a causal language model over a token stream (kdcache.data.lm)
+TASKS = (*GLUE_TASKS, "text", *LM_TASKS, *IMAGE_TASKS, *FEATURE_TASKS)
 STREAM_MODES = ("auto", "memory", "chunks")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw", "adam")
@@ -30,7 +31,7 @@ LOGIT_DTYPES = ("float16", "float32")
 def task_modality(task: str | None) -> str | None:
     """The modality a task name implies (None for a name this kdcache does not know): the data loaders read by it,
     and a cache's recorded modality must agree with it, since the modality picks the distillation preset."""
-    if task in GLUE_TASKS or task == "text":
+    if task in GLUE_TASKS or task == "text" or task in LM_TASKS:
         return "text"
     if task in IMAGE_TASKS:
         return "image"
@@ -64,7 +65,8 @@ NUMBER_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "max_length": (1, True, None, False), "image_size": (1, True, None, False), "limit": (1, True, None, False),
     "subset": (1, True, None, False), "holdout": (1, True, None, False),
     "holdout_test": (1, True, None, False), "proj_dim": (1, True, None, False),
-    "sample": (0, True, None, False), "student_epochs": (1, True, None, False),
+    "sample": (0, True, None, False), "student_epochs": (1, True, None, False), "seq_len": (1, True, None, False),
+    "vocab_size": (257, True, None, False),
 }
 
 

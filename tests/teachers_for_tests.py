@@ -133,3 +133,26 @@ def make_tiny_tokenizer(directory: Path):
         tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
     tokenizer.save_pretrained(str(directory))
     return AutoTokenizer.from_pretrained(str(directory))
+
+
+def make_tiny_gpt2(directory: Path, corpus: list[str], *, vocab_size: int = 120, positions: int = 32, seed: int = 0,
+                   tie: bool = True, outputs: int | None = None) -> Path:
+    """A causal language model teacher for --task lm, offline: a byte-level BPE trained here on `corpus` (EOS
+    `<|endoftext|>`) and a 2-layer GPT-2 of random, seeded weights (`outputs`: its head's width, by default the
+    tokenizer's vocabulary), saved together as a HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=outputs or len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        tie_word_embeddings=tie)
+    GPT2LMHeadModel(config).eval().save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory

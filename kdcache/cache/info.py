@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from kdcache.cache.reader import Cache
-from kdcache.cache.schema import PROGRESS_FOLDER, ROW_ARRAYS
+from kdcache.cache.schema import PROGRESS_FOLDER, ROW_ARRAYS, TOKEN_ARRAYS
 from kdcache.cache.store import CacheStore
 
 _SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
                "digest", "logits_bytes_raw", "logits_bytes_stored", "compression_ratio", "bytes_per_sample",
-               "missing_arrays", "target_arrays", "target_quality", "rows_stored")
+               "missing_arrays", "target_arrays", "target_quality", "rows_stored", "tokens", "bytes_per_token")
 
 
 def describe_cache(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -31,6 +31,7 @@ def describe_cache(location: str | Path | CacheStore, storage_options: dict[str,
         "throughput": header.throughput, "checkpoints": [c.to_attrs() for c in header.checkpoints],
         "hidden_projections": header.hidden_projections.to_attrs() if header.hidden_projections else None,
         "target": {**target.to_attrs(), "description": target.describe()},
+        "tokens": header.tokens.to_attrs() if header.tokens is not None else None,
         "size_on_disk": sum(sizes.values()), "splits": splits,
     }
 
@@ -38,7 +39,8 @@ def describe_cache(location: str | Path | CacheStore, storage_options: dict[str,
 def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any) -> dict[str, Any]:
     """One split; the bytes are those of the target's arrays (dense: `logits`), raw and as stored."""
     group = cache.root[name]
-    wanted = (*target.arrays, *ROW_ARRAYS, *(group.attrs.get("extra_arrays") or {}))
+    wanted = (*target.arrays, *ROW_ARRAYS, *(TOKEN_ARRAYS if target.positions else ()),
+              *(group.attrs.get("extra_arrays") or {}))
     complete = group.attrs.get("complete") is True
     if not complete and not set(wanted) <= set(group.array_keys()):
         # The writer stopped (e.g. a full disk) before it had created this split's arrays.
@@ -63,6 +65,7 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any)
         "bytes_per_sample": round(stored / len(split), 2) if len(split) else None,
         "missing_arrays": [], "extra_arrays": split.extra_widths,
         "rows_stored": len(split) if complete else _rows_stored(name, len(split), split.chunk_rows, sizes, group),
+        **_token_sizes(split, stored),
     }
 
 
@@ -74,6 +77,16 @@ def _rows_stored(name: str, rows: int, chunk_rows: int, sizes: dict[str, int], g
               and k[len(prefix):-5].isdigit()}
     counted = sum(max(0, min(rows, (k + 1) * chunk_rows) - k * chunk_rows) for k in chunks)
     return counted if chunks else int(group.attrs.get("rows_done") or 0)
+
+
+
+def _token_sizes(split: Any, stored: int) -> dict[str, Any]:
+    """A language-model split's tokens (the stream's, padding excluded) and its target's stored bytes per token."""
+    dataset = split.split_header.dataset
+    tokens = (dataset.preprocess or {}).get("tokens") if dataset is not None and split.target.positions else None
+    if not isinstance(tokens, int) or tokens < 1:
+        return {"tokens": None, "bytes_per_token": None}
+    return {"tokens": tokens, "bytes_per_token": round(stored / tokens, 2)}
 
 
 __all__ = ["describe_cache"]

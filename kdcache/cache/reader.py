@@ -353,8 +353,8 @@ class TeacherCache:
                                    f"{recorded} rows per chunk (and no chunk may exceed "
                                    f"{schema.MAX_CHUNK_BYTES:,} bytes); {RECREATE_HINT}")
         width = self.header.num_outputs
-        if width is not None and self.target.kind == "dense" and self.logits.shape[1] != width:
-            raise KDCacheError(f"{self.path}/{self.split}: logits have {self.logits.shape[1]} columns but the teacher "
+        if width is not None and self.target.kind == "dense" and self.logits.shape[-1] != width:
+            raise KDCacheError(f"{self.path}/{self.split}: logits have {self.logits.shape[-1]} columns but the teacher "
                                f"has {width} outputs")
         described = self.header.extra_arrays(width or self.target.outputs)
         if described != self.extra_widths:

@@ -37,11 +37,14 @@ DENSE_FORMAT_VERSION = 1
 
 BASE_ARRAYS = ("logits", "labels", "index", "fingerprint")  # a dense split's (format version 1's) four arrays
 ROW_ARRAYS = ("labels", "index", "fingerprint")  # the per-row columns every split holds after its target
+#: The per-row columns of a token-level (language-model) split, after ROW_ARRAYS: the window's token ids [N, S]
+#: (0 past its length) and its length [N].
+TOKEN_ARRAYS = ("input_ids", "lengths")
 #: Every array name a target kind stores (targets.TargetSpec.dtypes): never an optional (extra) array's name.
 TARGET_ARRAYS = ("logits", "topk_values", "topk_indices", "logsumexp", "sampled_ids", "sampled_counts",
                  "sampled_logprobs")
 LOGIT_DTYPES = ("float16", "float32")
-LABEL_DTYPE = {"classification": "int64", "regression": "float32"}
+LABEL_DTYPE = {"classification": "int64", "regression": "float32", "lm": "int64"}
 INDEX_DTYPE = "int64"
 FINGERPRINT_DTYPE = "uint64"
 #: Float rows (logits, checkpoints' logits, projections) are filled with NaN where no chunk was written, so a
@@ -80,11 +83,12 @@ def progress_key(split: str, chunk: int) -> str:
     return f"{PROGRESS_FOLDER}/{split}/{chunk}.json"
 
 
-def default_chunk_rows(num_outputs: int, itemsize: int) -> int:
-    """Power-of-two rows per chunk giving about TARGET_CHUNK_BYTES of raw logits."""
+def default_chunk_rows(num_outputs: int, itemsize: int, min_rows: int = MIN_CHUNK_ROWS) -> int:
+    """Power-of-two rows per chunk giving about TARGET_CHUNK_BYTES of raw logits (at least `min_rows`: a token-level
+    row of S positions is already large, and takes 1)."""
     rows = max(1, TARGET_CHUNK_BYTES // max(1, num_outputs * itemsize))
     rows = 1 << (rows.bit_length() - 1)
-    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows)))
+    return int(min(MAX_CHUNK_ROWS, max(min_rows, rows)))
 
 
 def logits_dtype(name: str) -> np.dtype:
@@ -119,6 +123,7 @@ class ArraySpec:
     target: bool = False  # a teacher output: floats are refused when not finite, and stored in the cache's codec
     codec: str | None = None  # the codec the format fixes for this array (None: the cache's codec for a teacher
     #                           output, the format's default for a per-row column)
+    positions: int | None = None  # a token-level array: S positions per row, before the width ([N, S, width])
 
     @property
     def is_target(self) -> bool:
@@ -131,7 +136,7 @@ class ArraySpec:
         return self.codec or (cache_codec if self.target else DEFAULT_CODEC)
 
     def shape(self, rows: int) -> tuple[int, ...]:
-        return (rows,) if self.width is None else (rows, self.width)
+        return (rows, *((self.positions,) if self.positions else ()), *((self.width,) if self.width else ()))
 
 
 def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int], target: Any = None,
@@ -139,7 +144,8 @@ def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int]
     """Every array of a split in storage order: the target's arrays (`target`, a targets.TargetSpec; None: dense
     `logits`), the three per-row columns, then the optional float arrays. `codec`: the cache's codec."""
     floats = logits_dtype(dtype)
-    if target is None or target.kind == "dense":
+    positions = getattr(target, "positions", None)
+    if target is None or (target.kind == "dense" and not positions):
         specs = {"logits": ArraySpec("logits", floats, num_outputs, FLOAT_FILL, target=True)}
     else:
         specs = target.array_specs(codec)
@@ -148,6 +154,11 @@ def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int]
         "index": ArraySpec("index", np.dtype(INDEX_DTYPE)),
         "fingerprint": ArraySpec("fingerprint", np.dtype(FINGERPRINT_DTYPE)),
     })
+    if positions:  # a language-model split: the windows themselves, so a student never re-tokenises
+        from kdcache.cache.targets import index_dtype
+
+        specs["input_ids"] = ArraySpec("input_ids", index_dtype(target.outputs), positions=positions)
+        specs["lengths"] = ArraySpec("lengths", np.dtype("int32"))
     specs.update({name: ArraySpec(name, floats, int(width), FLOAT_FILL, target=True) for name, width in extras.items()})
     return specs
 
@@ -210,7 +221,7 @@ PREPROCESS_TYPES: dict[str, Any] = {
     "limit": int | None, "subset": int | None, "holdout": int | None, "holdout_test": int | None,
     "max_length": int | None,
     "image_size": int | None, "normalize": str | None, "text_column": str | None, "text_pair_column": str | None,
-    "label_column": str | None, "split_used": str | None,
+    "label_column": str | None, "split_used": str | None, "seq_len": int | None,
 }
 #: The keys of the root `teacher` that readers act on, and their types.
 TEACHER_TYPES: dict[str, Any] = {"num_outputs": int | None, "label_names": list[str] | None}
@@ -306,6 +317,33 @@ class Projections(_Header):
     teacher: str | None = None
 
 
+#: Where each position's target points, recorded in a language-model cache (`TokenInfo.alignment`).
+ALIGNMENT_RULE = ("position j of a window holds the teacher's distribution over the token at stream position "
+                  "window_start + j + 1: the next token, input_ids[j + 1] for j < length - 1; the last position "
+                  "(j = length - 1) predicts the first token of the next window, stored as that row's `labels` "
+                  "(-1 after the stream's last token)")
+#: How a language-model split is cut into rows (`TokenInfo.windows`).
+WINDOW_RULE = ("each split is one token stream: every document (a non-empty line of .txt, the text column of a JSONL "
+               "or Parquet row) tokenised without special tokens and followed by the tokenizer's EOS, in file order; "
+               "row n is stream[n * S:(n + 1) * S], the last row shorter (its length in `lengths`); positions past a "
+               "row's length hold 0 in `input_ids` and in every target array; the teacher sees each window alone "
+               "(no context from the previous window)")
+
+
+@dataclass
+class TokenInfo(_Header):
+    """A language-model cache's token axis: what a student must agree with to read `input_ids` and the targets."""
+
+    seq_len: int  # S, positions per row
+    outputs: int  # the model's output width C (the head; may exceed the tokenizer's vocabulary)
+    vocab_size: int  # the tokenizer's true vocabulary, len(tokenizer): ids 0..vocab_size-1
+    eos_id: int
+    tokenizer_sha256: str  # sha256 of the stored tokenizer zip (array `tokenizer`)
+    tokenizer_class: str | None = None
+    alignment: str = ALIGNMENT_RULE
+    windows: str = WINDOW_RULE
+
+
 @dataclass
 class RootHeader(_Header):
     """The root attributes: what wrote the cache, of what, how; `complete` is the writer's last word."""
@@ -329,6 +367,8 @@ class RootHeader(_Header):
     chunk_manifests: bool | None = _optional()
     checkpoints: list[CheckpointEntry] = field(default_factory=list, metadata={"optional": True})
     hidden_projections: Projections | None = _optional()
+    #: a language-model cache's token axis: alignment rule, tokenizer, vocabulary (`TokenInfo`); absent otherwise
+    tokens: TokenInfo | None = _optional()
     #: the stored target (a targets.TargetSpec); absent in a version-1 cache, which holds dense logits
     target: Any = _optional()
     completed: str | None = _optional()
@@ -366,6 +406,8 @@ class RootHeader(_Header):
         hidden = attrs.get("hidden_projections")
         header.hidden_projections = Projections.from_attrs(hidden, f"{where}: hidden_projections", file=file,
                                                            prefix="hidden_projections.") if hidden else None
+        if attrs.get("tokens") is not None:
+            header.tokens = TokenInfo.from_attrs(attrs["tokens"], f"{where}: tokens", file=file, prefix="tokens.")
         if attrs.get("target") is not None:
             from kdcache.cache.targets import TargetSpec
 
@@ -409,8 +451,17 @@ class RootHeader(_Header):
             if values is not None and values != storage.logits_dtype:
                 raise KDCacheError(f"{file}: attribute target.dtypes stores values as {values!r}, but "
                                    f"storage.logits_dtype is {storage.logits_dtype!r}; the attributes were edited")
-            if target.kind != "dense" and task.kind != "classification":
+            if target.kind != "dense" and task.kind not in ("classification", "lm"):
                 raise KDCacheError(f"{file}: a {target.kind} target on a {task.kind} task; the attributes were edited")
+            if bool(target.positions) != (task.kind == "lm") or (task.kind == "lm") != (self.tokens is not None):
+                raise KDCacheError(f"{file}: task.kind {task.kind!r}, target.axes {target.axes} and the tokens "
+                                   "attribute disagree (a language-model cache has all three); the attributes were "
+                                   "edited")
+            if self.tokens is not None and (self.tokens.outputs != target.outputs
+                                            or self.tokens.seq_len != target.positions):
+                raise KDCacheError(f"{file}: attribute tokens (outputs {self.tokens.outputs}, seq_len "
+                                   f"{self.tokens.seq_len}) disagrees with target (outputs {target.outputs}, positions "
+                                   f"{target.positions}); the attributes were edited")
         recorded_target = settings.get("target")
         if recorded_target is not None and (target is None or recorded_target != target.to_attrs()):
             raise KDCacheError(f"{file}: attribute target differs from write_settings.target, recorded when the "
@@ -558,10 +609,10 @@ class SplitHeader(_Header):
 
     def arrays_for(self, target: Any) -> tuple[str, ...]:
         """The arrays of this split in storage order, for the root's target (a targets.TargetSpec)."""
-        return (*target.arrays, *ROW_ARRAYS, *self.extra_arrays)
+        return (*target.arrays, *ROW_ARRAYS, *(TOKEN_ARRAYS if target.positions else ()), *self.extra_arrays)
 
 
-__all__ = ["ArraySpec", "BASE_ARRAYS", "DENSE_FORMAT_VERSION", "ROW_ARRAYS", "TARGET_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
+__all__ = ["ALIGNMENT_RULE", "TOKEN_ARRAYS", "TokenInfo", "WINDOW_RULE", "ArraySpec", "BASE_ARRAYS", "DENSE_FORMAT_VERSION", "ROW_ARRAYS", "TARGET_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
            "FORMAT_NAME", "FORMAT_VERSION", "PROGRESS_FOLDER", "Projections", "RootHeader", "SplitHeader", "StorageInfo",
            "TaskInfo", "PREPROCESS_TYPES", "TEACHER_TYPES", "MODALITIES",
            "chain_digest", "check_type", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key",

@@ -12,10 +12,14 @@ is docs/cache-format.md (version 2).
     sampled  sampled_ids [rows, W]  (W = min(N, C); ids ascending, unused slots last: id 0, count 0, logprob 0)
              sampled_counts [rows, W] (sum N per row)           smallest unsigned int holding N
              sampled_logprobs [rows, W]                         float32 log-softmax at T = 1
+
+A token-level (language-model) target has `positions` = S and every array gains that axis after the rows:
+[rows, S, width] (`logsumexp` [rows, S] or [rows, S, temps]); each position is computed as a row of its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -31,9 +35,10 @@ if TYPE_CHECKING:  # capture alone needs torch: a reader of the format does not 
     import torch
 
 KINDS = ("dense", "topk", "sampled")
-#: The axes of every target of this version; token-level caches will add "positions" (before a temperature axis)
-#: and multi-view caches "views".
+#: The axes of a per-row target; a token-level (language-model) target adds "positions" (before a temperature
+#: axis): [rows, positions, width]. Multi-view caches will add "views".
 ROW_AXES = ["rows"]
+TOKEN_AXES = ["rows", "positions"]
 #: The codecs of the arrays whose codec the format fixes (chosen by benchmarks/bench_target_codecs.py; the table is
 #: in docs/cache-format.md). The values arrays (`logits`, `topk_values`) take the cache's --codec.
 TARGET_CODECS = {"topk_indices": "zstd3", "logsumexp": "blosc-zstd3-shuffle", "sampled_ids": "blosc-zstd3-shuffle",
@@ -73,7 +78,26 @@ class TargetSpec(_Header):
     seed: int | None = None
     seed_rule: str | None = None
     codecs: dict[str, str] = field(default_factory=dict)  # arrays whose codec the format fixes
+    positions: int | None = None  # S of a token-level target (axes TOKEN_AXES), None for a per-row one
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def per_token(self, positions: int) -> "TargetSpec":
+        """This target at each of `positions` positions of a row (a language model's window)."""
+        self.axes, self.positions = list(TOKEN_AXES), int(positions)
+        if self.kind == "sampled":
+            self.seed_rule = (self.seed_rule or "").replace(
+                "row = the row's position in its split", "row = (the row's position in its split) * S + position")
+        return self
+
+    def per_row(self) -> "TargetSpec":
+        """The same target without its token axis: what one position of a token-level row holds."""
+        return dataclasses.replace(self, positions=None, axes=list(ROW_AXES))
+
+    def to_attrs(self) -> dict[str, Any]:
+        out = super().to_attrs()
+        if self.positions is None:
+            out.pop("positions")  # a per-row target records what it did before the token axis existed
+        return out
 
     # --- construction ---------------------------------------------------------------------------------------------
 
@@ -104,8 +128,8 @@ class TargetSpec(_Header):
 
     @property
     def format_version(self) -> int:
-        """Dense caches stay version 1 (every kdcache reads them); a sparse target needs a version-2 reader."""
-        return 1 if self.kind == "dense" else 2
+        """Dense caches stay version 1 (every kdcache reads them); a sparse or token-level target needs version 2."""
+        return 1 if self.kind == "dense" and not self.positions else 2
 
     @property
     def arrays(self) -> list[str]:
@@ -118,8 +142,9 @@ class TargetSpec(_Header):
     @property
     def row_bytes(self) -> int:
         """Raw bytes of one row of the target's arrays (before compression), which sizes the chunks."""
-        return sum(np.dtype(d).itemsize * (len(self.temperatures or [1.0]) if n == "logsumexp" else self.width)
-                   for n, d in self.dtypes.items())
+        return (self.positions or 1) * sum(
+            np.dtype(d).itemsize * (len(self.temperatures or [1.0]) if n == "logsumexp" else self.width)
+            for n, d in self.dtypes.items())
 
     def array_specs(self, codec: str) -> dict[str, ArraySpec]:
         """The target's arrays of a split, in storage order (`codec`: the cache's codec, for the values arrays)."""
@@ -130,7 +155,8 @@ class TargetSpec(_Header):
             if name == "logsumexp":
                 width = None if len(self.temperatures or [1.0]) == 1 else len(self.temperatures or [])
             fill = schema.FLOAT_FILL if dt.kind == "f" and name != "sampled_logprobs" else 0
-            specs[name] = ArraySpec(name, dt, width, fill, target=True, codec=self.codecs.get(name))
+            specs[name] = ArraySpec(name, dt, width, fill, target=True, codec=self.codecs.get(name),
+                                    positions=self.positions)
         return specs
 
     def check(self, where: str) -> None:
@@ -141,8 +167,11 @@ class TargetSpec(_Header):
 
         if self.kind not in KINDS:
             raise bad(f".kind is {self.kind!r}, not one of {', '.join(KINDS)}")
-        if self.axes != ROW_AXES:
-            raise bad(f".axes is {self.axes!r}; this kdcache reads {ROW_AXES}")
+        if self.axes not in (ROW_AXES, TOKEN_AXES) or (self.axes == TOKEN_AXES) != (self.positions is not None):
+            raise bad(f".axes is {self.axes!r} with positions {self.positions!r}; this kdcache reads {ROW_AXES}, or "
+                      f"{TOKEN_AXES} with positions S")
+        if self.positions is not None and (isinstance(self.positions, bool) or self.positions < 1):
+            raise bad(f".positions is {self.positions!r}, not a positive integer")
         if self.outputs < 1 or self.width < 1:
             raise bad(f"has outputs {self.outputs} and width {self.width}; both must be positive")
         expected = {"dense": lambda: TargetSpec.dense(self.outputs, self.dtypes.get("logits", "")),
@@ -157,6 +186,8 @@ class TargetSpec(_Header):
         values = self.dtypes.get("logits", self.dtypes.get("topk_values", "float32"))
         if values not in schema.LOGIT_DTYPES:
             raise bad(f"values dtype is {values!r}, not one of {', '.join(schema.LOGIT_DTYPES)}")
+        if self.kind == "sampled" and self.positions and expected.per_token(self.positions).seed_rule != self.seed_rule:
+            raise bad(f".seed_rule is {self.seed_rule!r}, not the rule this kdcache draws by")
         if self.kind == "topk":
             temps = self.temperatures or []
             if not temps or temps[0] != 1.0 or len(set(temps)) != len(temps) or not all(t > 0 for t in temps):
@@ -181,11 +212,14 @@ class TargetSpec(_Header):
                 temps_text = f"1..{len(temps)}"
             else:
                 temps_text = ", ".join(f"{t:g}" for t in temps)
-            return f"top-{self.k} of {self.outputs} (logsumexp at T = {temps_text})"
+            return f"top-{self.k} of {self.outputs}{self._per()} (logsumexp at T = {temps_text})"
         if self.kind == "sampled":
-            return (f"sampled, {self.draws} draws at T = {self.sample_temperature:g} of {self.outputs} (seed "
-                    f"{self.seed})")
-        return f"dense, {self.outputs} outputs"
+            return (f"sampled, {self.draws} draws at T = {self.sample_temperature:g} of {self.outputs}{self._per()} "
+                    f"(seed {self.seed})")
+        return f"dense, {self.outputs} outputs{self._per()}"
+
+    def _per(self) -> str:
+        return f" per token ({self.positions} positions a row)" if self.positions else ""
 
 
 # --- capture: the target's arrays from full logits ------------------------------------------------------------------
@@ -233,7 +267,12 @@ def sampled_arrays(logits: torch.Tensor, draws: int, temperature: float, seed: i
 
 
 def target_arrays(spec: TargetSpec, logits: torch.Tensor, first_row: int) -> dict[str, torch.Tensor]:
-    """The arrays of `spec`'s kind from a batch of full float32 logits whose first row is row `first_row`."""
+    """The arrays of `spec`'s kind from a batch of full float32 logits whose first row is row `first_row`: [B, C], or
+    [B, S, C] for a token-level target, whose positions are computed as rows first_row * S + position."""
+    if spec.positions:
+        rows, positions, outputs = logits.shape
+        flat = target_arrays(spec.per_row(), logits.reshape(rows * positions, outputs), first_row * positions)
+        return {k: v.reshape(rows, positions, *v.shape[1:]) for k, v in flat.items()}
     if spec.kind == "topk":
         return topk_arrays(logits, int(spec.k), list(spec.temperatures or [1.0]))
     if spec.kind == "sampled":
@@ -331,5 +370,5 @@ def parse_temperatures(text: str, flag: str = "--lse-temperatures") -> list[floa
     return temps
 
 
-__all__ = ["KINDS", "QUALITY_ROWS", "QualitySum", "TARGET_CODECS", "TargetSpec", "default_temperatures",
+__all__ = ["TOKEN_AXES", "KINDS", "QUALITY_ROWS", "QualitySum", "TARGET_CODECS", "TargetSpec", "default_temperatures",
            "index_dtype", "parse_temperatures", "row_seed", "sampled_arrays", "target_arrays", "topk_arrays"]

@@ -29,6 +29,7 @@ class DataOptions:
     subset: int | None = None  # keep this many rows, evenly spaced over the split (class-balanced enough for sorted folders)
     holdout: int | None = None  # this many train rows (evenly spaced) are the `validation` split, the rest `train`
     holdout_test: int | None = None  # this many more (evenly spaced over what --holdout left) are the `test` split
+    seq_len: int | None = None  # --task lm: tokens per row (window)
 
 
 def recorded_options(dataset: dict[str, Any], task: dict[str, Any]) -> DataOptions:
@@ -38,7 +39,9 @@ def recorded_options(dataset: dict[str, Any], task: dict[str, Any]) -> DataOptio
     pre = dataset.get("preprocess") or {}
     options = DataOptions(limit=pre.get("limit"), subset=pre.get("subset"), holdout=pre.get("holdout"),
                           holdout_test=pre.get("holdout_test"))
-    if dataset.get("modality") == "text":
+    if dataset.get("task") == "lm":
+        options.seq_len, options.text_column = pre.get("seq_len"), pre.get("text_column")
+    elif dataset.get("modality") == "text":
         options.max_length = int(pre.get("max_length", 128))
         if dataset.get("task") == "text":
             options.text_column, options.text_pair_column = pre.get("text_column"), pre.get("text_pair_column")
@@ -160,6 +163,12 @@ def _load_split(task: str, data: str | Path | None, split: str, tokenizer: Any, 
 
         return load_tabular_split(data, split, limit=opts.limit)
     if modality == "text":
+        if tokenizer is None:
+            raise KDCacheError(f"task {task!r} needs a tokenizer: the teacher folder has none; pass --tokenizer DIR")
+        if task == "lm":
+            from kdcache.data.lm import load_lm_split
+
+            return load_lm_split(data, split, tokenizer, seq_len=opts.seq_len, text_column=opts.text_column)
         if tokenizer is None:
             raise KDCacheError(f"task {task!r} needs a tokenizer: the teacher folder has none; pass --tokenizer DIR")
         from kdcache.data.text import load_text_split

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 Modality = Literal["text", "image", "features"]
-TaskKind = Literal["classification", "regression"]
+TaskKind = Literal["classification", "regression", "lm"]
 
 #: Label stored for rows whose split has no labels (e.g. GLUE test files).
 MISSING_CLASS = -1

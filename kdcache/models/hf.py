@@ -102,6 +102,69 @@ def load_classifier(folder: str | Path, *, trust_model_code: bool = False, what:
     return model, sorted(str(k) for k in (info.get("missing_keys") or []))
 
 
+def load_causal_lm(folder: str | Path, *, trust_model_code: bool = False) -> Any:
+    """A folder's causal language model (`AutoModelForCausalLM`), refused in one line when the folder holds another
+    kind of model: transformers would build a causal head for some encoders (BERT) and fill it at random."""
+    from transformers import AutoModelForCausalLM
+
+    check_no_custom_code(folder, trust_model_code)
+    config = load_config(folder, trust_model_code=trust_model_code)
+    architectures = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_model_code:
+        raise KDCacheError(f"{folder}: not a causal language model ({architectures}: model type "
+                           f"{config.model_type!r} has no AutoModelForCausalLM class)")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_model_code, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable weights, an unknown model type
+        raise KDCacheError(f"{folder}: cannot load a causal language model ({architectures}): "
+                           f"{_first_line(exc)}") from exc
+    missing = sorted(str(k) for k in (info.get("missing_keys") or []))
+    if missing:
+        raise KDCacheError(f"{folder}: not a causal language model ({architectures}): its weights lack "
+                           f"{len(missing)} tensors of the language-model head ({', '.join(missing[:2])}"
+                           f"{', ...' if len(missing) > 2 else ''}); --task lm needs an AutoModelForCausalLM folder")
+    return model
+
+
+def causal_lm_from_config(path: str | Path, vocab_size: int, *, seed: int = 0) -> Any:
+    """A fresh causal language model from a Hugging Face config JSON (`model_type` and sizes; `vocab_size` defaults
+    to the tokenizer's), with seeded weights: the project's own teacher, made offline."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object, got {type(values).__name__}")
+        model_type = values.pop("model_type")
+    except (OSError, ValueError, KeyError) as exc:
+        raise KDCacheError(f"{path}: not a Hugging Face config (JSON with a model_type): {_first_line(exc)}") from exc
+    if values.get("auto_map"):
+        raise KDCacheError(f"{path}: the config names Python code of its own (auto_map); give a built-in model_type")
+    values.pop("architectures", None)
+    values.setdefault("vocab_size", vocab_size)
+    if not isinstance(values["vocab_size"], int) or values["vocab_size"] < vocab_size:
+        raise KDCacheError(f"{path}: vocab_size {values['vocab_size']!r} is below the tokenizer's {vocab_size} tokens")
+    import torch
+
+    from kdcache.models.builders import allocation_guard, check_model_size
+
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+        check_model_size(lambda: AutoModelForCausalLM.from_config(config), f"model {path}")
+        torch.manual_seed(seed)
+        with allocation_guard(f"model {path}"):
+            return AutoModelForCausalLM.from_config(config)
+    except KDCacheError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unknown model_type, or one without a causal-LM class
+        raise KDCacheError(f"{path}: cannot build a causal language model from this config ({_first_line(exc)})") \
+            from exc
+
+
 def load_tokenizer(source: str | Path, *, trust_model_code: bool = False, what: str = "the tokenizer") -> Any:
     """A tokenizer from a folder, or one line naming the folder."""
     from transformers import AutoTokenizer

@@ -135,10 +135,15 @@ def check_model_dir_code(directory: Path, architecture: str, trust_model_code: b
                            f"(module:factory), not a registered architecture; {TRUST_HINT}")
 
 
-def _load_hf(directory: Path, tokenizer: str | None, trust_model_code: bool = False) -> Teacher:
-    from kdcache.models.hf import load_classifier, load_tokenizer
+def _load_hf(directory: Path, tokenizer: str | None, trust_model_code: bool = False,
+             causal_lm: bool = False) -> Teacher:
+    from kdcache.models.hf import load_causal_lm, load_classifier, load_tokenizer
 
-    model, missing = load_classifier(directory, trust_model_code=trust_model_code, what="sequence-classification model")
+    if causal_lm:
+        model, missing = load_causal_lm(directory, trust_model_code=trust_model_code), []
+    else:
+        model, missing = load_classifier(directory, trust_model_code=trust_model_code,
+                                         what="sequence-classification model")
     if missing:
         raise KDCacheError(f"{directory}: the teacher's weights lack {len(missing)} tensors ({', '.join(missing[:3])}"
                            f"{', ...' if len(missing) > 3 else ''}), which would be random; a teacher must be trained")
@@ -150,6 +155,8 @@ def _load_hf(directory: Path, tokenizer: str | None, trust_model_code: bool = Fa
     names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
     if names and all(n == f"LABEL_{i}" for i, n in enumerate(names)):
         names = None  # transformers' placeholder names carry no information
+    if causal_lm:  # the width is the head's, measured by the first forward pass; there are no label names
+        return Teacher(model, str(directory), "huggingface", weights_sha256(model), None, None, tok)
     return Teacher(model, str(directory), "huggingface", weights_sha256(model), int(model.config.num_labels), names, tok)
 
 
@@ -176,14 +183,18 @@ def _load_model_dir(directory: Path, trust_model_code: bool) -> Teacher:
 
 def load_teacher(
     spec: str, *, weights: str | Path | None = None, num_outputs: int | None = None, tokenizer: str | None = None,
-    trust_model_code: bool = False,
+    trust_model_code: bool = False, causal_lm: bool = False,
 ) -> Teacher:
     """Resolve a teacher spec to a model in eval mode; `num_outputs` sizes the head of bare architectures.
-    `trust_model_code` lets a `module:factory` architecture (named here or in a model folder) import and run."""
+    `trust_model_code` lets a `module:factory` architecture (named here or in a model folder) import and run.
+    `causal_lm` (--task lm): the teacher must be a Hugging Face causal language model folder."""
     path = Path(spec)
+    if causal_lm and not (path.is_dir() and (path / HF_CONFIG_FILE).is_file()):
+        raise KDCacheError(f"{spec}: --task lm needs a Hugging Face causal language model folder (config.json, "
+                           "weights, tokenizer) as --teacher")
     if path.is_dir():
         if (path / HF_CONFIG_FILE).is_file():
-            teacher = _load_hf(path, tokenizer, trust_model_code)
+            teacher = _load_hf(path, tokenizer, trust_model_code, causal_lm)
         elif (path / MODEL_DIR_FILE).is_file():
             teacher = _load_model_dir(path, trust_model_code)
         else:
@@ -207,7 +218,7 @@ def load_teacher(
     return teacher
 
 
-def probe_teacher(teacher: Teacher, tap: Any, inputs: Any, where: str) -> tuple[int, list[int]]:
+def probe_teacher(teacher: Teacher, tap: Any, inputs: Any, where: str, tokens: bool = False) -> tuple[int, list[int]]:
     """One forward pass on a couple of rows (`inputs`, already on the device and under the caller's autocast):
     proves the teacher runs on this data and measures its output width (and, through a LayerTap `tap`, the widths
     of the pooled hidden layers to project)."""
@@ -219,9 +230,11 @@ def probe_teacher(teacher: Teacher, tap: Any, inputs: Any, where: str) -> tuple[
     except Exception as exc:  # noqa: BLE001 - any model error on this input is a user-facing mismatch
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise KDCacheError(f"teacher {teacher.spec} cannot run on {where}: {message}") from exc
-    if logits.ndim != 2:
-        raise KDCacheError(f"teacher {teacher.spec} returned shape {tuple(logits.shape)}; expected [batch, outputs]")
-    return int(logits.shape[1]), [int(p.shape[1]) for p in pooled]
+    expected = 3 if tokens else 2
+    if logits.ndim != expected:
+        raise KDCacheError(f"teacher {teacher.spec} returned shape {tuple(logits.shape)}; expected "
+                           f"{'[batch, positions, outputs]' if tokens else '[batch, outputs]'}")
+    return int(logits.shape[-1]), [int(p.shape[1]) for p in pooled]
 
 
 def check_teacher_spec(spec: str, modality: str, tokenizer: str | None) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -52,7 +53,8 @@ import numpy as np
 import torch
 
 from kdcache.cache import codecs, schema, targets
-from kdcache.cache.schema import CheckpointEntry, DatasetInfo, Projections, RootHeader, StorageInfo, TaskInfo
+from kdcache.cache.schema import (CheckpointEntry, DatasetInfo, Projections, RootHeader, StorageInfo, TaskInfo,
+                                  TokenInfo)
 from kdcache.cache.store import CacheStore
 from kdcache.cache.targets import QualitySum, TargetSpec
 from kdcache.cache.writer import BackgroundWriter, CacheWriter, SplitWriter, check_destination, join_capture
@@ -122,6 +124,8 @@ class _Job:
     tap: Any
     projections: dict[Any, torch.Tensor]
     target: TargetSpec
+    tokens: TokenInfo | None = None  # --task lm: the token axis the root records
+    tokenizer_blob: tuple[bytes, list[str]] | None = None  # a text teacher's tokenizer, zipped (stored in the cache)
 
 
 def cache_teacher(cfg: CacheTeacherConfig) -> str | Path:
@@ -157,7 +161,8 @@ def _capture(cfg: CacheTeacherConfig, world: World, device_name: str) -> str | P
 
         resuming = world.agree(take)
         job = world.all_ok(lambda: _prepare(cfg, device, checkpoint_dirs, layers))
-        chunk_rows = cfg.chunk_rows or schema.default_chunk_rows(job.target.row_bytes, 1)
+        chunk_rows = cfg.chunk_rows or schema.default_chunk_rows(job.target.row_bytes, 1,
+                                                                 1 if job.target.positions else schema.MIN_CHUNK_ROWS)
         extras = {f"checkpoint_{k}": job.width for k in range(len(job.checkpoints))}
         extras.update({hidden.array_name(key): cfg.proj_dim for key in job.layers})
         specs = {s.split: schema.split_arrays(job.width, s.kind, cfg.dtype, extras, job.target, cfg.codec)
@@ -170,8 +175,8 @@ def _capture(cfg: CacheTeacherConfig, world: World, device_name: str) -> str | P
             # each rank on its own cuda:LOCAL_RANK: the header names the kind, as one process on `cuda` records it
             header = _header(cfg, job, torch.device(device.type) if world.distributed else device, chunk_rows)
             writer = CacheWriter(store, header, overwrite=cfg.overwrite, resume=resuming, lock=lock)
-            if job.splits[0].modality == "text" and job.teacher.tokenizer is not None:
-                blob, files = tokenizer_zip(job.teacher.tokenizer)
+            if job.tokenizer_blob is not None:
+                blob, files = job.tokenizer_blob
                 writer.add_blob(schema.TOKENIZER_ARRAY, blob, {"format": "zip of save_pretrained files",
                                                                "files": files,
                                                                "class": type(job.teacher.tokenizer).__name__})
@@ -293,6 +298,18 @@ def _check_flags(cfg: CacheTeacherConfig) -> list:
         raise KDCacheError("--proj-dim given without --hidden-layers")
     _check_target_flags(cfg)
     modality_of(cfg.task)  # an unknown task is one line before anything loads
+    if cfg.task == "lm":
+        opts = cfg.data_options
+        given = [flag for flag, value in (("--checkpoints", cfg.checkpoints), ("--hidden-layers", layers),
+                                          ("--limit", opts.limit), ("--subset", opts.subset),
+                                          ("--holdout", opts.holdout)) if value]
+        if given:
+            raise KDCacheError(f"--task lm does not take {', '.join(given)} yet: it caches whole token streams of one "
+                               "teacher (put each split in its own file: train.txt, validation.txt)")
+        if opts.seq_len is None:
+            raise KDCacheError("--task lm needs --seq-len S, the tokens per row (at most the teacher's positions)")
+    elif cfg.data_options.seq_len is not None:
+        raise KDCacheError(f"--seq-len applies to --task lm, not {cfg.task!r} (text tasks take --max-length)")
     return layers
 
 
@@ -321,6 +338,14 @@ def _check_target_flags(cfg: CacheTeacherConfig) -> None:
 
 def _target(cfg: CacheTeacherConfig, outputs: int, kind: str) -> TargetSpec:
     """The target this capture stores, now that the teacher's width and the task's kind are known."""
+    if kind == "lm":  # the same kinds at every position of a window
+        if cfg.topk is not None and cfg.topk >= outputs:
+            raise KDCacheError(f"--topk {cfg.topk} is not below the teacher's {outputs} outputs (its vocabulary); "
+                               f"choose K < {outputs}, or drop --topk to store dense logits per token")
+        # the log-sum-exp at T = 1 alone by default: 20 more a token would cost more than the top-k itself
+        # (docs/benchmarks.md), and no per-token method reads another T yet
+        per_row = dataclasses.replace(cfg, lse_temperatures=cfg.lse_temperatures or (1.0,))
+        return _target(per_row, outputs, "classification").per_token(int(cfg.data_options.seq_len or 0))
     if cfg.sample_tokens is not None:
         if kind != "classification":
             raise KDCacheError(f"--sample-tokens draws classes from the teacher's softmax; task {cfg.task!r} is "
@@ -359,11 +384,14 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
     if checkpoints:  # every name, the teacher's included, must pick one array for --checkpoint NAME
         check_unique_names([*((c.name, c.teacher.spec) for c in checkpoints),
                             (checkpoint_name(Path(cfg.teacher)), cfg.teacher)])
-    is_folder = Path(cfg.teacher).is_dir()
-    if not is_folder:
+    is_folder, lm = Path(cfg.teacher).is_dir(), cfg.task == "lm"
+    if not is_folder and not lm:
         check_teacher_spec(cfg.teacher, modality_of(cfg.task), cfg.tokenizer)
     teacher = final.teacher if final else load_teacher(
-        cfg.teacher, tokenizer=cfg.tokenizer, trust_model_code=cfg.trust_model_code) if is_folder else None
+        cfg.teacher, tokenizer=cfg.tokenizer, trust_model_code=cfg.trust_model_code,
+        causal_lm=lm) if is_folder or lm else None
+    if lm:
+        _check_lm_teacher(teacher, int(cfg.data_options.seq_len or 0))
     tokenizer = teacher.tokenizer if teacher else standalone_tokenizer(cfg.tokenizer, cfg.trust_model_code)
     splits = [load_split(cfg.task, cfg.data, s, tokenizer=tokenizer, options=cfg.data_options) for s in cfg.splits]
     check_distinct_splits(splits)
@@ -380,7 +408,7 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
         raise KDCacheError(f"{first.source}: split {first.split!r} has no rows")
     with autocast(device, cfg.precision):
         probe = first.prepare(first.collate([first.dataset[i] for i in range(min(2, len(first)))]), device)
-        width, hidden_widths = probe_teacher(teacher, tap, probe, first.source)
+        width, hidden_widths = probe_teacher(teacher, tap, probe, first.source, tokens=lm)
     teacher.num_outputs = width
     if teacher.label_names is None and first.kind == "classification":
         teacher.label_names = first.label_names
@@ -390,7 +418,39 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
         checkpoint.teacher.model.to(device)
     projections = {key: torch.from_numpy(hidden.projection_matrix(cfg.proj_seed, key, w, cfg.proj_dim)).to(device)
                    for key, w in zip(layers, hidden_widths)}
-    return _Job(teacher, splits, width, checkpoints, layers, tap, projections, _target(cfg, width, first.kind))
+    blob = tokenizer_zip(teacher.tokenizer) if first.modality == "text" and teacher.tokenizer is not None else None
+    tokens = None
+    if lm:
+        _check_vocabulary(teacher, width)
+        tokens = TokenInfo(int(cfg.data_options.seq_len or 0), width, len(teacher.tokenizer),
+                           int(teacher.tokenizer.eos_token_id), hashlib.sha256(blob[0]).hexdigest(),
+                           type(teacher.tokenizer).__name__)
+    return _Job(teacher, splits, width, checkpoints, layers, tap, projections, _target(cfg, width, first.kind),
+                tokens, blob)
+
+
+def _check_lm_teacher(teacher: Teacher, seq_len: int) -> None:
+    """What a language-model capture needs of its teacher before any data is read: its tokenizer, and as many
+    positions as a window has."""
+    if teacher.tokenizer is None:
+        raise KDCacheError(f"{teacher.spec}: no tokenizer in the teacher folder; pass --tokenizer DIR (the model's "
+                           "own)")
+    config = getattr(teacher.model, "config", None)
+    positions = next((getattr(config, k) for k in ("n_positions", "max_position_embeddings", "n_ctx")
+                      if isinstance(getattr(config, k, None), int)), None)
+    if positions is not None and seq_len > positions:
+        raise KDCacheError(f"--seq-len {seq_len} is beyond teacher {teacher.spec}'s {positions} positions; choose "
+                           f"--seq-len {positions} or less")
+    embeddings = teacher.model.get_input_embeddings()
+    _check_vocabulary(teacher, getattr(embeddings, "num_embeddings", None))
+
+
+def _check_vocabulary(teacher: Teacher, width: int | None) -> None:
+    """Every token id of the tokenizer must be one the model reads and scores (a head may be wider: Qwen2.5's)."""
+    vocab = len(teacher.tokenizer)
+    if width is not None and vocab > width:
+        raise KDCacheError(f"{teacher.spec}: the tokenizer has {vocab} tokens but the model only {width} outputs; "
+                           "the tokenizer is not this model's")
 
 
 def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows: int) -> RootHeader:
@@ -398,7 +458,7 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
     teacher, first = job.teacher, job.splits[0]
     header = RootHeader(
         teacher=teacher.describe(),
-        task=TaskInfo(cfg.task, first.kind, first.modality, first.label_names), target=job.target,
+        task=TaskInfo(cfg.task, first.kind, first.modality, first.label_names), target=job.target, tokens=job.tokens,
         storage=StorageInfo(cfg.dtype, cfg.codec, "crc32c", chunk_rows),
         inference={"device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size},
         fingerprint_algorithm=FINGERPRINT_ALGORITHM, digest_algorithm=DIGEST_ALGORITHM,
@@ -420,6 +480,7 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
         "batch_size": cfg.batch_size,  # batch boundaries decide text padding, and so the last bits of a logit
         "storage": {"logits_dtype": cfg.dtype, "codec": cfg.codec, "chunk_rows": chunk_rows},
         "target": job.target.to_attrs(),
+        **({"tokens": job.tokens.to_attrs()} if job.tokens is not None else {}),
         "data": {s.split: {"source": s.source, "n": len(s), "preprocess": s.preprocess} for s in job.splits},
         **({"checkpoints_sha256": [c.teacher.sha256 for c in job.checkpoints]} if job.checkpoints else {}),
         **({"hidden": {"layers": [str(k) for k in job.layers], "dim": cfg.proj_dim, "seed": cfg.proj_seed}}
@@ -446,7 +507,15 @@ def _teacher_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherC
     arrays.update({hidden.array_name(key): p.float() @ job.projections[key] for key, p in zip(job.layers, pooled)})
     logits = logits.float()
     target = targets.target_arrays(job.target, logits, first_row)
-    quality.add(job.target, logits, target, first_row)
+    if job.target.positions:  # a window: positions past its length hold 0 and are measured nowhere
+        valid = inputs["attention_mask"].bool()
+        for values in target.values():
+            values[~valid] = 0
+        quality.add(job.target.per_row(), logits[valid], {k: v[valid] for k, v in target.items()},
+                    first_row * job.target.positions)
+        arrays.update(input_ids=batch.inputs["input_ids"], lengths=batch.inputs["attention_mask"].sum(dim=1))
+    else:
+        quality.add(job.target, logits, target, first_row)
     return {**target, "labels": batch.labels, "index": batch.index, "fingerprint": batch.fingerprint, **arrays}
 
 

@@ -12,6 +12,8 @@ rounding of its storage dtype (and of the autocast it was computed under) fails.
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ def verify_cache(location: str | Path, *, teacher: str | None = None, weights: s
     if weights is None and not Path(teacher).is_dir() and recorded.get("spec") == teacher:
         weights = recorded.get("weights_file")  # an architecture name: the weights file the cache was written with
     loaded = load_teacher(teacher, weights=weights, num_outputs=recorded.get("num_outputs"),
-                          trust_model_code=trust_model_code)
+                          trust_model_code=trust_model_code, causal_lm=cache.header.task.kind == "lm")
     dev = resolve_device(device)
     loaded.model.to(dev)
     same = loaded.sha256 == recorded.get("sha256")
@@ -97,12 +99,19 @@ def _check_sample(report: VerifyReport, cache: Cache, split: TeacherCache, teach
     rows = np.sort(np.random.default_rng(seed).choice(len(split), size=min(sample, len(split)), replace=False))
     try:
         stored_fp, stored_labels = split.read("fingerprint")[rows], split.read("labels")[rows]
-        stored = _stored_rows(split, rows) if split.target.kind == "dense" else None
+        valid = None
+        if split.target.positions:  # a window's positions are its rows: those within its length are compared
+            valid = np.arange(split.target.positions)[None, :] < _stored_rows(split, rows, "lengths")[:, None]
+        stored_of = functools.partial(_stored_rows, split, rows, valid=valid)
+        stored = stored_of("logits") if split.target.kind == "dense" else None
     except KDCacheError as exc:
         report.add(f"{name}/sample", False, str(exc))
         return
     fresh_fp, fresh, fresh_labels = _recompute(source, teacher, rows, device, batch_size,
                                                cache.header.inference.get("precision", "fp32"))
+    positions = rows
+    if valid is not None:
+        fresh, positions = fresh[valid], np.broadcast_to(rows[:, None], valid.shape)[valid]
     differ = np.flatnonzero(fresh_fp != stored_fp)
     report.add(f"{name}/sample fingerprints", not len(differ),
                f"{len(differ)} of {len(rows)} sampled rows differ from {source.source}, first row {int(rows[differ[0]])}"
@@ -113,12 +122,13 @@ def _check_sample(report: VerifyReport, cache: Cache, split: TeacherCache, teach
                f"{len(wrong)} of {len(rows)} sampled rows have another label in {source.source} than in the cache, "
                f"first row {int(rows[wrong[0]])} ({fresh_labels[wrong[0]]} vs {stored_labels[wrong[0]]})"
                if len(wrong) else f"the labels of {len(rows)} random rows of {source.source} match")
-    if fresh.shape[1] != split.num_outputs:
+    if fresh.shape[-1] != split.num_outputs:
         report.add(f"{name}/teacher logits", False,
-                   f"the teacher gives {fresh.shape[1]} outputs but the cache holds {split.num_outputs}")
+                   f"the teacher gives {fresh.shape[-1]} outputs but the cache holds {split.num_outputs}")
         return
+    rows = positions  # from here on, one row per compared target row (a token-level split's: per position)
     if split.target.kind != "dense":
-        _check_sparse(report, name, split, rows, fresh, tol)
+        _check_sparse(report, name, split, rows, fresh, tol, stored_of)
         return
     diff = np.abs(stored.astype(np.float32) - fresh)
     diff[~np.isfinite(diff)] = np.inf
@@ -132,27 +142,28 @@ def _check_sample(report: VerifyReport, cache: Cache, split: TeacherCache, teach
 
 
 def _check_sparse(report: VerifyReport, name: str, split: TeacherCache, rows: np.ndarray, fresh: np.ndarray,
-                  tol: tuple[float, float]) -> None:
+                  tol: tuple[float, float], stored_of: Any) -> None:
     """A sparse row against the teacher's recomputed logits: what the row claims of them must hold. Top-k: the kept
     values at their ids, no unkept output above the smallest kept one, and each log-sum-exp; sampled: each drawn id's
-    log-probability. (The draws themselves are not redrawn: a logit a few ulps away may move one.)"""
+    log-probability. (The draws themselves are not redrawn: a logit a few ulps away may move one.) `stored_of(array)`
+    reads the stored rows that `fresh` recomputed (a token-level split's: one per position)."""
     spec, z = split.target, torch.from_numpy(fresh).double()
     claims: list[tuple[str, np.ndarray, np.ndarray]] = []  # (what, stored, recomputed), compared under `tol`
     if spec.kind == "topk":
-        ids = torch.from_numpy(_stored_rows(split, rows, "topk_indices").astype(np.int64))
-        values = _stored_rows(split, rows, "topk_values").astype(np.float64)
+        ids = torch.from_numpy(stored_of("topk_indices").astype(np.int64))
+        values = stored_of("topk_values").astype(np.float64)
         claims.append(("kept logit", values, z.gather(1, ids).numpy()))
         unkept = z.scatter(1, ids, -np.inf).max(dim=1).values.numpy()
         smallest = values.min(axis=1)
         claims.append(("largest unkept logit (not above the smallest kept)", np.maximum(smallest, unkept)[:, None],
                        smallest[:, None]))
-        lse = _stored_rows(split, rows, "logsumexp").astype(np.float64).reshape(len(rows), -1)
+        lse = stored_of("logsumexp").astype(np.float64).reshape(len(rows), -1)
         fresh_lse = torch.stack([torch.logsumexp(z / t, dim=1) for t in (spec.temperatures or [1.0])], 1)
         claims.append(("log-sum-exp", lse, fresh_lse.numpy()))
     else:
-        ids = torch.from_numpy(_stored_rows(split, rows, "sampled_ids").astype(np.int64))
-        used = _stored_rows(split, rows, "sampled_counts") > 0
-        logprobs = _stored_rows(split, rows, "sampled_logprobs").astype(np.float64)
+        ids = torch.from_numpy(stored_of("sampled_ids").astype(np.int64))
+        used = stored_of("sampled_counts") > 0
+        logprobs = stored_of("sampled_logprobs").astype(np.float64)
         fresh_lp = torch.log_softmax(z, dim=1).gather(1, ids).numpy()
         claims.append(("log-probability", np.where(used, logprobs, 0.0), np.where(used, fresh_lp, 0.0)))
     failed, worst = [], 0.0
@@ -186,8 +197,10 @@ def _recompute(source: Any, teacher: Teacher, rows: np.ndarray, device: torch.de
     return np.concatenate(fingerprints), np.concatenate(logits), np.concatenate(labels)
 
 
-def _stored_rows(split: TeacherCache, rows: np.ndarray, array: str = "logits") -> np.ndarray:
-    """Stored rows of an array at the sorted `rows`, reading only the chunks they fall in (checked reads)."""
+def _stored_rows(split: TeacherCache, rows: np.ndarray, array: str = "logits", *,
+                 valid: np.ndarray | None = None) -> np.ndarray:
+    """Stored rows of an array at the sorted `rows`, reading only the chunks they fall in (checked reads); `valid`
+    [rows, S] keeps the positions within each window of a token-level split, one row per position."""
     held = split.arrays[array]
     out = np.empty((len(rows), *held.shape[1:]), dtype=held.dtype)
     chunks = rows // split.chunk_rows
@@ -196,7 +209,7 @@ def _stored_rows(split: TeacherCache, rows: np.ndarray, array: str = "logits") -
         block = split.read(array, a, a + split.chunk_rows)
         take = chunks == c
         out[take] = block[rows[take] - a]
-    return out
+    return out if valid is None else out[valid]
 
 
 __all__ = ["tolerance", "verify_cache"]

@@ -424,6 +424,9 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
     cache = Cache(cache_location, storage_options=storage_options)
     task_info = cache.header.task
     task, kind = task_info.name, task_info.kind
+    if kind == "lm":
+        raise KDCacheError(f"{cache.store}: a --task lm cache (targets per token); distilling causal-LM students from "
+                           "it is not implemented yet (issue 22, point 2)")
     modality = task_info.modality or modality_of(task)
     tokenizer = cache.tokenizer(trust_model_code=trust_model_code) if modality == "text" else None
     splits = cache.header.splits
