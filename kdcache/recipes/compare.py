@@ -150,7 +150,7 @@ def _short(value: Any) -> str:
 
 def teacher_metrics(location: Any, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The cached teacher's score on each complete split that has labels, with the task's metric, so a cache of a
-    teacher no better than chance is seen before any student is distilled from it."""
+    teacher no better than chance is seen before any student is distilled from it (none for a token-level cache)."""
     import numpy as np
 
     from kdcache.cache.reader import Cache
@@ -164,6 +164,8 @@ def teacher_metrics(location: Any, storage_options: dict[str, Any] | None = None
         if cache.root[name].attrs.get("complete") is not True:
             continue
         split = cache.split(name)
+        if split.target.positions:  # a language model's windows: its label is the next window's first token, no
+            continue  # task metric (perplexity needs the targets at every position: issue 22's students)
         n, step = len(split), split.chunk_rows
         budget = max(step, MAX_SCORED_VALUES // max(int(split.num_outputs), 1))
         chunks = -(-n // step)
