@@ -149,3 +149,23 @@ def test_bad_input_is_one_line(tmp_path, sst2_cache, sst2_copy, tiny_tokenizer, 
     wide = KDTrainer(**dict(make, model=student(student_config, tiny_tokenizer, outputs=3)), method="vanilla")
     with pytest.raises(KDCacheError, match="the student has 3 outputs but the cache .* has 2"):
         wide.train()
+
+
+def test_bf16_autocast_trains_with_a_float32_loss(tmp_path, sst2_cache, sst2_copy, tiny_tokenizer, student_config):
+    """bf16 on the CPU (the Trainer's autocast): the method's loss is computed in float32 and the student moves."""
+    rows = sst2_rows(sst2_copy, tiny_tokenizer)
+    seen = []
+
+    class Spy(KDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            seen.append(loss.dtype)
+            return loss
+
+    model = student(student_config, tiny_tokenizer)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    trainer = Spy(model=model, args=arguments(tmp_path / "out", bf16=True, max_steps=2), train_dataset=rows,
+                  cache=sst2_cache, method="continuation")
+    trainer.train()
+    assert seen == [torch.float32, torch.float32]
+    assert not torch.allclose(before, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
