@@ -169,3 +169,54 @@ def test_bf16_autocast_trains_with_a_float32_loss(tmp_path, sst2_cache, sst2_cop
     trainer.train()
     assert seen == [torch.float32, torch.float32]
     assert not torch.allclose(before, torch.cat([p.detach().flatten() for p in trainer.model.parameters()]))
+
+
+TORCHRUN_SCRIPT = """
+import json, os, sys
+import torch
+from transformers import TrainingArguments
+from kdcache.hf import KDTrainer
+from kdcache.models.hf import load_tokenizer
+from kdcache.models import build_student
+from test_with_targets import sst2_rows
+from pathlib import Path
+
+cache, data, tokenizer_dir, config, out = sys.argv[1:]
+tokenizer = load_tokenizer(tokenizer_dir)
+model = build_student(config, 2, tokenizer=tokenizer, seed=0).model
+args = TrainingArguments(out, num_train_epochs=2, per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True,
+                         report_to=[], save_strategy="epoch", eval_strategy="no", logging_strategy="no",
+                         disable_tqdm=True, seed=0)
+trainer = KDTrainer(model=model, args=args, train_dataset=sst2_rows(Path(data), tokenizer), cache=cache,
+                    method="continuation", t_max=2)
+trainer.train()
+flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+rank = int(os.environ["RANK"])
+Path(out, f"rank{rank}.json").write_text(json.dumps({"world": trainer.args.world_size, "sum": float(flat.sum()),
+                                                     "steps": trainer.state.global_step}))
+"""
+
+
+def test_two_torchrun_processes_train_one_student(tmp_path, sst2_cache, sst2_copy, tiny_tokenizer, student_config):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    tiny_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "tests" / "api")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(sst2_cache), str(sst2_copy), str(tmp_path / "tokenizer"), str(student_config),
+                           str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = -(-60 // 8)  # 60 rows, 4 per process, two processes: global batches of 8
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [2 * steps, 2 * steps]
+    assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-6)  # the same student in both processes
+    state = torch.load(out / f"checkpoint-{2 * steps}" / METHOD_STATE, weights_only=True)
+    assert state["epochs"] == 2 and state["name"] == "continuation"
