@@ -92,8 +92,7 @@ class TargetDataset(torch.utils.data.Dataset):
         if index is not None:
             stored = cache.read("index").astype(np.int64)
             self.row_of = {int(v): r for r, v in enumerate(stored)}
-        self.check = RowCheck.of_cache(cache, _describe(dataset))
-        self.check.source = _describe(dataset)
+        self.check = RowCheck.of_cache(cache, _describe(dataset))  # distill's check, against this split
         self.collate = TargetCollate(pad_id)
         self.kind = cache.task_kind
 
