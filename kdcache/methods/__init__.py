@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["KD_LOSSES", "METHODS", "Method", "MethodOptions", "Run", "StepPlan", "make_method", "method_class"]
+__all__ = ["KDMethod", "KD_LOSSES", "METHODS", "Method", "MethodOptions", "Run", "StepPlan", "get", "make_method",
+           "method_class"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("get", "KDMethod"):  # a method as a plain object, for other training loops (methods/plain.py)
+        from kdcache.methods import plain
+
+        return getattr(plain, name)
     if name in __all__:
         from kdcache.methods import registry
 

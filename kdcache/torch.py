@@ -1,0 +1,243 @@
+"""Cached teacher targets inside anyone's PyTorch loop: `with_targets(dataset, cache)` wraps a map-style dataset so
+each item gains its teacher's targets, with the checks `kdcache distill` makes.
+
+    from kdcache.torch import with_targets
+    data = with_targets(rows, "sst2.kdcache")          # rows: a list of dicts of token ids, in the split's order
+    loader = DataLoader(data, batch_size=32, shuffle=True, collate_fn=data.collate, num_workers=2)
+    for batch in loader:  # the user's keys, padded and stacked, plus teacher_logits (or teacher_topk_*, ...)
+        ...
+
+- Rows are joined to the cache's rows by position (row i of the dataset is row i of the split: a user who reads the
+  split's file in order needs nothing more), or by the cache's sample index (`index=` a column or a function).
+- Each row is checked the first time it is read in a process, as `distill` checks it (`RowCheck`): its
+  fingerprint (kdcache/fingerprint.py, the same function the cache writer used) and its label. A row that differs
+  is one KDCacheError naming the row and what differs, also out of a DataLoader worker.
+- The targets are typed as the cache stores them: `teacher_logits` (dense, (C,) float32), `teacher_topk_values`,
+  `teacher_topk_indices`, `teacher_logsumexp` (top-k with the log-sum-exp over all outputs), `teacher_sampled_ids`,
+  `teacher_sampled_counts`, `teacher_sampled_logprobs` (RS-KD), and any teacher checkpoint's or projection's array
+  under its own name; `teacher_row` is the cache row. `kdcache.methods.get(...).loss` reads them.
+
+The split's target arrays are read once (checked reads) and held in host memory as stored; a DataLoader's forked
+workers share them. A split larger than memory is `kdcache distill`'s job (it streams windows of chunks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from kdcache.cache.reader import TeacherCache
+from kdcache.data.base import Batch
+from kdcache.errors import KDCacheError
+from kdcache.fingerprint import fingerprint_features, fingerprint_pixels, fingerprint_tokens
+from kdcache.methods.plain import TEACHER_PREFIX
+from kdcache.train.inputs import RowCheck
+
+#: The model-input keys looked for by default, per modality; the first one present is fingerprinted.
+TEXT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+IMAGE_KEYS = ("pixels", "image", "img", "pixel_values")
+FEATURE_KEYS = ("features", "x", "pixels", "image", "inputs")
+LABEL_KEYS = ("labels", "label")
+
+
+class RowMismatch(KDCacheError):
+    """A row that is not the one the teacher saw. Raised in a DataLoader worker, torch re-raises it in the loop as
+    'Caught RowMismatch in DataLoader worker ... Original Traceback ...'; the constructor keeps the one line."""
+
+    def __init__(self, message: str = "") -> None:
+        lines = [line for line in message.strip().splitlines() if line.strip()]
+        if lines and lines[0].startswith("Caught ") and "RowMismatch: " in lines[-1]:
+            message = lines[-1].split("RowMismatch: ", 1)[1]
+        super().__init__(message)
+
+
+def open_split(cache: Any, split: str = "train", storage_options: dict[str, Any] | None = None) -> TeacherCache:
+    """A TeacherCache as given, or the split opened from a path or URL (a missing split is one line naming those
+    there are)."""
+    if isinstance(cache, TeacherCache):
+        if cache.split != split:
+            raise KDCacheError(f"{cache.path}: the TeacherCache given is split {cache.split!r}, not {split!r}")
+        return cache
+    if not isinstance(cache, (str, Path)):
+        raise KDCacheError(f"cache must be a path, a URL or a TeacherCache, not {type(cache).__name__}")
+    return TeacherCache(cache, split, storage_options=storage_options)
+
+
+class TargetDataset(torch.utils.data.Dataset):
+    """A user's dataset whose items carry their teacher's targets (see the module docstring); `collate` pads and
+    stacks a list of its items."""
+
+    def __init__(self, dataset: Any, cache: TeacherCache, *, index: str | Callable[[Any, int], int] | None = None,
+                 inputs: Sequence[str] | None = None, label_key: str | None = None,
+                 arrays: Sequence[str] | None = None, pad_id: int = 0) -> None:
+        self.dataset, self.cache, self.index = dataset, cache, index
+        self.task = cache.header.task.name
+        self.modality = cache.header.task.modality or _modality(self.task)
+        self.input_keys = tuple(inputs) if inputs is not None else None
+        self.label_key = label_key
+        self.where = f"{cache.path}/{cache.split}"
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise KDCacheError(f"with_targets needs a map-style dataset (len and [i]), not {type(dataset).__name__}")
+        n, rows = len(dataset), len(cache)
+        if index is None and n != rows:
+            raise KDCacheError(f"the dataset has {n} rows but the cache {self.where} has {rows}; join them by the "
+                               "cache's sample index (index='column' or a function) when the dataset holds other "
+                               "rows or another order")
+        self.arrays = tuple(arrays) if arrays is not None else (*cache.target.arrays, *cache.extra_widths)
+        self.held = {name: cache.read(name) for name in self.arrays}  # checked reads: damage is one line
+        self.row_of: dict[int, int] | None = None
+        if index is not None:
+            stored = cache.read("index").astype(np.int64)
+            self.row_of = {int(v): r for r, v in enumerate(stored)}
+        self.check = RowCheck.of_cache(cache, _describe(dataset))  # distill's check, against this split
+        self.collate = TargetCollate(pad_id)
+        self.kind = cache.task_kind
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def row(self, item: Any, position: int) -> int:
+        """The cache row of the dataset's item at `position`."""
+        if self.index is None:
+            return position
+        if callable(self.index):
+            value = self.index(item, position)
+        else:
+            if not isinstance(item, dict) or self.index not in item:
+                raise KDCacheError(f"{self.check.source}: item {position} has no column {self.index!r} for the "
+                                   "cache's sample index")
+            value = item[self.index]
+        value = int(value.item() if hasattr(value, "item") else value)
+        if value not in self.row_of:
+            raise KDCacheError(f"{self.check.source}: item {position} has sample index {value}, which the cache "
+                               f"{self.where} does not hold")
+        return self.row_of[value]
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        item = self.dataset[position]
+        if not isinstance(item, dict):
+            raise KDCacheError(f"{self.check.source}: item {position} is a {type(item).__name__}; with_targets "
+                               "needs items that are dicts of named fields")
+        row = self.row(item, position)
+        if not self.check.seen[row]:
+            fingerprint = self.fingerprint(item, position)
+            label = _label(item, self.label_key, self.check.labels.dtype)
+            labels = torch.as_tensor([label if label is not None else self.check.labels[row]])
+            batch = Batch(None, labels, torch.tensor([position]), np.array([fingerprint], dtype=np.uint64))
+            try:
+                self.check(np.array([row]), batch)
+            except KDCacheError as exc:
+                message = str(exc).replace(f"(source index {position})", f"(dataset item {position})")
+                raise RowMismatch(message) from None
+        out = dict(item)
+        for name, array in self.held.items():
+            out[TEACHER_PREFIX + name] = torch.from_numpy(np.asarray(array[row]))
+        out[TEACHER_PREFIX + "row"] = row
+        return out
+
+    def fingerprint(self, item: dict[str, Any], position: int) -> int:
+        """The row's fingerprint as the cache writer made it: unpadded token ids, uint8 pixels (HWC) or float32
+        features, from the model-input key found."""
+        keys = self.input_keys or {"text": TEXT_KEYS, "image": IMAGE_KEYS}.get(self.modality, FEATURE_KEYS)
+        key = next((k for k in keys if k in item), None)
+        if key is None:
+            raise KDCacheError(f"{self.check.source}: item {position} has none of the model-input keys "
+                               f"{', '.join(keys)} (its keys: {', '.join(map(str, item))}); name them with inputs=")
+        value = item[key]
+        if self.modality == "text":
+            ids = _numpy(value).reshape(-1).astype(np.int64)
+            mask = item.get("attention_mask")
+            if mask is not None:  # padded rows: the fingerprint hashes the ids the teacher saw, unpadded
+                ids = ids[_numpy(mask).reshape(-1).astype(bool)]
+            return fingerprint_tokens(ids)
+        if self.modality == "image" or self.task == "digits":
+            pixels = _numpy(value)
+            if pixels.dtype != np.uint8:
+                raise KDCacheError(f"{self.check.source}: item {position}: {key!r} is {pixels.dtype}, but the cache "
+                                   "fingerprints the uint8 pixels before normalisation; give the uint8 image "
+                                   "(inputs=['image']) and normalise in the model or the loop")
+            if self.modality == "image" and pixels.ndim == 3 and pixels.shape[0] in (1, 3) and pixels.shape[-1] not in (1, 3):
+                pixels = np.ascontiguousarray(pixels.transpose(1, 2, 0))  # CHW (torch) -> HWC, as fingerprinted
+            return fingerprint_pixels(pixels)
+        return fingerprint_features(_numpy(value).reshape(-1))
+
+
+class TargetCollate:
+    """Pads and stacks a list of items: token keys right-padded to the longest row (input_ids with `pad_id`, the
+    rest with 0), every other tensor, array or number stacked, anything else kept as a list. A class, so it pickles
+    for DataLoader workers."""
+
+    PADDED = ("input_ids", "token_type_ids", "attention_mask", "labels_mask")
+
+    def __init__(self, pad_id: int = 0) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in items[0]:
+            values = [it[key] for it in items]
+            if key in self.PADDED:
+                out[key] = _pad([torch.as_tensor(_numpy(v)) for v in values], self.pad_id if key == "input_ids" else 0)
+            elif isinstance(values[0], (torch.Tensor, np.ndarray, int, float, np.number, bool)):
+                try:
+                    out[key] = torch.stack([torch.as_tensor(v) for v in values])
+                except RuntimeError as exc:
+                    raise KDCacheError(f"cannot stack {key!r} across the batch ({str(exc).splitlines()[0]})") from None
+            else:
+                out[key] = values
+        if "input_ids" in out and "attention_mask" not in out:  # padded ids need their mask
+            out["attention_mask"] = _pad([torch.ones(_numpy(it["input_ids"]).size, dtype=torch.int64)
+                                          for it in items], 0)
+        if "label" in out and "labels" not in out:  # Hugging Face models read `labels`
+            out["labels"] = out["label"]
+        return out
+
+
+def with_targets(dataset: Any, cache: Any, split: str = "train", *, index: str | Callable[[Any, int], int] | None = None,
+                 inputs: Sequence[str] | None = None, label_key: str | None = None, arrays: Sequence[str] | None = None,
+                 pad_id: int = 0, storage_options: dict[str, Any] | None = None) -> TargetDataset:
+    """`dataset` (a torch Dataset, a Hugging Face datasets.Dataset, a list of dicts) with each item's teacher
+    targets from split `split` of `cache` (a path, a URL or a TeacherCache), every row checked against the cache as
+    first read; see the module docstring for the keys, the join (`index`) and the model inputs (`inputs`)."""
+    return TargetDataset(dataset, open_split(cache, split, storage_options), index=index, inputs=inputs,
+                         label_key=label_key, arrays=arrays, pad_id=pad_id)
+
+
+def _modality(task: str | None) -> str:
+    from kdcache.names import task_modality
+
+    return task_modality(task) or "features"
+
+
+def _describe(dataset: Any) -> str:
+    """How messages name the user's dataset."""
+    name = getattr(dataset, "source", None) or getattr(dataset, "name", None)
+    return f"dataset {name}" if isinstance(name, str) else f"the dataset ({type(dataset).__name__})"
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _label(item: dict[str, Any], key: str | None, dtype: np.dtype) -> Any:
+    for name in ((key,) if key else LABEL_KEYS):
+        if name in item and item[name] is not None:
+            value = _numpy(item[name]).reshape(-1)
+            return value[0].astype(dtype) if len(value) == 1 else None
+    return None
+
+
+def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    rows = [r.reshape(-1).long() for r in rows]
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+__all__ = ["RowMismatch", "TargetCollate", "TargetDataset", "open_split", "with_targets"]
