@@ -236,7 +236,7 @@ VISION_SCALES = {
     # authors' code trains it with (`--augment cifar`; the cache holds its outputs on the plain images).
     "tiny": {"rows": 64, "teacher": "resnet8", "assistant": "resnet8", "teacher_epochs": 1, "epochs": 2,
              "batch": 32, "lr": 0.05, "holdout": 16},
-    "cpu": {"rows": 3500, "teacher": "resnet20", "assistant": "resnet14", "teacher_epochs": 30, "epochs": 12,
+    "cpu": {"rows": 3500, "teacher": "resnet20", "assistant": "resnet14", "teacher_epochs": 15, "epochs": 12,
             "batch": 64, "lr": 0.1, "holdout": 500},
     "full": {"rows": 50000, "teacher": "resnet110", "assistant": "resnet20", "teacher_epochs": 200, "epochs": 200,
              "batch": 32, "lr": 0.2, "holdout": 5000},
@@ -244,9 +244,10 @@ VISION_SCALES = {
 
 
 def vision(kd: Runner, scale: str, seeds: int, cifar100: Path | None = None,
-           methods: tuple[str, ...] = METHODS, first_seed: int = 0) -> str:
+           methods: tuple[str, ...] = METHODS, first_seed: int = 0, teacher_from: Path | None = None) -> str:
     """CIFAR-10 as JPEG folders (or CIFAR-100 python pickles); teacher -> cache -> students; the `cifar` preset
-    scaled to the run's length."""
+    scaled to the run's length. `teacher_from`: the teacher run folder of another process of the same experiment
+    (`--first-seed`), reused instead of trained again."""
     s = VISION_SCALES[scale]
     if cifar100 is None:
         dataset = "CIFAR-10"
@@ -259,14 +260,16 @@ def vision(kd: Runner, scale: str, seeds: int, cifar100: Path | None = None,
     work = kd.out
     print(f"teacher {s['teacher']} on the students' {s['rows'] - s['holdout']} images, {s['teacher_epochs']} epochs",
           flush=True)
-    teacher_seconds = kd("train", "--model", s["teacher"], *data, *subset, "--holdout", s["holdout"],
-                         "--augment", "cifar", "--epochs", s["teacher_epochs"], "--batch-size", s["batch"],
-                         "--lr", s["lr"], "--out", work / "teacher", "--device", kd.device, "--no-progress",
-                         "--overwrite")
-    teacher = kd.summary(work / "teacher")
+    teacher_dir = teacher_from or work / "teacher"
+    teacher_seconds = 0.0 if teacher_from else kd(
+        "train", "--model", s["teacher"], *data, *subset, "--holdout", s["holdout"], "--augment", "cifar",
+        "--epochs", s["teacher_epochs"], "--batch-size", s["batch"], "--lr", s["lr"], "--out", teacher_dir,
+        "--device", kd.device, "--no-progress", "--overwrite")
+    teacher = kd.summary(teacher_dir)
+    teacher_seconds = teacher_seconds or float(teacher["wall_seconds"])
     cache = work / "teacher.kdcache"
     held = ["--holdout", s["holdout"], "--split", "train", "--split", "validation", "--split", "test"]
-    cache_seconds = kd("cache-teacher", "--teacher", work / "teacher" / "best", *data, *subset, *held, "--out", cache,
+    cache_seconds = kd("cache-teacher", "--teacher", teacher_dir / "best", *data, *subset, *held, "--out", cache,
                        "--device", kd.device, "--no-progress", "--overwrite")
     n = s["epochs"]
     flags = _scaled_preset(n, "cifar") | {"all": ["--batch-size", s["batch"], "--lr", s["lr"],
@@ -448,6 +451,9 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(GLUE_FOLDERS), default="sst2", help="GLUE task")
     parser.add_argument("--teacher-dir", help="GLUE: a pretrained encoder folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--cifar100", type=Path, help="vision: a cifar-100-python folder, instead of CIFAR-10")
+    parser.add_argument("--teacher-from", type=Path,
+                        help="vision: reuse this teacher run folder (another --first-seed process's) instead of "
+                             "training the teacher again")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, of {', '.join(METHODS)} and the variants {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="auto")
@@ -466,7 +472,7 @@ def main() -> None:
     kd = Runner(out, args.device, in_process=args.in_process)
     start = time.perf_counter()
     if args.experiment == "vision":
-        text = vision(kd, args.scale, args.seeds, args.cifar100, methods, args.first_seed)
+        text = vision(kd, args.scale, args.seeds, args.cifar100, methods, args.first_seed, args.teacher_from)
     elif args.experiment == "glue":
         text = glue(kd, args.scale, args.seeds, args.task, args.teacher_dir, methods, args.first_seed)
     else:

@@ -234,6 +234,32 @@ def test_cli_distill_and_train_succeed(tmp_path, capsys, monkeypatch, digits_cac
     assert "ce mlp: best accuracy" in out
 
 
+def test_the_chosen_settings_are_one_line_at_the_start_and_in_the_summary(tmp_path, capsys, monkeypatch, digits_cache):
+    """Issue 26: `distill` and `train` say what they chose and why, before any epoch; issue 21: a run shorter than its
+    preset fits the schedules to its length (one line, and summary.json), unless --absolute-schedules."""
+    code, _, err = run_cli(_distill_args(digits_cache, tmp_path / "fit"), capsys, monkeypatch)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "settings: " in line]
+    assert len(lines) == 1 and lines[0].startswith("kdcache: settings: preset small (auto: a features task): adamw lr")
+    assert "psi glue -> glue:2, T_max 10 -> 2" in lines[0]
+    summary = json.loads((tmp_path / "fit" / "summary.json").read_text())
+    assert summary["schedules_scaled"] == {"preset_epochs": 30, "epochs": 2, "changes": ["psi glue -> glue:2",
+                                                                                         "T_max 10 -> 2"]}
+    assert summary["hyperparameters"]["psi"] == "glue:2" and summary["preset_reason"] == "auto: a features task"
+    assert [r["T"] for r in _metrics(tmp_path / "fit")] == [1, 1] and _metrics(tmp_path / "fit")[-1]["psi"] == 1.0
+    code, _, err = run_cli(_distill_args(digits_cache, tmp_path / "abs", "--absolute-schedules"), capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "abs" / "summary.json").read_text())
+    assert summary["schedules_scaled"] is None and summary["hyperparameters"]["psi"] == "glue"
+    assert [r["T"] for r in _metrics(tmp_path / "abs")] == [9, 8]  # the paper's T_max 10 never gets near 1
+    code, _, err = run_cli(["train", "--model", "mlp", "--task", "digits", "--epochs", "1", "--out", tmp_path / "t",
+                            "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if "settings: " in line] == [
+        "kdcache: settings: preset small (auto: a features task): adamw lr 0.001, 1 epochs, batch 64, constant LR, "
+        "weight decay 0, no clipping"]
+
+
 def test_incomplete_cache_is_refused(tmp_path, capsys, monkeypatch, digits_cache):
     broken = tmp_path / "c.kdcache"
     shutil.copytree(digits_cache, broken)
