@@ -40,6 +40,8 @@ VARIANTS = {
     "continuation-psi-only": ("continuation", ["--phi-on", "none"]),
     "continuation-phi-teacher-only": ("continuation", ["--phi-on", "teacher", "--psi", "constant:0.5"]),
     "continuation-phi-margin-only": ("continuation", ["--phi-on", "margin", "--psi", "constant:0.5"]),
+    # the preset's schedules in the paper's absolute epochs, as every release before issue 21 ran a short run
+    "continuation-absolute": ("continuation", ["--absolute-schedules"]),
 }
 
 

@@ -82,7 +82,9 @@ def test_resnet_student_on_real_cifar10_jpegs(tmp_path, cifar10_zip):
     assert summary["validation_split"] == "test" and summary["epochs_done"] == 2
     assert "optimistic" in summary["selection_note"]  # selecting on test data is said next to the number
     rows = _metrics(tmp_path / "run")
-    assert [r["T"] for r in rows] == [schedules.temperature(i, 2, 20) for i in (1, 2)]  # cifar preset: T_max 20
+    # the cifar preset fitted to 2 epochs: T_max min(20, 2), psi Eq. 7 over 2 epochs
+    assert [r["T"] for r in rows] == [schedules.temperature(i, 2, 2) for i in (1, 2)] == [1, 1]
+    assert summary["hyperparameters"]["psi"] == "cifar:2" and rows[-1]["psi"] == 1.0
     assert load_teacher(str(tmp_path / "run" / "best")).source == "kdcache"
 
 
@@ -258,6 +260,16 @@ def test_the_chosen_settings_are_one_line_at_the_start_and_in_the_summary(tmp_pa
     assert [line for line in err.splitlines() if "settings: " in line] == [
         "kdcache: settings: preset small (auto: a features task): adamw lr 0.001, 1 epochs, batch 64, constant LR, "
         "weight decay 0, no clipping"]
+
+
+def test_train_with_holdout_names_its_selection_split_validation(tmp_path, capsys, monkeypatch):
+    """Rows held out of train are the validation split, and a run that selects on them says so, not `train`."""
+    code, _, err = run_cli(["train", "--model", "mlp", "--task", "digits", "--holdout", "200", "--epochs", "1",
+                            "--out", tmp_path / "t", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["validation_split"] == "validation" and summary["selection_note"] is None
+    assert _metrics(tmp_path / "t")[0]["split"] == "validation"
 
 
 def test_incomplete_cache_is_refused(tmp_path, capsys, monkeypatch, digits_cache):
