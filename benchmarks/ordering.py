@@ -1,6 +1,7 @@
 """The "where the paper's ordering holds here" table of docs/benchmarks.md, built from the committed results CSVs.
 
-    python benchmarks/ordering.py            # prints the markdown table
+    python benchmarks/ordering.py                              # prints the markdown table
+    python benchmarks/ordering.py --write docs/benchmarks.md   # replaces it between the page's ordering markers
 
 Each row is one experiment; each of its cells one pairwise claim of the paper ("A > B"), judged on the seeds both
 methods ran, paired by seed (reproduce.paired): `holds (p<0.05)` when the mean difference is in the paper's
@@ -140,5 +141,21 @@ def experiments() -> list[Experiment]:
     return found
 
 
+START, END = "<!-- ordering:start -->", "<!-- ordering:end -->"
+
+
+def write(page: Path, text: str) -> None:
+    """The table put between the page's markers (everything else of the page kept as it is)."""
+    content = page.read_text()
+    if content.count(START) != 1 or content.count(END) != 1:
+        raise SystemExit(f"{page}: needs exactly one {START} and one {END}")
+    head, rest = content.split(START)
+    page.write_text(head + START + "\n" + text + END + rest.split(END, 1)[1])
+
+
 if __name__ == "__main__":
-    print(table(experiments()), end="")
+    text = table(experiments())
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write(Path(sys.argv[2]), text)
+    else:
+        print(text, end="")

@@ -33,9 +33,9 @@ def check_reaches_one(t_max: int, k: int) -> None:
     """Stage 1 must end on the teacher itself (phi = 1): the authors' script asserts that its first phase is at
     least max-temperature epochs long, since T moves at most one step per epoch; so do we, in one line."""
     if t_max > k:
-        raise KDCacheError(f"Annealing-KD: --t-max {t_max} is more than stage 1's {k} epochs (--anneal-epochs), so phi "
-                           f"would stop at {schedules.phi(max(1, t_max - k), t_max):.3f} instead of reaching 1; pass "
-                           f"--t-max {k} or less, or a longer stage 1")
+        raise KDCacheError(f"Annealing-KD: --t-max {t_max} is more than stage 1's {k} epochs (--anneal-epochs); "
+                           "stage 1 must be at least T_max epochs long for phi to reach 1 by its end, as the authors' "
+                           f"script asserts: pass --t-max {k} or less, or a longer stage 1")
 
 
 class AnnealingKD(Method):

@@ -26,7 +26,7 @@ ANNEALED_DEFAULTS = {
 def scale_to_run(values: dict[str, Any], given: frozenset[str], preset_epochs: int, absolute: bool) -> list[str]:
     """Continuation-KD's preset psi and T_max over values["epochs"] epochs, in place; the phrases of what changed."""
     n, notes = int(values["epochs"]), []
-    if absolute or n == preset_epochs:
+    if absolute or n == preset_epochs or n < 2:  # one epoch has no shape to keep: psi(1) would be 1 (all CE)
         return notes
     psi = schedules.parse_psi(str(values["psi"]))
     if "psi" not in given and psi.form in schedules.PAPER_EPOCHS and psi.param is None:

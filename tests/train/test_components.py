@@ -567,7 +567,7 @@ def test_annealing_reaches_phi_1_at_the_end_of_stage_1_for_every_preset_at_every
 
 def test_annealing_refuses_a_t_max_longer_than_stage_1_as_the_authors_script_does():
     cfg = config.DistillConfig("mlp", "out", epochs=12, t_max=12)  # K = 8 of 12
-    with pytest.raises(KDCacheError, match=r"--t-max 12 is more than stage 1's 8 epochs .* phi would stop at 0\.750"):
+    with pytest.raises(KDCacheError, match=r"--t-max 12 is more than stage 1's 8 epochs .*authors' script asserts"):
         config.settings("cifar", "image", METHODS["annealing"], cfg)
     values = config.settings("cifar", "image", METHODS["annealing"], config.DistillConfig("mlp", "out", epochs=12,
                                                                                           t_max=8)).values
@@ -641,3 +641,9 @@ def test_student_family_reads_the_spec(tmp_path):
     assert [student_family(s) for s in ("mlp", "resnet8", "resnet18", str(tmp_path / "hf"), str(tmp_path / "bert.json"),
                                         str(tmp_path / "saved"), "pkg.mod:factory")] == \
         ["mlp", "cnn", "cnn", "pretrained", "transformer", "mlp", None]
+
+
+def test_a_one_epoch_run_keeps_the_presets_schedules():
+    """One epoch has no shape to keep (psi over one epoch would be all CE): the preset's values stay, unscaled."""
+    chosen = config.settings("glue", "text", METHODS["continuation"], config.DistillConfig("mlp", "out", epochs=1))
+    assert (chosen.values["psi"], chosen.values["t_max"], chosen.scaled) == ("glue", 10, [])
