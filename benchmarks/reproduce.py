@@ -10,7 +10,10 @@ Each experiment prints and writes `results.csv` (one row per run), `summary.csv`
 the best-checkpoint and last-epoch metric and the wall time, per method), `summary.md` (that table, then every
 pair of methods seed by seed: mean difference, paired t-test, sign test) and a bar chart
 `summary.png`, plus every command it ran in `commands.txt`. Scales: `tiny` is a seconds-long smoke test
-(CI), `cpu` fits in under 30 minutes on a 2-core machine, `full` is the paper's setting for a GPU.
+(CI), `cpu` takes 30-60 minutes on a quiet 2-core machine, `full` has the paper's epochs, learning rates and
+batch sizes (and its CIFAR models; GLUE keeps MiniLM models), for a GPU. At every scale the teacher trains on the
+students' training rows, validation rows held out of both; the schedules are the paper's shape fitted to the
+run (Eq. 7 or 8 over its epochs, T reaching 1, Annealing-KD's T_max at most its stage 1).
 """
 
 from __future__ import annotations
