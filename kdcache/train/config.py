@@ -40,13 +40,14 @@ FAMILY_WORDS = {"mlp": "an MLP", "cnn": "a CNN", "pretrained": "a pre-trained mo
 HYPERPARAMETERS = ("epochs", "t_max", "margin", "psi", "alpha", "temperature", "anneal_epochs", "lr", "batch_size",
                    "optimizer", "weight_decay", "momentum", "lr_schedule", "warmup_ratio", "max_grad_norm")
 #: Fields that do not change what a run computes: a resume may differ in these. Paths are left out too: the cache
-#: and data are identified by their digests, so a moved run or cache resumes.
+#: and data are identified by their digests, so a moved run or cache resumes. `absolute_schedules` decides psi and
+#: T_max, which the resolved hyper-parameters carry: a run begun before schedules followed --epochs resumes with it.
 NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
-                "log_every", "max_steps", "compile", "report_split")
+                "log_every", "max_steps", "compile", "report_split", "absolute_schedules")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
 OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
-                   "student_layers", "absolute_schedules")
+                   "student_layers")
 
 
 @dataclass

@@ -262,6 +262,20 @@ def test_the_chosen_settings_are_one_line_at_the_start_and_in_the_summary(tmp_pa
         "weight decay 0, no clipping"]
 
 
+def test_a_run_begun_with_absolute_schedules_resumes_only_with_them(tmp_path, capsys, monkeypatch, digits_cache):
+    """A run begun before schedules followed --epochs (the same values as --absolute-schedules) resumes with the
+    flag; without it the fitted psi differs and the resume is refused, naming it."""
+    out = tmp_path / "r"
+    code, _, err = run_cli(_distill_args(digits_cache, out, "--absolute-schedules", "--stop-after-epoch", "1"), capsys,
+                           monkeypatch)
+    assert code == 0, err
+    _one_error_line(*run_cli(_distill_args(digits_cache, out, "--resume"), capsys, monkeypatch)[::2],
+                    "hyperparameters.psi")
+    code, _, err = run_cli(_distill_args(digits_cache, out, "--absolute-schedules", "--resume"), capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["epochs_done"] == 2
+
+
 def test_train_with_holdout_names_its_selection_split_validation(tmp_path, capsys, monkeypatch):
     """Rows held out of train are the validation split, and a run that selects on them says so, not `train`."""
     code, _, err = run_cli(["train", "--model", "mlp", "--task", "digits", "--holdout", "200", "--epochs", "1",
