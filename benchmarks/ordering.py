@@ -106,16 +106,15 @@ TABLE3 = [c for c in TABLE1 if c != ("takd", "vanilla")]
 
 def experiments() -> list[Experiment]:
     """The experiments of docs/benchmarks.md whose CSVs are committed, newest protocol first."""
-    found = []
-    if (RESULTS / "vision-cpu-r3" / "results.csv").is_file():
-        found.append(Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)",
-                                "cpu, round 3", ["vision-cpu-r3"], TABLE1))
-        headline = [f for f in ("vision-cpu-r3", "vision-cpu-r3-seeds5-9") if (RESULTS / f / "results.csv").is_file()]
-        found.append(Experiment("CIFAR-10, the headline: Continuation-KD vs vanilla KD (test)", "cpu, round 3",
-                                headline, [("continuation", "vanilla")]))
+    round3 = sorted(p.parent.name for p in RESULTS.glob("vision-cpu-r3-seed*/results.csv"))
+    found = [Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)", "cpu, round 2",
+                        ["vision-cpu-5seeds"], TABLE1)]
+    if round3:  # round 3 (issue 21): one process per seed, the three methods issue 21's changes bear on
+        found.insert(0, Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch; "
+                                   "ce and TAKD not rerun)", "cpu, round 3", round3,
+                                   [("continuation", "annealing"), ("continuation", "vanilla"),
+                                    ("annealing", "vanilla")]))
     found += [
-        Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)", "cpu, round 2",
-                   ["vision-cpu-5seeds"], TABLE1),
         Experiment("Table 7's ablation on CIFAR-10 (all three dynamic parts > each alone; test)", "cpu, round 2",
                    ["vision-cpu-ablations"],
                    [("continuation", "continuation-psi-only"), ("continuation", "continuation-phi-teacher-only"),
@@ -141,21 +140,60 @@ def experiments() -> list[Experiment]:
     return found
 
 
+def results_table(results: list[Result], pairs: list[tuple[str, str]]) -> str:
+    """Per method: seeds, validation (best epoch), test at the best validation epoch, last epoch (mean ± sd); then
+    the given pairs seed by seed on test and on validation: one experiment's table of benchmarks.md."""
+    import statistics
+
+    def cell(xs: list[float]) -> str:
+        return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}" if xs else "-"
+
+    lines = ["| method | seeds | validation (best epoch) | **test at the best validation epoch** | last epoch "
+             "(validation) |", "|---|---|---|---|---|"]
+    for method in dict.fromkeys(r.method for r in results):
+        mine = [r for r in results if r.method == method]
+        lines.append(f"| {method} | {len(mine)} | {cell([r.best for r in mine])} | "
+                     f"{cell([r.test for r in mine if r.test is not None])} | {cell([r.last for r in mine])} |")
+    lines += ["", "| comparison | seeds | test: mean difference, t-test p, wins/losses | validation: same |",
+              "|---|---|---|---|"]
+    for a, b in pairs:
+        t, v = paired(results, a, b, "test"), paired(results, a, b, "best")
+        if not t["pairs"]:
+            continue
+        fmt = lambda d: (f"{d['mean']:+.4f}, p {'-' if d['t_p'] is None else format(d['t_p'], '.3f')}, "
+                         f"{d['wins']}/{d['losses']}")
+        lines.append(f"| {a} - {b} | {t['pairs']} | {fmt(t)} | {fmt(v)} |")
+    return "\n".join(lines) + "\n"
+
+
 START, END = "<!-- ordering:start -->", "<!-- ordering:end -->"
+ROUND3 = ("<!-- round3:start -->", "<!-- round3:end -->")
 
 
-def write(page: Path, text: str) -> None:
+def write(page: Path, text: str, markers: tuple[str, str] = (START, END)) -> None:
     """The table put between the page's markers (everything else of the page kept as it is)."""
+    start, end = markers
     content = page.read_text()
-    if content.count(START) != 1 or content.count(END) != 1:
-        raise SystemExit(f"{page}: needs exactly one {START} and one {END}")
-    head, rest = content.split(START)
-    page.write_text(head + START + "\n" + text + END + rest.split(END, 1)[1])
+    if content.count(start) != 1 or content.count(end) != 1:
+        raise SystemExit(f"{page}: needs exactly one {start} and one {end}")
+    head, rest = content.split(start)
+    page.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
+
+
+def round3() -> str:
+    """Round 3's CIFAR-10 table (issue 21): every vision-cpu-r3-seed* folder, merged."""
+    folders = sorted(p.parent.name for p in RESULTS.glob("vision-cpu-r3-seed*/results.csv"))
+    pairs = [("continuation", "vanilla"), ("continuation", "annealing"), ("annealing", "vanilla")]
+    return results_table(load(folders), pairs) if folders else "(no round-3 results yet)\n"
 
 
 if __name__ == "__main__":
     text = table(experiments())
     if len(sys.argv) == 3 and sys.argv[1] == "--write":
         write(Path(sys.argv[2]), text)
+        if ROUND3[0] in Path(sys.argv[2]).read_text():
+            write(Path(sys.argv[2]), round3(), ROUND3)
     else:
         print(text, end="")
+        print()
+        print(round3(), end="")
