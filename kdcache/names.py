@@ -9,7 +9,7 @@ import re
 
 METHODS = ("continuation", "vanilla", "annealing", "ce", "prokd", "curriculum")
 KD_LOSSES = ("vanilla", "continuation")
-PRESETS = ("auto", "cifar", "glue", "small")
+PRESETS = ("auto", "cifar", "glue", "small", "text-scratch")
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb", "qnli", "qqp", "mnli")
 IMAGE_TASKS = ("cifar10", "cifar100", "imagefolder", "mnist", "fashion-mnist", "svhn", "imagenet")
 FEATURE_TASKS = ("digits", "tabular")

@@ -15,7 +15,7 @@ from kdcache.methods.continuation import ANNEALED_DEFAULTS
 
 #: Stage 1's share of the run when --anneal-epochs is not given, as the authors' code splits it
 #: (huawei-noah/Efficient-NLP, Annealing_KD): CIFAR 200 + 100 epochs, GLUE 10 + 3.
-ANNEAL_FRACTION = {"cifar": 2 / 3, "glue": 10 / 13, "small": 2 / 3}
+ANNEAL_FRACTION = {"cifar": 2 / 3, "glue": 10 / 13, "small": 2 / 3, "text-scratch": 10 / 13}
 
 
 def anneal_epochs(fraction: float, epochs: int, given: int | None) -> int:
@@ -29,16 +29,40 @@ def anneal_epochs(fraction: float, epochs: int, given: int | None) -> int:
     return given
 
 
+def check_reaches_one(t_max: int, k: int) -> None:
+    """Stage 1 must end on the teacher itself (phi = 1): the authors' script asserts that its first phase is at
+    least max-temperature epochs long, since T moves at most one step per epoch; so do we, in one line."""
+    if t_max > k:
+        raise KDCacheError(f"Annealing-KD: --t-max {t_max} is more than stage 1's {k} epochs (--anneal-epochs); "
+                           "stage 1 must be at least T_max epochs long for phi to reach 1 by its end, as the authors' "
+                           f"script asserts: pass --t-max {k} or less, or a longer stage 1")
+
+
 class AnnealingKD(Method):
     name = "annealing"
     accepts = ("checkpoint", "anneal_continuous")
     defaults = {p: {"t_max": v["t_max"], "anneal_fraction": ANNEAL_FRACTION[p]} for p, v in ANNEALED_DEFAULTS.items()}
     target_kinds = ("dense", "topk")
 
+    @classmethod
+    def fit_schedules(cls, values: dict[str, Any], given: frozenset[str], preset_epochs: int,
+                      absolute: bool) -> list[str]:
+        """T_max capped at stage 1's length K at every run length (absolute or not), so that T reaches 1 and phi 1
+        by the end of stage 1, as the authors' script requires; a --t-max above K is refused (`check_reaches_one`)."""
+        k = anneal_epochs(float(values["anneal_fraction"]), int(values["epochs"]), values.get("anneal_epochs"))
+        t_max = int(values["t_max"])
+        if t_max <= k:
+            return []
+        if "t_max" in given:
+            check_reaches_one(t_max, k)
+        values["t_max"] = k
+        return [f"T_max {t_max} -> {k} (at most stage 1's {k} epochs, so that phi reaches 1)"]
+
     def setup(self, run: Run) -> None:
         super().setup(run)
         self.k = anneal_epochs(float(run.hp["anneal_fraction"]), run.epochs, run.hp.get("anneal_epochs"))
         run.hp["anneal_epochs"] = self.k
+        check_reaches_one(int(run.hp["t_max"]), self.k)
         self.stage1_best: dict[str, Any] | None = None
 
     def restart_epochs(self) -> tuple[int, ...]:

@@ -91,6 +91,13 @@ class Method:
         """This method's hyper-parameters under `preset` (merged by kdcache.train.config.resolve)."""
         return dict(cls.defaults.get(preset, {}))
 
+    @classmethod
+    def fit_schedules(cls, values: dict[str, Any], given: frozenset[str], preset_epochs: int,
+                      absolute: bool) -> list[str]:
+        """Fit this method's preset schedules to a run of values["epochs"] epochs, in place (flags the user gave,
+        `given`, are kept); returns one phrase per change, for the run's log line and summary. None by default."""
+        return []
+
     def setup(self, run: Run) -> None:
         """Fix everything the run's steps depend on, checking it against the cache (a one-line error otherwise)."""
         self.run = run

@@ -19,7 +19,23 @@ ANNEALED_DEFAULTS = {
     "cifar": {"t_max": 20, "psi": "cifar", "margin": 1.0},
     "glue": {"t_max": 10, "psi": "glue", "margin": 1.0},
     "small": {"t_max": 10, "psi": "glue", "margin": 1.0},
+    "text-scratch": {"t_max": 10, "psi": "glue", "margin": 1.0},
 }
+
+
+def scale_to_run(values: dict[str, Any], given: frozenset[str], preset_epochs: int, absolute: bool) -> list[str]:
+    """Continuation-KD's preset psi and T_max over values["epochs"] epochs, in place; the phrases of what changed."""
+    n, notes = int(values["epochs"]), []
+    if absolute or n == preset_epochs or n < 2:  # one epoch has no shape to keep: psi(1) would be 1 (all CE)
+        return notes
+    psi = schedules.parse_psi(str(values["psi"]))
+    if "psi" not in given and psi.form in schedules.PAPER_EPOCHS and psi.param is None:
+        values["psi"] = f"{psi.form}:{n}"
+        notes.append(f"psi {psi.spec} -> {values['psi']}")
+    if "t_max" not in given and int(values["t_max"]) > n:
+        notes.append(f"T_max {values['t_max']} -> {n}")
+        values["t_max"] = n
+    return notes
 
 
 class ContinuationKD(Method):
@@ -27,6 +43,13 @@ class ContinuationKD(Method):
     accepts = ("checkpoint", "phi_on")
     defaults = ANNEALED_DEFAULTS
     target_kinds = ("dense", "topk")  # a sampled row proves no logit distance (docs/methods.md)
+
+    @classmethod
+    def fit_schedules(cls, values: dict[str, Any], given: frozenset[str], preset_epochs: int,
+                      absolute: bool) -> list[str]:
+        """A run shorter or longer than the preset's keeps the paper's shape, not its absolute epochs: psi is Eq. 7
+        or 8 over the run's n epochs and T_max is at most n, so T reaches 1 (docs/methods.md, "Presets")."""
+        return scale_to_run(values, given, preset_epochs, absolute)
 
     def setup(self, run: Run) -> None:
         super().setup(run)

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 from kdcache.errors import KDCacheError
 
-PSI_FORMS = ("cifar", "glue", "linear:E (E >= 2)", "step:K", "constant:V (0 <= V <= 1)")
+PSI_FORMS = ("cifar", "glue", "cifar:N or glue:N (Eq. 7 or 8 scaled to an N-epoch run, N >= 2)", "linear:E (E >= 2)",
+             "step:K", "constant:V (0 <= V <= 1)")
+#: The run length each paper equation was written for: Eq. 7 for CIFAR's 200 epochs, Eq. 8 for GLUE's 30.
+PAPER_EPOCHS = {"cifar": 200, "glue": 30}
 
 
 def _check_position(i: float) -> float:
@@ -88,7 +91,8 @@ def phi(T: int, t_max: int) -> float:
 
 @dataclass(frozen=True)
 class PsiSchedule:
-    """A validated psi spec: `form` is cifar, glue, linear, step or constant; `param` is E, K or V (or None)."""
+    """A validated psi spec: `form` is cifar, glue, linear, step or constant; `param` is N, E, K or V (or None: the
+    paper's equation at its own run length)."""
 
     spec: str
     form: str
@@ -97,10 +101,11 @@ class PsiSchedule:
     def __call__(self, i: float) -> float:
         """psi at epoch position i (>= 1); see `psi` for the formulas."""
         _check_position(i)
-        if self.form == "cifar":
-            return min(1.0, i / 150)
-        if self.form == "glue":
-            return i / 40 if math.floor(i) <= 20 else 1.0
+        if self.form in PAPER_EPOCHS:  # Eq. 7 or 8 over N epochs, the same shape at any N (200, 30: as printed)
+            n = PAPER_EPOCHS[self.form] if self.param is None else self.param
+            if self.form == "cifar":  # i / 150 of 200: reaches 1 at three quarters of the run
+                return min(1.0, 4 * i / (3 * n))
+            return 3 * i / (4 * n) if 3 * math.floor(i) <= 2 * n else 1.0  # i / 40 to epoch 20 of 30, then 1
         if self.form == "linear":
             return min(1.0, (i - 1) / (self.param - 1))
         if self.form == "step":
@@ -120,10 +125,12 @@ def parse_psi(spec: str) -> PsiSchedule:
     if match is None:
         raise bad("not of the form NAME or NAME:VALUE")
     form, value = match.group(1).lower(), match.group(2)
-    if form in ("cifar", "glue"):
-        if value is not None:
-            raise bad(f"{form} takes no value")
-        return PsiSchedule(form, form)
+    if form in PAPER_EPOCHS:
+        if value is None:
+            return PsiSchedule(form, form)
+        if not re.fullmatch(r"\d+", value) or int(value) < 2:
+            raise bad(f"{form}:N needs a whole number of epochs N >= 2, got {value!r}")
+        return PsiSchedule(f"{form}:{int(value)}", form, int(value))
     if form not in ("linear", "step", "constant"):
         raise bad(f"unknown form {form!r}")
     if value is None:
@@ -149,6 +156,8 @@ def psi(spec: str, i: float, n: int) -> float:
 
     - `cifar`:      psi(i) = min(1, i / 150)                              (Eq. 7; psi(1) = 1/150)
     - `glue`:       psi(i) = i / 40 for i <= 20, 1 after                  (Eq. 8; jumps from 0.5 to 1 after epoch 20)
+    - `cifar:N`:    psi(i) = min(1, i / (3N/4))                    (Eq. 7's shape over N epochs; cifar:200 = cifar)
+    - `glue:N`:     psi(i) = i / (4N/3) for i <= 2N/3, 1 after     (Eq. 8's shape over N epochs; glue:30 = glue)
     - `linear:E`:   psi(i) = min(1, (i - 1) / (E - 1)), E >= 2            (psi(1) = 0, psi(E) = 1)
     - `step:K`:     psi(i) = 0 for i <= K, 1 after                        (Eq. 6: Annealing-KD's two stages)
     - `constant:V`: psi(i) = V

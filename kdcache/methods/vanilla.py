@@ -15,7 +15,7 @@ from kdcache.methods.targets import KIND_WORDS, SampledTarget, TopKTarget
 class VanillaKD(Method):
     name = "vanilla"
     # Hinton et al. leave T and alpha to the task; T = 4, alpha = 0.5 are the common choice (docs/methods.md)
-    defaults = {preset: {"temperature": 4.0, "alpha": 0.5} for preset in ("cifar", "glue", "small")}
+    defaults = {preset: {"temperature": 4.0, "alpha": 0.5} for preset in ("cifar", "glue", "small", "text-scratch")}
     # top-k: the KL with the tail as one exact bucket; sampled: the RS-KD estimator, which is defined at T = 1
     target_kinds = ("dense", "topk", "sampled")
     accepts = ("checkpoint", "topk_tail")

@@ -48,6 +48,25 @@ class Student:
         return sum(p.numel() for p in self.model.parameters())
 
 
+def student_family(spec: str) -> str | None:
+    """What kind of model a student spec names, for `--preset auto` (an MLP and a ResNet on the same images want
+    different optimisers): pretrained (a Hugging Face folder), transformer (a Hugging Face config file: random
+    weights), mlp, cnn (the other architecture names); None when it cannot tell (a `module:factory`)."""
+    path = Path(spec)
+    if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
+        return "pretrained"
+    if path.suffix == ".json":
+        return "transformer"
+    if path.is_dir() and (path / MODEL_DIR_FILE).is_file():
+        try:
+            spec = str(json.loads((path / MODEL_DIR_FILE).read_text()).get("architecture", ""))
+        except (OSError, ValueError, AttributeError):
+            return None
+    if ":" in spec or not spec:
+        return None
+    return "mlp" if spec.lower().startswith("mlp") else "cnn"
+
+
 def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None = None, tokenizer: Any = None,
                   seed: int = 0, trust_model_code: bool = False, sample: Any = None,
                   layers: int | None = None) -> Student:

@@ -3,8 +3,9 @@
 `cifar` and `glue` are the paper's settings (section 5: CIFAR 200 epochs, lr 0.2, batch 32; GLUE 30 epochs, lr
 2e-5, batch 64); each method adds its own hyper-parameters per preset (T_max, psi, margin, T, alpha, ...: see
 its module under kdcache/methods/). What the paper leaves open (optimiser, weight decay, warm-up, clipping) is ours
-and marked so in docs/methods.md. `small` serves feature-vector tasks such as the bundled digits; `--preset auto`
-picks by modality.
+and marked so in docs/methods.md. `small` serves feature-vector tasks such as the bundled digits and MLPs on
+images; `text-scratch` a Transformer trained from its config. `--preset auto` picks by the task's modality and
+the model (`auto_preset`). A run of another length than its preset's keeps the schedules' shape (`settings`).
 """
 
 from __future__ import annotations
@@ -24,16 +25,26 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
              "lr_schedule": "linear", "warmup_ratio": 0.06, "max_grad_norm": 1.0},
     "small": {"epochs": 30, "lr": 1e-3, "batch_size": 64, "optimizer": "adamw", "weight_decay": 0.0, "momentum": 0.9,
               "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": None},
+    "text-scratch": {"epochs": 30, "lr": 1e-4, "batch_size": 64, "optimizer": "adamw", "weight_decay": 0.01,
+                     "momentum": 0.9, "lr_schedule": "linear", "warmup_ratio": 0.06, "max_grad_norm": 1.0},
 }
+#: `--preset auto` by the task's modality alone, the model being the usual one for it (a CNN on images, a
+#: pre-trained encoder on text); `auto_preset` departs from it where the model is not.
 AUTO_PRESET = {"text": "glue", "image": "cifar", "features": "small"}
+#: (modality, model family) -> preset, where the model decides: an MLP on images trains like one on features, a
+#: Transformer from its config (random weights) needs a from-scratch rate, not a pre-trained encoder's 2e-5.
+AUTO_BY_MODEL = {("image", "mlp"): "small", ("text", "transformer"): "text-scratch"}
+FAMILY_WORDS = {"mlp": "an MLP", "cnn": "a CNN", "pretrained": "a pre-trained model folder",
+                "transformer": "a Transformer from its config (random weights)", None: "the student"}
 #: The hyper-parameter flags of DistillConfig: None means "the preset's (or the method's) value".
 HYPERPARAMETERS = ("epochs", "t_max", "margin", "psi", "alpha", "temperature", "anneal_epochs", "lr", "batch_size",
                    "optimizer", "weight_decay", "momentum", "lr_schedule", "warmup_ratio", "max_grad_norm")
 #: Fields that do not change what a run computes: a resume may differ in these. Paths are left out too: the cache
-#: and data are identified by their digests, so a moved run or cache resumes.
+#: and data are identified by their digests, so a moved run or cache resumes. `absolute_schedules` decides psi and
+#: T_max, which the resolved hyper-parameters carry: a run begun before schedules followed --epochs resumes with it.
 NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
-                "log_every", "max_steps", "compile", "report_split", "progress_every")
+                "log_every", "max_steps", "compile", "report_split", "progress_every", "absolute_schedules")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
 OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
                    "topk_tail",
@@ -71,6 +82,7 @@ class DistillConfig:
     warmup_ratio: float | None = None
     max_grad_norm: float | None = None
     schedule_unit: str = "epoch"
+    absolute_schedules: bool | None = None  # keep the preset's schedules in absolute epochs, not scaled to --epochs
     seed: int = 0
     precision: str = "fp32"
     device: str = "auto"
@@ -108,6 +120,8 @@ class DistillConfig:
             self.phi_on = None
         if self.topk_tail == "bucket":  # likewise the exact tail
             self.topk_tail = None
+        if self.absolute_schedules is False:  # the default: the same run whether the flag is given or not
+            self.absolute_schedules = None
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide what the run computes, as plain JSON values."""
@@ -118,25 +132,85 @@ class DistillConfig:
         return values
 
 
-def preset_name(preset: str, modality: str) -> str:
-    name = AUTO_PRESET.get(modality, "small") if preset == "auto" else preset
+def auto_preset(modality: str, family: str | None = None) -> tuple[str, str]:
+    """The preset `--preset auto` picks, and why in words: by the task's modality, then by the model where it is
+    not the one the modality's preset was written for (issue 26: an MLP on Fashion-MNIST is not a CIFAR ResNet)."""
+    if (modality, family) in AUTO_BY_MODEL:
+        return AUTO_BY_MODEL[(modality, family)], f"auto: {FAMILY_WORDS[family]} on {_a(modality)} task"
+    return AUTO_PRESET.get(modality, "small"), f"auto: {_a(modality)} task"
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def preset_name(preset: str, modality: str, family: str | None = None) -> str:
+    name = auto_preset(modality, family)[0] if preset == "auto" else preset
     if name not in TRAINING_PRESETS:
         raise KDCacheError(f"--preset {preset!r} is not one of auto, {', '.join(TRAINING_PRESETS)}")
     return name
 
 
-def resolve(preset: str, modality: str, method: Any, cfg: DistillConfig) -> tuple[str, dict[str, Any]]:
+@dataclass
+class Settings:
+    """A run's resolved values and how they were chosen: the preset and why, and what was fitted to the run's
+    length (`scaled`: one phrase per change; empty when nothing was)."""
+
+    preset: str
+    values: dict[str, Any]
+    reason: str
+    scaled: list[str]
+    preset_epochs: int
+
+    def line(self, method: str) -> str:
+        """The one line `train` and `distill` print at the start: what the run will use, and why."""
+        v = self.values
+        parts = [f"{v['optimizer']} lr {v['lr']:g}", f"{v['epochs']} epochs", f"batch {v['batch_size']}",
+                 f"{v['lr_schedule']} LR" + (f", warm-up {v['warmup_ratio']:g}" if v["warmup_ratio"] else ""),
+                 f"weight decay {v['weight_decay']:g}",
+                 f"clip {v['max_grad_norm']:g}" if v["max_grad_norm"] else "no clipping"]
+        own = [f"{k} {v[k]}" for k in ("t_max", "psi", "margin", "temperature", "alpha", "anneal_epochs")
+               if v.get(k) is not None]
+        text = f"settings: preset {self.preset} ({self.reason}): {', '.join(parts)}"
+        if own:
+            text += f"; {method}: {', '.join(own)}"
+        if self.scaled:
+            text += (f"; schedules fitted to {v['epochs']} epochs (the preset's are for {self.preset_epochs}): "
+                     f"{', '.join(self.scaled)}" + ("" if method == "annealing" else
+                                                   " (--absolute-schedules keeps the preset's)"))
+        return text
+
+    def record(self) -> dict[str, Any]:
+        """What summary.json keeps of it."""
+        return {"preset_reason": self.reason,
+                "schedules_scaled": {"preset_epochs": self.preset_epochs, "epochs": int(self.values["epochs"]),
+                                     "changes": self.scaled} if self.scaled else None}
+
+
+def settings(preset: str, modality: str, method: Any, cfg: DistillConfig, family: str | None = None) -> Settings:
     """The preset's training values and the method's own defaults, with every flag the user gave (not None) on top;
-    returns (preset name, values). The tables themselves are never modified."""
-    name = preset_name(preset, modality)
+    then the method's schedules fitted to the run's length unless --absolute-schedules (each method's
+    `fit_schedules`: the paper's shape at any n, T reaching 1). The tables themselves are never modified."""
+    name = preset_name(preset, modality, family)
+    reason = auto_preset(modality, family)[1] if preset == "auto" else "--preset"
     values = {**TRAINING_PRESETS[name], **method.preset_defaults(name), "anneal_epochs": None}
-    values.update({k: getattr(cfg, k) for k in HYPERPARAMETERS if getattr(cfg, k) is not None})
+    given = frozenset(k for k in HYPERPARAMETERS if getattr(cfg, k) is not None)
+    values.update({k: getattr(cfg, k) for k in given})
     if int(values["epochs"]) < 1 or int(values["batch_size"]) < 1:
         raise KDCacheError("--epochs and --batch-size must be at least 1")
     if cfg.schedule_unit not in ("epoch", "step"):
         raise KDCacheError(f"--schedule-unit {cfg.schedule_unit!r} is not one of epoch, step")
-    return name, values
+    preset_epochs = int(TRAINING_PRESETS[name]["epochs"])
+    scaled = method.fit_schedules(values, given, preset_epochs, bool(cfg.absolute_schedules))
+    return Settings(name, values, reason, scaled, preset_epochs)
 
 
-__all__ = ["AUTO_PRESET", "DistillConfig", "HYPERPARAMETERS", "NOT_IDENTITY", "TRAINING_PRESETS", "preset_name",
-           "resolve"]
+def resolve(preset: str, modality: str, method: Any, cfg: DistillConfig,
+            family: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(preset name, values) of `settings`."""
+    chosen = settings(preset, modality, method, cfg, family)
+    return chosen.preset, chosen.values
+
+
+__all__ = ["AUTO_BY_MODEL", "AUTO_PRESET", "DistillConfig", "HYPERPARAMETERS", "NOT_IDENTITY", "Settings",
+           "TRAINING_PRESETS", "auto_preset", "preset_name", "resolve", "settings"]

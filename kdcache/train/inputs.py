@@ -485,6 +485,8 @@ def load_dataset_only(task: str | None, data: str | None, options: Any, *, token
             check_distinct_splits([split, val_data], hint=", or pass --val-split none to select on the training rows")
             val_inputs = reading.inputs(val_data, device, train=False, check=None)
             used = val_data.preprocess.get("split_used") or name  # e.g. CIFAR's validation is its test split
+            if options.holdout is not None and name == "validation":  # rows held out of train, not train itself
+                used = name
             val = RunSplit(str(used), val_inputs, val_inputs.labels)
     return RunData(task, split.kind, modality, split.label_names, train, val, tokenizer)
 

@@ -20,11 +20,11 @@ import torch
 from kdcache.errors import KDCacheError
 from kdcache.methods import MethodOptions, Run, make_method
 from kdcache.methods.targets import target_kind
-from kdcache.models import build_student
+from kdcache.models import build_student, student_family
 from kdcache.names import parse_budget
 from kdcache.runtime import command_line, out_of_memory_said, utc_now
 from kdcache.train.batches import EpochOrder, TeacherTargets
-from kdcache.train.config import DistillConfig, resolve
+from kdcache.train.config import DistillConfig, Settings, settings
 from kdcache.train.dist import World
 from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, has_labels, input_options,
                                   load_dataset_only, load_run_data, probe_batch, selection_note)
@@ -51,6 +51,7 @@ class StudentRun:
     state: dict[str, Any] | None  # last.pt of the interrupted run being resumed
     teacher_val: dict[str, float] | None = None  # the teacher's own scores on the selection split
     new_optimiser: Any = None  # epoch -> (optimiser, schedule) for the phase that begins there
+    settings: Settings | None = None  # how hp was chosen (preset and why, schedules fitted to the run's length)
     order: Any = None
     targets: Any = None
 
@@ -122,7 +123,10 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     """Hyper-parameters, student, method (set up against the cache: a one-line error for arrays it lacks) and
     optimiser of one run; nothing written yet."""
     method = method or method_for(cfg)
-    preset, hp = resolve(cfg.preset, data.modality, method, cfg)  # the preset, the method's defaults, then flags
+    chosen = settings(cfg.preset, data.modality, method, cfg, student_family(cfg.student))  # preset, method, flags
+    preset, hp = chosen.preset, chosen.values
+    if world.main:
+        log.info(chosen.line(cfg.method))
     n, batch_size = int(hp["epochs"]), int(hp["batch_size"])
     probe = probe_batch(data.train.inputs)
     student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
@@ -164,7 +168,7 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     progress = {"epoch": 0, "step": 0, "best": None,
                 "totals": {"train_seconds": 0.0, "train_samples": 0, "wall_seconds": 0.0}}
     return StudentRun(cfg, hp, preset, n, stepper, RunDir(Path(cfg.out), _identity(cfg, hp, preset, data, method)),
-                      progress, None, _teacher_metrics(data, method.teacher_array), new_optimiser)
+                      progress, None, _teacher_metrics(data, method.teacher_array), new_optimiser, chosen)
 
 
 def open_folder(run: StudentRun, data: RunData) -> None:
@@ -219,6 +223,8 @@ def close_run(run: StudentRun, data: RunData) -> dict[str, Any]:
     world.barrier()
     summary = _summary(run.cfg, run.stepper, data, run.run_dir, run.progress, run.hp, run.preset, run.epochs,
                        run.teacher_val, run.stepper.device)
+    if run.settings is not None:
+        summary.update(run.settings.record())
     if world.main:
         run.run_dir.write_summary(summary)
     return summary

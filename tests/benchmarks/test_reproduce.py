@@ -55,6 +55,17 @@ def test_vision_tiny(tmp_path, slices, monkeypatch):
     assert "test at the best validation epoch" in (tmp_path / "summary.md").read_text()
     summary = reproduce.Runner(tmp_path, "cpu").summary(tmp_path / "continuation-seed0")
     assert summary["validation_split"] == "validation" and summary["report_split"] == "test"
+    _teacher_on_the_students_rows(commands, "--subset 64 --holdout 16")
+    teacher = reproduce.Runner(tmp_path, "cpu").summary(tmp_path / "teacher")
+    assert teacher["validation_split"] == "validation"  # the held-out rows, named so (not `train`)
+
+
+def _teacher_on_the_students_rows(commands: list[str], rows: str) -> None:
+    """Issue 21: the teacher trains on exactly the rows the cache (so every student) trains on, and selects on the
+    same held-out rows, which neither trains on."""
+    train = next(c for c in commands if c.startswith("kdcache train"))
+    caches = [c for c in commands if c.startswith("kdcache cache-teacher")]
+    assert f"{rows} " in train and caches and all(f"{rows} " in c for c in caches)
 
 
 def test_cifar100_configuration_on_pickles_the_test_writes(tmp_path, monkeypatch):
@@ -85,6 +96,12 @@ def test_glue_tiny_with_a_small_bert_in_place_of_minilm(tmp_path, slices, monkey
     reproduce.glue(reproduce.Runner(tmp_path / "run", "cpu", in_process=True), "tiny", 1, "mrpc", teacher_dir=str(encoder))
     _check(tmp_path / "run", reproduce.METHODS)
     assert "f1" in (tmp_path / "run" / "summary.md").read_text()
+    # selected on rows held out of train (the teacher's too), GLUE dev reported, never selected on
+    commands = (tmp_path / "run" / "commands.txt").read_text().splitlines()
+    _teacher_on_the_students_rows(commands, "--subset 48 --holdout 12")
+    summary = reproduce.Runner(tmp_path, "cpu").summary(tmp_path / "run" / "continuation-seed0")
+    assert summary["validation_split"] == "validation" and summary["report_split"] == "dev"
+    assert summary["hyperparameters"]["psi"] == "glue:2"  # Eq. 8's shape over the tiny scale's 2 epochs
 
 
 def test_seed_paired_statistics_of_two_methods():

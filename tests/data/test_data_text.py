@@ -304,7 +304,7 @@ def test_errors_name_the_file_and_the_problem(tmp_path, tiny_tokenizer, glue_dir
     msg = _error(load("sst2", tmp_path, "validation"))  # folder exists, file does not
     assert "dev.tsv" in msg and "missing" in msg
     msg = _error(load("sst2", glue_dir / "SST-2", "validation_mismatched"))
-    assert "SST-2" in msg and "train, validation, test" in msg
+    assert "SST-2" in msg and "train, validation, dev, test" in msg
     msg = _error(load("text", tmp_path / "nowhere.tsv"))
     assert "nowhere.tsv" in msg
     msg = _error(load("text", tmp_path, "validation", text_column="t"))

@@ -127,7 +127,7 @@ def test_parse_psi_normalises():
 
 
 @pytest.mark.parametrize("spec", [
-    "", "cosine", "cifar:3", "glue:2", "linear", "linear:", "linear:1", "linear:0", "linear:2.5", "linear:-3",
+    "", "cosine", "cifar:1", "glue:0", "glue:x", "cifar:2.5", "linear", "linear:", "linear:1", "linear:0", "linear:2.5", "linear:-3",
     "step", "step:x", "step:1.5", "step:-1", "constant", "constant:abc", "constant:1.5", "constant:-0.1",
     "constant:nan", "step:1:2", "linear 30",
 ])
@@ -135,9 +135,31 @@ def test_malformed_psi_specs_name_the_spec_and_the_valid_forms(spec):
     with pytest.raises(KDCacheError) as caught:
         parse_psi(spec)
     message = str(caught.value)
-    assert repr(spec) in message and "valid forms: cifar, glue, linear:E" in message and "\n" not in message
+    assert repr(spec) in message and "valid forms: cifar, glue, cifar:N or glue:N" in message and "\n" not in message
     with pytest.raises(KDCacheError):
         psi(spec, 1, 10)
+
+
+def test_scaled_psi_is_the_papers_equation_at_its_own_length():
+    """cifar:200 is Eq. 7 and glue:30 Eq. 8, at every epoch and within epochs: the scaled forms are the equations."""
+    positions = [i / 4 for i in range(4, 4 * 200 + 1)]
+    assert all(psi("cifar:200", i, 200) == pytest.approx(psi("cifar", i, 200), abs=1e-15) for i in positions)
+    assert all(psi("glue:30", i, 30) == pytest.approx(psi("glue", i, 30), abs=1e-15) for i in positions if i <= 30)
+
+
+@pytest.mark.parametrize("n", [3, 5, 8, 12, 13, 45, 100])
+def test_scaled_psi_keeps_the_shape_at_any_length(n):
+    """Eq. 7's shape: psi = i / (3n/4), reaching 1 at three quarters of the run; Eq. 8's: i / (4n/3) up to epoch
+    2n/3 (psi just under 1/2 there), then 1: the hinge keeps the same share of the run as in the paper."""
+    cifar = [psi(f"cifar:{n}", i, n) for i in range(1, n + 1)]
+    assert all(b >= a for a, b in zip(cifar, cifar[1:])) and cifar[-1] == 1.0
+    assert cifar[0] == pytest.approx(4 / (3 * n))
+    assert all((v == 1.0) == (i >= 0.75 * n) for i, v in enumerate(cifar, 1))
+    glue = [psi(f"glue:{n}", i, n) for i in range(1, n + 1)]
+    last_ramp = (2 * n) // 3
+    assert glue[last_ramp - 1] == pytest.approx(3 * last_ramp / (4 * n)) and glue[last_ramp - 1] <= 0.5
+    assert all(v == 1.0 for v in glue[last_ramp:]) and all(v < 1.0 for v in glue[:last_ramp])
+    assert parse_psi(f" GLUE:{n} ").spec == f"glue:{n}"
 
 
 def test_psi_bad_position():

@@ -82,7 +82,9 @@ def test_resnet_student_on_real_cifar10_jpegs(tmp_path, cifar10_zip):
     assert summary["validation_split"] == "test" and summary["epochs_done"] == 2
     assert "optimistic" in summary["selection_note"]  # selecting on test data is said next to the number
     rows = _metrics(tmp_path / "run")
-    assert [r["T"] for r in rows] == [schedules.temperature(i, 2, 20) for i in (1, 2)]  # cifar preset: T_max 20
+    # the cifar preset fitted to 2 epochs: T_max min(20, 2), psi Eq. 7 over 2 epochs
+    assert [r["T"] for r in rows] == [schedules.temperature(i, 2, 2) for i in (1, 2)] == [1, 1]
+    assert summary["hyperparameters"]["psi"] == "cifar:2" and rows[-1]["psi"] == 1.0
     assert load_teacher(str(tmp_path / "run" / "best")).source == "kdcache"
 
 
@@ -232,6 +234,56 @@ def test_cli_distill_and_train_succeed(tmp_path, capsys, monkeypatch, digits_cac
                               "--no-progress"], capsys, monkeypatch)
     assert code == 0, err
     assert "ce mlp: best accuracy" in out
+
+
+def test_the_chosen_settings_are_one_line_at_the_start_and_in_the_summary(tmp_path, capsys, monkeypatch, digits_cache):
+    """Issue 26: `distill` and `train` say what they chose and why, before any epoch; issue 21: a run shorter than its
+    preset fits the schedules to its length (one line, and summary.json), unless --absolute-schedules."""
+    code, _, err = run_cli(_distill_args(digits_cache, tmp_path / "fit"), capsys, monkeypatch)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "settings: " in line]
+    assert len(lines) == 1 and lines[0].startswith("kdcache: settings: preset small (auto: a features task): adamw lr")
+    assert "psi glue -> glue:2, T_max 10 -> 2" in lines[0]
+    summary = json.loads((tmp_path / "fit" / "summary.json").read_text())
+    assert summary["schedules_scaled"] == {"preset_epochs": 30, "epochs": 2, "changes": ["psi glue -> glue:2",
+                                                                                         "T_max 10 -> 2"]}
+    assert summary["hyperparameters"]["psi"] == "glue:2" and summary["preset_reason"] == "auto: a features task"
+    assert [r["T"] for r in _metrics(tmp_path / "fit")] == [1, 1] and _metrics(tmp_path / "fit")[-1]["psi"] == 1.0
+    code, _, err = run_cli(_distill_args(digits_cache, tmp_path / "abs", "--absolute-schedules"), capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "abs" / "summary.json").read_text())
+    assert summary["schedules_scaled"] is None and summary["hyperparameters"]["psi"] == "glue"
+    assert [r["T"] for r in _metrics(tmp_path / "abs")] == [9, 8]  # the paper's T_max 10 never gets near 1
+    code, _, err = run_cli(["train", "--model", "mlp", "--task", "digits", "--epochs", "1", "--out", tmp_path / "t",
+                            "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if "settings: " in line] == [
+        "kdcache: settings: preset small (auto: a features task): adamw lr 0.001, 1 epochs, batch 64, constant LR, "
+        "weight decay 0, no clipping"]
+
+
+def test_a_run_begun_with_absolute_schedules_resumes_only_with_them(tmp_path, capsys, monkeypatch, digits_cache):
+    """A run begun before schedules followed --epochs (the same values as --absolute-schedules) resumes with the
+    flag; without it the fitted psi differs and the resume is refused, naming it."""
+    out = tmp_path / "r"
+    code, _, err = run_cli(_distill_args(digits_cache, out, "--absolute-schedules", "--stop-after-epoch", "1"), capsys,
+                           monkeypatch)
+    assert code == 0, err
+    _one_error_line(*run_cli(_distill_args(digits_cache, out, "--resume"), capsys, monkeypatch)[::2],
+                    "hyperparameters.psi")
+    code, _, err = run_cli(_distill_args(digits_cache, out, "--absolute-schedules", "--resume"), capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["epochs_done"] == 2
+
+
+def test_train_with_holdout_names_its_selection_split_validation(tmp_path, capsys, monkeypatch):
+    """Rows held out of train are the validation split, and a run that selects on them says so, not `train`."""
+    code, _, err = run_cli(["train", "--model", "mlp", "--task", "digits", "--holdout", "200", "--epochs", "1",
+                            "--out", tmp_path / "t", "--no-progress"], capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["validation_split"] == "validation" and summary["selection_note"] is None
+    assert _metrics(tmp_path / "t")[0]["split"] == "validation"
 
 
 def test_incomplete_cache_is_refused(tmp_path, capsys, monkeypatch, digits_cache):

@@ -11,7 +11,7 @@ from torch import nn
 
 import kdcache
 from kdcache.cache import codecs, schema as fmt
-from kdcache.methods import METHODS
+from kdcache.methods import METHODS, schedules
 from kdcache.methods.annealing import ANNEAL_FRACTION, anneal_epochs
 from kdcache.train import config
 from kdcache.data import DataOptions, load_split
@@ -512,3 +512,138 @@ def test_anneal_epochs_given_and_bounds():
     # a one-epoch run has no room for two stages: said as such, not as an --anneal-epochs nobody passed
     with pytest.raises(KDCacheError, match=r"needs at least 2 epochs \(one per stage\), got --epochs 1"):
         anneal_epochs(fraction, 1, None)
+
+
+# --- schedules fitted to the run (issue 21) ------------------------------------------------------------------------
+
+def _reproduce_scales() -> dict[str, set[int]]:
+    """Every run length benchmarks/reproduce.py trains students for, by the preset its experiment uses."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import reproduce
+
+    return {"cifar": {s["epochs"] for s in reproduce.VISION_SCALES.values()},
+            "glue": {s["epochs"] for s in reproduce.GLUE_SCALES.values()}}
+
+
+def _annealing_phi_at_end_of_stage_1(values: dict, unit: str = "epoch", steps: int = 7) -> tuple[int, float]:
+    from kdcache.methods import Run, make_method
+
+    method = make_method("annealing")
+    n = int(values["epochs"])
+    method.setup(Run(dict(values), n, steps, unit, "classification", None, None, None, "test"))
+    k = method.k
+    last_step = k * steps - 1
+    return k, method.values(k, last_step, n)["phi"]
+
+
+def test_annealing_reaches_phi_1_at_the_end_of_stage_1_for_every_preset_at_every_scale():
+    """The authors' script asserts stage 1 is at least T_max epochs long, so phi reaches 1 before stage 2; the
+    presets cap T_max at K: every preset, at its own length, at each length reproduce.py runs (its flags too),
+    and at the short runs a user starts with."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import reproduce
+
+    lengths = set().union(*_reproduce_scales().values(), {2, 3, 4, 5, 8, 12, 13, 30, 200})
+    for preset in config.TRAINING_PRESETS:
+        for n in sorted(lengths | {config.TRAINING_PRESETS[preset]["epochs"]}):
+            for absolute in (None, True):
+                cfg = config.DistillConfig("mlp", "out", epochs=n, absolute_schedules=absolute)
+                values = config.settings(preset, "image", METHODS["annealing"], cfg).values
+                for unit in ("epoch", "step"):
+                    k, phi = _annealing_phi_at_end_of_stage_1(values, unit)
+                    assert phi == 1.0 and values["t_max"] <= k, (preset, n, unit, values["t_max"], k)
+    for preset, lengths in _reproduce_scales().items():  # the flags reproduce.py writes into its commands
+        for n in lengths:
+            t_max = int(reproduce._scaled_preset(n, preset)["annealing"][1])
+            cfg = config.DistillConfig("mlp", "out", epochs=n, t_max=t_max)
+            assert _annealing_phi_at_end_of_stage_1(config.settings(preset, "image", METHODS["annealing"], cfg).values)[1] == 1.0
+
+
+def test_annealing_refuses_a_t_max_longer_than_stage_1_as_the_authors_script_does():
+    cfg = config.DistillConfig("mlp", "out", epochs=12, t_max=12)  # K = 8 of 12
+    with pytest.raises(KDCacheError, match=r"--t-max 12 is more than stage 1's 8 epochs .*authors' script asserts"):
+        config.settings("cifar", "image", METHODS["annealing"], cfg)
+    values = config.settings("cifar", "image", METHODS["annealing"], config.DistillConfig("mlp", "out", epochs=12,
+                                                                                          t_max=8)).values
+    assert values["t_max"] == 8  # at K exactly: allowed, phi reaches 1 (above)
+    from kdcache.methods import Run, make_method
+
+    with pytest.raises(KDCacheError, match="--t-max 9 is more than stage 1's 8 epochs"):  # the API path, too
+        make_method("annealing").setup(Run({**values, "t_max": 9}, 12, 5, "epoch", "classification", None, None,
+                                           None, "test"))
+
+
+@pytest.mark.parametrize("preset,n", [("cifar", 12), ("cifar", 5), ("glue", 8), ("glue", 3), ("small", 5),
+                                      ("text-scratch", 4)])
+def test_continuation_presets_fit_a_shorter_run_in_the_papers_shape(preset, n):
+    """--epochs other than the preset's: psi is the preset's equation over n epochs, T_max at most n so T reaches 1
+    within the run; said in the settings line and the summary record; --absolute-schedules keeps the preset's."""
+    paper = METHODS["continuation"].preset_defaults(preset)
+    chosen = config.settings(preset, "image", METHODS["continuation"], config.DistillConfig("mlp", "out", epochs=n))
+    v = chosen.values
+    assert v["psi"] == f"{paper['psi']}:{n}" and v["t_max"] == min(paper["t_max"], n)
+    assert schedules.temperature(n, n, v["t_max"]) == 1 and schedules.psi(v["psi"], n, n) == 1.0
+    line = chosen.line("continuation")
+    assert "\n" not in line and f"psi {paper['psi']} -> {paper['psi']}:{n}" in line and "--absolute-schedules" in line
+    assert chosen.record()["schedules_scaled"] == {"preset_epochs": config.TRAINING_PRESETS[preset]["epochs"],
+                                                   "epochs": n, "changes": chosen.scaled}
+    kept = config.settings(preset, "image", METHODS["continuation"],
+                           config.DistillConfig("mlp", "out", epochs=n, absolute_schedules=True))
+    assert (kept.values["psi"], kept.values["t_max"], kept.scaled) == (paper["psi"], paper["t_max"], [])
+    given = config.settings(preset, "image", METHODS["continuation"],
+                            config.DistillConfig("mlp", "out", epochs=n, psi="linear:3", t_max=7))
+    assert (given.values["psi"], given.values["t_max"], given.scaled) == ("linear:3", 7, [])  # flags always win
+    own = config.settings(preset, "image", METHODS["continuation"], config.DistillConfig("mlp", "out"))
+    assert own.scaled == [] and own.values["psi"] == paper["psi"] and own.record()["schedules_scaled"] is None
+
+
+def test_the_preset_example_of_issue_21_no_longer_ends_on_a_third_of_the_teacher():
+    """`--preset cifar --epochs 5` kept the paper's absolute epochs: T 19 -> 15, phi 0.1 -> 0.3, psi at most 0.033.
+    Fitted, the run ends on the teacher itself (phi 1) and on the labels (psi 1)."""
+    from kdcache.methods import Run, make_method
+
+    for absolute, end in ((None, (1.0, 1.0)), (True, (pytest.approx(0.3), pytest.approx(5 / 150)))):
+        values = config.resolve("cifar", "image", METHODS["continuation"],
+                                config.DistillConfig("resnet8", "out", epochs=5, absolute_schedules=absolute))[1]
+        method = make_method("continuation")
+        method.setup(Run(values, 5, 3, "epoch", "classification", None, None, None, "test"))
+        last = method.values(5, 14, 5)
+        assert (last["phi"], last["psi"]) == end
+
+
+@pytest.mark.parametrize("modality,family,expected", [
+    ("image", "mlp", "small"), ("image", "cnn", "cifar"), ("image", None, "cifar"),
+    ("text", "pretrained", "glue"), ("text", "transformer", "text-scratch"), ("text", None, "glue"),
+    ("features", "mlp", "small"), ("features", "cnn", "small")])
+def test_auto_preset_picks_by_the_task_and_the_model(modality, family, expected):
+    """Issue 26: an MLP on Fashion-MNIST is not a CIFAR ResNet (it diverged at SGD 0.2); a Transformer from its
+    config is not a pre-trained encoder (2e-5 left it at chance). The reason is part of the settings line."""
+    chosen = config.settings("auto", modality, METHODS["ce"], config.DistillConfig("mlp", "out"), family)
+    assert chosen.preset == expected and chosen.reason.startswith("auto: ")
+    assert f"settings: preset {expected} (auto: " in chosen.line("ce")
+    assert config.settings("cifar", modality, METHODS["ce"], config.DistillConfig("mlp", "out"), family).preset == "cifar"
+
+
+def test_student_family_reads_the_spec(tmp_path):
+    from kdcache.models import student_family
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "kdcache-model.json").write_text('{"architecture": "mlp", "num_classes": 10}')
+    (tmp_path / "bert.json").write_text("{}")
+    assert [student_family(s) for s in ("mlp", "resnet8", "resnet18", str(tmp_path / "hf"), str(tmp_path / "bert.json"),
+                                        str(tmp_path / "saved"), "pkg.mod:factory")] == \
+        ["mlp", "cnn", "cnn", "pretrained", "transformer", "mlp", None]
+
+
+def test_a_one_epoch_run_keeps_the_presets_schedules():
+    """One epoch has no shape to keep (psi over one epoch would be all CE): the preset's values stay, unscaled."""
+    chosen = config.settings("glue", "text", METHODS["continuation"], config.DistillConfig("mlp", "out", epochs=1))
+    assert (chosen.values["psi"], chosen.values["t_max"], chosen.scaled) == ("glue", 10, [])
