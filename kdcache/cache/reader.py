@@ -373,7 +373,7 @@ class TeacherCache:
         """Every attribute of every array's zarr.json that decides how its bytes are read (dtype, shape, chunk shape,
         codec chain) must be the one the root and split attributes imply (`schema.split_arrays`): a logits dtype
         edited from float16 to int16 keeps the bytes and the chunk manifest, and would read as wrong numbers."""
-        storage, kind = self.header.storage, self.header.task.kind
+        kind = self.header.task.kind
         dtype, codec, source = self._float_storage()
         specs = schema.split_arrays(self.num_outputs, kind, dtype, self.extra_widths, self.target, codec)
         rows = self.split_header.rows
