@@ -32,6 +32,11 @@ def _one_error_line(code, err, *needles):
         assert needle in lines[0], (needle, lines[0])
 
 
+def said(err):
+    """stderr without kdcache's notes (`kdcache: ...`, e.g. the settings line every run starts with)."""
+    return "\n".join(line for line in err.strip().splitlines() if not line.startswith("kdcache: ")).strip()
+
+
 def write_tsv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")

@@ -28,7 +28,7 @@ from kdcache.recipes.distill import DistillConfig, distill
 from kdcache.models.teachers import save_model_dir
 from kdcache.recipes.verify import verify_cache
 from kdcache.cache.store import LocalLock as WriteLock
-from helpers import _one_error_line, interrupt_autocast_at, run_cli, tabular_cache
+from helpers import _one_error_line, interrupt_autocast_at, run_cli, said, tabular_cache
 
 STUDENT_KW = {"in_features": 64, "hidden": 16, "depth": 1}
 
@@ -446,7 +446,7 @@ def test_ctrl_c_in_distill_says_where_it_stopped_and_resume_finishes(tmp_path, c
     monkeypatch.setattr(fit_module, "evaluate", interrupted_in_epoch_two)
     run = tmp_path / "run"
     code, _, err = run_cli(_distill_args(chunked_cache, run, "--epochs", "3"), capsys, monkeypatch)
-    assert code == 130 and err.strip() == (f"interrupted: in epoch 2 of 3; epochs 1-1 are saved in {run / 'last.pt'}: "
+    assert code == 130 and said(err) == (f"interrupted: in epoch 2 of 3; epochs 1-1 are saved in {run / 'last.pt'}: "
                                            "rerun the same command with --resume to continue"), err
     monkeypatch.setattr(fit_module, "evaluate", real)
     code, out, err = run_cli(_distill_args(chunked_cache, run, "--epochs", "3", "--resume"), capsys, monkeypatch)

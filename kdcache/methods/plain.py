@@ -138,12 +138,13 @@ class KDMethod:
 
 
 def get(name: str, *, epochs: int, preset: str = "glue", cache: Any = None, steps_per_epoch: int = 1,
-        unit: str = "epoch", kind: str | None = None, **options: Any) -> KDMethod:
+        unit: str = "epoch", kind: str | None = None, absolute_schedules: bool = False, **options: Any) -> KDMethod:
     """The method `distill --method NAME` runs, as a plain object for another training loop (see the module
     docstring). `options` are the method's hyper-parameters (t_max, psi, margin, temperature, alpha,
     anneal_epochs, ...) and its flags (kd_loss, phi_on, phase_epochs, reduction, anneal_continuous, checkpoint);
     `cache` (a TeacherCache) is needed for sparse targets and Pro-KD's checkpoints, and checks the method against
-    the kind of target the cache stores."""
+    the kind of target the cache stores. The preset's schedules are fitted to `epochs` as `distill` fits them
+    (`absolute_schedules=True` keeps the preset's absolute epochs, as `--absolute-schedules`)."""
     from kdcache.methods.registry import make_method, method_class
 
     if name in LOOP_ONLY:
@@ -163,6 +164,13 @@ def get(name: str, *, epochs: int, preset: str = "glue", cache: Any = None, step
         known = sorted(set(hp) | flag_names)
         raise KDCacheError(f"method {name!r} takes no option {', '.join(unknown)} (it takes {', '.join(known)})")
     hp.update({k: v for k, v in options.items() if k not in flag_names})
+    # the preset's schedules fitted to a run of `epochs`, as distill fits them (train/config.py `settings`)
+    from kdcache.train.config import TRAINING_PRESETS
+
+    values = {**hp, "epochs": int(epochs)}
+    given = frozenset(k for k in options if k not in flag_names)
+    cls.fit_schedules(values, given, int(TRAINING_PRESETS[preset]["epochs"]), absolute_schedules)
+    hp = {k: v for k, v in values.items() if k != "epochs"}
     method = make_method(name, MethodOptions(**flags))
     if cache is None and (name == "prokd" or flags.get("checkpoint")):
         raise KDCacheError(f"method {name!r} reads the cache's teacher checkpoints: pass cache=open_cache(...)")

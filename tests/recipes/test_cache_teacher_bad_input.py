@@ -193,8 +193,8 @@ def test_unknown_task_writes_nothing(tmp_path, capsys, monkeypatch, bert2):
 def test_unknown_split_names_the_folder(tmp_path, capsys, monkeypatch, bert2, glue_dir):
     out = tmp_path / "c.kdcache"
     code, _, err = run_cli(["cache-teacher", "--teacher", bert2, "--task", "sst2", "--data", glue_dir / "SST-2",
-                            "--split", "dev", "--out", out, "--no-progress"], capsys, monkeypatch)
-    assert_bad_input(code, err, out, glue_dir / "SST-2", "unknown sst2 split 'dev'", "validation")
+                            "--split", "devset", "--out", out, "--no-progress"], capsys, monkeypatch)
+    assert_bad_input(code, err, out, glue_dir / "SST-2", "unknown sst2 split 'devset'", "validation")
 
 
 @pytest.mark.parametrize("flag,column", [("--text-column", "text"), ("--text-pair-column", "hypothesis"),

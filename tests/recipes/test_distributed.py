@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, tabular_cache
+from helpers import REPO, said, tabular_cache
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_a_resume_continues_under_the_same_world_and_refuses_another(tmp_path, c
     assert len(_metrics(cut)) == 2
     refused = _launch(1, *_distill(cache, cut, "--resume"), check=False)
     assert refused.returncode == 1
-    lines = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+    lines = said(refused.stderr).splitlines()
     assert len(lines) == 1 and "trained by 2 process(es), not 1" in lines[0] and "--nproc-per-node 2" in lines[0]
     _launch(2, *_distill(cache, cut, "--resume"))
     _close(_metrics(whole), _metrics(cut))

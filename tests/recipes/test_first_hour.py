@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import STUDENT_KW, _distill_args, _one_error_line, run_cli, signal_at, tabular_cache
+from helpers import STUDENT_KW, _distill_args, _one_error_line, run_cli, said, signal_at, tabular_cache
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_sigterm_in_distill_stops_like_ctrl_c_and_the_resume_finishes(tmp_path, 
     signal_at(monkeypatch, fit_module, "evaluate", 2, signal.SIGTERM)
     run = tmp_path / "run"
     code, _, err = run_cli(_distill_args(table[2], run, "--epochs", "3"), capsys, monkeypatch)
-    assert code == 143 and err.strip() == (f"stopped by SIGTERM: in epoch 2 of 3; epochs 1-1 are saved in "
+    assert code == 143 and said(err) == (f"stopped by SIGTERM: in epoch 2 of 3; epochs 1-1 are saved in "
                                            f"{run / 'last.pt'}: rerun the same command with --resume to continue"), err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1  # the checkpoint is intact
     assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone once it returns
@@ -383,7 +383,7 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_not_its_workers_first(
                                                                                 "--batch-size", "16"))],
                           env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
     assert proc.returncode == 143, proc.stderr[-2000:]
-    assert proc.stderr.strip() == (f"stopped by SIGTERM: in epoch 2 of 3; epochs 1-1 are saved in {run / 'last.pt'}: "
+    assert said(proc.stderr) == (f"stopped by SIGTERM: in epoch 2 of 3; epochs 1-1 are saved in {run / 'last.pt'}: "
                                    "rerun the same command with --resume to continue"), proc.stderr[-2000:]
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
 
