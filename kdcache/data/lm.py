@@ -12,7 +12,6 @@ target of its last position), -1 after the stream's end; its fingerprint hashes 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from kdcache.data.base import MISSING_CLASS, Batch, SplitData
+from kdcache.data.text import json_rows
 from kdcache.errors import KDCacheError, SplitMissing
 from kdcache.fingerprint import fingerprint_tokens
 
@@ -61,18 +61,9 @@ def read_documents(path: Path, text_column: str | None) -> list[str]:
             return _parquet_documents(path, column)
         docs = []
         with open(path, encoding="utf-8-sig") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if fmt == "txt":
-                    docs.append(line.rstrip("\r\n"))
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise KDCacheError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise KDCacheError(f"{path}: line {line_no}: expected a JSON object, got {type(obj).__name__}")
+            if fmt == "txt":
+                return [line.rstrip("\r\n") for line in f if line.strip()]
+            for line_no, obj in json_rows(f, path):  # the same JSONL reading as a text task's
                 if column not in obj:
                     raise KDCacheError(f"{path}: line {line_no}: no text column {column!r} (fields: "
                                        f"{', '.join(map(str, obj)) or 'none'}); pass --text-column")

@@ -130,7 +130,8 @@ def _csv_rows(reader: Any, path: Path) -> Iterator[tuple[int, list[str]]]:
             yield reader.line_num, row
 
 
-def _json_rows(f: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_rows(f: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-empty line of a JSONL file; a line that is no JSON object is one line."""
     for line_no, line in enumerate(f, 1):
         if not line.strip():
             continue
@@ -146,7 +147,7 @@ def _json_rows(f: Any, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _table(f: Any, path: Path, fmt: str, columns: tuple[str, ...]) -> tuple[list[str], Iterator[tuple[int, Any]]]:
     """(column names, rows as (line, record)); a record is a list (tsv/csv, width checked) or a dict (jsonl)."""
     if fmt == "jsonl":
-        rows: Iterator[tuple[int, Any]] = _json_rows(f, path)
+        rows: Iterator[tuple[int, Any]] = json_rows(f, path)
         first = next(rows, None)
         if first is None:
             raise KDCacheError(f"{path}: empty file")
