@@ -253,6 +253,15 @@ def test_distilling_from_an_lm_cache_is_refused_until_students_exist(topk_cache)
         load_run_data(topk_cache, storage_options={}, data=None, val_split=None, device=torch.device("cpu"))
 
 
+def test_the_python_api_refuses_an_lm_cache_in_one_line_until_students_exist(topk_cache):
+    from kdcache.errors import KDCacheError
+    from kdcache.torch import with_targets
+
+    with pytest.raises(KDCacheError, match=r"token-level \(--task lm\) cache is not served by with_targets") as caught:
+        with_targets([{"input_ids": [1, 2]}], topk_cache)
+    assert "\n" not in str(caught.value) and str(topk_cache) in str(caught.value)
+
+
 def test_next_token_targets_follow_the_recorded_alignment_rule(topk_cache, teacher):
     from kdcache.data.lm import next_token_targets
 
