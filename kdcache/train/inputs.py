@@ -11,7 +11,6 @@ without a separate pass; `check_alignment` is that pass, for `--check-first`.
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -163,7 +162,7 @@ class StudentInputs:
         loader = torch.utils.data.DataLoader(
             _Named(self.split.dataset, self.split.source), batch_sampler=_Rows(batches),
             collate_fn=self.split.collate, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None, worker_init_fn=_ignore_sigterm if self.workers else None,
+            prefetch_factor=4 if self.workers else None,
             # its own generator: the loader draws its workers' seed without touching the global random stream,
             # which stays the model's (dropout) alone, so students stepped together in a sweep see a lone run's
             generator=torch.Generator().manual_seed(self.seed))
@@ -522,12 +521,6 @@ def selection_note(split: str) -> str | None:
     if split == "train":
         return "no validation split: best checkpoint selected on the training data"
     return None
-
-
-def _ignore_sigterm(worker: int) -> None:
-    """A SIGTERM sent to the whole process group (a preempted job) is the main process's to handle: it stops the run
-    where it can be resumed and ends its workers itself, rather than tripping over workers that died first."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def probe_batch(inputs: StudentInputs) -> Any:
