@@ -319,8 +319,12 @@ def _report_run(summary: dict) -> None:
     layers = f" (first {summary['student_layers']} layers)" if summary.get("student_layers") else ""
     _out.print(f"{summary.get('objective') or summary['method']} {summary['student']}{layers}: {best} (last {last}"
                + (f", teacher {summary['teacher_metric']:.4f}" if summary.get("teacher_metric") is not None else "")
-               + f"); {summary['epochs_done']}/{summary['epochs']} epochs, {summary['samples_per_second']:,.0f} samples/s, "
-               f"{summary['wall_seconds']:.1f} s")
+               + (f", teacher agreement {summary['best_agreement']:.4f}" if summary.get("best_agreement") is not None
+                  else "")
+               + f"); {summary['epochs_done']}/{summary['epochs']} epochs, "
+               + (f"{summary['tokens_per_second']:,.0f} tokens/s, " if summary.get("tokens_per_second") is not None
+                  else f"{summary['samples_per_second']:,.0f} samples/s, ")
+               + f"{summary['wall_seconds']:.1f} s")
     for note in ("selection_note", "unchecked_note", "baseline_note"):
         if summary.get(note):
             print(f"note: {summary[note]}", file=sys.stderr)
@@ -355,7 +359,7 @@ def distill_cmd(
     val_split: o.ValSplit = None, seed: o.Seed = 0, precision: o.Precision = "fp32", device: o.Device = "auto",
     student_kwargs: Annotated[Optional[str], typer.Option(help="JSON arguments for an architecture-name student.")] = None,
     student_layers: o.StudentLayers = None, stream: o.Stream = "auto", save_every: o.SaveEvery = None,
-    checkpoint: o.Checkpoint = None,
+    checkpoint: o.Checkpoint = None, loss_chunk: o.LossChunk = None,
     kd_loss: o.KdLoss = None, phase_epochs: o.PhaseEpochs = None, layer_map: o.LayerMap = None,
     resume: o.Resume = False, overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None,
     augment: o.Augment = None, num_workers: o.NumWorkers = None, memory_budget: o.MemoryBudget = None,

@@ -35,6 +35,9 @@ TrustModelCode = Annotated[bool, _O(help="Let Python code named by a model run: 
                                          "(a flag or a kdcache-model.json), a Hugging Face folder's or a cache's "
                                          "tokenizer's auto_map; only for code you trust.")]
 ModelKwargs = Annotated[Optional[str], _O(help="JSON arguments for an architecture-name model.")]
+LossChunk = Annotated[Optional[int], _O(help="A language-model cache: positions whose logits (and loss) are computed at "
+                                            "once, under activation checkpointing, so the loss's memory is chunk x "
+                                            "vocabulary, not batch x seq-len x vocabulary (default 1024).")]
 StudentLayers = Annotated[Optional[int], _O(help="Keep only the first N transformer layers of a pre-trained Hugging "
                                                  "Face model folder (distill --student, train --model): a shallower "
                                                  "student initialised from its lower layers, with a fresh head.")]
@@ -93,7 +96,7 @@ HoldoutTest = Annotated[Optional[int], _O(help="Hold out N more training rows (e
 
 # --- training: None means the preset's (or the method's) value -------------------------------------------------------
 Epochs = Annotated[Optional[int], _O(help="Epochs n (preset: cifar 200, glue 30, small 30).")]
-Preset = Annotated[str, _O(help="auto | cifar | glue | small | text-scratch: the defaults of the training flags "
+Preset = Annotated[str, _O(help="auto | cifar | glue | small | text-scratch | lm: the defaults of the training flags "
                                        "(auto: by the task and the model).")]
 Lr = Annotated[Optional[float], _O(help="Peak learning rate.")]
 BatchSize = Annotated[Optional[int], _O(help="Minibatch size.")]

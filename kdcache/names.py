@@ -9,7 +9,7 @@ import re
 
 METHODS = ("continuation", "vanilla", "annealing", "ce", "prokd", "curriculum")
 KD_LOSSES = ("vanilla", "continuation")
-PRESETS = ("auto", "cifar", "glue", "small", "text-scratch")
+PRESETS = ("auto", "cifar", "glue", "small", "text-scratch", "lm")
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "stsb", "qnli", "qqp", "mnli")
 IMAGE_TASKS = ("cifar10", "cifar100", "imagefolder", "mnist", "fashion-mnist", "svhn", "imagenet")
 FEATURE_TASKS = ("digits", "tabular")
@@ -60,7 +60,7 @@ NUMBER_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "atol": (0, True, None, False), "seed": (0, True, 2**32 - 1, True), "proj_seed": (0, True, 2**32 - 1, True),
     "t_max": (1, True, None, False), "anneal_epochs": (1, True, None, False), "save_every": (1, True, None, False),
     "stop_after_epoch": (1, True, None, False), "epochs": (1, True, None, False), "batch_size": (1, True, None, False),
-    "max_steps": (1, True, None, False), "student_layers": (1, True, None, False), "chunk_rows": (1, True, None, False),
+    "max_steps": (1, True, None, False), "student_layers": (1, True, None, False), "loss_chunk": (1, True, None, False), "chunk_rows": (1, True, None, False),
     "workers": (0, True, None, False), "num_workers": (0, True, None, False), "log_every": (0, True, None, False),
     "max_length": (1, True, None, False), "image_size": (1, True, None, False), "limit": (1, True, None, False),
     "subset": (1, True, None, False), "holdout": (1, True, None, False),
@@ -147,3 +147,13 @@ def _error(message: str) -> Exception:
     from kdcache.errors import KDCacheError
 
     return KDCacheError(message)
+
+
+#: Task kinds whose primary validation metric is better lower (a language model's perplexity); every other
+#: kind's metric (accuracy, F1, MCC, Pearson) is better higher.
+LOWER_IS_BETTER = ("lm",)
+
+
+def better(new: float, old: float, kind: str) -> bool:
+    """Whether validation metric `new` beats `old` for a task of this kind (the direction of its primary metric)."""
+    return new < old if kind in LOWER_IS_BETTER else new > old

@@ -128,6 +128,39 @@ class _Windows(torch.utils.data.Dataset):
         return {"inputs": {"input_ids": ids}, "label": label, "index": n, "fingerprint": fingerprint_tokens(ids)}
 
 
+class _CachedWindows(torch.utils.data.Dataset):
+    """The windows a token-level cache stores (`input_ids`, `lengths`, `labels`): a student reads the teacher's very
+    token ids and never tokenises again; each row's fingerprint is recomputed from its ids, so the row check
+    (kdcache/train/inputs.py) proves them against the cached fingerprints."""
+
+    def __init__(self, ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray) -> None:
+        self.ids, self.lengths, self.labels = ids, np.asarray(lengths, dtype=np.int64), np.asarray(labels)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, n: int) -> dict[str, Any]:
+        if not 0 <= n < len(self):
+            raise IndexError(n)
+        ids = np.asarray(self.ids[n, :self.lengths[n]], dtype=np.int64)
+        return {"inputs": {"input_ids": ids}, "label": int(self.labels[n]), "index": n,
+                "fingerprint": fingerprint_tokens(ids)}
+
+
+def cached_windows_split(ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, *, split: str, source: str,
+                         preprocess: dict[str, Any] | None = None) -> SplitData:
+    """A split of a token-level cache as a student's data: its stored windows, right-padded to S by the collate."""
+    if ids.ndim != 2 or len(ids) != len(lengths) or len(ids) != len(labels):
+        raise KDCacheError(f"{source}: input_ids {ids.shape}, lengths ({len(lengths)},) and labels ({len(labels)},) "
+                           "do not describe the same windows")
+    if len(lengths) and (int(np.min(lengths)) < 1 or int(np.max(lengths)) > ids.shape[1]):
+        raise KDCacheError(f"{source}: a window's length is outside 1..{ids.shape[1]}")
+    seq_len = int(ids.shape[1])
+    return SplitData(task="lm", split=split, source=source, modality="text", kind="lm", label_names=None,
+                     dataset=_CachedWindows(ids, lengths, labels), collate=_Collate(seq_len), prepare=_prepare,
+                     preprocess={**(preprocess or {}), "seq_len": seq_len, "read_from": "cache"})
+
+
 class _Collate:
     """Windows padded to S with id 0 (positions past a row's length are masked and never read as tokens)."""
 
@@ -212,4 +245,4 @@ def load_lm_split(data: str | Path, split: str, tokenizer: Any, *, seq_len: int 
                      preprocess=preprocess)
 
 
-__all__ = ["EOS_TOKEN", "LM_FORMATS", "load_lm_split", "next_token_targets", "train_byte_bpe", "read_documents", "token_stream"]
+__all__ = ["EOS_TOKEN", "LM_FORMATS", "cached_windows_split", "load_lm_split", "next_token_targets", "train_byte_bpe", "read_documents", "token_stream"]

@@ -12,10 +12,11 @@ from kdcache.methods import losses, schedules, sparse_losses
 from kdcache.methods.base import Method, Run, StepPlan
 from kdcache.methods.targets import TopKTarget
 from kdcache.methods.continuation import ANNEALED_DEFAULTS
+from kdcache.names import better
 
 #: Stage 1's share of the run when --anneal-epochs is not given, as the authors' code splits it
 #: (huawei-noah/Efficient-NLP, Annealing_KD): CIFAR 200 + 100 epochs, GLUE 10 + 3.
-ANNEAL_FRACTION = {"cifar": 2 / 3, "glue": 10 / 13, "small": 2 / 3, "text-scratch": 10 / 13}
+ANNEAL_FRACTION = {"cifar": 2 / 3, "glue": 10 / 13, "small": 2 / 3, "text-scratch": 10 / 13, "lm": 10 / 13}
 
 
 def anneal_epochs(fraction: float, epochs: int, given: int | None) -> int:
@@ -43,6 +44,7 @@ class AnnealingKD(Method):
     accepts = ("checkpoint", "anneal_continuous")
     defaults = {p: {"t_max": v["t_max"], "anneal_fraction": ANNEAL_FRACTION[p]} for p, v in ANNEALED_DEFAULTS.items()}
     target_kinds = ("dense", "topk")
+    per_token = True
 
     @classmethod
     def fit_schedules(cls, values: dict[str, Any], given: frozenset[str], preset_epochs: int,
@@ -80,21 +82,23 @@ class AnnealingKD(Method):
             T = schedules.temperature(epoch, self.k, t_max)
         return {"stage": 1, "T": T, "phi": schedules.phi(T, t_max), "psi": 0.0}
 
-    def loss(self, output: torch.Tensor, target: Any, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, target: Any, labels: torch.Tensor, plan: StepPlan,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
         if plan.values["stage"] == 2:
-            return losses.ce(output, labels, kind=self.run.kind)
+            return losses.ce(output, labels, kind=self.loss_kind)
         if isinstance(target, TopKTarget):
             return sparse_losses.topk_annealing_kd_loss(output, target.values, target.indices, phi=plan.values["phi"],
-                                                        mean_outputs=self.options.reduction in ("element", "mse"))
+                                                        mean_outputs=self.options.reduction in ("element", "mse"),
+                                                        mask=mask)
         return losses.annealing_kd_loss(output, target, phi=plan.values["phi"],
-                                        mean_outputs=self.options.reduction in ("element", "mse"))
+                                        mean_outputs=self.options.reduction in ("element", "mse"), mask=mask)
 
     def start_epoch(self, epoch: int, student: Any) -> None:
         if epoch == self.k + 1 and self.stage1_best is not None:
             student.model.load_state_dict(self.stage1_best["model"])  # stage 2 starts from the best stage-1 student
 
     def end_epoch(self, epoch: int, student: Any, metric: float) -> None:
-        if epoch <= self.k and (self.stage1_best is None or metric > self.stage1_best["metric"]):
+        if epoch <= self.k and (self.stage1_best is None or better(metric, self.stage1_best["metric"], self.run.kind)):
             self.stage1_best = {"metric": metric, "epoch": epoch,
                                 "model": {k: v.detach().cpu().clone() for k, v in student.model.state_dict().items()}}
 

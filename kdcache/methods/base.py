@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.methods import targets
+from kdcache.methods import targets, tokens
 
 
 @dataclass
@@ -48,11 +48,12 @@ class Run:
     epochs: int
     steps_per_epoch: int
     unit: str  # "epoch" or "step": when the schedules move
-    kind: str  # "classification" or "regression"
+    kind: str  # "classification", "regression", or "lm" (a causal-LM student on a token-level cache)
     cache: Any = None  # the train split's TeacherCache; None for `kdcache train`
     student: Any = None  # kdcache.models.Student
     probe: Any = None  # model input for two training rows, on the training device (to size extra modules)
     where: str = ""  # the cache's name, for messages
+    loss_chunk: int | None = None  # "lm": positions whose logits are made at once (kdcache.methods.tokens)
 
 
 @dataclass
@@ -78,6 +79,8 @@ class Method:
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     #: the kinds of teacher target (kdcache.methods.targets) this method's loss can use
     target_kinds: ClassVar[tuple[str, ...]] = ("dense",)
+    #: whether the method trains causal-LM students on a token-level cache (its loss applied per token)
+    per_token: ClassVar[bool] = False
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = options or MethodOptions()
@@ -151,12 +154,32 @@ class Method:
             return targets.served_target(self.run.cache, served)
         return served[plan.array] if isinstance(served, dict) else served
 
-    def forward(self, student: Any, inputs: Any, plan: StepPlan) -> torch.Tensor:
-        """What the loss compares with the step's target: the student's logits."""
+    @property
+    def loss_kind(self) -> str:
+        """The task kind the row losses see: a token of a language model is a row of a classification over its
+        vocabulary."""
+        return "classification" if self.run.kind == "lm" else self.run.kind
+
+    def forward(self, student: Any, inputs: Any, plan: StepPlan) -> Any:
+        """What the loss compares with the step's target: the student's logits; for a causal-LM student its final
+        hidden states and output projection (`kdcache.methods.tokens.TokenOutput`), the logits made per chunk."""
+        if self.run.kind == "lm":
+            return tokens.token_output(student.model, inputs)
         return student(inputs)
 
+    def step_loss(self, output: Any, target: Any, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """The step's loss: `loss` itself, or for a causal-LM student `loss` at every real token, averaged over
+        them, the logits made a chunk of positions at a time (`kdcache.methods.tokens.chunked_loss`)."""
+        if isinstance(output, tokens.TokenOutput):
+            return tokens.chunked_loss(output, target, labels,
+                                       lambda z, t, y, m: self.loss(z, t, y, plan, mask=m),
+                                       chunk=self.run.loss_chunk or tokens.DEFAULT_CHUNK)
+        return self.loss(output, target, labels, plan)
+
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,
-             plan: StepPlan) -> torch.Tensor:
+             plan: StepPlan, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of a batch of rows; `mask` (R,) bool keeps the rows that count (a token-level batch's real
+        positions), the others' labels being -1 already."""
         raise NotImplementedError
 
     # --- epochs, state ----------------------------------------------------------------------------------------------

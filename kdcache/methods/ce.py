@@ -26,9 +26,11 @@ class CrossEntropy(Method):
     def arrays(self) -> tuple[str, ...]:
         return () if self.teacher_array is None else (self.teacher_array,)
 
+    per_token = True
+
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,
-             plan: StepPlan) -> torch.Tensor:
-        return losses.ce(output, labels, kind=self.run.kind)
+             plan: StepPlan, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return losses.ce(output, labels, kind=self.loss_kind)  # (a masked row's label is -1: skipped)
 
     def display_name(self, kind: str) -> str:
         return "mse" if kind == "regression" else "ce"

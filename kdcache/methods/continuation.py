@@ -20,6 +20,7 @@ ANNEALED_DEFAULTS = {
     "glue": {"t_max": 10, "psi": "glue", "margin": 1.0},
     "small": {"t_max": 10, "psi": "glue", "margin": 1.0},
     "text-scratch": {"t_max": 10, "psi": "glue", "margin": 1.0},
+    "lm": {"t_max": 10, "psi": "glue", "margin": 1.0},
 }
 
 
@@ -43,6 +44,7 @@ class ContinuationKD(Method):
     accepts = ("checkpoint", "phi_on")
     defaults = ANNEALED_DEFAULTS
     target_kinds = ("dense", "topk")  # a sampled row proves no logit distance (docs/methods.md)
+    per_token = True
 
     @classmethod
     def fit_schedules(cls, values: dict[str, Any], given: frozenset[str], preset_epochs: int,
@@ -54,6 +56,10 @@ class ContinuationKD(Method):
     def setup(self, run: Run) -> None:
         super().setup(run)
         schedules.parse_psi(run.hp["psi"])  # a bad spec is one line before any work
+        if run.kind == "lm" and self.options.reduction in losses.WHOLE_BATCH:
+            raise KDCacheError(f"--reduction {self.options.reduction} is one hinge on the whole batch's mean distance, "
+                               "which the token loss, computed a chunk of positions at a time, does not form: use "
+                               "sample or element with a language-model cache")
         if self.options.phi_on not in (None, *PHI_ON):  # (the CLI checks too; the API and sweep files come here)
             raise KDCacheError(f"--phi-on {self.options.phi_on!r} is not one of {', '.join(PHI_ON)}")
 
@@ -72,12 +78,14 @@ class ContinuationKD(Method):
             values["phi_margin"] = values["phi"] if on == "margin" else 1.0
         return values
 
-    def loss(self, output: torch.Tensor, target: Any, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    def loss(self, output: torch.Tensor, target: Any, labels: torch.Tensor, plan: StepPlan,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
         v = plan.values
         if isinstance(target, TopKTarget):  # the kept logits, and the others held below the smallest kept one
             return sparse_losses.topk_continuation_kd_loss(
                 output, target.values, target.indices, labels, phi=v.get("phi_teacher", v["phi"]), psi=v["psi"],
-                margin=float(self.run.hp["margin"]), reduction=self.options.reduction, phi_margin=v.get("phi_margin"))
+                margin=float(self.run.hp["margin"]), reduction=self.options.reduction, phi_margin=v.get("phi_margin"),
+                mask=mask)
         return losses.continuation_kd_loss(output, target, labels, phi=v.get("phi_teacher", v["phi"]), psi=v["psi"],
                                            margin=float(self.run.hp["margin"]), reduction=self.options.reduction,
-                                           kind=self.run.kind, phi_margin=v.get("phi_margin"))
+                                           kind=self.loss_kind, phi_margin=v.get("phi_margin"), mask=mask)

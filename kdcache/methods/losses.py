@@ -85,6 +85,14 @@ def continuation_hinge(distance: torch.Tensor, *, outputs: int, allowed: float, 
     return torch.clamp(masked_mean(distance, mask) - allowed, min=0)
 
 
+def _masked_labels(labels: torch.Tensor, mask: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """Labels of the rows `mask` drops become missing (-1, or NaN for regression), so the label term skips them."""
+    if mask is None:
+        return labels
+    missing = torch.full_like(labels, -1) if kind == "classification" else torch.full_like(labels, float("nan"))
+    return torch.where(mask, labels, missing)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B,) -> scalar: the mean over the rows `mask` keeps (0 when it keeps none), without a host sync."""
     if mask is None:
@@ -123,7 +131,8 @@ def ce(student_logits: torch.Tensor, labels: torch.Tensor, *, kind: str = "class
 
 
 def vanilla_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-                    temperature: float, alpha: float, kind: str = "classification") -> torch.Tensor:
+                    temperature: float, alpha: float, kind: str = "classification",
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Hinton et al. (2015), Eq. 1 of the Continuation-KD paper, with the usual T^2 gradient scaling.
 
     classification: L = alpha * CE(z_S, y) + (1 - alpha) * T^2 * KL(softmax(z_T / T) || softmax(z_S / T))
@@ -140,6 +149,8 @@ def vanilla_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         temperature: T > 0, the softening temperature.
         alpha: weight of the hard-label term, in [0, 1] (alpha = 1: plain `ce`; alpha = 0: teacher only).
         kind: "classification" or "regression".
+        mask: (B,) bool, the rows that count (token-level: the real positions), or None for all of them; the
+            teacher term averages over them, and the label term skips the others.
     """
     _check_kind(kind)
     alpha = _check_unit("alpha", alpha)
@@ -147,14 +158,19 @@ def vanilla_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     if not (temperature > 0 and math.isfinite(temperature)):
         raise KDCacheError(f"temperature must be a positive number, got {temperature}")
     z_s, z_t = _student_teacher(student_logits, teacher_logits)
+    labels = _masked_labels(labels, mask, kind)
     if alpha == 1.0:
         return ce(student_logits, labels, kind=kind)
     if kind == "classification":
         log_q = F.log_softmax(z_s / temperature, dim=-1)
         log_p = F.log_softmax(z_t / temperature, dim=-1)
-        soft = temperature ** 2 * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+        if mask is None:
+            soft = temperature ** 2 * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+        else:
+            per_row = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+            soft = temperature ** 2 * masked_mean(per_row, mask)
     else:
-        soft = (z_s - z_t).pow(2).sum(dim=-1).mean()
+        soft = masked_mean((z_s - z_t).pow(2).sum(dim=-1), mask)
     if alpha == 0.0:
         return soft
     return alpha * ce(student_logits, labels, kind=kind) + (1.0 - alpha) * soft
@@ -177,7 +193,8 @@ def hinge_settings(reduction: str, phi: float, psi: float, phi_margin: float | N
 
 def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
                          phi: float, psi: float, margin: float, reduction: str = "sample",
-                         kind: str = "classification", phi_margin: float | None = None) -> torch.Tensor:
+                         kind: str = "classification", phi_margin: float | None = None,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
     """Continuation-KD (Jafari et al., 2022), Eqs. 3-4: a hinge on the distance to the annealed teacher.
 
     L = psi * CE(z_S, y) + (1 - psi) * L_CNT, with d_b = ||z_S[b] - phi z_T[b]||_2^2 = sum_c (z_S - phi z_T)[b,c]^2
@@ -202,21 +219,23 @@ def continuation_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
         kind: "classification" or "regression".
         phi_margin: the margin's coefficient when it differs from the teacher's (`phi`): the paper's Table 7
             ablation anneals one and fixes the other at 1. None: `phi`, as Eq. 4.
+        mask: (B,) bool, the rows that count, or None for all of them (as `vanilla_kd_loss`).
     """
     _check_kind(kind)
     phi, psi, phi_m, margin = hinge_settings(reduction, phi, psi, phi_margin, margin)
     z_s, z_t = _student_teacher(student_logits, teacher_logits)
+    labels = _masked_labels(labels, mask, kind)
     if psi == 1.0:
         return ce(student_logits, labels, kind=kind)
     hinge = continuation_hinge(_squared_distance(z_s, z_t, phi), outputs=z_s.shape[-1], allowed=margin * phi_m,
-                               reduction=reduction)
+                               reduction=reduction, mask=mask)
     if psi == 0.0:
         return hinge
     return psi * ce(student_logits, labels, kind=kind) + (1.0 - psi) * hinge
 
 
 def annealing_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, phi: float,
-                      mean_outputs: bool = False) -> torch.Tensor:
+                      mean_outputs: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Annealing-KD (Jafari et al., 2021) stage 1, Eq. 2: regress the student onto the annealed teacher.
 
     L = (1/B) sum_b ||z_S[b] - phi z_T[b]||_2^2, the squared norm summed over the C outputs; no label term.
@@ -228,10 +247,11 @@ def annealing_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         teacher_logits: (B, C), same shape.
         phi: phi(T_i) = 1 - (T_i - 1) / T_max in [0, 1] (`kdcache.schedules.phi`).
         mean_outputs: average over the C outputs instead of summing them.
+        mask: (B,) bool, the rows that count, or None for all of them.
     """
     phi = _check_unit("phi", phi)
     z_s, z_t = _student_teacher(student_logits, teacher_logits)
-    loss = _squared_distance(z_s, z_t, phi).mean()
+    loss = masked_mean(_squared_distance(z_s, z_t, phi), mask)
     return loss / z_s.shape[-1] if mean_outputs else loss
 
 

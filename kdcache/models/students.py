@@ -69,14 +69,17 @@ def student_family(spec: str) -> str | None:
 
 def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None = None, tokenizer: Any = None,
                   seed: int = 0, trust_model_code: bool = False, sample: Any = None,
-                  layers: int | None = None) -> Student:
+                  layers: int | None = None, causal: bool = False) -> Student:
     """A freshly initialised (seeded) or loaded student with `num_outputs` outputs, or a one-line error saying why not;
     `trust_model_code` lets a `module:factory` architecture import and run (see kdcache.models.build_model).
     `sample` (one batch of model input) sizes an architecture to the data and refuses a text model on tensors.
-    `layers` keeps only the first N transformer layers of a pre-trained Hugging Face folder (`truncate_layers`)."""
+    `layers` keeps only the first N transformer layers of a pre-trained Hugging Face folder (`truncate_layers`).
+    `causal`: a causal language model of `num_outputs` tokens (a token-level cache's student, `causal_lm_student`)."""
     kwargs = dict(kwargs or {})
     check_student_layers(spec, layers, trust_model_code)
     torch.manual_seed(seed)
+    if causal:
+        return causal_lm_student(spec, num_outputs, seed=seed, layers=layers, trust_model_code=trust_model_code)
     path = Path(spec)
     if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
         student = _hf_folder(path, num_outputs, layers, trust_model_code)
@@ -104,6 +107,40 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
             raise KDCacheError(f"student {spec}: vocabulary of {vocab} tokens is smaller than the cache's tokenizer "
                                f"({len(tokenizer)}); the student must read the teacher's token ids")
     return student
+
+
+def causal_lm_student(spec: str, outputs: int, *, seed: int = 0, layers: int | None = None,
+                      trust_model_code: bool = False) -> Student:
+    """A causal-LM student of a token-level cache: a Hugging Face config JSON (random, seeded weights; `vocab_size`
+    defaults to the cache's output width) or a pre-trained causal-LM folder (`layers`: its first N layers). A
+    student whose vocabulary differs from the teacher's output width is refused in one line: it would read the
+    cache's token ids as other tokens."""
+    from kdcache.models.hf import causal_lm_from_config, load_causal_lm
+
+    path = Path(spec)
+    if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
+        model = load_causal_lm(path, trust_model_code=trust_model_code)
+        if layers is not None:
+            truncate_layers(model, layers, str(path))
+    elif path.is_file() and path.suffix == ".json":
+        try:
+            given = json.loads(path.read_text(encoding="utf-8")).get("vocab_size")
+        except (OSError, ValueError, AttributeError):
+            given = None  # causal_lm_from_config says what is wrong with the file
+        if given is not None and given != outputs:
+            raise KDCacheError(f"student {spec}: vocab_size {given} differs from the cache's teacher, whose model "
+                               f"width is {outputs}; the student must read the teacher's token ids (leave vocab_size "
+                               "out to take the cache's)")
+        model = causal_lm_from_config(path, outputs, seed=seed)
+    else:
+        raise KDCacheError(f"student {spec}: a language-model cache needs a causal-LM student: a Hugging Face config "
+                           "JSON (gpt2, llama, ...) or a causal-LM model folder")
+    head = model.get_output_embeddings()
+    width = getattr(head, "out_features", None) or getattr(model.config, "vocab_size", None)
+    if width != outputs:
+        raise KDCacheError(f"student {spec}: vocabulary of {width} tokens differs from the cache's teacher, whose "
+                           f"model width is {outputs}; the student must read the teacher's token ids")
+    return Student(model, str(path), "huggingface")
 
 
 def check_student_layers(spec: str, layers: int | None, trust_model_code: bool = False) -> None:
@@ -142,8 +179,9 @@ def _what_student(path: Path) -> str:
 
 
 #: Where a Hugging Face encoder keeps its list of transformer layers, under `model.base_model`: BERT, RoBERTa,
-#: ELECTRA, XLM-R and most encoders (encoder.layer); DistilBERT (transformer.layer).
-LAYER_LISTS = ("encoder.layer", "transformer.layer")
+#: ELECTRA, XLM-R and most encoders (encoder.layer); DistilBERT (transformer.layer); GPT-2 (h); Llama, Mistral,
+#: Qwen and most decoders (layers).
+LAYER_LISTS = ("encoder.layer", "transformer.layer", "h", "layers")
 
 
 def transformer_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | None:

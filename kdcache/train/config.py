@@ -27,10 +27,13 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
               "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": None},
     "text-scratch": {"epochs": 30, "lr": 1e-4, "batch_size": 64, "optimizer": "adamw", "weight_decay": 0.01,
                      "momentum": 0.9, "lr_schedule": "linear", "warmup_ratio": 0.06, "max_grad_norm": 1.0},
+    # causal-LM students of a token-level cache: the values `train --task lm` trains its teachers with
+    "lm": {"epochs": 10, "lr": 3e-4, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.1, "momentum": 0.9,
+           "lr_schedule": "cosine", "warmup_ratio": 0.05, "max_grad_norm": 1.0},
 }
 #: `--preset auto` by the task's modality alone, the model being the usual one for it (a CNN on images, a
 #: pre-trained encoder on text); `auto_preset` departs from it where the model is not.
-AUTO_PRESET = {"text": "glue", "image": "cifar", "features": "small"}
+AUTO_PRESET = {"text": "glue", "image": "cifar", "features": "small", "lm": "lm"}
 #: (modality, model family) -> preset, where the model decides: an MLP on images trains like one on features, a
 #: Transformer from its config (random weights) needs a from-scratch rate, not a pre-trained encoder's 2e-5.
 AUTO_BY_MODEL = {("image", "mlp"): "small", ("text", "transformer"): "text-scratch"}
@@ -44,7 +47,8 @@ HYPERPARAMETERS = ("epochs", "t_max", "margin", "psi", "alpha", "temperature", "
 #: T_max, which the resolved hyper-parameters carry: a run begun before schedules followed --epochs resumes with it.
 NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device", "command", "out", "cache", "data",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
-                "log_every", "max_steps", "compile", "report_split", "progress_every", "absolute_schedules")
+                "log_every", "max_steps", "compile", "report_split", "progress_every", "absolute_schedules",
+                "loss_chunk")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
 OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
                    "topk_tail",
@@ -88,6 +92,7 @@ class DistillConfig:
     device: str = "auto"
     student_kwargs: dict[str, Any] = field(default_factory=dict)
     student_layers: int | None = None  # keep the first N transformer layers of a pre-trained HF student folder
+    loss_chunk: int | None = None  # a language-model cache: positions per chunk of the token loss (None: 1024)
     save_every: int | None = None
     stream_mode: str = "auto"
     checkpoint: str | None = None  # distil from this cached teacher checkpoint instead of the trained teacher

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from kdcache.names import better
 from kdcache.progress import Lines, progress_bar
 from kdcache.runtime import out_of_memory_said, process_start_time
-from kdcache.train.evaluation import evaluate
+from kdcache.train.evaluation import evaluate, evaluate_lm, teacher_top_ids
 from kdcache.train.inputs import RowCheck, RunData
 from kdcache.train.loop import Member, on_interrupt, train_together
 from kdcache.train.metrics import clearly_better, primary_metric
@@ -81,9 +83,10 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
                         "metric_name": primary_metric(data.task, data.kind),
                         **{k: v for k, v in scores.items() if k != "rows"}, "split": data.selection.name,
                         **reported, "seconds": round(seconds, 3),
-                        "samples_per_second": round(result.rows / max(seconds, 1e-9), 1)})
+                        "samples_per_second": round(result.rows / max(seconds, 1e-9), 1),
+                        **_tokens_per_second(data, result.rows, seconds)})
                 improved = s.method.eligible(epoch) and not unchecked and (
-                    done["best"] is None or scores["metric"] > done["best"]["metric"])
+                    done["best"] is None or better(scores["metric"], done["best"]["metric"], data.kind))
                 if improved:
                     done["best"] = {"metric": scores["metric"], "epoch": epoch, "scores": scores}
                 s.method.end_epoch(epoch, s.student, scores["metric"])
@@ -117,10 +120,10 @@ def _falling(run: StudentRun, epoch: int, metric: float, floor: float, data: Run
     """The warning, once per run, for a validation metric that has fallen far below its best and stayed there
     (a diverging run whose loss never became NaN); recorded in the run's summary."""
     done, best = run.progress, run.progress["best"]
-    if best is None or best["metric"] < clearly_better(floor) or done.get("warnings"):
+    if best is None or not better(best["metric"], clearly_better(floor), data.kind) or done.get("warnings"):
         return None  # (a run that never learned has no level to fall from: its end says so)
     line = floor + (best["metric"] - floor) / 2
-    done["falling"] = done.get("falling", 0) + 1 if metric < line else 0
+    done["falling"] = done.get("falling", 0) + 1 if better(line, metric, data.kind) else 0
     if done["falling"] < FALLING_EPOCHS:
         return None
     name = f"{data.selection.name} {primary_metric(data.task, data.kind)}"
@@ -137,6 +140,8 @@ def _scores(run: StudentRun, data: RunData) -> tuple[dict[str, float], dict[str,
     is never selected on: the test score of whichever epoch is best."""
     s, world = run.stepper, run.stepper.world
     world.sync_buffers(s.student.model)  # each rank's batch-norm statistics: the same model everywhere
+    if data.kind == "lm":
+        return _lm_scores(run, data)
     scores = evaluate(s.student, data.selection.inputs, data.selection.labels, task=data.task,
                       kind=data.kind, device=s.device, precision=run.cfg.precision,
                       batch_size=run.batch_size, world=world)  # a batch that trains fits in evaluation
@@ -147,6 +152,36 @@ def _scores(run: StudentRun, data: RunData) -> tuple[dict[str, float], dict[str,
                       device=s.device, precision=run.cfg.precision, batch_size=run.batch_size, world=world)
     world.merge_seen(data.report.inputs.check)
     return scores, {"report_split": data.report.name, "report_metric": report["metric"]}
+
+
+def _lm_scores(run: StudentRun, data: RunData) -> tuple[dict[str, float], dict[str, Any]]:
+    """A causal-LM student's perplexity, agreement with the teacher and tokens/s on the selection split (and its
+    perplexity on --report-split)."""
+    s, world = run.stepper, run.stepper.world
+
+    def score(split: Any) -> dict[str, float]:
+        if split.teacher_top is None and split.cache is not None:
+            split.teacher_top = teacher_top_ids(split.cache)
+        result = evaluate_lm(s.student, split.inputs, split.teacher_top, device=s.device,
+                             precision=run.cfg.precision, batch_size=run.batch_size, chunk=run.cfg.loss_chunk,
+                             world=world)
+        world.merge_seen(split.inputs.check)
+        return result
+
+    scores = score(data.selection)
+    if data.report is None:
+        return scores, {}
+    return scores, {"report_split": data.report.name, "report_metric": score(data.report)["metric"]}
+
+
+def _tokens_per_second(data: RunData, rows: int, seconds: float) -> dict[str, float]:
+    """A language model's training tokens/s: the epoch's rows times the split's mean window length (exact for a
+    whole epoch, which reads every row once)."""
+    if data.kind != "lm":
+        return {}
+    lengths = data.train.inputs.split.dataset.lengths
+    tokens = rows * float(np.mean(lengths)) if len(lengths) else 0.0
+    return {"tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}
 
 
 def _unchecked(data: RunData) -> int:

@@ -383,6 +383,7 @@ class RunSplit:
     inputs: StudentInputs
     labels: np.ndarray
     cache: Any = None  # kdcache.cache.TeacherCache
+    teacher_top: Any = None  # a token-level split's teacher argmax per position [N, S], read at its first evaluation
 
 
 @dataclass
@@ -398,6 +399,7 @@ class RunData:
     tokenizer: Any = None
     teacher: dict[str, Any] = field(default_factory=dict)  # what the cache records about its teacher
     report: RunSplit | None = None  # --report-split: scored every epoch, never selects (the test split)
+    tokens: Any = None  # a token-level cache's TokenInfo (alignment, tokenizer hash, vocabulary, model width)
 
     @property
     def selection(self) -> RunSplit:
@@ -424,8 +426,8 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
     task_info = cache.header.task
     task, kind = task_info.name, task_info.kind
     if kind == "lm":
-        raise KDCacheError(f"{cache.store}: a --task lm cache (targets per token); distilling causal-LM students from "
-                           "it is not implemented yet (issue 22, point 2)")
+        return _lm_run_data(cache, data=data, val_split=val_split, report_split=report_split, device=device,
+                            reading=reading, trust_model_code=trust_model_code)
     modality = task_info.modality or modality_of(task)
     tokenizer = cache.tokenizer(trust_model_code=trust_model_code) if modality == "text" else None
     splits = cache.header.splits
@@ -456,6 +458,64 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
         loaded[name] = RunSplit(name, inputs, check.labels, split_cache)
     return RunData(task, kind, modality, task_info.label_names, loaded["train"], loaded.get(val_name), tokenizer,
                    cache.header.teacher, loaded.get(report_split) if report_split else None)
+
+
+def _lm_run_data(cache: Any, *, data: str | None, val_split: str | None, report_split: str | None,
+                 device: torch.device, reading: InputOptions, trust_model_code: bool) -> RunData:
+    """A token-level cache's splits as a causal-LM student's data: the windows it stores (`input_ids`, `lengths`),
+    never the corpus tokenised again, each row checked against the cached fingerprint as it is first read."""
+    from kdcache.data.lm import cached_windows_split
+
+    where = str(cache.store)
+    if data is not None:
+        raise KDCacheError(f"--data {data}: a language-model cache holds its own token ids (input_ids), which the "
+                           "student reads; leave --data out")
+    splits = cache.header.splits
+    if "train" not in splits:
+        raise KDCacheError(f"{where}: no 'train' split to distil from (splits: {', '.join(splits) or 'none'})")
+    val_name = _val_split_name(val_split, splits, where)
+    if report_split is not None and (report_split not in splits or report_split in ("train", val_name)):
+        raise KDCacheError(f"--report-split {report_split}: not a split of {where} other than the ones the run "
+                           f"trains and selects on (splits: {', '.join(splits)})")
+    tokenizer = cache.tokenizer(trust_model_code=trust_model_code)
+    loaded = {}
+    for name in ["train"] + ([val_name] if val_name else []) + ([report_split] if report_split else []):
+        split_cache = cache.split(name)
+        source = f"{where}/{name}"
+        split = cached_windows_split(split_cache.read("input_ids"), split_cache.read("lengths"),
+                                     split_cache.read("labels"), split=name, source=source,
+                                     preprocess=(split_cache.split_attrs.get("dataset") or {}).get("preprocess"))
+        check = RowCheck.of_cache(split_cache, source)
+        inputs = reading.inputs(split, device, train=name == "train", check=check)
+        if reading.check_first:
+            check_alignment(inputs, split_cache, source)
+        loaded[name] = RunSplit(name, inputs, check.labels, split_cache)
+    return RunData("lm", "lm", "text", None, loaded["train"], loaded.get(val_name), tokenizer, cache.header.teacher,
+                   loaded.get(report_split) if report_split else None, tokens=cache.header.tokens)
+
+
+def check_lm_student(spec: str, tokens: Any, trust_model_code: bool = False) -> None:
+    """A pre-trained causal-LM student folder that holds a tokenizer must hold the cache's (the same SHA-256 of its
+    saved files as the cache records): otherwise its token ids mean other tokens. One line before the data is read."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(spec)
+    if tokens is None or not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return
+    from kdcache.data.text import tokenizer_zip
+    from kdcache.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(folder, trust_model_code=trust_model_code, what="the student's tokenizer")
+    digest = hashlib.sha256(tokenizer_zip(tokenizer)[0]).hexdigest()
+    if digest != tokens.tokenizer_sha256:
+        raise KDCacheError(f"student {spec}: its tokenizer (sha256 {digest[:12]}..., {len(tokenizer)} tokens) is not the "
+                           f"cache's (sha256 {tokens.tokenizer_sha256[:12]}..., {tokens.vocab_size} tokens); a student "
+                           "must read the teacher's token ids as the same tokens")
+
+
+#: The files whose presence says a model folder holds a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def load_dataset_only(task: str | None, data: str | None, options: Any, *, tokenizer_source: str | None,
@@ -543,6 +603,6 @@ def check_student(student: Any, probe: Any, num_outputs: int) -> None:
         raise KDCacheError(f"student {student.spec} has {width} outputs but the cache's teacher has {num_outputs}")
 
 
-__all__ = ["InputOptions", "input_options", "RowCheck", "RowRecord", "usable_cores", "RunData", "RunSplit", "StudentInputs", "check_alignment", "check_student",
+__all__ = ["check_lm_student", "InputOptions", "input_options", "RowCheck", "RowRecord", "usable_cores", "RunData", "RunSplit", "StudentInputs", "check_alignment", "check_student",
            "has_labels",
            "load_dataset_only", "load_run_data", "probe_batch", "selection_note"]

@@ -138,7 +138,7 @@ def _step(m: Member, t: _Tally, epoch: int, model_input: Any, target: Any, label
     target = s.method.target_of(target, t.plan)  # a tensor (dense), or the cache's kind of typed target
     with autocast(s.device, s.precision):
         output = s.method.forward(s.student, model_input, t.plan)
-    loss = s.method.loss(output, target, labels, t.plan)
+    loss = s.method.step_loss(output, target, labels, t.plan)
     s.optimizer.zero_grad(set_to_none=True)
     s.scaler.scale(loss * weight if s.world.distributed else loss).backward()
     s.world.sum_gradients(s.parameters)

@@ -13,7 +13,10 @@ PRIMARY_METRIC = {"cola": "mcc", "mrpc": "f1", "qqp": "f1", "stsb": "pearson"}
 
 
 def primary_metric(task: str, kind: str = "classification") -> str:
-    """The metric that ranks checkpoints for `task` (higher is better for every one of them)."""
+    """The metric that ranks checkpoints for `task`: higher is better for every one of them but a language model's
+    perplexity (kdcache.names.better)."""
+    if kind == "lm":
+        return "perplexity"
     if task in PRIMARY_METRIC:
         return PRIMARY_METRIC[task]
     return "pearson" if kind == "regression" else "accuracy"
@@ -55,9 +58,19 @@ def compute_metrics(outputs: np.ndarray, labels: np.ndarray, *, task: str, kind:
 CLEAR_GAIN = 0.1
 
 
-def clearly_better(floor: float) -> float:
-    """The score a model must reach to be clearly better than a constant predictor scoring `floor`."""
+def clearly_better(floor: float, kind: str = "classification") -> float:
+    """The score a model must reach to be clearly better than a constant predictor scoring `floor` (a perfect score
+    is 1 for every primary metric: a perplexity of 1 too, approached from above)."""
     return floor + CLEAR_GAIN * (1.0 - floor)
+
+
+def unigram_perplexity(train_tokens: np.ndarray, next_tokens: np.ndarray, outputs: int) -> float:
+    """A language model's constant predictor: the training tokens' frequencies (add-one smoothed over the `outputs`
+    ids), its perplexity on `next_tokens` (the real positions' next tokens of the selection split)."""
+    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=outputs)[:outputs] + 1.0
+    log_p = np.log(counts / counts.sum())
+    next_tokens = np.asarray(next_tokens, dtype=np.int64)
+    return float(np.exp(-log_p[next_tokens].mean())) if len(next_tokens) else float("nan")
 
 
 def constant_baseline(train_labels: np.ndarray, labels: np.ndarray, *, task: str, kind: str = "classification",

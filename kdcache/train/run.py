@@ -21,15 +21,18 @@ from kdcache.errors import KDCacheError
 from kdcache.methods import MethodOptions, Run, make_method
 from kdcache.methods.targets import target_kind
 from kdcache.models import build_student, student_family
-from kdcache.names import parse_budget
+from kdcache.names import better, parse_budget
 from kdcache.runtime import command_line, out_of_memory_said, utc_now
 from kdcache.train.batches import EpochOrder, TeacherTargets
 from kdcache.train.config import DistillConfig, Settings, settings
 from kdcache.train.dist import World
-from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_student, has_labels, input_options,
+from kdcache.methods.tokens import check_head
+from kdcache.train.inputs import (RowCheck, RowRecord, RunData, check_lm_student, check_student, has_labels,
+                                  input_options,
                                   load_dataset_only, load_run_data, probe_batch, selection_note)
 from kdcache.train.loop import Stepper
-from kdcache.train.metrics import clearly_better, compute_metrics, constant_baseline, primary_metric
+from kdcache.train.metrics import (clearly_better, compute_metrics, constant_baseline, primary_metric,
+                                   unigram_perplexity)
 from kdcache.train.optim import build_lr_schedule, build_optimizer
 from kdcache.train.run_dir import IDENTITY_VERSION, RunDir, rng_state, set_rng_state
 
@@ -105,10 +108,27 @@ def load_data(cfg: DistillConfig, world: World, device: torch.device) -> RunData
 
 
 def baseline(data: RunData) -> dict[str, Any]:
-    """A constant predictor's score on the selection split (the training labels' majority class, or their mean):
-    the floor a run must clear, against which a collapse is measured (kdcache/train/metrics.py)."""
+    """A constant predictor's score on the selection split (the training labels' majority class, or their mean; a
+    language model's training-token frequencies): the floor a run must clear, against which a collapse is measured
+    (kdcache/train/metrics.py)."""
+    if data.kind == "lm":
+        return _unigram_baseline(data)
     return constant_baseline(data.train.labels, data.selection.labels, task=data.task, kind=data.kind,
                              label_names=data.label_names)
+
+
+def _unigram_baseline(data: RunData) -> dict[str, Any]:
+    train, selection = data.train.inputs.split.dataset, data.selection.inputs.split.dataset
+    real = np.arange(train.ids.shape[1])[None, :] < train.lengths[:, None]
+    import torch as _torch
+
+    from kdcache.data.lm import next_token_targets
+
+    following = next_token_targets(_torch.from_numpy(np.asarray(selection.ids, dtype=np.int64)),
+                                   _torch.from_numpy(selection.lengths), _torch.from_numpy(selection.labels.astype(
+                                       np.int64)), ignore=-1).numpy()
+    value = unigram_perplexity(np.asarray(train.ids)[real], following[following >= 0], data.num_outputs)
+    return {"metric": value, "predictor": "the training tokens' frequencies (a unigram model)"}
 
 
 def open_run(cfg: DistillConfig, data: RunData, world: World, device: torch.device, method: Any = None) -> StudentRun:
@@ -123,7 +143,12 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     """Hyper-parameters, student, method (set up against the cache: a one-line error for arrays it lacks) and
     optimiser of one run; nothing written yet."""
     method = method or method_for(cfg)
-    chosen = settings(cfg.preset, data.modality, method, cfg, student_family(cfg.student))  # preset, method, flags
+    lm = data.kind == "lm"
+    if lm:
+        check_lm_method(method, cfg, data)
+        world.agree(lambda: check_lm_student(cfg.student, data.tokens, cfg.trust_model_code))
+    chosen = settings(cfg.preset, "lm" if lm else data.modality, method, cfg,  # preset, method, flags
+                      None if lm else student_family(cfg.student))
     preset, hp = chosen.preset, chosen.values
     if world.main:
         log.info(chosen.line(cfg.method))
@@ -131,7 +156,7 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     probe = probe_batch(data.train.inputs)
     student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
                             seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe,
-                            layers=cfg.student_layers)
+                            layers=cfg.student_layers, causal=lm)
     with out_of_memory_said(f"student {student.spec} ({student.parameters_count():,} parameters) does not fit on "
                             f"{device}", "choose a smaller student" + (" (or --device cpu)" if device.type != "cpu"
                                                                        else "")):
@@ -139,11 +164,13 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
         if device.type == "cuda" and data.modality == "image":  # convolutions run fastest on NHWC on the GPU
             student.model.to(memory_format=torch.channels_last)
         check_student(student, probe, data.num_outputs)
+        if lm:
+            check_head(student.model, {k: v.to(device) for k, v in probe.items()}, student.spec)
     if cfg.compile:
         student.model = torch.compile(student.model)
     steps_per_epoch = -(-len(data.train.inputs) // batch_size)
     method.setup(Run(hp, n, steps_per_epoch, cfg.schedule_unit, data.kind, data.train.cache, student, probe,
-                     str(cfg.cache)))
+                     str(cfg.cache), cfg.loss_chunk))
     trainable = torch.nn.ModuleList([student.model, *filter(None, [method.modules()])])
     if world.distributed:  # rank 0's weights everywhere; then each rank its own random stream (dropout)
         world.broadcast_parameters(trainable)
@@ -169,6 +196,20 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
                 "totals": {"train_seconds": 0.0, "train_samples": 0, "wall_seconds": 0.0}}
     return StudentRun(cfg, hp, preset, n, stepper, RunDir(Path(cfg.out), _identity(cfg, hp, preset, data, method)),
                       progress, None, _teacher_metrics(data, method.teacher_array), new_optimiser, chosen)
+
+
+def check_lm_method(method: Any, cfg: DistillConfig, data: RunData) -> None:
+    """A token-level cache trains causal-LM students with the methods whose loss is defined per token; the others
+    (Pro-KD, curriculum extraction) are one line, as is a flag with no meaning for a causal LM."""
+    if not type(method).per_token:
+        from kdcache.methods import METHODS
+
+        can = ", ".join(name for name, m in METHODS.items() if m.per_token)
+        raise KDCacheError(f"{cfg.cache}: a language-model cache (targets per token); --method {cfg.method} does not "
+                           f"train causal-LM students yet (methods that do: {can})")
+    if cfg.student_kwargs:
+        raise KDCacheError("--student-kwargs applies to architecture-name students; a causal-LM student is a Hugging "
+                           "Face config JSON or model folder")
 
 
 def open_folder(run: StudentRun, data: RunData) -> None:
@@ -342,8 +383,8 @@ def _row_state(data: RunData) -> dict[str, torch.Tensor] | None:
 def _teacher_metrics(data: RunData, array: str | None) -> dict[str, float] | None:
     """The teacher's own score on the selection split, from its cached outputs: a reference beside the student's."""
     split = data.val
-    if split is None or split.cache is None or array is None:
-        return None
+    if split is None or split.cache is None or array is None or data.kind == "lm":
+        return None  # (a language model's teacher perplexity needs its full distribution: not every cache holds it)
     from kdcache.methods.targets import teacher_scores
 
     return compute_metrics(teacher_scores(split.cache, array), split.labels, task=data.task, kind=data.kind)
@@ -364,6 +405,7 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
         "teacher_metric": teacher_val["metric"] if teacher_val else None,
         "wall_seconds": round(totals["wall_seconds"], 3), "train_seconds": round(totals["train_seconds"], 3),
         "samples_per_second": round(totals["train_samples"] / max(totals["train_seconds"], 1e-9), 1),
+        **_lm_summary(data, totals, best),
         "validation_split": data.selection.name, "selection_note": selection_note(data.selection.name),
         "teacher_array": (s.method.teacher_array if s.method.target_kind == "dense" else ",".join(s.method.arrays()))
         if data.train.cache is not None else None,
@@ -383,6 +425,17 @@ def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, pro
     }
 
 
+def _lm_summary(data: RunData, totals: dict[str, Any], best: dict[str, Any] | None) -> dict[str, Any]:
+    """A language model's training tokens/s and, at the best epoch, its perplexity and agreement with the teacher."""
+    if data.kind != "lm":
+        return {}
+    lengths = data.train.inputs.split.dataset.lengths
+    tokens = totals["train_samples"] * (float(np.mean(lengths)) if len(lengths) else 0.0)
+    scores = (best or {}).get("scores") or {}
+    return {"tokens_per_second": round(tokens / max(totals["train_seconds"], 1e-9), 1),
+            "best_perplexity": scores.get("perplexity"), "best_agreement": scores.get("agreement")}
+
+
 def _against_baseline(data: RunData, best: dict[str, Any] | None, teacher_val: dict | None,
                       training: bool) -> dict[str, Any]:
     """The constant predictor's score beside the run's best (and the cached teacher's), and a note when either is
@@ -391,7 +444,7 @@ def _against_baseline(data: RunData, best: dict[str, Any] | None, teacher_val: d
     metric, split, bar = primary_metric(data.task, data.kind), data.selection.name, clearly_better(floor["metric"])
 
     def no_better(value: float | None) -> bool | None:
-        return None if value is None else bool(value < bar)
+        return None if value is None else not better(value, bar, data.kind) and value != bar
 
     student = no_better(best["metric"] if best else None)
     teacher = no_better(teacher_val["metric"] if teacher_val else None)

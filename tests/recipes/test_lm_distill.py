@@ -1,0 +1,313 @@
+"""Issue 22, points 2 and 3: `kdcache distill` trains causal-LM students on a token-level cache.
+
+The student reads the cache's own `input_ids`; a student of another vocabulary or tokenizer is one line; padding is
+masked; the per-token loss is computed a chunk of positions at a time and equals the unchunked loss (values and
+gradients); every per-token method runs from the CLI on dense, top-k and sampled caches and records validation
+perplexity, agreement with the teacher and tokens/s, the best epoch being the lowest perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kdcache
+from helpers import _metrics, _one_error_line, run_cli
+from teachers_for_tests import make_tiny_gpt2
+
+WORDS = ("the king", "my lord", "good night", "sweet prince", "to be", "or not", "what light", "through yonder",
+         "window breaks", "it is the east")
+CORPUS = [" ".join(WORDS[(d * 7 + k * 3) % len(WORDS)] for k in range(2 + d % 8)) + ("." if d % 3 else "!")
+          for d in range(40)]
+SEQ = 16
+STUDENT = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), CORPUS, vocab_size=300, positions=32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "train.txt").write_text("\n".join(CORPUS[:30]) + "\n", encoding="utf-8")
+    (folder / "validation.txt").write_text("\n".join(CORPUS[30:]) + "\n", encoding="utf-8")
+    return folder
+
+
+def _cache(root, teacher, corpus, name, **target):
+    from kdcache.data import DataOptions
+    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+
+    out = root / f"{name}.kdcache"
+    cache_teacher(CacheTeacherConfig(teacher=str(teacher), task="lm", data=str(corpus),
+                                     splits=("train", "validation"), out=out, device="cpu", progress=False,
+                                     dtype="float32", batch_size=8, data_options=DataOptions(seq_len=SEQ), **target))
+    return out
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, teacher, corpus):
+    root = tmp_path_factory.mktemp("caches")
+    return {"dense": _cache(root, teacher, corpus, "dense"),
+            "topk": _cache(root, teacher, corpus, "topk", topk=8),
+            "sampled": _cache(root, teacher, corpus, "sampled", sample_tokens=12)}
+
+
+@pytest.fixture(scope="module")
+def student_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("student") / "gpt2-1layer.json"
+    path.write_text(json.dumps(STUDENT), encoding="utf-8")
+    return path
+
+
+def _distill(cache, student, out, *extra):
+    return ["distill", "--cache", cache, "--student", student, "--out", out, "--epochs", "2", "--batch-size", "8",
+            "--device", "cpu", "--no-progress", "--num-workers", "0", *extra]
+
+
+@pytest.mark.parametrize("kind, method, extra", [
+    ("topk", "ce", ()),
+    ("dense", "vanilla", ()),
+    ("topk", "vanilla", ()),
+    ("topk", "vanilla", ("--topk-tail", "renormalised")),
+    ("sampled", "vanilla", ()),
+    ("topk", "continuation", ()),
+    ("dense", "continuation", ()),
+    ("topk", "annealing", ("--epochs", "3")),
+])
+def test_each_per_token_method_distils_a_causal_lm_student_from_the_cli(tmp_path, caches, student_config, capsys,
+                                                                        monkeypatch, kind, method, extra):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(_distill(caches[kind], student_config, out, "--method", method, *extra), capsys,
+                                monkeypatch)
+    assert code == 0, err
+    rows = _metrics(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric_name"] == "perplexity" and summary["task"] == "lm" and summary["complete"]
+    for row in rows:
+        assert row["metric_name"] == "perplexity" and math.isfinite(row["loss"])
+        assert row["metric"] == row["perplexity"] == pytest.approx(math.exp(row["loss"]))
+        assert 0 <= row["agreement"] <= 1 and row["tokens_per_second"] > 0 and row["tokens"] > 0
+    # the best epoch is the lowest validation perplexity
+    assert summary["best_metric"] == min(r["metric"] for r in rows)
+    assert summary["best_epoch"] == min(rows, key=lambda r: r["metric"])["epoch"]
+    assert summary["tokens_per_second"] > 0 and summary["best_agreement"] is not None
+    assert "best perplexity" in stdout and "tokens/s" in stdout and "teacher agreement" in stdout
+    # best/ is a causal LM folder with the cache's tokenizer: a teacher for the next cache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "best"))
+    assert model.config.vocab_size == 300 and model.config.n_layer == 1
+    assert len(AutoTokenizer.from_pretrained(str(out / "best"))) == 300
+
+
+def test_perplexity_is_the_exponent_of_the_mean_next_token_cross_entropy_over_real_tokens(tmp_path, caches,
+                                                                                        student_config, capsys,
+                                                                                        monkeypatch):
+    """Recomputed here from best/ and the cache's validation windows, with the alignment rule written out."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(_distill(caches["topk"], student_config, out, "--method", "ce", "--epochs", "1"), capsys,
+                           monkeypatch)
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "best")).eval()
+    val = kdcache.open_cache(caches["topk"], "validation")
+    ids, lengths, labels = (val.read(n).astype(np.int64) for n in ("input_ids", "lengths", "labels"))
+    top = val.read("topk_indices")[..., 0].astype(np.int64)
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.double()
+    total, count, agree = 0.0, 0, 0
+    for r in range(len(ids)):
+        for j in range(lengths[r]):
+            following = ids[r, j + 1] if j + 1 < lengths[r] else labels[r]
+            if following < 0:
+                continue
+            total -= float(torch.log_softmax(logits[r, j], -1)[following])
+            count += 1
+            agree += int(int(logits[r, j].argmax()) == top[r, j])
+    row = _metrics(out)[0]
+    assert row["tokens"] == count == int(lengths.sum()) - 1  # every real token but the stream's last
+    assert row["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert row["agreement"] == pytest.approx(agree / count)
+
+
+# --- the chunked loss ---------------------------------------------------------------------------------------------
+
+def _tiny_student(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2)).eval()
+
+
+def _batch(seed=1, rows=3, vocab=40):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, SEQ), generator=g)
+    lengths = torch.tensor([SEQ, SEQ - 5, 4])[:rows]
+    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    labels = torch.tensor([7, -1, 3])[:rows]
+    return {"input_ids": ids, "attention_mask": mask}, labels, g
+
+
+def _targets(g, rows=3, vocab=40, k=6):
+    from kdcache.methods.targets import SampledTarget, TopKTarget
+
+    z = torch.randn(rows, SEQ, vocab, generator=g) * 3
+    values, ids = torch.topk(z, k, dim=-1)
+    lse = torch.stack([torch.logsumexp(z, -1), torch.logsumexp(z / 2, -1)], dim=-1)
+    draws = torch.multinomial(torch.softmax(z, -1).reshape(-1, vocab), 5, replacement=True, generator=g)
+    counts = torch.zeros(rows * SEQ, vocab, dtype=torch.long).scatter_add_(1, draws, torch.ones_like(draws))
+    sampled = torch.sort(counts, dim=-1, descending=True)[1][:, :5]  # the drawn ids first, then unused slots
+    used = counts.gather(1, sampled)
+    logprobs = torch.log_softmax(z, -1).reshape(-1, vocab).gather(1, sampled)
+    return {"dense": z,
+            "topk": TopKTarget(values, ids, lse, (1.0, 2.0)),
+            "sampled": SampledTarget(sampled.reshape(rows, SEQ, 5), used.reshape(rows, SEQ, 5),
+                                     logprobs.reshape(rows, SEQ, 5), 1.0)}
+
+
+def _row_losses():
+    """A row loss per method and target kind, as the methods compute them (kdcache.methods.*.loss)."""
+    from kdcache.methods import losses, sparse_losses
+
+    def topk(tail):
+        return lambda z, t, y, m: sparse_losses.topk_kd_loss(z, t.values, t.indices, t.logsumexp, y, temperature=2.0,
+                                                             temperatures=t.temperatures, alpha=0.3, tail=tail, mask=m)
+    return {
+        "ce": ("dense", lambda z, t, y, m: losses.ce(z, y)),
+        "vanilla-dense": ("dense", lambda z, t, y, m: losses.vanilla_kd_loss(z, t, y, temperature=2.0, alpha=0.3,
+                                                                            mask=m)),
+        "vanilla-topk-bucket": ("topk", topk("bucket")),
+        "vanilla-topk-renormalised": ("topk", topk("renormalised")),
+        "rs-kd": ("sampled", lambda z, t, y, m: sparse_losses.sampled_kd_loss(z, t.ids, t.counts, t.logprobs, y,
+                                                                              alpha=0.3, mask=m)),
+        "continuation-dense": ("dense", lambda z, t, y, m: losses.continuation_kd_loss(
+            z, t, y, phi=0.7, psi=0.4, margin=1.0, mask=m)),
+        "continuation-topk": ("topk", lambda z, t, y, m: sparse_losses.topk_continuation_kd_loss(
+            z, t.values, t.indices, y, phi=0.7, psi=0.4, margin=1.0, mask=m)),
+        "annealing-dense": ("dense", lambda z, t, y, m: losses.annealing_kd_loss(z, t, phi=0.5, mask=m)),
+        "annealing-topk": ("topk", lambda z, t, y, m: sparse_losses.topk_annealing_kd_loss(
+            z, t.values, t.indices, phi=0.5, mask=m)),
+    }
+
+
+def _loss_and_grads(row_loss, target, chunk, checkpointed=True):
+    from kdcache.methods.tokens import chunked_loss, token_output
+
+    model = _tiny_student()
+    inputs, labels, _ = _batch()
+    loss = chunked_loss(token_output(model, inputs), target, labels, row_loss, chunk=chunk, checkpointed=checkpointed)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(_row_losses()))
+def test_the_chunked_token_loss_equals_the_unchunked_one_in_value_and_gradient(name):
+    kind, row_loss = _row_losses()[name]
+    target = _targets(_batch()[2])[kind]
+    whole, whole_grads = _loss_and_grads(row_loss, target, chunk=3 * SEQ)  # one chunk: the plain computation
+    assert whole.item() != 0.0
+    for chunk in (5, 16, 17):  # chunks that cut windows, align with them, and straddle them
+        loss, grads = _loss_and_grads(row_loss, target, chunk=chunk)
+        assert torch.allclose(loss, whole, rtol=1e-5, atol=1e-6), (chunk, loss, whole)
+        assert grads.keys() == whole_grads.keys()
+        for n in grads:
+            assert torch.allclose(grads[n], whole_grads[n], rtol=1e-4, atol=1e-6), (chunk, n)
+
+
+def test_the_unchunked_reference_is_the_mean_over_real_tokens_of_the_full_logits():
+    """chunk = everything, checked against a direct computation from the model's own logits: the mean next-token
+    cross-entropy over the real positions (padding and the stream's end left out)."""
+    from kdcache.methods import losses
+
+    model = _tiny_student()
+    inputs, labels, _ = _batch()
+    loss, _ = _loss_and_grads(lambda z, t, y, m: losses.ce(z, y), None, chunk=7)
+    logits = model(**inputs).logits
+    terms = []
+    lengths = inputs["attention_mask"].sum(1)
+    for r in range(3):
+        for j in range(int(lengths[r])):
+            y = int(inputs["input_ids"][r, j + 1]) if j + 1 < lengths[r] else int(labels[r])
+            if y >= 0:
+                terms.append(-torch.log_softmax(logits[r, j], -1)[y])
+    assert torch.allclose(loss, torch.stack(terms).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vanilla-dense", "vanilla-topk-bucket", "rs-kd", "continuation-topk",
+                                  "annealing-dense"])
+def test_a_padded_positions_targets_do_not_change_the_loss(name):
+    kind, row_loss = _row_losses()[name]
+    g = _batch()[2]
+    target = _targets(g)[kind]
+    loss, _ = _loss_and_grads(row_loss, target, chunk=7)
+    padded = ~(torch.arange(SEQ)[None, :] < torch.tensor([SEQ, SEQ - 5, 4])[:, None])  # [3, S]
+    changed = _targets(torch.Generator().manual_seed(99))[kind]  # other (finite) targets everywhere ...
+    if kind == "dense":
+        mixed = torch.where(padded[..., None], changed, target)
+    else:
+        from dataclasses import fields, replace
+
+        mixed = replace(target, **{f.name: torch.where(padded[..., None] if getattr(target, f.name).dim() == 3 else
+                                                       padded, getattr(changed, f.name), getattr(target, f.name))
+                                   for f in fields(target) if isinstance(getattr(target, f.name), torch.Tensor)})
+    again, _ = _loss_and_grads(row_loss, mixed, chunk=7)  # ... but only the padded positions take them
+    assert torch.equal(again, loss)
+    other, _ = _loss_and_grads(row_loss, changed, chunk=7)
+    assert not torch.equal(other, loss)  # (the targets do matter where a token is real)
+
+
+# --- refusals -----------------------------------------------------------------------------------------------------
+
+def test_a_student_of_another_vocabulary_or_tokenizer_is_refused_in_one_line(tmp_path, caches, teacher, capsys,
+                                                                            monkeypatch):
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps({**STUDENT, "vocab_size": 320}), encoding="utf-8")
+    code, _, err = run_cli(_distill(caches["topk"], wide, tmp_path / "a"), capsys, monkeypatch)
+    _one_error_line(code, err, "vocab_size 320 differs", "model width is 300")
+    # a pre-trained folder with another tokenizer (trained on other text, same size): its ids mean other tokens
+    other = make_tiny_gpt2(tmp_path / "other", [d.upper() for d in CORPUS], vocab_size=300, positions=32)
+    code, _, err = run_cli(_distill(caches["topk"], other, tmp_path / "b", "--student-layers", "1"), capsys,
+                           monkeypatch)
+    _one_error_line(code, err, "its tokenizer", "is not the cache's")
+    # another width of head, in a folder without a tokenizer
+    narrow = make_tiny_gpt2(tmp_path / "narrow", CORPUS, vocab_size=300, positions=32, outputs=280)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (narrow / name).unlink(missing_ok=True)
+    code, _, err = run_cli(_distill(caches["topk"], narrow, tmp_path / "c"), capsys, monkeypatch)
+    _one_error_line(code, err, "vocabulary of 280 tokens differs", "model width is 300")
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+def test_a_pretrained_causal_lm_folder_trains_as_its_first_layers(tmp_path, caches, teacher, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(_distill(caches["topk"], teacher, out, "--student-layers", "1", "--method", "vanilla",
+                                         "--epochs", "1"), capsys, monkeypatch)
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out / "best")).config.n_layer == 1
+    assert "(first 1 layers)" in stdout
+
+
+def test_methods_and_flags_without_a_per_token_meaning_are_one_line(tmp_path, caches, student_config, corpus, capsys,
+                                                                    monkeypatch):
+    cases = [
+        (("--method", "prokd"), ("--method prokd does not train causal-LM students",)),
+        (("--method", "continuation", "--reduction", "batch"), ("--reduction batch", "sample or element")),
+        (("--data", str(corpus)), ("holds its own token ids",)),
+        (("--loss-chunk", "0"), ("--loss-chunk",)),
+    ]
+    for extra, needles in cases:
+        code, _, err = run_cli(_distill(caches["topk"], student_config, tmp_path / "x", *extra), capsys, monkeypatch)
+        _one_error_line(code, err, *needles)
+    code, _, err = run_cli(_distill(caches["topk"], "mlp", tmp_path / "y"), capsys, monkeypatch)
+    _one_error_line(code, err, "needs a causal-LM student")
