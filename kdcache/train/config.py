@@ -142,6 +142,8 @@ def auto_preset(modality: str, family: str | None = None) -> tuple[str, str]:
     not the one the modality's preset was written for (issue 26: an MLP on Fashion-MNIST is not a CIFAR ResNet)."""
     if (modality, family) in AUTO_BY_MODEL:
         return AUTO_BY_MODEL[(modality, family)], f"auto: {FAMILY_WORDS[family]} on {_a(modality)} task"
+    if modality == "lm":
+        return AUTO_PRESET["lm"], "auto: a language-model cache"
     return AUTO_PRESET.get(modality, "small"), f"auto: {_a(modality)} task"
 
 

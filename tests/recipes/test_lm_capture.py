@@ -245,12 +245,17 @@ def test_verify_recomputes_an_lm_cache_position_by_position(topk_cache, teacher,
     assert code != 0 and "differ in their kept logit" in out, out
 
 
-def test_distilling_from_an_lm_cache_is_refused_until_students_exist(topk_cache):
-    from kdcache.errors import KDCacheError
+def test_a_student_reads_the_cached_windows_not_the_corpus_tokenised_again(topk_cache, corpus):
+    """The run's data is the cache's own input_ids (tests/recipes/test_lm_distill.py trains on it)."""
     from kdcache.train.inputs import load_run_data
 
-    with pytest.raises(KDCacheError, match="a --task lm cache .* not implemented yet"):
-        load_run_data(topk_cache, storage_options={}, data=None, val_split=None, device=torch.device("cpu"))
+    data = load_run_data(topk_cache, storage_options={}, data=None, val_split=None, device=torch.device("cpu"))
+    cache = kdcache.open_cache(topk_cache, "train")
+    assert data.kind == "lm" and data.val.name == "validation" and data.tokens.seq_len == SEQ
+    batch = data.train.inputs.batch(np.arange(len(cache)))
+    ids, lengths = cache.read("input_ids").astype(np.int64), cache.read("lengths")
+    assert np.array_equal(batch["input_ids"].numpy(), ids)
+    assert np.array_equal(batch["attention_mask"].numpy().sum(1), lengths)
 
 
 def test_the_python_api_refuses_an_lm_cache_in_one_line_until_students_exist(topk_cache):
