@@ -311,3 +311,23 @@ def test_methods_and_flags_without_a_per_token_meaning_are_one_line(tmp_path, ca
         _one_error_line(code, err, *needles)
     code, _, err = run_cli(_distill(caches["topk"], "mlp", tmp_path / "y"), capsys, monkeypatch)
     _one_error_line(code, err, "needs a causal-LM student")
+
+
+def test_a_resumed_lm_run_ends_where_an_uninterrupted_one_does(tmp_path, caches, student_config, capsys, monkeypatch):
+    """Annealing-KD across its stage boundary: the student, the optimiser, the dropout stream and the best stage-1
+    student (chosen on the lowest perplexity) all travel in last.pt."""
+    args = ("--method", "annealing", "--epochs", "4", "--anneal-epochs", "2", "--t-max", "2")
+    assert run_cli(_distill(caches["topk"], student_config, tmp_path / "full", *args), capsys, monkeypatch)[0] == 0
+    cut = tmp_path / "cut"
+    assert run_cli(_distill(caches["topk"], student_config, cut, *args, "--stop-after-epoch", "2"), capsys,
+                   monkeypatch)[0] == 0
+    code, _, err = run_cli(_distill(caches["topk"], student_config, cut, *args, "--resume"), capsys, monkeypatch)
+    assert code == 0, err
+    timing = ("seconds", "samples_per_second", "tokens_per_second", "eval_tokens_per_second")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(_metrics(cut)) == strip(_metrics(tmp_path / "full"))
+    from safetensors.torch import load_file
+
+    full, resumed = load_file(tmp_path / "full" / "best" / "model.safetensors"), load_file(
+        cut / "best" / "model.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
