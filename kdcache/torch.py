@@ -16,6 +16,12 @@ each item gains its teacher's targets, with the checks `kdcache distill` makes.
   `teacher_topk_indices`, `teacher_logsumexp` (top-k with the log-sum-exp over all outputs), `teacher_sampled_ids`,
   `teacher_sampled_counts`, `teacher_sampled_logprobs` (RS-KD), and any teacher checkpoint's or projection's array
   under its own name; `teacher_row` is the cache row. `kdcache.methods.get(...).loss` reads them.
+- A language-model cache (`--task lm`): each item is a window (its unpadded `input_ids`, row r of the split), its
+  targets carry the positions axis ([S, K], [S, C], [S]), `teacher_next_token` is the token after the window (which
+  its last position predicts; -1 after the stream's end), and `collate` pads every window to S. The item's own
+  `labels` are not compared (they are usually its ids, Hugging Face's causal-LM convention) unless `label_key`
+  names them. `get(...).loss(kdcache.methods.tokens.token_output(model, batch), batch, batch["teacher_next_token"],
+  ...)` is then `distill`'s chunked per-token loss (examples/lm_own_loop.py).
 
 The split's target arrays are read once (checked reads) and held in host memory as stored; a DataLoader's forked
 workers share them. A split larger than memory is `kdcache distill`'s job (it streams windows of chunks).
@@ -93,7 +99,8 @@ class TargetDataset(torch.utils.data.Dataset):
             stored = cache.read("index").astype(np.int64)
             self.row_of = {int(v): r for r, v in enumerate(stored)}
         self.check = RowCheck.of_cache(cache, _describe(dataset))  # distill's check, against this split
-        self.collate = TargetCollate(pad_id)
+        self.positions = getattr(cache.target, "positions", None)  # a language-model cache: S, the window
+        self.collate = TargetCollate(pad_id, width=self.positions)
         self.kind = cache.task_kind
 
     def __len__(self) -> int:
@@ -124,7 +131,10 @@ class TargetDataset(torch.utils.data.Dataset):
         row = self.row(item, position)
         if not self.check.seen[row]:
             fingerprint = self.fingerprint(item, position)
-            label = _label(item, self.label_key, self.check.labels.dtype)
+            # a window's label is the token after it; an LM item's `labels` are usually its own ids (HF's causal-LM
+            # convention), so they are compared only when label_key names them
+            label = None if self.positions and self.label_key is None else \
+                _label(item, self.label_key, self.check.labels.dtype)
             labels = torch.as_tensor([label if label is not None else self.check.labels[row]])
             batch = Batch(None, labels, torch.tensor([position]), np.array([fingerprint], dtype=np.uint64))
             try:
@@ -136,6 +146,8 @@ class TargetDataset(torch.utils.data.Dataset):
         for name, array in self.held.items():
             out[TEACHER_PREFIX + name] = torch.from_numpy(np.asarray(array[row]))
         out[TEACHER_PREFIX + "row"] = row
+        if self.positions:  # the token after the window, which its last position predicts (-1 after the stream)
+            out[TEACHER_PREFIX + "next_token"] = int(self.check.labels[row])
         return out
 
     def fingerprint(self, item: dict[str, Any], position: int) -> int:
@@ -172,15 +184,18 @@ class TargetCollate:
 
     PADDED = ("input_ids", "token_type_ids", "attention_mask", "labels_mask")
 
-    def __init__(self, pad_id: int = 0) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int = 0, width: int | None = None) -> None:
+        self.pad_id, self.width = pad_id, width  # width: a language-model cache's S, every row padded to it
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key in items[0]:
             values = [it[key] for it in items]
-            if key in self.PADDED:
-                out[key] = _pad([torch.as_tensor(_numpy(v)) for v in values], self.pad_id if key == "input_ids" else 0)
+            if self.width and key == "labels" and np.ndim(_numpy(values[0])) >= 1:  # an LM window's own token labels
+                out[key] = _pad([torch.as_tensor(_numpy(v)) for v in values], -100, self.width)  # (HF's ignore id)
+            elif key in self.PADDED:
+                out[key] = _pad([torch.as_tensor(_numpy(v)) for v in values], self.pad_id if key == "input_ids" else 0,
+                                self.width)
             elif isinstance(values[0], (torch.Tensor, np.ndarray, int, float, np.number, bool)):
                 try:
                     out[key] = torch.stack([torch.as_tensor(v) for v in values])
@@ -190,7 +205,7 @@ class TargetCollate:
                 out[key] = values
         if "input_ids" in out and "attention_mask" not in out:  # padded ids need their mask
             out["attention_mask"] = _pad([torch.ones(_numpy(it["input_ids"]).size, dtype=torch.int64)
-                                          for it in items], 0)
+                                          for it in items], 0, self.width)
         if "label" in out and "labels" not in out:  # Hugging Face models read `labels`
             out["labels"] = out["label"]
         return out
@@ -203,10 +218,6 @@ def with_targets(dataset: Any, cache: Any, split: str = "train", *, index: str |
     targets from split `split` of `cache` (a path, a URL or a TeacherCache), every row checked against the cache as
     first read; see the module docstring for the keys, the join (`index`) and the model inputs (`inputs`)."""
     opened = open_split(cache, split, storage_options)
-    if getattr(opened.target, "positions", None):  # rows are windows of a token stream, each target [S, K]: not
-        # served until causal-LM students exist (issue 22), rather than served untested
-        raise KDCacheError(f"{opened.path}: a token-level (--task lm) cache is not served by with_targets or "
-                           "KDTrainer yet (language-model students are still to come); a per-row cache is")
     return TargetDataset(dataset, opened, index=index, inputs=inputs, label_key=label_key, arrays=arrays,
                          pad_id=pad_id)
 
@@ -237,9 +248,9 @@ def _label(item: dict[str, Any], key: str | None, dtype: np.dtype) -> Any:
     return None
 
 
-def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+def _pad(rows: list[torch.Tensor], value: int, width: int | None = None) -> torch.Tensor:
     rows = [r.reshape(-1).long() for r in rows]
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.int64)
+    out = torch.full((len(rows), max([len(r) for r in rows] + [width or 0])), value, dtype=torch.int64)
     for i, r in enumerate(rows):
         out[i, :len(r)] = r
     return out

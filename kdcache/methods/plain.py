@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from kdcache.errors import KDCacheError
-from kdcache.methods import targets
+from kdcache.methods import targets, tokens
 from kdcache.methods.base import MethodOptions, Run, StepPlan
 
 #: Prefix of the keys that carry a cache's arrays in a batch (`teacher_logits`, `teacher_topk_values`, ...).
 TEACHER_PREFIX = "teacher_"
 #: The training presets a method's own defaults are kept for (kdcache/train/config.py holds the training values).
-PRESETS = ("cifar", "glue", "small")
+PRESETS = ("cifar", "glue", "small", "lm")
 #: Methods whose steps need what only kdcache's loop has (a student's layers tapped, projection heads trained).
 LOOP_ONLY = {"curriculum": "curriculum extraction taps the student's layers and trains projection heads beside it; "
                            "run it with kdcache distill --method curriculum"}
@@ -87,9 +87,21 @@ class KDMethod:
     def loss(self, student_output: torch.Tensor, targets_or_batch: Any, labels: torch.Tensor, *, epoch: int,
              step: int | None = None) -> torch.Tensor:
         """The method's loss for one batch at (epoch, step): `student_output` (B, C) logits, the batch (or its
-        target), labels (B,). A student of another width than the cache's teacher is one line."""
+        target), labels (B,). A student of another width than the cache's teacher is one line. On a language-model
+        cache `student_output` is a causal LM's `kdcache.methods.tokens.TokenOutput` and `labels` each window's
+        next token (`teacher_next_token`): the loss is `distill`'s, chunked, the mean over real tokens."""
         plan = self.plan(epoch, step)
         target = self.target(targets_or_batch, plan) if plan.array is not None else None
+        if isinstance(student_output, tokens.TokenOutput):
+            width = int(getattr(student_output.head, "out_features", 0) or student_output.hidden.shape[-1])
+            expected = self._width(None)
+            if expected is not None and width != expected:
+                raise KDCacheError(f"the student's vocabulary has {width} tokens but {self._where()} has {expected} "
+                                   "outputs; a student must read the teacher's token ids")
+            return self.method.step_loss(student_output, target, labels, plan)
+        if self.run.kind == "lm":
+            raise KDCacheError(f"{self._where()} is a language model's (targets per token): give the loss "
+                               "kdcache.methods.tokens.token_output(model, batch), not logits")
         width = int(student_output.shape[-1])
         expected = self._width(target)
         if expected is not None and width != expected:

@@ -258,15 +258,6 @@ def test_a_student_reads_the_cached_windows_not_the_corpus_tokenised_again(topk_
     assert np.array_equal(batch["attention_mask"].numpy().sum(1), lengths)
 
 
-def test_the_python_api_refuses_an_lm_cache_in_one_line_until_students_exist(topk_cache):
-    from kdcache.errors import KDCacheError
-    from kdcache.torch import with_targets
-
-    with pytest.raises(KDCacheError, match=r"token-level \(--task lm\) cache is not served by with_targets") as caught:
-        with_targets([{"input_ids": [1, 2]}], topk_cache)
-    assert "\n" not in str(caught.value) and str(topk_cache) in str(caught.value)
-
-
 def test_next_token_targets_follow_the_recorded_alignment_rule(topk_cache, teacher):
     from kdcache.data.lm import next_token_targets
 

@@ -331,3 +331,79 @@ def test_a_resumed_lm_run_ends_where_an_uninterrupted_one_does(tmp_path, caches,
     full, resumed = load_file(tmp_path / "full" / "best" / "model.safetensors"), load_file(
         cut / "best" / "model.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+# --- the Python API -----------------------------------------------------------------------------------------------
+
+def _windows(cache):
+    ids, lengths = cache.read("input_ids"), cache.read("lengths")
+    return [{"input_ids": ids[r, :lengths[r]].astype(np.int64), "labels": ids[r, :lengths[r]].astype(np.int64)}
+            for r in range(len(ids))]
+
+
+def test_with_targets_serves_a_language_model_cache_per_position(caches):
+    from kdcache.torch import RowMismatch, with_targets
+
+    cache = kdcache.open_cache(caches["topk"], "train")
+    rows = _windows(cache)
+    data = with_targets(rows, caches["topk"])  # the items' own `labels` (their ids, HF's convention) are not compared
+    last = len(rows) - 1
+    batch = data.collate([data[0], data[last]])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["labels"].shape == (2, SEQ)  # to S
+    assert (batch["labels"][1][~batch["attention_mask"][1].bool()] == -100).all()
+    assert batch["teacher_topk_values"].shape == (2, SEQ, 8) and batch["teacher_logsumexp"].shape == (2, SEQ)
+    labels = cache.read("labels")
+    assert batch["teacher_next_token"].tolist() == [labels[0], -1]
+    assert batch["attention_mask"][1].sum() == cache.read("lengths")[last]
+    np.testing.assert_array_equal(batch["teacher_topk_indices"][0].numpy(), cache.read("topk_indices")[0])
+    changed = [dict(r) for r in rows]
+    changed[3]["input_ids"] = changed[3]["input_ids"].copy()
+    changed[3]["input_ids"][2] += 1
+    with pytest.raises(RowMismatch, match="row 3 .* does not match"):
+        with_targets(changed, caches["topk"])[3]
+
+
+def test_the_method_object_gives_distills_chunked_token_loss(caches):
+    """kdcache.methods.get(...).loss on a TokenOutput is the loss distill computes, at any chunk."""
+    from kdcache.methods import get
+    from kdcache.methods.tokens import chunked_loss, token_output
+    from kdcache.torch import with_targets
+    from kdcache.errors import KDCacheError
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    data = with_targets(_windows(kdcache.open_cache(caches["topk"], "train")), caches["topk"])
+    batch = data.collate([data[i] for i in range(6)])
+    method = get("vanilla", preset="lm", epochs=2, cache=data.cache)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    loss = method.loss(token_output(model, inputs), batch, batch["teacher_next_token"], epoch=1)
+    from kdcache.methods import sparse_losses
+    from kdcache.methods.targets import TopKTarget
+
+    target = TopKTarget(batch["teacher_topk_values"].float(), batch["teacher_topk_indices"].long(),
+                        batch["teacher_logsumexp"].float(), (1.0,))
+    direct = chunked_loss(token_output(model, inputs), target, batch["teacher_next_token"],
+                          lambda z, t, y, m: sparse_losses.topk_kd_loss(z, t.values, t.indices, t.logsumexp, y,
+                                                                        temperature=1.0, temperatures=(1.0,),
+                                                                        alpha=0.5, mask=m), chunk=10)
+    assert torch.allclose(loss, direct, rtol=1e-5)
+    with pytest.raises(KDCacheError, match="give the loss kdcache.methods.tokens.token_output"):
+        method.loss(model(**inputs).logits, batch, batch["teacher_next_token"], epoch=1)
+
+
+def test_the_lm_own_loop_example_runs(tmp_path, caches):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "lm_own_loop.py"), str(caches["topk"]),
+                           "--epochs", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [int(e) for e in re.findall(r"^epoch (\d+) ", done.stdout, re.M)] == [1, 2]
+    found = re.search(r"^validation perplexity ([0-9.]+)$", done.stdout, re.M)
+    assert found and 1.0 < float(found.group(1)) < 1e4, done.stdout
