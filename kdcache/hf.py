@@ -58,6 +58,10 @@ class KDTrainer(transformers.Trainer):
                  storage_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _TRAINER_PARAMS}
         train_cache = open_split(cache, "train", storage_options)
+        if getattr(train_cache.target, "positions", None):  # a causal LM's loss is per token, chunked: not Trainer's
+            raise KDCacheError(f"{train_cache.path}: a language-model cache (targets per token); KDTrainer trains "
+                               "classifiers: distil a causal LM with kdcache distill, or in your own loop with "
+                               "with_targets and kdcache.methods.get (examples/lm_own_loop.py)")
         where = cache if not isinstance(cache, TeacherCache) else cache.path
         training = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if training is None:

@@ -407,3 +407,17 @@ def test_the_lm_own_loop_example_runs(tmp_path, caches):
     assert [int(e) for e in re.findall(r"^epoch (\d+) ", done.stdout, re.M)] == [1, 2]
     found = re.search(r"^validation perplexity ([0-9.]+)$", done.stdout, re.M)
     assert found and 1.0 < float(found.group(1)) < 1e4, done.stdout
+
+
+def test_kdtrainer_refuses_a_language_model_cache_in_one_line(tmp_path, caches):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate: pip install -e '.[hf]'")
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from kdcache.errors import KDCacheError
+    from kdcache.hf import KDTrainer
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(KDCacheError, match=r"a language-model cache .*\(examples/lm_own_loop.py\)") as caught:
+        KDTrainer(model=model, args=TrainingArguments(str(tmp_path / "t"), report_to=[]), cache=caches["topk"],
+                  train_dataset=[{"input_ids": [1, 2]}])
+    assert "\n" not in str(caught.value)
