@@ -35,9 +35,9 @@ TrustModelCode = Annotated[bool, _O(help="Let Python code named by a model run: 
                                          "(a flag or a kdcache-model.json), a Hugging Face folder's or a cache's "
                                          "tokenizer's auto_map; only for code you trust.")]
 ModelKwargs = Annotated[Optional[str], _O(help="JSON arguments for an architecture-name model.")]
-LossChunk = Annotated[Optional[int], _O(help="A language-model cache: positions whose logits (and loss) are computed at "
-                                            "once, under activation checkpointing, so the loss's memory is chunk x "
-                                            "vocabulary, not batch x seq-len x vocabulary (default 1024).")]
+LossChunk = Annotated[Optional[int], _O(help="A language-model cache: positions whose logits (and loss) are "
+                                            "computed at once, under activation checkpointing, so the loss's memory "
+                                            "is chunk x vocabulary, not batch x seq-len x vocabulary (default 1024).")]
 StudentLayers = Annotated[Optional[int], _O(help="Keep only the first N transformer layers of a pre-trained Hugging "
                                                  "Face model folder (distill --student, train --model): a shallower "
                                                  "student initialised from its lower layers, with a fresh head.")]

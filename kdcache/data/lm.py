@@ -245,4 +245,5 @@ def load_lm_split(data: str | Path, split: str, tokenizer: Any, *, seq_len: int 
                      preprocess=preprocess)
 
 
-__all__ = ["EOS_TOKEN", "LM_FORMATS", "cached_windows_split", "load_lm_split", "next_token_targets", "train_byte_bpe", "read_documents", "token_stream"]
+__all__ = ["EOS_TOKEN", "LM_FORMATS", "cached_windows_split",
+           "load_lm_split", "next_token_targets", "train_byte_bpe", "read_documents", "token_stream"]

@@ -509,9 +509,9 @@ def check_lm_student(spec: str, tokens: Any, trust_model_code: bool = False) -> 
     tokenizer = load_tokenizer(folder, trust_model_code=trust_model_code, what="the student's tokenizer")
     digest = hashlib.sha256(tokenizer_zip(tokenizer)[0]).hexdigest()
     if digest != tokens.tokenizer_sha256:
-        raise KDCacheError(f"student {spec}: its tokenizer (sha256 {digest[:12]}..., {len(tokenizer)} tokens) is not the "
-                           f"cache's (sha256 {tokens.tokenizer_sha256[:12]}..., {tokens.vocab_size} tokens); a student "
-                           "must read the teacher's token ids as the same tokens")
+        raise KDCacheError(f"student {spec}: its tokenizer (sha256 {digest[:12]}..., {len(tokenizer)} tokens) is not "
+                           f"the cache's (sha256 {tokens.tokenizer_sha256[:12]}..., {tokens.vocab_size} tokens); a "
+                           "student must read the teacher's token ids as the same tokens")
 
 
 #: The files whose presence says a model folder holds a tokenizer.

@@ -118,15 +118,15 @@ def baseline(data: RunData) -> dict[str, Any]:
 
 
 def _unigram_baseline(data: RunData) -> dict[str, Any]:
-    train, selection = data.train.inputs.split.dataset, data.selection.inputs.split.dataset
-    real = np.arange(train.ids.shape[1])[None, :] < train.lengths[:, None]
-    import torch as _torch
-
+    """A language model's constant predictor: the training tokens' frequencies, scored on the selection split's
+    next tokens (the real positions the loss and the perplexity average over)."""
     from kdcache.data.lm import next_token_targets
 
-    following = next_token_targets(_torch.from_numpy(np.asarray(selection.ids, dtype=np.int64)),
-                                   _torch.from_numpy(selection.lengths), _torch.from_numpy(selection.labels.astype(
-                                       np.int64)), ignore=-1).numpy()
+    train, selection = data.train.inputs.split.dataset, data.selection.inputs.split.dataset
+    real = np.arange(train.ids.shape[1])[None, :] < train.lengths[:, None]
+    following = next_token_targets(torch.from_numpy(np.asarray(selection.ids, dtype=np.int64)),
+                                   torch.from_numpy(selection.lengths),
+                                   torch.from_numpy(selection.labels.astype(np.int64)), ignore=-1).numpy()
     value = unigram_perplexity(np.asarray(train.ids)[real], following[following >= 0], data.num_outputs)
     return {"metric": value, "predictor": "the training tokens' frequencies (a unigram model)"}
 
