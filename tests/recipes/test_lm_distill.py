@@ -421,3 +421,35 @@ def test_kdtrainer_refuses_a_language_model_cache_in_one_line(tmp_path, caches):
         KDTrainer(model=model, args=TrainingArguments(str(tmp_path / "t"), report_to=[]), cache=caches["topk"],
                   train_dataset=[{"input_ids": [1, 2]}])
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["vanilla-topk-bucket", "continuation-topk", "ce"])
+def test_the_chunked_loss_keeps_nothing_of_batch_by_vocabulary_for_the_backward_pass(name):
+    """What the backward pass holds is counted (torch's saved-tensor hooks): chunked, no saved tensor is as large as
+    one chunk's logits, whatever S; the plain computation keeps the whole batch's [B x S, V] log-softmax."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kdcache.methods.tokens import chunked_loss, token_output
+
+    kind, row_loss = _row_losses()[name]
+    vocab, rows, chunk = 512, 3 * SEQ, 8
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    inputs, labels, g = _batch(vocab=vocab)
+    target = _targets(g, vocab=vocab)[kind]
+    output = token_output(model, inputs)  # the model's own activations are not the loss's
+
+    def largest_saved(**kw):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = chunked_loss(output, target, labels, row_loss, **kw)
+        loss.backward(retain_graph=True)
+        return max(sizes)
+
+    assert largest_saved(chunk=rows, checkpointed=False) >= rows * vocab  # the whole batch's logits, kept
+    assert largest_saved(chunk=chunk) < chunk * vocab  # a chunk's hidden states (its logits are recomputed)
