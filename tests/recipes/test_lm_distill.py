@@ -453,3 +453,18 @@ def test_the_chunked_loss_keeps_nothing_of_batch_by_vocabulary_for_the_backward_
 
     assert largest_saved(chunk=rows, checkpointed=False) >= rows * vocab  # the whole batch's logits, kept
     assert largest_saved(chunk=chunk) < chunk * vocab  # a chunk's hidden states (its logits are recomputed)
+
+
+def test_a_sweep_of_lm_students_equals_lone_distills(tmp_path, caches, student_config, capsys, monkeypatch):
+    out = tmp_path / "sweep"
+    common = ["--cache", caches["topk"], "--student", student_config, "--epochs", "2", "--batch-size", "8",
+              "--device", "cpu", "--no-progress", "--num-workers", "0"]
+    code, _, err = run_cli(["sweep", *common, "--out", out, "--grid", "method=ce,vanilla"], capsys, monkeypatch)
+    assert code == 0, err
+    timing = ("seconds", "samples_per_second", "tokens_per_second", "eval_tokens_per_second")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    for method in ("ce", "vanilla"):
+        lone = tmp_path / f"lone-{method}"
+        assert run_cli(["distill", *common, "--out", lone, "--method", method], capsys, monkeypatch)[0] == 0
+        assert strip(_metrics(out / f"method-{method}_seed-0")) == strip(_metrics(lone))
+        assert json.loads((out / f"method-{method}_seed-0" / "summary.json").read_text())["metric_name"] == "perplexity"
