@@ -129,7 +129,8 @@ class KDMethod:
         self.method.start_epoch(epoch, SimpleNamespace(model=model))
 
     def end_epoch(self, epoch: int, model: torch.nn.Module, metric: float) -> None:
-        """After an epoch's evaluation, with its validation metric (higher is better)."""
+        """After an epoch's evaluation, with its validation metric (higher is better; a language model's perplexity,
+        on a cache of kind "lm", lower: kdcache.names.better)."""
         self.method.end_epoch(epoch, SimpleNamespace(model=model), float(metric))
 
     def state_dict(self) -> dict[str, Any]:

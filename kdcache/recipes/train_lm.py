@@ -18,8 +18,8 @@ Features, and the flags that control them:
   `validation`, when the data has it), tokens/s; `summary.json` at the end;
 - output: `RUN/model`, a Hugging Face folder with the tokenizer, which `cache-teacher --teacher` loads as it is.
 
-One process, no resume: this is the teacher-making step of the LM quickstart. Students of a cache (issue 22, point 2)
-are to train through the shared loop, and this loop is to fold into it then.
+One process, no resume: this is the teacher-making step of the LM quickstart. Students of a cache train through the
+shared loop (`kdcache distill`, kdcache/methods/tokens.py); this loop may fold into it later.
 """
 
 from __future__ import annotations
