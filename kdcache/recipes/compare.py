@@ -27,6 +27,8 @@ COLUMNS = ("run", "method", "student", "params", "seed", "metric", "best", "epoc
            "status")
 #: Columns sorted best first (higher is better); every other column ascends. Runs without a value go last.
 DESCENDING = ("best", "test", "samples_s")
+#: Metric names whose best is the lowest (a language model's perplexity): `best` and `test` ascend for them.
+LOWER_IS_BETTER = ("perplexity",)
 #: Hyper-parameters named in the `params` column when a run has them, and their short names there (`--json` gives
 #: every one under its own name).
 KEY_PARAMETERS = {"lr": "lr", "batch_size": "bs", "epochs": "ep", "t_max": "tmax", "margin": "margin",
@@ -57,7 +59,8 @@ def list_runs(paths: list[str | Path], sort: str | None = None) -> list[dict[str
     if sort is None:
         return rows
     present = [r for r in rows if r[sort] is not None]
-    ordered = sorted(present, key=lambda r: r[sort], reverse=sort in DESCENDING)
+    lower = sort in ("best", "test") and present and all(r["metric"] in LOWER_IS_BETTER for r in present)
+    ordered = sorted(present, key=lambda r: r[sort], reverse=sort in DESCENDING and not lower)
     return ordered + [r for r in rows if r[sort] is None]
 
 
@@ -100,7 +103,8 @@ def describe_run(folder: Path) -> dict[str, Any]:
         status = "complete" if summary.get("complete") else f"stopped {done}/{total}"
     else:
         scored = [r for r in lines if _number(r.get("metric")) is not None]
-        top = max(scored, key=lambda r: r["metric"], default=None)  # every task metric is higher-is-better
+        pick = min if scored and scored[-1].get("metric_name") in LOWER_IS_BETTER else max
+        top = pick(scored, key=lambda r: r["metric"], default=None)  # higher is better but for perplexity
         best, epoch = (top["metric"], top["epoch"]) if top else (None, None)
         metric, test = (top or {}).get("metric_name"), (top or {}).get("report_metric")
         speed = lines[-1].get("samples_per_second") if lines else None

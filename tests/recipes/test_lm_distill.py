@@ -468,3 +468,16 @@ def test_a_sweep_of_lm_students_equals_lone_distills(tmp_path, caches, student_c
         assert run_cli(["distill", *common, "--out", lone, "--method", method], capsys, monkeypatch)[0] == 0
         assert strip(_metrics(out / f"method-{method}_seed-0")) == strip(_metrics(lone))
         assert json.loads((out / f"method-{method}_seed-0" / "summary.json").read_text())["metric_name"] == "perplexity"
+
+
+def test_runs_lists_lm_runs_best_first_by_the_lowest_perplexity(tmp_path, caches, student_config, capsys,
+                                                                monkeypatch):
+    from kdcache.recipes.compare import list_runs
+
+    for name, lr in (("a", "1e-5"), ("b", "3e-3")):
+        code, _, err = run_cli(_distill(caches["topk"], student_config, tmp_path / "runs" / name, "--method", "ce",
+                                        "--lr", lr), capsys, monkeypatch)
+        assert code == 0, err
+    rows = list_runs([tmp_path / "runs"], sort="best")
+    assert [r["metric"] for r in rows] == ["perplexity", "perplexity"]
+    assert rows[0]["best"] < rows[1]["best"]
