@@ -481,3 +481,20 @@ def test_runs_lists_lm_runs_best_first_by_the_lowest_perplexity(tmp_path, caches
     rows = list_runs([tmp_path / "runs"], sort="best")
     assert [r["metric"] for r in rows] == ["perplexity", "perplexity"]
     assert rows[0]["best"] < rows[1]["best"]
+
+
+def test_lm_targets_stream_by_chunk_windows_when_they_exceed_the_budget(tmp_path, teacher, corpus, student_config,
+                                                                       capsys, monkeypatch):
+    """Dense [N, S, C] targets streamed by windows of chunks (a budget holding two chunks): the run reads every
+    window's rows with their positions axis, as memory mode does."""
+    out = tmp_path / "run"
+    dense = _cache(tmp_path, teacher, corpus, "dense", chunk_rows=8)
+    cache = kdcache.open_cache(dense, "train")
+    assert cache.chunk_rows == 8 and len(cache) > 4 * 8
+    chunk = 8 * SEQ * 300 * 4  # float32 logits of one chunk
+    code, _, err = run_cli(_distill(dense, student_config, out, "--method", "vanilla", "--stream", "chunks",
+                                    "--memory-budget", f"{5 * chunk // 1024}KiB"), capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_targets"] == {"mode": "chunks", "window_chunks": 2} and summary["complete"]
+    assert all(math.isfinite(r["loss"]) for r in _metrics(out))
