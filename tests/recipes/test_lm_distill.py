@@ -498,3 +498,18 @@ def test_lm_targets_stream_by_chunk_windows_when_they_exceed_the_budget(tmp_path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_targets"] == {"mode": "chunks", "window_chunks": 2} and summary["complete"]
     assert all(math.isfinite(r["loss"]) for r in _metrics(out))
+
+
+def test_a_llama_style_student_from_its_config(tmp_path, caches, capsys, monkeypatch):
+    config = tmp_path / "llama-1layer.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                  "max_position_embeddings": 32}), encoding="utf-8")
+    out = tmp_path / "run"
+    code, _, err = run_cli(_distill(caches["topk"], config, out, "--method", "continuation"), capsys, monkeypatch)
+    assert code == 0, err
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "best"))
+    assert model.config.model_type == "llama" and model.config.vocab_size == 300
+    assert all(math.isfinite(r["perplexity"]) for r in _metrics(out))
