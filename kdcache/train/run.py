@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,11 +384,32 @@ def _row_state(data: RunData) -> dict[str, torch.Tensor] | None:
 def _teacher_metrics(data: RunData, array: str | None) -> dict[str, float] | None:
     """The teacher's own score on the selection split, from its cached outputs: a reference beside the student's."""
     split = data.val
-    if split is None or split.cache is None or array is None or data.kind == "lm":
-        return None  # (a language model's teacher perplexity needs its full distribution: not every cache holds it)
+    if split is None or split.cache is None or array is None:
+        return None
+    if data.kind == "lm":
+        return _teacher_perplexity(split) if target_kind(split.cache) == "dense" else None
     from kdcache.methods.targets import teacher_scores
 
     return compute_metrics(teacher_scores(split.cache, array), split.labels, task=data.task, kind=data.kind)
+
+
+def _teacher_perplexity(split: Any, block: int = 64) -> dict[str, float]:
+    """A dense language-model cache's teacher perplexity on its split, over the real tokens the students are scored
+    on (a top-k or sampled cache does not hold the probability of every next token, so it has none)."""
+    from kdcache.data.lm import next_token_targets
+
+    cache, total, count = split.cache, 0.0, 0
+    for start in range(0, len(cache), block):
+        stop = min(start + block, len(cache))
+        ids, lengths, labels = (torch.from_numpy(cache.read(n, start, stop).astype(np.int64))
+                                for n in ("input_ids", "lengths", "labels"))
+        following = next_token_targets(ids, lengths, labels, ignore=-1)
+        logits = torch.from_numpy(cache.read("logits", start, stop).astype(np.float32))
+        log_p = torch.log_softmax(logits, dim=-1).gather(-1, following.clamp(min=0)[..., None])[..., 0]
+        total -= float(log_p[following >= 0].double().sum())
+        count += int((following >= 0).sum())
+    value = math.exp(min(total / max(count, 1), 700.0))
+    return {"metric": value, "perplexity": value}
 
 
 def _summary(cfg: DistillConfig, s: Stepper, data: RunData, run_dir: RunDir, progress: dict[str, Any], hp: dict,

@@ -97,6 +97,19 @@ def test_each_per_token_method_distils_a_causal_lm_student_from_the_cli(tmp_path
     assert summary["best_metric"] == min(r["metric"] for r in rows)
     assert summary["best_epoch"] == min(rows, key=lambda r: r["metric"])["epoch"]
     assert summary["tokens_per_second"] > 0 and summary["best_agreement"] is not None
+    # a dense cache holds every next token's probability: the teacher's own perplexity is beside the student's
+    assert (summary["teacher_metric"] is not None) == (kind == "dense")
+    if kind == "dense":
+        val = kdcache.open_cache(caches["dense"], "validation")
+        ids, lengths, labels = (torch.from_numpy(val.read(n).astype(np.int64)) for n in ("input_ids", "lengths",
+                                                                                         "labels"))
+        from kdcache.data.lm import next_token_targets
+
+        y = next_token_targets(ids, lengths, labels, ignore=-1)
+        log_p = torch.log_softmax(torch.from_numpy(val.read("logits")).double(), -1)
+        ce = -log_p.gather(-1, y.clamp(min=0)[..., None])[..., 0][y >= 0].mean()
+        assert summary["teacher_metric"] == pytest.approx(math.exp(float(ce)), rel=1e-5)
+        assert "teacher " in stdout
     assert "best perplexity" in stdout and "tokens/s" in stdout and "teacher agreement" in stdout
     # best/ is a causal LM folder with the cache's tokenizer: a teacher for the next cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
