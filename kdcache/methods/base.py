@@ -184,6 +184,11 @@ class Method:
 
     # --- epochs, state ----------------------------------------------------------------------------------------------
 
+    def advice(self) -> str | None:
+        """A note for a run the method is known to do badly in (after `setup`, which knows the run's length), so a
+        user learns it at the start rather than from the table; None when there is nothing to say."""
+        return None
+
     def start_epoch(self, epoch: int, student: Any) -> None:
         """Called before an epoch's first step."""
 

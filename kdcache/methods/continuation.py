@@ -39,6 +39,14 @@ def scale_to_run(values: dict[str, Any], given: frozenset[str], preset_epochs: i
     return notes
 
 
+#: Fewer optimiser steps than this in all and Continuation-KD came last in the short runs we measured (docs/benchmarks.md,
+#: "Short runs"): the hinge regresses the student onto the teacher's logits, and a regression fits their class means
+#: before their per-row differences (digits MLP, validation accuracy: 115 steps 0.18 against vanilla KD's 0.78 over
+#: 5 seeds; over 3 seeds 230 steps 0.65 vs 0.88, 345 steps 0.76 vs 0.90, 460 steps 0.89 vs 0.92, 690 steps 0.95 vs
+#: 0.94; CIFAR-10 ResNet-8, 470 steps: ahead of vanilla KD). A rule of thumb from two tasks, said as a note, not enforced.
+FEW_STEPS = 400
+
+
 class ContinuationKD(Method):
     name = "continuation"
     accepts = ("checkpoint", "phi_on")
@@ -62,6 +70,14 @@ class ContinuationKD(Method):
                                "sample or element with a language-model cache")
         if self.options.phi_on not in (None, *PHI_ON):  # (the CLI checks too; the API and sweep files come here)
             raise KDCacheError(f"--phi-on {self.options.phi_on!r} is not one of {', '.join(PHI_ON)}")
+
+    def advice(self) -> str | None:
+        steps = self.run.epochs * self.run.steps_per_epoch
+        if steps >= FEW_STEPS:
+            return None
+        return (f"note: this run has {steps:,} optimiser steps in all; Continuation-KD regresses the student onto the "
+                f"teacher's logits and came last in our runs of under {FEW_STEPS} steps (docs/benchmarks.md, "
+                "\"Short runs\"): give it more epochs, or use --method vanilla")
 
     def values(self, epoch: int, step: int, n: int) -> dict[str, Any]:
         """T_i, phi(T_i) and psi(i); per step, T counts down over the run's steps and psi reads the real position."""

@@ -172,6 +172,8 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     steps_per_epoch = -(-len(data.train.inputs) // batch_size)
     method.setup(Run(hp, n, steps_per_epoch, cfg.schedule_unit, data.kind, data.train.cache, student, probe,
                      str(cfg.cache), cfg.loss_chunk))
+    if world.main and (advice := method.advice()):
+        log.info(advice)
     trainable = torch.nn.ModuleList([student.model, *filter(None, [method.modules()])])
     if world.distributed:  # rank 0's weights everywhere; then each rank its own random stream (dropout)
         world.broadcast_parameters(trainable)

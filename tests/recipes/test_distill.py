@@ -249,6 +249,8 @@ def test_the_chosen_settings_are_one_line_at_the_start_and_in_the_summary(tmp_pa
                                                                                          "T_max 10 -> 2"]}
     assert summary["hyperparameters"]["psi"] == "glue:2" and summary["preset_reason"] == "auto: a features task"
     assert [r["T"] for r in _metrics(tmp_path / "fit")] == [1, 1] and _metrics(tmp_path / "fit")[-1]["psi"] == 1.0
+    short = [line for line in err.splitlines() if "optimiser steps in all" in line]  # issue 21: a short run is told
+    assert len(short) == 1 and "--method vanilla" in short[0] and short[0].startswith("kdcache: note: this run has ")
     code, _, err = run_cli(_distill_args(digits_cache, tmp_path / "abs", "--absolute-schedules"), capsys, monkeypatch)
     assert code == 0, err
     summary = json.loads((tmp_path / "abs" / "summary.json").read_text())

@@ -647,3 +647,22 @@ def test_a_one_epoch_run_keeps_the_presets_schedules():
     """One epoch has no shape to keep (psi over one epoch would be all CE): the preset's values stay, unscaled."""
     chosen = config.settings("glue", "text", METHODS["continuation"], config.DistillConfig("mlp", "out", epochs=1))
     assert (chosen.values["psi"], chosen.values["t_max"], chosen.scaled) == ("glue", 10, [])
+
+
+@pytest.mark.parametrize("epochs, steps_per_epoch, said", [(5, 23, True), (17, 23, True), (18, 23, False),
+                                                          (200, 94, False)])
+def test_continuation_kd_advises_more_steps_only_for_a_run_shorter_than_its_rule_of_thumb(epochs, steps_per_epoch,
+                                                                                           said):
+    """Issue 21, point 6: Continuation-KD came last in every measured run of under 400 steps; such a run is told so
+    at its start (a note, the run goes on), and a longer one is not."""
+    from kdcache.methods.base import Run
+    from kdcache.methods.continuation import FEW_STEPS
+
+    method = METHODS["continuation"]()
+    method.setup(Run({"psi": "glue", "t_max": 10, "margin": 1.0}, epochs, steps_per_epoch, "epoch", "classification"))
+    advice = method.advice()
+    assert (advice is not None) == said == (epochs * steps_per_epoch < FEW_STEPS)
+    if said:
+        assert f"{epochs * steps_per_epoch} optimiser steps" in advice
+    assert all(METHODS[name]().advice() is None for name in METHODS if name != "continuation")
+
