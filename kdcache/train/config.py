@@ -46,7 +46,7 @@ NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
                 "log_every", "max_steps", "compile", "report_split", "progress_every", "absolute_schedules")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
-OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
+OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "view_order", "anneal_continuous", "phi_on",
                    "topk_tail",
                    "student_layers")
 
@@ -106,6 +106,7 @@ class DistillConfig:
     trust_model_code: bool = False  # let a module:factory student (flag or model folder) import and run
     storage_options: dict[str, Any] = field(default_factory=dict)  # for a cache named by an fsspec URL
     augment: str | None = None  # random views of training images: cifar | imagenet (docs/methods.md)
+    view_order: str | None = None  # a views cache: cycle (default) | random | plain (kdcache/train/views.py)
     num_workers: int | None = None  # DataLoader worker processes decoding inputs (None: by modality and device)
     memory_budget: str | None = None  # host memory for the teacher's targets (a share of RAM or a size)
     keep_inputs: str | None = None  # decoded inputs kept after the first epoch while they fit this size
