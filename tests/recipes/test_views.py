@@ -1,0 +1,241 @@
+"""Views caches (issue 23): the teacher's target on V augmented views of every image, each view's explicit
+parameters, and their exact replay for the student (a ResNet-8 teacher on 40 real CIFAR-10 JPEGs per split)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+import kdcache
+from kdcache.data import DataOptions
+from kdcache.errors import KDCacheError
+from kdcache.models import resnet8
+from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+from cache_edits import interrupt_as_an_earlier_release
+from helpers import _distill_args, _one_error_line, run_cli
+
+V = 3
+CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]
+CIFAR10_STD = torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
+#: Root attributes that record when and by which command line a cache was written
+WHEN = ("command", "created", "completed", "throughput", "resumed")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A ResNet-8 with non-trivial batch-norm statistics, so eval mode matters."""
+    torch.manual_seed(0)
+    model = resnet8(10)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
+    path = tmp_path_factory.mktemp("resnet") / "resnet8.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _config(weights, data, out, augment="cifar", **kw):
+    return CacheTeacherConfig(teacher="resnet8", weights=str(weights), task="imagefolder", data=str(data), out=out,
+                              splits=("train", "test"), batch_size=16, device="cpu", progress=False, dtype="float32",
+                              chunk_rows=16, data_options=DataOptions(limit=40, normalize="cifar10"), views=V,
+                              augment=augment, **kw)
+
+
+@pytest.fixture(scope="module", params=["cifar", "imagenet"])
+def views_cache(request, tmp_path_factory, weights, cifar10_zip):
+    out = tmp_path_factory.mktemp(f"views-{request.param}") / "c.kdcache"
+    cache_teacher(_config(weights, cifar10_zip, out, request.param))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cifar_views(tmp_path_factory, weights, cifar10_zip):
+    out = tmp_path_factory.mktemp("views") / "c.kdcache"
+    cache_teacher(_config(weights, cifar10_zip, out))
+    return out
+
+
+def _teacher(weights):
+    model = resnet8(10)
+    model.load_state_dict(torch.load(weights))
+    return model.eval()
+
+
+def _jpegs(zip_path, split):
+    with zipfile.ZipFile(zip_path) as archive:
+        names = sorted(n for n in archive.namelist() if f"/{split}/" in f"/{n}" and n.endswith(".jpg"))[:40]
+        return np.stack([np.asarray(Image.open(io.BytesIO(archive.read(n))).convert("RGB")) for n in names])
+
+
+def test_the_schema_names_the_augmentation_its_version_and_layout(views_cache):
+    cache = kdcache.open_cache(views_cache, "train")
+    augment = cache.header.views.augment
+    assert cache.attrs["views"]["count"] == V and cache.attrs["views"]["version"] == 1
+    assert cache.attrs["views"]["params"] == (["dy", "dx", "flip"] if augment == "cifar" else
+                                              ["x0", "y0", "x1", "y1", "flip"])
+    assert cache.attrs["target"]["views"] == V and cache.attrs["format_version"] == 2
+    assert cache.arrays["view_logits"].shape == (40, V, 10) and cache.arrays["logits"].shape == (40, 10)
+    params = cache.read("view_params")
+    assert params.shape == (40, V, len(cache.attrs["views"]["params"])) and set(np.unique(params[..., -1])) <= {0, 1}
+    assert len(np.unique(params.reshape(-1, params.shape[-1]), axis=0)) > 40  # views differ between rows and views
+
+
+def test_a_replayed_view_is_what_the_teacher_saw_and_its_output_is_the_cached_target(views_cache, weights):
+    """Done-when of issue 23: the teacher run on replayed views (the rows of one capture batch) gives the stored
+    float32 target bit for bit, for every view; the plain image's target is kept as `logits`."""
+    cache = kdcache.open_cache(views_cache, "train")
+    teacher = _teacher(weights)
+    rows = range(16, 32)  # the capture's second batch of 16
+    stored = cache.read("view_logits")
+    for view in range(V):
+        replayed = torch.stack([kdcache.replay_view(views_cache, "train", r, view) for r in rows])
+        with torch.inference_mode():
+            out = teacher(replayed).numpy()
+        np.testing.assert_array_equal(out, stored[16:32, view])
+    assert not np.array_equal(stored[:, 0], cache.read("logits"))  # the views are not the plain image
+
+
+def test_cifar_views_are_the_crops_and_flips_their_parameters_name(cifar_views, cifar10_zip):
+    """Independently of kdcache's augmentation code: pad by 4, crop at (dy, dx), flip, then normalise."""
+    cache = kdcache.open_cache(cifar_views, "train")
+    images, params = _jpegs(cifar10_zip, "train"), cache.read("view_params")
+    for row, view in ((0, 0), (5, 1), (39, 2)):
+        dy, dx, flip = (int(p) for p in params[row, view])
+        padded = np.pad(images[row], ((4, 4), (4, 4), (0, 0)))
+        crop = padded[dy:dy + 32, dx:dx + 32]
+        crop = crop[:, ::-1] if flip else crop
+        want = (torch.from_numpy(crop.copy()).permute(2, 0, 1).float().div_(255.0).sub_(CIFAR10_MEAN)
+                .div_(CIFAR10_STD))
+        assert torch.equal(kdcache.replay_view(cifar_views, "train", row, view), want)
+
+
+def _files(cache):
+    found = {}
+    for path in sorted(p for p in cache.rglob("*") if p.is_file()):
+        found[path.relative_to(cache).as_posix()] = path.read_bytes()
+    attrs = json.loads(found.pop("zarr.json"))["attributes"]
+    found["zarr.json"] = [(k, v) for k, v in attrs.items() if k not in WHEN]
+    return found
+
+
+def test_an_interrupted_views_capture_resumes_to_the_same_bytes(tmp_path, cifar_views, weights, cifar10_zip):
+    """Killed after 16 of 40 train rows (the later chunks never written): the resume recomputes them, views and
+    parameters included, to the bytes of the uninterrupted capture."""
+    out = tmp_path / "c.kdcache"
+    shutil.copytree(cifar_views, out)
+    interrupt_as_an_earlier_release(out, "train", 16, drop_later_chunks=True)
+    cache_teacher(_config(weights, cifar10_zip, out))
+    got, want = _files(out), _files(cifar_views)
+    assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k]] == []
+
+
+def test_distill_trains_on_the_teachers_views_against_their_targets(cifar_views):
+    """The student's training input in epoch e is view e mod V of each row, replayed (the very tensor
+    replay_view returns), and the target served with it is that view's; `random` draws a view per row and epoch."""
+    from kdcache.train.batches import TeacherTargets
+    from kdcache.train.inputs import InputOptions, load_run_data
+
+    for order in ("cycle", "random"):
+        data = load_run_data(cifar_views, storage_options={}, data=None, val_split=None, device=torch.device("cpu"),
+                             options=InputOptions(workers=0, seed=5, view_order=order))
+        replay = data.train.inputs.replay
+        targets = TeacherTargets(data.train.cache, ("logits",), views=replay.choice)
+        stored = data.train.cache.read("view_logits")
+        order_of = targets.order(8, seed=5)
+        seen = set()
+        for epoch in (1, 2):
+            plan = order_of.plan(epoch)
+            batches = plan.batches[:2]
+            inputs = list(data.train.inputs.epoch(batches, epoch=epoch, train=True))
+            for rows, (target, _) in zip(batches, targets.epoch(plan)):
+                views = replay.choice.of(rows, epoch).numpy()
+                if order == "cycle":
+                    assert (views == epoch % V).all()
+                seen.update(views.tolist())
+                np.testing.assert_array_equal(target.numpy(), stored[rows, views])
+                model_input = next(x for r, x, _ in inputs if np.array_equal(r, rows))
+                want = torch.stack([kdcache.replay_view(cifar_views, "train", int(r), int(v))
+                                    for r, v in zip(rows, views)])
+                assert torch.equal(model_input, want)
+        if order == "random":
+            assert seen == set(range(V))
+
+
+@pytest.mark.parametrize("method", ["continuation", "vanilla"])
+def test_distill_on_a_views_cache_reports_epochs_per_view(tmp_path, capsys, monkeypatch, cifar_views, method):
+    code, _, err = run_cli(_distill_args(cifar_views, tmp_path / "run", "--method", method, "--epochs", "4"), capsys,
+                           monkeypatch)
+    assert code == 0, err
+    assert "epochs / V = 4 / 3 = 1.333 passes over each view (views repeat)" in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["views"] == {"augment": "cifar", "views": 3, "order": "cycle", "epochs_per_view": 1.333}
+
+
+def test_view_order_plain_trains_on_the_plain_images_as_without_views(tmp_path, capsys, monkeypatch, cifar_views):
+    code, _, err = run_cli(_distill_args(cifar_views, tmp_path / "run", "--view-order", "plain", "--augment", "cifar"),
+                           capsys, monkeypatch)
+    assert code == 0, err
+    assert "views" not in json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+# --- bad input: one line, non-zero exit --------------------------------------------------------------------------
+
+def test_replaying_over_other_images_is_refused(tmp_path, cifar_views, cifar10_zip):
+    changed = tmp_path / "changed.zip"
+    with zipfile.ZipFile(cifar10_zip) as src, zipfile.ZipFile(changed, "w") as dst:
+        for info in src.infolist():
+            payload = src.read(info)
+            if "/train/" in f"/{info.filename}" and info.filename.endswith(".jpg"):
+                pixels = 255 - np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+                payload = buffer.getvalue()
+            dst.writestr(info, payload)
+    with pytest.raises(KDCacheError, match="row 0 does not match the cache .*the data changed"):
+        kdcache.replay_view(cifar_views, "train", 0, 1, data=changed)
+
+
+def _rename_augmentation(cache, name):
+    root = zarr.open_group(str(cache), mode="r+")
+    views = dict(root.attrs["views"])
+    root.attrs["views"] = {**views, "augment": name}
+
+
+def test_an_augmentation_the_cache_names_but_kdcache_does_not_know_is_refused(tmp_path, capsys, monkeypatch,
+                                                                             cifar_views):
+    copy = tmp_path / "c.kdcache"
+    shutil.copytree(cifar_views, copy)
+    _rename_augmentation(copy, "autoaugment")
+    with pytest.raises(KDCacheError, match="augmentation 'autoaugment' version 1 .* which this kdcache does not"):
+        kdcache.replay_view(copy, "train", 0, 0)
+    code, _, err = run_cli(_distill_args(copy, tmp_path / "run"), capsys, monkeypatch)
+    _one_error_line(code, err, "autoaugment", "does not replay")
+
+
+def test_cache_teacher_refuses_an_unknown_augmentation_and_views_of_text(tmp_path, capsys, monkeypatch, weights,
+                                                                         cifar10_zip):
+    base = ["cache-teacher", "--teacher", "resnet8", "--weights", weights, "--data", cifar10_zip, "--device", "cpu",
+            "--out", tmp_path / "c.kdcache", "--no-progress", "--views", "2"]
+    code, _, err = run_cli([*base, "--task", "imagefolder", "--augment", "autoaugment"], capsys, monkeypatch)
+    _one_error_line(code, err, "autoaugment")
+    code, _, err = run_cli([*base, "--task", "sst2", "--augment", "cifar"], capsys, monkeypatch)
+    _one_error_line(code, err, "--augment cifar applies to images", "text")
+    code, _, err = run_cli([*base, "--task", "imagefolder"], capsys, monkeypatch)
+    _one_error_line(code, err, "--views V and --augment")
+    assert not (tmp_path / "c.kdcache").exists()
+
+
+def test_view_order_without_views_and_fresh_augment_over_views_are_refused(tmp_path, capsys, monkeypatch,
+                                                                          digits_cache, cifar_views):
+    code, _, err = run_cli(_distill_args(digits_cache, tmp_path / "a", "--view-order", "cycle"), capsys, monkeypatch)
+    _one_error_line(code, err, "--view-order cycle", "stores no augmented views")
+    code, _, err = run_cli(_distill_args(cifar_views, tmp_path / "b", "--augment", "cifar"), capsys, monkeypatch)
+    _one_error_line(code, err, "--augment cifar", "--view-order plain")
