@@ -239,3 +239,30 @@ def test_view_order_without_views_and_fresh_augment_over_views_are_refused(tmp_p
     _one_error_line(code, err, "--view-order cycle", "stores no augmented views")
     code, _, err = run_cli(_distill_args(cifar_views, tmp_path / "b", "--augment", "cifar"), capsys, monkeypatch)
     _one_error_line(code, err, "--augment cifar", "--view-order plain")
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_views_cache_one_process_writes(tmp_path, weights, cifar10_zip):
+    """torchrun: each rank draws its rows' views from (seed, row), so the bytes are one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for nproc in (1, 2):
+        outs[nproc] = tmp_path / f"{nproc}.kdcache"
+        args = ["-m", "kdcache", "cache-teacher", "--teacher", "resnet8", "--weights", str(weights), "--task",
+                "imagefolder", "--data", str(cifar10_zip), "--split", "train", "--split", "test", "--limit", "40",
+                "--normalize", "cifar10", "--batch-size", "16", "--chunk-rows", "16", "--dtype", "float32",
+                "--views", "3", "--augment", "cifar", "--view-seed", "7", "--device", "cpu", "--no-progress",
+                "--out", str(outs[nproc])]
+        if nproc > 1:
+            args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", *args[1:]]
+        proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = _files(outs[2]), _files(outs[1])
+    assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k]] == []
+    assert kdcache.open_cache(outs[2]).attrs["views"]["seed"] == 7
