@@ -272,6 +272,12 @@ def _print_info(s: dict) -> None:
         _out.print(f"tokens   tokenizer {tokens.get('tokenizer_class')} (sha256 {sha}"
                    f"...), vocabulary {tokens.get('vocab_size')}, model outputs {tokens.get('outputs')}, "
                    f"{tokens.get('seq_len')} tokens a row, EOS {tokens.get('eos_id')}; position j predicts token j + 1")
+    views = s.get("views")
+    if views:
+        per = ", ".join(f"{x['name']} {x['bytes_per_view']}" for x in s["splits"] if x.get("bytes_per_view"))
+        _out.print(f"views    {views.get('count')} {views.get('augment')} (v{views.get('version')}) views a row, "
+                   f"parameters {', '.join(views.get('params') or [])}, seed {views.get('seed')}; bytes per sample "
+                   f"per view: {per or '-'}")
     _out.print(f"storage  {storage.get('logits_dtype')}, codec {storage.get('codec')} + {storage.get('checksum')}, "
                f"{storage.get('chunk_rows')} rows/chunk; {_human(s['size_on_disk'])} on disk")
     _out.print(f"created  {s.get('created')} by {s.get('command')}")

@@ -86,6 +86,10 @@ def test_the_schema_names_the_augmentation_its_version_and_layout(views_cache):
     params = cache.read("view_params")
     assert params.shape == (40, V, len(cache.attrs["views"]["params"])) and set(np.unique(params[..., -1])) <= {0, 1}
     assert len(np.unique(params.reshape(-1, params.shape[-1]), axis=0)) > 40  # views differ between rows and views
+    from kdcache.cache.info import describe_cache
+
+    described = describe_cache(views_cache)
+    assert described["views"]["augment"] == augment and all(s["bytes_per_view"] > 0 for s in described["splits"])
 
 
 def test_a_replayed_view_is_what_the_teacher_saw_and_its_output_is_the_cached_target(views_cache, weights):
@@ -139,15 +143,18 @@ def test_an_interrupted_views_capture_resumes_to_the_same_bytes(tmp_path, cifar_
 
 def test_distill_trains_on_the_teachers_views_against_their_targets(cifar_views):
     """The student's training input in epoch e is view e mod V of each row, replayed (the very tensor
-    replay_view returns), and the target served with it is that view's; `random` draws a view per row and epoch."""
+    replay_view returns), and the target served with it is that view's, whether the targets are held in memory or
+    streamed by chunks; `random` draws a view per row and epoch."""
     from kdcache.train.batches import TeacherTargets
     from kdcache.train.inputs import InputOptions, load_run_data
 
-    for order in ("cycle", "random"):
+    for order, mode in (("cycle", "memory"), ("random", "memory"), ("cycle", "chunks")):
         data = load_run_data(cifar_views, storage_options={}, data=None, val_split=None, device=torch.device("cpu"),
                              options=InputOptions(workers=0, seed=5, view_order=order))
         replay = data.train.inputs.replay
-        targets = TeacherTargets(data.train.cache, ("logits",), views=replay.choice)
+        targets = TeacherTargets(data.train.cache, ("logits",), views=replay.choice, mode=mode,
+                                 window_chunks=1 if mode == "chunks" else None)
+        assert targets.mode == mode
         stored = data.train.cache.read("view_logits")
         order_of = targets.order(8, seed=5)
         seen = set()
