@@ -393,6 +393,8 @@ def _distill_config(p: dict[str, Any]) -> Any:
     from kdcache import names
 
     names.check_numbers(**p)  # every numeric flag: lr, seed, warmup-ratio, weight-decay, ...
+    if p.get("view_order") is not None:
+        names.check("--view-order", p["view_order"], names.VIEW_ORDERS)
     if p.get("progress_every") is not None:
         names.parse_interval(p["progress_every"])
     import dataclasses

@@ -25,6 +25,8 @@ PHI_ON = ("both", "teacher", "margin", "none")
 TOPK_TAILS = ("bucket", "renormalised")
 SCHEDULE_UNITS = ("epoch", "step")
 AUGMENTS = ("none", "cifar", "imagenet")
+#: Which view of a views cache each row trains on per epoch (kdcache/train/views.py).
+VIEW_ORDERS = ("cycle", "random", "plain")
 LOGIT_DTYPES = ("float16", "float32")
 
 

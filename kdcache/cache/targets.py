@@ -15,6 +15,9 @@ is docs/cache-format.md (version 2).
 
 A token-level (language-model) target has `positions` = S and every array gains that axis after the rows:
 [rows, S, width] (`logsumexp` [rows, S] or [rows, S, temps]); each position is computed as a row of its own.
+A views cache (`views` = V, images) stores the plain image's target as above and each array again on V augmented
+views, `view_<array>` [rows, V, ...], beside the views' parameters `view_params` [rows, V, P]; view v of row n is
+computed as row n * V + v.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ if TYPE_CHECKING:  # capture alone needs torch: a reader of the format does not 
 
 KINDS = ("dense", "topk", "sampled")
 #: The axes of a per-row target; a token-level (language-model) target adds "positions" (before a temperature
-#: axis): [rows, positions, width]. Multi-view caches will add "views".
+#: axis): [rows, positions, width]. A views cache keeps the plain target's axes and stores each array again with a
+#: view axis, `view_<array>` [rows, views, width] (`TargetSpec.views`).
 ROW_AXES = ["rows"]
 TOKEN_AXES = ["rows", "positions"]
 #: The codecs of the arrays whose codec the format fixes (chosen by benchmarks/bench_target_codecs.py; the table is
@@ -120,7 +124,7 @@ class TargetSpec(_Header):
         return [schema.VIEW_PREFIX + name for name in self.dtypes] + [schema.VIEW_PARAMS]
 
     def view_specs(self, codec: str) -> dict[str, ArraySpec]:
-        """The ArraySpecs of `view_arrays` (the layout's width of parameters comes from the root's views attribute)."""
+        """The ArraySpecs of `view_arrays`: each target array's spec with the view axis, and the P parameters."""
         specs = {schema.VIEW_PREFIX + name: dataclasses.replace(spec, name=schema.VIEW_PREFIX + name, views=self.views)
                  for name, spec in self.array_specs(codec).items()}
         specs[schema.VIEW_PARAMS] = ArraySpec(schema.VIEW_PARAMS, np.dtype("float32"), int(self.view_params or 1),

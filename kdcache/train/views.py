@@ -18,9 +18,8 @@ import torch
 
 from kdcache.data import augment as views_augment
 from kdcache.errors import KDCacheError
+from kdcache.names import VIEW_ORDERS
 from kdcache.train.batches import epoch_seed
-
-VIEW_ORDERS = ("cycle", "random", "plain")
 
 
 @dataclass

@@ -273,3 +273,20 @@ def test_two_processes_write_the_views_cache_one_process_writes(tmp_path, weight
     got, want = _files(outs[2]), _files(outs[1])
     assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k]] == []
     assert kdcache.open_cache(outs[2]).attrs["views"]["seed"] == 7
+
+
+def test_a_resumed_views_run_ends_where_an_uninterrupted_one_does(tmp_path, capsys, monkeypatch, cifar_views):
+    """The view of each row and epoch depends on (order, seed, epoch) alone: a run stopped after epoch 1 and resumed
+    trains epochs 2-3 on the views an uninterrupted run trains them on."""
+    from helpers import _metrics
+
+    flags = ("--epochs", "3", "--view-order", "random", "--seed", "3")
+    assert run_cli(_distill_args(cifar_views, tmp_path / "full", *flags), capsys, monkeypatch)[0] == 0
+    assert run_cli(_distill_args(cifar_views, tmp_path / "cut", *flags, "--stop-after-epoch", "1"), capsys,
+                   monkeypatch)[0] == 0
+    assert run_cli(_distill_args(cifar_views, tmp_path / "cut", *flags, "--resume"), capsys, monkeypatch)[0] == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_second")} for r in rows]
+    assert strip(_metrics(tmp_path / "cut")) == strip(_metrics(tmp_path / "full"))
+    code, _, err = run_cli(_distill_args(cifar_views, tmp_path / "full", "--epochs", "3", "--view-order", "cycle",
+                                         "--seed", "3", "--resume"), capsys, monkeypatch)
+    assert code == 1 and "view_order" in err  # another view order is another run
