@@ -332,7 +332,7 @@ def _check_view_flags(cfg: CacheTeacherConfig, modality: str, layers: list) -> N
     if cfg.views is None or cfg.augment in (None, "none"):
         raise KDCacheError("--views V and --augment cifar|imagenet go together: the teacher's targets on V "
                            "augmented views of every image")
-    views_augment.check_augment(cfg.augment, modality)  # an unknown name, or a task whose inputs are not images
+    views_augment.check_view_augment(cfg.augment, modality)  # an unknown name, or inputs that are not images
     if cfg.views < 1:
         raise KDCacheError(f"--views must be at least 1, got {cfg.views}")
     if not 0 <= cfg.view_seed <= 2**32 - 1:
@@ -564,12 +564,13 @@ def _view_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherConf
     images, views = batch.inputs, job.views
     rows, count = len(images), views.count
     params = views_augment.view_params(views.augment, count, views.seed, first_row, rows, images.shape[-2],
-                                       images.shape[-1])
-    outputs = []
-    for v in range(count):
+                                       images.shape[-1], len(split))
+    column, outputs = views_augment.partner_column(views.augment), []
+    for v in range(count):  # a mixing view decodes its partner rows here, in this process
+        partners = views_augment.partner_images(split, params[:, v, column]) if column is not None else None
         with autocast(device, cfg.precision):
             outputs.append(job.teacher(views_augment.view_input(split, views.augment, images, params[:, v],
-                                                                 device)).float())
+                                                                 device, partners)).float())
     logits = torch.stack(outputs, dim=1)  # B, V, C
     flat = targets.target_arrays(job.target, logits.reshape(rows * count, -1), first_row * count)
     return {**{schema.VIEW_PREFIX + k: v.reshape(rows, count, *v.shape[1:]) for k, v in flat.items()},

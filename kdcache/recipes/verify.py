@@ -142,7 +142,7 @@ def _check_views(report: VerifyReport, cache: Cache, split: TeacherCache, source
     """A views cache: one view of each sampled row (drawn from the seed) replayed from its stored parameters by the
     code capture used, the teacher run on it, and its stored per-view target compared like the plain one."""
     from kdcache.cache.schema import VIEW_PARAMS, VIEW_PREFIX
-    from kdcache.data.augment import view_input
+    from kdcache.data.augment import partner_column, partner_images, view_input
     from kdcache.train.views import check_views
 
     name = split.split
@@ -155,12 +155,14 @@ def _check_views(report: VerifyReport, cache: Cache, split: TeacherCache, source
     except KDCacheError as exc:
         report.add(f"{name}/views", False, str(exc))
         return
-    precision, fresh = cache.header.inference.get("precision", "fp32"), []
+    precision, fresh, column = cache.header.inference.get("precision", "fp32"), [], partner_column(info.augment)
     with torch.inference_mode():
         for i in range(0, len(rows), batch_size):
             batch = source.collate([source.dataset[int(r)] for r in rows[i:i + batch_size]])
+            some = params[i:i + batch_size]
+            partners = partner_images(source, some[:, column]) if column is not None else None
             with autocast(device, precision):
-                out = teacher(view_input(source, info.augment, batch.inputs, params[i:i + batch_size], device))
+                out = teacher(view_input(source, info.augment, batch.inputs, some, device, partners))
             fresh.append(out.float().cpu().numpy())
     fresh_views = np.concatenate(fresh)
     if split.target.kind != "dense":

@@ -141,10 +141,20 @@ class StudentInputs:
         generator = None
         if train and self.augment and self.replay is None:
             generator = torch.Generator(self.device).manual_seed(_epoch_seed(self.seed + 1, epoch))
+        replay = self.replay if train else None
+        mixing = replay is not None and replay.partner_rows is not None
+        if mixing:  # mixing views: each batch's partner rows are decoded (and checked) with it, after its own rows
+            batches = [np.concatenate([rows, replay.partners(rows, epoch)]) for rows in batches]
         for rows, batch in self._decoded(batches):
-            if train and self.replay is not None:
-                batch = Batch(self.replay.apply(batch.inputs, rows, epoch, self.device), batch.labels, batch.index,
-                              batch.fingerprint)
+            if replay is not None:
+                others = None
+                if mixing:
+                    n = len(rows) // 2
+                    rows, others = rows[:n], batch.inputs[n:]
+                    batch = Batch(batch.inputs[:n], batch.labels[:n], batch.index[:n],
+                                  None if batch.fingerprint is None else batch.fingerprint[:n])
+                batch = Batch(replay.apply(batch.inputs, rows, epoch, self.device, others), batch.labels,
+                              batch.index, batch.fingerprint)
             elif generator is not None:
                 batch = Batch(augment(batch.inputs.to(self.device, non_blocking=True), self.augment, generator),
                               batch.labels, batch.index, batch.fingerprint)

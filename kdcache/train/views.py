@@ -51,13 +51,26 @@ class ViewReplay:
     def __init__(self, augment: str, params: np.ndarray, choice: ViewChoice, device: torch.device) -> None:
         self.augment, self.choice = augment, choice
         self.params = torch.from_numpy(np.ascontiguousarray(params)).to(device)  # N, V, P float32
+        column = views_augment.partner_column(augment)
+        #: a mixing augmentation: each view's partner row [N, V], on the host (the rows to decode beside the batch)
+        self.partner_rows = params[..., column].astype(np.int64) if column is not None else None
 
-    def apply(self, images: torch.Tensor, rows: np.ndarray, epoch: int, device: torch.device) -> torch.Tensor:
-        """The views of a batch of decoded uint8 images (rows `rows`) in `epoch`, made on `device`."""
+    def partners(self, rows: np.ndarray, epoch: int) -> np.ndarray | None:
+        """The partner rows of these rows' views in `epoch` (None: views of the rows alone)."""
+        if self.partner_rows is None:
+            return None
+        return self.partner_rows[np.asarray(rows, dtype=np.int64), self.choice.of(rows, epoch).numpy()]
+
+    def apply(self, images: torch.Tensor, rows: np.ndarray, epoch: int, device: torch.device,
+              partners: torch.Tensor | None = None) -> torch.Tensor:
+        """The views of a batch of decoded uint8 images (rows `rows`) in `epoch`, made on `device` (a mixing view's
+        partner images: `partners`, decoded alongside)."""
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.params.device)
         views = self.choice.of(rows, epoch).to(self.params.device)
         params = self.params[index, views]
-        return views_augment.apply_params(images.to(device, non_blocking=True), self.augment, params)
+        if partners is not None:
+            partners = partners.to(device, non_blocking=True)
+        return views_augment.apply_params(images.to(device, non_blocking=True), self.augment, params, partners)
 
     def describe(self, epochs: int) -> dict[str, Any]:
         """What a run's summary records of its views: how many, in which order, and epochs / V (the passes over
@@ -74,6 +87,8 @@ def check_views(header: Any, where: str) -> Any:
         raise KDCacheError(f"{where}: stores no augmented views (cache the teacher with --views V --augment "
                            "cifar|imagenet)")
     known = ", ".join(f"{name} v{version}" for name, version in views_augment.VERSIONS.items())
+    known = known.replace("cifar+mixup v1, cifar+cutmix v1, imagenet+mixup v1, imagenet+cutmix v1",
+                          "and each with +mixup or +cutmix v1")
     if info.augment not in views_augment.VERSIONS or info.version != views_augment.VERSIONS[info.augment] or \
             list(info.params) != views_augment.LAYOUTS[info.augment]:
         raise KDCacheError(f"{where}: stores views of augmentation {info.augment!r} version {info.version} "
@@ -126,14 +141,20 @@ def replay_view(cache: Any, split: str, row: int, view: int, *, data: str | Path
     if len(source) != len(split_cache):
         raise KDCacheError(f"{source.source}: has {len(source)} rows for split {split!r} but the cache has "
                            f"{len(split_cache)}; the data changed since the teacher was cached")
-    batch = source.collate([source.dataset[int(row)]])
-    stored = int(split_cache.read("fingerprint", int(row), int(row) + 1)[0])
-    if int(np.asarray(batch.fingerprint, dtype=np.uint64)[0]) != stored:
-        raise KDCacheError(f"{source.source}: row {row} does not match the cache {opened.store}/{split} (fingerprint "
-                           f"{int(np.asarray(batch.fingerprint)[0]):016x} vs {stored:016x}); the data changed since "
-                           "the teacher was cached")
     params = torch.from_numpy(split_cache.read("view_params", int(row), int(row) + 1)[0, int(view)])[None]
-    return views_augment.view_input(source, info.augment, batch.inputs, params, torch.device(device))[0]
+    column = views_augment.partner_column(info.augment)
+    rows = [int(row)] + ([int(params[0, column])] if column is not None else [])  # a mixing view: its partner too
+    batch = source.collate([source.dataset[r] for r in rows])
+    stored = split_cache.read("fingerprint")
+    fresh = np.asarray(batch.fingerprint, dtype=np.uint64)
+    for k, r in enumerate(rows):
+        if int(fresh[k]) != int(stored[r]):
+            raise KDCacheError(f"{source.source}: row {r} does not match the cache {opened.store}/{split} "
+                               f"(fingerprint {int(fresh[k]):016x} vs {int(stored[r]):016x}); the data changed since "
+                               "the teacher was cached")
+    partners = batch.inputs[1:] if column is not None else None
+    return views_augment.view_input(source, info.augment, batch.inputs[:1], params, torch.device(device),
+                                    partners)[0]
 
 
 __all__ = ["VIEW_ORDERS", "ViewChoice", "ViewReplay", "check_views", "replay_view", "view_replay"]

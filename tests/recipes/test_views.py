@@ -49,7 +49,7 @@ def _config(weights, data, out, augment="cifar", **kw):
                               augment=augment, **kw)
 
 
-@pytest.fixture(scope="module", params=["cifar", "imagenet"])
+@pytest.fixture(scope="module", params=["cifar", "imagenet", "cifar+mixup", "imagenet+cutmix"])
 def views_cache(request, tmp_path_factory, weights, cifar10_zip):
     out = tmp_path_factory.mktemp(f"views-{request.param}") / "c.kdcache"
     cache_teacher(_config(weights, cifar10_zip, out, request.param))
@@ -79,13 +79,20 @@ def test_the_schema_names_the_augmentation_its_version_and_layout(views_cache):
     cache = kdcache.open_cache(views_cache, "train")
     augment = cache.header.views.augment
     assert cache.attrs["views"]["count"] == V and cache.attrs["views"]["version"] == 1
-    assert cache.attrs["views"]["params"] == (["dy", "dx", "flip"] if augment == "cifar" else
-                                              ["x0", "y0", "x1", "y1", "flip"])
+    base = ["dy", "dx", "flip"] if augment.startswith("cifar") else ["x0", "y0", "x1", "y1", "flip"]
+    mix = {"": [], "mixup": ["partner", "lam"], "cutmix": ["partner", "lam", "by0", "bx0", "by1", "bx1"]}
+    assert cache.attrs["views"]["params"] == base + mix[augment.partition("+")[2]]
     assert cache.attrs["target"]["views"] == V and cache.attrs["format_version"] == 2
     assert cache.arrays["view_logits"].shape == (40, V, 10) and cache.arrays["logits"].shape == (40, 10)
     params = cache.read("view_params")
-    assert params.shape == (40, V, len(cache.attrs["views"]["params"])) and set(np.unique(params[..., -1])) <= {0, 1}
+    flip = params[..., cache.attrs["views"]["params"].index("flip")]
+    assert params.shape == (40, V, len(cache.attrs["views"]["params"])) and set(np.unique(flip)) == {0, 1}
     assert len(np.unique(params.reshape(-1, params.shape[-1]), axis=0)) > 40  # views differ between rows and views
+    if "+" in augment:  # a partner row among the split's, the row keeping at least half of the image
+        layout = cache.attrs["views"]["params"]
+        partner, lam = params[..., layout.index("partner")], params[..., layout.index("lam")]
+        assert partner.min() >= 0 and partner.max() < 40 and len(np.unique(partner)) > 10
+        assert (lam >= 0.5).all() and (lam <= 1).all()
     from kdcache.cache.info import describe_cache
 
     described = describe_cache(views_cache)
@@ -105,6 +112,49 @@ def test_a_replayed_view_is_what_the_teacher_saw_and_its_output_is_the_cached_ta
             out = teacher(replayed).numpy()
         np.testing.assert_array_equal(out, stored[16:32, view])
     assert not np.array_equal(stored[:, 0], cache.read("logits"))  # the views are not the plain image
+
+
+def test_mixed_views_paste_or_blend_the_partners_crop(tmp_path, weights, cifar10_zip):
+    """Independently of kdcache's augmentation code: CutMix pastes the partner's box of the same crop and flip over
+    the row's view; mixup blends the two with weight lam; the student's replayed input is the same tensor."""
+    from kdcache.train.inputs import InputOptions, load_run_data
+
+    images = _jpegs(cifar10_zip, "train")
+
+    def crop(image, dy, dx, flip):
+        out = np.pad(image, ((4, 4), (4, 4), (0, 0)))[dy:dy + 32, dx:dx + 32]
+        return out[:, ::-1] if flip else out
+
+    def normalised(hwc):
+        return torch.from_numpy(np.ascontiguousarray(hwc)).permute(2, 0, 1).float().div_(255.0).sub_(
+            CIFAR10_MEAN).div_(CIFAR10_STD)
+
+    for mix in ("cutmix", "mixup"):
+        out = tmp_path / f"{mix}.kdcache"
+        cache_teacher(_config(weights, cifar10_zip, out, f"cifar+{mix}"))
+        params = kdcache.open_cache(out, "train").read("view_params")
+        for row, view in ((0, 0), (7, 2), (39, 1)):
+            p = params[row, view]
+            dy, dx, flip, partner = (int(x) for x in p[:4])
+            mine, theirs = crop(images[row], dy, dx, flip), crop(images[partner], dy, dx, flip)
+            got = kdcache.replay_view(out, "train", row, view)
+            if mix == "cutmix":
+                y0, x0, y1, x1 = (int(x) for x in p[5:9])
+                want = mine.copy()
+                want[y0:y1, x0:x1] = theirs[y0:y1, x0:x1]
+                assert torch.equal(got, normalised(want))
+                assert p[4] == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 1024)
+            else:
+                lam = np.float32(p[4])
+                blended = lam * mine.astype(np.float32) + (np.float32(1) - lam) * theirs.astype(np.float32)
+                torch.testing.assert_close(got, normalised(blended), rtol=1e-6, atol=1e-6)
+        data = load_run_data(out, storage_options={}, data=None, val_split=None, device=torch.device("cpu"),
+                             options=InputOptions(workers=0, seed=1))
+        rows = np.array([3, 39, 0, 12])
+        (got_rows, model_input, _), = data.train.inputs.epoch([rows], epoch=2, train=True)
+        assert np.array_equal(got_rows, rows) and model_input.shape[0] == 4
+        want = torch.stack([kdcache.replay_view(out, "train", int(r), 2 % V) for r in rows])
+        assert torch.equal(model_input, want)
 
 
 def test_cifar_views_are_the_crops_and_flips_their_parameters_name(cifar_views, cifar10_zip):
