@@ -464,6 +464,7 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(METHODS)} and the variants {', '.join(VARIANTS)}")
     parser.add_argument("--views", default="4,16", help="views: the V of each views cache (issue 23)")
     parser.add_argument("--kd-method", default="continuation", help="views: the method every arm distils with")
+    parser.add_argument("--view-augment", default="cifar", help="views: the cached views' augmentation")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--in-process", action="store_true",
                         help="run each kdcache command in this process (no interpreter start per run: on a GPU)")
@@ -487,7 +488,7 @@ def main() -> None:
         from views import views
 
         text = views(kd, args.scale, args.seeds, tuple(int(v) for v in args.views.split(",") if v), args.kd_method,
-                     args.first_seed)
+                     args.first_seed, args.view_augment)
     else:
         from noise_toy import noise
 

@@ -2,6 +2,7 @@
 taught on fresh views against the plain image's logits? CIFAR-10 JPEG, through the CLI, seed-paired.
 
     python benchmarks/reproduce.py views [--scale tiny|cpu|full] [--seeds 5] [--views 4,16] [--kd-method continuation]
+        [--view-augment cifar|cifar+mixup|cifar+cutmix]
 
 Arms, every one the same student, method, epochs, batch and learning rate (the vision experiment's scale):
 - `none`: the plain cache, no augmentation;
@@ -30,7 +31,7 @@ def _stored_bytes(cache: Path, split: str, prefix: str) -> int:
 
 
 def views(kd: Runner, scale: str, seeds: int, view_counts: tuple[int, ...] = DEFAULT_VIEWS,
-          method: str = "continuation", first_seed: int = 0) -> str:
+          method: str = "continuation", first_seed: int = 0, view_augment: str = "cifar") -> str:
     """Teacher -> a plain cache and one views cache per V -> the arms above, seed by seed."""
     s = VISION_SCALES[scale]
     data = ["--task", "imagefolder", "--data", DATA / "cifar10-jpg" / "cifar10-jpg-d7d0561.zip", "--normalize",
@@ -48,7 +49,7 @@ def views(kd: Runner, scale: str, seeds: int, view_counts: tuple[int, ...] = DEF
     for v in view_counts:
         caches[f"views-{v}"] = work / f"views-{v}.kdcache"
         capture[f"views-{v}"] = kd("cache-teacher", "--teacher", teacher_dir / "best", *data, *subset, *held,
-                                   "--views", v, "--augment", "cifar", "--out", caches[f"views-{v}"], "--device",
+                                   "--views", v, "--augment", view_augment, "--out", caches[f"views-{v}"], "--device",
                                    kd.device, "--no-progress", "--overwrite")
     arms = {"none": (caches["plain"], []), "fresh": (caches["plain"], ["--augment", "cifar"]),
             **{f"views-{v}": (caches[f"views-{v}"], []) for v in view_counts}}
@@ -83,8 +84,10 @@ def views(kd: Runner, scale: str, seeds: int, view_counts: tuple[int, ...] = DEF
              "Capture: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in capture.items()) + "; stored "
              "bytes per training sample per view (view arrays and parameters): " + ", ".join(
                  f"V = {v}: {_stored_bytes(caches[f'views-{v}'], 'train', 'view_') / (rows * v):.1f}"
-                 for v in view_counts) + f"; the plain target: {_stored_bytes(caches['plain'], 'train', 'logits') / rows:.1f}.",
-             f"Epochs / V: " + ", ".join(f"V = {v}: {n / v:g}" for v in view_counts) + "."]
+                 for v in view_counts)
+             + f"; the plain target: {_stored_bytes(caches['plain'], 'train', 'logits') / rows:.1f}.",
+             f"Views cached with --augment {view_augment}. Epochs / V: "
+             + ", ".join(f"V = {v}: {n / v:g}" for v in view_counts) + "."]
     return write_results(work, f"CIFAR-10 ({scale} scale): consistent replayed views against fresh augmentation",
                          results, notes)
 
