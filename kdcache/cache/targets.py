@@ -113,7 +113,8 @@ class TargetSpec(_Header):
         `params` numbers (a views cache)."""
         self.views, self.view_params = int(views), int(params)
         if self.kind == "sampled":
-            self.seed_rule = (self.seed_rule or "") + "; view arrays: row = (the row's position in its split) * V + view"
+            self.seed_rule = (self.seed_rule or "") + ("; view arrays: row = (the row's position in its split) * V "
+                                                       "+ view")
         return self
 
     @property

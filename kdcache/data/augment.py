@@ -218,5 +218,6 @@ def _resized_crop(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return roi_align(images.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
 
 
-__all__ = ["AUGMENTS", "LAYOUTS", "VERSIONS", "apply_params", "augment", "check_augment", "draw_params", "view_input", "view_params", "view_seed",
+__all__ = ["AUGMENTS", "LAYOUTS", "VERSIONS", "apply_params", "augment", "check_augment", "draw_params", "view_input",
+           "view_params", "view_seed",
            "MIXES", "VIEW_AUGMENTS", "check_view_augment", "partner_column", "partner_images"]

@@ -46,7 +46,8 @@ NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device",
                 "trust_model_code", "storage_options", "num_workers", "memory_budget", "keep_inputs", "check_first",
                 "log_every", "max_steps", "compile", "report_split", "progress_every", "absolute_schedules")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
-OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "view_order", "anneal_continuous", "phi_on",
+OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "view_order",
+                   "anneal_continuous", "phi_on",
                    "topk_tail",
                    "student_layers")
 
