@@ -340,3 +340,30 @@ def test_a_resumed_views_run_ends_where_an_uninterrupted_one_does(tmp_path, caps
     code, _, err = run_cli(_distill_args(cifar_views, tmp_path / "full", "--epochs", "3", "--view-order", "cycle",
                                          "--seed", "3", "--resume"), capsys, monkeypatch)
     assert code == 1 and "view_order" in err  # another view order is another run
+
+
+@pytest.mark.slow
+def test_two_processes_distil_on_the_views_one_process_distils_on(tmp_path, cifar_views):
+    """torchrun: each rank replays its share of each batch; rank and view choice meet on the row, so two processes
+    compute what one computes (random order: views differ per row)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, STUDENT_KW, _metrics
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for nproc in (1, 2):
+        runs[nproc] = tmp_path / f"run{nproc}"
+        args = ["-m", "kdcache", "distill", "--cache", str(cifar_views), "--student", "mlp", "--student-kwargs",
+                json.dumps(STUDENT_KW), "--epochs", "3", "--batch-size", "16", "--view-order", "random",
+                "--device", "cpu", "--no-progress", "--num-workers", "0", "--out", str(runs[nproc])]
+        if nproc > 1:
+            args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", *args[1:]]
+        proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _metrics(runs[1]), _metrics(runs[2])
+    assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
