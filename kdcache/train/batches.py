@@ -166,10 +166,14 @@ class TeacherTargets:
         if unknown or not picked:
             raise ValueError(f"arrays {unknown or picked} are not among those served ({', '.join(self.arrays)})")
         parts = self._memory(plan, picked) if self.window_chunks is None else self._streamed(plan, picked)
-        for rows, (floats, labels) in zip(plan.batches, parts):
-            if self.views is not None:  # each row's view of this epoch, of the arrays stored per view
-                view = self.views.of(rows, plan.epoch).to(labels.device)
-                at = torch.arange(len(view), device=labels.device)
+        views = None
+        if self.views is not None:  # each row's view of this epoch, chosen for the whole epoch and uploaded once
+            every = np.concatenate(plan.batches) if plan.batches else np.zeros(0, dtype=np.int64)
+            views = by_batch(self.views.of(every, plan.epoch), plan.batches, self.device)
+        for floats, labels in parts:
+            if views is not None:  # of the arrays stored per view, that view's
+                view = next(views)
+                at = torch.arange(len(view), device=view.device)
                 floats = [f[at, view] if self._stored[n] != n else f for n, f in zip(picked, floats)]
             yield (floats[0] if len(picked) == 1 else dict(zip(picked, floats))), labels
 
@@ -269,6 +273,16 @@ def epoch_index(batches: list[np.ndarray], device: torch.device) -> Iterator[tor
         flat = flat.pin_memory().to(device, non_blocking=True)
     else:
         flat = flat.to(device)
+    start = 0
+    for rows in batches:
+        yield flat[start:start + len(rows)]
+        start += len(rows)
+
+
+def by_batch(flat: torch.Tensor, batches: list[np.ndarray], device: torch.device) -> Iterator[torch.Tensor]:
+    """A host tensor of the whole epoch (one entry per row of `batches`, in order), uploaded once and cut into the
+    batches' slices on `device`: no step copies from pageable host memory (see `epoch_index`)."""
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
     start = 0
     for rows in batches:
         yield flat[start:start + len(rows)]

@@ -143,6 +143,8 @@ class StudentInputs:
             generator = torch.Generator(self.device).manual_seed(_epoch_seed(self.seed + 1, epoch))
         replay = self.replay if train else None
         mixing = replay is not None and replay.partner_rows is not None
+        if replay is not None:
+            params = replay.epoch_params(batches, epoch, self.device)
         if mixing:  # mixing views: each batch's partner rows are decoded (and checked) with it, after its own rows
             batches = [np.concatenate([rows, replay.partners(rows, epoch)]) for rows in batches]
         for rows, batch in self._decoded(batches):
@@ -153,7 +155,7 @@ class StudentInputs:
                     rows, others = rows[:n], batch.inputs[n:]
                     batch = Batch(batch.inputs[:n], batch.labels[:n], batch.index[:n],
                                   None if batch.fingerprint is None else batch.fingerprint[:n])
-                batch = Batch(replay.apply(batch.inputs, rows, epoch, self.device, others), batch.labels,
+                batch = Batch(replay.apply(batch.inputs, next(params), self.device, others), batch.labels,
                               batch.index, batch.fingerprint)
             elif generator is not None:
                 batch = Batch(augment(batch.inputs.to(self.device, non_blocking=True), self.augment, generator),
@@ -471,7 +473,7 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
         if name == "train":  # a views cache: the student sees the teacher's views (before any row is decoded)
             from kdcache.train.views import view_replay
 
-            replay = view_replay(split_cache, reading.view_order, reading.augment, reading.seed, device)
+            replay = view_replay(split_cache, reading.view_order, reading.augment, reading.seed)
         inputs = reading.inputs(split, device, train=name == "train", check=check)
         inputs.replay = replay
         if reading.check_first:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch
 from kdcache.data import augment as views_augment
 from kdcache.errors import KDCacheError
 from kdcache.names import VIEW_ORDERS
-from kdcache.train.batches import epoch_seed
+from kdcache.train.batches import by_batch, epoch_seed
 
 
 @dataclass
@@ -45,12 +45,12 @@ class ViewChoice:
 
 
 class ViewReplay:
-    """A views cache's training split, replayed: the stored parameters of every view (kept on the training device)
-    and the choice of view per row and epoch."""
+    """A views cache's training split, replayed: the stored parameters of every view (on the host; each epoch's
+    are uploaded to the training device at once) and the choice of view per row and epoch."""
 
-    def __init__(self, augment: str, params: np.ndarray, choice: ViewChoice, device: torch.device) -> None:
+    def __init__(self, augment: str, params: np.ndarray, choice: ViewChoice) -> None:
         self.augment, self.choice = augment, choice
-        self.params = torch.from_numpy(np.ascontiguousarray(params)).to(device)  # N, V, P float32
+        self.params = np.ascontiguousarray(params, dtype=np.float32)  # N, V, P
         column = views_augment.partner_column(augment)
         #: a mixing augmentation: each view's partner row [N, V], on the host (the rows to decode beside the batch)
         self.partner_rows = params[..., column].astype(np.int64) if column is not None else None
@@ -61,13 +61,17 @@ class ViewReplay:
             return None
         return self.partner_rows[np.asarray(rows, dtype=np.int64), self.choice.of(rows, epoch).numpy()]
 
-    def apply(self, images: torch.Tensor, rows: np.ndarray, epoch: int, device: torch.device,
+    def epoch_params(self, batches: list[np.ndarray], epoch: int, device: torch.device) -> Iterator[torch.Tensor]:
+        """The view parameters [B, P] of each batch of rows in `epoch`, on `device`: the epoch's gathered on the host
+        and uploaded once, so no step waits on a copy."""
+        every = np.concatenate(batches).astype(np.int64) if batches else np.zeros(0, dtype=np.int64)
+        flat = torch.from_numpy(self.params[every, self.choice.of(every, epoch).numpy()])
+        return by_batch(flat, batches, device)
+
+    def apply(self, images: torch.Tensor, params: torch.Tensor, device: torch.device,
               partners: torch.Tensor | None = None) -> torch.Tensor:
-        """The views of a batch of decoded uint8 images (rows `rows`) in `epoch`, made on `device` (a mixing view's
-        partner images: `partners`, decoded alongside)."""
-        index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.params.device)
-        views = self.choice.of(rows, epoch).to(self.params.device)
-        params = self.params[index, views]
+        """The views `params` [B, P] (from `epoch_params`) of a batch of decoded uint8 images, made on `device` (a
+        mixing view's partner images: `partners`, decoded alongside)."""
         if partners is not None:
             partners = partners.to(device, non_blocking=True)
         return views_augment.apply_params(images.to(device, non_blocking=True), self.augment, params, partners)
@@ -97,8 +101,7 @@ def check_views(header: Any, where: str) -> Any:
     return info
 
 
-def view_replay(split_cache: Any, order: str | None, augment: str | None, seed: int,
-                device: torch.device) -> ViewReplay | None:
+def view_replay(split_cache: Any, order: str | None, augment: str | None, seed: int) -> ViewReplay | None:
     """How distill feeds the training split: None for a cache without views (or `--view-order plain`), else the
     replay; `--view-order` against a cache without views, or a fresh `--augment` over replayed views, is one line."""
     header, where = split_cache.header, f"{split_cache.path}"
@@ -117,7 +120,7 @@ def view_replay(split_cache: Any, order: str | None, augment: str | None, seed: 
                            "image instead")
     info = check_views(header, where)
     choice = ViewChoice(int(info.count), order or "cycle", int(seed), len(split_cache))
-    return ViewReplay(info.augment, split_cache.read("view_params"), choice, device)
+    return ViewReplay(info.augment, split_cache.read("view_params"), choice)
 
 
 def replay_view(cache: Any, split: str, row: int, view: int, *, data: str | Path | None = None,
