@@ -26,10 +26,11 @@ Features, and the flags that control them:
   softmax(z/T), their counts and log-probs), drawn per row from (seed, row) so a resume or torchrun capture draws
   the same; K >= C stores dense logits (refused by `--no-dense-fallback`); each split records the kept mass and KL
   measured on its first rows (`target_quality`);
-- augmented views (images): `--views V --augment cifar|imagenet [--view-seed S]` stores, beside the plain image's
-  target, the teacher's target on V augmented views of every row (`view_<array>` [N, V, ...]) and each view's
-  explicit parameters (`view_params` [N, V, P]: crop offsets or box, flip), drawn per row from (seed, row) so a
-  resume or torchrun capture draws the same; `kdcache.replay_view` rebuilds the exact input the teacher saw;
+- augmented views (images): `--views V --augment cifar|imagenet[+mixup|+cutmix] [--view-seed S]` stores, beside
+  the plain image's target, the teacher's target on V augmented views of every row (`view_<array>` [N, V, ...])
+  and each view's explicit parameters (`view_params` [N, V, P]: crop offsets or box, flip, a mixing view's partner
+  row and weight), drawn per row from (seed, row) so a resume or torchrun capture draws the same;
+  `kdcache.replay_view` rebuilds the exact input the teacher saw;
 - hidden-state projections (curriculum extraction): `--hidden-layers 2,4,6 --proj-dim D --proj-seed S` stores,
   per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`);
 - several processes (torchrun): each runs the teacher on its own share of each split's chunks and writes them
