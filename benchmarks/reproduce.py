@@ -3,6 +3,7 @@
     python benchmarks/reproduce.py vision [--scale tiny|cpu|full] [--seeds 3] [--out benchmarks/results/vision-cpu]
     python benchmarks/reproduce.py glue --task sst2|cola|mrpc [--scale ...] [--seeds 3] [--out ...]
     python benchmarks/reproduce.py noise [--scale ...] [--seeds 3] [--out ...]
+    python benchmarks/reproduce.py views [--scale ...] [--seeds 5] [--views 4,16] [--kd-method continuation]
 
 Every step is a `kdcache` command run as a subprocess (train the teacher, cache-teacher, distill; TAKD as
 distill -> cache-teacher -> distill through an assistant), so the numbers are what a user of the CLI gets.
@@ -446,7 +447,7 @@ def merge_results(out: Path, parts: list[Path]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=["vision", "glue", "noise"])
+    parser.add_argument("experiment", choices=["vision", "glue", "noise", "views"])
     parser.add_argument("--scale", choices=["tiny", "cpu", "full"], default="cpu")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0,
@@ -461,6 +462,9 @@ def main() -> None:
                              "training the teacher again")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, of {', '.join(METHODS)} and the variants {', '.join(VARIANTS)}")
+    parser.add_argument("--views", default="4,16", help="views: the V of each views cache (issue 23)")
+    parser.add_argument("--kd-method", default="continuation", help="views: the method every arm distils with")
+    parser.add_argument("--view-augment", default="cifar", help="views: the cached views' augmentation")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--in-process", action="store_true",
                         help="run each kdcache command in this process (no interpreter start per run: on a GPU)")
@@ -470,8 +474,8 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}")
-    if args.experiment == "noise" and args.methods != parser.get_default("methods"):
-        parser.error("--methods: the noise toy has its own rows (vanilla, and Continuation-KD by margin)")
+    if args.experiment in ("noise", "views") and args.methods != parser.get_default("methods"):
+        parser.error("--methods: the noise toy and the views experiment have their own rows (arms)")
     name = args.experiment + (f"-{args.task}" if args.experiment == "glue" else "") + ("-cifar100" if args.cifar100 else "")
     out = args.out or REPO / "benchmarks" / "results" / f"{name}-{args.scale}"
     kd = Runner(out, args.device, in_process=args.in_process)
@@ -480,6 +484,11 @@ def main() -> None:
         text = vision(kd, args.scale, args.seeds, args.cifar100, methods, args.first_seed, args.teacher_from)
     elif args.experiment == "glue":
         text = glue(kd, args.scale, args.seeds, args.task, args.teacher_dir, methods, args.first_seed)
+    elif args.experiment == "views":
+        from views import views
+
+        text = views(kd, args.scale, args.seeds, tuple(int(v) for v in args.views.split(",") if v), args.kd_method,
+                     args.first_seed, args.view_augment)
     else:
         from noise_toy import noise
 

@@ -169,6 +169,7 @@ def cache_teacher_cmd(
     proj_seed: Annotated[int, typer.Option(help="With --hidden-layers: seed of the Gaussian projection matrices.")] = 0,
     topk: o.TopK = None, lse_temperatures: o.LseTemperatures = None, dense_fallback: o.DenseFallback = True,
     sample_tokens: o.SampleTokens = None, sample_temperature: o.SampleTemperature = 1.0, sample_seed: o.SampleSeed = 0,
+    views: o.Views = None, augment: o.ViewAugment = None, view_seed: o.ViewSeed = 0,
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
 ) -> None:
     """Run a teacher once over a dataset and store its outputs (dense, top-k or sampled) in a Zarr cache."""
@@ -179,7 +180,8 @@ def cache_teacher_cmd(
     names.check("--precision", precision, names.PRECISIONS)
     names.check_numbers(batch_size=batch_size, chunk_rows=chunk_rows, workers=workers, max_length=max_length,
                         image_size=image_size, limit=limit, subset=subset, holdout=holdout, proj_dim=proj_dim,
-                        holdout_test=holdout_test, proj_seed=proj_seed, seq_len=seq_len)
+                        holdout_test=holdout_test, proj_seed=proj_seed, seq_len=seq_len, views=views,
+                        view_seed=view_seed)
     for flag, value in (("--teacher", teacher), ("--data", data), ("--weights", weights), ("--tokenizer", tokenizer)):
         _exists(flag, value)
     from kdcache.cache import codecs
@@ -201,7 +203,7 @@ def cache_teacher_cmd(
         checkpoints=tuple(checkpoints or ()), hidden_layers=hidden_layers, proj_dim=proj_dim, proj_seed=proj_seed,
         trust_model_code=trust_model_code, storage_options=storage, topk=topk, lse_temperatures=temperatures,
         dense_fallback=dense_fallback, sample_tokens=sample_tokens, sample_temperature=sample_temperature,
-        sample_seed=sample_seed)
+        sample_seed=sample_seed, views=views, augment=augment, view_seed=view_seed)
     with _interrupts():
         location = cache_teacher(cfg)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports for the capture
@@ -270,6 +272,12 @@ def _print_info(s: dict) -> None:
         _out.print(f"tokens   tokenizer {tokens.get('tokenizer_class')} (sha256 {sha}"
                    f"...), vocabulary {tokens.get('vocab_size')}, model outputs {tokens.get('outputs')}, "
                    f"{tokens.get('seq_len')} tokens a row, EOS {tokens.get('eos_id')}; position j predicts token j + 1")
+    views = s.get("views")
+    if views:
+        per = ", ".join(f"{x['name']} {x['bytes_per_view']}" for x in s["splits"] if x.get("bytes_per_view"))
+        _out.print(f"views    {views.get('count')} {views.get('augment')} (v{views.get('version')}) views a row, "
+                   f"parameters {', '.join(views.get('params') or [])}, seed {views.get('seed')}; bytes per sample "
+                   f"per view: {per or '-'}")
     _out.print(f"storage  {storage.get('logits_dtype')}, codec {storage.get('codec')} + {storage.get('checksum')}, "
                f"{storage.get('chunk_rows')} rows/chunk; {_human(s['size_on_disk'])} on disk")
     _out.print(f"created  {s.get('created')} by {s.get('command')}")
@@ -362,7 +370,8 @@ def distill_cmd(
     checkpoint: o.Checkpoint = None, loss_chunk: o.LossChunk = None,
     kd_loss: o.KdLoss = None, phase_epochs: o.PhaseEpochs = None, layer_map: o.LayerMap = None,
     resume: o.Resume = False, overwrite: o.Overwrite = False, stop_after_epoch: o.StopAfterEpoch = None,
-    augment: o.Augment = None, num_workers: o.NumWorkers = None, memory_budget: o.MemoryBudget = None,
+    augment: o.Augment = None, view_order: o.ViewOrder = None, num_workers: o.NumWorkers = None,
+    memory_budget: o.MemoryBudget = None,
     keep_inputs: o.KeepInputs = None, check_first: o.CheckFirst = False, log_every: o.LogEvery = 0,
     max_steps: o.MaxSteps = None, compile: o.Compile = False, report_split: o.ReportSplit = None,
     trust_model_code: o.TrustModelCode = False, storage_option: o.StorageOption = None, progress: o.Progress = True,
@@ -388,6 +397,8 @@ def _distill_config(p: dict[str, Any]) -> Any:
     from kdcache import names
 
     names.check_numbers(**p)  # every numeric flag: lr, seed, warmup-ratio, weight-decay, ...
+    if p.get("view_order") is not None:
+        names.check("--view-order", p["view_order"], names.VIEW_ORDERS)
     if p.get("progress_every") is not None:
         names.parse_interval(p["progress_every"])
     import dataclasses

@@ -115,6 +115,14 @@ StopAfterEpoch = Annotated[Optional[int], _O(help="Stop after this epoch (a pree
 
 Augment = Annotated[Optional[str], _O(help="Random views of training images: cifar (pad 4, crop, flip) | imagenet "
                                           "(random resized crop, flip) | none.")]
+Views = Annotated[Optional[int], _O(help="Images: also store the teacher's target on V augmented views of every row "
+                                          "(with --augment), and each view's parameters, for exact replay.")]
+ViewAugment = Annotated[Optional[str], _O("--augment", help="With --views: the views' augmentation, cifar (pad 4, "
+                                                            "crop, flip) | imagenet (random resized crop, flip).")]
+ViewSeed = Annotated[int, _O(help="With --views: the seed; each row's views are drawn from (seed, its row).")]
+ViewOrder = Annotated[Optional[str], _O(help="A views cache: which view each row trains on: cycle (view e mod V in "
+                                             "epoch e; the default), random (from seed and epoch), plain (the plain "
+                                             "image and its target, as without views).")]
 NumWorkers = Annotated[Optional[int], _O(help="Processes decoding inputs (default: up to 4 for images and text, 0 for "
                                               "feature tables).")]
 KeepInputs = Annotated[Optional[str], _O(help="Keep decoded inputs after the first epoch while they fit this size "

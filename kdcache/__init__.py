@@ -13,7 +13,7 @@ from kdcache.errors import KDCacheError
 
 __version__ = "0.1.0"
 
-__all__ = ["Cache", "KDCacheError", "TeacherCache", "open_cache", "__version__"]
+__all__ = ["Cache", "KDCacheError", "TeacherCache", "open_cache", "replay_view", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +22,8 @@ def __getattr__(name: str) -> Any:
 
     if name in ("Cache", "TeacherCache", "open_cache"):
         return getattr(importlib.import_module("kdcache.cache"), name)
+    if name == "replay_view":  # the exact input the teacher saw for one view of a views cache
+        return importlib.import_module("kdcache.train.views").replay_view
     try:
         return importlib.import_module(f"kdcache.{name}")  # a subpackage used as kdcache.cache.X
     except ModuleNotFoundError as exc:

@@ -25,6 +25,8 @@ PHI_ON = ("both", "teacher", "margin", "none")
 TOPK_TAILS = ("bucket", "renormalised")
 SCHEDULE_UNITS = ("epoch", "step")
 AUGMENTS = ("none", "cifar", "imagenet")
+#: Which view of a views cache each row trains on per epoch (kdcache/train/views.py).
+VIEW_ORDERS = ("cycle", "random", "plain")
 LOGIT_DTYPES = ("float16", "float32")
 
 
@@ -58,6 +60,7 @@ NUMBER_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "warmup_ratio": (0, True, 1, False), "max_grad_norm": (0, True, None, False), "margin": (0, True, None, False),
     "alpha": (0, True, 1, True), "temperature": (0, False, None, False), "rtol": (0, True, None, False),
     "atol": (0, True, None, False), "seed": (0, True, 2**32 - 1, True), "proj_seed": (0, True, 2**32 - 1, True),
+    "views": (1, True, 4096, True), "view_seed": (0, True, 2**32 - 1, True),
     "t_max": (1, True, None, False), "anneal_epochs": (1, True, None, False), "save_every": (1, True, None, False),
     "stop_after_epoch": (1, True, None, False), "epochs": (1, True, None, False), "batch_size": (1, True, None, False),
     "max_steps": (1, True, None, False), "student_layers": (1, True, None, False), "chunk_rows": (1, True, None, False),

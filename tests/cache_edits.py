@@ -29,7 +29,8 @@ def interrupted_at(cache: Path, split: str, rows_done: int) -> dict:
     from kdcache.cache import schema
 
     group = zarr.open_group(str(cache), mode="r")[split]
-    names = (*schema.BASE_ARRAYS, *(group.attrs.get("extra_arrays") or {}))
+    views = [n for n in ("view_logits", schema.VIEW_PARAMS) if n in group.array_keys()]  # a dense views cache's
+    names = (*schema.BASE_ARRAYS, *views, *(group.attrs.get("extra_arrays") or {}))
     rows, chain = group["logits"].chunks[0], ""
     for start in range(0, rows_done, rows):
         chain = schema.chain_digest(chain, [schema.chunk_digest(np.asarray(group[n][start:start + rows])) for n in names])

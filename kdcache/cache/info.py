@@ -11,7 +11,8 @@ from kdcache.cache.store import CacheStore
 
 _SPLIT_KEYS = ("name", "rows", "logits_shape", "logits_dtype", "labels_dtype", "chunk_rows", "complete", "source",
                "digest", "logits_bytes_raw", "logits_bytes_stored", "compression_ratio", "bytes_per_sample",
-               "missing_arrays", "target_arrays", "target_quality", "rows_stored", "tokens", "bytes_per_token")
+               "missing_arrays", "target_arrays", "target_quality", "rows_stored", "tokens", "bytes_per_token",
+               "bytes_per_view")
 
 
 def describe_cache(location: str | Path | CacheStore, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -32,6 +33,7 @@ def describe_cache(location: str | Path | CacheStore, storage_options: dict[str,
         "hidden_projections": header.hidden_projections.to_attrs() if header.hidden_projections else None,
         "target": {**target.to_attrs(), "description": target.describe()},
         "tokens": header.tokens.to_attrs() if header.tokens is not None else None,
+        "views": header.views.to_attrs() if header.views is not None else None,
         "size_on_disk": sum(sizes.values()), "splits": splits,
     }
 
@@ -39,7 +41,7 @@ def describe_cache(location: str | Path | CacheStore, storage_options: dict[str,
 def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any) -> dict[str, Any]:
     """One split; the bytes are those of the target's arrays (dense: `logits`), raw and as stored."""
     group = cache.root[name]
-    wanted = (*target.arrays, *ROW_ARRAYS, *(TOKEN_ARRAYS if target.positions else ()),
+    wanted = (*target.arrays, *ROW_ARRAYS, *(TOKEN_ARRAYS if target.positions else ()), *target.view_arrays,
               *(group.attrs.get("extra_arrays") or {}))
     complete = group.attrs.get("complete") is True
     if not complete and not set(wanted) <= set(group.array_keys()):
@@ -66,7 +68,17 @@ def _describe_split(cache: Cache, name: str, sizes: dict[str, int], target: Any)
         "missing_arrays": [], "extra_arrays": split.extra_widths,
         "rows_stored": len(split) if complete else _rows_stored(name, len(split), split.chunk_rows, sizes, group),
         **_token_sizes(split, stored),
+        "bytes_per_view": _view_bytes(split, sizes),
     }
+
+
+def _view_bytes(split: Any, sizes: dict[str, int]) -> float | None:
+    """A views cache's stored bytes per sample per view (its view arrays and parameters), else None."""
+    views = split.target.view_arrays
+    if not views or not len(split):
+        return None
+    stored = sum(size for key, size in sizes.items() for a in views if key.startswith(f"{split.split}/{a}/"))
+    return round(stored / (len(split) * int(split.target.views)), 2)
 
 
 def _rows_stored(name: str, rows: int, chunk_rows: int, sizes: dict[str, int], group: Any) -> int:

@@ -43,6 +43,10 @@ TOKEN_ARRAYS = ("input_ids", "lengths")
 #: Every array name a target kind stores (targets.TargetSpec.dtypes): never an optional (extra) array's name.
 TARGET_ARRAYS = ("logits", "topk_values", "topk_indices", "logsumexp", "sampled_ids", "sampled_counts",
                  "sampled_logprobs")
+#: A views cache (`cache-teacher --views V`) stores each target array once more per augmented view, named with this
+#: prefix ([N, V, ...]: `view_logits`, `view_topk_values`, ...), and each view's parameters in VIEW_PARAMS [N, V, P].
+VIEW_PREFIX = "view_"
+VIEW_PARAMS = "view_params"
 LOGIT_DTYPES = ("float16", "float32")
 LABEL_DTYPE = {"classification": "int64", "regression": "float32", "lm": "int64"}
 INDEX_DTYPE = "int64"
@@ -124,6 +128,7 @@ class ArraySpec:
     codec: str | None = None  # the codec the format fixes for this array (None: the cache's codec for a teacher
     #                           output, the format's default for a per-row column)
     positions: int | None = None  # a token-level array: S positions per row, before the width ([N, S, width])
+    views: int | None = None  # a views cache's per-view array: V views per row, before the width ([N, V, width])
 
     @property
     def is_target(self) -> bool:
@@ -136,7 +141,8 @@ class ArraySpec:
         return self.codec or (cache_codec if self.target else DEFAULT_CODEC)
 
     def shape(self, rows: int) -> tuple[int, ...]:
-        return (rows, *((self.positions,) if self.positions else ()), *((self.width,) if self.width else ()))
+        return (rows, *((self.views,) if self.views else ()), *((self.positions,) if self.positions else ()),
+                *((self.width,) if self.width else ()))
 
 
 def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int], target: Any = None,
@@ -159,6 +165,8 @@ def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int]
 
         specs["input_ids"] = ArraySpec("input_ids", index_dtype(target.outputs), positions=positions)
         specs["lengths"] = ArraySpec("lengths", np.dtype("int32"))
+    if getattr(target, "views", None):  # a views cache: the target again per view, and each view's parameters
+        specs.update(target.view_specs(codec))
     specs.update({name: ArraySpec(name, floats, int(width), FLOAT_FILL, target=True) for name, width in extras.items()})
     return specs
 
@@ -344,6 +352,27 @@ class TokenInfo(_Header):
     windows: str = WINDOW_RULE
 
 
+#: How each view's parameters are drawn (`ViewInfo.seed_rule`): numbers stored per view, so a replay reads them and
+#: never redraws.
+VIEW_SEED_RULE = ("torch.Generator().manual_seed(kdcache.data.augment.view_seed(seed, row)), row = the row's position "
+                  "in its split; kdcache.data.augment.draw_params(augment, V, H, W, generator) on the CPU")
+
+
+@dataclass
+class ViewInfo(_Header):
+    """A views cache's view axis: which augmentation made the V views of each row, at which version, what the P
+    numbers of `view_params` are, and how they were drawn (the plain image's target stays the split's target)."""
+
+    augment: str
+    version: int
+    count: int  # V, views per row
+    params: list[str]  # the layout of the P numbers of one view (kdcache.data.augment.LAYOUTS)
+    seed: int
+    seed_rule: str = VIEW_SEED_RULE
+    applied: str = ("kdcache.data.augment.apply_params(uint8 NCHW images as decoded, augment, params) then the "
+                    "split's normalisation; the teacher's input for view v of row r")
+
+
 @dataclass
 class RootHeader(_Header):
     """The root attributes: what wrote the cache, of what, how; `complete` is the writer's last word."""
@@ -369,6 +398,8 @@ class RootHeader(_Header):
     hidden_projections: Projections | None = _optional()
     #: a language-model cache's token axis: alignment rule, tokenizer, vocabulary (`TokenInfo`); absent otherwise
     tokens: TokenInfo | None = _optional()
+    #: a views cache's view axis (`ViewInfo`): augmentation, version, parameter layout, seed; absent otherwise
+    views: ViewInfo | None = _optional()
     #: the stored target (a targets.TargetSpec); absent in a version-1 cache, which holds dense logits
     target: Any = _optional()
     completed: str | None = _optional()
@@ -408,6 +439,8 @@ class RootHeader(_Header):
                                                            prefix="hidden_projections.") if hidden else None
         if attrs.get("tokens") is not None:
             header.tokens = TokenInfo.from_attrs(attrs["tokens"], f"{where}: tokens", file=file, prefix="tokens.")
+        if attrs.get("views") is not None:
+            header.views = ViewInfo.from_attrs(attrs["views"], f"{where}: views", file=file, prefix="views.")
         if attrs.get("target") is not None:
             from kdcache.cache.targets import TargetSpec
 
@@ -462,6 +495,16 @@ class RootHeader(_Header):
                 raise KDCacheError(f"{file}: attribute tokens (outputs {self.tokens.outputs}, seq_len "
                                    f"{self.tokens.seq_len}) disagrees with target (outputs {target.outputs}, positions "
                                    f"{target.positions}); the attributes were edited")
+        views = getattr(target, "views", None) if target is not None else None
+        if (views or None) != (self.views.count if self.views is not None else None):
+            raise KDCacheError(f"{file}: attribute target.views ({views}) and the views attribute "
+                               f"({self.views.count if self.views is not None else None} views) disagree; the "
+                               "attributes were edited")
+        if self.views is not None and target is not None and len(self.views.params) != target.view_params:
+            raise KDCacheError(f"{file}: attribute views.params names {len(self.views.params)} numbers, but "
+                               f"target.view_params is {target.view_params}; the attributes were edited")
+        if self.views is not None and task.modality not in (None, "image"):
+            raise KDCacheError(f"{file}: a views attribute on a {task.modality} task; the attributes were edited")
         recorded_target = settings.get("target")
         if recorded_target is not None and (target is None or recorded_target != target.to_attrs()):
             raise KDCacheError(f"{file}: attribute target differs from write_settings.target, recorded when the "
@@ -609,10 +652,11 @@ class SplitHeader(_Header):
 
     def arrays_for(self, target: Any) -> tuple[str, ...]:
         """The arrays of this split in storage order, for the root's target (a targets.TargetSpec)."""
-        return (*target.arrays, *ROW_ARRAYS, *(TOKEN_ARRAYS if target.positions else ()), *self.extra_arrays)
+        return (*target.arrays, *ROW_ARRAYS, *(TOKEN_ARRAYS if target.positions else ()), *target.view_arrays,
+                *self.extra_arrays)
 
 
-__all__ = ["ALIGNMENT_RULE", "TOKEN_ARRAYS", "TokenInfo", "WINDOW_RULE", "ArraySpec", "BASE_ARRAYS", "DENSE_FORMAT_VERSION", "ROW_ARRAYS", "TARGET_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
+__all__ = ["ALIGNMENT_RULE", "TOKEN_ARRAYS", "VIEW_PARAMS", "VIEW_PREFIX", "VIEW_SEED_RULE", "ViewInfo", "TokenInfo", "WINDOW_RULE", "ArraySpec", "BASE_ARRAYS", "DENSE_FORMAT_VERSION", "ROW_ARRAYS", "TARGET_ARRAYS", "CHUNK_DIGEST_ALGORITHM", "CheckpointEntry", "ChunkManifest", "DatasetInfo",
            "FORMAT_NAME", "FORMAT_VERSION", "PROGRESS_FOLDER", "Projections", "RootHeader", "SplitHeader", "StorageInfo",
            "TaskInfo", "PREPROCESS_TYPES", "TEACHER_TYPES", "MODALITIES",
            "chain_digest", "check_type", "chunk_digest", "default_chunk_rows", "logits_dtype", "progress_key",

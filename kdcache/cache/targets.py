@@ -15,6 +15,9 @@ is docs/cache-format.md (version 2).
 
 A token-level (language-model) target has `positions` = S and every array gains that axis after the rows:
 [rows, S, width] (`logsumexp` [rows, S] or [rows, S, temps]); each position is computed as a row of its own.
+A views cache (`views` = V, images) stores the plain image's target as above and each array again on V augmented
+views, `view_<array>` [rows, V, ...], beside the views' parameters `view_params` [rows, V, P]; view v of row n is
+computed as row n * V + v.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ if TYPE_CHECKING:  # capture alone needs torch: a reader of the format does not 
 
 KINDS = ("dense", "topk", "sampled")
 #: The axes of a per-row target; a token-level (language-model) target adds "positions" (before a temperature
-#: axis): [rows, positions, width]. Multi-view caches will add "views".
+#: axis): [rows, positions, width]. A views cache keeps the plain target's axes and stores each array again with a
+#: view axis, `view_<array>` [rows, views, width] (`TargetSpec.views`).
 ROW_AXES = ["rows"]
 TOKEN_AXES = ["rows", "positions"]
 #: The codecs of the arrays whose codec the format fixes (chosen by benchmarks/bench_target_codecs.py; the table is
@@ -79,6 +83,8 @@ class TargetSpec(_Header):
     seed_rule: str | None = None
     codecs: dict[str, str] = field(default_factory=dict)  # arrays whose codec the format fixes
     positions: int | None = None  # S of a token-level target (axes TOKEN_AXES), None for a per-row one
+    views: int | None = None  # V of a views cache: every array also stored per view, `view_<array>` [rows, V, ...]
+    view_params: int | None = None  # P, the numbers describing one view (`view_params` [rows, V, P])
     extra: dict[str, Any] = field(default_factory=dict)
 
     def per_token(self, positions: int) -> "TargetSpec":
@@ -97,7 +103,34 @@ class TargetSpec(_Header):
         out = super().to_attrs()
         if self.positions is None:
             out.pop("positions")  # a per-row target records what it did before the token axis existed
+        if self.views is None:
+            out.pop("views")  # likewise before the view axis
+            out.pop("view_params")
         return out
+
+    def with_views(self, views: int, params: int) -> "TargetSpec":
+        """This target on the plain image, and again on each of `views` augmented views of it, each described by
+        `params` numbers (a views cache)."""
+        self.views, self.view_params = int(views), int(params)
+        if self.kind == "sampled":
+            self.seed_rule = (self.seed_rule or "") + ("; view arrays: row = (the row's position in its split) * V "
+                                                       "+ view")
+        return self
+
+    @property
+    def view_arrays(self) -> list[str]:
+        """The arrays a views cache adds, in storage order: each target array per view, then the views' parameters."""
+        if not self.views:
+            return []
+        return [schema.VIEW_PREFIX + name for name in self.dtypes] + [schema.VIEW_PARAMS]
+
+    def view_specs(self, codec: str) -> dict[str, ArraySpec]:
+        """The ArraySpecs of `view_arrays`: each target array's spec with the view axis, and the P parameters."""
+        specs = {schema.VIEW_PREFIX + name: dataclasses.replace(spec, name=schema.VIEW_PREFIX + name, views=self.views)
+                 for name, spec in self.array_specs(codec).items()}
+        specs[schema.VIEW_PARAMS] = ArraySpec(schema.VIEW_PARAMS, np.dtype("float32"), int(self.view_params or 1),
+                                              views=self.views)
+        return specs
 
     # --- construction ---------------------------------------------------------------------------------------------
 
@@ -129,7 +162,7 @@ class TargetSpec(_Header):
     @property
     def format_version(self) -> int:
         """Dense caches stay version 1 (every kdcache reads them); a sparse or token-level target needs version 2."""
-        return 1 if self.kind == "dense" and not self.positions else 2
+        return 1 if self.kind == "dense" and not self.positions and not self.views else 2
 
     @property
     def arrays(self) -> list[str]:
@@ -142,7 +175,7 @@ class TargetSpec(_Header):
     @property
     def row_bytes(self) -> int:
         """Raw bytes of one row of the target's arrays (before compression), which sizes the chunks."""
-        return (self.positions or 1) * sum(
+        return (self.positions or 1) * (1 + (self.views or 0)) * sum(
             np.dtype(d).itemsize * (len(self.temperatures or [1.0]) if n == "logsumexp" else self.width)
             for n, d in self.dtypes.items())
 
@@ -172,6 +205,10 @@ class TargetSpec(_Header):
                       f"{TOKEN_AXES} with positions S")
         if self.positions is not None and (isinstance(self.positions, bool) or self.positions < 1):
             raise bad(f".positions is {self.positions!r}, not a positive integer")
+        if self.views is not None and (isinstance(self.views, bool) or self.views < 1 or self.positions
+                                       or not isinstance(self.view_params, int) or self.view_params < 1):
+            raise bad(f".views is {self.views!r} with view_params {self.view_params!r}: positive integers, on a "
+                      "per-row target")
         if self.outputs < 1 or self.width < 1:
             raise bad(f"has outputs {self.outputs} and width {self.width}; both must be positive")
         expected = {"dense": lambda: TargetSpec.dense(self.outputs, self.dtypes.get("logits", "")),
@@ -186,6 +223,8 @@ class TargetSpec(_Header):
         values = self.dtypes.get("logits", self.dtypes.get("topk_values", "float32"))
         if values not in schema.LOGIT_DTYPES:
             raise bad(f"values dtype is {values!r}, not one of {', '.join(schema.LOGIT_DTYPES)}")
+        if self.kind == "sampled" and self.views:
+            expected.with_views(self.views, self.view_params)
         if self.kind == "sampled" and self.positions and expected.per_token(self.positions).seed_rule != self.seed_rule:
             raise bad(f".seed_rule is {self.seed_rule!r}, not the rule this kdcache draws by")
         if self.kind == "topk":
@@ -219,6 +258,8 @@ class TargetSpec(_Header):
         return f"dense, {self.outputs} outputs{self._per()}"
 
     def _per(self) -> str:
+        if self.views:
+            return f" on the plain image and on {self.views} views a row"
         return f" per token ({self.positions} positions a row)" if self.positions else ""
 
 

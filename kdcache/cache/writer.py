@@ -137,7 +137,8 @@ class SplitWriter:
         self._compare_skipped = True  # whether the rows skipped at a seek are stored and must be compared
         self._compare_after = False  # whether rows computed past _end are stored and must be compared
         self.extras = {k: s.width for k, s in specs.items() if k not in (*schema.TARGET_ARRAYS, *schema.ROW_ARRAYS,
-                                                                         *schema.TOKEN_ARRAYS)}
+                                                                         *schema.TOKEN_ARRAYS)
+                       and not k.startswith(schema.VIEW_PREFIX)}
         self.source = source  # the data file or folder the rows come from, named in error messages
         self._filled = 0  # rows in the buffer
         self._flushed = 0  # the next row to store

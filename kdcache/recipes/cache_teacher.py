@@ -26,6 +26,11 @@ Features, and the flags that control them:
   softmax(z/T), their counts and log-probs), drawn per row from (seed, row) so a resume or torchrun capture draws
   the same; K >= C stores dense logits (refused by `--no-dense-fallback`); each split records the kept mass and KL
   measured on its first rows (`target_quality`);
+- augmented views (images): `--views V --augment cifar|imagenet[+mixup|+cutmix] [--view-seed S]` stores, beside
+  the plain image's target, the teacher's target on V augmented views of every row (`view_<array>` [N, V, ...])
+  and each view's explicit parameters (`view_params` [N, V, P]: crop offsets or box, flip, a mixing view's partner
+  row and weight), drawn per row from (seed, row) so a resume or torchrun capture draws the same;
+  `kdcache.replay_view` rebuilds the exact input the teacher saw;
 - hidden-state projections (curriculum extraction): `--hidden-layers 2,4,6 --proj-dim D --proj-seed S` stores,
   per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`);
 - several processes (torchrun): each runs the teacher on its own share of each split's chunks and writes them
@@ -54,10 +59,11 @@ import torch
 
 from kdcache.cache import codecs, schema, targets
 from kdcache.cache.schema import (CheckpointEntry, DatasetInfo, Projections, RootHeader, StorageInfo, TaskInfo,
-                                  TokenInfo)
+                                  TokenInfo, ViewInfo)
 from kdcache.cache.store import CacheStore
 from kdcache.cache.targets import QualitySum, TargetSpec
 from kdcache.cache.writer import BackgroundWriter, CacheWriter, SplitWriter, check_destination, join_capture
+from kdcache.data import augment as views_augment
 from kdcache.data import DataOptions, SplitData, check_distinct_splits, load_split, modality_of
 from kdcache.data.checks import check_batch_labels, check_splits_against_teacher
 from kdcache.data.text import tokenizer_zip
@@ -110,6 +116,9 @@ class CacheTeacherConfig:
     sample_tokens: int | None = None  # RS-KD: N draws per row, stored as unique ids, counts and log-probs
     sample_temperature: float = 1.0
     sample_seed: int = 0
+    views: int | None = None  # images: the teacher's target on V augmented views of every row too
+    augment: str | None = None  # with views: cifar | imagenet (kdcache.data.augment)
+    view_seed: int = 0  # the views' parameters are drawn per row from (view_seed, row)
 
 
 @dataclass
@@ -126,6 +135,7 @@ class _Job:
     target: TargetSpec
     tokens: TokenInfo | None = None  # --task lm: the token axis the root records
     tokenizer_blob: tuple[bytes, list[str]] | None = None  # a text teacher's tokenizer, zipped (stored in the cache)
+    views: ViewInfo | None = None  # --views: the view axis the root records
 
 
 def cache_teacher(cfg: CacheTeacherConfig) -> str | Path:
@@ -297,7 +307,8 @@ def _check_flags(cfg: CacheTeacherConfig) -> list:
     if cfg.proj_dim is not None and not layers:
         raise KDCacheError("--proj-dim given without --hidden-layers")
     _check_target_flags(cfg)
-    modality_of(cfg.task)  # an unknown task is one line before anything loads
+    modality = modality_of(cfg.task)  # an unknown task is one line before anything loads
+    _check_view_flags(cfg, modality, layers)
     if cfg.task == "lm":
         opts = cfg.data_options
         given = [flag for flag, value in (("--checkpoints", cfg.checkpoints), ("--hidden-layers", layers),
@@ -311,6 +322,25 @@ def _check_flags(cfg: CacheTeacherConfig) -> list:
     elif cfg.data_options.seq_len is not None:
         raise KDCacheError(f"--seq-len applies to --task lm, not {cfg.task!r} (text tasks take --max-length)")
     return layers
+
+
+def _check_view_flags(cfg: CacheTeacherConfig, modality: str, layers: list) -> None:
+    """--views and --augment, which go together and apply to images only."""
+    if cfg.views is None and cfg.augment in (None, "none"):
+        if cfg.view_seed != 0:
+            raise KDCacheError("--view-seed needs --views V")
+        return
+    if cfg.views is None or cfg.augment in (None, "none"):
+        raise KDCacheError("--views V and --augment cifar|imagenet go together: the teacher's targets on V "
+                           "augmented views of every image")
+    views_augment.check_view_augment(cfg.augment, modality)  # an unknown name, or inputs that are not images
+    if cfg.views < 1:
+        raise KDCacheError(f"--views must be at least 1, got {cfg.views}")
+    if not 0 <= cfg.view_seed <= 2**32 - 1:
+        raise KDCacheError(f"--view-seed must be 0 or more and at most {2**32 - 1:,}, got {cfg.view_seed}")
+    if cfg.checkpoints or layers:
+        raise KDCacheError("--views stores the trained teacher's target per view; --checkpoints and "
+                           "--hidden-layers are not stored per view (cache them without --views)")
 
 
 def _check_target_flags(cfg: CacheTeacherConfig) -> None:
@@ -425,8 +455,13 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
         tokens = TokenInfo(int(cfg.data_options.seq_len or 0), width, len(teacher.tokenizer),
                            int(teacher.tokenizer.eos_token_id), hashlib.sha256(blob[0]).hexdigest(),
                            type(teacher.tokenizer).__name__)
-    return _Job(teacher, splits, width, checkpoints, layers, tap, projections, _target(cfg, width, first.kind),
-                tokens, blob)
+    target, views = _target(cfg, width, first.kind), None
+    if cfg.views:
+        layout = views_augment.LAYOUTS[cfg.augment]
+        target = target.with_views(cfg.views, len(layout))
+        views = ViewInfo(cfg.augment, views_augment.VERSIONS[cfg.augment], int(cfg.views), list(layout),
+                         int(cfg.view_seed))
+    return _Job(teacher, splits, width, checkpoints, layers, tap, projections, target, tokens, blob, views)
 
 
 def _check_lm_teacher(teacher: Teacher, seq_len: int) -> None:
@@ -459,6 +494,7 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
     header = RootHeader(
         teacher=teacher.describe(),
         task=TaskInfo(cfg.task, first.kind, first.modality, first.label_names), target=job.target, tokens=job.tokens,
+        views=job.views,
         storage=StorageInfo(cfg.dtype, cfg.codec, "crc32c", chunk_rows),
         inference={"device": str(device), "precision": cfg.precision, "batch_size": cfg.batch_size},
         fingerprint_algorithm=FINGERPRINT_ALGORITHM, digest_algorithm=DIGEST_ALGORITHM,
@@ -481,6 +517,7 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
         "storage": {"logits_dtype": cfg.dtype, "codec": cfg.codec, "chunk_rows": chunk_rows},
         "target": job.target.to_attrs(),
         **({"tokens": job.tokens.to_attrs()} if job.tokens is not None else {}),
+        **({"views": job.views.to_attrs()} if job.views is not None else {}),
         "data": {s.split: {"source": s.source, "n": len(s), "preprocess": s.preprocess} for s in job.splits},
         **({"checkpoints_sha256": [c.teacher.sha256 for c in job.checkpoints]} if job.checkpoints else {}),
         **({"hidden": {"layers": [str(k) for k in job.layers], "dim": cfg.proj_dim, "seed": cfg.proj_seed}}
@@ -516,7 +553,29 @@ def _teacher_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherC
         arrays.update(input_ids=batch.inputs["input_ids"], lengths=batch.inputs["attention_mask"].sum(dim=1))
     else:
         quality.add(job.target, logits, target, first_row)
+    if job.views is not None:
+        arrays.update(_view_outputs(job, split, batch, cfg, device, first_row))
     return {**target, "labels": batch.labels, "index": batch.index, "fingerprint": batch.fingerprint, **arrays}
+
+
+def _view_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherConfig, device: torch.device,
+                  first_row: int) -> dict[str, Any]:
+    """The teacher's target arrays on every view of a batch (`view_<array>` [B, V, ...]) and the views' parameters:
+    one forward pass per view, over the same rows as the plain batch."""
+    images, views = batch.inputs, job.views
+    rows, count = len(images), views.count
+    params = views_augment.view_params(views.augment, count, views.seed, first_row, rows, images.shape[-2],
+                                       images.shape[-1], len(split))
+    column, outputs = views_augment.partner_column(views.augment), []
+    for v in range(count):  # a mixing view decodes its partner rows here, in this process
+        partners = views_augment.partner_images(split, params[:, v, column]) if column is not None else None
+        with autocast(device, cfg.precision):
+            outputs.append(job.teacher(views_augment.view_input(split, views.augment, images, params[:, v],
+                                                                 device, partners)).float())
+    logits = torch.stack(outputs, dim=1)  # B, V, C
+    flat = targets.target_arrays(job.target, logits.reshape(rows * count, -1), first_row * count)
+    return {**{schema.VIEW_PREFIX + k: v.reshape(rows, count, *v.shape[1:]) for k, v in flat.items()},
+            schema.VIEW_PARAMS: params}
 
 
 def _loader(split: SplitData, cfg: CacheTeacherConfig, device: torch.device, start: int = 0,

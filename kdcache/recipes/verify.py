@@ -127,18 +127,63 @@ def _check_sample(report: VerifyReport, cache: Cache, split: TeacherCache, teach
                    f"the teacher gives {fresh.shape[-1]} outputs but the cache holds {split.num_outputs}")
         return
     rows = positions  # from here on, one row per compared target row (a token-level split's: per position)
+    if cache.header.views is not None:
+        _check_views(report, cache, split, source, teacher, rows, device=device, batch_size=batch_size, tol=tol,
+                     seed=seed)
     if split.target.kind != "dense":
         _check_sparse(report, name, split, rows, fresh, tol, stored_of)
         return
+    _check_dense(report, f"{name}/teacher logits", stored, fresh, rows, tol)
+
+
+def _check_views(report: VerifyReport, cache: Cache, split: TeacherCache, source: Any, teacher: Teacher,
+                 rows: np.ndarray, *, device: torch.device, batch_size: int, tol: tuple[float, float],
+                 seed: int) -> None:
+    """A views cache: one view of each sampled row (drawn from the seed) replayed from its stored parameters by the
+    code capture used, the teacher run on it, and its stored per-view target compared like the plain one."""
+    from kdcache.cache.schema import VIEW_PARAMS, VIEW_PREFIX
+    from kdcache.data.augment import partner_column, partner_images, view_input
+    from kdcache.train.views import check_views
+
+    name = split.split
+    try:
+        info = check_views(cache.header, str(cache.store))
+        views = np.random.default_rng(seed + 1).integers(0, info.count, size=len(rows))
+        at = np.arange(len(rows))
+        params = torch.from_numpy(_stored_rows(split, rows, VIEW_PARAMS)[at, views])
+        stored_of = lambda array: _stored_rows(split, rows, VIEW_PREFIX + array)[at, views]  # noqa: E731
+    except KDCacheError as exc:
+        report.add(f"{name}/views", False, str(exc))
+        return
+    precision, fresh, column = cache.header.inference.get("precision", "fp32"), [], partner_column(info.augment)
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch_size):
+            batch = source.collate([source.dataset[int(r)] for r in rows[i:i + batch_size]])
+            some = params[i:i + batch_size]
+            partners = partner_images(source, some[:, column]) if column is not None else None
+            with autocast(device, precision):
+                out = teacher(view_input(source, info.augment, batch.inputs, some, device, partners))
+            fresh.append(out.float().cpu().numpy())
+    fresh_views = np.concatenate(fresh)
+    if split.target.kind != "dense":
+        _check_sparse(report, f"{name}/views", split, rows, fresh_views, tol, stored_of)
+        return
+    _check_dense(report, f"{name}/views teacher logits", stored_of("logits"), fresh_views, rows, tol,
+                 what=f"recomputed views ({info.augment}, one per row)")
+
+
+def _check_dense(report: VerifyReport, key: str, stored: np.ndarray, fresh: np.ndarray, rows: np.ndarray,
+                 tol: tuple[float, float], what: str = "recomputed rows") -> None:
+    """Stored dense logits against recomputed ones, under the tolerance of the storage dtype."""
     diff = np.abs(stored.astype(np.float32) - fresh)
     diff[~np.isfinite(diff)] = np.inf
     over = diff > tol[0] * np.abs(fresh) + tol[1]
     worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
     detail = (f"largest |difference| {diff.max():.3g} (row {int(rows[worst[0]])}, output {int(worst[1])}) over "
-              f"{len(rows)} recomputed rows; tolerance {tol[0]:.3g}*|logit| + {tol[1]:.3g}")
+              f"{len(rows)} {what}; tolerance {tol[0]:.3g}*|logit| + {tol[1]:.3g}")
     if over.any():
         detail += f"; {int(over.any(axis=1).sum())} row(s) beyond it"
-    report.add(f"{name}/teacher logits", not over.any(), detail)
+    report.add(key, not over.any(), detail)
 
 
 def _check_sparse(report: VerifyReport, name: str, split: TeacherCache, rows: np.ndarray, fresh: np.ndarray,

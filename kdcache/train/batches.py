@@ -51,6 +51,7 @@ class EpochPlan:
 
     batches: list[np.ndarray]
     windows: list[tuple[np.ndarray, np.ndarray]] | None = None  # (chunk numbers, row permutation within them)
+    epoch: int = 0  # which epoch it orders (a views cache serves each row's view of that epoch)
 
 
 class EpochOrder:
@@ -79,7 +80,7 @@ class EpochOrder:
                 order = torch.randperm(self.rows, generator=generator).numpy()
             else:
                 order = np.arange(self.rows)
-            return EpochPlan(self._cut(order))
+            return EpochPlan(self._cut(order), epoch=epoch)
         rng = np.random.default_rng(epoch_seed(self.seed, epoch))
         nchunks = -(-self.rows // self.chunk_rows)
         chunks = rng.permutation(nchunks) if self.shuffle else np.arange(nchunks)
@@ -89,7 +90,7 @@ class EpochOrder:
             size = sum(min((c + 1) * self.chunk_rows, self.rows) - c * self.chunk_rows for c in group)
             windows.append((group, rng.permutation(size) if self.shuffle else np.arange(size)))
         order = np.concatenate([_window_rows(g, self.chunk_rows, self.rows)[p] for g, p in windows])
-        return EpochPlan(self._cut(order), windows)
+        return EpochPlan(self._cut(order), windows, epoch)
 
     def _cut(self, order: np.ndarray) -> list[np.ndarray]:
         stop = len(self) * self.batch_size
@@ -105,21 +106,26 @@ class TeacherTargets:
 
     def __init__(self, cache: TeacherCache, arrays: tuple[str, ...] = ("logits",), *,
                  device: torch.device | str = "cpu", mode: str = "auto", budget_bytes: int | None = None,
-                 window_chunks: int | None = None, device_bytes: int | None = None) -> None:
+                 window_chunks: int | None = None, device_bytes: int | None = None, views: Any = None) -> None:
+        """`views` (kdcache.train.views.ViewChoice): a views cache, whose target arrays are served as the view each
+        row trains on in the plan's epoch (`view_<array>` [N, V, ...] read under the plain array's name)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.cache, self.arrays, self.device = cache, tuple(arrays), torch.device(device)
         if not self.arrays:
             raise ValueError("arrays must name at least one float array")
-        for name in self.arrays:
+        self.views = views
+        self._stored = {n: stored_name(cache, n, views) for n in self.arrays}
+        for name in self._stored.values():
             if name not in cache.arrays:
                 cache.read(name, 0, 0)  # raises the one-line error naming the arrays the split has
         self.rows, self.chunk_rows = len(cache), cache.chunk_rows
-        self.mode, self.window_chunks = self.choose(cache, self.arrays, mode, budget_bytes, window_chunks)
+        self.mode, self.window_chunks = self.choose(cache, tuple(self._stored.values()), mode, budget_bytes,
+                                                    window_chunks)
         self.on_device = False
         if self.mode == "memory":
             # host memory, as stored (float16 stays float16); every read is checked
-            self._floats = {n: torch.from_numpy(cache.read(n)) for n in self.arrays}
+            self._floats = {n: torch.from_numpy(cache.read(self._stored[n])) for n in self.arrays}
             self._labels = torch.from_numpy(cache.read("labels"))
             held = sum(t.nbytes for t in self._floats.values()) + self._labels.nbytes
             if held <= (device_room(self.device) if device_bytes is None else device_bytes):
@@ -160,7 +166,15 @@ class TeacherTargets:
         if unknown or not picked:
             raise ValueError(f"arrays {unknown or picked} are not among those served ({', '.join(self.arrays)})")
         parts = self._memory(plan, picked) if self.window_chunks is None else self._streamed(plan, picked)
+        views = None
+        if self.views is not None:  # each row's view of this epoch, chosen for the whole epoch and uploaded once
+            every = np.concatenate(plan.batches) if plan.batches else np.zeros(0, dtype=np.int64)
+            views = by_batch(self.views.of(every, plan.epoch), plan.batches, self.device)
         for floats, labels in parts:
+            if views is not None:  # of the arrays stored per view, that view's
+                view = next(views)
+                at = torch.arange(len(view), device=view.device)
+                floats = [f[at, view] if self._stored[n] != n else f for n, f in zip(picked, floats)]
             yield (floats[0] if len(picked) == 1 else dict(zip(picked, floats))), labels
 
     def _memory(self, plan: EpochPlan, picked: tuple[str, ...]) -> Iterator[tuple[list, torch.Tensor]]:
@@ -212,7 +226,7 @@ class TeacherTargets:
         for name in (*picked, "labels"):
             out, k = None, 0
             for a, b in spans:
-                part = self.cache.read(name, a, b)
+                part = self.cache.read(self._stored.get(name, name), a, b)
                 if out is None:
                     out = np.empty((len(perm), *part.shape[1:]), dtype=part.dtype)
                 out[place[k:k + len(part)]] = part
@@ -229,6 +243,16 @@ class TeacherTargets:
 
 
 _DONE = object()
+
+
+def stored_name(cache: TeacherCache, name: str, views: Any) -> str:
+    """The array that serves `name`: in a views cache replayed (`views` given), a target array's per-view twin."""
+    target = getattr(cache, "target", None)
+    if views is not None and target is not None and name in target.dtypes:
+        from kdcache.cache.schema import VIEW_PREFIX
+
+        return VIEW_PREFIX + name
+    return name
 
 
 def device_room(device: torch.device) -> int:
@@ -249,6 +273,16 @@ def epoch_index(batches: list[np.ndarray], device: torch.device) -> Iterator[tor
         flat = flat.pin_memory().to(device, non_blocking=True)
     else:
         flat = flat.to(device)
+    start = 0
+    for rows in batches:
+        yield flat[start:start + len(rows)]
+        start += len(rows)
+
+
+def by_batch(flat: torch.Tensor, batches: list[np.ndarray], device: torch.device) -> Iterator[torch.Tensor]:
+    """A host tensor of the whole epoch (one entry per row of `batches`, in order), uploaded once and cut into the
+    batches' slices on `device`: no step copies from pageable host memory (see `epoch_index`)."""
+    flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
     start = 0
     for rows in batches:
         yield flat[start:start + len(rows)]

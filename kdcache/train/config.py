@@ -50,7 +50,8 @@ NOT_IDENTITY = ("resume", "overwrite", "stop_after_epoch", "progress", "device",
                 "log_every", "max_steps", "compile", "report_split", "progress_every", "absolute_schedules",
                 "loss_chunk")
 #: Fields added after runs existed: left out of the identity while unset, so those runs still resume.
-OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "anneal_continuous", "phi_on",
+OPTIONAL_FIELDS = ("checkpoint", "kd_loss", "phase_epochs", "layer_map", "augment", "view_order",
+                   "anneal_continuous", "phi_on",
                    "topk_tail",
                    "student_layers")
 
@@ -111,6 +112,7 @@ class DistillConfig:
     trust_model_code: bool = False  # let a module:factory student (flag or model folder) import and run
     storage_options: dict[str, Any] = field(default_factory=dict)  # for a cache named by an fsspec URL
     augment: str | None = None  # random views of training images: cifar | imagenet (docs/methods.md)
+    view_order: str | None = None  # a views cache: cycle (default) | random | plain (kdcache/train/views.py)
     num_workers: int | None = None  # DataLoader worker processes decoding inputs (None: by modality and device)
     memory_budget: str | None = None  # host memory for the teacher's targets (a share of RAM or a size)
     keep_inputs: str | None = None  # decoded inputs kept after the first epoch while they fit this size

@@ -106,6 +106,7 @@ class StudentInputs:
                  check: RowCheck | None = None) -> None:
         self.split, self.device, self.workers = split, device, workers
         self.keep_bytes, self.augment, self.seed, self.check = keep_bytes, augment, seed, check
+        self.replay: Any = None  # a views cache's training split: its views replayed (kdcache.train.views.ViewReplay)
         self.labels = row_labels(split.dataset)  # every row's label, without decoding a row
         self._kept: torch.Tensor | _KeptTokens | None = None  # decoded inputs, filled as rows are first decoded
         self._labels_there: torch.Tensor | None = None  # the labels on the kept inputs' device
@@ -135,12 +136,28 @@ class StudentInputs:
 
     def epoch(self, batches: list[np.ndarray], *, epoch: int = 0, train: bool = False) -> Iterator[tuple]:
         """(rows, model input on the device, labels) for each batch of row positions, in the order given;
-        training batches of images get this run's random views (`augment`), fixed by (seed, epoch)."""
+        training batches of images get this run's random views (`augment`), fixed by (seed, epoch), or a views
+        cache's stored views, replayed on the device (`replay`)."""
         generator = None
-        if train and self.augment:
+        if train and self.augment and self.replay is None:
             generator = torch.Generator(self.device).manual_seed(_epoch_seed(self.seed + 1, epoch))
+        replay = self.replay if train else None
+        mixing = replay is not None and replay.partner_rows is not None
+        if replay is not None:
+            params = replay.epoch_params(batches, epoch, self.device)
+        if mixing:  # mixing views: each batch's partner rows are decoded (and checked) with it, after its own rows
+            batches = [np.concatenate([rows, replay.partners(rows, epoch)]) for rows in batches]
         for rows, batch in self._decoded(batches):
-            if generator is not None:
+            if replay is not None:
+                others = None
+                if mixing:
+                    n = len(rows) // 2
+                    rows, others = rows[:n], batch.inputs[n:]
+                    batch = Batch(batch.inputs[:n], batch.labels[:n], batch.index[:n],
+                                  None if batch.fingerprint is None else batch.fingerprint[:n])
+                batch = Batch(replay.apply(batch.inputs, next(params), self.device, others), batch.labels,
+                              batch.index, batch.fingerprint)
+            elif generator is not None:
                 batch = Batch(augment(batch.inputs.to(self.device, non_blocking=True), self.augment, generator),
                               batch.labels, batch.index, batch.fingerprint)
             model_input = self.split.prepare(batch, self.device)
@@ -344,6 +361,7 @@ class InputOptions:
     augment: str | None = None  # for the training split only
     seed: int = 0
     check_first: bool = False
+    view_order: str | None = None  # a views cache's training split: cycle | random | plain (train/views.py)
 
     def inputs(self, split: SplitData, device: torch.device, *, train: bool, check: RowCheck | None) -> StudentInputs:
         from kdcache.data.augment import check_augment
@@ -372,7 +390,8 @@ def input_options(cfg: Any, device: torch.device) -> InputOptions:
     if cfg.num_workers is not None and not 0 <= cfg.num_workers <= cores:
         raise KDCacheError(f"--num-workers {cfg.num_workers}: this machine has {cores} CPU cores (use 0 to {cores})")
     keep = DEFAULT_KEEP_BYTES if cfg.keep_inputs is None else parse_budget(cfg.keep_inputs, "--keep-inputs")
-    return InputOptions(cfg.num_workers, keep, cfg.augment, cfg.seed, cfg.check_first)
+    return InputOptions(cfg.num_workers, keep, cfg.augment, cfg.seed, cfg.check_first,
+                        getattr(cfg, "view_order", None))
 
 
 @dataclass
@@ -452,7 +471,13 @@ def load_run_data(cache_location: Any, *, storage_options: dict[str, Any], data:
                                f"{split_cache.path}/{name} has {len(split_cache)}; the data changed since the teacher "
                                "was cached")
         check = RowCheck.of_cache(split_cache, split.source)
+        replay = None
+        if name == "train":  # a views cache: the student sees the teacher's views (before any row is decoded)
+            from kdcache.train.views import view_replay
+
+            replay = view_replay(split_cache, reading.view_order, reading.augment, reading.seed)
         inputs = reading.inputs(split, device, train=name == "train", check=check)
+        inputs.replay = replay
         if reading.check_first:
             check_alignment(inputs, split_cache, split.source)
         loaded[name] = RunSplit(name, inputs, check.labels, split_cache)

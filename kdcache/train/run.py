@@ -24,7 +24,7 @@ from kdcache.methods.targets import target_kind
 from kdcache.models import build_student, student_family
 from kdcache.names import better, parse_budget
 from kdcache.runtime import command_line, out_of_memory_said, utc_now
-from kdcache.train.batches import EpochOrder, TeacherTargets
+from kdcache.train.batches import EpochOrder, TeacherTargets, stored_name
 from kdcache.train.config import DistillConfig, Settings, settings
 from kdcache.train.dist import World
 from kdcache.methods.tokens import check_head
@@ -154,6 +154,12 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
     if world.main:
         log.info(chosen.line(cfg.method))
     n, batch_size = int(hp["epochs"]), int(hp["batch_size"])
+    replay = getattr(data.train.inputs, "replay", None)
+    if world.main and replay is not None:  # repeats under a long schedule are visible before the first step
+        views = replay.describe(n)
+        log.info(f"views: the student replays the teacher's {views['views']} {views['augment']} views of each row "
+                 f"({views['order']} order); epochs / V = {n} / {views['views']} = {views['epochs_per_view']:g} "
+                 "passes over each view" + (" (views repeat)" if n > views["views"] else ""))
     probe = probe_batch(data.train.inputs)
     student = build_student(cfg.student, data.num_outputs, kwargs=cfg.student_kwargs, tokenizer=data.tokenizer,
                             seed=cfg.seed, trust_model_code=cfg.trust_model_code, sample=probe,
@@ -233,8 +239,16 @@ def targets_plan(run: StudentRun, data: RunData) -> tuple[str, int | None] | Non
         held = run.state["targets"]
         return held["mode"], held["window_chunks"]
     cfg, world = run.cfg, run.stepper.world
-    return tuple(world.agree(lambda: TeacherTargets.choose(data.train.cache, run.stepper.method.arrays(),
-                                                           cfg.stream_mode, _budget(cfg))))
+    views = _views(data)
+    arrays = tuple(stored_name(data.train.cache, a, views) for a in run.stepper.method.arrays())
+    return tuple(world.agree(lambda: TeacherTargets.choose(data.train.cache, arrays, cfg.stream_mode,
+                                                           _budget(cfg))))
+
+
+def _views(data: RunData) -> Any:
+    """Which view each training row sees per epoch (kdcache.train.views.ViewChoice), when a views cache replays."""
+    replay = getattr(data.train.inputs, "replay", None)
+    return replay.choice if replay is not None else None
 
 
 def _budget(cfg: DistillConfig) -> int:
@@ -254,7 +268,7 @@ def attach_targets(runs: list[StudentRun], data: RunData) -> None:
         arrays = tuple(dict.fromkeys(a for run in runs for a in run.stepper.method.arrays()))
         mode, window = targets_plan(first, data)
         targets = TeacherTargets(data.train.cache, arrays, device=device, mode=mode, window_chunks=window,
-                                 budget_bytes=_budget(cfg))
+                                 budget_bytes=_budget(cfg), views=_views(data))
         order = targets.order(first.batch_size, seed=cfg.seed)
     for run in runs:
         run.order, run.targets = order, targets
@@ -269,6 +283,9 @@ def close_run(run: StudentRun, data: RunData) -> dict[str, Any]:
                        run.teacher_val, run.stepper.device)
     if run.settings is not None:
         summary.update(run.settings.record())
+    replay = getattr(data.train.inputs, "replay", None)
+    if replay is not None:
+        summary["views"] = replay.describe(run.epochs)
     if world.main:
         run.run_dir.write_summary(summary)
     return summary

@@ -142,3 +142,21 @@ def test_seeds_split_over_processes_merge_into_one_table(tmp_path):
     assert [(r["method"], r["seed"]) for r in rows] == [("ce", "0"), ("continuation", "0"), ("ce", "1"),
                                                         ("continuation", "1"), ("ce", "2"), ("continuation", "2")]
     assert text.startswith("**Title**") and "Teacher line." in text and "| ce - continuation | 3 | -0.1000 |" in text
+
+
+def test_views_tiny(tmp_path, slices, monkeypatch):
+    """Issue 23's arms (none, fresh, views-4, views-16) run end to end at the tiny scale; the measurement itself is
+    the cpu scale's (docs/benchmarks.md)."""
+    import views
+
+    monkeypatch.setattr(views, "DATA", slices)
+    views.views(reproduce.Runner(tmp_path, "cpu", in_process=True), "tiny", 1)
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [r["method"] for r in rows] == ["none", "fresh", "views-4", "views-16"]
+    commands = (tmp_path / "commands.txt").read_text().splitlines()
+    assert sum("--views" in c and c.startswith("kdcache cache-teacher") for c in commands) == 2
+    assert any("/fresh-seed0 " in c and c.endswith("--augment cifar") for c in commands)
+    summary = reproduce.Runner(tmp_path, "cpu").summary(tmp_path / "views-16-seed0")
+    assert summary["views"]["views"] == 16 and summary["views"]["epochs_per_view"] == 0.125
+    text = (tmp_path / "summary.md").read_text()
+    assert "bytes per training sample per view" in text and "Distill samples/s" in text
