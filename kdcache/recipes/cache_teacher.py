@@ -27,7 +27,9 @@ Features, and the flags that control them:
   the same; K >= C stores dense logits (refused by `--no-dense-fallback`); each split records the kept mass and KL
   measured on its first rows (`target_quality`);
 - hidden-state projections (curriculum extraction): `--hidden-layers 2,4,6 --proj-dim D --proj-seed S` stores,
-  per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`);
+  per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`); with
+  `--task lm`, every position's state times that matrix, [N, S, D], and `--checkpoints` stores each checkpoint's
+  dense logits per token, [N, S, C];
 - several processes (torchrun): each runs the teacher on its own share of each split's chunks and writes them
   whole; rank 0 holds the lock, writes the attributes and, once every rank has finished, `complete`; the cache is
   byte-identical to one process's, and a kill of any rank resumes with any number of processes:
@@ -300,8 +302,7 @@ def _check_flags(cfg: CacheTeacherConfig) -> list:
     modality_of(cfg.task)  # an unknown task is one line before anything loads
     if cfg.task == "lm":
         opts = cfg.data_options
-        given = [flag for flag, value in (("--checkpoints", cfg.checkpoints), ("--hidden-layers", layers),
-                                          ("--limit", opts.limit), ("--subset", opts.subset),
+        given = [flag for flag, value in (("--limit", opts.limit), ("--subset", opts.subset),
                                           ("--holdout", opts.holdout)) if value]
         if given:
             raise KDCacheError(f"--task lm does not take {', '.join(given)} yet: it caches whole token streams of one "
@@ -375,7 +376,7 @@ def default_lse_temperatures() -> list[float]:
 
 
 def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: list[Path], layers: list) -> _Job:
-    checkpoints = load_checkpoints(checkpoint_dirs, cfg.tokenizer, cfg.trust_model_code)
+    checkpoints = load_checkpoints(checkpoint_dirs, cfg.tokenizer, cfg.trust_model_code, causal_lm=cfg.task == "lm")
     final = None
     if not cfg.teacher:  # the last checkpoint in training order is the trained teacher (already loaded)
         final = checkpoints.pop()
@@ -402,7 +403,7 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
         teacher = load_teacher(cfg.teacher, weights=cfg.weights, num_outputs=splits[0].num_labels,
                                tokenizer=cfg.tokenizer, trust_model_code=cfg.trust_model_code)
     teacher.model.to(device)
-    tap = hidden.LayerTap(teacher.model, layers, what=f"teacher {teacher.spec}") if layers else None
+    tap = hidden.LayerTap(teacher.model, layers, what=f"teacher {teacher.spec}", tokens=lm) if layers else None
     first = splits[0]
     if not len(first):
         raise KDCacheError(f"{first.source}: split {first.split!r} has no rows")
@@ -474,7 +475,8 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
             layers=job.layers, dim=cfg.proj_dim, seed=cfg.proj_seed,
             arrays={str(key): hidden.array_name(key) for key in job.layers},
             widths={str(key): int(m.shape[0]) for key, m in job.projections.items()},
-            matrix=hidden.MATRIX_RULE, pooling=hidden.POOLING_RULE, teacher="the trained teacher (array logits)")
+            matrix=hidden.MATRIX_RULE, pooling=hidden.TOKEN_RULE if job.tokens is not None else hidden.POOLING_RULE,
+            teacher="the trained teacher (array logits)")
     header.write_settings = {  # what a resume must not change: anything that would change a stored byte
         "teacher_sha256": teacher.sha256, "task": cfg.task, "splits": list(cfg.splits), "precision": cfg.precision,
         "batch_size": cfg.batch_size,  # batch boundaries decide text padding, and so the last bits of a logit
@@ -509,7 +511,7 @@ def _teacher_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherC
     target = targets.target_arrays(job.target, logits, first_row)
     if job.target.positions:  # a window: positions past its length hold 0 and are measured nowhere
         valid = inputs["attention_mask"].bool()
-        for values in target.values():
+        for values in (*target.values(), *arrays.values()):  # the checkpoints' logits and projections too
             values[~valid] = 0
         quality.add(job.target.per_row(), logits[valid], {k: v[valid] for k, v in target.items()},
                     first_row * job.target.positions)

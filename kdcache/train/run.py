@@ -202,8 +202,9 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
 
 
 def check_lm_method(method: Any, cfg: DistillConfig, data: RunData) -> None:
-    """A token-level cache trains causal-LM students with the methods whose loss is defined per token; the others
-    (Pro-KD, curriculum extraction) are one line, as is a flag with no meaning for a causal LM."""
+    """A token-level cache trains causal-LM students with the methods whose loss is defined per token (every built-in
+    one; a method that does not declare `per_token` is one line), and a flag with no meaning for a causal LM is one
+    line."""
     if not type(method).per_token:
         from kdcache.methods import METHODS
 
