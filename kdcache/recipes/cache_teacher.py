@@ -305,8 +305,8 @@ def _check_flags(cfg: CacheTeacherConfig) -> list:
         given = [flag for flag, value in (("--limit", opts.limit), ("--subset", opts.subset),
                                           ("--holdout", opts.holdout)) if value]
         if given:
-            raise KDCacheError(f"--task lm does not take {', '.join(given)} yet: it caches whole token streams of one "
-                               "teacher (put each split in its own file: train.txt, validation.txt)")
+            raise KDCacheError(f"--task lm does not take {', '.join(given)} yet: it caches whole token streams (put "
+                               "each split in its own file: train.txt, validation.txt)")
         if opts.seq_len is None:
             raise KDCacheError("--task lm needs --seq-len S, the tokens per row (at most the teacher's positions)")
     elif cfg.data_options.seq_len is not None:
@@ -423,6 +423,7 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
     tokens = None
     if lm:
         _check_vocabulary(teacher, width)
+        _check_checkpoint_tokenizers(checkpoints, teacher, blob[0])
         tokens = TokenInfo(int(cfg.data_options.seq_len or 0), width, len(teacher.tokenizer),
                            int(teacher.tokenizer.eos_token_id), hashlib.sha256(blob[0]).hexdigest(),
                            type(teacher.tokenizer).__name__)
@@ -444,6 +445,18 @@ def _check_lm_teacher(teacher: Teacher, seq_len: int) -> None:
                            f"--seq-len {positions} or less")
     embeddings = teacher.model.get_input_embeddings()
     _check_vocabulary(teacher, getattr(embeddings, "num_embeddings", None))
+
+
+def _check_checkpoint_tokenizers(checkpoints: list[TeacherCheckpoint], teacher: Teacher, blob: bytes) -> None:
+    """A language model's checkpoint that holds a tokenizer must hold the teacher's: its logits index the same
+    vocabulary as the cached windows' ids only then (a folder without one is read with the teacher's)."""
+    digest = hashlib.sha256(blob).hexdigest()
+    for checkpoint in checkpoints:
+        tokenizer = checkpoint.teacher.tokenizer
+        if tokenizer is not None and hashlib.sha256(tokenizer_zip(tokenizer)[0]).hexdigest() != digest:
+            raise KDCacheError(f"{checkpoint.teacher.spec}: the checkpoint's tokenizer ({len(tokenizer)} tokens) is not "
+                               f"teacher {teacher.spec}'s ({len(teacher.tokenizer)} tokens); checkpoints must come "
+                               "from one training run")
 
 
 def _check_vocabulary(teacher: Teacher, width: int | None) -> None:

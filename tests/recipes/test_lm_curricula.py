@@ -207,3 +207,76 @@ def test_the_projection_loss_averages_real_positions_and_ignores_padding():
     leaf = student.clone().requires_grad_()
     losses.token_projection_loss(leaf, teacher, real).backward()
     assert (leaf.grad[~real] == 0).all() and (leaf.grad[real] != 0).any()
+
+
+@pytest.mark.parametrize("method, args", [
+    ("curriculum", ("--epochs", "3", "--phase-epochs", "1")),  # cut inside the projection phases: the heads travel
+    ("prokd", ("--epochs", "4")),  # cut between two checkpoints
+])
+def test_a_resumed_lm_curriculum_ends_where_an_uninterrupted_one_does(tmp_path, cache, config, capsys, monkeypatch,
+                                                                      method, args):
+    from safetensors.torch import load_file
+
+    args = ("--method", method, *args)
+    assert run_cli(_distill(cache, config, tmp_path / "full", *args), capsys, monkeypatch)[0] == 0
+    cut = tmp_path / "cut"
+    assert run_cli(_distill(cache, config, cut, *args, "--stop-after-epoch", "1"), capsys, monkeypatch)[0] == 0
+    code, _, err = run_cli(_distill(cache, config, cut, *args, "--resume"), capsys, monkeypatch)
+    assert code == 0, err
+    timing = ("seconds", "samples_per_second", "tokens_per_second", "eval_tokens_per_second")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(_metrics(cut)) == strip(_metrics(tmp_path / "full"))
+    full, resumed = (load_file(run / "best" / "model.safetensors") for run in (tmp_path / "full", cut))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_verify_and_info_read_an_lm_cache_with_checkpoints_and_projections(cache, capsys, monkeypatch):
+    code, out, err = run_cli(["verify", cache], capsys, monkeypatch)
+    assert code == 0, err
+    code, out, err = run_cli(["info", cache, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["hidden_projections"]["dim"] == DIM and len(info["checkpoints"]) == 4
+
+
+def test_a_method_without_a_per_token_loss_is_one_line_on_an_lm_cache():
+    """Every built-in method trains causal-LM students; one that does not declare a per-token loss is refused."""
+    from types import SimpleNamespace
+
+    from kdcache.errors import KDCacheError
+    from kdcache.methods import METHODS
+    from kdcache.methods.base import Method
+    from kdcache.train.run import check_lm_method
+
+    assert all(m.per_token for m in METHODS.values())
+
+    class PerRowOnly(Method):
+        name = "per-row-only"
+
+    cfg = SimpleNamespace(cache="c.kdcache", method="per-row-only", student_kwargs=None)
+    with pytest.raises(KDCacheError, match="--method per-row-only does not train causal-LM students"):
+        check_lm_method(PerRowOnly(), cfg, None)
+
+
+def test_bad_checkpoints_or_layers_of_an_lm_teacher_are_one_line(tmp_path, trained, corpus, capsys, monkeypatch):
+    import shutil
+
+    other = make_tiny_gpt2(tmp_path / "other", [d.upper() for d in CORPUS], vocab_size=300, positions=32)
+    foreign = tmp_path / "foreign" / "epoch-0001"
+    shutil.copytree(trained / "checkpoints" / "epoch-0001", foreign)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (other / name).is_file():
+            shutil.copy(other / name, foreign / name)
+    out = tmp_path / "c.kdcache"
+    base = ["cache-teacher", "--task", "lm", "--teacher", trained / "model", "--data", corpus, "--out", out,
+            "--seq-len", str(SEQ), "--device", "cpu", "--no-progress"]
+    cases = [
+        ((*base, "--checkpoints", foreign), ("epoch-0001: the checkpoint's tokenizer", "one training run")),
+        ((*base, "--checkpoints", other), ("checkpoint has another architecture",)),
+        ((*base, "--hidden-layers", "3", "--proj-dim", "4"), ("has layers 0..2; layer 3 does not exist",)),
+        ((*base, "--hidden-layers", "2"), ("--hidden-layers needs --proj-dim",)),
+    ]
+    for args, needles in cases:
+        code, _, err = run_cli(list(args), capsys, monkeypatch)
+        _one_error_line(code, err, *needles)
+        assert not out.exists(), args
