@@ -280,3 +280,21 @@ def test_bad_checkpoints_or_layers_of_an_lm_teacher_are_one_line(tmp_path, train
         code, _, err = run_cli(list(args), capsys, monkeypatch)
         _one_error_line(code, err, *needles)
         assert not out.exists(), args
+
+
+def test_without_a_teacher_the_last_lm_checkpoint_is_the_teacher(tmp_path, trained, corpus):
+    from kdcache.data import DataOptions
+    from kdcache.recipes.cache_teacher import CacheTeacherConfig, cache_teacher
+
+    out = tmp_path / "c.kdcache"
+    cache_teacher(CacheTeacherConfig(teacher=None, task="lm", data=str(corpus), splits=("validation",), out=out,
+                                     device="cpu", progress=False, dtype="float32", batch_size=5,
+                                     checkpoints=(str(trained / "checkpoints" / "epoch-*"),),
+                                     data_options=DataOptions(seq_len=SEQ)))
+    got = kdcache.open_cache(out, "validation")
+    assert [(e["name"], e["array"]) for e in got.checkpoints] == [
+        ("epoch-0001", "checkpoint_0"), ("epoch-0002", "checkpoint_1"), ("epoch-0003", "logits")]
+    ids, lengths = got.read("input_ids"), got.read("lengths")
+    logits, _, mask = _own_outputs(trained / "checkpoints" / "epoch-0003", ids, lengths)
+    torch.testing.assert_close(torch.from_numpy(got.read("logits"))[mask], logits[mask], rtol=1e-5, atol=1e-5)
+    assert got.header.tokens.tokenizer_sha256 and got.target.positions == SEQ
