@@ -298,3 +298,31 @@ def test_without_a_teacher_the_last_lm_checkpoint_is_the_teacher(tmp_path, train
     logits, _, mask = _own_outputs(trained / "checkpoints" / "epoch-0003", ids, lengths)
     torch.testing.assert_close(torch.from_numpy(got.read("logits"))[mask], logits[mask], rtol=1e-5, atol=1e-5)
     assert got.header.tokens.tokenizer_sha256 and got.target.positions == SEQ
+
+
+@pytest.mark.slow
+def test_two_processes_store_the_checkpoints_and_projections_one_process_stores(tmp_path, trained, corpus):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    def capture(nproc: int, out) -> None:
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        args = ["cache-teacher", "--task", "lm", "--teacher", trained / "model", "--data", corpus, "--out", out,
+                "--seq-len", str(SEQ), "--device", "cpu", "--no-progress", "--batch-size", "5", "--split", "train",
+                "--checkpoints", trained / "checkpoints" / "epoch-*", "--hidden-layers", "1,2", "--proj-dim",
+                str(DIM), "--topk", "3", "--chunk-rows", "4"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, *launcher, "-m", "kdcache", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    capture(1, tmp_path / "one.kdcache")
+    capture(2, tmp_path / "two.kdcache")
+    one, two = (kdcache.open_cache(tmp_path / name, "train") for name in ("one.kdcache", "two.kdcache"))
+    assert one.names == two.names and {"checkpoint_0", "hidden_2"} <= set(one.names)
+    for name in one.names:
+        assert np.array_equal(one.read(name), two.read(name)), name
+    assert one.chunk_digests == two.chunk_digests
