@@ -70,10 +70,8 @@ def load_checkpoints(folders: list[Path], tokenizer: str | None, trust_model_cod
         if not folder.is_dir():
             raise KDCacheError(f"{folder}: a checkpoint must be a model folder")
         meta = checkpoint_meta(folder)
-        loaded.append(TeacherCheckpoint(load_teacher(str(folder), tokenizer=tokenizer, trust_model_code=trust_model_code,
-                                                     causal_lm=causal_lm),
-                                  checkpoint_name(folder),
-                                  meta["epoch"], meta["metric"]))
+        teacher = load_teacher(str(folder), tokenizer=tokenizer, trust_model_code=trust_model_code, causal_lm=causal_lm)
+        loaded.append(TeacherCheckpoint(teacher, checkpoint_name(folder), meta["epoch"], meta["metric"]))
     if loaded and all(c.epoch is not None for c in loaded):
         loaded.sort(key=lambda c: c.epoch)
     return loaded

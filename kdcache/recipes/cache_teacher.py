@@ -454,9 +454,9 @@ def _check_checkpoint_tokenizers(checkpoints: list[TeacherCheckpoint], teacher: 
     for checkpoint in checkpoints:
         tokenizer = checkpoint.teacher.tokenizer
         if tokenizer is not None and hashlib.sha256(tokenizer_zip(tokenizer)[0]).hexdigest() != digest:
-            raise KDCacheError(f"{checkpoint.teacher.spec}: the checkpoint's tokenizer ({len(tokenizer)} tokens) is not "
-                               f"teacher {teacher.spec}'s ({len(teacher.tokenizer)} tokens); checkpoints must come "
-                               "from one training run")
+            raise KDCacheError(f"{checkpoint.teacher.spec}: the checkpoint's tokenizer ({len(tokenizer)} tokens) is "
+                               f"not teacher {teacher.spec}'s ({len(teacher.tokenizer)} tokens); checkpoints must "
+                               "come from one training run")
 
 
 def _check_vocabulary(teacher: Teacher, width: int | None) -> None:
