@@ -390,15 +390,17 @@ def _teacher_metrics(data: RunData, array: str | None) -> dict[str, float] | Non
     if split is None or split.cache is None or array is None:
         return None
     if data.kind == "lm":
-        return _teacher_perplexity(split) if target_kind(split.cache) == "dense" else None
+        # dense logits of the array the run reads (a --checkpoint's, always dense): its perplexity; top-k: none
+        return _teacher_perplexity(split, array) if array in split.cache.arrays else None
     from kdcache.methods.targets import teacher_scores
 
     return compute_metrics(teacher_scores(split.cache, array), split.labels, task=data.task, kind=data.kind)
 
 
-def _teacher_perplexity(split: Any, block: int = 64) -> dict[str, float]:
-    """A dense language-model cache's teacher perplexity on its split, over the real tokens the students are scored
-    on (a top-k or sampled cache does not hold the probability of every next token, so it has none)."""
+def _teacher_perplexity(split: Any, array: str = "logits", block: int = 64) -> dict[str, float]:
+    """A dense language-model cache's teacher perplexity on its split (of `array`: the trained teacher's logits or a
+    checkpoint's), over the real tokens the students are scored on (a top-k or sampled cache does not hold the
+    probability of every next token, so it has none)."""
     from kdcache.data.lm import next_token_targets
 
     cache, total, count = split.cache, 0.0, 0
@@ -407,7 +409,7 @@ def _teacher_perplexity(split: Any, block: int = 64) -> dict[str, float]:
         ids, lengths, labels = (torch.from_numpy(cache.read(n, start, stop).astype(np.int64))
                                 for n in ("input_ids", "lengths", "labels"))
         following = next_token_targets(ids, lengths, labels, ignore=-1)
-        logits = torch.from_numpy(cache.read("logits", start, stop).astype(np.float32))
+        logits = torch.from_numpy(cache.read(array, start, stop).astype(np.float32))
         log_p = torch.log_softmax(logits, dim=-1).gather(-1, following.clamp(min=0)[..., None])[..., 0]
         total -= float(log_p[following >= 0].double().sum())
         count += int((following >= 0).sum())

@@ -326,3 +326,26 @@ def test_two_processes_store_the_checkpoints_and_projections_one_process_stores(
     for name in one.names:
         assert np.array_equal(one.read(name), two.read(name)), name
     assert one.chunk_digests == two.chunk_digests
+
+
+def test_one_lm_checkpoint_distils_alone_and_its_perplexity_is_the_teachers_column(tmp_path, cache, config, capsys,
+                                                                                   monkeypatch):
+    """Checkpoint search on tokens: `--checkpoint NAME` reads that checkpoint's dense logits per token, and the
+    teacher's perplexity beside the student's is that checkpoint's (a top-k cache's trained teacher has none)."""
+    from kdcache.data.lm import next_token_targets
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(_distill(cache, config, out, "--method", "vanilla", "--checkpoint", "epoch-0001",
+                                    "--epochs", "1"), capsys, monkeypatch)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_array"] == "checkpoint_0"
+    val = kdcache.open_cache(cache, "validation")
+    ids, lengths, labels = (torch.from_numpy(val.read(n).astype(np.int64)) for n in ("input_ids", "lengths", "labels"))
+    y = next_token_targets(ids, lengths, labels, ignore=-1)
+    log_p = torch.log_softmax(torch.from_numpy(val.read("checkpoint_0")).double(), -1)
+    ce = -log_p.gather(-1, y.clamp(min=0)[..., None])[..., 0][y >= 0].mean()
+    assert summary["teacher_metric"] == pytest.approx(math.exp(float(ce)), rel=1e-5)
+    code, _, err = run_cli(_distill(cache, config, tmp_path / "trained", "--method", "vanilla", "--epochs", "1"),
+                           capsys, monkeypatch)
+    assert code == 0 and json.loads((tmp_path / "trained" / "summary.json").read_text())["teacher_metric"] is None
