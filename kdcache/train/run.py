@@ -391,7 +391,8 @@ def _teacher_metrics(data: RunData, array: str | None) -> dict[str, float] | Non
         return None
     if data.kind == "lm":
         # dense logits of the array the run reads (a --checkpoint's, always dense): its perplexity; top-k: none
-        return _teacher_perplexity(split, array) if array in split.cache.arrays else None
+        dense = target_kind(split.cache) == "dense" if array == "logits" else array in split.cache.extra_widths
+        return _teacher_perplexity(split, array) if dense else None
     from kdcache.methods.targets import teacher_scores
 
     return compute_metrics(teacher_scores(split.cache, array), split.labels, task=data.task, kind=data.kind)
