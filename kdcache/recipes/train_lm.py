@@ -146,10 +146,11 @@ def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
 def _save_checkpoint(model: Any, tokenizer: Any, folder: Path, row: dict[str, Any]) -> None:
     """The model as it is after an epoch, a Hugging Face folder with the tokenizer and the kdcache-checkpoint.json
     that `cache-teacher --checkpoints` reads its epoch and metric (validation perplexity, when there is a validation
-    split) from; written through a temporary folder and a rename, so a folder that exists is whole."""
+    split) from; written through a temporary folder and a rename, so a folder that exists is whole (the temporary
+    one is hidden, so a glob such as 'epoch-*' never matches what a kill left half-written)."""
     from kdcache.models import CHECKPOINT_FILE
 
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))

@@ -349,3 +349,13 @@ def test_one_lm_checkpoint_distils_alone_and_its_perplexity_is_the_teachers_colu
     code, _, err = run_cli(_distill(cache, config, tmp_path / "trained", "--method", "vanilla", "--epochs", "1"),
                            capsys, monkeypatch)
     assert code == 0 and json.loads((tmp_path / "trained" / "summary.json").read_text())["teacher_metric"] is None
+
+
+def test_train_task_lm_save_every_from_the_cli(tmp_path, trained, corpus, config, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--task", "lm", "--model", config, "--tokenizer", trained / "model", "--data",
+                            corpus, "--seq-len", str(SEQ), "--epochs", "2", "--save-every", "2", "--batch-size", "8",
+                            "--device", "cpu", "--no-progress", "--out", out], capsys, monkeypatch)
+    assert code == 0, err
+    assert [f.name for f in (out / "checkpoints").iterdir()] == ["epoch-0002"]
+    assert json.loads((out / "checkpoints" / "epoch-0002" / "kdcache-checkpoint.json").read_text())["epoch"] == 2
