@@ -560,7 +560,7 @@ def _train_lm(**flags: Any) -> None:
     reads = {"model", "task", "out", "data", "epochs", "tokenizer", "lr", "batch_size", "weight_decay", "warmup_ratio",
              "max_grad_norm", "val_split", "seed", "device", "text_column", "overwrite", "max_steps", "progress",
              "seq_len", "vocab_size", "preset", "precision", "max_length", "log_every", "compile", "regression",
-             "trust_model_code"}
+             "trust_model_code", "save_every"}
     given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if k not in reads and v not in (None, False)]
     defaults = (("preset", "auto"), ("precision", "fp32"), ("compile", False), ("max_length", 128), ("log_every", 0),
                 ("regression", False), ("trust_model_code", False))
@@ -575,7 +575,7 @@ def _train_lm(**flags: Any) -> None:
     from kdcache.recipes.train_lm import TrainLMConfig, train_lm
 
     given = {k: flags[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "warmup_ratio", "max_grad_norm",
-                                   "max_steps", "val_split", "text_column") if flags[k] is not None}
+                                   "max_steps", "val_split", "text_column", "save_every") if flags[k] is not None}
     cfg = TrainLMConfig(model=flags["model"], tokenizer=flags["tokenizer"], data=flags["data"], out=flags["out"],
                         seq_len=flags["seq_len"], seed=flags["seed"], device=flags["device"],
                         overwrite=flags["overwrite"], progress=flags["progress"], vocab_size=flags["vocab_size"],

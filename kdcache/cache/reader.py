@@ -361,11 +361,14 @@ class TeacherCache:
             raise KDCacheError(f"{self.store.display(f'{self.split}/zarr.json')}: attribute extra_arrays "
                                f"{self.extra_widths} disagrees with the root's checkpoints and hidden_projections, "
                                f"which describe {described}")
+        positions = self.target.positions  # a language-model split's extras are per token: [N, S, width]
         for name, columns in self.extra_widths.items():
             array = self.arrays[name]
-            if array.ndim != 2 or array.shape[1] != columns or array.chunks[0] != self.logits.chunks[0]:
+            shaped = array.shape[1:] == ((positions, columns) if positions else (columns,))
+            if not shaped or array.chunks[0] != self.logits.chunks[0]:
                 raise KDCacheError(f"{self.path}/{self.split}: array {name!r} has shape {array.shape} in chunks of "
-                                   f"{array.chunks[0]} rows; its attributes say {columns} columns in chunks of "
+                                   f"{array.chunks[0]} rows; its attributes say {columns} columns"
+                                   f"{f' at each of {positions} positions' if positions else ''} in chunks of "
                                    f"{self.logits.chunks[0]}")
         self._check_array_metadata()
 

@@ -148,7 +148,8 @@ class ArraySpec:
 def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int], target: Any = None,
                  codec: str | None = None) -> dict[str, ArraySpec]:
     """Every array of a split in storage order: the target's arrays (`target`, a targets.TargetSpec; None: dense
-    `logits`), the three per-row columns, then the optional float arrays. `codec`: the cache's codec."""
+    `logits`), the three per-row columns, then the optional float arrays (checkpoints' logits, projections: [N, S,
+    width] in a language-model split). `codec`: the cache's codec."""
     floats = logits_dtype(dtype)
     positions = getattr(target, "positions", None)
     if target is None or (target.kind == "dense" and not positions):
@@ -167,7 +168,9 @@ def split_arrays(num_outputs: int, kind: str, dtype: str, extras: dict[str, int]
         specs["lengths"] = ArraySpec("lengths", np.dtype("int32"))
     if getattr(target, "views", None):  # a views cache: the target again per view, and each view's parameters
         specs.update(target.view_specs(codec))
-    specs.update({name: ArraySpec(name, floats, int(width), FLOAT_FILL, target=True) for name, width in extras.items()})
+    # a language-model split's checkpoint logits and projections are per token too: [N, S, width]
+    specs.update({name: ArraySpec(name, floats, int(width), FLOAT_FILL, target=True, positions=positions)
+                  for name, width in extras.items()})
     return specs
 
 

@@ -3,6 +3,10 @@ student layer is fitted through a linear read-out, with MSE, to that layer's cac
 (`hidden_<layer>`); then a final phase on the teacher's logits with vanilla KD or Continuation-KD (`--kd-loss`),
 whose schedules run from that phase's first epoch. Only logits-phase epochs compete for best/.
 
+On a language-model cache the projections are per token ([N, S, D]): the student's layer at every position goes
+through its read-out, and the squared error is averaged over the window's real positions (padding masked); the
+logits phase is the chunked per-token loss of the other methods (kdcache.methods.tokens).
+
 Choices and their reasons: docs/methods.md ("Curriculum extraction").
 """
 
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 
 from kdcache.errors import KDCacheError
-from kdcache.methods import losses
+from kdcache.methods import losses, targets
 from kdcache.methods.base import Method, Run, StepPlan
 from kdcache.methods.prokd import both_defaults, inner_method
 from kdcache.models import hidden
@@ -143,9 +147,11 @@ class ProjectionHeads(nn.Module):
         return self.heads[key](pooled)
 
 
-def student_tap(plan: CurriculumPlan, student_model: nn.Module, student: str) -> LayerTap:
-    """Hooks on the mapped student layers, one per phase in phase order (an unknown layer is a one-line error)."""
-    return LayerTap(student_model, [p.student_layer for p in plan.phases], what=f"student {student}")
+def student_tap(plan: CurriculumPlan, student_model: nn.Module, student: str, tokens: bool = False) -> LayerTap:
+    """Hooks on the mapped student layers, one per phase in phase order (an unknown layer is a one-line error).
+    `tokens`: a causal LM's layers at every position, its body run without its output projection."""
+    return LayerTap(student_model, [p.student_layer for p in plan.phases], what=f"student {student}", tokens=tokens,
+                    head=not tokens)
 
 
 def head_key(phase: int) -> str:
@@ -153,10 +159,27 @@ def head_key(phase: int) -> str:
     return f"phase{phase + 1}"
 
 
+@dataclass
+class TokenProjection:
+    """A causal-LM student's projected layer for a batch of windows: [B, S, D], and each window's real tokens."""
+
+    values: torch.Tensor
+    lengths: torch.Tensor  # [B]
+
+    def real(self) -> torch.Tensor:
+        """[B, S] bool: the positions inside each window."""
+        positions = torch.arange(self.values.shape[1], device=self.values.device)
+        return positions[None, :] < self.lengths.to(self.values.device)[:, None]
+
+
 class CurriculumExtraction(Method):
     name = "curriculum"
     accepts = ("checkpoint", "kd_loss", "phase_epochs", "layer_map")
     defaults = both_defaults()
+    per_token = True  # a language-model cache stores its projections per token: fitted per position, masked
+    # the logits phase reads the cache's target as its logit loss does: dense, or top-k (a language model's usual
+    # cache); the projections are dense arrays of their own
+    target_kinds = ("dense", "topk")
 
     def setup(self, run: Run) -> None:
         super().setup(run)
@@ -164,15 +187,25 @@ class CurriculumExtraction(Method):
         run.hp["kd_loss"] = self.inner.name
         self.curriculum = plan_curriculum(run.cache.projections, run.student.model, run.student.spec, run.epochs,
                                           self.options.layer_map, self.options.phase_epochs, run.where)
-        self.tap: LayerTap | None = student_tap(self.curriculum, run.student.model, run.student.spec)
+        self.tap: LayerTap | None = student_tap(self.curriculum, run.student.model, run.student.spec,
+                                                tokens=run.kind == "lm")
         with torch.inference_mode():  # one head per phase, sized by a forward pass on two rows
             _, pooled = self.tap(run.probe)
         widths = {head_key(i): int(p.shape[-1]) for i, p in enumerate(pooled)}
         self.heads = ProjectionHeads(widths, self.curriculum.dim).to(next(run.student.model.parameters()).device)
         self.inner.setup(run)
 
+    def _served(self, array: str) -> tuple[str, ...]:
+        """The arrays one phase reads: a projection, or the trained teacher's target (every array of a top-k one)."""
+        sparse = array == self.teacher_array and self.target_kind != "dense"
+        return targets.KIND_ARRAYS[self.target_kind] if sparse else (array,)
+
     def arrays(self) -> tuple[str, ...]:
-        return (*dict.fromkeys(p.array for p in self.curriculum.phases), self.teacher_array)
+        phases = (*dict.fromkeys(p.array for p in self.curriculum.phases), self.teacher_array)
+        return tuple(a for array in phases for a in self._served(array))
+
+    def epoch_arrays(self, epoch: int) -> tuple[str, ...]:
+        return self._served(self.plan(epoch, (epoch - 1) * self.run.steps_per_epoch).array)
 
     def plan(self, epoch: int, step: int) -> StepPlan:
         phase = self.curriculum.phase_at(epoch)
@@ -183,17 +216,25 @@ class CurriculumExtraction(Method):
         values = self.inner.values(epoch - before, step - before * self.run.steps_per_epoch, self.run.epochs - before)
         return StepPlan(self.teacher_array, {**values, "phase": len(self.curriculum.phases) + 1})
 
-    def forward(self, student: Any, inputs: Any, plan: StepPlan) -> torch.Tensor:
+    def forward(self, student: Any, inputs: Any, plan: StepPlan) -> Any:
         if plan.values["phase"] > len(self.curriculum.phases):
-            return student(inputs)
+            return super().forward(student, inputs, plan)  # logits (a causal LM's per-chunk TokenOutput)
         index = plan.values["phase"] - 1
         _, pooled = self.tap(inputs)
-        return self.heads(head_key(index), pooled[index])
+        projected = self.heads(head_key(index), pooled[index])
+        if self.run.kind == "lm":
+            return TokenProjection(projected, inputs["attention_mask"].sum(dim=1))
+        return projected
+
+    def step_loss(self, output: Any, target: Any, labels: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        if isinstance(output, TokenProjection):  # a projection phase of a causal-LM student: per token, masked
+            return losses.token_projection_loss(output.values, target, output.real())
+        return super().step_loss(output, target, labels, plan)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,
-             plan: StepPlan) -> torch.Tensor:
+             plan: StepPlan, mask: torch.Tensor | None = None) -> torch.Tensor:
         if plan.values["phase"] > len(self.curriculum.phases):
-            return self.inner.loss(output, target, labels, plan)
+            return self.inner.loss(output, target, labels, plan, mask=mask)
         return losses.projection_loss(output, target)
 
     def start_epoch(self, epoch: int, student: Any) -> None:

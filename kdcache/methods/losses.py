@@ -266,3 +266,24 @@ def projection_loss(student_projection: torch.Tensor, teacher_projection: torch.
     """
     z_s, z_t = _student_teacher(student_projection, teacher_projection)
     return torch.nn.functional.mse_loss(z_s, z_t)
+
+
+def token_projection_loss(student_projection: torch.Tensor, teacher_projection: torch.Tensor,
+                          real: torch.Tensor) -> torch.Tensor:
+    """Curriculum extraction's phase loss for a language model: the squared error of every real position's D-vector,
+    averaged over its D elements and then over the real positions of the batch (padding counts nowhere), so it
+    equals `projection_loss` of the real positions' rows.
+
+    Args:
+        student_projection: (B, S, D), a student layer at every position after its head.
+        teacher_projection: (B, S, D), from the cache (`hidden_<layer>`, 0 past a window's length).
+        real: (B, S) bool, the positions inside each window (p < length).
+    """
+    if student_projection.shape != teacher_projection.shape or student_projection.dim() != 3:
+        raise KDCacheError(f"student projection {tuple(student_projection.shape)} and cached projection "
+                           f"{tuple(teacher_projection.shape)} must both be (batch, positions, dim)")
+    z_s = _as_float(student_projection)
+    z_t = teacher_projection.detach().to(z_s.dtype)
+    per_position = (z_s - z_t).pow(2).mean(dim=-1)
+    weights = real.to(z_s.dtype)
+    return (per_position * weights).sum() / weights.sum().clamp(min=1)

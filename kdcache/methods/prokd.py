@@ -85,6 +85,7 @@ class ProKD(Method):
     # the checkpoints are stored dense; the trained teacher's own phase reads the cache's top-k rows (both logit
     # losses accept them; a sampled cache would train its last phase at RS-KD's T = 1, its others at T)
     target_kinds = ("dense", "topk")
+    per_token = True  # a language-model cache's checkpoints are dense logits per token, [N, S, C]
 
     def setup(self, run: Run) -> None:
         super().setup(run)
@@ -118,8 +119,8 @@ class ProKD(Method):
         return StepPlan(self.order[k], values)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,
-             plan: StepPlan) -> torch.Tensor:
-        return self.inner.loss(output, target, labels, plan)
+             plan: StepPlan, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.loss(output, target, labels, plan, mask=mask)
 
     def identity(self) -> dict[str, Any]:
         return {"checkpoints_sha256": [c.get("sha256") for c in self.checkpoints]}

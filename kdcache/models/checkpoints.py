@@ -61,16 +61,17 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoints(folders: list[Path], tokenizer: str | None, trust_model_code: bool) -> list[TeacherCheckpoint]:
-    """Load every checkpoint and put them in training order: by epoch when every one has an epoch, else as given."""
+def load_checkpoints(folders: list[Path], tokenizer: str | None, trust_model_code: bool,
+                     causal_lm: bool = False) -> list[TeacherCheckpoint]:
+    """Load every checkpoint and put them in training order: by epoch when every one has an epoch, else as given.
+    `causal_lm`: each is a Hugging Face causal language model (`--task lm`)."""
     loaded = []
     for folder in folders:
         if not folder.is_dir():
             raise KDCacheError(f"{folder}: a checkpoint must be a model folder")
         meta = checkpoint_meta(folder)
-        loaded.append(TeacherCheckpoint(load_teacher(str(folder), tokenizer=tokenizer, trust_model_code=trust_model_code),
-                                  checkpoint_name(folder),
-                                  meta["epoch"], meta["metric"]))
+        teacher = load_teacher(str(folder), tokenizer=tokenizer, trust_model_code=trust_model_code, causal_lm=causal_lm)
+        loaded.append(TeacherCheckpoint(teacher, checkpoint_name(folder), meta["epoch"], meta["metric"]))
     if loaded and all(c.epoch is not None for c in loaded):
         loaded.sort(key=lambda c: c.epoch)
     return loaded

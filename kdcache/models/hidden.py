@@ -11,6 +11,9 @@ name picks any submodule (`model.get_submodule`). Numbered layers per family:
 - kdcache MLPs (and any `nn.Sequential`): the outputs of its activation modules (ReLU, GELU, Tanh) in order.
 
 Pooling of a submodule's output: [B, C, H, W] -> spatial mean, [B, L, H] -> first token, [B, H] as is.
+
+A causal language model's layers are not pooled (`LayerTap(..., tokens=True)`): every position keeps its own
+[B, S, H] state, projected per position to [B, S, D] with the same matrix rule (issue 22; docs/methods.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ MATRIX_RULE = ("float32 [width, dim] = standard_normal / sqrt(dim) from numpy de
                "bytes of sha256(str(layer)) as a little-endian integer])): kdcache.models.hidden.projection_matrix")
 POOLING_RULE = ("Hugging Face layer l: first token of hidden_states[l]; [B,C,H,W]: spatial mean; [B,L,H]: first token; "
                 "[B,H]: as is (kdcache.models.hidden)")
+#: The rule of a language-model cache's projections, in place of POOLING_RULE.
+TOKEN_RULE = ("none: per token; Hugging Face layer l: hidden_states[l] at every position [B, S, H] (a named "
+              "submodule: its [B, S, H] output), times the matrix, [B, S, D]; positions past a window's length hold 0 "
+              "(kdcache.models.hidden)")
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU)
 
 
@@ -97,16 +104,34 @@ def pool(output: Any, where: str = "layer") -> torch.Tensor:
     return output.flatten(1)
 
 
+def per_token(output: Any, where: str = "layer") -> torch.Tensor:
+    """A layer's output at every position, [B, S, H], unpooled (a causal language model's layers)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if hasattr(output, "last_hidden_state"):
+        output = output.last_hidden_state
+    if not isinstance(output, torch.Tensor) or output.ndim != 3:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise KDCacheError(f"{where}: output {shape} is not [batch, positions, width], so it has no state per token")
+    return output
+
+
 class LayerTap:
     """Calls a model and returns its logits together with pooled outputs of chosen layers (gradients kept).
 
-    Used at caching time on the teacher (under inference_mode) and at training time on the student.
+    Used at caching time on the teacher (under inference_mode) and at training time on the student. `tokens`: keep
+    every position ([B, S, H], a causal language model's layers) instead of pooling. `head=False`: a Hugging Face
+    model runs its body alone (`base_model`: no [B, S, V] logits a layer's fit does not use), and the first value
+    returned is its last hidden state.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[Layer], *, what: str) -> None:
-        self.model, self.layers, self.what = model, list(layers), what
+    def __init__(self, model: nn.Module, layers: Sequence[Layer], *, what: str, tokens: bool = False,
+                 head: bool = True) -> None:
+        self.model, self.layers, self.what, self.tokens = model, list(layers), what, tokens
         self.hf = _is_hf(model)
         self._hooks, self._seen, self._hooked = [], {}, {}
+        body = getattr(model, "base_model", None) if self.hf and not head else None
+        self.runner = body if isinstance(body, nn.Module) else model
         count = count_layers(model)
         numbered = None if self.hf else numbered_layers(model)
         for key in self.layers:
@@ -137,19 +162,19 @@ class LayerTap:
         self._seen = {}
         wants_states = self.hf and any(isinstance(k, int) for k in self.layers)
         if isinstance(inputs, dict):
-            out = self.model(**inputs, **({"output_hidden_states": True} if wants_states else {}))
+            out = self.runner(**inputs, **({"output_hidden_states": True} if wants_states else {}))
         else:
-            out = self.model(inputs)
-        logits = out.logits if hasattr(out, "logits") else out
-        pooled = []
+            out = self.runner(inputs)
+        logits = out.logits if hasattr(out, "logits") else out[0] if self.runner is not self.model else out
+        pooled, reduce = [], per_token if self.tokens else pool
         for key in self.layers:
             where = f"{self.what}, layer {key}"
             if self.hf and isinstance(key, int):
-                pooled.append(pool(out.hidden_states[key], where))
+                pooled.append(reduce(out.hidden_states[key], where))
             elif key not in self._seen:
                 raise KDCacheError(f"{where}: the module did not run in the forward pass, so it has no output to use")
             else:
-                pooled.append(pool(self._seen[key], where))
+                pooled.append(reduce(self._seen[key], where))
         self._seen = {}
         return logits, pooled
 
@@ -173,5 +198,6 @@ def projection_matrix(seed: int, layer: Layer, width: int, dim: int) -> np.ndarr
     return (rng.standard_normal((width, dim)) / np.sqrt(dim)).astype(np.float32)
 
 
-__all__ = ["LayerTap", "array_name", "count_layers", "layer_seed", "numbered_layers", "parse_layers", "pool",
+__all__ = ["LayerTap", "TOKEN_RULE", "array_name", "count_layers", "layer_seed", "numbered_layers", "parse_layers",
+           "per_token", "pool",
            "projection_matrix"]

@@ -234,7 +234,7 @@ def probe_teacher(teacher: Teacher, tap: Any, inputs: Any, where: str, tokens: b
     if logits.ndim != expected:
         raise KDCacheError(f"teacher {teacher.spec} returned shape {tuple(logits.shape)}; expected "
                            f"{'[batch, positions, outputs]' if tokens else '[batch, outputs]'}")
-    return int(logits.shape[-1]), [int(p.shape[1]) for p in pooled]
+    return int(logits.shape[-1]), [int(p.shape[-1]) for p in pooled]  # (a per-token state is [B, S, H])
 
 
 def check_teacher_spec(spec: str, modality: str, tokenizer: str | None) -> None:

@@ -32,7 +32,9 @@ Features, and the flags that control them:
   row and weight), drawn per row from (seed, row) so a resume or torchrun capture draws the same;
   `kdcache.replay_view` rebuilds the exact input the teacher saw;
 - hidden-state projections (curriculum extraction): `--hidden-layers 2,4,6 --proj-dim D --proj-seed S` stores,
-  per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`);
+  per chosen teacher layer, its pooled representation times a fixed Gaussian matrix (`hidden_<layer>`); with
+  `--task lm`, every position's state times that matrix, [N, S, D], and `--checkpoints` stores each checkpoint's
+  dense logits per token, [N, S, C];
 - several processes (torchrun): each runs the teacher on its own share of each split's chunks and writes them
   whole; rank 0 holds the lock, writes the attributes and, once every rank has finished, `complete`; the cache is
   byte-identical to one process's, and a kill of any rank resumes with any number of processes:
@@ -311,12 +313,11 @@ def _check_flags(cfg: CacheTeacherConfig) -> list:
     _check_view_flags(cfg, modality, layers)
     if cfg.task == "lm":
         opts = cfg.data_options
-        given = [flag for flag, value in (("--checkpoints", cfg.checkpoints), ("--hidden-layers", layers),
-                                          ("--limit", opts.limit), ("--subset", opts.subset),
+        given = [flag for flag, value in (("--limit", opts.limit), ("--subset", opts.subset),
                                           ("--holdout", opts.holdout)) if value]
         if given:
-            raise KDCacheError(f"--task lm does not take {', '.join(given)} yet: it caches whole token streams of one "
-                               "teacher (put each split in its own file: train.txt, validation.txt)")
+            raise KDCacheError(f"--task lm does not take {', '.join(given)} yet: it caches whole token streams (put "
+                               "each split in its own file: train.txt, validation.txt)")
         if opts.seq_len is None:
             raise KDCacheError("--task lm needs --seq-len S, the tokens per row (at most the teacher's positions)")
     elif cfg.data_options.seq_len is not None:
@@ -405,7 +406,7 @@ def default_lse_temperatures() -> list[float]:
 
 
 def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: list[Path], layers: list) -> _Job:
-    checkpoints = load_checkpoints(checkpoint_dirs, cfg.tokenizer, cfg.trust_model_code)
+    checkpoints = load_checkpoints(checkpoint_dirs, cfg.tokenizer, cfg.trust_model_code, causal_lm=cfg.task == "lm")
     final = None
     if not cfg.teacher:  # the last checkpoint in training order is the trained teacher (already loaded)
         final = checkpoints.pop()
@@ -432,7 +433,7 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
         teacher = load_teacher(cfg.teacher, weights=cfg.weights, num_outputs=splits[0].num_labels,
                                tokenizer=cfg.tokenizer, trust_model_code=cfg.trust_model_code)
     teacher.model.to(device)
-    tap = hidden.LayerTap(teacher.model, layers, what=f"teacher {teacher.spec}") if layers else None
+    tap = hidden.LayerTap(teacher.model, layers, what=f"teacher {teacher.spec}", tokens=lm) if layers else None
     first = splits[0]
     if not len(first):
         raise KDCacheError(f"{first.source}: split {first.split!r} has no rows")
@@ -452,6 +453,7 @@ def _prepare(cfg: CacheTeacherConfig, device: torch.device, checkpoint_dirs: lis
     tokens = None
     if lm:
         _check_vocabulary(teacher, width)
+        _check_checkpoint_tokenizers(checkpoints, teacher, blob[0])
         tokens = TokenInfo(int(cfg.data_options.seq_len or 0), width, len(teacher.tokenizer),
                            int(teacher.tokenizer.eos_token_id), hashlib.sha256(blob[0]).hexdigest(),
                            type(teacher.tokenizer).__name__)
@@ -478,6 +480,18 @@ def _check_lm_teacher(teacher: Teacher, seq_len: int) -> None:
                            f"--seq-len {positions} or less")
     embeddings = teacher.model.get_input_embeddings()
     _check_vocabulary(teacher, getattr(embeddings, "num_embeddings", None))
+
+
+def _check_checkpoint_tokenizers(checkpoints: list[TeacherCheckpoint], teacher: Teacher, blob: bytes) -> None:
+    """A language model's checkpoint that holds a tokenizer must hold the teacher's: its logits index the same
+    vocabulary as the cached windows' ids only then (a folder without one is read with the teacher's)."""
+    digest = hashlib.sha256(blob).hexdigest()
+    for checkpoint in checkpoints:
+        tokenizer = checkpoint.teacher.tokenizer
+        if tokenizer is not None and hashlib.sha256(tokenizer_zip(tokenizer)[0]).hexdigest() != digest:
+            raise KDCacheError(f"{checkpoint.teacher.spec}: the checkpoint's tokenizer ({len(tokenizer)} tokens) is "
+                               f"not teacher {teacher.spec}'s ({len(teacher.tokenizer)} tokens); checkpoints must "
+                               "come from one training run")
 
 
 def _check_vocabulary(teacher: Teacher, width: int | None) -> None:
@@ -510,7 +524,8 @@ def _header(cfg: CacheTeacherConfig, job: _Job, device: torch.device, chunk_rows
             layers=job.layers, dim=cfg.proj_dim, seed=cfg.proj_seed,
             arrays={str(key): hidden.array_name(key) for key in job.layers},
             widths={str(key): int(m.shape[0]) for key, m in job.projections.items()},
-            matrix=hidden.MATRIX_RULE, pooling=hidden.POOLING_RULE, teacher="the trained teacher (array logits)")
+            matrix=hidden.MATRIX_RULE, pooling=hidden.TOKEN_RULE if job.tokens is not None else hidden.POOLING_RULE,
+            teacher="the trained teacher (array logits)")
     header.write_settings = {  # what a resume must not change: anything that would change a stored byte
         "teacher_sha256": teacher.sha256, "task": cfg.task, "splits": list(cfg.splits), "precision": cfg.precision,
         "batch_size": cfg.batch_size,  # batch boundaries decide text padding, and so the last bits of a logit
@@ -546,7 +561,7 @@ def _teacher_outputs(job: _Job, split: SplitData, batch: Any, cfg: CacheTeacherC
     target = targets.target_arrays(job.target, logits, first_row)
     if job.target.positions:  # a window: positions past its length hold 0 and are measured nowhere
         valid = inputs["attention_mask"].bool()
-        for values in target.values():
+        for values in (*target.values(), *arrays.values()):  # the checkpoints' logits and projections too
             values[~valid] = 0
         quality.add(job.target.per_row(), logits[valid], {k: v[valid] for k, v in target.items()},
                     first_row * job.target.positions)

@@ -16,7 +16,10 @@ Features, and the flags that control them:
   `--epochs` (default 1) or `--max-steps`; rows shuffled by a generator seeded with `--seed`;
 - measured per epoch (`metrics.jsonl`): training loss, validation loss and perplexity on `--val-split` (default
   `validation`, when the data has it), tokens/s; `summary.json` at the end;
-- output: `RUN/model`, a Hugging Face folder with the tokenizer, which `cache-teacher --teacher` loads as it is.
+- output: `RUN/model`, a Hugging Face folder with the tokenizer, which `cache-teacher --teacher` loads as it is;
+  `--save-every N` also keeps the model every N epochs as `RUN/checkpoints/epoch-NNNN` (with the tokenizer and
+  kdcache-checkpoint.json: epoch, validation perplexity), the teacher's checkpoints that `cache-teacher --checkpoints`
+  stores for `distill --method prokd`.
 
 One process, no resume: this is the teacher-making step of the LM quickstart. Students of a cache train through the
 shared loop (`kdcache distill`, kdcache/methods/tokens.py); this loop may fold into it later.
@@ -43,7 +46,7 @@ from kdcache.runtime import command_line, resolve_device, utc_now
 
 #: What marks an LM training folder (so --overwrite deletes one, and nothing else), and what such a folder holds.
 RUN_MARKER = "kdcache-lm-run.json"
-RUN_ENTRIES = (RUN_MARKER, "model", "metrics.jsonl", "summary.json")
+RUN_ENTRIES = (RUN_MARKER, "model", "metrics.jsonl", "summary.json", "checkpoints")
 
 
 @dataclass
@@ -69,6 +72,7 @@ class TrainLMConfig:
     overwrite: bool = False
     progress: bool = True
     vocab_size: int | None = None  # without `tokenizer`: the BPE's vocabulary
+    save_every: int | None = None  # keep the model every N epochs in OUT/checkpoints/epoch-NNNN (Pro-KD's teachers)
 
 
 def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
@@ -125,6 +129,8 @@ def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
             metrics.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
+            if cfg.save_every and epoch % cfg.save_every == 0:
+                _save_checkpoint(model, tokenizer, out / "checkpoints" / f"epoch-{epoch:04d}", row)
             if step >= total:
                 break
     model.save_pretrained(str(out / "model"))
@@ -135,6 +141,23 @@ def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
                "completed": utc_now()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _save_checkpoint(model: Any, tokenizer: Any, folder: Path, row: dict[str, Any]) -> None:
+    """The model as it is after an epoch, a Hugging Face folder with the tokenizer and the kdcache-checkpoint.json
+    that `cache-teacher --checkpoints` reads its epoch and metric (validation perplexity, when there is a validation
+    split) from; written through a temporary folder and a rename, so a folder that exists is whole (the temporary
+    one is hidden, so a glob such as 'epoch-*' never matches what a kill left half-written)."""
+    from kdcache.models import CHECKPOINT_FILE
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / CHECKPOINT_FILE).write_text(json.dumps({"epoch": row["epoch"], "metric": row.get("val_perplexity"),
+                                                   "metric_name": "perplexity"}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def _bpe(cfg: TrainLMConfig) -> Any:

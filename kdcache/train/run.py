@@ -208,8 +208,9 @@ def build_run(cfg: DistillConfig, data: RunData, world: World, device: torch.dev
 
 
 def check_lm_method(method: Any, cfg: DistillConfig, data: RunData) -> None:
-    """A token-level cache trains causal-LM students with the methods whose loss is defined per token; the others
-    (Pro-KD, curriculum extraction) are one line, as is a flag with no meaning for a causal LM."""
+    """A token-level cache trains causal-LM students with the methods whose loss is defined per token (every built-in
+    one; a method that does not declare `per_token` is one line), and a flag with no meaning for a causal LM is one
+    line."""
     if not type(method).per_token:
         from kdcache.methods import METHODS
 
@@ -406,15 +407,18 @@ def _teacher_metrics(data: RunData, array: str | None) -> dict[str, float] | Non
     if split is None or split.cache is None or array is None:
         return None
     if data.kind == "lm":
-        return _teacher_perplexity(split) if target_kind(split.cache) == "dense" else None
+        # dense logits of the array the run reads (a --checkpoint's, always dense): its perplexity; top-k: none
+        dense = target_kind(split.cache) == "dense" if array == "logits" else array in split.cache.extra_widths
+        return _teacher_perplexity(split, array) if dense else None
     from kdcache.methods.targets import teacher_scores
 
     return compute_metrics(teacher_scores(split.cache, array), split.labels, task=data.task, kind=data.kind)
 
 
-def _teacher_perplexity(split: Any, block: int = 64) -> dict[str, float]:
-    """A dense language-model cache's teacher perplexity on its split, over the real tokens the students are scored
-    on (a top-k or sampled cache does not hold the probability of every next token, so it has none)."""
+def _teacher_perplexity(split: Any, array: str = "logits", block: int = 64) -> dict[str, float]:
+    """A dense language-model cache's teacher perplexity on its split (of `array`: the trained teacher's logits or a
+    checkpoint's), over the real tokens the students are scored on (a top-k or sampled cache does not hold the
+    probability of every next token, so it has none)."""
     from kdcache.data.lm import next_token_targets
 
     cache, total, count = split.cache, 0.0, 0
@@ -423,7 +427,7 @@ def _teacher_perplexity(split: Any, block: int = 64) -> dict[str, float]:
         ids, lengths, labels = (torch.from_numpy(cache.read(n, start, stop).astype(np.int64))
                                 for n in ("input_ids", "lengths", "labels"))
         following = next_token_targets(ids, lengths, labels, ignore=-1)
-        logits = torch.from_numpy(cache.read("logits", start, stop).astype(np.float32))
+        logits = torch.from_numpy(cache.read(array, start, stop).astype(np.float32))
         log_p = torch.log_softmax(logits, dim=-1).gather(-1, following.clamp(min=0)[..., None])[..., 0]
         total -= float(log_p[following >= 0].double().sum())
         count += int((following >= 0).sum())

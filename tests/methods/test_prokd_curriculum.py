@@ -591,3 +591,12 @@ def test_cache_format_doc_describes_every_attribute_of_a_curriculum_cache(curric
     for key in (*cache.checkpoints[0], *cache.projections, *cache.attrs["write_settings"]):
         assert f"`{key}`" in doc, key
     assert re.search(r"^\s+checkpoint_0 \.\.\.\s+\[N, C\]", doc, re.M) and re.search(r"^\s+hidden_<layer>", doc, re.M)
+
+
+def test_curriculum_on_a_top_k_cache_reads_the_projections_then_the_top_k_rows(tmp_path, teacher_run):
+    """The projections are dense arrays of their own; the logits phase reads the trained teacher's top-k rows."""
+    cache = _cache(tmp_path / "topk.kdcache", teacher_run, topk=3)
+    summary = _run(cache, tmp_path / "c", "curriculum", phase_epochs="1,1", epochs=4)
+    rows = _metrics(tmp_path / "c")
+    assert [r["phase"] for r in rows] == [1, 2, 3, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    assert summary["teacher_array"] == "hidden_1,hidden_2,topk_values,topk_indices,logsumexp"

@@ -74,7 +74,7 @@ def test_a_temperature_the_cache_did_not_record_is_one_line(tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("kind, method, needs", [
-    ("topk", "curriculum", "needs dense logits"),
+    ("sampled", "curriculum", "needs dense logits, top-k logits with their log-sum-exp"),
     ("sampled", "prokd", "needs dense logits, top-k logits with their log-sum-exp"),
     ("sampled", "continuation", "needs dense logits, top-k logits with their log-sum-exp"),
     ("sampled", "annealing", "needs dense logits, top-k logits with their log-sum-exp"),

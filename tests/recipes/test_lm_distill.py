@@ -314,7 +314,6 @@ def test_a_pretrained_causal_lm_folder_trains_as_its_first_layers(tmp_path, cach
 def test_methods_and_flags_without_a_per_token_meaning_are_one_line(tmp_path, caches, student_config, corpus, capsys,
                                                                     monkeypatch):
     cases = [
-        (("--method", "prokd"), ("--method prokd does not train causal-LM students",)),
         (("--method", "continuation", "--reduction", "batch"), ("--reduction batch", "sample or element")),
         (("--data", str(corpus)), ("holds its own token ids",)),
         (("--loss-chunk", "0"), ("--loss-chunk",)),
