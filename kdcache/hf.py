@@ -39,6 +39,7 @@ import transformers
 from kdcache.cache.reader import TeacherCache
 from kdcache.errors import KDCacheError
 from kdcache.methods.plain import TEACHER_PREFIX, KDMethod, get
+from kdcache.methods.tokens import check_head, perplexity_sums, token_output
 from kdcache.torch import TEXT_KEYS, TargetDataset, open_split, with_targets
 
 #: The file beside each Trainer checkpoint that holds the method's state.
@@ -53,19 +54,23 @@ class KDTrainer(transformers.Trainer):
     `inputs` as for `with_targets`; every other keyword that `Trainer` does not take is the method's (t_max, psi,
     margin, temperature, alpha, kd_loss, phi_on, ...)."""
 
-    def __init__(self, *args: Any, cache: Any, method: str = "continuation", preset: str = "glue",
+    def __init__(self, *args: Any, cache: Any, method: str = "continuation", preset: str | None = None,
                  index: Any = None, inputs: Any = None, eval_split: str | None = "validation",
-                 storage_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 view_order: str | None = None, storage_options: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _TRAINER_PARAMS}
         train_cache = open_split(cache, "train", storage_options)
-        if getattr(train_cache.target, "positions", None):  # a causal LM's loss is per token, chunked: not Trainer's
-            raise KDCacheError(f"{train_cache.path}: a language-model cache (targets per token); KDTrainer trains "
-                               "classifiers: distil a causal LM with kdcache distill, or in your own loop with "
-                               "with_targets and kdcache.methods.get (examples/lm_own_loop.py)")
+        #: a language-model cache: the student is a causal LM and the loss distill's chunked per-token loss
+        self.kd_tokens = bool(getattr(train_cache.target, "positions", None))
+        preset = preset or ("lm" if self.kd_tokens else "glue")
         where = cache if not isinstance(cache, TeacherCache) else cache.path
         training = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if training is None:
             raise KDCacheError("KDTrainer needs args=TrainingArguments(...)")
+        if self.kd_tokens and training.world_size > 1:
+            raise KDCacheError(f"{train_cache.path}: a language-model cache; KDTrainer computes its chunked token "
+                               "loss past the model's DistributedDataParallel wrapper, so it runs in one process: "
+                               "distil under torchrun with kdcache distill")
         epochs = max(1, math.ceil(training.num_train_epochs))
         self.kd_method: KDMethod = get(method, preset=preset, epochs=epochs, cache=train_cache, **options)
         if self.kd_method.restart_epochs():
@@ -83,8 +88,11 @@ class KDTrainer(transformers.Trainer):
             if split is None or (name == "eval_dataset" and split not in _splits(where, storage_options)
                                  and eval_split == "validation"):
                 continue  # no cached split to check the evaluation rows against: they are used as given
+            # a views cache: the training rows replay the view of the Trainer's epoch, the evaluation rows are plain
+            order = view_order if split == "train" else ("plain" if train_cache.header.views is not None else None)
             kwargs[name] = with_targets(dataset, train_cache if split == "train" else where, split, index=index,
-                                        inputs=inputs, pad_id=pad_id, storage_options=storage_options)
+                                        inputs=inputs, pad_id=pad_id, view_order=order, seed=training.seed,
+                                        storage_options=storage_options)
         if isinstance(kwargs.get("train_dataset"), TargetDataset):
             kwargs.setdefault("data_collator", kwargs["train_dataset"].collate)
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -92,6 +100,7 @@ class KDTrainer(transformers.Trainer):
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
         self.kd_epoch = 1
         self._resume_dir: str | None = None
+        self._head_checked = False
 
     # --- the loss ---------------------------------------------------------------------------------------------
 
@@ -99,6 +108,8 @@ class KDTrainer(transformers.Trainer):
                      num_items_in_batch: Any = None) -> Any:
         """The method's loss against the batch's cached targets at the Trainer's epoch and optimiser step;
         evaluation rows without cached targets get the hard-label loss."""
+        if self.kd_tokens:
+            return self._token_loss(model, inputs, return_outputs)
         labels = inputs.get("labels", inputs.get("label"))
         outputs = model(**self._model_inputs(model, inputs))
         logits = (outputs.logits if hasattr(outputs, "logits") else outputs[0] if isinstance(outputs, tuple)
@@ -109,6 +120,42 @@ class KDTrainer(transformers.Trainer):
         else:
             loss = _hard_label_loss(logits, labels, self.kd_cache.task_kind)
         return (loss, outputs) if return_outputs else loss
+
+    def _token_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """A causal-LM student on a language-model cache: the method's loss at every real token, its logits made a
+        chunk of positions at a time (`kdcache.methods.tokens`), as `distill` computes it; evaluation windows without
+        cached targets get the mean next-token cross-entropy."""
+        student = self.accelerator.unwrap_model(model)
+        ids = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if not self._head_checked:  # the chunked loss must train the model that is saved: its logits are lm_head's
+            training = student.training
+            student.eval()  # the same logits twice: no dropout
+            try:
+                check_head(student, ids, "given to KDTrainer")
+            finally:
+                student.train(training)
+            self._head_checked = True
+        output = token_output(student, ids)
+        if TEACHER_PREFIX + "next_token" in inputs:
+            epoch = min(max(self.kd_epoch, 1), self.kd_method.epochs)
+            loss = self.kd_method.loss(output, inputs, inputs[TEACHER_PREFIX + "next_token"], epoch=epoch,
+                                       step=int(self.state.global_step))
+        else:
+            unknown = torch.full((len(ids["input_ids"]),), -1, dtype=torch.int64, device=ids["input_ids"].device)
+            ce, count, _ = perplexity_sums(output, unknown, None)
+            loss = torch.tensor(ce / max(count, 1), device=ids["input_ids"].device)
+        return (loss, output) if return_outputs else loss
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """On a language-model cache, evaluation reports the loss alone (`eval_loss`): the batch's logits
+        [B, S, V] are what the chunked loss never makes."""
+        if not self.kd_tokens:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def _model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """The keys the model takes: those named by `inputs=`, else those its forward names (never the labels or
@@ -162,6 +209,8 @@ class _MethodCallback(transformers.TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.trainer.kd_epoch = min(math.floor((state.epoch or 0.0) + 1e-6) + 1, self.trainer.kd_method.epochs)
         self.trainer.kd_method.start_epoch(self.trainer.kd_epoch, self.trainer.accelerator.unwrap_model(model))
+        if isinstance(self.trainer.train_dataset, TargetDataset):  # a views cache: this epoch's views (from 0)
+            self.trainer.train_dataset.set_epoch(self.trainer.kd_epoch - 1)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     model: Any = None, **kwargs: Any) -> None:

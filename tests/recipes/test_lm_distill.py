@@ -422,17 +422,46 @@ def test_the_lm_own_loop_example_runs(tmp_path, caches):
     assert found and 1.0 < float(found.group(1)) < 1e4, done.stdout
 
 
-def test_kdtrainer_refuses_a_language_model_cache_in_one_line(tmp_path, caches):
+def test_kdtrainer_distils_a_causal_lm_with_distills_token_loss(tmp_path, caches):
+    """KDTrainer on a language-model cache: the user's windows (in the split's order) are checked against the cache,
+    its loss on a batch is the method object's (distill's chunked per-token loss), and training lowers the
+    validation loss; a tampered window is one line."""
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate: pip install -e '.[hf]'")
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
     from kdcache.errors import KDCacheError
     from kdcache.hf import KDTrainer
+    from kdcache.methods import get
+    from kdcache.methods.tokens import token_output
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2))
-    with pytest.raises(KDCacheError, match=r"a language-model cache .*\(examples/lm_own_loop.py\)") as caught:
-        KDTrainer(model=model, args=TrainingArguments(str(tmp_path / "t"), report_to=[]), cache=caches["topk"],
-                  train_dataset=[{"input_ids": [1, 2]}])
+    rows = _windows(kdcache.open_cache(caches["topk"], "train"))
+    val = _windows(kdcache.open_cache(caches["topk"], "validation"))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    args = TrainingArguments(str(tmp_path / "t"), num_train_epochs=3, per_device_train_batch_size=8,
+                             learning_rate=3e-3, use_cpu=True, report_to=[], save_strategy="no",
+                             eval_strategy="epoch", logging_strategy="epoch", disable_tqdm=True, seed=0, data_seed=0)
+    trainer = KDTrainer(model=model, args=args, train_dataset=rows, eval_dataset=val, cache=caches["topk"],
+                        method="vanilla", loss_chunk=5)
+    assert trainer.kd_method.hyperparameters == get("vanilla", preset="lm", epochs=3).hyperparameters
+    data = trainer.train_dataset
+    batch = data.collate([data[i] for i in range(6)])
+    method = get("vanilla", preset="lm", epochs=3, cache=data.cache)
+    want = method.loss(token_output(model, batch), batch, batch["teacher_next_token"], epoch=1, step=0)
+    torch.testing.assert_close(trainer.compute_loss(model, batch), want, rtol=1e-5, atol=1e-6)
+    first = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(evals) == len(losses) == 3 and evals[-1] < first and losses[-1] < losses[0]
+    changed = [dict(r) for r in rows]
+    changed[3]["input_ids"] = changed[3]["input_ids"].copy()
+    changed[3]["input_ids"][2] += 1
+    tampered = KDTrainer(model=model, args=args, train_dataset=changed, eval_dataset=val, cache=caches["topk"],
+                         method="vanilla")
+    with pytest.raises(KDCacheError, match="row 3 .* does not match") as caught:
+        tampered.train()
     assert "\n" not in str(caught.value)
 
 
