@@ -108,10 +108,11 @@ class TargetDataset(torch.utils.data.Dataset):
         #: a views cache replayed: the views, their parameters and the epoch (shared with DataLoader workers)
         self.views = _Views.of(self, view_order, view_key, seed)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        if self.views is not None:  # each target array is served as the item's view's (`view_<array>` [N, V, ...])
-            self.held = {name: cache.read(VIEW_PREFIX + name) if VIEW_PREFIX + name in self.views.stored else array
+        self.twins: frozenset[str] = frozenset()
+        if self.views is not None and self.views.choice is not None:  # each target array is served as the item's
+            self.twins = frozenset(n for n in self.held if VIEW_PREFIX + n in self.views.stored)  # view's [N, V, ...]
+            self.held = {name: cache.read(VIEW_PREFIX + name) if name in self.twins else array
                          for name, array in self.held.items()}
-            self.twins = frozenset(name for name in self.held if VIEW_PREFIX + name in self.views.stored)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next items are read in, counted from 0 as DistributedSampler and accelerate count it (the
@@ -153,7 +154,9 @@ class TargetDataset(torch.utils.data.Dataset):
         row = self.row(item, position)
         self.check_row(item, position, row)
         out = dict(item)
-        if self.views is not None:  # the teacher's view of this epoch: its input and its targets
+        if self.views is not None and self.views.choice is None:  # view_order plain: the teacher's plain input
+            out[self.views.key or self.input_key(item, position)] = self.views.plain(self, item, position)
+        if self.views is not None and self.views.choice is not None:  # this epoch's view: its input and targets
             view = int(self.views.choice.of(np.array([row]), self.epoch + 1)[0])
             out[self.views.key or self.input_key(item, position)] = self.views.replay(self, item, position, row, view)
             for name, array in self.held.items():
@@ -229,8 +232,8 @@ class _Views:
 
     @classmethod
     def of(cls, data: "TargetDataset", order: str | None, key: str | None, seed: int) -> "_Views | None":
-        """The replay for a views cache (view_order None or cycle / random), None otherwise; one line for an
-        order that cannot apply."""
+        """The replay for a views cache (view_order None or cycle / random; plain: no choice of view, the plain
+        image normalised), None for a cache without views; one line for an order that cannot apply."""
         from kdcache.data.images import _Prepare
         from kdcache.names import VIEW_ORDERS
         from kdcache.train.views import ViewChoice, check_views
@@ -243,19 +246,17 @@ class _Views:
                 raise KDCacheError(f"view_order={order!r}: {data.where} stores no augmented views (cache the teacher "
                                    "with --views V --augment cifar|imagenet)")
             return None
-        if order == "plain":  # the plain images and their targets, as a cache without views
-            return None
         info = check_views(cache.header, data.where)
         stored = frozenset(cache.arrays)
         if VIEW_PARAMS not in stored:
             raise KDCacheError(f"{data.where}: a views cache whose split has no {VIEW_PARAMS}; the split was edited")
-        if views_augment.partner_column(info.augment) is not None and data.index is not None:
+        if views_augment.partner_column(info.augment) is not None and data.index is not None and order != "plain":
             raise KDCacheError(f"{data.where}: {info.augment} views mix each row with a partner row named by its "
                                "position in the split; give the dataset in the split's order (no index=)")
         pre = (cache.split_attrs.get("dataset") or {}).get("preprocess") or {}
         mean, std = pre.get("mean"), pre.get("std")
         prepare = _Prepare(tuple(mean) if mean is not None else None, tuple(std) if std is not None else None)
-        choice = ViewChoice(int(info.count), order or "cycle", int(seed), len(cache))
+        choice = ViewChoice(int(info.count), order or "cycle", int(seed), len(cache)) if order != "plain" else None
         return cls(info.augment, np.ascontiguousarray(cache.read(VIEW_PARAMS), dtype=np.float32), choice, key,
                    prepare, stored)
 
@@ -274,6 +275,14 @@ class _Views:
             data.check_row(other, partner, partner)
             partners = self.pixels(data, other, partner)
         return views_augment.view_input(self, self.augment, images, params, torch.device("cpu"), partners)[0]
+
+    def plain(self, data: "TargetDataset", item: dict[str, Any], position: int) -> torch.Tensor:
+        """The item's plain image as the teacher saw it (the split's normalisation; `view_order="plain"`)."""
+        from kdcache.data.base import Batch
+
+        images = self.pixels(data, item, position)
+        empty = torch.zeros(1)
+        return self.prepare(Batch(images, empty, empty, np.zeros(0, dtype=np.uint64)), torch.device("cpu"))[0]
 
     @staticmethod
     def pixels(data: "TargetDataset", item: dict[str, Any], position: int) -> torch.Tensor:
