@@ -98,6 +98,8 @@ class KDTrainer(transformers.Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=[*callbacks, _MethodCallback(self)], **kwargs)
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+        if not self.label_names:  # a model whose forward names no labels: evaluation still goes through compute_loss
+            self.label_names = ["labels"]  # (the collate makes `labels` of `label`)
         self.kd_epoch = 1
         self._resume_dir: str | None = None
         self._head_checked = False
