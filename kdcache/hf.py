@@ -18,9 +18,17 @@ the labels.
 - The Trainer's own features keep working: gradient accumulation (the loss is a per-batch mean; the Trainer divides
   it by the accumulation steps), bf16 / fp16 (the loss is computed in float32), evaluation, checkpoints and resume,
   torchrun (each process wraps its datasets and checks the rows it reads).
+- A language-model cache: the student is a causal LM, the datasets the user's windows (dicts with `input_ids`, in
+  the split's order), each checked against the cache; `compute_loss` is `distill`'s chunked per-token loss
+  (`kdcache.methods.tokens.token_output` and the method's loss on it; `loss_chunk=` as `--loss-chunk`, preset
+  `lm` by default), and evaluation reports that loss (`eval_loss`). It runs in one process (the loss is computed
+  past DistributedDataParallel's forward): under torchrun, use `kdcache distill`.
+- A views cache: the training rows replay the view of the Trainer's epoch (`with_targets`'s `set_epoch`, which the
+  Trainer and the callback call each epoch; `view_order=` cycle or random, drawn from `args.seed`), the
+  evaluation rows are the plain images; both normalised as the teacher saw them.
 - Refused in one line: a method the cache's kind of target cannot serve, a method that must restart the optimiser
   mid-run (Annealing-KD's stage 2 as its authors train it: pass anneal_continuous=True), a missing split, a student
-  whose output width differs from the cache's teacher.
+  whose output width differs from the cache's teacher, a language-model cache under torchrun.
 
 Needs `accelerate` (the Trainer's own requirement): `pip install "kdcache[hf]"`.
 """
@@ -50,9 +58,10 @@ _TRAINER_PARAMS = frozenset(inspect.signature(transformers.Trainer.__init__).par
 class KDTrainer(transformers.Trainer):
     """A `transformers.Trainer` whose loss is a kdcache method against a teacher cache (see the module docstring).
 
-    `cache`: a path, URL or TeacherCache of the cache; `method` and `preset` as for `kdcache distill`; `index` and
-    `inputs` as for `with_targets`; every other keyword that `Trainer` does not take is the method's (t_max, psi,
-    margin, temperature, alpha, kd_loss, phi_on, ...)."""
+    `cache`: a path, URL or TeacherCache of the cache; `method` and `preset` as for `kdcache distill` (preset:
+    `lm` on a language-model cache, else `glue`); `index`, `inputs` and `view_order` as for `with_targets`; every
+    other keyword that `Trainer` does not take is the method's (t_max, psi, margin, temperature, alpha, kd_loss,
+    phi_on, loss_chunk, ...)."""
 
     def __init__(self, *args: Any, cache: Any, method: str = "continuation", preset: str | None = None,
                  index: Any = None, inputs: Any = None, eval_split: str | None = "validation",

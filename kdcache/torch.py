@@ -22,6 +22,16 @@ each item gains its teacher's targets, with the checks `kdcache distill` makes.
   `labels` are not compared (they are usually its ids, Hugging Face's causal-LM convention) unless `label_key`
   names them. `get(...).loss(kdcache.methods.tokens.token_output(model, batch), batch, batch["teacher_next_token"],
   ...)` is then `distill`'s chunked per-token loss (examples/lm_own_loop.py).
+- A views cache (`cache-teacher --views V --augment ...`): item i of epoch e (`data.set_epoch(e)`, from 0, as a
+  DistributedSampler counts; the Hugging Face Trainer calls it itself) is the view `distill` trains row i on in its
+  epoch e + 1 (`view_order="cycle"`: view (e + 1) mod V; `"random"`: drawn per row from (`seed`, epoch) as
+  `distill --view-order random --seed` draws it). The item's uint8 image (its model-input key, HWC or CHW) is
+  replaced by that view's input, float32 [C, H, W] normalised as the cache recorded: bit for bit
+  `kdcache.replay_view(cache, split, row, view)` (or kept, the view going under `view_key`); the `teacher_*`
+  targets are that view's (`view_<array>`), and `teacher_view` names it. A mixing view's partner row is read from
+  the dataset by position and checked too. `view_order="plain"`: the plain image, normalised likewise, and its
+  plain targets. The view is chosen in the process that reads the item, DataLoader workers included (the epoch is
+  in shared memory, so persistent workers follow `set_epoch`).
 
 The split's target arrays are read once (checked reads) and held in host memory as stored; a DataLoader's forked
 workers share them. A split larger than memory is `kdcache distill`'s job (it streams windows of chunks).
