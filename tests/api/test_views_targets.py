@@ -196,3 +196,22 @@ def test_kdtrainer_trains_each_epoch_on_its_views(tmp_path, caches, cifar10_zip)
         np.testing.assert_array_equal(logits.numpy(), stored[rows.numpy(), epoch % V])
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert len(evals) == V and all(np.isfinite(h["eval_loss"]) for h in evals)  # the plain test images, normalised
+
+
+def test_the_views_own_loop_example_runs(tmp_path, caches):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "views_own_loop.py"), str(caches["cifar"]),
+                           "--epochs", "4", "--batch-size", "16"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.findall(r"^epoch (\d) view \[(\d)\] ", done.stdout, re.M) == [("1", "1"), ("2", "2"), ("3", "0"),
+                                                                            ("4", "1")]  # view e mod V, as distill
+    found = re.search(r"^validation accuracy ([0-9.]+)$", done.stdout, re.M)
+    assert found and 0.0 <= float(found.group(1)) <= 1.0, done.stdout
