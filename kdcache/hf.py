@@ -140,9 +140,10 @@ class KDTrainer(transformers.Trainer):
         ids = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         if not self._head_checked:  # the chunked loss must train the model that is saved: its logits are lm_head's
             training = student.training
-            student.eval()  # the same logits twice: no dropout
+            student.eval()  # the same logits twice: no dropout, no autocast
             try:
-                check_head(student, ids, "given to KDTrainer")
+                with torch.autocast(ids["input_ids"].device.type, enabled=False):
+                    check_head(student, ids, "given to KDTrainer")
             finally:
                 student.train(training)
             self._head_checked = True

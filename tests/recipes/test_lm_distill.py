@@ -455,6 +455,13 @@ def test_kdtrainer_distils_a_causal_lm_with_distills_token_loss(tmp_path, caches
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(evals) == len(losses) == 3 and evals[-1] < first and losses[-1] < losses[0]
+    from kdcache.methods.tokens import perplexity_sums
+
+    unchecked = trainer.evaluate(eval_dataset=val)["eval_loss"]  # rows without cached targets: next-token CE
+    batch = data.collate([dict(v, teacher_next_token=-1) for v in val])
+    with torch.no_grad():
+        ce, count, _ = perplexity_sums(token_output(model, batch), torch.full((len(val),), -1), None)
+    assert unchecked == pytest.approx(ce / count, rel=0.05)  # a mean of per-batch means
     changed = [dict(r) for r in rows]
     changed[3]["input_ids"] = changed[3]["input_ids"].copy()
     changed[3]["input_ids"][2] += 1
