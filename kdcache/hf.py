@@ -21,14 +21,15 @@ the labels.
 - A language-model cache: the student is a causal LM, the datasets the user's windows (dicts with `input_ids`, in
   the split's order), each checked against the cache; `compute_loss` is `distill`'s chunked per-token loss
   (`kdcache.methods.tokens.token_output` and the method's loss on it; `loss_chunk=` as `--loss-chunk`, preset
-  `lm` by default), and evaluation reports that loss (`eval_loss`). It runs in one process (the loss is computed
-  past DistributedDataParallel's forward): under torchrun, use `kdcache distill`.
+  `lm` by default), and evaluation reports that loss (`eval_loss`). Under torchrun the hidden states come from the
+  wrapped model's forward (`output_hidden_states`, one position's logits), so DistributedDataParallel syncs the
+  gradients.
 - A views cache: the training rows replay the view of the Trainer's epoch (`with_targets`'s `set_epoch`, which the
   Trainer and the callback call each epoch; `view_order=` cycle or random, drawn from `args.seed`), the
   evaluation rows are the plain images; both normalised as the teacher saw them.
 - Refused in one line: a method the cache's kind of target cannot serve, a method that must restart the optimiser
   mid-run (Annealing-KD's stage 2 as its authors train it: pass anneal_continuous=True), a missing split, a student
-  whose output width differs from the cache's teacher, a language-model cache under torchrun.
+  whose output width differs from the cache's teacher.
 
 Needs `accelerate` (the Trainer's own requirement): `pip install "kdcache[hf]"`.
 """
@@ -47,7 +48,7 @@ import transformers
 from kdcache.cache.reader import TeacherCache
 from kdcache.errors import KDCacheError
 from kdcache.methods.plain import TEACHER_PREFIX, KDMethod, get
-from kdcache.methods.tokens import check_head, perplexity_sums, token_output
+from kdcache.methods.tokens import TokenOutput, check_head, perplexity_sums, token_output
 from kdcache.torch import TEXT_KEYS, TargetDataset, open_split, with_targets
 
 #: The file beside each Trainer checkpoint that holds the method's state.
@@ -76,10 +77,6 @@ class KDTrainer(transformers.Trainer):
         training = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if training is None:
             raise KDCacheError("KDTrainer needs args=TrainingArguments(...)")
-        if self.kd_tokens and training.world_size > 1:
-            raise KDCacheError(f"{train_cache.path}: a language-model cache; KDTrainer computes its chunked token "
-                               "loss past the model's DistributedDataParallel wrapper, so it runs in one process: "
-                               "distil under torchrun with kdcache distill")
         epochs = max(1, math.ceil(training.num_train_epochs))
         self.kd_method: KDMethod = get(method, preset=preset, epochs=epochs, cache=train_cache, **options)
         if self.kd_method.restart_epochs():
@@ -139,15 +136,13 @@ class KDTrainer(transformers.Trainer):
         student = self.accelerator.unwrap_model(model)
         ids = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         if not self._head_checked:  # the chunked loss must train the model that is saved: its logits are lm_head's
-            training = student.training
-            student.eval()  # the same logits twice: no dropout, no autocast
-            try:
-                with torch.autocast(ids["input_ids"].device.type, enabled=False):
-                    check_head(student, ids, "given to KDTrainer")
-            finally:
-                student.train(training)
-            self._head_checked = True
-        output = token_output(student, ids)
+            self._check_student(model, student, ids)
+        if model is student:
+            output = token_output(student, ids)
+        else:  # wrapped (DistributedDataParallel): its forward, which syncs the gradients, gives the hidden states
+            hidden = model(**ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            output = TokenOutput(hidden, student.get_output_embeddings(), ids["input_ids"],
+                                 ids["attention_mask"].sum(dim=1))
         if TEACHER_PREFIX + "next_token" in inputs:
             epoch = min(max(self.kd_epoch, 1), self.kd_method.epochs)
             loss = self.kd_method.loss(output, inputs, inputs[TEACHER_PREFIX + "next_token"], epoch=epoch,
@@ -157,6 +152,26 @@ class KDTrainer(transformers.Trainer):
             ce, count, _ = perplexity_sums(output, unknown, None)
             loss = torch.tensor(ce / max(count, 1), device=ids["input_ids"].device)
         return (loss, output) if return_outputs else loss
+
+    def _check_student(self, model: torch.nn.Module, student: torch.nn.Module, ids: dict[str, torch.Tensor]) -> None:
+        """Once, on the first batch: the student's logits are its lm_head of its final hidden states (`check_head`),
+        and, wrapped for torchrun, its forward's last hidden states are those final hidden states."""
+        training = student.training
+        student.eval()  # the same numbers twice: no dropout, no autocast
+        try:
+            with torch.autocast(ids["input_ids"].device.type, enabled=False):
+                check_head(student, ids, "given to KDTrainer")
+                if model is not student:
+                    with torch.inference_mode():
+                        last = student(**ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                        final = token_output(student, ids).hidden
+                    if last.shape != final.shape or not torch.allclose(last, final, rtol=1e-4, atol=1e-4):
+                        raise KDCacheError(f"student given to KDTrainer ({type(student).__name__}): its last hidden "
+                                           "states are not its final ones (after the last norm), which the chunked "
+                                           "token loss reads under torchrun; train it with kdcache distill")
+        finally:
+            student.train(training)
+        self._head_checked = True
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:

@@ -472,6 +472,60 @@ def test_kdtrainer_distils_a_causal_lm_with_distills_token_loss(tmp_path, caches
     assert "\n" not in str(caught.value)
 
 
+KDTRAINER_TORCHRUN = """
+import json, os, sys
+from pathlib import Path
+import numpy as np
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+import kdcache
+from kdcache.hf import KDTrainer
+
+cache, out = sys.argv[1:]
+split = kdcache.open_cache(cache, "train")
+ids, lengths = split.read("input_ids"), split.read("lengths")
+rows = [{"input_ids": ids[r, :lengths[r]].astype(np.int64)} for r in range(len(ids))]
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+before = float(torch.cat([p.detach().flatten() for p in model.parameters()]).abs().sum())
+args = TrainingArguments(out, num_train_epochs=2, per_device_train_batch_size=4, learning_rate=3e-3, use_cpu=True,
+                         report_to=[], save_strategy="no", eval_strategy="no", logging_strategy="no",
+                         disable_tqdm=True, seed=0)
+trainer = KDTrainer(model=model, args=args, train_dataset=rows, cache=cache, method="vanilla", loss_chunk=7)
+trainer.train()
+flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps({
+    "world": trainer.args.world_size, "sum": float(flat.abs().sum()), "before": before,
+    "steps": trainer.state.global_step}))
+"""
+
+
+def test_kdtrainer_on_a_language_model_cache_under_torchrun_trains_one_student(tmp_path, caches):
+    """Two processes: the token loss reads the hidden states through DistributedDataParallel's forward, so the
+    gradients are synced and both processes end with the same student (unsynced, their shards would part them)."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate: pip install -e '.[hf]'")
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    script = tmp_path / "train.py"
+    script.write_text(KDTRAINER_TORCHRUN)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(caches["topk"]), str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-6)
+    assert ranks[0]["sum"] != pytest.approx(ranks[0]["before"], rel=1e-6)  # and it moved
+
+
 @pytest.mark.parametrize("name", ["vanilla-topk-bucket", "continuation-topk", "ce"])
 def test_the_chunked_loss_keeps_nothing_of_batch_by_vocabulary_for_the_backward_pass(name):
     """What the backward pass holds is counted (torch's saved-tensor hooks): chunked, no saved tensor is as large as
