@@ -73,6 +73,15 @@ def test_an_item_is_its_epochs_replayed_view_and_that_views_targets(caches, cifa
             assert item["teacher_view"] == view and item["teacher_row"] == row
             assert torch.equal(item["image"], kdcache.replay_view(cache, "train", row, view))
             np.testing.assert_array_equal(item["teacher_logits"].numpy(), stored[row, view])
+    if augment == "cifar":  # joined by the sample index, in another order: the view is the cache row's
+        index = kdcache.open_cache(cache, "train").read("index")
+        shuffled = [dict(r, sample=int(index[i])) for i, r in enumerate(user_rows(cifar10_zip, "train"))][::-1]
+        joined = with_targets(shuffled, cache, index="sample", view_order="random", seed=1)
+        joined.set_epoch(2)
+        item = joined[0]  # the split's row 39
+        view = item["teacher_view"]
+        assert item["teacher_row"] == 39 and torch.equal(item["image"], kdcache.replay_view(cache, "train", 39, view))
+        np.testing.assert_array_equal(item["teacher_logits"].numpy(), stored[39, view])
 
 
 def test_random_and_plain_orders_are_distills(caches, cifar10_zip, weights):
