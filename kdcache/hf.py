@@ -18,6 +18,15 @@ the labels.
 - The Trainer's own features keep working: gradient accumulation (the loss is a per-batch mean; the Trainer divides
   it by the accumulation steps), bf16 / fp16 (the loss is computed in float32), evaluation, checkpoints and resume,
   torchrun (each process wraps its datasets and checks the rows it reads).
+- A language-model cache: the student is a causal LM, the datasets the user's windows (dicts with `input_ids`, in
+  the split's order), each checked against the cache; `compute_loss` is `distill`'s chunked per-token loss
+  (`kdcache.methods.tokens.token_output` and the method's loss on it; `loss_chunk=` as `--loss-chunk`, preset
+  `lm` by default), and evaluation reports that loss (`eval_loss`). Under torchrun the hidden states come from the
+  wrapped model's forward (`output_hidden_states`, one position's logits), so DistributedDataParallel syncs the
+  gradients.
+- A views cache: the training rows replay the view of the Trainer's epoch (`with_targets`'s `set_epoch`, which the
+  Trainer and the callback call each epoch; `view_order=` cycle or random, drawn from `args.seed`), the
+  evaluation rows are the plain images; both normalised as the teacher saw them.
 - Refused in one line: a method the cache's kind of target cannot serve, a method that must restart the optimiser
   mid-run (Annealing-KD's stage 2 as its authors train it: pass anneal_continuous=True), a missing split, a student
   whose output width differs from the cache's teacher.
@@ -39,6 +48,7 @@ import transformers
 from kdcache.cache.reader import TeacherCache
 from kdcache.errors import KDCacheError
 from kdcache.methods.plain import TEACHER_PREFIX, KDMethod, get
+from kdcache.methods.tokens import TokenOutput, check_head, perplexity_sums, token_output
 from kdcache.torch import TEXT_KEYS, TargetDataset, open_split, with_targets
 
 #: The file beside each Trainer checkpoint that holds the method's state.
@@ -49,19 +59,20 @@ _TRAINER_PARAMS = frozenset(inspect.signature(transformers.Trainer.__init__).par
 class KDTrainer(transformers.Trainer):
     """A `transformers.Trainer` whose loss is a kdcache method against a teacher cache (see the module docstring).
 
-    `cache`: a path, URL or TeacherCache of the cache; `method` and `preset` as for `kdcache distill`; `index` and
-    `inputs` as for `with_targets`; every other keyword that `Trainer` does not take is the method's (t_max, psi,
-    margin, temperature, alpha, kd_loss, phi_on, ...)."""
+    `cache`: a path, URL or TeacherCache of the cache; `method` and `preset` as for `kdcache distill` (preset:
+    `lm` on a language-model cache, else `glue`); `index`, `inputs` and `view_order` as for `with_targets`; every
+    other keyword that `Trainer` does not take is the method's (t_max, psi, margin, temperature, alpha, kd_loss,
+    phi_on, loss_chunk, ...)."""
 
-    def __init__(self, *args: Any, cache: Any, method: str = "continuation", preset: str = "glue",
+    def __init__(self, *args: Any, cache: Any, method: str = "continuation", preset: str | None = None,
                  index: Any = None, inputs: Any = None, eval_split: str | None = "validation",
-                 storage_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 view_order: str | None = None, storage_options: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _TRAINER_PARAMS}
         train_cache = open_split(cache, "train", storage_options)
-        if getattr(train_cache.target, "positions", None):  # a causal LM's loss is per token, chunked: not Trainer's
-            raise KDCacheError(f"{train_cache.path}: a language-model cache (targets per token); KDTrainer trains "
-                               "classifiers: distil a causal LM with kdcache distill, or in your own loop with "
-                               "with_targets and kdcache.methods.get (examples/lm_own_loop.py)")
+        #: a language-model cache: the student is a causal LM and the loss distill's chunked per-token loss
+        self.kd_tokens = bool(getattr(train_cache.target, "positions", None))
+        preset = preset or ("lm" if self.kd_tokens else "glue")
         where = cache if not isinstance(cache, TeacherCache) else cache.path
         training = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if training is None:
@@ -83,15 +94,21 @@ class KDTrainer(transformers.Trainer):
             if split is None or (name == "eval_dataset" and split not in _splits(where, storage_options)
                                  and eval_split == "validation"):
                 continue  # no cached split to check the evaluation rows against: they are used as given
+            # a views cache: the training rows replay the view of the Trainer's epoch, the evaluation rows are plain
+            order = view_order if split == "train" else ("plain" if train_cache.header.views is not None else None)
             kwargs[name] = with_targets(dataset, train_cache if split == "train" else where, split, index=index,
-                                        inputs=inputs, pad_id=pad_id, storage_options=storage_options)
+                                        inputs=inputs, pad_id=pad_id, view_order=order, seed=training.seed,
+                                        storage_options=storage_options)
         if isinstance(kwargs.get("train_dataset"), TargetDataset):
             kwargs.setdefault("data_collator", kwargs["train_dataset"].collate)
         callbacks = list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=[*callbacks, _MethodCallback(self)], **kwargs)
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+        if not self.label_names:  # a model whose forward names no labels: evaluation still goes through compute_loss
+            self.label_names = ["labels"]  # (the collate makes `labels` of `label`)
         self.kd_epoch = 1
         self._resume_dir: str | None = None
+        self._head_checked = False
 
     # --- the loss ---------------------------------------------------------------------------------------------
 
@@ -99,6 +116,8 @@ class KDTrainer(transformers.Trainer):
                      num_items_in_batch: Any = None) -> Any:
         """The method's loss against the batch's cached targets at the Trainer's epoch and optimiser step;
         evaluation rows without cached targets get the hard-label loss."""
+        if self.kd_tokens:
+            return self._token_loss(model, inputs, return_outputs)
         labels = inputs.get("labels", inputs.get("label"))
         outputs = model(**self._model_inputs(model, inputs))
         logits = (outputs.logits if hasattr(outputs, "logits") else outputs[0] if isinstance(outputs, tuple)
@@ -109,6 +128,61 @@ class KDTrainer(transformers.Trainer):
         else:
             loss = _hard_label_loss(logits, labels, self.kd_cache.task_kind)
         return (loss, outputs) if return_outputs else loss
+
+    def _token_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """A causal-LM student on a language-model cache: the method's loss at every real token, its logits made a
+        chunk of positions at a time (`kdcache.methods.tokens`), as `distill` computes it; evaluation windows without
+        cached targets get the mean next-token cross-entropy."""
+        student = self.accelerator.unwrap_model(model)
+        ids = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if not self._head_checked:  # the chunked loss must train the model that is saved: its logits are lm_head's
+            self._check_student(model, student, ids)
+        if model is student:
+            output = token_output(student, ids)
+        else:  # wrapped (DistributedDataParallel): its forward, which syncs the gradients, gives the hidden states
+            hidden = model(**ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            output = TokenOutput(hidden, student.get_output_embeddings(), ids["input_ids"],
+                                 ids["attention_mask"].sum(dim=1))
+        if TEACHER_PREFIX + "next_token" in inputs:
+            epoch = min(max(self.kd_epoch, 1), self.kd_method.epochs)
+            loss = self.kd_method.loss(output, inputs, inputs[TEACHER_PREFIX + "next_token"], epoch=epoch,
+                                       step=int(self.state.global_step))
+        else:
+            unknown = torch.full((len(ids["input_ids"]),), -1, dtype=torch.int64, device=ids["input_ids"].device)
+            ce, count, _ = perplexity_sums(output, unknown, None)
+            loss = torch.tensor(ce / max(count, 1), device=ids["input_ids"].device)
+        return (loss, output) if return_outputs else loss
+
+    def _check_student(self, model: torch.nn.Module, student: torch.nn.Module, ids: dict[str, torch.Tensor]) -> None:
+        """Once, on the first batch: the student's logits are its lm_head of its final hidden states (`check_head`),
+        and, wrapped for torchrun, its forward's last hidden states are those final hidden states."""
+        training = student.training
+        student.eval()  # the same numbers twice: no dropout, no autocast
+        try:
+            with torch.autocast(ids["input_ids"].device.type, enabled=False):
+                check_head(student, ids, "given to KDTrainer")
+                if model is not student:
+                    with torch.inference_mode():
+                        last = student(**ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                        final = token_output(student, ids).hidden
+                    if last.shape != final.shape or not torch.allclose(last, final, rtol=1e-4, atol=1e-4):
+                        raise KDCacheError(f"student given to KDTrainer ({type(student).__name__}): its last hidden "
+                                           "states are not its final ones (after the last norm), which the chunked "
+                                           "token loss reads under torchrun; train it with kdcache distill")
+        finally:
+            student.train(training)
+        self._head_checked = True
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """On a language-model cache, evaluation reports the loss alone (`eval_loss`): the batch's logits
+        [B, S, V] are what the chunked loss never makes."""
+        if not self.kd_tokens:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def _model_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """The keys the model takes: those named by `inputs=`, else those its forward names (never the labels or
@@ -162,6 +236,8 @@ class _MethodCallback(transformers.TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.trainer.kd_epoch = min(math.floor((state.epoch or 0.0) + 1e-6) + 1, self.trainer.kd_method.epochs)
         self.trainer.kd_method.start_epoch(self.trainer.kd_epoch, self.trainer.accelerator.unwrap_model(model))
+        if isinstance(self.trainer.train_dataset, TargetDataset):  # a views cache: this epoch's views (from 0)
+            self.trainer.train_dataset.set_epoch(self.trainer.kd_epoch - 1)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     model: Any = None, **kwargs: Any) -> None:

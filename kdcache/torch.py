@@ -22,6 +22,16 @@ each item gains its teacher's targets, with the checks `kdcache distill` makes.
   `labels` are not compared (they are usually its ids, Hugging Face's causal-LM convention) unless `label_key`
   names them. `get(...).loss(kdcache.methods.tokens.token_output(model, batch), batch, batch["teacher_next_token"],
   ...)` is then `distill`'s chunked per-token loss (examples/lm_own_loop.py).
+- A views cache (`cache-teacher --views V --augment ...`): item i of epoch e (`data.set_epoch(e)`, from 0, as a
+  DistributedSampler counts; the Hugging Face Trainer calls it itself) is the view `distill` trains row i on in its
+  epoch e + 1 (`view_order="cycle"`: view (e + 1) mod V; `"random"`: drawn per row from (`seed`, epoch) as
+  `distill --view-order random --seed` draws it). The item's uint8 image (its model-input key, HWC or CHW) is
+  replaced by that view's input, float32 [C, H, W] normalised as the cache recorded: bit for bit
+  `kdcache.replay_view(cache, split, row, view)` (or kept, the view going under `view_key`); the `teacher_*`
+  targets are that view's (`view_<array>`), and `teacher_view` names it. A mixing view's partner row is read from
+  the dataset by position and checked too. `view_order="plain"`: the plain image, normalised likewise, and its
+  plain targets. The view is chosen in the process that reads the item, DataLoader workers included (the epoch is
+  in shared memory, so persistent workers follow `set_epoch`).
 
 The split's target arrays are read once (checked reads) and held in host memory as stored; a DataLoader's forked
 workers share them. A split larger than memory is `kdcache distill`'s job (it streams windows of chunks).
@@ -36,6 +46,8 @@ import numpy as np
 import torch
 
 from kdcache.cache.reader import TeacherCache
+from kdcache.cache.schema import VIEW_PARAMS, VIEW_PREFIX
+from kdcache.data import augment as views_augment
 from kdcache.data.base import Batch
 from kdcache.errors import KDCacheError
 from kdcache.fingerprint import fingerprint_features, fingerprint_pixels, fingerprint_tokens
@@ -78,7 +90,8 @@ class TargetDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Any, cache: TeacherCache, *, index: str | Callable[[Any, int], int] | None = None,
                  inputs: Sequence[str] | None = None, label_key: str | None = None,
-                 arrays: Sequence[str] | None = None, pad_id: int = 0) -> None:
+                 arrays: Sequence[str] | None = None, pad_id: int = 0, view_order: str | None = None,
+                 view_key: str | None = None, seed: int = 0) -> None:
         self.dataset, self.cache, self.index = dataset, cache, index
         self.task = cache.header.task.name
         self.modality = cache.header.task.modality or _modality(self.task)
@@ -102,6 +115,26 @@ class TargetDataset(torch.utils.data.Dataset):
         self.positions = getattr(cache.target, "positions", None)  # a language-model cache: S, the window
         self.collate = TargetCollate(pad_id, width=self.positions)
         self.kind = cache.task_kind
+        #: a views cache replayed: the views, their parameters and the epoch (shared with DataLoader workers)
+        self.views = _Views.of(self, view_order, view_key, seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.twins: frozenset[str] = frozenset()
+        if self.views is not None and self.views.choice is not None:  # each target array is served as the item's
+            self.twins = frozenset(n for n in self.held if VIEW_PREFIX + n in self.views.stored)  # view's [N, V, ...]
+            self.held = {name: cache.read(VIEW_PREFIX + name) if name in self.twins else array
+                         for name, array in self.held.items()}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next items are read in, counted from 0 as DistributedSampler and accelerate count it (the
+        Hugging Face Trainer calls this itself): on a views cache, the view each item replays is the one `distill`
+        trains on in its epoch `epoch + 1` (cycle: view (epoch + 1) mod V). Workers of a DataLoader see it too,
+        persistent ones included."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        """The epoch set by `set_epoch` (0 until it is called)."""
+        return int(self._epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -129,6 +162,27 @@ class TargetDataset(torch.utils.data.Dataset):
             raise KDCacheError(f"{self.check.source}: item {position} is a {type(item).__name__}; with_targets "
                                "needs items that are dicts of named fields")
         row = self.row(item, position)
+        self.check_row(item, position, row)
+        out = dict(item)
+        if self.views is not None and self.views.choice is None:  # view_order plain: the teacher's plain input
+            out[self.views.key or self.input_key(item, position)] = self.views.plain(self, item, position)
+        if self.views is not None and self.views.choice is not None:  # this epoch's view: its input and targets
+            view = int(self.views.choice.of(np.array([row]), self.epoch + 1)[0])
+            out[self.views.key or self.input_key(item, position)] = self.views.replay(self, item, position, row, view)
+            for name, array in self.held.items():
+                out[TEACHER_PREFIX + name] = torch.from_numpy(np.asarray(array[row, view] if name in self.twins
+                                                                         else array[row]))
+            out[TEACHER_PREFIX + "view"] = view
+        else:
+            for name, array in self.held.items():
+                out[TEACHER_PREFIX + name] = torch.from_numpy(np.asarray(array[row]))
+        out[TEACHER_PREFIX + "row"] = row
+        if self.positions:  # the token after the window, which its last position predicts (-1 after the stream)
+            out[TEACHER_PREFIX + "next_token"] = int(self.check.labels[row])
+        return out
+
+    def check_row(self, item: dict[str, Any], position: int, row: int) -> None:
+        """`distill`'s check of a row the first time this process reads it: its fingerprint and its label."""
         if not self.check.seen[row]:
             fingerprint = self.fingerprint(item, position)
             # a window's label is the token after it; an LM item's `labels` are usually its own ids (HF's causal-LM
@@ -142,22 +196,20 @@ class TargetDataset(torch.utils.data.Dataset):
             except KDCacheError as exc:
                 message = str(exc).replace(f"(source index {position})", f"(dataset item {position})")
                 raise RowMismatch(message) from None
-        out = dict(item)
-        for name, array in self.held.items():
-            out[TEACHER_PREFIX + name] = torch.from_numpy(np.asarray(array[row]))
-        out[TEACHER_PREFIX + "row"] = row
-        if self.positions:  # the token after the window, which its last position predicts (-1 after the stream)
-            out[TEACHER_PREFIX + "next_token"] = int(self.check.labels[row])
-        return out
 
-    def fingerprint(self, item: dict[str, Any], position: int) -> int:
-        """The row's fingerprint as the cache writer made it: unpadded token ids, uint8 pixels (HWC) or float32
-        features, from the model-input key found."""
+    def input_key(self, item: dict[str, Any], position: int) -> str:
+        """The item's model-input key: the first of `inputs=` (else the modality's usual keys) that it has."""
         keys = self.input_keys or {"text": TEXT_KEYS, "image": IMAGE_KEYS}.get(self.modality, FEATURE_KEYS)
         key = next((k for k in keys if k in item), None)
         if key is None:
             raise KDCacheError(f"{self.check.source}: item {position} has none of the model-input keys "
                                f"{', '.join(keys)} (its keys: {', '.join(map(str, item))}); name them with inputs=")
+        return key
+
+    def fingerprint(self, item: dict[str, Any], position: int) -> int:
+        """The row's fingerprint as the cache writer made it: unpadded token ids, uint8 pixels (HWC) or float32
+        features, from the model-input key found."""
+        key = self.input_key(item, position)
         value = item[key]
         if self.modality == "text":
             ids = _numpy(value).reshape(-1).astype(np.int64)
@@ -175,6 +227,87 @@ class TargetDataset(torch.utils.data.Dataset):
                 pixels = np.ascontiguousarray(pixels.transpose(1, 2, 0))  # CHW (torch) -> HWC, as fingerprinted
             return fingerprint_pixels(pixels)
         return fingerprint_features(_numpy(value).reshape(-1))
+
+
+class _Views:
+    """A views cache's views, replayed for `with_targets`'s items: the stored parameters of every view, which view
+    each row reads in each epoch (`kdcache.train.views.ViewChoice`, as distill chooses) and the split's
+    normalisation, applied by the code capture, distill and `replay_view` use (`kdcache.data.augment.view_input`)."""
+
+    def __init__(self, augment: str, params: np.ndarray, choice: Any, key: str | None, prepare: Any,
+                 stored: frozenset[str]) -> None:
+        self.augment, self.params, self.choice, self.key = augment, params, choice, key
+        self.prepare, self.stored = prepare, stored  # `prepare`: view_input's `split.prepare`
+        self.column = views_augment.partner_column(augment)
+
+    @classmethod
+    def of(cls, data: "TargetDataset", order: str | None, key: str | None, seed: int) -> "_Views | None":
+        """The replay for a views cache (view_order None or cycle / random; plain: no choice of view, the plain
+        image normalised), None for a cache without views; one line for an order that cannot apply."""
+        from kdcache.data.images import _Prepare
+        from kdcache.names import VIEW_ORDERS
+        from kdcache.train.views import ViewChoice, check_views
+
+        cache = data.cache
+        if order is not None and order not in VIEW_ORDERS:
+            raise KDCacheError(f"view_order {order!r} is not one of {', '.join(VIEW_ORDERS)}")
+        if cache.header.views is None:
+            if order not in (None, "plain"):
+                raise KDCacheError(f"view_order={order!r}: {data.where} stores no augmented views (cache the teacher "
+                                   "with --views V --augment cifar|imagenet)")
+            return None
+        info = check_views(cache.header, data.where)
+        stored = frozenset(cache.arrays)
+        if VIEW_PARAMS not in stored:
+            raise KDCacheError(f"{data.where}: a views cache whose split has no {VIEW_PARAMS}; the split was edited")
+        if views_augment.partner_column(info.augment) is not None and data.index is not None and order != "plain":
+            raise KDCacheError(f"{data.where}: {info.augment} views mix each row with a partner row named by its "
+                               "position in the split; give the dataset in the split's order (no index=)")
+        pre = (cache.split_attrs.get("dataset") or {}).get("preprocess") or {}
+        mean, std = pre.get("mean"), pre.get("std")
+        prepare = _Prepare(tuple(mean) if mean is not None else None, tuple(std) if std is not None else None)
+        choice = ViewChoice(int(info.count), order or "cycle", int(seed), len(cache)) if order != "plain" else None
+        return cls(info.augment, np.ascontiguousarray(cache.read(VIEW_PARAMS), dtype=np.float32), choice, key,
+                   prepare, stored)
+
+    def replay(self, data: "TargetDataset", item: dict[str, Any], position: int, row: int, view: int) -> torch.Tensor:
+        """The input [C, H, W] the teacher saw for view `view` of the item (its uint8 image; a mixing view's
+        partner item read from the dataset and checked too), as `kdcache.replay_view` returns it."""
+        images = self.pixels(data, item, position)
+        params = torch.from_numpy(self.params[row, view])[None]
+        partners = None
+        if self.column is not None:
+            partner = int(self.params[row, view, self.column])
+            other = data.dataset[partner]
+            if not isinstance(other, dict):
+                raise KDCacheError(f"{data.check.source}: item {partner} is a {type(other).__name__}; with_targets "
+                                   "needs items that are dicts of named fields")
+            data.check_row(other, partner, partner)
+            partners = self.pixels(data, other, partner)
+        return views_augment.view_input(self, self.augment, images, params, torch.device("cpu"), partners)[0]
+
+    def plain(self, data: "TargetDataset", item: dict[str, Any], position: int) -> torch.Tensor:
+        """The item's plain image as the teacher saw it (the split's normalisation; `view_order="plain"`)."""
+        from kdcache.data.base import Batch
+
+        images = self.pixels(data, item, position)
+        empty = torch.zeros(1)
+        return self.prepare(Batch(images, empty, empty, np.zeros(0, dtype=np.uint64)), torch.device("cpu"))[0]
+
+    @staticmethod
+    def pixels(data: "TargetDataset", item: dict[str, Any], position: int) -> torch.Tensor:
+        """The item's uint8 image as a batch of one [1, C, H, W] (from HWC, as fingerprinted, or CHW)."""
+        key = data.input_key(item, position)
+        pixels = _numpy(item[key])
+        if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+            raise KDCacheError(f"{data.check.source}: item {position}: {key!r} is {pixels.dtype} of shape "
+                               f"{tuple(pixels.shape)}, but a views cache replays the teacher's views of the uint8 "
+                               "image (HWC or CHW) before normalisation; give the uint8 image (inputs=['image'])")
+        if pixels.ndim == 2:
+            pixels = pixels[None]
+        elif not (pixels.shape[0] in (1, 3) and pixels.shape[-1] not in (1, 3)):  # HWC -> CHW
+            pixels = pixels.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(pixels))[None]
 
 
 class TargetCollate:
@@ -213,13 +346,15 @@ class TargetCollate:
 
 def with_targets(dataset: Any, cache: Any, split: str = "train", *, index: str | Callable[[Any, int], int] | None = None,
                  inputs: Sequence[str] | None = None, label_key: str | None = None, arrays: Sequence[str] | None = None,
-                 pad_id: int = 0, storage_options: dict[str, Any] | None = None) -> TargetDataset:
+                 pad_id: int = 0, view_order: str | None = None, view_key: str | None = None, seed: int = 0,
+                 storage_options: dict[str, Any] | None = None) -> TargetDataset:
     """`dataset` (a torch Dataset, a Hugging Face datasets.Dataset, a list of dicts) with each item's teacher
     targets from split `split` of `cache` (a path, a URL or a TeacherCache), every row checked against the cache as
-    first read; see the module docstring for the keys, the join (`index`) and the model inputs (`inputs`)."""
+    first read; see the module docstring for the keys, the join (`index`), the model inputs (`inputs`) and a views
+    cache's views (`view_order`, `view_key`, `seed`, `set_epoch`)."""
     opened = open_split(cache, split, storage_options)
     return TargetDataset(dataset, opened, index=index, inputs=inputs, label_key=label_key, arrays=arrays,
-                         pad_id=pad_id)
+                         pad_id=pad_id, view_order=view_order, view_key=view_key, seed=seed)
 
 
 def _modality(task: str | None) -> str:

@@ -151,13 +151,15 @@ class KDMethod:
 
 
 def get(name: str, *, epochs: int, preset: str = "glue", cache: Any = None, steps_per_epoch: int = 1,
-        unit: str = "epoch", kind: str | None = None, absolute_schedules: bool = False, **options: Any) -> KDMethod:
+        unit: str = "epoch", kind: str | None = None, absolute_schedules: bool = False,
+        loss_chunk: int | None = None, **options: Any) -> KDMethod:
     """The method `distill --method NAME` runs, as a plain object for another training loop (see the module
     docstring). `options` are the method's hyper-parameters (t_max, psi, margin, temperature, alpha,
     anneal_epochs, ...) and its flags (kd_loss, phi_on, phase_epochs, reduction, anneal_continuous, checkpoint);
     `cache` (a TeacherCache) is needed for sparse targets and Pro-KD's checkpoints, and checks the method against
     the kind of target the cache stores. The preset's schedules are fitted to `epochs` as `distill` fits them
-    (`absolute_schedules=True` keeps the preset's absolute epochs, as `--absolute-schedules`)."""
+    (`absolute_schedules=True` keeps the preset's absolute epochs, as `--absolute-schedules`); `loss_chunk`: on a
+    language-model cache, the positions whose logits are made at once (`--loss-chunk`, default 1024)."""
     from kdcache.methods.registry import make_method, method_class
 
     if name in LOOP_ONLY:
@@ -167,6 +169,8 @@ def get(name: str, *, epochs: int, preset: str = "glue", cache: Any = None, step
         raise KDCacheError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
     if int(epochs) < 1 or int(steps_per_epoch) < 1:
         raise KDCacheError("epochs and steps_per_epoch must be at least 1")
+    if loss_chunk is not None and int(loss_chunk) < 1:
+        raise KDCacheError(f"loss_chunk must be at least 1, got {loss_chunk}")
     if unit not in ("epoch", "step"):
         raise KDCacheError(f"unit {unit!r} is not one of epoch, step")
     flag_names = {f.name for f in fields(MethodOptions)}
@@ -189,7 +193,8 @@ def get(name: str, *, epochs: int, preset: str = "glue", cache: Any = None, step
         raise KDCacheError(f"method {name!r} reads the cache's teacher checkpoints: pass cache=open_cache(...)")
     kind = kind or (cache.task_kind if cache is not None else "classification")
     where = f"{cache.path}/{cache.split}" if cache is not None else "the cache"
-    run = Run(hp, int(epochs), int(steps_per_epoch), unit, kind, cache, where=where)
+    run = Run(hp, int(epochs), int(steps_per_epoch), unit, kind, cache, where=where,
+              loss_chunk=int(loss_chunk) if loss_chunk is not None else None)
     method.setup(run)
     return KDMethod(method, run)
 

@@ -421,18 +421,111 @@ def test_the_lm_own_loop_example_runs(tmp_path, caches):
     assert found and 1.0 < float(found.group(1)) < 1e4, done.stdout
 
 
-def test_kdtrainer_refuses_a_language_model_cache_in_one_line(tmp_path, caches):
+def test_kdtrainer_distils_a_causal_lm_with_distills_token_loss(tmp_path, caches):
+    """KDTrainer on a language-model cache: the user's windows (in the split's order) are checked against the cache,
+    its loss on a batch is the method object's (distill's chunked per-token loss), and training lowers the
+    validation loss; a tampered window is one line."""
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate: pip install -e '.[hf]'")
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
     from kdcache.errors import KDCacheError
     from kdcache.hf import KDTrainer
+    from kdcache.methods import get
+    from kdcache.methods.tokens import token_output
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2))
-    with pytest.raises(KDCacheError, match=r"a language-model cache .*\(examples/lm_own_loop.py\)") as caught:
-        KDTrainer(model=model, args=TrainingArguments(str(tmp_path / "t"), report_to=[]), cache=caches["topk"],
-                  train_dataset=[{"input_ids": [1, 2]}])
+    rows = _windows(kdcache.open_cache(caches["topk"], "train"))
+    val = _windows(kdcache.open_cache(caches["topk"], "validation"))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    args = TrainingArguments(str(tmp_path / "t"), num_train_epochs=3, per_device_train_batch_size=8,
+                             learning_rate=3e-3, use_cpu=True, report_to=[], save_strategy="no",
+                             eval_strategy="epoch", logging_strategy="epoch", disable_tqdm=True, seed=0, data_seed=0)
+    trainer = KDTrainer(model=model, args=args, train_dataset=rows, eval_dataset=val, cache=caches["topk"],
+                        method="vanilla", loss_chunk=5)
+    assert trainer.kd_method.hyperparameters == get("vanilla", preset="lm", epochs=3).hyperparameters
+    assert trainer.kd_method.run.loss_chunk == 5  # as --loss-chunk 5 (the loss below equals the 1024-chunk one)
+    with pytest.raises(KDCacheError, match="loss_chunk must be at least 1"):
+        get("vanilla", preset="lm", epochs=3, loss_chunk=0)
+    data = trainer.train_dataset
+    batch = data.collate([data[i] for i in range(6)])
+    method = get("vanilla", preset="lm", epochs=3, cache=data.cache)
+    want = method.loss(token_output(model, batch), batch, batch["teacher_next_token"], epoch=1, step=0)
+    torch.testing.assert_close(trainer.compute_loss(model, batch), want, rtol=1e-5, atol=1e-6)
+    first = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(evals) == len(losses) == 3 and evals[-1] < first and losses[-1] < losses[0]
+    from kdcache.methods.tokens import perplexity_sums
+
+    unchecked = trainer.evaluate(eval_dataset=val)["eval_loss"]  # rows without cached targets: next-token CE
+    batch = data.collate([dict(v, teacher_next_token=-1) for v in val])
+    with torch.no_grad():
+        ce, count, _ = perplexity_sums(token_output(model, batch), torch.full((len(val),), -1), None)
+    assert unchecked == pytest.approx(ce / count, rel=0.05)  # a mean of per-batch means
+    changed = [dict(r) for r in rows]
+    changed[3]["input_ids"] = changed[3]["input_ids"].copy()
+    changed[3]["input_ids"][2] += 1
+    tampered = KDTrainer(model=model, args=args, train_dataset=changed, eval_dataset=val, cache=caches["topk"],
+                         method="vanilla")
+    with pytest.raises(KDCacheError, match="row 3 .* does not match") as caught:
+        tampered.train()
     assert "\n" not in str(caught.value)
+
+
+KDTRAINER_TORCHRUN = """
+import json, os, sys
+from pathlib import Path
+import numpy as np
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+import kdcache
+from kdcache.hf import KDTrainer
+
+cache, out = sys.argv[1:]
+split = kdcache.open_cache(cache, "train")
+ids, lengths = split.read("input_ids"), split.read("lengths")
+rows = [{"input_ids": ids[r, :lengths[r]].astype(np.int64)} for r in range(len(ids))]
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+before = float(torch.cat([p.detach().flatten() for p in model.parameters()]).abs().sum())
+args = TrainingArguments(out, num_train_epochs=2, per_device_train_batch_size=4, learning_rate=3e-3, use_cpu=True,
+                         report_to=[], save_strategy="no", eval_strategy="no", logging_strategy="no",
+                         disable_tqdm=True, seed=0)
+trainer = KDTrainer(model=model, args=args, train_dataset=rows, cache=cache, method="vanilla", loss_chunk=7)
+trainer.train()
+flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps({
+    "world": trainer.args.world_size, "sum": float(flat.abs().sum()), "before": before,
+    "steps": trainer.state.global_step}))
+"""
+
+
+def test_kdtrainer_on_a_language_model_cache_under_torchrun_trains_one_student(tmp_path, caches):
+    """Two processes: the token loss reads the hidden states through DistributedDataParallel's forward, so the
+    gradients are synced and both processes end with the same student (unsynced, their shards would part them)."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate: pip install -e '.[hf]'")
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    script = tmp_path / "train.py"
+    script.write_text(KDTRAINER_TORCHRUN)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(caches["topk"]), str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-6)
+    assert ranks[0]["sum"] != pytest.approx(ranks[0]["before"], rel=1e-6)  # and it moved
 
 
 @pytest.mark.parametrize("name", ["vanilla-topk-bucket", "continuation-topk", "ce"])
