@@ -8,10 +8,13 @@ belongs to. Loaders do no model work beyond tokenisation; `prepare` turns a batc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
+
+from kdcache.errors import KDCacheError, SplitMissing
 
 Modality = Literal["text", "image", "features"]
 TaskKind = Literal["classification", "regression", "lm"]
@@ -81,3 +84,15 @@ def row_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
     if labels is None:
         return np.asarray([dataset[i]["label"] for i in range(len(dataset))])
     return np.asarray(labels)
+
+def split_file(data: Path, split: str, stems: Sequence[str], formats: Sequence[str], *,
+               missing: str | None = None) -> Path:
+    """The one file of `split` in the folder `data` (`<stem>.<format>` for each of the split's names), so that every
+    task finds a split's file, and refuses none or several, the same way; `missing`: a task's own line for none."""
+    wanted = [f"{stem}.{ext}" for stem in stems for ext in formats]
+    found = [data / name for name in wanted if (data / name).is_file()]
+    if not found:
+        raise SplitMissing(missing or f"{data}: no file for split {split!r}; looked for {', '.join(wanted)}")
+    if len(found) > 1:
+        raise KDCacheError(f"{data}: several files for split {split!r} ({', '.join(p.name for p in found)}); keep one")
+    return found[0]

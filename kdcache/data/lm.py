@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.data.base import MISSING_CLASS, Batch, SplitData
+from kdcache.data.base import MISSING_CLASS, Batch, SplitData, split_file
 from kdcache.data.text import json_rows
-from kdcache.errors import KDCacheError, SplitMissing
+from kdcache.errors import KDCacheError
 from kdcache.fingerprint import fingerprint_tokens
 
 LM_FORMATS = ("txt", "jsonl", "parquet")
@@ -41,13 +41,7 @@ def lm_file(data: Path, split: str) -> Path:
     if not data.is_dir():
         raise KDCacheError(f"{data}: no such file or folder; --task lm reads a .txt/.jsonl/.parquet file or a folder "
                            "of them")
-    wanted = [f"{stem}.{ext}" for stem in _ALIASES.get(split, (split,)) for ext in LM_FORMATS]
-    found = [data / name for name in wanted if (data / name).is_file()]
-    if not found:
-        raise SplitMissing(f"{data}: no file for split {split!r}; looked for {', '.join(wanted)}")
-    if len(found) > 1:
-        raise KDCacheError(f"{data}: several files for split {split!r} ({', '.join(p.name for p in found)}); keep one")
-    return found[0]
+    return split_file(data, split, _ALIASES.get(split, (split,)), LM_FORMATS)
 
 
 def read_documents(path: Path, text_column: str | None) -> list[str]:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.data.base import LABEL_IDS, MISSING_CLASS, Batch, SplitData
-from kdcache.errors import KDCacheError, SplitMissing
+from kdcache.data.base import LABEL_IDS, MISSING_CLASS, Batch, SplitData, split_file
+from kdcache.errors import KDCacheError
 from kdcache.fingerprint import fingerprint_features
 
 TABULAR_SPLITS = ("train", "validation", "test")
@@ -72,14 +72,9 @@ def _split_file(data: Path, split: str) -> Path:
     if not data.is_dir():
         raise KDCacheError(f"{data}: no such file or folder; task 'tabular' expects a .npz file or a folder "
                            "holding train.npz, validation.npz (and test.npz)")
-    stems = (split, *(_VALIDATION_ALIASES if split == "validation" else ()))
-    found = [data / f"{stem}.npz" for stem in stems if (data / f"{stem}.npz").is_file()]
-    if not found:
-        raise SplitMissing(f"{data / (split + '.npz')}: missing; task 'tabular' split {split!r} reads "
-                           f"{split}.npz from --data")
-    if len(found) > 1:
-        raise KDCacheError(f"{data}: several files for split {split!r} ({', '.join(p.name for p in found)}); keep one")
-    return found[0]
+    return split_file(data, split, (split, *(_VALIDATION_ALIASES if split == "validation" else ())), ("npz",),
+                      missing=f"{data / (split + '.npz')}: missing; task 'tabular' split {split!r} reads {split}.npz "
+                              "from --data")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

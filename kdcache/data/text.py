@@ -25,7 +25,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from kdcache.data.base import LABEL_IDS, MISSING_CLASS, SUBSET_RULE, Batch, SplitData, evenly_spaced_rows
+from kdcache.data.base import (LABEL_IDS, MISSING_CLASS, SUBSET_RULE, Batch, SplitData, evenly_spaced_rows,
+                                split_file)
 from kdcache.errors import KDCacheError, SplitMissing
 from kdcache.fingerprint import fingerprint_tokens
 
@@ -108,14 +109,7 @@ def _text_file(data: Path, split: str) -> Path:
     if not data.is_dir():
         raise KDCacheError(f"{data}: no such file or folder; "
                            "task 'text' expects a .tsv/.csv/.jsonl file or a folder of them")
-    stems = (split, *(_VALIDATION_ALIASES if split == "validation" else ()))
-    wanted = [f"{stem}.{ext}" for stem in stems for ext in TEXT_FORMATS]
-    found = [data / name for name in wanted if (data / name).is_file()]
-    if not found:
-        raise SplitMissing(f"{data}: no file for split {split!r}; looked for {', '.join(wanted)}")
-    if len(found) > 1:
-        raise KDCacheError(f"{data}: several files for split {split!r} ({', '.join(p.name for p in found)}); keep one")
-    return found[0]
+    return split_file(data, split, (split, *(_VALIDATION_ALIASES if split == "validation" else ())), TEXT_FORMATS)
 
 
 def _csv_rows(reader: Any, path: Path) -> Iterator[tuple[int, list[str]]]:
