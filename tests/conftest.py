@@ -156,3 +156,21 @@ def projection_cache(tmp_path_factory):
     return cache_teacher(CacheTeacherConfig(teacher=str(root / "teacher" / "best"), task="digits", out=root / "c.kdcache",
                                             splits=("train", "validation"), device="cpu", progress=False,
                                             hidden_layers="1,2", proj_dim=4, chunk_rows=64))
+
+
+@pytest.fixture(scope="session")
+def resnet8_weights(tmp_path_factory):
+    """A ResNet-8 state dict with non-trivial batch-norm statistics, so eval mode matters (image-teacher tests)."""
+    import torch
+
+    from kdcache.models.builders import resnet8
+
+    torch.manual_seed(0)
+    model = resnet8(10)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
+    path = tmp_path_factory.mktemp("resnet") / "resnet8.pt"
+    torch.save(model.state_dict(), path)
+    return path
+

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,3 +116,27 @@ def signal_at(monkeypatch, module, name: str, call: int, signum: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, signalled)
+
+
+LM_WORDS = ("the king", "my lord", "good night", "sweet prince", "to be", "or not", "what light", "through yonder",
+            "window breaks", "it is the east")
+#: 40 documents of 2-9 phrases: about 1,400 tokens of the tiny BPE, 90 windows of 16 (the LM tests' corpus)
+LM_CORPUS = [" ".join(LM_WORDS[(d * 7 + k * 3) % len(LM_WORDS)] for k in range(2 + d % 8)) + ("." if d % 3 else "!")
+             for d in range(40)]
+
+
+def write_lm_corpus(folder: Path) -> Path:
+    """The LM corpus as `train.txt` (30 documents) and `validation.txt` (10), one document a line."""
+    (folder / "train.txt").write_text("\n".join(LM_CORPUS[:30]) + "\n", encoding="utf-8")
+    (folder / "validation.txt").write_text("\n".join(LM_CORPUS[30:]) + "\n", encoding="utf-8")
+    return folder
+
+
+def kdcache_processes(nproc: int, args) -> None:
+    """`kdcache ARGS` in a child process, or under torchrun in `nproc` (gloo on CPU), one thread each; it must exit 0."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *launcher, "-m", "kdcache", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+

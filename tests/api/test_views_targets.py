@@ -23,15 +23,8 @@ V = 3
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = resnet8(10)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
-    path = tmp_path_factory.mktemp("resnet") / "resnet8.pt"
-    torch.save(model.state_dict(), path)
-    return path
+def weights(resnet8_weights):
+    return resnet8_weights
 
 
 def _views_cache(root, weights, data, augment):

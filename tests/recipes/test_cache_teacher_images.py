@@ -23,16 +23,8 @@ CIFAR10_STD = torch.tensor([0.2470, 0.2435, 0.2616])[:, None, None]
 
 
 @pytest.fixture(scope="module")
-def resnet_weights(tmp_path_factory):
-    """A ResNet-8 with non-trivial batch-norm statistics, so eval mode matters."""
-    torch.manual_seed(0)
-    model = resnet8(10)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
-    path = tmp_path_factory.mktemp("resnet") / "resnet8.pt"
-    torch.save(model.state_dict(), path)
-    return path
+def resnet_weights(resnet8_weights):
+    return resnet8_weights
 
 
 def _direct(weights, hwc_images: np.ndarray, num_classes=10) -> np.ndarray:

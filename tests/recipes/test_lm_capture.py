@@ -17,14 +17,10 @@ import torch
 import kdcache
 from kdcache.cache import schema
 from kdcache.fingerprint import fingerprint_tokens
-from helpers import _one_error_line, interrupt_autocast_at, run_cli
+from helpers import LM_CORPUS, _one_error_line, interrupt_autocast_at, kdcache_processes, run_cli
 from teachers_for_tests import make_tiny_bert, make_tiny_gpt2
 
-WORDS = ("the king", "my lord", "good night", "sweet prince", "to be", "or not", "what light", "through yonder",
-         "window breaks", "it is the east")
-#: 40 documents of 2-9 phrases: about 1,400 tokens of the tiny BPE, 90 windows of 16
-CORPUS = [" ".join(WORDS[(d * 7 + k * 3) % len(WORDS)] for k in range(2 + d % 8)) + ("." if d % 3 else "!")
-          for d in range(40)]
+CORPUS = LM_CORPUS
 SEQ = 16
 
 
@@ -210,20 +206,9 @@ def test_bad_lm_input_is_one_line(tmp_path, teacher, corpus, tiny_tokenizer, cap
 
 @pytest.mark.slow
 def test_two_processes_store_the_lm_bytes_one_process_stores(tmp_path, teacher, corpus):
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
     def capture(nproc: int, out) -> None:
-        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-        args = _args(teacher, corpus, out, "--split", "train", "--split", "validation", "--topk", "3",
-                     "--chunk-rows", "4")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, *launcher, "-m", "kdcache", *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        kdcache_processes(nproc, _args(teacher, corpus, out, "--split", "train", "--split", "validation", "--topk", "3",
+                                       "--chunk-rows", "4"))
 
     capture(1, tmp_path / "one.kdcache")
     capture(2, tmp_path / "two.kdcache")

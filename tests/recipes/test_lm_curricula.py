@@ -16,13 +16,10 @@ import pytest
 import torch
 
 import kdcache
-from helpers import _metrics, _one_error_line, interrupt_autocast_at, run_cli
+from helpers import LM_CORPUS, _metrics, _one_error_line, interrupt_autocast_at, kdcache_processes, run_cli, write_lm_corpus
 from teachers_for_tests import make_tiny_gpt2
 
-WORDS = ("the king", "my lord", "good night", "sweet prince", "to be", "or not", "what light", "through yonder",
-         "window breaks", "it is the east")
-CORPUS = [" ".join(WORDS[(d * 7 + k * 3) % len(WORDS)] for k in range(2 + d % 8)) + ("." if d % 3 else "!")
-          for d in range(40)]
+CORPUS = LM_CORPUS
 SEQ = 16
 DIM = 8
 GPT = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 16, "n_positions": 32}
@@ -30,10 +27,7 @@ GPT = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 16, "n_positio
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "train.txt").write_text("\n".join(CORPUS[:30]) + "\n", encoding="utf-8")
-    (folder / "validation.txt").write_text("\n".join(CORPUS[30:]) + "\n", encoding="utf-8")
-    return folder
+    return write_lm_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -302,22 +296,12 @@ def test_without_a_teacher_the_last_lm_checkpoint_is_the_teacher(tmp_path, train
 
 @pytest.mark.slow
 def test_two_processes_store_the_checkpoints_and_projections_one_process_stores(tmp_path, trained, corpus):
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
     def capture(nproc: int, out) -> None:
-        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-        args = ["cache-teacher", "--task", "lm", "--teacher", trained / "model", "--data", corpus, "--out", out,
-                "--seq-len", str(SEQ), "--device", "cpu", "--no-progress", "--batch-size", "5", "--split", "train",
-                "--checkpoints", trained / "checkpoints" / "epoch-*", "--hidden-layers", "1,2", "--proj-dim",
-                str(DIM), "--topk", "3", "--chunk-rows", "4"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, *launcher, "-m", "kdcache", *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        kdcache_processes(nproc, [
+            "cache-teacher", "--task", "lm", "--teacher", trained / "model", "--data", corpus, "--out", out,
+            "--seq-len", SEQ, "--device", "cpu", "--no-progress", "--batch-size", 5, "--split", "train",
+            "--checkpoints", trained / "checkpoints" / "epoch-*", "--hidden-layers", "1,2", "--proj-dim", DIM,
+            "--topk", 3, "--chunk-rows", 4])
 
     capture(1, tmp_path / "one.kdcache")
     capture(2, tmp_path / "two.kdcache")

@@ -15,13 +15,10 @@ import pytest
 import torch
 
 import kdcache
-from helpers import _metrics, _one_error_line, run_cli
+from helpers import LM_CORPUS, _metrics, _one_error_line, run_cli, write_lm_corpus
 from teachers_for_tests import make_tiny_gpt2
 
-WORDS = ("the king", "my lord", "good night", "sweet prince", "to be", "or not", "what light", "through yonder",
-         "window breaks", "it is the east")
-CORPUS = [" ".join(WORDS[(d * 7 + k * 3) % len(WORDS)] for k in range(2 + d % 8)) + ("." if d % 3 else "!")
-          for d in range(40)]
+CORPUS = LM_CORPUS
 SEQ = 16
 STUDENT = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32}
 
@@ -33,10 +30,7 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "train.txt").write_text("\n".join(CORPUS[:30]) + "\n", encoding="utf-8")
-    (folder / "validation.txt").write_text("\n".join(CORPUS[30:]) + "\n", encoding="utf-8")
-    return folder
+    return write_lm_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _cache(root, teacher, corpus, name, **target):

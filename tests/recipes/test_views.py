@@ -30,16 +30,8 @@ WHEN = ("command", "created", "completed", "throughput", "resumed")
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A ResNet-8 with non-trivial batch-norm statistics, so eval mode matters."""
-    torch.manual_seed(0)
-    model = resnet8(10)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
-    path = tmp_path_factory.mktemp("resnet") / "resnet8.pt"
-    torch.save(model.state_dict(), path)
-    return path
+def weights(resnet8_weights):
+    return resnet8_weights
 
 
 def _config(weights, data, out, augment="cifar", **kw):
