@@ -104,16 +104,25 @@ TABLE1 = [("continuation", "annealing"), ("continuation", "takd"), ("continuatio
 TABLE3 = [c for c in TABLE1 if c != ("takd", "vanilla")]
 
 
+def round3_folders() -> list[str]:
+    """Round 3's CIFAR-10 runs (issue 21), one teacher: the teacher's own folder (ce and TAKD, with the teacher and
+    the assistant) and the per-seed folders of the other methods, seeds 5-9 included."""
+    own = ["vision-cpu-r3"] if (RESULTS / "vision-cpu-r3" / "results.csv").is_file() else []
+    return own + sorted(p.parent.name for p in RESULTS.glob("vision-cpu-r3-seed*/results.csv"))
+
+
 def experiments() -> list[Experiment]:
     """The experiments of docs/benchmarks.md whose CSVs are committed, newest protocol first."""
-    round3 = sorted(p.parent.name for p in RESULTS.glob("vision-cpu-r3-seed*/results.csv"))
+    round3 = round3_folders()
     found = [Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)", "cpu, round 2",
                         ["vision-cpu-5seeds"], TABLE1)]
-    if round3:  # round 3 (issue 21): one process per seed, the three methods issue 21's changes bear on
-        found.insert(0, Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch; "
-                                   "ce and TAKD not rerun)", "cpu, round 3", round3,
-                                   [("continuation", "annealing"), ("continuation", "vanilla"),
-                                    ("annealing", "vanilla")]))
+    if round3:  # round 3 (issue 21): one process per seed and method, one teacher
+        ran = {r.method for r in load(round3)}
+        found.insert(0, Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)",
+                                   "cpu, round 3", round3, [c for c in TABLE1 if set(c) <= ran]))
+    if (RESULTS / "glue-sst2-cpu-r3" / "results.csv").is_file():  # round 3: selected on held-out rows, dev reported
+        found.insert(1, Experiment("SST-2, MiniLM-L6 -> its first 2 layers (Table 3; dev accuracy at the best epoch "
+                                   "on 200 held-out training rows)", "cpu, round 3", ["glue-sst2-cpu-r3"], TABLE3))
     found += [
         Experiment("Table 7's ablation on CIFAR-10 (all three dynamic parts > each alone; test)", "cpu, round 2",
                    ["vision-cpu-ablations"],
@@ -182,8 +191,9 @@ def write(page: Path, text: str, markers: tuple[str, str] = (START, END)) -> Non
 
 def round3() -> str:
     """Round 3's CIFAR-10 table (issue 21): every vision-cpu-r3-seed* folder, merged."""
-    folders = sorted(p.parent.name for p in RESULTS.glob("vision-cpu-r3-seed*/results.csv"))
-    pairs = [("continuation", "vanilla"), ("continuation", "annealing"), ("annealing", "vanilla")]
+    folders = round3_folders()
+    ran = {r.method for r in load(folders)}
+    pairs = [c for c in TABLE1 if set(c) <= ran]
     return results_table(load(folders), pairs) if folders else "(no round-3 results yet)\n"
 
 
