@@ -65,8 +65,10 @@ def verdict(results: list[Result], a: str, b: str, key: str, lower_is_better: bo
     return "no difference", d
 
 
-def seeds_of(results: list[Result], methods: set[str]) -> int:
-    return len({r.seed for r in results if r.method in methods})
+def seeds_of(results: list[Result], methods: set[str]) -> str:
+    """Seeds per method, as a range when methods ran different numbers (round 3's headline pair has 10)."""
+    counts = {len({r.seed for r in results if r.method == m}) for m in methods} - {0}
+    return "-".join(str(n) for n in sorted(counts)[::max(1, len(counts) - 1)]) if counts else "0"
 
 
 def table(experiments: list[Experiment]) -> str:
@@ -104,16 +106,25 @@ TABLE1 = [("continuation", "annealing"), ("continuation", "takd"), ("continuatio
 TABLE3 = [c for c in TABLE1 if c != ("takd", "vanilla")]
 
 
+def round3_folders() -> list[str]:
+    """Round 3's CIFAR-10 runs (issue 21), one teacher: the teacher's own folder (ce and TAKD, with the teacher and
+    the assistant) and the per-seed folders of the other methods, seeds 5-9 included."""
+    own = ["vision-cpu-r3"] if (RESULTS / "vision-cpu-r3" / "results.csv").is_file() else []
+    return own + sorted(p.parent.name for p in RESULTS.glob("vision-cpu-r3-seed*/results.csv"))
+
+
 def experiments() -> list[Experiment]:
     """The experiments of docs/benchmarks.md whose CSVs are committed, newest protocol first."""
-    round3 = sorted(p.parent.name for p in RESULTS.glob("vision-cpu-r3-seed*/results.csv"))
+    round3 = round3_folders()
     found = [Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)", "cpu, round 2",
                         ["vision-cpu-5seeds"], TABLE1)]
-    if round3:  # round 3 (issue 21): one process per seed, the three methods issue 21's changes bear on
-        found.insert(0, Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch; "
-                                   "ce and TAKD not rerun)", "cpu, round 3", round3,
-                                   [("continuation", "annealing"), ("continuation", "vanilla"),
-                                    ("annealing", "vanilla")]))
+    if round3:  # round 3 (issue 21): one process per seed and method, one teacher
+        ran = {r.method for r in load(round3)}
+        found.insert(0, Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)",
+                                   "cpu, round 3", round3, [c for c in TABLE1 if set(c) <= ran]))
+    if (RESULTS / "glue-sst2-cpu-r3" / "results.csv").is_file():  # round 3: selected on held-out rows, dev reported
+        found.insert(1, Experiment("SST-2, MiniLM-L6 -> its first 2 layers (Table 3; dev accuracy at the best epoch "
+                                   "on 200 held-out training rows)", "cpu, round 3", ["glue-sst2-cpu-r3"], TABLE3))
     found += [
         Experiment("Table 7's ablation on CIFAR-10 (all three dynamic parts > each alone; test)", "cpu, round 2",
                    ["vision-cpu-ablations"],
@@ -140,7 +151,7 @@ def experiments() -> list[Experiment]:
     return found
 
 
-def results_table(results: list[Result], pairs: list[tuple[str, str]]) -> str:
+def results_table(results: list[Result], pairs: list[tuple[str, str]], reported: str = "test") -> str:
     """Per method: seeds, validation (best epoch), test at the best validation epoch, last epoch (mean ± sd); then
     the given pairs seed by seed on test and on validation: one experiment's table of benchmarks.md."""
     import statistics
@@ -148,13 +159,13 @@ def results_table(results: list[Result], pairs: list[tuple[str, str]]) -> str:
     def cell(xs: list[float]) -> str:
         return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}" if xs else "-"
 
-    lines = ["| method | seeds | validation (best epoch) | **test at the best validation epoch** | last epoch "
+    lines = [f"| method | seeds | validation (best epoch) | **{reported} at the best validation epoch** | last epoch "
              "(validation) |", "|---|---|---|---|---|"]
     for method in dict.fromkeys(r.method for r in results):
         mine = [r for r in results if r.method == method]
         lines.append(f"| {method} | {len(mine)} | {cell([r.best for r in mine])} | "
                      f"{cell([r.test for r in mine if r.test is not None])} | {cell([r.last for r in mine])} |")
-    lines += ["", "| comparison | seeds | test: mean difference, t-test p, wins/losses | validation: same |",
+    lines += ["", f"| comparison | seeds | {reported}: mean difference, t-test p, wins/losses | validation: same |",
               "|---|---|---|---|"]
     for a, b in pairs:
         t, v = paired(results, a, b, "test"), paired(results, a, b, "best")
@@ -168,6 +179,7 @@ def results_table(results: list[Result], pairs: list[tuple[str, str]]) -> str:
 
 START, END = "<!-- ordering:start -->", "<!-- ordering:end -->"
 ROUND3 = ("<!-- round3:start -->", "<!-- round3:end -->")
+ROUND3_SST2 = ("<!-- round3-sst2:start -->", "<!-- round3-sst2:end -->")
 
 
 def write(page: Path, text: str, markers: tuple[str, str] = (START, END)) -> None:
@@ -182,9 +194,18 @@ def write(page: Path, text: str, markers: tuple[str, str] = (START, END)) -> Non
 
 def round3() -> str:
     """Round 3's CIFAR-10 table (issue 21): every vision-cpu-r3-seed* folder, merged."""
-    folders = sorted(p.parent.name for p in RESULTS.glob("vision-cpu-r3-seed*/results.csv"))
-    pairs = [("continuation", "vanilla"), ("continuation", "annealing"), ("annealing", "vanilla")]
+    folders = round3_folders()
+    ran = {r.method for r in load(folders)}
+    pairs = [c for c in TABLE1 if set(c) <= ran]
     return results_table(load(folders), pairs) if folders else "(no round-3 results yet)\n"
+
+
+def round3_sst2() -> str:
+    """Round 3's SST-2 table (issue 21): selected on held-out training rows, GLUE dev reported."""
+    folder = "glue-sst2-cpu-r3"
+    if not (RESULTS / folder / "results.csv").is_file():
+        return "(no round-3 SST-2 results yet)\n"
+    return results_table(load([folder]), TABLE3, reported="dev")
 
 
 if __name__ == "__main__":
@@ -193,6 +214,8 @@ if __name__ == "__main__":
         write(Path(sys.argv[2]), text)
         if ROUND3[0] in Path(sys.argv[2]).read_text():
             write(Path(sys.argv[2]), round3(), ROUND3)
+        if ROUND3_SST2[0] in Path(sys.argv[2]).read_text():
+            write(Path(sys.argv[2]), round3_sst2(), ROUND3_SST2)
     else:
         print(text, end="")
         print()

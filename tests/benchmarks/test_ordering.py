@@ -38,6 +38,8 @@ def test_the_page_holds_the_table_the_committed_csvs_give():
     between = page.split(ordering.START, 1)[1].split(ordering.END, 1)[0]
     assert between.strip() == ordering.table(ordering.experiments()).strip()
     assert page.index(ordering.START) < page.index("## ", page.index("## Where the paper's ordering holds") + 3)
+    for (start, end), build in ((ordering.ROUND3, ordering.round3), (ordering.ROUND3_SST2, ordering.round3_sst2)):
+        assert page.split(start, 1)[1].split(end, 1)[0].strip() == build().strip()  # round 3's tables too
 
 
 def test_write_replaces_only_the_table(tmp_path):
