@@ -118,11 +118,12 @@ def experiments() -> list[Experiment]:
     round3 = round3_folders()
     found = [Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)", "cpu, round 2",
                         ["vision-cpu-5seeds"], TABLE1)]
-    if round3:  # round 3 (issue 21): one process per seed and method, one teacher
+    if round3:  # round 3 (issue 21) replaces round 2's table: one process per seed and method, one teacher
         ran = {r.method for r in load(round3)}
-        found.insert(0, Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)",
+        found[0] = (Experiment("CIFAR-10, ResNet-20 -> ResNet-8 (Table 1; test at the best held-out epoch)",
                                    "cpu, round 3", round3, [c for c in TABLE1 if set(c) <= ran]))
-    if (RESULTS / "glue-sst2-cpu-r3" / "results.csv").is_file():  # round 3: selected on held-out rows, dev reported
+    sst2_r3 = (RESULTS / "glue-sst2-cpu-r3" / "results.csv").is_file()
+    if sst2_r3:  # round 3: selected on held-out rows, dev reported
         found.insert(1, Experiment("SST-2, MiniLM-L6 -> its first 2 layers (Table 3; dev accuracy at the best epoch "
                                    "on 200 held-out training rows)", "cpu, round 3", ["glue-sst2-cpu-r3"], TABLE3))
     found += [
@@ -133,8 +134,9 @@ def experiments() -> list[Experiment]:
                    labels={"continuation": "all three", "continuation-psi-only": "psi only",
                            "continuation-phi-teacher-only": "phi on teacher only",
                            "continuation-phi-margin-only": "phi on margin only"}),
-        Experiment("SST-2, MiniLM-L6 -> its first 2 layers (Table 3; dev accuracy, best epoch, selected on dev)",
-                   "cpu, round 2", ["glue-sst2-cpu-5seeds", "glue-sst2-cpu-5seeds-b"], TABLE3, key="best"),
+        *([] if sst2_r3 else [Experiment(
+            "SST-2, MiniLM-L6 -> its first 2 layers (Table 3; dev accuracy, best epoch, selected on dev)",
+            "cpu, round 2", ["glue-sst2-cpu-5seeds", "glue-sst2-cpu-5seeds-b"], TABLE3, key="best")]),
         Experiment("MRPC, same students (Table 3; dev F1)", "cpu scale on one H200, round 2", ["glue-mrpc-h200"],
                    TABLE3, key="best", untestable="every student within 0.01 of the majority class's F1 0.812"),
         Experiment("CoLA, same students (Table 3; dev MCC)", "cpu scale on one H200, round 2", ["glue-cola-h200"],
