@@ -216,24 +216,7 @@ def _capture(cfg: CacheTeacherConfig, world: World, device_name: str) -> str | P
                 if todo is None:  # finished before the interruption
                     throughput[split.split] = {"rows": len(split), "resumed": "already complete"}
                     continue
-                mine = _chunk_share(todo, world)
-                done = set(range(sink.chunk_count)) - set(todo)
-                if done and world.main:
-                    log.info("%s", _resuming(split, sink, done, cfg.batch_size))
-                start, quality = time.perf_counter(), QualitySum()
-                rows = world.all_ok(lambda: _capture_chunks(cfg, job, split, sink, mine, done, bar, device, quality,
-                                                                 not world.distributed))
-                seconds = time.perf_counter() - start
-                counts = world.gather((rows, seconds, quality))
-                dataset = DatasetInfo(split.task, split.source, split.split, len(split), split.modality,
-                                      split.label_names, split.preprocess)
-                measured = functools.reduce(QualitySum.merge, (part for _, _, part in counts), QualitySum())
-                digest = world.agree(lambda: sink.close(dataset, _quality_attrs(job, measured)))
-                computed, seconds = sum(r for r, _, _ in counts), max(t for _, t, _ in counts)
-                throughput[split.split] = {
-                    "rows": computed, "seconds": round(seconds, 3),
-                    "rows_per_second": round(computed / max(seconds, 1e-9), 1), "digest": digest,
-                    **({"resumed_at_chunks_stored": len(done)} if resumed else {}), "processes": world.size}
+                throughput[split.split] = _capture_split(cfg, job, split, sink, todo, world, bar, device, resumed)
         world.agree(lambda: writer.finalize({"throughput": throughput, **({"resumed": utc_now()} if resumed else {})}))
     return cfg.out
 
@@ -254,6 +237,28 @@ def _runs(chunks: list[int]) -> Iterator[tuple[int, int]]:
         if k + 1 == len(chunks) or chunks[k + 1] != chunk + 1:
             yield begin, chunk + 1
             begin = None
+
+
+def _capture_split(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWriter, todo: list[int],
+                   world: World, bar: Any, device: torch.device, resumed: bool) -> dict[str, Any]:
+    """One split's chunks not yet recorded (`todo`), shared among the processes, then the split closed from the
+    records by rank 0; its throughput entry for the root attributes."""
+    mine = _chunk_share(todo, world)
+    done = set(range(sink.chunk_count)) - set(todo)
+    if done and world.main:
+        log.info("%s", _resuming(split, sink, done, cfg.batch_size))
+    start, quality = time.perf_counter(), QualitySum()
+    rows = world.all_ok(lambda: _capture_chunks(cfg, job, split, sink, mine, done, bar, device, quality,
+                                                not world.distributed))
+    seconds = time.perf_counter() - start
+    counts = world.gather((rows, seconds, quality))
+    dataset = DatasetInfo(split.task, split.source, split.split, len(split), split.modality, split.label_names,
+                          split.preprocess)
+    measured = functools.reduce(QualitySum.merge, (part for _, _, part in counts), QualitySum())
+    digest = world.agree(lambda: sink.close(dataset, _quality_attrs(job, measured)))
+    computed, seconds = sum(r for r, _, _ in counts), max(t for _, t, _ in counts)
+    return {"rows": computed, "seconds": round(seconds, 3), "rows_per_second": round(computed / max(seconds, 1e-9), 1),
+            "digest": digest, **({"resumed_at_chunks_stored": len(done)} if resumed else {}), "processes": world.size}
 
 
 def _capture_chunks(cfg: CacheTeacherConfig, job: _Job, split: SplitData, sink: SplitWriter, chunks: list[int],

@@ -78,13 +78,7 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
                     done["unchecked_rows"] = unchecked
                 scores, reported = _scores(run, data)
                 if world.main:
-                    run.run_dir.append_metrics({
-                        "epoch": epoch, "loss": result.loss, **result.values, "lr": result.lr,
-                        "metric_name": primary_metric(data.task, data.kind),
-                        **{k: v for k, v in scores.items() if k != "rows"}, "split": data.selection.name,
-                        **reported, "seconds": round(seconds, 3),
-                        "samples_per_second": round(result.rows / max(seconds, 1e-9), 1),
-                        **_tokens_per_second(data, result.rows, seconds)})
+                    run.run_dir.append_metrics(_metrics_line(epoch, result, scores, reported, seconds, data))
                 improved = s.method.eligible(epoch) and not unchecked and (
                     done["best"] is None or better(scores["metric"], done["best"]["metric"], data.kind))
                 if improved:
@@ -109,6 +103,16 @@ def fit(runs: list[StudentRun], data: RunData, *, progress: bool, where: str) ->
     for run, wall in zip(runs, walls):  # the last evaluation included
         if run.progress["epoch"] >= first:
             run.progress["totals"]["wall_seconds"] = wall + time.perf_counter() - wall_start
+
+
+def _metrics_line(epoch: int, result: Any, scores: dict[str, float], reported: dict[str, Any], seconds: float,
+                  data: RunData) -> dict[str, Any]:
+    """One epoch's line of metrics.jsonl: the step results, the scores on the selection (and report) split, speed."""
+    return {"epoch": epoch, "loss": result.loss, **result.values, "lr": result.lr,
+            "metric_name": primary_metric(data.task, data.kind), **{k: v for k, v in scores.items() if k != "rows"},
+            "split": data.selection.name, **reported, "seconds": round(seconds, 3),
+            "samples_per_second": round(result.rows / max(seconds, 1e-9), 1),
+            **_tokens_per_second(data, result.rows, seconds)}
 
 
 #: A validation metric below the midpoint between its best and a constant predictor's score (half its best when
