@@ -37,7 +37,8 @@ TrustModelCode = Annotated[bool, _O(help="Let Python code named by a model run: 
 ModelKwargs = Annotated[Optional[str], _O(help="JSON arguments for an architecture-name model.")]
 LossChunk = Annotated[Optional[int], _O(help="A language-model cache: positions whose logits (and loss) are "
                                             "computed at once, under activation checkpointing, so the loss's memory "
-                                            "is chunk x vocabulary, not batch x seq-len x vocabulary (default 1024).")]
+                                            "is chunk x vocabulary, not batch x seq-len x vocabulary (default: "
+                                            "2**24 / vocabulary positions, so it does not grow with V either).")]
 StudentLayers = Annotated[Optional[int], _O(help="Keep only the first N transformer layers of a pre-trained Hugging "
                                                  "Face model folder (distill --student, train --model): a shallower "
                                                  "student initialised from its lower layers, with a fresh head.")]

@@ -173,7 +173,7 @@ class Method:
         if isinstance(output, tokens.TokenOutput):
             return tokens.chunked_loss(output, target, labels,
                                        lambda z, t, y, m: self.loss(z, t, y, plan, mask=m),
-                                       chunk=self.run.loss_chunk or tokens.DEFAULT_CHUNK)
+                                       chunk=self.run.loss_chunk)
         return self.loss(output, target, labels, plan)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor | None, labels: torch.Tensor,

@@ -159,7 +159,7 @@ def get(name: str, *, epochs: int, preset: str = "glue", cache: Any = None, step
     `cache` (a TeacherCache) is needed for sparse targets and Pro-KD's checkpoints, and checks the method against
     the kind of target the cache stores. The preset's schedules are fitted to `epochs` as `distill` fits them
     (`absolute_schedules=True` keeps the preset's absolute epochs, as `--absolute-schedules`); `loss_chunk`: on a
-    language-model cache, the positions whose logits are made at once (`--loss-chunk`, default 1024)."""
+    language-model cache, the positions whose logits are made at once (`--loss-chunk`, default 2**24 / V)."""
     from kdcache.methods.registry import make_method, method_class
 
     if name in LOOP_ONLY:

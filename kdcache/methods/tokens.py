@@ -5,7 +5,9 @@ A causal-LM student's step output is a `TokenOutput`: the final hidden states [B
 norm), the output projection (`lm_head`) and the window's ids and lengths. `chunked_loss` flattens (batch,
 positions) into rows, as torchtune's KD losses take (batch * tokens, vocab), and computes the logits of `chunk`
 rows at a time under activation checkpointing, so neither the logits nor their log-softmax ever exist for the
-whole batch: the loss's memory is [chunk, V], not [B x S, V] (the approach of Liger's fused linear losses).
+whole batch: the loss's memory is [chunk, V], not [B x S, V] (the approach of Liger's fused linear losses). By
+default a chunk holds CHUNK_ELEMENTS logits whatever the vocabulary (fewer positions for a larger V, as Liger sizes
+its chunks), so at a fixed K the loss's peak memory does not grow with V (docs/benchmarks.md measures 4k vs 64k).
 
 The mean is over real tokens: positions p < length whose next token exists (the alignment rule of a cached
 window, `kdcache.data.lm.next_token_targets`); every chunk's masked mean is weighted by its share of them, so the
@@ -23,8 +25,24 @@ from torch.utils.checkpoint import checkpoint
 
 from kdcache.errors import KDCacheError
 
-#: Positions whose logits are computed at once by default (`--loss-chunk`).
-DEFAULT_CHUNK = 1024
+#: Logits (positions x vocabulary) computed at once by default: 2**24, 64 MiB in float32, so a chunk of a 4k
+#: vocabulary holds 4,096 positions and one of a 64k vocabulary 256, and the loss's memory is the same.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_positions(vocabulary: int, chunk: int | None = None) -> int:
+    """Positions per chunk: `--loss-chunk` when given, else as many as keep a chunk's logits at CHUNK_ELEMENTS,
+    so that a larger vocabulary costs more chunks rather than more memory."""
+    if chunk is not None:
+        if chunk < 1:
+            raise KDCacheError(f"--loss-chunk must be at least 1, got {chunk}")
+        return int(chunk)
+    return max(1, CHUNK_ELEMENTS // max(1, int(vocabulary)))
+
+
+def _vocabulary(head: nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(getattr(head, "out_features", 1))
 
 
 @dataclass
@@ -101,7 +119,7 @@ RowLoss = Callable[[torch.Tensor, Any, torch.Tensor, torch.Tensor], torch.Tensor
 
 
 def chunked_loss(output: TokenOutput, target: Any, labels: torch.Tensor, row_loss: RowLoss, *,
-                 chunk: int = DEFAULT_CHUNK, checkpointed: bool = True) -> torch.Tensor:
+                 chunk: int | None = None, checkpointed: bool = True) -> torch.Tensor:
     """The mean of `row_loss` over the batch's real tokens, its logits computed `chunk` positions at a time.
 
     Args:
@@ -110,12 +128,11 @@ def chunked_loss(output: TokenOutput, target: Any, labels: torch.Tensor, row_los
         labels: (B,) each window's next token (the cache's labels), -1 after the stream's end.
         row_loss: (logits (R, V), target rows, next-token ids (R,) with -1 for padding, mask (R,) bool) -> the
             masked mean over the R rows; a method's loss.
-        chunk: rows (positions) per chunk.
+        chunk: rows (positions) per chunk; None: `chunk_positions`'s budget for the head's vocabulary.
         checkpointed: recompute each chunk's logits in the backward pass rather than keep them (the point of
             chunking; off only to compare with the plain computation).
     """
-    if chunk < 1:
-        raise KDCacheError(f"--loss-chunk must be at least 1, got {chunk}")
+    chunk = chunk_positions(_vocabulary(output.head), chunk)
     batch, positions = output.input_ids.shape
     rows = batch * positions
     ids = next_token_ids(output, labels).reshape(rows)
@@ -144,7 +161,7 @@ def chunked_loss(output: TokenOutput, target: Any, labels: torch.Tensor, row_los
 
 
 def perplexity_sums(output: TokenOutput, labels: torch.Tensor, teacher_top: torch.Tensor | None, *,
-                    chunk: int = DEFAULT_CHUNK) -> tuple[float, int, int]:
+                    chunk: int | None = None) -> tuple[float, int, int]:
     """(sum of next-token CE, real tokens, tokens whose student argmax is the teacher's top id) over a batch, a
     chunk of positions at a time (no gradients). `teacher_top`: [B, S] the teacher's most probable id."""
     batch, positions = output.input_ids.shape
@@ -152,6 +169,7 @@ def perplexity_sums(output: TokenOutput, labels: torch.Tensor, teacher_top: torc
     ids = next_token_ids(output, labels).reshape(rows)
     hidden = output.hidden.reshape(rows, -1)
     top = teacher_top.reshape(rows) if teacher_top is not None else None
+    chunk = chunk_positions(_vocabulary(output.head), chunk)
     dtype = _head_dtype(output.head)
     ce, agree = torch.zeros((), dtype=torch.float64, device=ids.device), torch.zeros((), dtype=torch.int64,
                                                                                      device=ids.device)
@@ -165,5 +183,5 @@ def perplexity_sums(output: TokenOutput, labels: torch.Tensor, teacher_top: torc
     return float(ce), int((ids >= 0).sum()), int(agree)
 
 
-__all__ = ["DEFAULT_CHUNK", "TokenOutput", "check_head", "chunked_loss", "flat_rows", "next_token_ids",
-           "perplexity_sums", "rows_of", "token_output"]
+__all__ = ["CHUNK_ELEMENTS", "TokenOutput", "check_head", "chunk_positions", "chunked_loss", "flat_rows",
+           "next_token_ids", "perplexity_sums", "rows_of", "token_output"]

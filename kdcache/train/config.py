@@ -93,7 +93,7 @@ class DistillConfig:
     device: str = "auto"
     student_kwargs: dict[str, Any] = field(default_factory=dict)
     student_layers: int | None = None  # keep the first N transformer layers of a pre-trained HF student folder
-    loss_chunk: int | None = None  # a language-model cache: positions per chunk of the token loss (None: 1024)
+    loss_chunk: int | None = None  # a language-model cache: positions per chunk of the token loss (None: 2**24 / V)
     save_every: int | None = None
     stream_mode: str = "auto"
     checkpoint: str | None = None  # distil from this cached teacher checkpoint instead of the trained teacher

@@ -74,7 +74,7 @@ def evaluate_lm(student: Any, inputs: StudentInputs, teacher_top: np.ndarray | N
                 output = token_loss.token_output(model, model_input)
             top = torch.from_numpy(teacher_top[rows]).to(device) if teacher_top is not None else None
             sums = token_loss.perplexity_sums(output, labels.to(device), top,
-                                              chunk=chunk or token_loss.DEFAULT_CHUNK)
+                                              chunk=chunk)
             ce, count, agree = ce + sums[0], count + sums[1], agree + sums[2]
     seconds = time.perf_counter() - started
     model.train(was_training)

@@ -554,6 +554,35 @@ def test_the_chunked_loss_keeps_nothing_of_batch_by_vocabulary_for_the_backward_
     assert largest_saved(chunk=chunk) < chunk * vocab  # a chunk's hidden states (its logits are recomputed)
 
 
+@pytest.mark.parametrize("vocab", [64, 512])
+def test_the_default_chunk_holds_the_same_number_of_logits_whatever_the_vocabulary(vocab, monkeypatch):
+    """Without --loss-chunk a chunk is CHUNK_ELEMENTS // V positions: every logits tensor the head makes, forward
+    and recomputed in the backward pass, holds at most CHUNK_ELEMENTS numbers at V = 64 and at V = 512 (more
+    chunks for the larger vocabulary, not larger ones), and the loss equals the one-chunk computation."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kdcache.methods import tokens
+
+    monkeypatch.setattr(tokens, "CHUNK_ELEMENTS", 1024)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    inputs, labels, g = _batch(vocab=vocab)
+    target = _targets(g, vocab=vocab)["topk"]
+    _, row_loss = _row_losses()["vanilla-topk-bucket"]
+    made = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: made.append(out.numel()))
+    loss = tokens.chunked_loss(tokens.token_output(model, inputs), target, labels, row_loss)
+    loss.backward()
+    hook.remove()
+    positions = 1024 // vocab
+    assert tokens.chunk_positions(vocab) == positions and tokens.chunk_positions(vocab, 5) == 5
+    assert max(made) == positions * vocab <= 1024
+    assert len(made) == 2 * -(-3 * SEQ // positions)  # every chunk's logits made, and made again backward
+    whole = tokens.chunked_loss(tokens.token_output(model, inputs), target, labels, row_loss, chunk=3 * SEQ)
+    assert torch.allclose(loss, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_a_sweep_of_lm_students_equals_lone_distills(tmp_path, caches, student_config, capsys, monkeypatch):
     out = tmp_path / "sweep"
     common = ["--cache", caches["topk"], "--student", student_config, "--epochs", "2", "--batch-size", "8",
