@@ -359,3 +359,27 @@ def test_two_processes_distil_on_the_views_one_process_distils_on(tmp_path, cifa
     assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("augment", ["cifar", "imagenet+cutmix"])
+def test_verify_with_the_teacher_recomputes_views_and_catches_a_rewritten_view_target(tmp_path, weights, cifar10_zip,
+                                                                                     augment):
+    """`verify --teacher` replays one view of each sampled row from its stored parameters and runs the teacher on it:
+    a clean cache passes that check; a view target rewritten with its manifest refreshed (so that only the values
+    tell) fails it, naming the views, while the plain targets still pass."""
+    from cache_edits import refresh_manifest
+    from kdcache.recipes.verify import verify_cache
+
+    out = tmp_path / "c.kdcache"
+    cache_teacher(_config(weights, cifar10_zip, out, augment))
+    teacher = dict(teacher="resnet8", weights=str(weights), sample=40, device="cpu", batch_size=16)
+    report = verify_cache(out, **teacher)
+    views = [c for c in report.checks if "/views" in c.name]
+    assert report.ok and views, report.lines()
+    group = zarr.open_group(str(out), mode="r+")["train"]
+    group["view_logits"][:] = group["view_logits"][:] + np.where(np.arange(V) == 1, 0.5, 0.0)[None, :, None]
+    refresh_manifest(out)
+    report = verify_cache(out, **teacher)
+    failed = [c.name for c in report.checks if not c.ok]
+    assert failed and all(name.startswith("train/views") for name in failed), report.lines()
+    assert any(c.ok and c.name.startswith("train/teacher") for c in report.checks), report.lines()
