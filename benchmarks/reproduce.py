@@ -4,6 +4,7 @@
     python benchmarks/reproduce.py glue --task sst2|cola|mrpc [--scale ...] [--seeds 3] [--out ...]
     python benchmarks/reproduce.py noise [--scale ...] [--seeds 3] [--out ...]
     python benchmarks/reproduce.py views [--scale ...] [--seeds 5] [--views 4,16] [--kd-method continuation]
+    python benchmarks/reproduce.py lm [--scale tiny|cpu] [--seeds 5] [--reuse]
 
 Every step is a `kdcache` command run as a subprocess (train the teacher, cache-teacher, distill; TAKD as
 distill -> cache-teacher -> distill through an assistant), so the numbers are what a user of the CLI gets.
@@ -447,7 +448,7 @@ def merge_results(out: Path, parts: list[Path]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", choices=["vision", "glue", "noise", "views"])
+    parser.add_argument("experiment", choices=["vision", "glue", "noise", "views", "lm"])
     parser.add_argument("--scale", choices=["tiny", "cpu", "full"], default="cpu")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0,
@@ -465,6 +466,8 @@ def main() -> None:
     parser.add_argument("--views", default="4,16", help="views: the V of each views cache (issue 23)")
     parser.add_argument("--kd-method", default="continuation", help="views: the method every arm distils with")
     parser.add_argument("--view-augment", default="cifar", help="views: the cached views' augmentation")
+    parser.add_argument("--reuse", action="store_true",
+                        help="lm: keep the teacher and caches already in --out (another --first-seed process's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--in-process", action="store_true",
                         help="run each kdcache command in this process (no interpreter start per run: on a GPU)")
@@ -474,7 +477,7 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}")
-    if args.experiment in ("noise", "views") and args.methods != parser.get_default("methods"):
+    if args.experiment in ("noise", "views", "lm") and args.methods != parser.get_default("methods"):
         parser.error("--methods: the noise toy and the views experiment have their own rows (arms)")
     name = args.experiment + (f"-{args.task}" if args.experiment == "glue" else "") + ("-cifar100" if args.cifar100 else "")
     out = args.out or REPO / "benchmarks" / "results" / f"{name}-{args.scale}"
@@ -489,6 +492,10 @@ def main() -> None:
 
         text = views(kd, args.scale, args.seeds, tuple(int(v) for v in args.views.split(",") if v), args.kd_method,
                      args.first_seed, args.view_augment)
+    elif args.experiment == "lm":
+        from lm import lm
+
+        text = lm(kd, args.scale, args.seeds, args.first_seed, reuse=args.reuse)
     else:
         from noise_toy import noise
 

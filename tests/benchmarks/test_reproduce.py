@@ -160,3 +160,28 @@ def test_views_tiny(tmp_path, slices, monkeypatch):
     assert summary["views"]["views"] == 16 and summary["views"]["epochs_per_view"] == 0.125
     text = (tmp_path / "summary.md").read_text()
     assert "bytes per training sample per view" in text and "Distill samples/s" in text
+
+
+def test_lm_tiny(tmp_path):
+    """Issue 22's arms run end to end at the tiny scale on a corpus the test writes, and `--reuse` (another
+    process's seeds) trains no second teacher and captures nothing again; the measurement is the cpu scale's."""
+    import lm
+    from helpers import LM_CORPUS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(LM_CORPUS * 15) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    text = lm.lm(reproduce.Runner(out, "cpu", in_process=True), "tiny", 1, corpus=corpus)
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["method"] for r in rows] == ["train-ce", *lm.ARMS]
+    assert all(1 < float(r["best_mean"]) < 1e4 and float(r["best_mean"]) <= float(r["last_mean"]) for r in rows)
+    commands = (out / "commands.txt").read_text().splitlines()
+    assert commands[0].startswith("kdcache train --task lm")
+    assert sum(c.startswith("kdcache cache-teacher") for c in commands) == 4
+    assert any("/curriculum-seed0 " in c and "--method curriculum" in c for c in commands)
+    assert "unique ids a position" in text and "bare teacher forward" in text and "(1.00x)" in text
+    again = lm.lm(reproduce.Runner(out, "cpu", in_process=True), "tiny", 1, first_seed=1, corpus=corpus,
+                  reuse=True, arms=("ce",))
+    commands = (out / "commands.txt").read_text().splitlines()  # this run's alone
+    assert len(commands) == 1 and commands[0].startswith("kdcache distill") and "/ce-seed1 " in commands[0]
+    assert "| ce | 1 |" in again and "(reused)" in again
