@@ -13,8 +13,9 @@ PACKAGE = Path(kdcache.__file__).parent
 DISTILL_MAX_LINES = 250
 
 
-def _recipe_imports(path: Path, root: Path = PACKAGE.parent) -> list[str]:
-    """Every import of kdcache.recipes in a module (at any depth: a deferred import inside a function counts)."""
+def _recipe_imports(path: Path, root: Path = PACKAGE.parent, above: str = "kdcache.recipes") -> list[str]:
+    """Every import of `above` (kdcache.recipes) in a module (at any depth: a deferred import inside a function
+    counts)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -24,7 +25,7 @@ def _recipe_imports(path: Path, root: Path = PACKAGE.parent) -> list[str]:
         else:
             continue
         found += [f"{path.relative_to(root)}:{node.lineno}" for name in names
-                  if name == "kdcache.recipes" or name.startswith("kdcache.recipes.")][:1]
+                  if name == above or name.startswith(f"{above}.")][:1]
     return found
 
 
@@ -48,3 +49,9 @@ def test_the_import_finder_sees_every_form_of_a_recipe_import(tmp_path):
                       "from kdcache import recipes\nfrom kdcache.train import run\n"
                       "def later():\n    from kdcache.recipes import sweep\n")
     assert _recipe_imports(module, tmp_path) == ["probe.py:1", "probe.py:2", "probe.py:3", "probe.py:6"]
+
+
+def test_methods_and_the_layers_below_them_import_nothing_from_train():
+    """methods/ sits below train/: a method reads its presets from kdcache/presets.py, not from train/config.py."""
+    modules = [p for d in ("methods", "cache", "models", "data") for p in sorted((PACKAGE / d).rglob("*.py"))]
+    assert [hit for p in modules for hit in _recipe_imports(p, above="kdcache.train")] == []

@@ -75,7 +75,7 @@ class Method:
     accepts: ClassVar[tuple[str, ...]] = ("checkpoint",)
     #: what to say when a flag this method does not accept is given, when the generic line would mislead
     refusals: ClassVar[dict[str, str]] = {}
-    #: this method's own hyper-parameters per preset (the training ones live in kdcache/train/config.py)
+    #: this method's own hyper-parameters per preset (the training ones live in kdcache/presets.py)
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     #: the kinds of teacher target (kdcache.methods.targets) this method's loss can use
     target_kinds: ClassVar[tuple[str, ...]] = ("dense",)

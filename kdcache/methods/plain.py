@@ -19,10 +19,11 @@ import torch
 from kdcache.errors import KDCacheError
 from kdcache.methods import targets, tokens
 from kdcache.methods.base import MethodOptions, Run, StepPlan
+from kdcache.presets import TRAINING_PRESETS
 
 #: Prefix of the keys that carry a cache's arrays in a batch (`teacher_logits`, `teacher_topk_values`, ...).
 TEACHER_PREFIX = "teacher_"
-#: The training presets a method's own defaults are kept for (kdcache/train/config.py holds the training values).
+#: The training presets a method's own defaults are kept for (kdcache/presets.py holds the training values).
 PRESETS = ("cifar", "glue", "small", "lm")
 #: Methods whose steps need what only kdcache's loop has (a student's layers tapped, projection heads trained).
 LOOP_ONLY = {"curriculum": "curriculum extraction taps the student's layers and trains projection heads beside it; "
@@ -182,7 +183,6 @@ def get(name: str, *, epochs: int, preset: str = "glue", cache: Any = None, step
         raise KDCacheError(f"method {name!r} takes no option {', '.join(unknown)} (it takes {', '.join(known)})")
     hp.update({k: v for k, v in options.items() if k not in flag_names})
     # the preset's schedules fitted to a run of `epochs`, as distill fits them (train/config.py `settings`)
-    from kdcache.train.config import TRAINING_PRESETS
 
     values = {**hp, "epochs": int(epochs)}
     given = frozenset(k for k in options if k not in flag_names)

@@ -17,20 +17,7 @@ from typing import Any
 
 from kdcache.data import DataOptions
 from kdcache.errors import KDCacheError
-
-TRAINING_PRESETS: dict[str, dict[str, Any]] = {
-    "cifar": {"epochs": 200, "lr": 0.2, "batch_size": 32, "optimizer": "sgd", "weight_decay": 5e-4, "momentum": 0.9,
-              "lr_schedule": "cosine", "warmup_ratio": 0.0, "max_grad_norm": 1.0},
-    "glue": {"epochs": 30, "lr": 2e-5, "batch_size": 64, "optimizer": "adamw", "weight_decay": 0.01, "momentum": 0.9,
-             "lr_schedule": "linear", "warmup_ratio": 0.06, "max_grad_norm": 1.0},
-    "small": {"epochs": 30, "lr": 1e-3, "batch_size": 64, "optimizer": "adamw", "weight_decay": 0.0, "momentum": 0.9,
-              "lr_schedule": "constant", "warmup_ratio": 0.0, "max_grad_norm": None},
-    "text-scratch": {"epochs": 30, "lr": 1e-4, "batch_size": 64, "optimizer": "adamw", "weight_decay": 0.01,
-                     "momentum": 0.9, "lr_schedule": "linear", "warmup_ratio": 0.06, "max_grad_norm": 1.0},
-    # causal-LM students of a token-level cache: the values `train --task lm` trains its teachers with
-    "lm": {"epochs": 10, "lr": 3e-4, "batch_size": 32, "optimizer": "adamw", "weight_decay": 0.1, "momentum": 0.9,
-           "lr_schedule": "cosine", "warmup_ratio": 0.05, "max_grad_norm": 1.0},
-}
+from kdcache.presets import TRAINING_PRESETS  # re-exported: the table lives below methods/ (kdcache/presets.py)
 #: `--preset auto` by the task's modality alone, the model being the usual one for it (a CNN on images, a
 #: pre-trained encoder on text); `auto_preset` departs from it where the model is not.
 AUTO_PRESET = {"text": "glue", "image": "cifar", "features": "small", "lm": "lm"}
