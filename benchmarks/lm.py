@@ -37,7 +37,7 @@ LM_SCALES = {
              "lr": 1e-3, "draws": 8, "hidden": "1,2", "proj_dim": 8, "phases": "1,1"},
     "cpu": {"lines": None, "vocab": 1024, "seq_len": 128, "teacher": {"n_embd": 192, "n_layer": 4, "n_head": 4},
             "teacher_epochs": 8, "student": {"n_embd": 64, "n_layer": 2, "n_head": 2}, "epochs": 4, "batch": 32,
-            "lr": 1e-3, "draws": 16, "hidden": "2,4", "proj_dim": 64, "phases": "1,1"},
+            "lr": 1e-3, "draws": 18, "hidden": "2,4", "proj_dim": 64, "phases": "1,1"},
 }
 CAPTURES = {"dense": [], "top8": ["--topk", 8, "--lse-temperatures", 1], "top32": ["--topk", 32,
             "--lse-temperatures", 1], "sampled": ["--sample-tokens", None, "--sample-temperature", 1]}
