@@ -438,7 +438,7 @@ def test_kdtrainer_distils_a_causal_lm_with_distills_token_loss(tmp_path, caches
     trainer = KDTrainer(model=model, args=args, train_dataset=rows, eval_dataset=val, cache=caches["topk"],
                         method="vanilla", loss_chunk=5)
     assert trainer.kd_method.hyperparameters == get("vanilla", preset="lm", epochs=3).hyperparameters
-    assert trainer.kd_method.run.loss_chunk == 5  # as --loss-chunk 5 (the loss below equals the 1024-chunk one)
+    assert trainer.kd_method.run.loss_chunk == 5  # as --loss-chunk 5 (the loss below equals the default-chunk one)
     with pytest.raises(KDCacheError, match="loss_chunk must be at least 1"):
         get("vanilla", preset="lm", epochs=3, loss_chunk=0)
     data = trainer.train_dataset
