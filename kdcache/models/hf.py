@@ -129,9 +129,19 @@ def load_causal_lm(folder: str | Path, *, trust_model_code: bool = False) -> Any
     return model
 
 
-def causal_lm_from_config(path: str | Path, vocab_size: int, *, seed: int = 0) -> Any:
+def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
+    """The bos/eos/pad ids a config made here takes from its tokenizer when its JSON names none: a model type's own
+    defaults (GPT-2's 50256) lie outside a small vocabulary, and `generate` would then never stop."""
+    eos, bos = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None)
+    return {"bos_token_id": eos if bos is None else bos, "eos_token_id": eos,
+            "pad_token_id": getattr(tokenizer, "pad_token_id", None)}
+
+
+def causal_lm_from_config(path: str | Path, vocab_size: int, *, seed: int = 0,
+                          special: dict[str, int | None] | None = None) -> Any:
     """A fresh causal language model from a Hugging Face config JSON (`model_type` and sizes; `vocab_size` defaults
-    to the tokenizer's), with seeded weights: the project's own teacher, made offline."""
+    to the tokenizer's; the special token ids to `special`, `special_token_ids(tokenizer)`), with seeded weights:
+    the project's own teacher, made offline."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -146,6 +156,8 @@ def causal_lm_from_config(path: str | Path, vocab_size: int, *, seed: int = 0) -
         raise KDCacheError(f"{path}: the config names Python code of its own (auto_map); give a built-in model_type")
     values.pop("architectures", None)
     values.setdefault("vocab_size", vocab_size)
+    for key, value in (special or {}).items():
+        values.setdefault(key, value)
     if not isinstance(values["vocab_size"], int) or values["vocab_size"] < vocab_size:
         raise KDCacheError(f"{path}: vocab_size {values['vocab_size']!r} is below the tokenizer's {vocab_size} tokens")
     import torch

@@ -79,7 +79,8 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
     check_student_layers(spec, layers, trust_model_code)
     torch.manual_seed(seed)
     if causal:
-        return causal_lm_student(spec, num_outputs, seed=seed, layers=layers, trust_model_code=trust_model_code)
+        return causal_lm_student(spec, num_outputs, seed=seed, layers=layers, trust_model_code=trust_model_code,
+                                 tokenizer=tokenizer)
     path = Path(spec)
     if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
         student = _hf_folder(path, num_outputs, layers, trust_model_code)
@@ -110,12 +111,12 @@ def build_student(spec: str, num_outputs: int, *, kwargs: dict[str, Any] | None 
 
 
 def causal_lm_student(spec: str, outputs: int, *, seed: int = 0, layers: int | None = None,
-                      trust_model_code: bool = False) -> Student:
+                      trust_model_code: bool = False, tokenizer: Any = None) -> Student:
     """A causal-LM student of a token-level cache: a Hugging Face config JSON (random, seeded weights; `vocab_size`
     defaults to the cache's output width) or a pre-trained causal-LM folder (`layers`: its first N layers). A
     student whose vocabulary differs from the teacher's output width is refused in one line: it would read the
-    cache's token ids as other tokens."""
-    from kdcache.models.hf import causal_lm_from_config, load_causal_lm
+    cache's token ids as other tokens. A config's special ids default to the cache's `tokenizer`'s."""
+    from kdcache.models.hf import causal_lm_from_config, load_causal_lm, special_token_ids
 
     path = Path(spec)
     if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
@@ -131,7 +132,8 @@ def causal_lm_student(spec: str, outputs: int, *, seed: int = 0, layers: int | N
             raise KDCacheError(f"student {spec}: vocab_size {given} differs from the cache's teacher, whose model "
                                f"width is {outputs}; the student must read the teacher's token ids (leave vocab_size "
                                "out to take the cache's)")
-        model = causal_lm_from_config(path, outputs, seed=seed)
+        model = causal_lm_from_config(path, outputs, seed=seed,
+                                      special=special_token_ids(tokenizer) if tokenizer is not None else None)
     else:
         raise KDCacheError(f"student {spec}: a language-model cache needs a causal-LM student: a Hugging Face config "
                            "JSON (gpt2, llama, ...) or a causal-LM model folder")

@@ -77,7 +77,7 @@ class TrainLMConfig:
 
 def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
     """Run the recipe; returns the summary also written to OUT/summary.json."""
-    from kdcache.models.hf import causal_lm_from_config, load_tokenizer
+    from kdcache.models.hf import causal_lm_from_config, load_tokenizer, special_token_ids
 
     out = Path(cfg.out)
     _claim(out, cfg.overwrite)
@@ -85,7 +85,7 @@ def train_lm(cfg: TrainLMConfig) -> dict[str, Any]:
         raise KDCacheError("train --task lm needs --tokenizer DIR, or --vocab-size N to train a byte-level BPE on the "
                            "train split (one of the two)")
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _bpe(cfg)
-    model = causal_lm_from_config(cfg.model, len(tokenizer), seed=cfg.seed)
+    model = causal_lm_from_config(cfg.model, len(tokenizer), seed=cfg.seed, special=special_token_ids(tokenizer))
     positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.seq_len > positions:
         raise KDCacheError(f"--seq-len {cfg.seq_len} is beyond model {cfg.model}'s {positions} positions")

@@ -340,5 +340,8 @@ def test_train_task_lm_trains_its_own_byte_level_bpe_when_given_a_vocabulary_siz
     assert code == 0, err
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "model"))
     assert 257 < len(tok) <= 280 and tok.decode(tok("my lord, to be!")["input_ids"]) == "my lord, to be!"
-    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["vocab_size"] == len(tok)
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["vocab_size"] == len(tok)
+    # the special ids are the tokenizer's, not GPT-2's 50256 (outside this vocabulary: generate would never stop)
+    assert saved["eos_token_id"] == saved["bos_token_id"] == tok.eos_token_id < len(tok)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2

@@ -110,7 +110,8 @@ def test_each_per_token_method_distils_a_causal_lm_student_from_the_cli(tmp_path
 
     model = AutoModelForCausalLM.from_pretrained(str(out / "best"))
     assert model.config.vocab_size == 300 and model.config.n_layer == 1
-    assert len(AutoTokenizer.from_pretrained(str(out / "best"))) == 300
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "best"))
+    assert len(tokenizer) == 300 and model.config.eos_token_id == tokenizer.eos_token_id < 300
 
 
 def test_perplexity_is_the_exponent_of_the_mean_next_token_cross_entropy_over_real_tokens(tmp_path, caches,
