@@ -642,3 +642,34 @@ def test_a_llama_style_student_from_its_config(tmp_path, caches, capsys, monkeyp
     model = AutoModelForCausalLM.from_pretrained(str(out / "best"))
     assert model.config.model_type == "llama" and model.config.vocab_size == 300
     assert all(math.isfinite(r["perplexity"]) for r in _metrics(out))
+
+
+def test_kdtrainer_on_a_language_model_accumulates_gradients_as_one_whole_batch(tmp_path, caches):
+    """Batches of 4 accumulated twice take the steps batches of 8 take. Under SGD, where a loss scaled twice or
+    not at all would show (Adam's steps hardly see a scale): the Trainer leaves the scaling to a model that takes
+    `num_items_in_batch`, as GPT-2 does, and KDTrainer's loss is already a mean over the batch's tokens."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate: pip install -e '.[hf]'")
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from kdcache.hf import KDTrainer
+
+    rows = [dict(r, sample=i) for i, r in enumerate(_windows(kdcache.open_cache(caches["topk"], "train")))][:16]
+    assert len({len(r["input_ids"]) for r in rows}) == 1  # full-length windows: every micro-batch as many tokens
+    weights = []
+    for batch, accumulate in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        args = TrainingArguments(str(tmp_path / f"b{batch}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulate, max_steps=2, learning_rate=0.5, optim="sgd",
+                                 lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no",
+                                 disable_tqdm=True, seed=0, data_seed=0, max_grad_norm=0.0)
+        trainer = KDTrainer(model=model, args=args, train_dataset=rows, cache=caches["topk"], method="vanilla",
+                            index="sample")
+        trainer.train()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.manual_seed(0)
+    fresh = torch.cat([p.detach().flatten() for p in GPT2LMHeadModel(GPT2Config(
+        vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)).parameters()])
+    assert not torch.allclose(weights[0], fresh, atol=1e-4)  # it trained
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
