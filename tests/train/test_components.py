@@ -666,3 +666,19 @@ def test_continuation_kd_advises_more_steps_only_for_a_run_shorter_than_its_rule
         assert f"{epochs * steps_per_epoch} optimiser steps" in advice
     assert all(METHODS[name]().advice() is None for name in METHODS if name != "continuation")
 
+
+
+@pytest.mark.parametrize("epochs", [1, 40])
+def test_continuation_kd_on_tokens_points_to_vanilla_kd_however_long_the_run(epochs):
+    """Issue 22's Tiny Shakespeare table put Continuation-KD 44% behind the tokens alone at 400 steps: a run on a
+    language-model cache says so at its start, long or short; the same run on rows says nothing once it is long."""
+    from kdcache.methods.base import Run
+
+    hp = {"psi": "glue", "t_max": 10, "margin": 1.0}
+    for kind, expected in (("lm", True), ("classification", epochs * 100 < 400)):
+        method = METHODS["continuation"]()
+        method.setup(Run(hp, epochs, 100, "epoch", kind))
+        advice = method.advice()
+        assert (advice is not None) == expected
+        if kind == "lm":
+            assert "--method vanilla" in advice and "Token-level targets" in advice
