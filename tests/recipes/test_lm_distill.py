@@ -673,3 +673,31 @@ def test_kdtrainer_on_a_language_model_accumulates_gradients_as_one_whole_batch(
         vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2)).parameters()])
     assert not torch.allclose(weights[0], fresh, atol=1e-4)  # it trained
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-5)
+
+
+def test_kdtrainer_on_a_language_model_trains_under_bf16_autocast(tmp_path, caches):
+    """`bf16=True` (the Trainer's autocast, here on the CPU): the chunked token loss runs on bf16 hidden states
+    against the float32 head, its value within bf16's precision of the float32 loss on the same batch, and two
+    steps train to a finite, lower loss."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate: pip install -e '.[hf]'")
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from kdcache.hf import KDTrainer
+
+    rows = _windows(kdcache.open_cache(caches["topk"], "train"))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    args = TrainingArguments(str(tmp_path / "t"), per_device_train_batch_size=8, max_steps=6, learning_rate=3e-3,
+                             bf16=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                             disable_tqdm=True, seed=0, data_seed=0)
+    trainer = KDTrainer(model=model, args=args, train_dataset=rows, cache=caches["topk"], method="vanilla")
+    data = trainer.train_dataset
+    batch = data.collate([data[i] for i in range(8)])
+    full = trainer.compute_loss(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = trainer.compute_loss(model, batch)
+    assert torch.isfinite(half) and half.item() == pytest.approx(full.item(), rel=2e-2)
+    assert half.item() != full.item()  # the autocast reached the model: its states were bf16
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
