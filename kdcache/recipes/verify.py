@@ -161,9 +161,8 @@ def _check_views(report: VerifyReport, cache: Cache, split: TeacherCache, source
             batch = source.collate([source.dataset[int(r)] for r in rows[i:i + batch_size]])
             some = params[i:i + batch_size]
             partners = partner_images(source, some[:, column]) if column is not None else None
-            with autocast(device, precision):
-                out = teacher(view_input(source, info.augment, batch.inputs, some, device, partners))
-            fresh.append(out.float().cpu().numpy())
+            fresh.append(_run_teacher(teacher, source, lambda: view_input(source, info.augment, batch.inputs, some,
+                                                                          device, partners), device, precision))
     fresh_views = np.concatenate(fresh)
     if split.target.kind != "dense":
         _check_sparse(report, f"{name}/views", split, rows, fresh_views, tol, stored_of)
@@ -232,14 +231,21 @@ def _recompute(source: Any, teacher: Teacher, rows: np.ndarray, device: torch.de
             batch = source.collate([source.dataset[int(r)] for r in rows[i:i + batch_size]])
             fingerprints.append(np.asarray(batch.fingerprint, dtype=np.uint64))
             labels.append(batch.labels.numpy())
-            try:
-                with autocast(device, precision):
-                    out = teacher(source.prepare(batch, device))
-            except Exception as exc:  # noqa: BLE001 - any model error on this input: a mismatched teacher
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise KDCacheError(f"teacher {teacher.spec} cannot run on {source.source}: {message}") from exc
-            logits.append(out.float().cpu().numpy())
+            logits.append(_run_teacher(teacher, source, lambda: source.prepare(batch, device), device, precision))
     return np.concatenate(fingerprints), np.concatenate(logits), np.concatenate(labels)
+
+
+def _run_teacher(teacher: Teacher, source: Any, model_input: Any, device: torch.device,
+                 precision: str) -> np.ndarray:
+    """The teacher's float32 outputs on `model_input()`; any model error on that input (a mismatched teacher, plain
+    rows or views alike) is one line naming the teacher and the data, not a traceback."""
+    try:
+        with autocast(device, precision):
+            out = teacher(model_input())
+    except Exception as exc:  # noqa: BLE001 - any model error on this input: a mismatched teacher
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise KDCacheError(f"teacher {teacher.spec} cannot run on {source.source}: {message}") from exc
+    return out.float().cpu().numpy()
 
 
 def _stored_rows(split: TeacherCache, rows: np.ndarray, array: str = "logits", *,
