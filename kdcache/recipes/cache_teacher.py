@@ -69,6 +69,7 @@ from kdcache.data import augment as views_augment
 from kdcache.data import DataOptions, SplitData, check_distinct_splits, load_split, modality_of
 from kdcache.data.checks import check_batch_labels, check_splits_against_teacher
 from kdcache.data.text import tokenizer_zip
+from kdcache import names
 from kdcache.errors import Interrupted, KDCacheError
 from kdcache.fingerprint import DIGEST_ALGORITHM, FINGERPRINT_ALGORITHM
 from kdcache.models import hidden
@@ -340,10 +341,7 @@ def _check_view_flags(cfg: CacheTeacherConfig, modality: str, layers: list) -> N
         raise KDCacheError("--views V and --augment cifar|imagenet go together: the teacher's targets on V "
                            "augmented views of every image")
     views_augment.check_view_augment(cfg.augment, modality)  # an unknown name, or inputs that are not images
-    if cfg.views < 1:
-        raise KDCacheError(f"--views must be at least 1, got {cfg.views}")
-    if not 0 <= cfg.view_seed <= 2**32 - 1:
-        raise KDCacheError(f"--view-seed must be 0 or more and at most {2**32 - 1:,}, got {cfg.view_seed}")
+    names.check_numbers(views=cfg.views, view_seed=cfg.view_seed)  # the CLI's ranges, for the Python API too
     if cfg.checkpoints or layers:
         raise KDCacheError("--views stores the trained teacher's target per view; --checkpoints and "
                            "--hidden-layers are not stored per view (cache them without --views)")

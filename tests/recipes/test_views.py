@@ -383,3 +383,20 @@ def test_verify_with_the_teacher_recomputes_views_and_catches_a_rewritten_view_t
     failed = [c.name for c in report.checks if not c.ok]
     assert failed and all(name.startswith("train/views") for name in failed), report.lines()
     assert any(c.ok and c.name.startswith("train/teacher") for c in report.checks), report.lines()
+
+
+@pytest.mark.parametrize("field, value, needle", [("views", 5000, "--views must be"), ("views", 0, "--views must be"),
+                                                  ("view_seed", 2**32, "--view-seed must be")])
+def test_the_python_api_checks_views_and_their_seed_against_the_clis_ranges(tmp_path, weights, cifar10_zip, field,
+                                                                              value, needle):
+    """`cache_teacher(CacheTeacherConfig(views=5000))` is refused as `--views 5000` is, in one line, before
+    anything is written (the ranges of kdcache.names, not a copy of them)."""
+    import dataclasses
+
+    out = tmp_path / "c.kdcache"
+    with pytest.raises(KDCacheError, match=needle) as caught:
+        cache_teacher(dataclasses.replace(_config(weights, cifar10_zip, out), **{field: value}))
+    assert "\n" not in str(caught.value)
+    if field == "views":  # the range is named, as the CLI names it
+        assert "at most 4096" in str(caught.value)
+    assert not out.exists()
