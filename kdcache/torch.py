@@ -106,7 +106,6 @@ class TargetDataset(torch.utils.data.Dataset):
                                "cache's sample index (index='column' or a function) when the dataset holds other "
                                "rows or another order")
         self.arrays = tuple(arrays) if arrays is not None else (*cache.target.arrays, *cache.extra_widths)
-        self.held = {name: cache.read(name) for name in self.arrays}  # checked reads: damage is one line
         self.row_of: dict[int, int] | None = None
         if index is not None:
             stored = cache.read("index").astype(np.int64)
@@ -120,9 +119,9 @@ class TargetDataset(torch.utils.data.Dataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.twins: frozenset[str] = frozenset()
         if self.views is not None and self.views.choice is not None:  # each target array is served as the item's
-            self.twins = frozenset(n for n in self.held if VIEW_PREFIX + n in self.views.stored)  # view's [N, V, ...]
-            self.held = {name: cache.read(VIEW_PREFIX + name) if name in self.twins else array
-                         for name, array in self.held.items()}
+            self.twins = frozenset(n for n in self.arrays if VIEW_PREFIX + n in self.views.stored)  # view's [N, V, ...]
+        # each array read once, as served (a replayed view's [N, V, ...] twin); checked reads: damage is one line
+        self.held = {name: cache.read(VIEW_PREFIX + name if name in self.twins else name) for name in self.arrays}
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next items are read in, counted from 0 as DistributedSampler and accelerate count it (the
@@ -288,8 +287,6 @@ class _Views:
 
     def plain(self, data: "TargetDataset", item: dict[str, Any], position: int) -> torch.Tensor:
         """The item's plain image as the teacher saw it (the split's normalisation; `view_order="plain"`)."""
-        from kdcache.data.base import Batch
-
         images = self.pixels(data, item, position)
         empty = torch.zeros(1)
         return self.prepare(Batch(images, empty, empty, np.zeros(0, dtype=np.uint64)), torch.device("cpu"))[0]

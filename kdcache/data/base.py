@@ -85,6 +85,7 @@ def row_labels(dataset: torch.utils.data.Dataset) -> np.ndarray:
         return np.asarray([dataset[i]["label"] for i in range(len(dataset))])
     return np.asarray(labels)
 
+
 def split_file(data: Path, split: str, stems: Sequence[str], formats: Sequence[str], *,
                missing: str | None = None) -> Path:
     """The one file of `split` in the folder `data` (`<stem>.<format>` for each of the split's names), so that every
