@@ -24,6 +24,8 @@ CODE_NAMING_FILES = ("config.json", "tokenizer_config.json", "processor_config.j
 #: none: a bare encoder gets a fresh, seeded one) and the pooler some encoders are saved without.
 FRESH_PREFIXES = ("classifier.", "score.", "pre_classifier.", "qa_outputs.", "pooler.", "bert.pooler.",
                   "roberta.pooler.", "electra.pooler.")
+#: The most bytes a model config JSON may hold before it is read (real ones are a few KB).
+CONFIG_LIMIT = 16 * 1024**2
 
 
 def check_not_a_run_folder(folder: str | Path) -> None:
@@ -52,7 +54,7 @@ def check_no_custom_code(folder: str | Path, trust_model_code: bool) -> None:
     for name in CODE_NAMING_FILES:
         path = folder / name
         try:
-            if not path.is_file() or path.stat().st_size > 16 * 1024**2:
+            if not path.is_file() or path.stat().st_size > CONFIG_LIMIT:
                 continue
             values = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -146,6 +148,8 @@ def causal_lm_from_config(path: str | Path, vocab_size: int, *, seed: int = 0,
 
     path = Path(path)
     try:
+        if path.stat().st_size > CONFIG_LIMIT:
+            raise ValueError(f"{path.stat().st_size:,} bytes, more than a config's {CONFIG_LIMIT:,}")
         values = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(values, dict):
             raise ValueError(f"expected a JSON object, got {type(values).__name__}")

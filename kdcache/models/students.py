@@ -116,7 +116,7 @@ def causal_lm_student(spec: str, outputs: int, *, seed: int = 0, layers: int | N
     defaults to the cache's output width) or a pre-trained causal-LM folder (`layers`: its first N layers). A
     student whose vocabulary differs from the teacher's output width is refused in one line: it would read the
     cache's token ids as other tokens. A config's special ids default to the cache's `tokenizer`'s."""
-    from kdcache.models.hf import causal_lm_from_config, load_causal_lm, special_token_ids
+    from kdcache.models.hf import CONFIG_LIMIT, causal_lm_from_config, load_causal_lm, special_token_ids
 
     path = Path(spec)
     if path.is_dir() and (path / HF_CONFIG_FILE).is_file():
@@ -125,7 +125,8 @@ def causal_lm_student(spec: str, outputs: int, *, seed: int = 0, layers: int | N
             truncate_layers(model, layers, str(path))
     elif path.is_file() and path.suffix == ".json":
         try:
-            given = json.loads(path.read_text(encoding="utf-8")).get("vocab_size")
+            given = (json.loads(path.read_text(encoding="utf-8")).get("vocab_size")
+                     if path.stat().st_size <= CONFIG_LIMIT else None)
         except (OSError, ValueError, AttributeError):
             given = None  # causal_lm_from_config says what is wrong with the file
         if given is not None and given != outputs:

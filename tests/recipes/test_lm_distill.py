@@ -701,3 +701,16 @@ def test_kdtrainer_on_a_language_model_trains_under_bf16_autocast(tmp_path, cach
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_a_config_json_larger_than_any_real_one_is_refused_before_it_is_read(tmp_path, caches, monkeypatch, capsys):
+    """A student config of 17 MiB (a real one is a few KB) is one line naming the file and its size, not a read
+    of whatever it holds."""
+    from kdcache.models import hf
+
+    big = tmp_path / "big.json"
+    big.write_text('{"model_type": "gpt2", "pad": "' + "x" * (17 * 1024**2) + '"}')
+    assert big.stat().st_size > hf.CONFIG_LIMIT
+    code, _, err = run_cli(_distill(caches["topk"], big, tmp_path / "run"), capsys, monkeypatch)
+    _one_error_line(code, err, str(big), "more than a config's 16,777,216")
+    assert not (tmp_path / "run").exists()
