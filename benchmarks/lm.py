@@ -79,6 +79,7 @@ def capture_stats(cache: Path) -> dict[str, Any]:
 
     from kdcache.cache.info import describe_cache
     from kdcache.cache.reader import open_cache
+    from kdcache.methods.targets import target_kind
 
     summary = describe_cache(cache)
     train = open_cache(cache, "train")
@@ -86,10 +87,9 @@ def capture_stats(cache: Path) -> dict[str, Any]:
     tokens = int(lengths.sum())
     stats = {"bytes_per_token": summary["splits"][0]["logits_bytes_stored"] / tokens,
              "tokens_per_second": tokens / summary["throughput"]["train"]["seconds"]}
-    try:
-        counts = train.read("sampled_counts")
-    except Exception:  # not a sampled cache
+    if target_kind(train) != "sampled":
         return stats
+    counts = train.read("sampled_counts")
     real = np.arange(counts.shape[1])[None, :] < lengths[:, None]
     stats["unique_ids"] = float((counts > 0).sum(-1)[real].mean())
     return stats
@@ -122,11 +122,11 @@ def lm(kd: Runner, scale: str, seeds: int, first_seed: int = 0, corpus: Path | N
         stats[name] = capture_stats(caches[name])
     from bench_lm_capture import bare_forward
 
-    stats["bare forward"] = {"tokens_per_second": statistics.median(
-        bare_forward(teacher / "model", work / "data" / "train.txt", s["seq_len"], 32) for _ in range(3))}
+    bare = statistics.median(bare_forward(teacher / "model", work / "data" / "train.txt", s["seq_len"], 32)
+                             for _ in range(3))
     student = _gpt2(work / "student.json", s["seq_len"], s["student"])
     hp = ["--epochs", s["epochs"], "--batch-size", s["batch"], "--lr", s["lr"]]
-    results, extra = [], {}
+    results = []
     with open(work / "results.csv", "w", newline="") as f:
         csv.writer(f).writerow(RESULT_COLUMNS)
     for seed in range(first_seed, first_seed + seeds):
@@ -137,7 +137,7 @@ def lm(kd: Runner, scale: str, seeds: int, first_seed: int = 0, corpus: Path | N
                              *hp, "--seed", seed, "--out", run, "--no-progress", "--overwrite")
                 epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                 best, last = min(e["val_perplexity"] for e in epochs), epochs[-1]["val_perplexity"]
-                extra[(arm, seed)] = {"tokens_per_second": statistics.fmean(e["tokens_per_second"] for e in epochs)}
+                extra = {"tokens_per_second": statistics.fmean(e["tokens_per_second"] for e in epochs)}
             else:
                 cache, flags = ARMS[arm]
                 if arm == "curriculum":
@@ -146,29 +146,30 @@ def lm(kd: Runner, scale: str, seeds: int, first_seed: int = 0, corpus: Path | N
                              "--out", run, "--device", kd.device, "--no-progress", "--overwrite")
                 summary = kd.summary(run)
                 best, last = summary["best_metric"], summary["last_metric"]
-                extra[(arm, seed)] = {"tokens_per_second": summary["tokens_per_second"],
-                                      "agreement": summary["best_agreement"]}
-            results.append(Result(arm, seed, best, last, seconds, "perplexity", extra=extra[(arm, seed)]))
+                extra = {"tokens_per_second": summary["tokens_per_second"], "agreement": summary["best_agreement"]}
+            results.append(Result(arm, seed, best, last, seconds, "perplexity", extra=extra))
             with open(work / "results.csv", "a", newline="") as f:
                 csv.writer(f).writerow(_row(results[-1]))
             print(f"  {arm:18s} seed {seed}: best {best:.2f} last {last:.2f} ({seconds:.0f} s)", flush=True)
     with open(work / "speed.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["arm", "seed", "tokens_per_second", "agreement"])
-        writer.writerows([a, sd, v["tokens_per_second"], v.get("agreement", "")] for (a, sd), v in extra.items())
+        writer.writerows([r.method, r.seed, r.extra["tokens_per_second"], r.extra.get("agreement", "")]
+                         for r in results)
     return write_results(work, f"Tiny Shakespeare ({scale} scale): token-level targets for a "
-                         f"{s['student']['n_layer']}-layer student", results, _notes(s, lines, stats, extra,
+                         f"{s['student']['n_layer']}-layer student", results, _notes(s, lines, stats, bare, results,
                                                                                       teacher, teacher_seconds))
 
 
-def _notes(s: dict, lines: dict, stats: dict, extra: dict, teacher: Path, teacher_seconds: float | None) -> list[str]:
-    """The setup, each cache's bytes/token and capture speed, each arm's training tokens/s and agreement."""
+def _notes(s: dict, lines: dict, stats: dict, bare: float, results: list[Result], teacher: Path,
+           teacher_seconds: float | None) -> list[str]:
+    """The setup, each cache's bytes/token and capture speed against the bare forward's `bare` tokens/s, each arm's
+    training tokens/s and agreement."""
     final = json.loads((teacher / "summary.json").read_text())["final"]
     mean = lambda arm, key: statistics.fmean(  # noqa: E731
-        v[key] for (a, _), v in extra.items() if a == arm and v.get(key) is not None)
-    arms = list(dict.fromkeys(a for a, _ in extra))
+        r.extra[key] for r in results if r.method == arm and r.extra.get(key) is not None)
+    arms = list(dict.fromkeys(r.method for r in results))
     base = mean("train-ce", "tokens_per_second") if "train-ce" in arms else None
-    bare = stats["bare forward"]["tokens_per_second"]
     return [
         "Lower is better: a difference below 0 favours the row's method.",
         f"Corpus: {lines['train']:,} training and {lines['validation']:,} validation lines; BPE of {s['vocab']} "
@@ -180,8 +181,8 @@ def _notes(s: dict, lines: dict, stats: dict, extra: dict, teacher: Path, teache
         f"then the rest on the top-32 targets.",
         "Caches (stored target bytes per token; capture tokens/s, against the bare teacher forward over the same "
         f"windows in batches of 32, {bare:,.0f} tokens/s, the median of 3): " + ", ".join(
-            f"{name} {v['bytes_per_token']:.1f} B, {v['tokens_per_second']:,.0f}/s ({v['tokens_per_second'] / bare:.2f}x)"
-            for name, v in stats.items() if name != "bare forward")
+            f"{name} {v['bytes_per_token']:.1f} B, {v['tokens_per_second']:,.0f}/s "
+            f"({v['tokens_per_second'] / bare:.2f}x)" for name, v in stats.items())
         + (f"; RS-KD: {s['draws']} draws, {stats['sampled']['unique_ids']:.1f} unique ids a position on average."
            if "unique_ids" in stats.get("sampled", {}) else "."),
         "Training tokens/s (mean over seeds; against `train-ce`) and top-1 agreement with the teacher at the best "

@@ -477,6 +477,8 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS and m not in VARIANTS]
     if unknown or not methods:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}")
+    if args.experiment == "lm" and args.scale == "full":
+        parser.error("--scale: the lm experiment has tiny and cpu scales (a GPU-sized one is not defined)")
     if args.experiment in ("noise", "views", "lm") and args.methods != parser.get_default("methods"):
         parser.error("--methods: the noise toy and the views experiment have their own rows (arms)")
     name = args.experiment + (f"-{args.task}" if args.experiment == "glue" else "") + ("-cifar100" if args.cifar100 else "")
